@@ -1,0 +1,109 @@
+# ClusterMoE build. `make` builds what this machine can: the CPU engine always; CUDA sources when nvcc is found
+# (override with USE_CUDA=0|1, CUDA_ARCH=90); OpenMP when the compiler has it; OpenBLAS only for bench comparisons.
+#   make            library, train_lm, sample, tests, bench labs
+#   make test       build and run the doctest suite (T=<suite> runs one suite, e.g. T=autograd)
+#   make bench      build the bench labs into build/bench/
+#   make data       fetch data/tinyshakespeare.txt (checked by SHA-256), or copy it with SRC=path
+#   make clean
+CXX       ?= g++
+NVCC      ?= nvcc
+CUDA_ARCH ?= 90
+BUILD     := build
+CXXFLAGS  := -std=c++17 -O3 -march=native -Wall -Wextra -I. -MMD -MP
+LDFLAGS   :=
+LDLIBS    := -lm -lpthread
+
+# ---------------------------------------------------------------- optional parts
+HAVE_OPENMP := $(shell echo 'int main(){return 0;}' | $(CXX) -fopenmp -x c++ - -o /dev/null 2>/dev/null && echo 1 || echo 0)
+ifeq ($(HAVE_OPENMP),1)
+  CXXFLAGS += -fopenmp
+  LDFLAGS  += -fopenmp
+endif
+
+ifeq ($(origin USE_CUDA),undefined)
+  USE_CUDA := $(shell command -v $(NVCC) >/dev/null 2>&1 && echo 1 || echo 0)
+endif
+ifeq ($(USE_CUDA),1)
+  CUDA_HOME ?= $(patsubst %/bin/,%,$(dir $(shell command -v $(NVCC))))
+  CXXFLAGS  += -DCM_CUDA=1 -I$(CUDA_HOME)/include
+  NVCCFLAGS := -std=c++17 -O3 -I. -DCM_CUDA=1 -arch=sm_$(CUDA_ARCH) -Xcompiler -Wall,-Wextra,-fopenmp --expt-relaxed-constexpr -MMD -MP
+  LDFLAGS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64
+  LDLIBS    += -lcublas -lcudart
+endif
+
+HAVE_OPENBLAS := $(shell echo '\#include <cblas.h>\nint main(){return 0;}' | $(CXX) -x c++ - -lopenblas -o /dev/null 2>/dev/null && echo 1 || echo 0)
+
+ok = $(if $(filter 1,$(1)),[x],[ ])
+$(info $(call ok,1) C++17 CPU engine ($(CXX)))
+$(info $(call ok,$(HAVE_OPENMP)) OpenMP)
+$(info $(call ok,$(USE_CUDA)) CUDA$(if $(filter 1,$(USE_CUDA)), (sm_$(CUDA_ARCH)),: nvcc not found or USE_CUDA=0))
+$(info $(call ok,$(HAVE_OPENBLAS)) OpenBLAS (bench comparisons only))
+
+# ---------------------------------------------------------------- sources
+LIB_SRC  := $(wildcard engine/*.cpp autograd/*.cpp kernels/cpu/*.cpp model/*.cpp)
+LIB_OBJ  := $(LIB_SRC:%.cpp=$(BUILD)/%.o)
+ifeq ($(USE_CUDA),1)
+  CU_SRC := $(wildcard engine/*.cu kernels/cuda/*.cu)
+  LIB_OBJ += $(CU_SRC:%.cu=$(BUILD)/%.o)
+endif
+LIB      := $(BUILD)/libcm.a
+TEST_SRC := $(wildcard tests/*.cpp)
+TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/%.o)
+TEST_BIN := $(BUILD)/tests/run_tests
+BENCH_SRC := $(wildcard bench/*.cpp)
+BENCH_BIN := $(BENCH_SRC:bench/%.cpp=$(BUILD)/bench/%)
+APPS     := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
+
+.PHONY: all test bench data clean
+all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN)
+
+$(BUILD)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(APPS): %: $(BUILD)/%.o $(LIB)
+	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(TEST_BIN): $(TEST_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+BENCH_LIBS := $(if $(filter 1,$(HAVE_OPENBLAS)),-lopenblas)
+$(BUILD)/bench/%.o: bench/%.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(if $(filter 1,$(HAVE_OPENBLAS)),-DCM_HAVE_OPENBLAS=1) -c $< -o $@
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
+	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(BENCH_LIBS)
+
+# doctest's own summary, then the same counts as one plain line ("N passed, N failed").
+test: $(TEST_BIN)
+	@set -o pipefail; ./$(TEST_BIN) $(if $(T),-ts=$(T)) 2>&1 | tee $(BUILD)/test.log; rc=$$?; \
+	  awk '/test cases:/ {for(i=1;i<=NF;i++){if($$i=="passed")p=$$(i-1); if($$i=="failed")f=$$(i-1)}} END {if(p!="") print "tests: " p " passed, " f " failed"}' $(BUILD)/test.log; \
+	  exit $$rc
+
+bench: $(BENCH_BIN)
+
+TINYSHAKESPEARE_URL := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+TINYSHAKESPEARE_SHA := 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
+data: data/tinyshakespeare.txt
+data/tinyshakespeare.txt:
+	@mkdir -p data
+	@if [ -n "$(SRC)" ]; then cp "$(SRC)" $@.tmp; \
+	 else curl -fsSL $(TINYSHAKESPEARE_URL) -o $@.tmp || wget -q $(TINYSHAKESPEARE_URL) -O $@.tmp || \
+	   { rm -f $@.tmp; echo "could not download tinyshakespeare; run 'make data SRC=/path/to/tinyshakespeare.txt'"; exit 1; }; fi
+	@echo "$(TINYSHAKESPEARE_SHA)  $@.tmp" | sha256sum -c --quiet - || { rm -f $@.tmp; echo "SHA-256 mismatch: not tinyshakespeare"; exit 1; }
+	@mv $@.tmp $@ && echo "data/tinyshakespeare.txt ready (1,115,394 bytes)"
+
+clean:
+	rm -rf $(BUILD) $(APPS)
+
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
