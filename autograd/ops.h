@@ -95,6 +95,9 @@ Tensor gather(const Tensor& a, int64_t dim, const Tensor& index);        // inde
 Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src);
 // The k largest along the last axis, sorted descending (ties: lower index first). Values are differentiable,
 // indices are i32. k > n is an error.
+// out = a, then out.select(dim, index[i]) += src.select(dim, i) for each i (PyTorch's index_add). index i32 [n];
+// src is a with size n along dim. Sequential over i: deterministic. Gradient to a and src.
+Tensor index_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src);
 std::pair<Tensor, Tensor> topk(const Tensor& a, int64_t k);
 Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b);  // mask broadcast with a and b
 Tensor masked_fill(const Tensor& a, const Tensor& mask, float value);
