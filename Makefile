@@ -8,6 +8,7 @@
 CXX       ?= g++
 NVCC      ?= nvcc
 CUDA_ARCH ?= 90
+SHELL     := /bin/bash
 BUILD     := build
 CXXFLAGS  := -std=c++17 -O3 -march=native -Wall -Wextra -I. -MMD -MP
 LDFLAGS   :=
