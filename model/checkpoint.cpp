@@ -116,26 +116,32 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors, cons
 }
 
 // ---------------------------------------------------------------- load
-SafeTensors load_safetensors(const std::string& path) {
-  CM_CHECK(little_endian(), "safetensors reader assumes a little-endian host");
-  std::error_code ec;
-  CM_REQUIRE(fs::exists(path, ec), "checkpoint not found: ", path);
-  CM_REQUIRE(fs::is_regular_file(path, ec), "checkpoint is not a regular file: ", path);
-  const uint64_t size = fs::file_size(path, ec);
-  CM_REQUIRE(!ec, "cannot read the size of ", path);
-  File f(std::fopen(path.c_str(), "rb"));
-  CM_REQUIRE(f, "cannot open ", path, ": ", std::strerror(errno));
+namespace {
+struct Entry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  uint64_t begin, end;  // byte offsets into the data buffer
+};
+struct Header {
+  Metadata metadata;
+  std::vector<Entry> entries;  // header order
+  uint64_t data_start = 0;     // 8 + header length
+};
+
+// Reads and validates the length, the JSON and every entry against the file's size. Leaves `f` at data_start.
+Header read_header(const std::string& path, FILE* f, uint64_t size) {
   CM_REQUIRE(size >= 8, path, ": truncated or not a safetensors file (", size,
              " bytes; the format starts with an 8-byte header length)");
   unsigned char len[8];
-  CM_REQUIRE(std::fread(len, 1, 8, f.get()) == 8, path, ": read error");
+  CM_REQUIRE(std::fread(len, 1, 8, f) == 8, path, ": read error");
   uint64_t n = 0;
   for (int i = 0; i < 8; ++i) n |= (uint64_t)len[i] << (8 * i);
   CM_REQUIRE(n >= 2 && n <= size - 8, path, ": header length ", n, " does not fit in a file of ", size,
              " bytes (truncated or not a safetensors file)");
   CM_REQUIRE(n <= (100u << 20), path, ": header length ", n, " exceeds the 100 MB limit");
   std::string h(n, '\0');
-  CM_REQUIRE(std::fread(&h[0], 1, n, f.get()) == n, path, ": read error in the header");
+  CM_REQUIRE(std::fread(&h[0], 1, n, f) == n, path, ": read error in the header");
   Json header;
   try {
     header = json_parse(h);
@@ -144,23 +150,17 @@ SafeTensors load_safetensors(const std::string& path) {
   }
   CM_REQUIRE(header.is(Json::Kind::Object), path, ": corrupt header: expected a JSON object");
 
-  SafeTensors st;
-  st.path = path;
+  Header out;
+  out.data_start = 8 + n;
   const uint64_t data_len = size - 8 - n;
-  struct Entry {
-    std::string name;
-    DType dtype;
-    Shape shape;
-    uint64_t begin, end;
-  };
-  std::vector<Entry> entries;
   std::set<std::string> names;
   for (const auto& kv : header.obj) {
     const std::string& name = kv.first;
     const Json& v = kv.second;
     if (name == "__metadata__") {
       CM_REQUIRE(v.is(Json::Kind::Object), path, ": __metadata__ must be an object of strings");
-      for (const auto& m : v.obj) st.metadata.emplace_back(m.first, m.second.as_string(path + ": __metadata__." + m.first));
+      for (const auto& m : v.obj)
+        out.metadata.emplace_back(m.first, m.second.as_string(path + ": __metadata__." + m.first));
       continue;
     }
     const std::string what = str(path, ": tensor '", name, "'");
@@ -176,7 +176,8 @@ SafeTensors load_safetensors(const std::string& path) {
     if (d == "F32") e.dtype = DType::F32;
     else if (d == "I32") e.dtype = DType::I32;
     else fail(what, ": dtype ", d, " is not supported (ClusterMoE reads F32 and I32)");
-    CM_REQUIRE(shape->is(Json::Kind::Array) && shape->arr.size() <= 8, what, ": shape must be a list of at most 8 sizes");
+    CM_REQUIRE(shape->is(Json::Kind::Array) && shape->arr.size() <= 8, what,
+               ": shape must be a list of at most 8 sizes");
     uint64_t numel = 1;
     for (const Json& s : shape->arr) {
       int64_t x = s.as_index(what + " shape");
@@ -193,33 +194,60 @@ SafeTensors load_safetensors(const std::string& path) {
                " bytes but shape ", shape_str(e.shape), " of ", d, " needs ", numel * dtype_size(e.dtype));
     CM_REQUIRE(e.end <= data_len, what, ": data ends at byte ", e.end, " but the file holds only ", data_len,
                " data bytes (truncated?)");
-    entries.push_back(std::move(e));
+    out.entries.push_back(std::move(e));
   }
   // The format requires the tensors to tile the data buffer: no holes, no overlaps, nothing after the last one.
   std::vector<const Entry*> by_off;
-  for (const auto& e : entries) by_off.push_back(&e);
+  for (const auto& e : out.entries) by_off.push_back(&e);
   std::sort(by_off.begin(), by_off.end(), [](const Entry* a, const Entry* b) {
     return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
   });
   uint64_t pos = 0;
   for (const Entry* e : by_off) {
-    CM_REQUIRE(e->begin == pos, path, ": tensor '", e->name, "' starts at byte ", e->begin, " but the previous one ends at ",
-               pos, " (overlapping or missing data)");
+    CM_REQUIRE(e->begin == pos, path, ": tensor '", e->name, "' starts at byte ", e->begin,
+               " but the previous one ends at ", pos, " (overlapping or missing data)");
     pos = e->end;
   }
   CM_REQUIRE(pos == data_len, path, ": ", data_len - pos, " bytes after the last tensor (corrupt file?)");
+  return out;
+}
 
-  // Read in offset order: one forward pass through the file.
-  std::vector<std::pair<const Entry*, Tensor>> loaded;
-  for (const Entry* e : by_off) {
-    Tensor t = Tensor::empty(e->shape, e->dtype);
-    size_t nb = (size_t)(e->end - e->begin);
-    if (nb) CM_REQUIRE(std::fread(t.raw(), 1, nb, f.get()) == nb, path, ": read error in tensor '", e->name, "'");
-    loaded.emplace_back(e, t);
+File open_checked(const std::string& path, uint64_t* size) {
+  CM_CHECK(little_endian(), "safetensors reader assumes a little-endian host");
+  std::error_code ec;
+  CM_REQUIRE(fs::exists(path, ec), "checkpoint not found: ", path);
+  CM_REQUIRE(fs::is_regular_file(path, ec), "checkpoint is not a regular file: ", path);
+  *size = fs::file_size(path, ec);
+  CM_REQUIRE(!ec, "cannot read the size of ", path);
+  File f(std::fopen(path.c_str(), "rb"));
+  CM_REQUIRE(f, "cannot open ", path, ": ", std::strerror(errno));
+  return f;
+}
+}  // namespace
+
+Metadata read_safetensors_metadata(const std::string& path) {
+  uint64_t size = 0;
+  File f = open_checked(path, &size);
+  return read_header(path, f.get(), size).metadata;
+}
+
+SafeTensors load_safetensors(const std::string& path) {
+  uint64_t size = 0;
+  File f = open_checked(path, &size);
+  Header h = read_header(path, f.get(), size);
+  SafeTensors st;
+  st.path = path;
+  st.metadata = h.metadata;
+  for (const Entry& e : h.entries) {
+    Tensor t = Tensor::empty(e.shape, e.dtype);
+    size_t nb = (size_t)(e.end - e.begin);
+    if (nb) {
+      bool ok = ::fseeko(f.get(), (off_t)(h.data_start + e.begin), SEEK_SET) == 0 &&
+                std::fread(t.raw(), 1, nb, f.get()) == nb;
+      CM_REQUIRE(ok, path, ": read error in tensor '", e.name, "'");
+    }
+    st.tensors.emplace_back(e.name, t);
   }
-  for (const auto& e : entries)  // hand them out in header order
-    for (const auto& l : loaded)
-      if (l.first == &e) st.tensors.emplace_back(e.name, l.second);
   return st;
 }
 

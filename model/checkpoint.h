@@ -37,6 +37,8 @@ struct SafeTensors {
 // "__metadata__".
 void save_safetensors(const std::string& path, const NamedTensors& tensors, const Metadata& metadata);
 SafeTensors load_safetensors(const std::string& path);
+// Only the header's metadata (cheap: the tensors are not read). The header is validated as by load_safetensors.
+Metadata read_safetensors_metadata(const std::string& path);
 
 // Copy `file`'s tensors into `dst` (matched by name; dtypes and shapes must agree; `dst` may live on any device).
 // The file must hold exactly the names in `dst`, apart from names starting with `ignore_prefix` (sample.cpp

@@ -157,6 +157,17 @@ void Flags::add_optional(const std::string& name, std::string* v, std::string ba
   add(std::move(s));
 }
 
+void Flags::add_custom(const std::string& name, const std::string& range, const std::string& help,
+                       std::function<void(const std::string&)> set, std::function<std::string()> get) {
+  Spec s;
+  s.name = name;
+  s.help = help;
+  s.range = range;
+  s.set = std::move(set);
+  s.get = std::move(get);
+  add(std::move(s));
+}
+
 static bool is_bool_word(const std::string& t) {
   for (const char* w : {"0", "1", "true", "false", "yes", "no", "on", "off"})
     if (t == w) return true;
@@ -221,40 +232,59 @@ std::string Flags::usage() const {
 }
 
 // ---------------------------------------------------------------- train_lm
+// "4x4x4" -> {4, 4, 4}; the flag name goes into the message.
+static std::vector<int64_t> parse_factors(const std::string& text, const std::string& flag) {
+  std::vector<int64_t> out;
+  if (text.empty()) return out;
+  size_t p = 0;
+  for (;;) {
+    size_t q = text.find('x', p);
+    std::string f = text.substr(p, q == std::string::npos ? std::string::npos : q - p);
+    int64_t b = 0;
+    try {
+      b = parse_int(f, flag);
+    } catch (const UsageError&) {
+      throw UsageError(str(flag, ": expected factors like 4x4x4, got '", text, "'"));
+    }
+    if (b < 1 || b > 4096) throw UsageError(str(flag, ": each factor must be in 1..4096, got '", text, "'"));
+    out.push_back(b);
+    if (q == std::string::npos) return out;
+    p = q + 1;
+  }
+}
+static std::string join_factors(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "x" : "") + std::to_string(v[i]);
+  return s;
+}
+
 void TrainOptions::validate() const {
   auto bad = [](const std::string& m) { throw UsageError(m); };
   if (min_lr > lr) bad(str("--min_lr ", format_float(min_lr), " is above --lr ", format_float(lr)));
   if (warmup_steps > max_steps)
     bad(str("--warmup_steps ", warmup_steps, " is longer than the run (--max_steps ", max_steps, ")"));
-  if (d_model % n_heads != 0)
-    bad(str("--d_model ", d_model, " is not divisible by --n_heads ", n_heads));
-  if (router == "tree" && tree.empty()) bad("--router tree needs --tree, e.g. --tree 4x4x4");
-  if (router != "tree" && !tree.empty()) bad(str("--tree ", tree, " is only used with --router tree"));
-  if (router == "cluster" || router == "ac") {
-    if (top_k_clusters > num_clusters)
-      bad(str("--top_k_clusters ", top_k_clusters, " exceeds --num_clusters ", num_clusters));
-    if (top_k_experts > experts_per_cluster)
-      bad(str("--top_k_experts ", top_k_experts, " exceeds --experts_per_cluster ", experts_per_cluster));
+  if (model.router == RouterKind::Tree && model.tree_branching.empty())
+    bad("--router tree needs --tree, e.g. --tree 4x4x4");
+  if (model.router != RouterKind::Tree && (!model.tree_branching.empty() || !model.tree_top_k.empty()))
+    bad("--tree and --tree_top_k are only used with --router tree");
+  if (!model.tree_top_k.empty() && model.tree_top_k.size() != model.tree_branching.size())
+    bad(str("--tree_top_k ", join_factors(model.tree_top_k), " needs one factor per level of --tree ",
+            join_factors(model.tree_branching)));
+}
+
+CoEConfig TrainOptions::model_config(int64_t vocab_size) const {
+  CoEConfig c = model;
+  c.vocab_size = vocab_size;
+  c.seq_len = seq_len;
+  c.seed = seed;
+  // --router tree without --tree_top_k: top_k_clusters at the root, top_k_experts at the leaves, 1 in between.
+  if (c.router == RouterKind::Tree && c.tree_top_k.empty() && !c.tree_branching.empty()) {
+    c.tree_top_k.assign(c.tree_branching.size(), 1);
+    c.tree_top_k.front() = c.top_k_clusters;
+    if (c.tree_top_k.size() > 1) c.tree_top_k.back() = c.top_k_experts;
   }
-  if (router == "flat" && top_k_experts > num_clusters * experts_per_cluster)
-    bad(str("--top_k_experts ", top_k_experts, " exceeds the number of experts ", num_clusters * experts_per_cluster));
-  if (!tree.empty()) {
-    // "4x4x4": positive factors separated by 'x'.
-    size_t p = 0;
-    while (p <= tree.size()) {
-      size_t q = tree.find('x', p);
-      std::string f = tree.substr(p, q == std::string::npos ? std::string::npos : q - p);
-      int64_t b = 0;
-      try {
-        b = parse_int(f, "--tree");
-      } catch (const UsageError&) {
-        bad(str("--tree: expected factors like 4x4x4, got '", tree, "'"));
-      }
-      if (b < 1 || b > 4096) bad(str("--tree: each factor must be in 1..4096, got '", tree, "'"));
-      if (q == std::string::npos) break;
-      p = q + 1;
-    }
-  }
+  c.validate();
+  return c;
 }
 
 const std::vector<std::string>& train_presets() {
@@ -263,6 +293,7 @@ const std::vector<std::string>& train_presets() {
 }
 
 void apply_preset(TrainOptions& o, const std::string& name) {
+  CoEConfig& m = o.model;
   if (name == "cpu") {
     // Sized for about five minutes on two CPU cores: nanoGPT's CPU shakespeare_char run (4 layers, 4 heads,
     // 128 wide, block 64, batch 12, 2000 iterations, lr 1e-3, no dropout) with its FFN split into experts.
@@ -276,23 +307,24 @@ void apply_preset(TrainOptions& o, const std::string& name) {
     o.weight_decay = 0.1f;
     o.beta2 = 0.99f;
     o.grad_clip = 1.0f;
-    o.dropout = 0.0f;
     o.eval_every = 200;
     o.eval_iters = 20;
     o.sample_every = 1000;
     o.sample_len = 200;
     o.save_every = 1000;
-    o.router = "cluster";
-    o.tree = "";
-    o.d_model = 128;
-    o.n_layers = 4;
-    o.n_heads = 4;
-    o.d_ff = 512;
-    o.num_clusters = 2;
-    o.experts_per_cluster = 2;
-    o.top_k_clusters = 1;
-    o.top_k_experts = 1;
-    o.capacity_factor = 0.0f;
+    m.dropout = 0.0f;
+    m.router = RouterKind::Cluster;
+    m.tree_branching.clear();
+    m.tree_top_k.clear();
+    m.d_model = 128;
+    m.n_layers = 4;
+    m.n_heads = 4;
+    m.d_ff = 512;
+    m.num_clusters = 2;
+    m.experts_per_cluster = 2;
+    m.top_k_clusters = 1;
+    m.top_k_experts = 1;
+    m.capacity_factor = 0.0f;
   } else if (name == "shakespeare") {
     // nanoGPT's shakespeare_char (6 layers, 6 heads, 384 wide, block 256, batch 64, 5000 iterations, lr 1e-3,
     // beta2 0.99, dropout 0.2) with 4 clusters of 4 experts, 2 active per token, each half the dense FFN width,
@@ -307,23 +339,24 @@ void apply_preset(TrainOptions& o, const std::string& name) {
     o.weight_decay = 0.1f;
     o.beta2 = 0.99f;
     o.grad_clip = 1.0f;
-    o.dropout = 0.2f;
     o.eval_every = 250;
     o.eval_iters = 200;
     o.sample_every = 1000;
     o.sample_len = 300;
     o.save_every = 1000;
-    o.router = "cluster";
-    o.tree = "";
-    o.d_model = 384;
-    o.n_layers = 6;
-    o.n_heads = 6;
-    o.d_ff = 768;
-    o.num_clusters = 4;
-    o.experts_per_cluster = 4;
-    o.top_k_clusters = 1;
-    o.top_k_experts = 2;
-    o.capacity_factor = 0.0f;
+    m.dropout = 0.2f;
+    m.router = RouterKind::Cluster;
+    m.tree_branching.clear();
+    m.tree_top_k.clear();
+    m.d_model = 384;
+    m.n_layers = 6;
+    m.n_heads = 6;
+    m.d_ff = 768;
+    m.num_clusters = 4;
+    m.experts_per_cluster = 4;
+    m.top_k_clusters = 1;
+    m.top_k_experts = 2;
+    m.capacity_factor = 0.0f;
   } else {
     throw UsageError(str("--preset must be one of cpu|shakespeare, got '", name, "'"));
   }
@@ -332,6 +365,8 @@ void apply_preset(TrainOptions& o, const std::string& name) {
 
 void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   const int64_t BIG = 1000000000;
+  CoEConfig& m = o.model;
+  // ---- data, files, device
   f.add_string("data", &o.data, "training text or byte file (default data/tinyshakespeare.txt)", true);
   f.add_string("out_dir", &o.out_dir, "where log.csv, routing.csv, curves.svg and checkpoints go");
   f.add_choice("device", &o.device, {"auto", "cpu", "cuda"}, "auto: CUDA when built and present, else CPU");
@@ -340,6 +375,7 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_u64("seed", &o.seed, "seed for initialisation, data order and dropout");
   f.add_bool("deterministic", &o.deterministic, "bit-reproducible kernels (CPU always is)");
   f.add_bool("tf32", &o.tf32, "TF32 matrix products on CUDA");
+  // ---- optimisation
   f.add_int("max_steps", &o.max_steps, 1, BIG, "optimizer steps");
   f.add_int("batch_size", &o.batch_size, 1, 1 << 20, "B, sequences per micro-batch");
   f.add_int("seq_len", &o.seq_len, 1, 1 << 20, "T, context length");
@@ -352,28 +388,50 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_float("beta2", &o.beta2, 0, 1, false, "AdamW beta2");
   f.add_float("grad_clip", &o.grad_clip, 0, 1e6, false, "clip the global gradient norm; 0 = off");
   f.add_bool("decay_embeddings", &o.decay_embeddings, "apply weight decay to embeddings too");
-  f.add_float("dropout", &o.dropout, 0, 0.95, false, "dropout probability");
+  f.add_float("dropout", &m.dropout, 0, 0.95, false, "dropout probability");
+  // ---- along the way
   f.add_int("eval_every", &o.eval_every, 0, BIG, "steps between evaluations; 0 = off");
-  f.add_int("eval_iters", &o.eval_iters, 1, 1 << 20, "fixed batches per evaluation");
+  f.add_int("eval_iters", &o.eval_iters, 1, 1 << 20, "fixed batches per split per evaluation");
   f.add_int("log_every", &o.log_every, 0, BIG, "steps between step lines; 0 = off");
   f.add_int("sample_every", &o.sample_every, 0, BIG, "steps between text samples; 0 = off");
   f.add_int("sample_len", &o.sample_len, 1, 1 << 20, "bytes per text sample");
   f.add_int("save_every", &o.save_every, 0, BIG, "steps between checkpoints (and at the end); 0 = off");
   f.add_int("keep_last", &o.keep_last, 0, BIG, "checkpoints kept in out_dir; 0 = all");
-  f.add_choice("router", &o.router, {"dense", "flat", "cluster", "tree", "ac"}, "FFN routing");
-  f.add_string("tree", &o.tree, "branching factors for --router tree, e.g. 4x4x4", true);
-  f.add_int("num_clusters", &o.num_clusters, 1, 4096, "clusters (flat: experts = clusters x per cluster)");
-  f.add_int("experts_per_cluster", &o.experts_per_cluster, 1, 4096, "experts in each cluster");
-  f.add_int("top_k_clusters", &o.top_k_clusters, 1, 4096, "clusters kept per token");
-  f.add_int("top_k_experts", &o.top_k_experts, 1, 4096, "experts kept per kept cluster (flat: per token)");
-  f.add_float("capacity_factor", &o.capacity_factor, 0, 1e4, false, "expert capacity factor; 0 = dropless");
-  f.add_float("load_balancing_weight", &o.load_balancing_weight, 0, 1e3, false, "load-balance loss weight");
-  f.add_float("router_z_loss_weight", &o.router_z_loss_weight, 0, 1e3, false, "router z-loss weight");
-  f.add_float("diversity_weight", &o.diversity_weight, 0, 1e3, false, "sibling-router diversity loss weight");
-  f.add_int("d_model", &o.d_model, 1, 1 << 16, "C, model width");
-  f.add_int("n_layers", &o.n_layers, 1, 1024, "transformer blocks");
-  f.add_int("n_heads", &o.n_heads, 1, 1024, "attention heads");
-  f.add_int("d_ff", &o.d_ff, 1, 1 << 20, "hidden width of each expert");
+  // ---- model
+  f.add_custom("router", "dense|flat|cluster|tree|ac", "FFN routing",
+               [&m](const std::string& v) {
+                 try {
+                   m.router = parse_router_kind(v);
+                 } catch (const Error&) {
+                   throw UsageError(str("--router must be one of dense|flat|cluster|tree|ac, got '", v, "'"));
+                 }
+               },
+               [&m] { return std::string(router_kind_name(m.router)); });
+  f.add_custom("tree", "BxBx..", "branching factors for --router tree, e.g. 4x4x4",
+               [&m](const std::string& v) { m.tree_branching = parse_factors(v, "--tree"); },
+               [&m] { return join_factors(m.tree_branching); });
+  f.add_custom("tree_top_k", "KxKx..", "children kept per level for --router tree (default k_clusters x 1 .. x k_experts)",
+               [&m](const std::string& v) { m.tree_top_k = parse_factors(v, "--tree_top_k"); },
+               [&m] { return join_factors(m.tree_top_k); });
+  f.add_int("num_clusters", &m.num_clusters, 1, 4096, "clusters (flat: experts = clusters x per cluster)");
+  f.add_int("experts_per_cluster", &m.experts_per_cluster, 1, 4096, "experts in each cluster");
+  f.add_int("top_k_clusters", &m.top_k_clusters, 1, 4096, "clusters kept per token");
+  f.add_int("top_k_experts", &m.top_k_experts, 1, 4096, "experts kept per kept cluster");
+  f.add_float("capacity_factor", &m.capacity_factor, 0, 1e4, false, "expert capacity factor; 0 = dropless");
+  f.add_float("load_balancing_weight", &m.load_balancing_weight, 0, 1e3, false, "load-balance loss weight");
+  f.add_float("router_z_loss_weight", &m.router_z_loss_weight, 0, 1e3, false, "router z-loss weight");
+  f.add_float("diversity_weight", &m.diversity_weight, 0, 1e3, false, "sibling-router diversity loss weight");
+  f.add_int("d_model", &m.d_model, 1, 1 << 16, "C, model width");
+  f.add_int("n_layers", &m.n_layers, 1, 1024, "transformer blocks");
+  f.add_int("n_heads", &m.n_heads, 1, 1024, "attention heads");
+  f.add_int("d_ff", &m.d_ff, 1, 1 << 20, "hidden width of each expert");
+  // Every other CoEConfig key, parsed by CoEConfig::set. seq_len, seed and vocab_size are derived (above, data).
+  for (const auto& kv : CoEConfig().to_map()) {
+    const std::string key = kv.first;
+    if (f.has(key) || key == "seq_len" || key == "seed" || key == "vocab_size" || key == "tree_branching") continue;
+    f.add_custom(key, "value", "model setting (model/config.h)", [&m, key](const std::string& v) { m.set(key, v); },
+                 [&m, key] { return m.to_map().at(key); });
+  }
   f.add_bool("help", help, "print this and exit");
 }
 

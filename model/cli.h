@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/check.h"
+#include "model/config.h"
 
 namespace cm {
 
@@ -43,6 +44,9 @@ class Flags {
   void add_bool(const std::string& name, bool* v, const std::string& help);
   // A string flag that may also appear bare; bare gives `bare_value` (--resume alone = "latest").
   void add_optional(const std::string& name, std::string* v, std::string bare_value, const std::string& help);
+  // Anything else: `set` parses and stores (throwing UsageError or cm::Error on bad text), `get` shows.
+  void add_custom(const std::string& name, const std::string& range, const std::string& help,
+                  std::function<void(const std::string&)> set, std::function<std::string()> get);
 
   // Split argv into (name, value) pairs: syntax and names are checked, values are not yet.
   std::vector<FlagArg> split(const std::vector<std::string>& args) const;
@@ -85,55 +89,46 @@ struct TrainOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
   std::string resume;           // "" = fresh run; "latest" = newest checkpoint in out_dir; else a path
-  uint64_t seed = 1337;
-  bool deterministic = true;  // CPU is always deterministic; on CUDA this forbids non-deterministic kernels
-  bool tf32 = false;          // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
+  uint64_t seed = 1337;         // initialisation (model.seed), data order, dropout
+  bool deterministic = true;    // CPU is always deterministic; on CUDA this forbids non-deterministic kernels
+  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
   // schedule and optimisation
   int64_t max_steps = 2000;
-  int64_t batch_size = 12;   // B: sequences per micro-batch
-  int64_t seq_len = 64;      // T: context length (block size)
-  int64_t grad_accum = 1;    // micro-batches per optimizer step
-  float lr = 1e-3f;          // peak learning rate
-  float min_lr = 1e-4f;      // cosine floor
+  int64_t batch_size = 12;  // B: sequences per micro-batch
+  int64_t seq_len = 64;     // T: context length (block size); also the model's maximum context
+  int64_t grad_accum = 1;   // micro-batches per optimizer step
+  float lr = 1e-3f;         // peak learning rate
+  float min_lr = 1e-4f;     // cosine floor
   int64_t warmup_steps = 100;
   float weight_decay = 0.1f;
   float beta1 = 0.9f, beta2 = 0.99f;
-  float grad_clip = 1.0f;    // global-norm clipping; 0 = off
+  float grad_clip = 1.0f;         // global-norm clipping; 0 = off
   bool decay_embeddings = false;  // AdamW decays matrices; embeddings only when asked (norms, biases never)
-  float dropout = 0.0f;
   // what happens along the way (0 = off)
   int64_t eval_every = 200;
-  int64_t eval_iters = 20;  // fixed validation batches per evaluation
+  int64_t eval_iters = 20;  // fixed batches per split per evaluation
   int64_t log_every = 1;
-  int64_t sample_every = 500;
+  int64_t sample_every = 1000;
   int64_t sample_len = 200;
-  int64_t save_every = 500;
+  int64_t save_every = 1000;
   int64_t keep_last = 3;  // checkpoints kept in out_dir; 0 = keep all
-  // model
-  std::string router = "cluster";  // dense | flat | cluster | tree | ac
-  std::string tree;                // branching factors for router=tree, e.g. "4x4x4"
-  int64_t d_model = 128;           // C
-  int64_t n_layers = 4;
-  int64_t n_heads = 4;
-  int64_t d_ff = 512;  // each expert's hidden width
-  int64_t num_clusters = 2;
-  int64_t experts_per_cluster = 2;
-  int64_t top_k_clusters = 1;
-  int64_t top_k_experts = 1;
-  float capacity_factor = 0.0f;  // 0 = dropless
-  float load_balancing_weight = 0.01f;
-  float router_z_loss_weight = 0.001f;
-  float diversity_weight = 0.0f;
+  int64_t stop_at = 0;    // not a flag: stop after this step as if interrupted (tests of --resume); 0 = never
+  // The model. Its seq_len and seed are taken from the fields above when the model is built; vocab_size comes
+  // from the data.
+  CoEConfig model;
 
   // Cross-field checks that a single flag's range cannot express; UsageError names the flags.
   void validate() const;
+  // The model's config as trained: `model` with seq_len, seed and vocab_size filled in, validated.
+  CoEConfig model_config(int64_t vocab_size) const;
 };
 
 // The preset names, and what each sets (every field it sets also has a flag).
 const std::vector<std::string>& train_presets();
 void apply_preset(TrainOptions& o, const std::string& name);
 
-// Registers every train_lm flag on `o`.
+// Registers every train_lm flag on `o`: the training ones, the model ones of the issue (--router, --tree,
+// --d_model, ...), and every other CoEConfig key under its own name (--expert gelu, --use_reliability 0, ...).
 void add_train_flags(Flags& f, TrainOptions& o, bool* help);
 
 // ---------------------------------------------------------------- sample
