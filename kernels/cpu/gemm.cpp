@@ -31,6 +31,11 @@
 #include <omp.h>
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the self-initialised _mm512_undefined_ps() inside the AVX-512 shuffle intrinsics (a false
+// positive); the pragma must precede the header for the warning's location to fall under it.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #endif
 
@@ -170,17 +175,59 @@ struct Operands {
   float alpha, beta;
 };
 
+#if defined(__AVX512F__)
+// In-register transpose of a 16x16 block: r[i] lane j <- r[j] lane i (unpack, then 128-bit lane shuffles).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// dst[t*dst_stride + i] = src[i*src_stride + t] for i < rows, t < 16 (lanes i >= rows written as 0 when
+// store_lanes > rows): one 16-wide strip of a transpose, the inner step of both transposing packs.
+inline void transpose_strip(float* __restrict dst, int64_t dst_stride, const float* __restrict src,
+                            int64_t src_stride, int rows, int store_lanes) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(src + i * src_stride) : _mm512_setzero_ps();
+  transpose16(r);
+  const __mmask16 m = (__mmask16)((1u << store_lanes) - 1);
+  for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + t * dst_stride, m, r[t]);
+}
+#endif
+
 // Ap[k*MR + i] = op(A)[i0+i][k0+k], i < mi.
 void pack_a(float* __restrict ap, const Operands& p, int64_t i0, int mi, int64_t k0, int64_t kc) {
   if (p.ta) {  // op(A)[i][k] = A[k*lda + i]: each k is a contiguous run of mi floats
     const float* src = p.A + k0 * p.lda + i0;
-    for (int64_t k = 0; k < kc; ++k) std::memcpy(ap + k * MR, src + k * p.lda, sizeof(float) * mi);
-  } else {  // op(A)[i][k] = A[i*lda + k]: read each row of the block along k, write with stride MR
-    for (int i = 0; i < mi; ++i) {
-      const float* __restrict src = p.A + (i0 + i) * p.lda + k0;
-      for (int64_t k = 0; k < kc; ++k) ap[k * MR + i] = src[k];
-    }
+    for (int64_t k = 0; k < kc; ++k)
+      for (int i = 0; i < mi; ++i) ap[k * MR + i] = src[k * p.lda + i];
+    return;
   }
+  // op(A)[i][k] = A[i*lda + k]: a transpose of the mi x kc block
+  const float* src = p.A + i0 * p.lda + k0;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= kc; k += 16) transpose_strip(ap + k * MR, MR, src + k, p.lda, mi, MR);
+#endif
+  for (; k < kc; ++k)
+    for (int i = 0; i < mi; ++i) ap[k * MR + i] = src[i * p.lda + k];
 }
 
 // Bp panels for op(B)[k0:k0+kc, j0:j0+nc] (layout in the header comment).
@@ -191,18 +238,23 @@ void pack_b(float* __restrict bp, const Operands& p, int64_t k0, int64_t kc, int
     float* __restrict dst = bp + jp * kc;
     if (!p.tb) {  // op(B)[k][j] = B[k*ldb + j]: rows of the panel are contiguous runs
       const float* src = p.B + k0 * p.ldb + j0 + jp;
-      for (int64_t k = 0; k < kc; ++k) {
-        std::memcpy(dst + k * w, src + k * p.ldb, sizeof(float) * cols);
-        for (int j = cols; j < w; ++j) dst[k * w + j] = 0.0f;
-      }
-    } else {  // op(B)[k][j] = B[j*ldb + k]: read each B row along k, write with stride w
-      for (int j = 0; j < cols; ++j) {
-        const float* __restrict src = p.B + (j0 + jp + j) * p.ldb + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * w + j] = src[k];
-      }
       for (int64_t k = 0; k < kc; ++k)
-        for (int j = cols; j < w; ++j) dst[k * w + j] = 0.0f;
+        for (int v = 0; v < w; v += 16) {
+          const int n = cols - v;  // loads past the edge read 0: the zero padding
+          vstore(dst + k * w + v, n >= 16 ? vload(src + k * p.ldb + v) : vload(src + k * p.ldb + v, n));
+        }
+      continue;
     }
+    // op(B)[k][j] = B[j*ldb + k]: a transpose, 16 columns by 16 k at a time
+    const float* src = p.B + (j0 + jp) * p.ldb + k0;
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    for (; k + 16 <= kc; k += 16)
+      for (int v = 0; v < w; v += 16)
+        transpose_strip(dst + k * w + v, w, src + v * p.ldb + k, p.ldb, std::min(16, cols - v), 16);
+#endif
+    for (; k < kc; ++k)
+      for (int j = 0; j < w; ++j) dst[k * w + j] = j < cols ? src[j * p.ldb + k] : 0.0f;
   }
 }
 
