@@ -2,6 +2,8 @@
 // double-precision references on broadcast shapes of every pattern, gradients by finite differences, bad input.
 #include <cmath>
 #include <functional>
+#include <numeric>
+#include <string>
 #include <vector>
 
 #include "kernels/activation.h"
@@ -259,5 +261,251 @@ TEST_SUITE("kernels") {
     const int64_t shape[] = {3, 2}, st[] = {1, 3};
     cpu::broadcast_to(t.data(), m.data(), 2, shape, st);
     CHECK(t == std::vector<int32_t>{1, 4, 2, 5, 3, 6});
+  }
+}
+
+namespace {
+
+using cm::test::param;
+using cm::test::uniform;
+
+// Runs f, expects a cm::Error whose message contains every piece.
+template <class F>
+void check_error_names(F f, const std::vector<std::string>& pieces) {
+  try {
+    f();
+    FAIL("no cm::Error thrown");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const std::string& p : pieces) CHECK_MESSAGE(msg.find(p) != std::string::npos, "'", p, "' not in: ", msg);
+  }
+}
+
+// Values of a tensor in double, in logical order.
+std::vector<double> values(const Tensor& t) {
+  std::vector<float> v = t.to_f32_vector();
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// f applied to each element, rounded to float: a reference for CHECK_CLOSE.
+std::vector<float> map_ref(const Tensor& t, const std::function<double(double)>& f) {
+  std::vector<float> r;
+  for (double x : values(t)) r.push_back((float)f(x));
+  return r;
+}
+
+// Pushes values at least `gap` away from 0 (relu's kink), keeping their sign.
+Tensor away_from_zero(Tensor t, float gap = 0.1f) {
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = p[i] < 0 ? p[i] - gap : p[i] + gap;
+  return t;
+}
+
+}  // namespace
+
+TEST_SUITE("ops") {
+  TEST_CASE("add/sub/mul/div broadcast like PyTorch") {
+    using BinOp = Tensor (*)(const Tensor&, const Tensor&);
+    const std::vector<std::pair<BinOp, cpu::Binary>> ops = {{static_cast<BinOp>(add), cpu::Binary::Add},
+                                                            {static_cast<BinOp>(sub), cpu::Binary::Sub},
+                                                            {static_cast<BinOp>(mul), cpu::Binary::Mul},
+                                                            {static_cast<BinOp>(div), cpu::Binary::Div}};
+    uint64_t seed = 100;
+    for (const auto& [as, bs] : kBroadcastCases) {
+      Tensor a = uniform(as, seed++), b = uniform(bs, seed++, 0.5f, 2.f);
+      const Bcast bc = bcast(as, bs);
+      const std::vector<double> av = values(a), bv = values(b);
+      for (const auto& [f, op] : ops) {
+        CAPTURE(shape_str(as));
+        CAPTURE(shape_str(bs));
+        CAPTURE((int)op);
+        Tensor y = f(a, b);
+        REQUIRE(y.shape() == bc.out);
+        std::vector<float> ref;
+        for (int64_t i = 0; i < shape_numel(bc.out); ++i)
+          ref.push_back((float)ref_binary(op, av[(size_t)offset_of(i, bc.out, bc.sa)],
+                                          bv[(size_t)offset_of(i, bc.out, bc.sb)]));
+        CHECK_CLOSE(y, ref, 1e-6f, 1e-6f);
+      }
+    }
+    // Non-contiguous inputs: a transposed [5, 3] view plus a [5, 1] column.
+    Tensor t = uniform({3, 5}, 7).transpose(0, 1), c = uniform({5, 1}, 8);
+    Tensor y = t * c;
+    std::vector<float> tv = t.to_f32_vector(), cv = c.to_f32_vector(), ref;
+    for (int i = 0; i < 5; ++i)
+      for (int j = 0; j < 3; ++j) ref.push_back(tv[i * 3 + j] * cv[i]);
+    CHECK_CLOSE(y, ref, 0.f, 0.f);
+  }
+
+  TEST_CASE("scalar forms and operators") {
+    Tensor a = uniform({4, 7}, 9, 0.5f, 2.f);
+    const float s = 1.5f;
+    CHECK_CLOSE(a + s, map_ref(a, [&](double x) { return x + s; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(s + a, map_ref(a, [&](double x) { return x + s; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(a - s, map_ref(a, [&](double x) { return x - s; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(s - a, map_ref(a, [&](double x) { return s - x; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(a * s, map_ref(a, [&](double x) { return x * s; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(s * a, map_ref(a, [&](double x) { return x * s; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(a / s, map_ref(a, [&](double x) { return x / s; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(s / a, map_ref(a, [&](double x) { return s / x; }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(-a, map_ref(a, [](double x) { return -x; }), 0.f, 0.f);
+    // 0-d tensors behave as scalars in broadcasting.
+    Tensor z = Tensor::scalar(2.f);
+    CHECK((a * z).shape() == a.shape());
+    CHECK_CLOSE(a * z, map_ref(a, [](double x) { return 2 * x; }), 0.f, 0.f);
+    CHECK((z + z).dim() == 0);
+    CHECK((z + z).item() == 4.f);
+  }
+
+  TEST_CASE("unary ops and activations match double references") {
+    Tensor a = uniform({7, 13}, 10, -3.f, 3.f), pos = uniform({7, 13}, 11, 0.1f, 4.f);
+    const double k = std::sqrt(2.0 / M_PI);
+    CHECK_CLOSE(exp(a), map_ref(a, [](double x) { return std::exp(x); }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(log(pos), map_ref(pos, [](double x) { return std::log(x); }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(sqrt(pos), map_ref(pos, [](double x) { return std::sqrt(x); }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(square(a), map_ref(a, [](double x) { return x * x; }), 1e-6f, 1e-6f);
+    for (float p : {2.f, 3.f, 0.5f, -1.5f, 0.f})
+      CHECK_CLOSE(pow(pos, p), map_ref(pos, [p](double x) { return std::pow(x, (double)p); }), 1e-6f, 2e-6f);
+    CHECK_CLOSE(tanh(a), map_ref(a, [](double x) { return std::tanh(x); }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(sigmoid(a), map_ref(a, [](double x) { return 1 / (1 + std::exp(-x)); }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(relu(a), map_ref(a, [](double x) { return x > 0 ? x : 0; }), 0.f, 0.f);
+    CHECK_CLOSE(gelu(a),
+                map_ref(a, [k](double x) { return 0.5 * x * (1 + std::tanh(k * (x + 0.044715 * x * x * x))); }),
+                1e-6f, 1e-6f);
+    CHECK_CLOSE(gelu(a, GeluKind::Exact),
+                map_ref(a, [](double x) { return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); }), 1e-6f, 1e-6f);
+    CHECK_CLOSE(silu(a), map_ref(a, [](double x) { return x / (1 + std::exp(-x)); }), 1e-6f, 1e-6f);
+    // Empty and 0-d inputs keep their shapes.
+    CHECK(gelu(Tensor::zeros({0, 3})).shape() == Shape{0, 3});
+    CHECK(exp(Tensor::scalar(0.f)).item() == 1.f);
+  }
+
+  TEST_CASE("i32 add/sub/mul broadcast; mixed dtypes and i32 div are errors") {
+    Tensor a = Tensor::from_vector(std::vector<int32_t>{1, 2, 3, 4, 5, 6}, {2, 3});
+    Tensor r = Tensor::from_vector(std::vector<int32_t>{10, 20, 30}, {3});
+    Tensor c = Tensor::from_vector(std::vector<int32_t>{-1, 2}, {2, 1});
+    CHECK((a + r).dtype() == DType::I32);
+    CHECK((a + r).to_i32_vector() == std::vector<int32_t>{11, 22, 33, 14, 25, 36});
+    CHECK((r - a).to_i32_vector() == std::vector<int32_t>{9, 18, 27, 6, 15, 24});
+    CHECK((a * c).to_i32_vector() == std::vector<int32_t>{-1, -2, -3, 8, 10, 12});
+    CHECK(expand(c, {2, 2}).to_i32_vector() == std::vector<int32_t>{-1, -1, 2, 2});
+    check_error_names([&] { add(a, Tensor::ones({2, 3})); }, {"add", "i32", "f32", "[2, 3]"});
+    check_error_names([&] { div(a, a); }, {"div", "i32"});
+    CHECK_THROWS_AS(exp(a), Error);
+    CHECK_THROWS_AS(mul(a, 2.f), Error);
+    CHECK_THROWS_AS(relu(a), Error);
+  }
+
+  TEST_CASE("sum_to and expand are inverse broadcasts") {
+    Tensor a = uniform({3, 4, 5}, 12);
+    const std::vector<double> av = values(a);
+    Tensor s = sum_to(a, {4, 1});
+    REQUIRE(s.shape() == Shape{4, 1});
+    std::vector<float> ref(4, 0.f);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 4; ++j) {
+        double acc = 0;
+        for (int k = 0; k < 5; ++k) acc += av[(size_t)(i * 20 + j * 5 + k)];
+        ref[(size_t)j] += (float)acc;
+      }
+    CHECK_CLOSE(s, ref, 1e-5f, 1e-5f);
+    CHECK(sum_to(a, {}).dim() == 0);
+    CHECK(sum_to(a, {}).item() == doctest::Approx(std::accumulate(av.begin(), av.end(), 0.0)).epsilon(1e-5));
+    CHECK(sum_to(a, {3, 4, 5}).same(a));  // nothing to do
+    Tensor e = expand(uniform({4, 1}, 13), {2, 4, 3});
+    REQUIRE(e.shape() == Shape{2, 4, 3});
+    std::vector<float> ev = e.to_f32_vector(), src = uniform({4, 1}, 13).to_f32_vector();
+    for (int i = 0; i < 24; ++i) CHECK(ev[(size_t)i] == src[(size_t)((i / 3) % 4)]);
+    CHECK(expand(Tensor::scalar(3.f), {0, 2}).shape() == Shape{0, 2});
+    CHECK(sum_to(Tensor::zeros({0, 2}), {1, 2}).to_f32_vector() == std::vector<float>{0.f, 0.f});
+    check_error_names([&] { sum_to(a, {2, 5}); }, {"sum_to", "[3, 4, 5]", "[2, 5]"});
+    check_error_names([&] { sum_to(a, {1, 3, 4, 5}); }, {"sum_to", "[1, 3, 4, 5]"});
+    check_error_names([&] { expand(a, {3, 2, 5}); }, {"expand", "[3, 4, 5]", "[3, 2, 5]"});
+    check_error_names([&] { expand(a, {4, 5}); }, {"expand", "[4, 5]"});
+  }
+
+  TEST_CASE("incompatible broadcast shapes name both shapes") {
+    check_error_names([] { add(Tensor::zeros({3, 4}), Tensor::zeros({5})); }, {"add", "[3, 4]", "[5]"});
+    check_error_names(
+        [] {
+          mul(Tensor::zeros({2, 3, 4}), Tensor::zeros({3, 1, 4}));
+        },
+        {"mul", "[2, 3, 4]", "[3, 1, 4]"});
+    check_error_names([] { div(Tensor::zeros({0}), Tensor::zeros({2})); }, {"div", "[0]", "[2]"});
+    CHECK_THROWS_AS(sub(Tensor::zeros({2}), Tensor()), Error);  // undefined input
+  }
+
+  TEST_CASE("binary op gradients with broadcasting") {
+    const std::vector<std::pair<Shape, Shape>> cases = {{{3, 1, 5}, {4, 5}}, {{2, 3}, {2, 3}},       {{2, 3}, {3}},
+                                                        {{3}, {2, 3}},       {{}, {2, 3}},           {{2, 3}, {}},
+                                                        {{2, 1}, {1, 3}},    {{2, 3, 1}, {2, 1, 4}}, {{0, 3}, {3}}};
+    uint64_t seed = 200;
+    for (const auto& [as, bs] : cases) {
+      CAPTURE(shape_str(as));
+      CAPTURE(shape_str(bs));
+      Tensor a = param(as, seed++), b = param(bs, seed++, 0.5f, 2.f);
+      CHECK_GRAD([](const std::vector<Tensor>& x) { return add(x[0], x[1]); }, {a, b});
+      CHECK_GRAD([](const std::vector<Tensor>& x) { return sub(x[0], x[1]); }, {a, b});
+      CHECK_GRAD([](const std::vector<Tensor>& x) { return mul(x[0], x[1]); }, {a, b});
+      CHECK_GRAD([](const std::vector<Tensor>& x) { return div(x[0], x[1]); }, {a, b});
+    }
+    // Only one side requiring grad, and the same tensor on both sides (fan-out).
+    Tensor a = param({3, 4}, 250, 0.5f, 2.f), c = uniform({4}, 251);
+    CHECK_GRAD([c](const std::vector<Tensor>& x) { return div(c, x[0]); }, {a});
+    CHECK_GRAD([](const std::vector<Tensor>& x) { return mul(x[0], x[0]); }, {a});
+    CHECK_GRAD([](const std::vector<Tensor>& x) { return sub(x[0], x[0].transpose(0, 1).transpose(0, 1)); }, {a});
+  }
+
+  TEST_CASE("scalar, unary and activation gradients") {
+    using Fn = std::function<Tensor(const Tensor&)>;
+    const std::vector<std::pair<const char*, Fn>> any = {
+        {"add_s", [](const Tensor& x) { return x + 0.7f; }},
+        {"mul_s", [](const Tensor& x) { return x * -1.3f; }},
+        {"rsub", [](const Tensor& x) { return 2.f - x; }},
+        {"neg", [](const Tensor& x) { return -x; }},
+        {"exp", [](const Tensor& x) { return exp(x); }},
+        {"square", [](const Tensor& x) { return square(x); }},
+        {"pow2", [](const Tensor& x) { return pow(x, 2.f); }},
+        {"pow3", [](const Tensor& x) { return pow(x, 3.f); }},
+        {"tanh", [](const Tensor& x) { return tanh(x); }},
+        {"sigmoid", [](const Tensor& x) { return sigmoid(x); }},
+        {"gelu", [](const Tensor& x) { return gelu(x); }},
+        {"gelu_exact", [](const Tensor& x) { return gelu(x, GeluKind::Exact); }},
+        {"silu", [](const Tensor& x) { return silu(x); }},
+    };
+    const std::vector<std::pair<const char*, Fn>> positive = {
+        {"rdiv", [](const Tensor& x) { return 1.5f / x; }},
+        {"log", [](const Tensor& x) { return log(x); }},
+        {"sqrt", [](const Tensor& x) { return sqrt(x); }},
+        {"pow0.5", [](const Tensor& x) { return pow(x, 0.5f); }},
+        {"pow-1.5", [](const Tensor& x) { return pow(x, -1.5f); }},
+        {"pow0", [](const Tensor& x) { return pow(x, 0.f); }},
+    };
+    for (const auto& [name, f] : any) {
+      CAPTURE(name);
+      Tensor x = param({3, 5}, 300, -2.f, 2.f);
+      CHECK_GRAD([f = f](const std::vector<Tensor>& v) { return f(v[0]); }, {x});
+    }
+    for (const auto& [name, f] : positive) {
+      CAPTURE(name);
+      Tensor x = param({3, 5}, 301, 0.5f, 2.f);
+      CHECK_GRAD([f = f](const std::vector<Tensor>& v) { return f(v[0]); }, {x});
+    }
+    Tensor r = away_from_zero(uniform({4, 6}, 302));
+    r.requires_grad_(true);
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return relu(v[0]); }, {r});
+    // A non-contiguous input and a non-contiguous incoming gradient (a transposed view on either side).
+    Tensor t = param({4, 3}, 303);
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return gelu(v[0].transpose(0, 1)).transpose(0, 1); }, {t});
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return exp(v[0].transpose(0, 1)) * 0.5f; }, {t});
+  }
+
+  TEST_CASE("sum_to and expand gradients") {
+    Tensor a = param({3, 4, 5}, 400), b = param({4, 1}, 401), s = param({}, 402);
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return sum_to(v[0], {4, 1}); }, {a});
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return sum_to(v[0], {3, 1, 5}); }, {a});
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return sum_to(v[0], {}); }, {a});
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return expand(v[0], {2, 4, 3}); }, {b});
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return expand(v[0], {3, 2}); }, {s});
   }
 }
