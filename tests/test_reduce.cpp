@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "kernels/reduce.h"
@@ -213,5 +214,213 @@ TEST_SUITE("kernels") {
     CHECK(same_bits(r1, r2));
     CHECK(same_bits(c1, c2));
     CHECK(same_bits(t1, t2));
+  }
+}
+
+namespace {
+
+using cm::test::param;
+using cm::test::uniform;
+
+template <class F>
+void check_error_names(F f, const std::vector<std::string>& pieces) {
+  try {
+    f();
+    FAIL("no cm::Error thrown");
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const std::string& p : pieces) CHECK_MESSAGE(msg.find(p) != std::string::npos, "'", p, "' not in: ", msg);
+  }
+}
+
+// Values 0.05 * (a permutation of 0..n-1) plus a little noise: all distinct and at least 0.04 apart, so the
+// finite differences of max (step 1e-2) never cross a tie.
+Tensor distinct(const Shape& s, uint64_t seed) {
+  const int64_t n = shape_numel(s);
+  std::vector<int64_t> perm((size_t)n);
+  for (int64_t i = 0; i < n; ++i) perm[(size_t)i] = i;
+  for (int64_t i = n - 1; i > 0; --i) {  // Fisher-Yates from the counter-based stream
+    const int64_t j = (int64_t)(philox_uniform(seed, 0, (uint64_t)i) * (float)(i + 1)) % (i + 1);
+    std::swap(perm[(size_t)i], perm[(size_t)j]);
+  }
+  std::vector<float> v((size_t)n);
+  for (int64_t i = 0; i < n; ++i)
+    v[(size_t)i] = 0.05f * (float)perm[(size_t)i] - 1.f + 0.005f * philox_uniform(seed + 1, 0, (uint64_t)i);
+  Tensor t = Tensor::from_vector(v, s);
+  t.requires_grad_(true);
+  return t;
+}
+
+// Reference axis reductions in double over a tensor's logical values: [O, R, I] around axis d.
+struct Ref {
+  std::vector<double> sum, max;
+  std::vector<int32_t> arg;
+};
+Ref ref_axis(const Tensor& a, int64_t d) {
+  const Shape& s = a.shape();
+  int64_t O = 1, I = 1;
+  for (int64_t k = 0; k < d; ++k) O *= s[k];
+  for (int64_t k = d + 1; k < (int64_t)s.size(); ++k) I *= s[k];
+  const int64_t R = s[d];
+  std::vector<float> v = a.to_f32_vector();
+  Ref r{std::vector<double>((size_t)(O * I), 0.0), std::vector<double>((size_t)(O * I)),
+        std::vector<int32_t>((size_t)(O * I), 0)};
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i) {
+      const size_t j = (size_t)(o * I + i);
+      r.max[j] = v[(size_t)(o * R * I + i)];
+      for (int64_t k = 0; k < R; ++k) {
+        const double x = v[(size_t)((o * R + k) * I + i)];
+        r.sum[j] += x;
+        if (x > r.max[j]) r.max[j] = x, r.arg[j] = (int32_t)k;
+      }
+    }
+  return r;
+}
+
+std::vector<float> to_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+}  // namespace
+
+TEST_SUITE("ops") {
+  TEST_CASE("sum, mean, max over all elements give 0-d tensors") {
+    Tensor a = uniform({5, 7, 3}, 500);
+    std::vector<float> v = a.to_f32_vector();
+    double s = 0, m = v[0];
+    for (float x : v) s += x, m = std::max(m, (double)x);
+    Tensor ts = sum(a), tm = mean(a), tx = max(a);
+    CHECK(ts.dim() == 0);
+    CHECK(tm.dim() == 0);
+    CHECK(tx.dim() == 0);
+    CHECK_CLOSE(ts, std::vector<float>{(float)s}, 1e-6f, 1e-6f);
+    CHECK_CLOSE(tm, std::vector<float>{(float)(s / v.size())}, 1e-6f, 1e-6f);
+    CHECK(tx.item() == (float)m);
+    // A non-contiguous view reduces its logical elements only.
+    Tensor sl = a.slice(1, 2, 5).transpose(0, 2);
+    std::vector<float> sv = sl.to_f32_vector();
+    double ss = 0;
+    for (float x : sv) ss += x;
+    CHECK_CLOSE(sum(sl), std::vector<float>{(float)ss}, 1e-6f, 1e-6f);
+    // Empty and 0-d inputs.
+    CHECK(sum(Tensor::zeros({0, 3})).item() == 0.f);
+    CHECK(std::isnan(mean(Tensor::zeros({0})).item()));
+    CHECK(sum(Tensor::scalar(2.5f)).item() == 2.5f);
+    CHECK(max(Tensor::scalar(-2.5f)).item() == -2.5f);
+  }
+
+  TEST_CASE("sum, mean, max, argmax over an axis match a double reference") {
+    const std::vector<Shape> shapes = {{4, 5, 6}, {1, 9, 1}, {3, 1}, {2, 3, 4, 5}, {300, 3}, {3, 300}, {7}};
+    uint64_t seed = 510;
+    for (const Shape& s : shapes) {
+      Tensor a = uniform(s, seed++);
+      for (int64_t d = -(int64_t)s.size(); d < (int64_t)s.size(); ++d) {
+        const int64_t dn = d < 0 ? d + (int64_t)s.size() : d;
+        CAPTURE(shape_str(s));
+        CAPTURE(d);
+        const Ref r = ref_axis(a, dn);
+        Shape dropped = s, kept = s;
+        dropped.erase(dropped.begin() + dn);
+        kept[(size_t)dn] = 1;
+        std::vector<double> mean_ref = r.sum;
+        for (double& x : mean_ref) x /= (double)s[(size_t)dn];
+        for (bool keep : {false, true}) {
+          const Shape want = keep ? kept : dropped;
+          Tensor ts = sum(a, d, keep), tm = mean(a, d, keep), tx = max(a, d, keep);
+          CHECK(ts.shape() == want);
+          CHECK(tm.shape() == want);
+          CHECK(tx.shape() == want);
+          CHECK_CLOSE(ts, to_float(r.sum), 1e-6f, 1e-6f);
+          CHECK_CLOSE(tm, to_float(mean_ref), 1e-6f, 1e-6f);
+          CHECK_CLOSE(tx, to_float(r.max), 0.f, 0.f);
+        }
+        Tensor am = argmax(a, d);
+        CHECK(am.dtype() == DType::I32);
+        CHECK(am.shape() == dropped);
+        CHECK(am.to_i32_vector() == r.arg);
+      }
+    }
+    // An empty non-reduced dim gives an empty result; an empty reduced axis sums to 0.
+    CHECK(sum(Tensor::zeros({0, 4}), 1).shape() == Shape{0});
+    CHECK(sum(Tensor::zeros({0, 4}), 0).to_f32_vector() == std::vector<float>(4, 0.f));
+    CHECK(max(Tensor::zeros({0, 4}), 1).shape() == Shape{0});
+  }
+
+  TEST_CASE("max sends its gradient to the first maximum") {
+    Tensor a = Tensor::from_vector(std::vector<float>{1, 3, 3, 2, 3, 0}, {2, 3});
+    a.requires_grad_(true);
+    max(a).backward();
+    CHECK(a.grad().to_f32_vector() == std::vector<float>{0, 1, 0, 0, 0, 0});
+    a.zero_grad();
+    // Along axis 1: row 0 ties at columns 1 and 2, row 1 max at column 1.
+    sum(max(a, 1) * Tensor::from_vector(std::vector<float>{10, 20}, {2})).backward();
+    CHECK(a.grad().to_f32_vector() == std::vector<float>{0, 10, 0, 0, 20, 0});
+    a.zero_grad();
+    // Along axis 0: columns 0 and 1 pick row 1 and row 0 (tie in column 1 -> row 0), column 2 row 0.
+    sum(max(a, 0, true)).backward();
+    CHECK(a.grad().to_f32_vector() == std::vector<float>{0, 1, 1, 1, 0, 0});
+    CHECK(argmax(a, 1).to_i32_vector() == std::vector<int32_t>{1, 1});
+    CHECK(argmax(a, 0).to_i32_vector() == std::vector<int32_t>{1, 0, 0});
+  }
+
+  TEST_CASE("reduction gradients") {
+    Tensor a = param({3, 4, 5}, 520);
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return sum(v[0]); }, {a});
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return mean(v[0]); }, {a});
+    for (int64_t d : {0, 1, 2, -1})
+      for (bool keep : {false, true}) {
+        CAPTURE(d);
+        CAPTURE(keep);
+        auto s = [d, keep](const std::vector<Tensor>& v) { return sum(v[0], d, keep); };
+        auto mn = [d, keep](const std::vector<Tensor>& v) { return mean(v[0], d, keep); };
+        CHECK_GRAD(s, {a});
+        CHECK_GRAD(mn, {a});
+      }
+    Tensor m = distinct({3, 4, 5}, 521);
+    CHECK_GRAD([](const std::vector<Tensor>& v) { return max(v[0]); }, {m});
+    for (int64_t d : {0, 1, 2})
+      for (bool keep : {false, true}) {
+        CAPTURE(d);
+        auto mx = [d, keep](const std::vector<Tensor>& v) { return max(v[0], d, keep); };
+        CHECK_GRAD(mx, {m});
+      }
+    // Composed: a softmax-like normaliser through a non-contiguous view.
+    Tensor x = param({4, 3}, 522);
+    CHECK_GRAD(
+        [](const std::vector<Tensor>& v) {
+          Tensor t = v[0].transpose(0, 1);
+          return exp(t) / sum(exp(t), -1, true);
+        },
+        {x});
+  }
+
+  TEST_CASE("reductions: bad axes and inputs are errors") {
+    Tensor a = Tensor::zeros({2, 3});
+    check_error_names([&] { sum(a, 2); }, {"axis 2", "rank 2"});
+    check_error_names([&] { mean(a, -3); }, {"axis -3", "rank 2"});
+    check_error_names([&] { max(a, 5, true); }, {"axis 5", "rank 2"});
+    check_error_names([&] { argmax(a, 2); }, {"axis 2", "rank 2"});
+    check_error_names([&] { sum(Tensor::scalar(1.f), 0); }, {"axis 0", "rank 0"});
+    check_error_names([] { max(Tensor::zeros({0, 3})); }, {"max", "[0, 3]"});
+    check_error_names([] { max(Tensor::zeros({2, 0}), 1); }, {"max", "[2, 0]"});
+    check_error_names([] { argmax(Tensor::zeros({2, 0}), -1); }, {"argmax", "[2, 0]"});
+    check_error_names([] { sum(Tensor::zeros({2}, DType::I32)); }, {"sum", "i32"});
+  }
+
+  TEST_CASE("sum op is bit-identical for 1 and 2 threads") {
+    Tensor a = uniform({1000, 1000}, 530);
+    std::vector<float> s1, s2, r1, r2, c1, c2;
+    with_threads(1, [&] {
+      s1 = sum(a).to_f32_vector();
+      r1 = sum(a, 1).to_f32_vector();
+      c1 = mean(a, 0).to_f32_vector();
+    });
+    with_threads(2, [&] {
+      s2 = sum(a).to_f32_vector();
+      r2 = sum(a, 1).to_f32_vector();
+      c2 = mean(a, 0).to_f32_vector();
+    });
+    CHECK(same_bits(s1, s2));
+    CHECK(same_bits(r1, r2));
+    CHECK(same_bits(c1, c2));
   }
 }
