@@ -326,3 +326,223 @@ TEST_CASE("adamw kernel matches a naive double reference over several steps") {
 }
 
 }  // TEST_SUITE("kernels")
+
+TEST_SUITE("ops") {
+
+TEST_CASE("softmax / log_softmax ops: values on random shapes, gradients, non-contiguous input, empty") {
+  for (Shape s : {Shape{7}, Shape{1, 1}, Shape{2, 3, 17}, Shape{4, 1}, Shape{3, 130}}) {
+    CAPTURE(shape_str(s));
+    Tensor x = uniform(s, 3, -3.f, 3.f);
+    const int64_t C = s.back(), N = x.numel() / C;
+    std::vector<float> xv = x.to_f32_vector();
+    Tensor y = softmax(x), ly = log_softmax(x);
+    CHECK(y.shape() == s);
+    CHECK(ly.shape() == s);
+    CHECK_CLOSE(y, to_float(ref_softmax(xv, N, C, false)), 1e-7f, 1e-5f);
+    CHECK_CLOSE(ly, to_float(ref_softmax(xv, N, C, true)), 1e-5f, 1e-5f);
+  }
+  // A transposed view: the op must read it in logical order.
+  Tensor base = uniform({5, 3}, 4, -2.f, 2.f);
+  Tensor xt = base.transpose(0, 1);  // [3, 5], not contiguous
+  Tensor xc = xt.contiguous();
+  CHECK_CLOSE(softmax(xt), to_float(ref_softmax(xc.to_f32_vector(), 3, 5, false)), 1e-7f, 1e-5f);
+  // Empty rows.
+  CHECK(softmax(Tensor::zeros({0, 5})).shape() == Shape{0, 5});
+  CHECK(log_softmax(Tensor::zeros({2, 0})).shape() == Shape{2, 0});
+
+  Tensor a = param({3, 7}, 5, -2.f, 2.f);
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return softmax(in[0]); }, {a});
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return log_softmax(in[0]); }, {a});
+  Tensor b = param({2, 2, 5}, 6, -2.f, 2.f);
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return softmax(in[0].transpose(1, 2)); }, {b});
+}
+
+TEST_CASE("softmax / log_softmax: large logits have no NaN; bad inputs throw") {
+  Tensor x = Tensor::from_vector(std::vector<float>{1e4f, -1e4f, 1e4f - 2.f, 0.f, 3e4f, 3e4f}, {2, 3});
+  std::vector<float> y = softmax(x).to_f32_vector(), ly = log_softmax(x).to_f32_vector();
+  CHECK(all_finite(y));
+  CHECK(all_finite(ly));
+  CHECK_CLOSE(softmax(x), to_float(ref_softmax(x.to_f32_vector(), 2, 3, false)), 1e-7f, 1e-5f);
+  CHECK_THROWS_AS(softmax(Tensor::scalar(1.f)), Error);
+  CHECK_THROWS_AS(softmax(Tensor::zeros({2, 3}, DType::I32)), Error);
+  CHECK_THROWS_AS(log_softmax(Tensor()), Error);
+}
+
+TEST_CASE("cross_entropy op: mean over non-ignored rows, gradient, all ignored, bad targets") {
+  const int64_t N = 9, V = 13;
+  Tensor logits = param({N, V}, 7, -3.f, 3.f);
+  std::vector<int32_t> tv = rand_ids(N, 8, (int32_t)V);
+  tv[2] = -100;
+  tv[5] = -100;
+  Tensor targets = Tensor::from_vector(tv, {N});
+  Tensor loss = cross_entropy(logits, targets);
+  CHECK(loss.dim() == 0);
+  std::vector<double> lp = ref_softmax(logits.to_f32_vector(), N, V, true);
+  double ref = 0;
+  int valid = 0;
+  for (int64_t n = 0; n < N; ++n)
+    if (tv[n] != -100) ref -= lp[n * V + tv[n]], ++valid;
+  CHECK(loss.item() == doctest::Approx(ref / valid).epsilon(1e-5));
+  CHECK_GRAD([&](const std::vector<Tensor>& in) { return cross_entropy(in[0], targets); }, {logits});
+  // A custom ignore_index, and rows = 1.
+  Tensor one = param({1, 6}, 9, -2.f, 2.f);
+  Tensor t1 = Tensor::from_vector(std::vector<int32_t>{4}, {1});
+  CHECK(cross_entropy(one, t1, 4).item() == 0.0f);
+  CHECK_GRAD([&](const std::vector<Tensor>& in) { return cross_entropy(in[0], t1, -1); }, {one});
+
+  // All ignored: loss 0 and gradient 0, not NaN.
+  Tensor x = param({3, 4}, 10);
+  Tensor ign = Tensor::from_vector(std::vector<int32_t>{-100, -100, -100}, {3});
+  Tensor l = cross_entropy(x, ign);
+  CHECK(l.item() == 0.0f);
+  l.backward();
+  for (float g : x.grad().to_f32_vector()) CHECK(g == 0.0f);
+
+  // Bad targets and shapes: the message names the target and V.
+  Tensor bad = Tensor::from_vector(std::vector<int32_t>{0, 4, 1}, {3});
+  CHECK_THROWS_WITH_AS(cross_entropy(x, bad), doctest::Contains("target 4 at row 1 is out of range for V = 4"),
+                       Error);
+  CHECK_THROWS_AS(cross_entropy(x, Tensor::from_vector(std::vector<int32_t>{0, -1, 1}, {3})), Error);
+  CHECK_THROWS_AS(cross_entropy(x, Tensor::from_vector(std::vector<int32_t>{0, 1}, {2})), Error);
+  CHECK_THROWS_AS(cross_entropy(x, Tensor::zeros({3})), Error);            // f32 targets
+  CHECK_THROWS_AS(cross_entropy(x.reshape({12}), ign), Error);            // not [N, V]
+}
+
+TEST_CASE("embedding op: rows gathered for any id shape, repeated ids accumulate, bad ids throw") {
+  const int64_t V = 11, C = 5;
+  Tensor w = param({V, C}, 12);
+  std::vector<int32_t> iv{3, 0, 3, 10, 3, 7};  // id 3 three times
+  Tensor ids = Tensor::from_vector(iv, {2, 3});
+  Tensor y = embedding(w, ids);
+  CHECK(y.shape() == Shape{2, 3, C});
+  std::vector<float> wv = w.to_f32_vector(), ref;
+  for (int32_t id : iv)
+    for (int64_t c = 0; c < C; ++c) ref.push_back(wv[id * C + c]);
+  CHECK_CLOSE(y, ref, 0.f, 0.f);
+  CHECK_GRAD([&](const std::vector<Tensor>& in) { return embedding(in[0], ids); }, {w});
+  // Gradient of sum: row 3 gets 3, unused rows 0.
+  w.zero_grad();
+  embedding(w, ids).backward(Tensor::ones({2, 3, C}));
+  std::vector<float> g = w.grad().to_f32_vector();
+  CHECK(g[3 * C] == 3.0f);
+  CHECK(g[10 * C + 1] == 1.0f);
+  CHECK(g[1 * C] == 0.0f);
+
+  CHECK_THROWS_WITH_AS(embedding(w, Tensor::from_vector(std::vector<int32_t>{1, 11}, {2})),
+                       doctest::Contains("id 11 at position 1 is out of range for V = 11"), Error);
+  CHECK_THROWS_AS(embedding(w, Tensor::from_vector(std::vector<int32_t>{-1}, {1})), Error);
+  CHECK_THROWS_AS(embedding(w, Tensor::zeros({2})), Error);  // f32 ids
+  CHECK_THROWS_AS(embedding(w.reshape({V * C}), ids), Error);
+}
+
+TEST_CASE("layernorm / rmsnorm ops: values, gradients with and without bias, bad shapes throw") {
+  const Shape s{2, 3, 13};
+  const int64_t C = 13, N = 6;
+  Tensor x = param(s, 13, -2.f, 2.f), w = param({C}, 14, 0.5f, 1.5f), b = param({C}, 15);
+  std::vector<float> dy((size_t)(N * C), 0.f);
+  NormRef ln = ref_norm(x.to_f32_vector(), w.to_f32_vector(), b.to_f32_vector(), dy, N, C, 1e-5, false);
+  NormRef rms = ref_norm(x.to_f32_vector(), w.to_f32_vector(), b.to_f32_vector(), dy, N, C, 1e-6, true);
+  CHECK(layernorm(x, w, b).shape() == s);
+  CHECK_CLOSE(layernorm(x, w, b), to_float(ln.y), 1e-5f, 1e-5f);
+  CHECK_CLOSE(rmsnorm(x, w), to_float(rms.y), 1e-5f, 1e-5f);
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return layernorm(in[0], in[1], in[2]); }, {x, w, b});
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return layernorm(in[0], in[1], Tensor()); }, {x, w});
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return rmsnorm(in[0], in[1]); }, {x, w});
+  // One row of one channel: layernorm's output is the bias, its input gradient 0.
+  Tensor x1 = param({1, 1}, 16);
+  CHECK_CLOSE(layernorm(x1, w.slice(0, 0, 1).detach(), b.slice(0, 0, 1).detach()), b.slice(0, 0, 1).to_f32_vector(),
+              1e-6f, 0.f);
+
+  CHECK_THROWS_AS(layernorm(x, Tensor::ones({C + 1}), b), Error);
+  CHECK_THROWS_AS(layernorm(x, w, Tensor::ones({2, C})), Error);
+  CHECK_THROWS_AS(rmsnorm(x, Tensor::ones({C, 1})), Error);
+  CHECK_THROWS_AS(rmsnorm(Tensor::scalar(1.f), Tensor::ones({1})), Error);
+}
+
+TEST_CASE("dropout op: fixed seed gives a reproducible mask, gradient through it, identity, bad p") {
+  Tensor x = param({4, 37}, 17);
+  const float p = 0.25f;
+  Generator gen(1234, 10);
+  Tensor y = dropout(x, p, true, gen);
+  CHECK(gen.offset > 10);  // the draw consumed counters
+  std::vector<float> xv = x.to_f32_vector(), yv = y.to_f32_vector();
+  bool match = true;
+  int dropped = 0;
+  for (size_t i = 0; i < xv.size(); ++i) {
+    bool keep = philox_uniform(1234, 10, i) >= p;
+    match = match && yv[i] == (keep ? xv[i] * (1.0f / (1.0f - p)) : 0.0f);
+    dropped += !keep;
+  }
+  CHECK(match);
+  CHECK(dropped > 0);
+  // A second draw from the same generator uses a different mask.
+  Tensor y2 = dropout(x, p, true, gen);
+  CHECK(y2.to_f32_vector() != yv);
+  // Each evaluation makes a fresh generator at the same position: the same mask for every finite difference.
+  CHECK_GRAD(
+      [&](const std::vector<Tensor>& in) {
+        Generator g(1234, 10);
+        return dropout(in[0], p, true, g);
+      },
+      {x});
+  // Identity: not training, or p = 0. Nothing drawn.
+  Generator g2(5);
+  CHECK(dropout(x, p, false, g2).same(x));
+  CHECK(dropout(x, 0.f, true, g2).same(x));
+  CHECK(g2.offset == 0);
+  CHECK_THROWS_AS(dropout(x, 1.0f, true, g2), Error);
+  CHECK_THROWS_AS(dropout(x, -0.1f, true, g2), Error);
+  CHECK_THROWS_AS(dropout(x, NAN, false, g2), Error);
+}
+
+TEST_CASE("embedding / layernorm ops: backward bit-identical with 1 and 2 threads") {
+  Tensor w = param({40, 64}, 18);
+  Tensor ids = Tensor::from_vector(rand_ids(700, 19, 40), {7, 100});
+  Tensor x = param({300, 97}, 20), lw = param({97}, 21), lb = param({97}, 22);
+  std::vector<float> gw[2], gx[2], glw[2], glb[2];
+  for (int k = 0; k < 2; ++k) {
+    Threads th(k + 1);
+    for (const Tensor& t : {w, x, lw, lb}) t.zero_grad();
+    embedding(w, ids).backward(uniform({7, 100, 64}, 23));
+    layernorm(x, lw, lb).backward(uniform({300, 97}, 24));
+    gw[k] = w.grad().to_f32_vector();
+    gx[k] = x.grad().to_f32_vector();
+    glw[k] = lw.grad().to_f32_vector();
+    glb[k] = lb.grad().to_f32_vector();
+  }
+  CHECK(gw[0] == gw[1]);
+  CHECK(gx[0] == gx[1]);
+  CHECK(glw[0] == glw[1]);
+  CHECK(glb[0] == glb[1]);
+}
+
+TEST_CASE("causal_attention: matches a double reference, gradients, bad shapes throw") {
+  const int64_t B = 2, H = 3, T = 5, D = 4;
+  Tensor q = param({B, H, T, D}, 25), k = param({B, H, T, D}, 26), v = param({B, H, T, D}, 27);
+  Tensor y = causal_attention(q, k, v);
+  CHECK(y.shape() == Shape{B, H, T, D});
+  std::vector<float> qv = q.to_f32_vector(), kv = k.to_f32_vector(), vv = v.to_f32_vector();
+  std::vector<double> ref((size_t)(B * H * T * D), 0.0);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t o = bh * T * D;
+    for (int64_t i = 0; i < T; ++i) {
+      std::vector<double> s((size_t)(i + 1));
+      double m = -INFINITY, z = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        for (int64_t d = 0; d < D; ++d) s[j] += (double)qv[o + i * D + d] * kv[o + j * D + d];
+        s[j] /= std::sqrt((double)D);
+        m = std::max(m, s[j]);
+      }
+      for (int64_t j = 0; j <= i; ++j) z += std::exp(s[j] - m);
+      for (int64_t j = 0; j <= i; ++j)
+        for (int64_t d = 0; d < D; ++d) ref[o + i * D + d] += std::exp(s[j] - m) / z * vv[o + j * D + d];
+    }
+  }
+  CHECK_CLOSE(y, to_float(ref), 1e-5f, 1e-4f);
+  Tensor q2 = param({1, 2, 4, 3}, 28), k2 = param({1, 2, 4, 3}, 29), v2 = param({1, 2, 4, 3}, 30);
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return causal_attention(in[0], in[1], in[2]); }, {q2, k2, v2});
+  CHECK_THROWS_AS(causal_attention(q, k, Tensor::zeros({B, H, T, D + 1})), Error);
+  CHECK_THROWS_AS(causal_attention(q.reshape({B * H, T, D}), k, v), Error);
+}
+
+}  // TEST_SUITE("ops")
