@@ -8,6 +8,7 @@
 CXX       ?= g++
 NVCC      ?= nvcc
 CUDA_ARCH ?= 90
+SHELL     := /bin/bash
 BUILD     := build
 CXXFLAGS  := -std=c++17 -O3 -march=native -Wall -Wextra -I. -MMD -MP
 LDFLAGS   :=
@@ -31,7 +32,7 @@ ifeq ($(USE_CUDA),1)
   LDLIBS    += -lcublas -lcudart
 endif
 
-HAVE_OPENBLAS := $(shell echo '\#include <cblas.h>\nint main(){return 0;}' | $(CXX) -x c++ - -lopenblas -o /dev/null 2>/dev/null && echo 1 || echo 0)
+HAVE_OPENBLAS := $(shell printf '\043include <cblas.h>\nint main(){return 0;}\n' | $(CXX) -x c++ - -lopenblas -o /dev/null 2>/dev/null && echo 1 || echo 0)
 
 ok = $(if $(filter 1,$(1)),[x],[ ])
 $(info $(call ok,1) C++17 CPU engine ($(CXX)))

@@ -26,6 +26,10 @@ struct Node {
   const char* name = "";
   std::vector<Tensor> inputs;  // the op's inputs, kept alive until backward frees the graph
   BackwardFn backward;
+  Node() = default;
+  ~Node();  // iterative: destroying a long chain never recurses deeply
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
 };
 
 // Is recording on? (thread-local; off inside NoGrad and inside backward)

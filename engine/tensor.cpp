@@ -1,0 +1,347 @@
+// Tensor storage, creation, metadata, raw access, in-place fills/copies and printing.
+// View ops and everything that records autograd history live in autograd/ (views.cpp, graph.cpp).
+#include "engine/tensor.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <iomanip>
+#include <sstream>
+
+#include "engine/device.h"
+#include "kernels/copy.h"
+
+namespace cm {
+
+const char* dtype_name(DType d) { return d == DType::F32 ? "f32" : "i32"; }
+const char* device_name(Device d) { return d == Device::CPU ? "cpu" : "cuda"; }
+size_t dtype_size(DType) { return 4; }
+
+std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+Shape contiguous_strides(const Shape& s) {
+  Shape st(s.size());
+  int64_t acc = 1;
+  for (int64_t i = (int64_t)s.size() - 1; i >= 0; --i) {
+    st[i] = acc;
+    acc *= s[i];
+  }
+  return st;
+}
+
+// ---------------------------------------------------------------- storage
+
+Storage::Storage(size_t n, Device dev) : nbytes(n), device(dev) {
+  if (dev == Device::CUDA) {
+    ptr = n ? cuda_alloc(n) : nullptr;
+    return;
+  }
+  // 64-byte alignment: whole cache lines and aligned AVX-512 loads. aligned_alloc wants a multiple of 64.
+  size_t rounded = (n + 63) / 64 * 64;
+  ptr = rounded ? std::aligned_alloc(64, rounded) : nullptr;
+  if (rounded && !ptr) fail("out of memory allocating ", n, " bytes on cpu");
+}
+
+Storage::~Storage() {
+  if (!ptr) return;
+  if (device == Device::CUDA)
+    cuda_free(ptr);
+  else
+    std::free(ptr);
+}
+
+// ---------------------------------------------------------------- creation
+
+static void check_shape(const Shape& s) {
+  for (int64_t d : s) CM_REQUIRE(d >= 0, "negative dimension in shape ", shape_str(s));
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
+  check_shape(shape);
+  require_device(device);
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::make_shared<Storage>((size_t)shape_numel(shape) * dtype_size(dtype), device);
+  impl->shape = shape;
+  impl->strides = contiguous_strides(shape);
+  impl->dtype = dtype;
+  return Tensor(std::move(impl));
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) { return full(shape, 0.f, dtype, device); }
+Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) { return full(shape, 1.f, dtype, device); }
+
+Tensor Tensor::full(const Shape& shape, float value, DType dtype, Device device) {
+  Tensor t = empty(shape, dtype, device);
+  t.fill_(value);
+  return t;
+}
+
+Tensor Tensor::arange(int64_t n, DType dtype, Device device) {
+  CM_REQUIRE(n >= 0, "arange: n must be >= 0, got ", n);
+  Tensor t = empty({n}, dtype, Device::CPU);
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == DType::F32)
+      t.f32()[i] = (float)i;
+    else
+      t.i32()[i] = (int32_t)i;
+  }
+  return device == Device::CPU ? t : t.to(device);
+}
+
+// Random tensors are generated on the CPU from the counter-based stream, then moved: identical on every device.
+Tensor Tensor::rand(const Shape& shape, Generator& gen, Device device) {
+  Tensor t = empty(shape, DType::F32, Device::CPU);
+  const int64_t n = t.numel();
+  const uint64_t off = gen.take((uint64_t)n), seed = gen.seed;
+  float* p = t.f32();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) p[i] = philox_uniform(seed, off, (uint64_t)i);
+  return device == Device::CPU ? t : t.to(device);
+}
+
+Tensor Tensor::randn(const Shape& shape, Generator& gen, Device device) {
+  Tensor t = empty(shape, DType::F32, Device::CPU);
+  const int64_t n = t.numel();
+  const uint64_t off = gen.take((uint64_t)n), seed = gen.seed;
+  float* p = t.f32();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) p[i] = philox_normal(seed, off, (uint64_t)i);
+  return device == Device::CPU ? t : t.to(device);
+}
+
+template <class T>
+static Tensor from_vec(const std::vector<T>& v, const Shape& shape, DType dtype, Device device) {
+  CM_REQUIRE((int64_t)v.size() == shape_numel(shape), "from_vector: ", v.size(), " values do not fill shape ",
+             shape_str(shape));
+  Tensor t = Tensor::empty(shape, dtype, Device::CPU);
+  if (!v.empty()) std::memcpy(t.raw(), v.data(), v.size() * sizeof(T));
+  return device == Device::CPU ? t : t.to(device);
+}
+Tensor Tensor::from_vector(const std::vector<float>& v, const Shape& shape, Device device) {
+  return from_vec(v, shape, DType::F32, device);
+}
+Tensor Tensor::from_vector(const std::vector<int32_t>& v, const Shape& shape, Device device) {
+  return from_vec(v, shape, DType::I32, device);
+}
+Tensor Tensor::scalar(float v, Device device) { return from_vector(std::vector<float>{v}, {}, device); }
+
+// ---------------------------------------------------------------- metadata and access
+
+int64_t Tensor::axis(int64_t d) const {
+  const int64_t r = dim();
+  CM_REQUIRE(d >= -r && d < r, "axis ", d, " out of range for a tensor of rank ", r, " (shape ", shape_str(shape()),
+             ")");
+  return d < 0 ? d + r : d;
+}
+
+int64_t Tensor::size(int64_t d) const { return shape()[axis(d)]; }
+
+bool Tensor::is_contiguous() const {
+  int64_t acc = 1;
+  const Shape &s = shape(), &st = strides();
+  for (int64_t i = (int64_t)s.size() - 1; i >= 0; --i) {
+    if (s[i] != 1 && st[i] != acc) return false;
+    acc *= s[i];
+  }
+  return true;
+}
+
+void* Tensor::raw() const { return (char*)impl().storage->ptr + impl().offset * (int64_t)dtype_size(dtype()); }
+
+float* Tensor::f32() const {
+  CM_REQUIRE(dtype() == DType::F32, "expected an f32 tensor, got ", dtype_name(dtype()), " ", shape_str(shape()));
+  return (float*)raw();
+}
+
+int32_t* Tensor::i32() const {
+  CM_REQUIRE(dtype() == DType::I32, "expected an i32 tensor, got ", dtype_name(dtype()), " ", shape_str(shape()));
+  return (int32_t*)raw();
+}
+
+// A contiguous CPU copy (or this tensor itself if it already is one). No autograd.
+static Tensor cpu_contiguous(const Tensor& t) {
+  if (t.device() == Device::CPU && t.is_contiguous()) return t;
+  Tensor c = Tensor::empty(t.shape(), t.dtype(), Device::CPU);
+  c.copy_(t);
+  return c;
+}
+
+float Tensor::item() const {
+  CM_REQUIRE(numel() == 1, "item() needs a one-element tensor, got shape ", shape_str(shape()));
+  Tensor c = cpu_contiguous(*this);
+  return dtype() == DType::F32 ? c.f32()[0] : (float)c.i32()[0];
+}
+
+std::vector<float> Tensor::to_f32_vector() const {
+  Tensor c = cpu_contiguous(*this);
+  std::vector<float> v((size_t)numel());
+  if (dtype() == DType::F32)
+    std::memcpy(v.data(), c.raw(), v.size() * 4);
+  else
+    cpu::i32_to_f32(v.data(), c.i32(), numel());
+  return v;
+}
+
+std::vector<int32_t> Tensor::to_i32_vector() const {
+  Tensor c = cpu_contiguous(*this);
+  std::vector<int32_t> v((size_t)numel());
+  if (dtype() == DType::I32)
+    std::memcpy(v.data(), c.raw(), v.size() * 4);
+  else
+    cpu::f32_to_i32(v.data(), c.f32(), numel());
+  return v;
+}
+
+// ---------------------------------------------------------------- autograd state (the sweep is in graph.cpp)
+
+Tensor& Tensor::requires_grad_(bool on) {
+  CM_REQUIRE(!on || dtype() == DType::F32, "only f32 tensors can require grad (got ", dtype_name(dtype()), ")");
+  impl().requires_grad = on;
+  return *this;
+}
+
+Tensor Tensor::grad() const { return impl().grad ? Tensor(impl().grad) : Tensor(); }
+
+void Tensor::set_grad(const Tensor& g) const {
+  if (g.defined())
+    CM_REQUIRE(g.shape() == shape(), "gradient shape ", shape_str(g.shape()), " does not match tensor shape ",
+               shape_str(shape()));
+  impl().grad = g.impl_ptr();
+}
+
+void Tensor::zero_grad() const { impl().grad.reset(); }
+
+Tensor Tensor::detach() const {
+  auto impl2 = std::make_shared<TensorImpl>();
+  impl2->storage = impl().storage;
+  impl2->shape = impl().shape;
+  impl2->strides = impl().strides;
+  impl2->offset = impl().offset;
+  impl2->dtype = impl().dtype;
+  return Tensor(std::move(impl2));
+}
+
+// ---------------------------------------------------------------- in place
+
+Tensor& Tensor::fill_(float v) {
+  const int64_t n = numel();
+  if (n == 0) return *this;
+  if (device() == Device::CUDA || !is_contiguous()) {
+    // Fill a contiguous CPU buffer and copy it over: rare paths (initialisation), simplicity wins.
+    Tensor c = full(shape(), v, dtype(), Device::CPU);
+    return copy_(c);
+  }
+  if (dtype() == DType::F32) {
+    float* p = f32();
+    for (int64_t i = 0; i < n; ++i) p[i] = v;
+  } else {
+    int32_t* p = i32();
+    const int32_t iv = (int32_t)v;
+    for (int64_t i = 0; i < n; ++i) p[i] = iv;
+  }
+  return *this;
+}
+
+Tensor& Tensor::copy_(const Tensor& src) {
+  CM_REQUIRE(src.shape() == shape(), "copy_: source shape ", shape_str(src.shape()), " does not match destination ",
+             shape_str(shape()));
+  CM_REQUIRE(src.dtype() == dtype(), "copy_: source dtype ", dtype_name(src.dtype()), " does not match destination ",
+             dtype_name(dtype()));
+  if (numel() == 0) return *this;
+  const size_t nbytes = (size_t)numel() * dtype_size(dtype());
+  if (device() == Device::CPU && src.device() == Device::CPU) {
+    cpu::strided_copy(raw(), strides().data(), src.raw(), src.strides().data(), shape().data(), dim(), 4);
+    return *this;
+  }
+  // Across devices (or on the GPU): go through contiguous buffers.
+  if (device() == Device::CUDA && is_contiguous()) {
+    if (src.device() == Device::CPU) {
+      Tensor s = cpu_contiguous(src);
+      cuda_copy(raw(), s.raw(), nbytes, CopyKind::HostToDevice);
+    } else {
+      CM_REQUIRE(src.is_contiguous(), "copy_: strided CUDA-to-CUDA copies need the CUDA backend's contiguous()");
+      cuda_copy(raw(), src.raw(), nbytes, CopyKind::DeviceToDevice);
+    }
+    return *this;
+  }
+  if (device() == Device::CPU) {  // CUDA -> CPU
+    CM_REQUIRE(src.is_contiguous(), "copy_: make the CUDA source contiguous first");
+    if (is_contiguous()) {
+      cuda_copy(raw(), src.raw(), nbytes, CopyKind::DeviceToHost);
+    } else {
+      Tensor tmp = empty(shape(), dtype(), Device::CPU);
+      cuda_copy(tmp.raw(), src.raw(), nbytes, CopyKind::DeviceToHost);
+      copy_(tmp);
+    }
+    return *this;
+  }
+  fail("copy_: strided writes into a CUDA tensor are not supported; make the destination contiguous");
+}
+
+// ---------------------------------------------------------------- printing
+
+std::string Tensor::str(int64_t max_per_dim) const {
+  std::ostringstream os;
+  os << "tensor(" << shape_str(shape()) << " " << dtype_name(dtype()) << " " << device_name(device());
+  if (requires_grad()) os << " requires_grad";
+  os << ")\n";
+  std::vector<float> v = to_f32_vector();
+  const Shape& s = shape();
+  const int64_t r = dim();
+  const bool is_int = dtype() == DType::I32;
+  os << std::setprecision(4);
+  // Recursive over dims is fine here: rank is small. Prints at most max_per_dim entries per dim (head ... tail).
+  std::function<void(int64_t, int64_t)> rec = [&](int64_t d, int64_t base) {
+    if (d == r) {
+      if (is_int)
+        os << (int64_t)v[base];
+      else
+        os << v[base];
+      return;
+    }
+    os << "[";
+    const int64_t n = s[d], stride = shape_numel(Shape(s.begin() + d + 1, s.end()));
+    for (int64_t i = 0; i < n; ++i) {
+      if (n > max_per_dim && i == max_per_dim / 2) {
+        os << "...";
+        i = n - max_per_dim / 2 - 1;
+        if (i + 1 < n) os << ", ";
+        continue;
+      }
+      rec(d + 1, base + i * stride);
+      if (i + 1 < n) os << ", ";
+    }
+    os << "]";
+  };
+  if (numel() > 0 || r == 0) rec(0, 0);
+  else os << "[]";
+  return os.str();
+}
+
+std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.str(); }
+
+// ---------------------------------------------------------------- devices
+
+bool cuda_available() { return cuda_device_present(); }
+
+void require_device(Device device) {
+  if (device == Device::CPU) return;
+#if CM_CUDA
+  CM_REQUIRE(cuda_device_present(), "no CUDA device is available (none found by the driver); use --device cpu");
+#else
+  fail("this build has no CUDA support (nvcc was not found at build time); use --device cpu");
+#endif
+}
+
+}  // namespace cm

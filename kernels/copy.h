@@ -1,0 +1,16 @@
+// Strided copies: the one kernel behind contiguous(), clone(), copy_ into views, and dtype conversion.
+#pragma once
+#include <cstdint>
+
+namespace cm::cpu {
+
+// dst[i] = src[i] over an n-d index space `shape` (rank dims), each side with its own element strides.
+// esize: bytes per element (4 for f32 and i32). Rank 0 copies one element.
+void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const int64_t* src_strides,
+                  const int64_t* shape, int64_t rank, int64_t esize);
+
+// Value conversion between contiguous arrays of n elements.
+void f32_to_i32(int32_t* dst, const float* src, int64_t n);  // truncation toward zero, like a C cast
+void i32_to_f32(float* dst, const int32_t* src, int64_t n);
+
+}  // namespace cm::cpu

@@ -1,0 +1,151 @@
+// Tensor: creation, views, copies, RNG, printing, error messages.
+#include "helpers.h"
+
+using namespace cm;
+using cm::test::uniform;
+
+TEST_SUITE("tensor") {
+
+TEST_CASE("creation: zeros, ones, full, arange, from_vector") {
+  Tensor z = Tensor::zeros({2, 3});
+  CHECK(z.shape() == Shape{2, 3});
+  CHECK(z.numel() == 6);
+  CHECK(z.is_contiguous());
+  for (float v : z.to_f32_vector()) CHECK(v == 0.f);
+  for (float v : Tensor::ones({4}).to_f32_vector()) CHECK(v == 1.f);
+  for (float v : Tensor::full({3, 1}, 2.5f).to_f32_vector()) CHECK(v == 2.5f);
+  CHECK(Tensor::arange(5).to_f32_vector() == std::vector<float>{0, 1, 2, 3, 4});
+  CHECK(Tensor::arange(3, DType::I32).to_i32_vector() == std::vector<int32_t>{0, 1, 2});
+  Tensor v = Tensor::from_vector(std::vector<float>{1, 2, 3, 4, 5, 6}, {3, 2});
+  CHECK(v.size(0) == 3);
+  CHECK(v.size(-1) == 2);
+  CHECK(Tensor::scalar(3.f).dim() == 0);
+  CHECK(Tensor::scalar(3.f).item() == 3.f);
+  Tensor e = Tensor::zeros({0, 4});
+  CHECK(e.numel() == 0);
+  CHECK(e.to_f32_vector().empty());
+}
+
+TEST_CASE("creation: bad shapes and sizes are errors") {
+  CHECK_THROWS_AS(Tensor::zeros({2, -1}), Error);
+  CHECK_THROWS_AS(Tensor::from_vector(std::vector<float>{1, 2, 3}, {2, 2}), Error);
+  CHECK_THROWS_AS(Tensor::zeros({2}, DType::I32).f32(), Error);
+  CHECK_THROWS_AS(Tensor::zeros({2}).item(), Error);
+  CHECK_THROWS_AS(Tensor::zeros({2, 3}).size(2), Error);
+  try {
+    Tensor::zeros({2, 3}).size(5);
+    FAIL("no exception");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("axis 5") != std::string::npos);
+    CHECK(std::string(e.what()).find("rank 2") != std::string::npos);
+  }
+}
+
+TEST_CASE("rng: counter-based, reproducible, sliceable, sensible moments") {
+  Generator g1(42), g2(42), g3(43);
+  Tensor a = Tensor::rand({1000}, g1), b = Tensor::rand({1000}, g2), c = Tensor::rand({1000}, g3);
+  CHECK(a.to_f32_vector() == b.to_f32_vector());
+  CHECK(a.to_f32_vector() != c.to_f32_vector());
+  // Successive draws differ, and a draw is a pure function of (seed, offset): element i can be recomputed.
+  Tensor a2 = Tensor::rand({1000}, g1);
+  CHECK(a.to_f32_vector() != a2.to_f32_vector());
+  CHECK(a.to_f32_vector()[777] == philox_uniform(42, 0, 777));
+  double mean = 0, var = 0;
+  Generator gn(7);
+  std::vector<float> n = Tensor::randn({20000}, gn).to_f32_vector();
+  for (float x : n) mean += x;
+  mean /= n.size();
+  for (float x : n) var += (x - mean) * (x - mean);
+  var /= n.size();
+  CHECK(std::fabs(mean) < 0.03);
+  CHECK(std::fabs(var - 1.0) < 0.05);
+  for (float x : a.to_f32_vector()) CHECK((x >= 0.f && x < 1.f));
+}
+
+TEST_CASE("views share storage: reshape, transpose, permute, slice, select, squeeze") {
+  Tensor t = Tensor::arange(24).reshape({2, 3, 4});
+  CHECK(t.shape() == Shape{2, 3, 4});
+  Tensor tr = t.transpose(0, 2);  // [4, 3, 2]
+  CHECK(tr.shape() == Shape{4, 3, 2});
+  CHECK(!tr.is_contiguous());
+  std::vector<float> v = tr.to_f32_vector();
+  // tr[i][j][k] = t[k][j][i] = k*12 + j*4 + i
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 3; ++j)
+      for (int k = 0; k < 2; ++k) CHECK(v[i * 6 + j * 2 + k] == (float)(k * 12 + j * 4 + i));
+  Tensor p = t.permute({1, 2, 0});  // [3, 4, 2]
+  std::vector<float> pv = p.contiguous().to_f32_vector();
+  for (int j = 0; j < 3; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int i = 0; i < 2; ++i) CHECK(pv[j * 8 + k * 2 + i] == (float)(i * 12 + j * 4 + k));
+  Tensor s = t.slice(2, 1, 4, 2);  // [2, 3, 2] picks columns 1 and 3
+  CHECK(s.shape() == Shape{2, 3, 2});
+  CHECK(s.to_f32_vector()[0] == 1.f);
+  CHECK(s.to_f32_vector()[1] == 3.f);
+  CHECK(t.slice(0, -1, 2).to_f32_vector()[0] == 12.f);  // negative start
+  CHECK(t.slice(1, 2, 100).shape() == Shape{2, 1, 4});  // end clamps
+  Tensor sel = t.select(1, -1);                           // [2, 4]: rows j = 2
+  CHECK(sel.shape() == Shape{2, 4});
+  CHECK(sel.to_f32_vector()[4] == 20.f);
+  CHECK(t.unsqueeze(0).shape() == Shape{1, 2, 3, 4});
+  CHECK(t.unsqueeze(-1).shape() == Shape{2, 3, 4, 1});
+  CHECK(t.unsqueeze(1).squeeze(1).shape() == Shape{2, 3, 4});
+  // writes through a view are visible in the base
+  s.fill_(-1.f);
+  CHECK(t.to_f32_vector()[1] == -1.f);
+  CHECK(t.to_f32_vector()[2] == 2.f);
+  CHECK(t.reshape({-1}).shape() == Shape{24});
+  CHECK(tr.reshape({4, 6}).is_contiguous());  // copy when the view cannot be expressed
+}
+
+TEST_CASE("views: bad arguments are errors naming the problem") {
+  Tensor t = Tensor::zeros({2, 3});
+  CHECK_THROWS_AS(t.reshape({4, 2}), Error);
+  CHECK_THROWS_AS(t.reshape({-1, -1}), Error);
+  CHECK_THROWS_AS(t.transpose(0, 2), Error);
+  CHECK_THROWS_AS(t.permute({0, 0}), Error);
+  CHECK_THROWS_AS(t.select(0, 2), Error);
+  CHECK_THROWS_AS(t.squeeze(1), Error);
+  CHECK_THROWS_AS(t.transpose(0, 1).view({6}), Error);
+  try {
+    t.reshape({4, 2});
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("[2, 3]") != std::string::npos);
+    CHECK(std::string(e.what()).find("[4, 2]") != std::string::npos);
+  }
+}
+
+TEST_CASE("copy_, clone, contiguous, dtype conversion") {
+  Tensor a = uniform({5, 7}, 1);
+  Tensor c = a.clone();
+  CHECK(c.to_f32_vector() == a.to_f32_vector());
+  c.fill_(0.f);
+  CHECK(a.to_f32_vector() != c.to_f32_vector());  // a fresh buffer
+  Tensor at = a.transpose(0, 1).contiguous();
+  CHECK(at.is_contiguous());
+  CHECK(at.to_f32_vector()[1 * 5 + 2] == a.to_f32_vector()[2 * 7 + 1]);
+  Tensor dst = Tensor::zeros({7, 5});
+  dst.transpose(0, 1).copy_(a);  // strided destination
+  CHECK(dst.to_f32_vector() == at.to_f32_vector());
+  CHECK_THROWS_AS(dst.copy_(a), Error);
+  Tensor f = Tensor::from_vector(std::vector<float>{1.7f, -2.2f, 3.f}, {3});
+  CHECK(f.to(DType::I32).to_i32_vector() == std::vector<int32_t>{1, -2, 3});
+  CHECK(f.to(DType::I32).to(DType::F32).to_f32_vector() == std::vector<float>{1.f, -2.f, 3.f});
+}
+
+TEST_CASE("printing shows shape, dtype and truncated values") {
+  Tensor t = Tensor::arange(100).reshape({10, 10});
+  std::string s = t.str();
+  CHECK(s.find("[10, 10] f32 cpu") != std::string::npos);
+  CHECK(s.find("...") != std::string::npos);
+  CHECK(s.find("99") != std::string::npos);
+  CHECK(Tensor::arange(3, DType::I32).str().find("[0, 1, 2]") != std::string::npos);
+}
+
+TEST_CASE("devices: CUDA is refused clearly when absent") {
+  if (cuda_available()) return;
+  CHECK_THROWS_AS(Tensor::zeros({2}, DType::F32, Device::CUDA), Error);
+  CHECK_THROWS_AS(Tensor::zeros({2}).to(Device::CUDA), Error);
+}
+
+}  // TEST_SUITE
