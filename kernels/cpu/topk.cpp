@@ -6,8 +6,29 @@
 #include <numeric>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace cm::cpu {
 namespace {
+
+// Bit j set where xb[j] is not <= w: greater, or a NaN on either side (unordered compares true). One vector
+// compare per 16 scores; the portable loop is the reference for what the intrinsics compute.
+inline uint32_t not_le_mask16(const float* xb, float w) {
+#if defined(__AVX512F__)
+  return (uint32_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(xb), _mm512_set1_ps(w), _CMP_NLE_UQ);
+#elif defined(__AVX2__)
+  const __m256 wv = _mm256_set1_ps(w);
+  uint32_t lo = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xb), wv, _CMP_NLE_UQ));
+  uint32_t hi = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xb + 8), wv, _CMP_NLE_UQ));
+  return lo | hi << 8;
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= (uint32_t)!(xb[j] <= w) << j;
+  return m;
+#endif
+}
 
 // "a ranks before b" on values alone: larger, or NaN against a number. Equal values (and two NaNs) are not
 // ordered here; the caller breaks those ties by index.
@@ -33,19 +54,18 @@ void topk_row_small(float* __restrict values, int32_t* __restrict indices, const
   int64_t i = 0;
   for (; i < n && m < K; ++i) insert(x[i], (int32_t)i);
   float worst = bv[K - 1];
-  // Blocks of 16: one vectorised test "is any score not <= the current K-th?" (true for NaN as well, so a NaN in
-  // the block or as the K-th sends us to the exact scalar test below). In a long routing row almost every block
-  // is rejected here after the first few.
+  // Blocks of 16: one vector compare against the current K-th gives the candidates; only those are visited, in
+  // index order, each re-tested exactly (the K-th rises as we insert, and a NaN K-th lets everything through the
+  // vector test). A random row of n scores sees about K ln(n/K) insertions, so most blocks cost one compare.
   for (; i + 16 <= n; i += 16) {
     const float* xb = x + i;
-    int any = 0;
-    for (int j = 0; j < 16; ++j) any |= !(xb[j] <= worst);
-    if (!any) continue;
-    for (int j = 0; j < 16; ++j)
+    for (uint32_t m = not_le_mask16(xb, worst); m != 0; m &= m - 1) {
+      const int j = __builtin_ctz(m);
       if (ranks_above(xb[j], worst)) {
         insert(xb[j], (int32_t)(i + j));
         worst = bv[K - 1];
       }
+    }
   }
   for (; i < n; ++i)
     if (ranks_above(x[i], worst)) {
@@ -60,14 +80,14 @@ void topk_row_small(float* __restrict values, int32_t* __restrict indices, const
 
 template <int K>
 void topk_small(float* values, int32_t* indices, const float* x, int64_t R, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * n > 32768)  // below that, thread start-up costs more
   for (int64_t r = 0; r < R; ++r) topk_row_small<K>(values + r * K, indices + r * K, x + r * n, n);
 }
 
 // General path: partial selection on an index array. The comparator is a strict total order (value rank, then
 // index), so nth_element/sort give one answer whatever their internal pivots.
 void topk_general(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
-#pragma omp parallel
+#pragma omp parallel if (R * n > 32768)
   {
     std::vector<int32_t> ord((size_t)n);  // per-thread scratch
 #pragma omp for schedule(static)
