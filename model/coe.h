@@ -22,32 +22,15 @@
 
 #include "autograd/ops.h"
 #include "model/config.h"
+#include "model/stats.h"
 
 namespace cm {
-
-// What one layer's FFN did in one forward. Dense layers report N = 1, K = 1.
-struct LayerRoutingStats {
-  int64_t layer = 0;
-  bool moe = false;
-  int64_t num_experts = 1;            // N
-  std::vector<float> expert_share;    // [N] share of the layer's routed slots (before capacity), sums to 1
-  std::vector<int64_t> expert_rows;   // [N] rows each expert computed (after capacity and pruning)
-  float dropped_fraction = 0.f;       // slots dropped by capacity / all slots
-  int64_t nonfinite_rows = 0;         // expert output rows that were not finite
-  int64_t outlier_rows = 0;           // rows whose norm was far outside the expert's running statistics
-  int64_t routing_flops = 0;          // multiply-adds x 2 spent on router logits (counted, not estimated)
-  float load_balance_loss = 0.f;      // weighted, this layer
-  float z_loss = 0.f;
-  float diversity_loss = 0.f;
-  float router_entropy = 0.f;         // mean entropy (nats) of the first level's routing distribution
-  float reliability = 1.f;            // layer reliability at the time of the forward
-};
 
 struct CoEOutput {
   Tensor logits;             // [B, T, V]
   Tensor loss;               // scalar mean cross-entropy; undefined without targets
   Tensor aux_loss;           // scalar: load_balance_loss + z_loss + diversity_loss (weights applied)
-  Tensor load_balance_loss;  // scalar, summed over MoE layers
+  Tensor load_balance_loss;  // scalar, mean over MoE layers
   Tensor z_loss;             // scalar
   Tensor diversity_loss;     // scalar
   Tensor total_loss;         // loss + aux_loss (what training backpropagates); undefined without targets
@@ -73,7 +56,8 @@ struct ModelSummary {
   std::string str() const;  // a few human-readable lines
 };
 
-struct Block;  // model/coe.cpp
+struct Block;        // model/coe.cpp
+struct DecodeCache;  // model/coe.cpp
 
 class ClusterMoELM {
  public:
@@ -135,6 +119,9 @@ class ClusterMoELM {
                                 int64_t top_k = 0, uint64_t seed = 0, bool use_cache = true);
 
  private:
+  // forward, optionally through a decode cache (positions continue after the cached ones).
+  CoEOutput run(const Tensor& ids, const Tensor& targets, DecodeCache* cache);
+
   CoEConfig cfg_;
   bool training_ = true;
   Generator rng_;
@@ -145,7 +132,6 @@ class ClusterMoELM {
   Tensor norm_f_b_;  // [C]; LayerNorm only
   Tensor step_;      // i32 [1]
   std::vector<std::unique_ptr<Block>> blocks_;
-  friend struct Block;
 };
 
 // The seed API: a ClusterMoE model with these sizes (see make_coe_config).
