@@ -152,7 +152,7 @@ void Flags::add_optional(const std::string& name, std::string* v, std::string ba
   s.range = "[text]";
   s.bare_ok = true;
   s.bare_value = bare_value;
-  s.set = [=](const std::string& t) { *v = t.empty() ? bare_value : t; };
+  s.set = [=](const std::string& t) { *v = t; };  // split() already turned a bare flag into bare_value
   s.get = [=] { return *v; };
   add(std::move(s));
 }
@@ -261,8 +261,6 @@ static std::string join_factors(const std::vector<int64_t>& v) {
 void TrainOptions::validate() const {
   auto bad = [](const std::string& m) { throw UsageError(m); };
   if (min_lr > lr) bad(str("--min_lr ", format_float(min_lr), " is above --lr ", format_float(lr)));
-  if (warmup_steps > max_steps)
-    bad(str("--warmup_steps ", warmup_steps, " is longer than the run (--max_steps ", max_steps, ")"));
   if (model.router == RouterKind::Tree && model.tree_branching.empty())
     bad("--router tree needs --tree, e.g. --tree 4x4x4");
   if (model.router != RouterKind::Tree && (!model.tree_branching.empty() || !model.tree_top_k.empty()))
@@ -277,6 +275,12 @@ CoEConfig TrainOptions::model_config(int64_t vocab_size) const {
   c.vocab_size = vocab_size;
   c.seq_len = seq_len;
   c.seed = seed;
+  if (c.router == RouterKind::Tree && !c.tree_branching.empty()) {
+    // --tree fixes the number of experts: the root's children are the clusters, their subtrees the experts.
+    c.num_clusters = c.tree_branching.front();
+    c.experts_per_cluster = 1;
+    for (size_t l = 1; l < c.tree_branching.size(); ++l) c.experts_per_cluster *= c.tree_branching[l];
+  }
   // --router tree without --tree_top_k: top_k_clusters at the root, top_k_experts at the leaves, 1 in between.
   if (c.router == RouterKind::Tree && c.tree_top_k.empty() && !c.tree_branching.empty()) {
     c.tree_top_k.assign(c.tree_branching.size(), 1);
