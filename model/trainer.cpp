@@ -297,10 +297,20 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     std::map<std::string, std::string> model_map = cfg.to_map();
     std::vector<std::pair<std::string, std::string>> train_rows;
     for (auto& kv : flag_values(o))
-      if (!model_map.count(kv.first) && kv.first != "tree") train_rows.push_back(kv);
+      if (!model_map.count(kv.first) && kv.first != "tree")
+        train_rows.push_back({kv.first, kv.first == "data" && kv.second.empty() ? "(default corpus)" : kv.second});
     if (resuming) train_rows.push_back({"resume", o.resume});
     print_table(out, "training", train_rows);
-    print_table(out, "model (CoEConfig)", std::vector<std::pair<std::string, std::string>>(model_map.begin(), model_map.end()));
+    std::vector<std::pair<std::string, std::string>> model_rows;
+    for (const auto& kv : model_map) {
+      // CoEConfig writes floats with 9 digits; show the shortest text with the same value.
+      std::string v = kv.second;
+      char* end = nullptr;
+      float x = std::strtof(v.c_str(), &end);
+      if (!v.empty() && *end == '\0' && v.find_first_of(".e") != std::string::npos) v = format_float(x);
+      model_rows.push_back({kv.first, v});
+    }
+    print_table(out, "model (CoEConfig)", model_rows);
     int threads = 1;
 #if defined(_OPENMP)
     threads = omp_get_max_threads();
