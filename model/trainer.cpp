@@ -14,6 +14,10 @@
 #include "model/optim.h"
 #include "model/tokenizer.h"
 
+#include <unistd.h>
+
+#include <cstdlib>
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -485,6 +489,17 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
 }
 
 // ---------------------------------------------------------------- programs
+void reexec_with_passive_openmp(char** argv) {
+#if defined(_OPENMP)
+  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+  if (::setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+  ::execv("/proc/self/exe", argv);  // returns only on failure: then run as we are
+  ::unsetenv("OMP_WAIT_POLICY");
+#else
+  (void)argv;
+#endif
+}
+
 int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   std::string usage;
   try {
