@@ -1,0 +1,74 @@
+// Helpers shared by the CUDA kernel files: grid sizing, warp and block reductions, vector-load checks.
+// Reductions here combine values in a fixed tree for a given blockDim: the same inputs give the same bits on every
+// run (no atomics, no dependence on scheduling).
+#pragma once
+#include <cstdint>
+
+#include "engine/check.h"
+#include "engine/cuda.h"
+
+namespace cm::cuda {
+
+constexpr int kWarp = 32;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for a grid-stride loop over n items with `threads` per block. Capped: past a few waves of the chip more
+// blocks only add scheduling work; the loop covers the rest. n == 0 must be handled by the caller (no launch).
+inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 16) {
+  int64_t b = ceil_div(n, threads);
+  return (unsigned)(b < cap ? (b < 1 ? 1 : b) : cap);
+}
+
+// 16-byte vector access is legal when the pointer is 16-byte aligned (views can start at any element).
+inline bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+#if defined(__CUDACC__)
+
+// The grid-stride index in 64 bits: n may exceed 2^31.
+__device__ __forceinline__ int64_t gtid() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t gstride() { return (int64_t)gridDim.x * blockDim.x; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// fmaxf drops NaN; callers that must propagate NaN say so and use their own combine.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `shared` holds at least 32 floats. blockDim.x a multiple of
+// 32. Contains __syncthreads: every thread of the block must call it.
+template <class T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // shared may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  T r = lane < nwarps ? shared[lane] : T(0);
+  return warp_sum(r);
+}
+
+__device__ __forceinline__ float block_max(float v, float* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float r = lane < nwarps ? shared[lane] : -INFINITY;
+  return warp_max(r);
+}
+
+#endif  // __CUDACC__
+
+}  // namespace cm::cuda
