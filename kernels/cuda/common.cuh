@@ -23,6 +23,26 @@ inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 16) {
 // 16-byte vector access is legal when the pointer is 16-byte aligned (views can start at any element).
 inline bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 
+// Temporary device memory for one launcher call, from the caching allocator. Freeing it as soon as the launches
+// are issued is safe: work issued later on the same stream runs after them (see engine/cuda.h).
+class Scratch {
+ public:
+  explicit Scratch(size_t nbytes) : p_(nbytes ? allocate(nbytes) : nullptr) {}
+  ~Scratch() { deallocate(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <class T>
+  T* at(size_t byte_offset = 0) const {
+    return (T*)((char*)p_ + byte_offset);
+  }
+
+ private:
+  void* p_;
+};
+
+// Bytes rounded up to 256 so that sub-buffers carved out of one Scratch stay aligned for any vector access.
+inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
 #if defined(__CUDACC__)
 
 // The grid-stride index in 64 bits: n may exceed 2^31.
@@ -37,6 +57,27 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ int64_t warp_sum(int64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Inclusive prefix sum over the warp's lanes.
+template <class T>
+__device__ __forceinline__ T warp_inclusive_scan(T v) {
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const T u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
   return v;
 }
 // fmaxf drops NaN; callers that must propagate NaN say so and use their own combine.
