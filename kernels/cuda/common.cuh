@@ -110,6 +110,40 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
   return warp_max(r);
 }
 
+// Row kernels: a row is handled by a group, a warp (WARP) or the whole block. Group<WARP> gives the thread's rank
+// in its group, the group size, the rows it takes in a grid-stride loop (the same for every thread of a group, so
+// group reductions inside the loop are safe), and the group's reductions (`sh`: 32 floats of shared memory; unused
+// by warps).
+template <bool WARP>
+struct Group {
+  __device__ __forceinline__ static int rank() { return WARP ? threadIdx.x % kWarp : threadIdx.x; }
+  __device__ __forceinline__ static int size() { return WARP ? kWarp : blockDim.x; }
+  __device__ __forceinline__ static int64_t first_row() {
+    return WARP ? (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp : (int64_t)blockIdx.x;
+  }
+  __device__ __forceinline__ static int64_t row_stride() {
+    return WARP ? (int64_t)gridDim.x * (blockDim.x / kWarp) : (int64_t)gridDim.x;
+  }
+  __device__ __forceinline__ static float sum(float v, float* sh) { return WARP ? warp_sum(v) : block_sum(v, sh); }
+  __device__ __forceinline__ static float max(float v, float* sh) { return WARP ? warp_max(v) : block_max(v, sh); }
+};
+
 #endif  // __CUDACC__
+
+// Row kernels launch as KERNEL<true> (a warp per row, 4 rows per block) for rows up to kWarpRowMax elements, else
+// KERNEL<false> (a block of kBlockRowThreads per row). Arguments after C are the kernel's.
+constexpr int kWarpRowMax = 1024;
+constexpr int kWarpRowThreads = 128;
+constexpr int kBlockRowThreads = 512;
+#define CM_ROW_LAUNCH(KERNEL, N, C, ...)                                                                     \
+  do {                                                                                                       \
+    if ((C) <= ::cm::cuda::kWarpRowMax)                                                                      \
+      KERNEL<true><<<::cm::cuda::grid_for((N), ::cm::cuda::kWarpRowThreads / ::cm::cuda::kWarp),            \
+                     ::cm::cuda::kWarpRowThreads, 0, ::cm::cuda::stream()>>>(__VA_ARGS__);                   \
+    else                                                                                                     \
+      KERNEL<false><<<::cm::cuda::grid_for((N), 1), ::cm::cuda::kBlockRowThreads, 0, ::cm::cuda::stream()>>>( \
+          __VA_ARGS__);                                                                                      \
+    cudaCheckLaunch(#KERNEL);                                                                                \
+  } while (0)
 
 }  // namespace cm::cuda

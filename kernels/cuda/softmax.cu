@@ -13,26 +13,7 @@ namespace cm::cuda {
 
 namespace {
 
-constexpr int kWarpRowMax = 1024;  // rows up to this length: one warp per row
-constexpr int kRowThreads = 128;   // warp path: 4 rows per block
-constexpr int kBlockThreads = 512;  // block path: one row per block
-
 // ---------------------------------------------------------------- kernels
-
-// A row group is a warp (WARP) or the whole block. These give the group's lane, size and reductions.
-template <bool WARP>
-struct Group {
-  __device__ __forceinline__ static int rank() { return WARP ? threadIdx.x % kWarp : threadIdx.x; }
-  __device__ __forceinline__ static int size() { return WARP ? kWarp : blockDim.x; }
-  __device__ __forceinline__ static int64_t first_row() {
-    return WARP ? (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp : (int64_t)blockIdx.x;
-  }
-  __device__ __forceinline__ static int64_t row_stride() {
-    return WARP ? (int64_t)gridDim.x * (blockDim.x / kWarp) : (int64_t)gridDim.x;
-  }
-  __device__ __forceinline__ static float sum(float v, float* sh) { return WARP ? warp_sum(v) : block_sum(v, sh); }
-  __device__ __forceinline__ static float max(float v, float* sh) { return WARP ? warp_max(v) : block_max(v, sh); }
-};
 
 template <bool WARP>
 __global__ void softmax_forward_kernel(float* __restrict__ out, const float* __restrict__ inp, int64_t N, int64_t C) {
@@ -146,14 +127,6 @@ __global__ void causal_softmax_backward_kernel(float* __restrict__ dscores, cons
 // ---------------------------------------------------------------- launchers
 
 // Launches KERNEL<true> (warp per row) or KERNEL<false> (block per row) by row length.
-#define CM_ROW_LAUNCH(KERNEL, N, C, ...)                                                       \
-  do {                                                                                         \
-    if ((C) <= kWarpRowMax)                                                                    \
-      KERNEL<true><<<grid_for((N), kRowThreads / kWarp), kRowThreads, 0, stream()>>>(__VA_ARGS__); \
-    else                                                                                       \
-      KERNEL<false><<<grid_for((N), 1), kBlockThreads, 0, stream()>>>(__VA_ARGS__);            \
-    cudaCheckLaunch(#KERNEL);                                                                  \
-  } while (0)
 
 void check_rows(const char* what, int64_t N, int64_t C) { CM_CHECK(N >= 0 && C >= 0, what, ": N=", N, " C=", C); }
 
