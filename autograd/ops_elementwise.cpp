@@ -199,11 +199,6 @@ Tensor neg(const Tensor& a) {
   return record("neg", out, {a}, [](const Tensor& gy) { return grads{neg(gy)}; });
 }
 
-Tensor exp(const Tensor& a) {
-  Tensor out = unary_forward("exp", cpu::Unary::Exp, a);
-  return record("exp", out, {a}, [yd = out.detach()](const Tensor& gy) { return grads{mul(gy, yd)}; });
-}
-
 Tensor log(const Tensor& a) {
   Tensor out = unary_forward("log", cpu::Unary::Log, a);
   return record("log", out, {a}, [ad = a.detach()](const Tensor& gy) { return grads{div(gy, ad)}; });
@@ -220,7 +215,8 @@ Tensor square(const Tensor& a) {
   return record("square", out, {a}, [ad = a.detach()](const Tensor& gy) { return grads{mul(gy, mul(ad, 2.f))}; });
 }
 
-// ---------------------------------------------------------------- activations
+// ---------------------------------------------------------------- activations (and exp, which shares their math)
+Tensor exp(const Tensor& a) { return activation("exp", a, cpu::exp_forward, cpu::exp_backward, Saves::Output); }
 Tensor tanh(const Tensor& a) { return activation("tanh", a, cpu::tanh_forward, cpu::tanh_backward, Saves::Output); }
 Tensor sigmoid(const Tensor& a) {
   return activation("sigmoid", a, cpu::sigmoid_forward, cpu::sigmoid_backward, Saves::Output);

@@ -4,6 +4,7 @@
 //   - an axis sum over [O, R, I] gives each output element to one thread, which adds its R values in order.
 #include "kernels/reduce.h"
 
+#include <cmath>
 #include <cstddef>
 #include <vector>
 
@@ -43,6 +44,37 @@ double long_sum(const float* a, int64_t n, bool parallel) {
 
 // "v beats best" for a max that keeps the FIRST maximum and lets NaN win (and stay).
 inline bool beats(float v, float best) { return v > best || (v != v && best == best); }
+
+// The first maximum of one contiguous row a [R], R >= 1. A branchy running max does not vectorise (2 ns per
+// element), so two vectorised passes: the maximum value (and whether there is a NaN), then a scan in chunks of 64
+// for the first position holding it (or the first NaN). The row is still in cache for the second pass.
+// (`omp simd` lets the compiler reorder the max and OR reductions, both exact; without OpenMP it is ignored.)
+inline int64_t row_argmax(const float* a, int64_t R) {
+  float m = -INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t i = 0; i < R; ++i) {
+    m = a[i] > m ? a[i] : m;
+    nan |= a[i] != a[i];
+  }
+  auto hit = [nan, m](float v) { return nan ? v != v : v == m; };  // an all -inf row finds -inf at 0
+  constexpr int64_t S = 64;
+  int64_t c = 0;
+  for (; c + S <= R; c += S) {
+    int any = 0;
+    if (nan) {
+#pragma omp simd reduction(| : any)
+      for (int64_t j = 0; j < S; ++j) any |= a[c + j] != a[c + j];
+    } else {
+#pragma omp simd reduction(| : any)
+      for (int64_t j = 0; j < S; ++j) any |= a[c + j] == m;
+    }
+    if (any) break;
+  }
+  for (int64_t k = c; k < R; ++k)
+    if (hit(a[k])) return k;
+  return 0;
+}
 
 }  // namespace
 
@@ -132,11 +164,8 @@ void max_all(float* out, int64_t* idx, const float* a, int64_t n) {
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * kBlock, hi = (n - lo < kBlock) ? n : lo + kBlock;
-    float best = a[lo];
-    int64_t at = lo;
-    for (int64_t i = lo + 1; i < hi; ++i)
-      if (beats(a[i], best)) best = a[i], at = i;
-    bv[b] = best;
+    const int64_t at = lo + row_argmax(a + lo, hi - lo);
+    bv[b] = a[at];
     bi[b] = at;
   }
   // Blocks in order, strict "beats": a tie keeps the earlier block, so the first maximum wins overall.
@@ -149,6 +178,15 @@ void max_all(float* out, int64_t* idx, const float* a, int64_t n) {
 }
 
 void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, int64_t I) {
+  if (I == 1) {  // each output is a contiguous row of R
+#pragma omp parallel for schedule(static) if (O * R >= kParallelMin)
+    for (int64_t o = 0; o < O; ++o) {
+      const int64_t at = row_argmax(a + o * R, R);
+      if (out) out[o] = a[o * R + at];
+      if (idx) idx[o] = (int32_t)at;
+    }
+    return;
+  }
   const int64_t chunks = (I + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
   for (int64_t t = 0; t < O * chunks; ++t) {
@@ -160,8 +198,11 @@ void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, in
     for (int64_t i = 0; i < w; ++i) best[i] = base[i], at[i] = 0;
     for (int64_t r = 1; r < R; ++r) {
       const float* row = base + r * I;
-      for (int64_t i = 0; i < w; ++i)
-        if (beats(row[i], best[i])) best[i] = row[i], at[i] = (int32_t)r;
+      for (int64_t i = 0; i < w; ++i) {  // selects, not branches: vectorises with masks
+        const bool take = beats(row[i], best[i]);
+        best[i] = take ? row[i] : best[i];
+        at[i] = take ? (int32_t)r : at[i];
+      }
     }
     if (out)
       for (int64_t i = 0; i < w; ++i) out[o * I + i0 + i] = best[i];
