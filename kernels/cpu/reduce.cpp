@@ -12,7 +12,8 @@ namespace cm::cpu {
 namespace {
 
 constexpr int64_t kBlock = 8192;           // elements per partial of a long sum (fixed: part of the result)
-constexpr int64_t kChunk = 256;            // inner elements per tile of an axis reduction
+constexpr int64_t kChunk = 256;            // most inner elements per tile of an axis reduction
+constexpr int64_t kRowBlock = 256;         // rows per partial of a column sum (fixed: part of the result)
 constexpr int64_t kParallelMin = 1 << 15;  // below this many inputs threads cost more than they save
 
 // Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a
@@ -40,6 +41,15 @@ double long_sum(const float* a, int64_t n, bool parallel) {
   double s = 0;
   for (int64_t b = 0; b < nb; ++b) s += part[b];
   return s;
+}
+
+// Tile width for an [O, R, I] axis reduction with I > 1: kChunk, narrowed (down to 64) while there would be too
+// few tiles to keep the threads busy. (Narrower tiles walk memory in short strided pieces.) The width only decides
+// which thread owns which outputs; each output is still the same in-order sum, so it does not change results.
+inline int64_t tile_width(int64_t O, int64_t I) {
+  int64_t w = kChunk;
+  while (w > 64 && O * ((I + w - 1) / w) < 64) w /= 2;
+  return w;
 }
 
 // "v beats best" for a max that keeps the FIRST maximum and lets NaN win (and stay).
@@ -91,13 +101,37 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
     for (int64_t o = 0; o < O; ++o) out[o] = (float)(sc * long_sum(a + o * R, R, false));
     return;
   }
-  // Tiles of (o, kChunk inner elements): a thread walks r in order and adds whole contiguous row pieces into
+  // Column sums, [R, I] -> [I] (the bias gradient [B*T, C] -> [C]): too few outputs to share out, so the rows are
+  // cut into fixed blocks of kRowBlock; each block's partial sums (double) are made by one thread streaming whole
+  // rows, and the partials are added in block order.
+  if (O == 1 && R > kRowBlock && I <= 8192) {
+    const int64_t nb = (R + kRowBlock - 1) / kRowBlock;
+    std::vector<double> part((size_t)(nb * I));
+#pragma omp parallel for schedule(static) if (R * I >= kParallelMin)
+    for (int64_t b = 0; b < nb; ++b) {
+      double* __restrict acc = part.data() + b * I;
+      for (int64_t i = 0; i < I; ++i) acc[i] = 0;
+      const int64_t r1 = (R - b * kRowBlock < kRowBlock) ? R : (b + 1) * kRowBlock;
+      for (int64_t r = b * kRowBlock; r < r1; ++r) {
+        const float* __restrict row = a + r * I;
+        for (int64_t i = 0; i < I; ++i) acc[i] += (double)row[i];
+      }
+    }
+    double* __restrict tot = part.data();  // block 0's partials, then blocks 1.. added in order
+    for (int64_t b = 1; b < nb; ++b) {
+      const double* __restrict pb = part.data() + b * I;
+      for (int64_t i = 0; i < I; ++i) tot[i] += pb[i];
+    }
+    for (int64_t i = 0; i < I; ++i) out[i] = (float)(sc * tot[i]);
+    return;
+  }
+  // Tiles of (o, W inner elements): a thread walks r in order and adds whole contiguous row pieces into
   // double accumulators, so the loads stream through memory and the adds vectorise.
-  const int64_t chunks = (I + kChunk - 1) / kChunk;
+  const int64_t W = tile_width(O, I), chunks = (I + W - 1) / W;
 #pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
   for (int64_t t = 0; t < O * chunks; ++t) {
-    const int64_t o = t / chunks, i0 = (t % chunks) * kChunk;
-    const int64_t w = (I - i0 < kChunk) ? I - i0 : kChunk;
+    const int64_t o = t / chunks, i0 = (t % chunks) * W;
+    const int64_t w = (I - i0 < W) ? I - i0 : W;
     double acc[kChunk];
     for (int64_t i = 0; i < w; ++i) acc[i] = 0;
     for (int64_t r = 0; r < R; ++r) {
@@ -187,11 +221,11 @@ void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, in
     }
     return;
   }
-  const int64_t chunks = (I + kChunk - 1) / kChunk;
+  const int64_t W = tile_width(O, I), chunks = (I + W - 1) / W;
 #pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
   for (int64_t t = 0; t < O * chunks; ++t) {
-    const int64_t o = t / chunks, i0 = (t % chunks) * kChunk;
-    const int64_t w = (I - i0 < kChunk) ? I - i0 : kChunk;
+    const int64_t o = t / chunks, i0 = (t % chunks) * W;
+    const int64_t w = (I - i0 < W) ? I - i0 : W;
     const float* base = a + o * R * I + i0;
     float best[kChunk];
     int32_t at[kChunk];
