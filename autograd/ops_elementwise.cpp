@@ -241,7 +241,7 @@ Tensor sum_to(const Tensor& a, const Shape& shape) {
   }
   CM_REQUIRE(ok, "sum_to: cannot sum shape ", shape_str(as), " down to ", shape_str(shape),
              " (the target must broadcast to the input)");
-  if (shape == as) return a;
+  if (shape == as) return a;  // nothing to sum: the input itself, like PyTorch's sum_to_size
   Shape aligned(as.size() - shape.size(), 1);  // target with a's rank
   aligned.insert(aligned.end(), shape.begin(), shape.end());
   Tensor ac = flat(a), out = Tensor::empty(shape);
@@ -258,7 +258,7 @@ Tensor expand(const Tensor& a, const Shape& shape) {
     ok = da == dt || (da == 1 && dt >= 0);
   }
   CM_REQUIRE(ok, "expand: cannot broadcast shape ", shape_str(as), " to ", shape_str(shape));
-  if (shape == as) return a;
+  if (shape == as) return a;  // nothing to stretch: the input itself
   Tensor ac = flat(a), out = Tensor::empty(shape, a.dtype());
   const Shape st = broadcast_strides(as, shape);
   if (a.dtype() == DType::F32)
