@@ -43,7 +43,58 @@ class Scratch {
 // Bytes rounded up to 256 so that sub-buffers carved out of one Scratch stay aligned for any vector access.
 inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
+// A broadcast walk over a contiguous output of `rank` dims and K strided operands, the dims collapsed on the host
+// (size-1 dims dropped; neighbours merged when every operand steps through them as one). It travels by value in
+// kernel parameters; offsets() turns the output's linear index into each operand's element offset.
+constexpr int kMaxDims = 8;
+template <int K>
+struct Strided {
+  int64_t shape[kMaxDims];
+  int64_t st[K][kMaxDims];
+  int rank;
+};
+
+// strides[k] points at operand k's D strides (0 along a broadcast dim). Throws if more than kMaxDims dims remain.
+template <int K>
+Strided<K> collapse_strided(int64_t D, const int64_t* shape, const int64_t* const* strides) {
+  Strided<K> L{};
+  int r = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    if (shape[d] == 1) continue;
+    if (r > 0) {
+      bool merge = true;
+      for (int k = 0; k < K; ++k) merge = merge && L.st[k][r - 1] == strides[k][d] * shape[d];
+      if (merge) {
+        L.shape[r - 1] *= shape[d];
+        for (int k = 0; k < K; ++k) L.st[k][r - 1] = strides[k][d];
+        continue;
+      }
+    }
+    CM_REQUIRE(r < kMaxDims, "CUDA broadcast: more than ", kMaxDims, " dims remain after merging");
+    L.shape[r] = shape[d];
+    for (int k = 0; k < K; ++k) L.st[k][r] = strides[k][d];
+    ++r;
+  }
+  L.rank = r;
+  return L;
+}
+
 #if defined(__CUDACC__)
+
+// Element offsets of every operand for output element i (row-major over L.shape).
+template <int K>
+__device__ __forceinline__ void strided_offsets(const Strided<K>& L, int64_t i, int64_t (&off)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) off[k] = 0;
+#pragma unroll
+  for (int d = kMaxDims - 1; d >= 0; --d) {
+    if (d >= L.rank) continue;
+    const int64_t c = i % L.shape[d];
+    i /= L.shape[d];
+#pragma unroll
+    for (int k = 0; k < K; ++k) off[k] += c * L.st[k][d];
+  }
+}
 
 // The grid-stride index in 64 bits: n may exceed 2^31.
 __device__ __forceinline__ int64_t gtid() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
