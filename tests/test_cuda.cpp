@@ -1128,6 +1128,174 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
   same(gfo, fo, "masked_fill");
 }
 
+// ---------------------------------------------------------------- ops: every op on CUDA against the CPU
+
+namespace {
+// Runs fn on CPU inputs and on CUDA copies of them (leaves, requiring grad where the CPU input does), compares the
+// outputs, then backpropagates the same random output gradient through both and compares every input gradient.
+void op_parity(const std::string& name, const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+               const std::vector<Tensor>& in, float atol = 1e-5f, float rtol = 1e-4f) {
+  CAPTURE(name);
+  std::vector<Tensor> gin;
+  for (const Tensor& t : in) {
+    Tensor d = t.detach().to(Device::CUDA);
+    if (t.requires_grad()) d.requires_grad_(true);
+    gin.push_back(d);
+  }
+  Tensor yc = fn(in), yg = fn(gin);
+  REQUIRE(yg.device() == Device::CUDA);
+  REQUIRE(yg.shape() == yc.shape());
+  REQUIRE(yg.dtype() == yc.dtype());
+  if (yc.dtype() == DType::I32) {
+    same_i32(yg, yc, name + " (values)");
+    return;
+  }
+  check_near(yg, yc, atol, rtol, name + " (values)");
+  if (!yc.requires_grad()) return;
+  Tensor gy = uniform(yc.shape(), 4242);
+  yc.backward(gy);
+  yg.backward(gy.to(Device::CUDA));
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!in[i].requires_grad()) continue;
+    REQUIRE(gin[i].grad().defined());
+    CHECK(gin[i].grad().device() == Device::CUDA);
+    check_near(gin[i].grad(), in[i].grad(), atol, rtol, name + " (gradient of input " + std::to_string(i) + ")");
+  }
+}
+using cm::test::param;
+}  // namespace
+
+TEST_CASE("cuda ops: elementwise, activations, broadcasting, sum_to/expand" * needs_device()) {
+  auto P = [](const Shape& s, uint64_t seed, float lo = -1.f, float hi = 1.f) { return param(s, seed, lo, hi); };
+  using V = std::vector<Tensor>;
+  op_parity("add bias", [](const V& x) { return add(x[0], x[1]); }, {P({4, 5, 6}, 1), P({6}, 2)});
+  op_parity("sub broadcast", [](const V& x) { return sub(x[0], x[1]); }, {P({4, 1, 6}, 3), P({5, 1}, 4)});
+  op_parity("mul same", [](const V& x) { return mul(x[0], x[1]); }, {P({7, 9}, 5), P({7, 9}, 6)});
+  op_parity("div broadcast", [](const V& x) { return div(x[0], x[1]); }, {P({3, 4}, 7), P({3, 1}, 8, 0.5f, 2.f)});
+  op_parity("scalar forms", [](const V& x) { return rdiv(2.f, add(mul(rsub(1.f, x[0]), 3.f), 5.f)); },
+            {P({33}, 9)});
+  op_parity("neg exp log sqrt square", [](const V& x) { return square(sqrt(log(exp(neg(x[0])) + 2.f))); },
+            {P({5, 7}, 10)});
+  op_parity("pow", [](const V& x) { return pow(x[0], 1.5f); }, {P({40}, 11, 0.2f, 2.f)});
+  op_parity("tanh", [](const V& x) { return tanh(x[0]); }, {P({100}, 12, -3.f, 3.f)});
+  op_parity("sigmoid", [](const V& x) { return sigmoid(x[0]); }, {P({100}, 13, -6.f, 6.f)});
+  op_parity("relu", [](const V& x) { return relu(x[0]); }, {P({100}, 14)});
+  op_parity("gelu tanh", [](const V& x) { return gelu(x[0]); }, {P({100}, 15, -4.f, 4.f)});
+  op_parity("gelu exact", [](const V& x) { return gelu(x[0], GeluKind::Exact); }, {P({100}, 16, -4.f, 4.f)});
+  op_parity("silu", [](const V& x) { return silu(x[0]); }, {P({100}, 17, -6.f, 6.f)});
+  op_parity("sum_to", [](const V& x) { return sum_to(x[0], {4, 1}); }, {P({3, 4, 5}, 18)});
+  op_parity("expand", [](const V& x) { return expand(x[0], {2, 3, 4}); }, {P({3, 1}, 19)});
+  // i32 arithmetic on the device.
+  Tensor ia = i32s({1, -2, 3, 4, 5, -6}, {2, 3}), ib = i32s({7, 8, -9}, {3});
+  op_parity("i32 mul", [](const V& x) { return mul(x[0], x[1]); }, {ia, ib});
+  // Mixed devices are refused by name.
+  CHECK_THROWS_AS(add(uniform({2}, 1), uniform({2}, 2).to(Device::CUDA)), Error);
+}
+
+TEST_CASE("cuda ops: reductions, matrix products, views" * needs_device()) {
+  auto P = [](const Shape& s, uint64_t seed) { return param(s, seed); };
+  using V = std::vector<Tensor>;
+  op_parity("sum", [](const V& x) { return sum(x[0]); }, {P({30, 40}, 1)});
+  op_parity("mean axis", [](const V& x) { return mean(x[0], 1, true); }, {P({6, 50, 7}, 2)});
+  op_parity("sum axis 0", [](const V& x) { return sum(x[0], 0); }, {P({300, 70}, 3)});
+  op_parity("max", [](const V& x) { return max(x[0]); }, {P({9, 11}, 4)});
+  op_parity("max axis", [](const V& x) { return max(x[0], -1); }, {P({9, 11}, 5)});
+  op_parity("max axis 1 of 3", [](const V& x) { return max(x[0], 1, true); }, {P({4, 9, 6}, 6)});
+  op_parity("argmax", [](const V& x) { return argmax(x[0], 0); }, {P({9, 11}, 7)});
+  op_parity("matmul 2x2", [](const V& x) { return matmul(x[0], x[1]); }, {P({17, 9}, 8), P({9, 13}, 9)});
+  op_parity("matmul ta tb", [](const V& x) { return matmul(x[0], x[1], true, true); }, {P({9, 17}, 10), P({13, 9}, 11)});
+  op_parity("matmul batched", [](const V& x) { return matmul(x[0], x[1], false, true); },
+            {P({3, 8, 5}, 12), P({3, 6, 5}, 13)});
+  op_parity("matmul rank 3 x 2", [](const V& x) { return matmul(x[0], x[1]); }, {P({2, 3, 8, 5}, 14), P({5, 4}, 15)});
+  op_parity("matmul shared b, ta", [](const V& x) { return matmul(x[0], x[1], true); }, {P({3, 5, 8}, 16), P({5, 4}, 17)});
+  op_parity("linear with bias", [](const V& x) { return linear(x[0], x[1], x[2]); },
+            {P({2, 7, 16}, 18), P({12, 16}, 19), P({12}, 20)});
+  op_parity("linear without bias", [](const V& x) { return linear(x[0], x[1]); }, {P({7, 16}, 21), P({12, 16}, 22)});
+  op_parity("views", [](const V& x) { return x[0].transpose(0, 2).slice(1, 1, 4).reshape({-1}) * 2.f; },
+            {P({3, 5, 4}, 23)});
+}
+
+TEST_CASE("cuda ops: neural-net ops (softmax, cross-entropy, embedding, norms, dropout, attention)" *
+          needs_device()) {
+  auto P = [](const Shape& s, uint64_t seed, float lo = -1.f, float hi = 1.f) { return param(s, seed, lo, hi); };
+  using V = std::vector<Tensor>;
+  op_parity("softmax", [](const V& x) { return softmax(x[0]); }, {P({5, 37}, 1, -3.f, 3.f)});
+  op_parity("softmax long rows", [](const V& x) { return softmax(x[0]); }, {P({3, 3000}, 2, -3.f, 3.f)});
+  op_parity("log_softmax", [](const V& x) { return log_softmax(x[0]); }, {P({5, 37}, 3, -3.f, 3.f)});
+  Tensor targets = i32s({3, -100, 0, 36, 7}, {5});
+  op_parity("cross_entropy", [](const V& x) { return cross_entropy(x[0], x[1]); }, {P({5, 37}, 4, -3.f, 3.f), targets});
+  Tensor all_ignored = i32s({-100, -100}, {2});
+  op_parity("cross_entropy, all ignored", [](const V& x) { return cross_entropy(x[0], x[1]); },
+            {P({2, 37}, 5), all_ignored});
+  Tensor ids = i32s({3, 1, 3, 0, 9, 3}, {2, 3});
+  op_parity("embedding", [](const V& x) { return embedding(x[0], x[1]); }, {P({10, 8}, 6), ids});
+  CHECK_THROWS_AS(embedding(uniform({10, 8}, 1).to(Device::CUDA), i32s({1, 10}, {2}).to(Device::CUDA)), Error);
+  op_parity("layernorm", [](const V& x) { return layernorm(x[0], x[1], x[2]); },
+            {P({4, 6, 32}, 7, -2.f, 2.f), P({32}, 8, 0.5f, 1.5f), P({32}, 9)});
+  op_parity("rmsnorm", [](const V& x) { return rmsnorm(x[0], x[1]); }, {P({24, 32}, 10, -2.f, 2.f), P({32}, 11)});
+  op_parity("dropout (the same mask on both devices)", [](const V& x) {
+    Generator g(99);
+    return dropout(x[0], 0.3f, true, g);
+  }, {P({1001}, 12)});
+  op_parity("causal attention", [](const V& x) { return causal_attention(x[0], x[1], x[2]); },
+            {P({2, 3, 17, 8}, 13), P({2, 3, 17, 8}, 14), P({2, 3, 17, 8}, 15)});
+}
+
+TEST_CASE("cuda ops: indexing (concat, split, index_select/add, gather/scatter_add, topk, where, masked_fill)" *
+          needs_device()) {
+  auto P = [](const Shape& s, uint64_t seed) { return param(s, seed); };
+  using V = std::vector<Tensor>;
+  op_parity("concat", [](const V& x) { return concat({x[0], x[1]}, 1); }, {P({3, 2, 4}, 1), P({3, 5, 4}, 2)});
+  op_parity("split", [](const V& x) { return split(x[0], {1, 3, 2}, 1)[1] * 3.f; }, {P({4, 6}, 3)});
+  Tensor ix = i32s({2, 0, 2, 4}, {4});
+  op_parity("index_select", [](const V& x) { return index_select(x[0], 1, x[1]); }, {P({3, 5, 2}, 4), ix});
+  op_parity("index_add", [](const V& x) { return index_add(x[0], 0, x[1], x[2]); }, {P({5, 3}, 5), ix, P({4, 3}, 6)});
+  Tensor gi = i32s({0, 2, 1, 1, 0, 2}, {2, 3});
+  op_parity("gather", [](const V& x) { return gather(x[0], 1, x[1]); }, {P({2, 3}, 7), gi});
+  op_parity("scatter_add", [](const V& x) { return scatter_add(x[0], 1, x[1], x[2]); }, {P({2, 3}, 8), gi, P({2, 3}, 9)});
+  op_parity("topk values", [](const V& x) { return topk(x[0], 3).first; }, {P({6, 20}, 10)});
+  op_parity("topk indices", [](const V& x) { return topk(x[0], 3).second; }, {P({6, 20}, 11)});
+  Tensor mask = i32s({1, 0, 0, 1, 1, 0}, {2, 3});
+  op_parity("where", [](const V& x) { return where(x[0], x[1], x[2]); }, {mask, P({2, 3}, 12), P({3}, 13)});
+  op_parity("masked_fill", [](const V& x) { return masked_fill(x[0], x[1], -5.f); }, {P({2, 3}, 14), mask});
+  CHECK_THROWS_AS(index_select(uniform({3, 4}, 1).to(Device::CUDA), 1, i32s({0, 4}, {2}).to(Device::CUDA)), Error);
+}
+
+TEST_CASE("cuda: a small training run matches the CPU step for step, with no cudaMalloc once warm" *
+          needs_device()) {
+  // Two-layer MLP, cross-entropy, plain SGD; the same run on both devices.
+  auto run = [](Device dev, int64_t* mallocs_warm, int64_t* mallocs_end) {
+    Tensor w1 = uniform({32, 16}, 1, -0.3f, 0.3f).to(dev), w2 = uniform({10, 32}, 2, -0.3f, 0.3f).to(dev);
+    w1.requires_grad_(true);
+    w2.requires_grad_(true);
+    Tensor x = uniform({64, 16}, 3).to(dev);
+    std::vector<int32_t> tv(64);
+    for (int i = 0; i < 64; ++i) tv[(size_t)i] = i % 10;
+    Tensor t = i32s(tv, {64}).to(dev);
+    std::vector<float> losses;
+    for (int step = 0; step < 6; ++step) {
+      if (step == 2 && mallocs_warm) *mallocs_warm = cuda::mem_stats().mallocs;
+      w1.zero_grad();
+      w2.zero_grad();
+      Tensor loss = cross_entropy(linear(relu(linear(x, w1)), w2), t);
+      loss.backward();
+      {
+        NoGrad ng;
+        for (Tensor w : {w1, w2}) w.copy_(sub(w.detach(), mul(w.grad(), 0.2f)));
+      }
+      losses.push_back(loss.item());
+    }
+    if (mallocs_end) *mallocs_end = cuda::mem_stats().mallocs;
+    return losses;
+  };
+  std::vector<float> ref = run(Device::CPU, nullptr, nullptr);
+  int64_t warm = 0, end = 0;
+  std::vector<float> got = run(Device::CUDA, &warm, &end);
+  CHECK_CLOSE(Tensor::from_vector(got, {6}), ref, 1e-5f, 1e-4f);
+  CHECK(ref.back() < ref.front());
+  CHECK(end == warm);
+}
+
 #endif  // CM_CUDA
 
 // Runs last in this file (doctest orders by file and line): the skipped count is complete by then.
