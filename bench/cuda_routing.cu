@@ -240,8 +240,10 @@ void lab_softmax_topk(int64_t R, int64_t n, int64_t k) {
   std::vector<int64_t> perm((size_t)n);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t c = 0; c < n; ++c) perm[(size_t)c] = c;
-    for (int64_t c = n - 1; c > 0; --c)
-      std::swap(perm[(size_t)c], perm[(size_t)((int64_t)(philox_uniform(3, 0, (uint64_t)(r * n + c)) * (c + 1)) % (c + 1))]);
+    for (int64_t c = n - 1; c > 0; --c) {
+      const int64_t j = (int64_t)(philox_uniform(3, 0, (uint64_t)(r * n + c)) * (float)(c + 1)) % (c + 1);
+      std::swap(perm[(size_t)c], perm[(size_t)j]);
+    }
     for (int64_t c = 0; c < n; ++c) x[(size_t)(r * n + c)] = 1e-2f * (float)(perm[(size_t)c] - n / 2);
   }
   std::vector<float> p_ref((size_t)(R * n)), g_ref((size_t)(R * k));
@@ -302,9 +304,11 @@ void lab_dispatch(int64_t T, int64_t N, int64_t K, int64_t C) {
   ao_got.resize((size_t)Ap);
   ao_naive.resize((size_t)Ap);
   std::vector<int32_t> ao_ref(assign_of.begin(), assign_of.begin() + Ap);
-  bool ok = equal_all(read_i64(dc, N), counts, "plan counts") && equal_all(read_i64(doff, N + 1), offsets, "plan offsets") &&
+  bool ok = equal_all(read_i64(dc, N), counts, "plan counts") &&
+            equal_all(read_i64(doff, N + 1), offsets, "plan offsets") &&
             equal_all(dro.to_i32_vector(), row_of, "plan row_of") && equal_all(ao_got, ao_ref, "plan assign_of") &&
-            equal_all(nro.to_i32_vector(), row_of, "naive plan row_of") && equal_all(ao_naive, ao_ref, "naive assign_of");
+            equal_all(nro.to_i32_vector(), row_of, "naive plan row_of") &&
+            equal_all(ao_naive, ao_ref, "naive assign_of");
   if (ok) {
     const double bytes = 4.0 * (double)A * 2 + 4.0 * (double)Ap + 16.0 * (double)N;
     report("plan", shape, bytes, median_ms(plan_ours), A <= (1 << 17) ? median_ms(plan_naive) : 0.f);

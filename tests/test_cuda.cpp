@@ -443,7 +443,8 @@ TEST_CASE("cuda kernels: dispatch plan (histogram, scan, stable scatter) equals 
       Tensor dE = dev(e);
       Tensor gc = poisoned({2 * N}, DType::I32), go = poisoned({2 * (N + 1)}, DType::I32);
       Tensor gr = poisoned({A}, DType::I32), ga = poisoned({A}, DType::I32);
-      const int64_t gbad = cuda::dispatch_plan((int64_t*)gc.raw(), (int64_t*)go.raw(), gr.i32(), ga.i32(), dE.i32(), A, N);
+      const int64_t gbad =
+          cuda::dispatch_plan((int64_t*)gc.raw(), (int64_t*)go.raw(), gr.i32(), ga.i32(), dE.i32(), A, N);
       CAPTURE(what);
       CHECK(gbad == bad);
       CHECK(read_i64(gc, N) == counts);
@@ -474,7 +475,8 @@ TEST_CASE("cuda kernels: dispatch permute, combine and their backward against th
         const std::string what = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " C=" + std::to_string(C);
         std::vector<float> uv = uniform({A}, ++seed, 0.f, 1.f).to_f32_vector();
         std::vector<int32_t> ev((size_t)A);
-        for (int64_t a = 0; a < A; ++a) ev[(size_t)a] = a % 7 == 2 ? -1 : (int32_t)std::min<int64_t>(N - 1, (int64_t)(uv[(size_t)a] * N));
+        for (int64_t a = 0; a < A; ++a)
+          ev[(size_t)a] = a % 7 == 2 ? -1 : (int32_t)std::min<int64_t>(N - 1, (int64_t)(uv[(size_t)a] * N));
         std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
         std::vector<int32_t> row_of((size_t)A), assign_of((size_t)A);
         cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), ev.data(), A, N);
@@ -550,7 +552,8 @@ TEST_CASE("cuda kernels: cross-entropy forward and backward, ignored rows, devic
       Tensor x = uniform({N, V}, ++seed, -5.f, 5.f);
       std::vector<float> uv = uniform({N}, ++seed, 0.f, 1.f).to_f32_vector();
       std::vector<int32_t> tv((size_t)N);
-      for (int64_t n = 0; n < N; ++n) tv[(size_t)n] = n % 5 == 1 ? -100 : (int32_t)std::min<int64_t>(V - 1, (int64_t)(uv[(size_t)n] * V));
+      for (int64_t n = 0; n < N; ++n)
+        tv[(size_t)n] = n % 5 == 1 ? -100 : (int32_t)std::min<int64_t>(V - 1, (int64_t)(uv[(size_t)n] * V));
       Tensor t = i32s(tv, {N});
       Tensor losses = Tensor::empty({N}), lse = Tensor::empty({N});
       cpu::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, -100);
@@ -658,8 +661,8 @@ TEST_CASE("cuda kernels: load-balance loss (flat and grouped) against a double r
           Tensor gloss = poisoned({1}), gfrac = poisoned({G, E}), gmp = poisoned({G, E}), gtok = poisoned({G});
           Tensor dP = dev(p), dIdx = dev(idx), dGrp = dev(grp);
           const int32_t* gptr = G == 1 ? nullptr : dGrp.i32();
-          cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dP.f32(), dIdx.i32(), gptr, R, E, K,
-                                     G, w);
+          cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dP.f32(), dIdx.i32(), gptr, R, E,
+                                     K, G, w);
           check_near(gloss, std::vector<double>{loss}, 1e-7f, 1e-5f, "loss " + what);
           check_near(gfrac, frac, 1e-7f, 1e-6f, "frac " + what);
           check_near(gmp, mp, 1e-7f, 1e-5f, "mean_prob " + what);
@@ -1203,11 +1206,13 @@ TEST_CASE("cuda ops: reductions, matrix products, views" * needs_device()) {
   op_parity("max axis 1 of 3", [](const V& x) { return max(x[0], 1, true); }, {P({4, 9, 6}, 6)});
   op_parity("argmax", [](const V& x) { return argmax(x[0], 0); }, {P({9, 11}, 7)});
   op_parity("matmul 2x2", [](const V& x) { return matmul(x[0], x[1]); }, {P({17, 9}, 8), P({9, 13}, 9)});
-  op_parity("matmul ta tb", [](const V& x) { return matmul(x[0], x[1], true, true); }, {P({9, 17}, 10), P({13, 9}, 11)});
+  op_parity("matmul ta tb", [](const V& x) { return matmul(x[0], x[1], true, true); },
+            {P({9, 17}, 10), P({13, 9}, 11)});
   op_parity("matmul batched", [](const V& x) { return matmul(x[0], x[1], false, true); },
             {P({3, 8, 5}, 12), P({3, 6, 5}, 13)});
   op_parity("matmul rank 3 x 2", [](const V& x) { return matmul(x[0], x[1]); }, {P({2, 3, 8, 5}, 14), P({5, 4}, 15)});
-  op_parity("matmul shared b, ta", [](const V& x) { return matmul(x[0], x[1], true); }, {P({3, 5, 8}, 16), P({5, 4}, 17)});
+  op_parity("matmul shared b, ta", [](const V& x) { return matmul(x[0], x[1], true); },
+            {P({3, 5, 8}, 16), P({5, 4}, 17)});
   op_parity("linear with bias", [](const V& x) { return linear(x[0], x[1], x[2]); },
             {P({2, 7, 16}, 18), P({12, 16}, 19), P({12}, 20)});
   op_parity("linear without bias", [](const V& x) { return linear(x[0], x[1]); }, {P({7, 16}, 21), P({12, 16}, 22)});
@@ -1252,7 +1257,8 @@ TEST_CASE("cuda ops: indexing (concat, split, index_select/add, gather/scatter_a
   op_parity("index_add", [](const V& x) { return index_add(x[0], 0, x[1], x[2]); }, {P({5, 3}, 5), ix, P({4, 3}, 6)});
   Tensor gi = i32s({0, 2, 1, 1, 0, 2}, {2, 3});
   op_parity("gather", [](const V& x) { return gather(x[0], 1, x[1]); }, {P({2, 3}, 7), gi});
-  op_parity("scatter_add", [](const V& x) { return scatter_add(x[0], 1, x[1], x[2]); }, {P({2, 3}, 8), gi, P({2, 3}, 9)});
+  op_parity("scatter_add", [](const V& x) { return scatter_add(x[0], 1, x[1], x[2]); },
+            {P({2, 3}, 8), gi, P({2, 3}, 9)});
   op_parity("topk values", [](const V& x) { return topk(x[0], 3).first; }, {P({6, 20}, 10)});
   op_parity("topk indices", [](const V& x) { return topk(x[0], 3).second; }, {P({6, 20}, 11)});
   Tensor mask = i32s({1, 0, 0, 1, 1, 0}, {2, 3});

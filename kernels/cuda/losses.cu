@@ -13,7 +13,6 @@ namespace cm::cuda {
 
 namespace {
 
-
 // ---------------------------------------------------------------- cross-entropy kernels
 
 template <bool WARP>
@@ -113,7 +112,8 @@ __global__ void z_loss_backward_kernel(float* __restrict__ dlogits, const float*
 // in chunk order per (g, e); stage 3 the loss.
 
 // Stage 1: block b takes rows [b * RC, (b + 1) * RC). Shared: S [G*E] f32, cnt [G*E] i32, T [G] i32.
-__global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restrict__ c_part, int32_t* __restrict__ t_part,
+__global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restrict__ c_part,
+                                  int32_t* __restrict__ t_part,
                                   const float* __restrict__ probs, const int32_t* __restrict__ indices,
                                   const int32_t* __restrict__ group, int64_t R, int64_t E, int64_t K, int64_t G,
                                   int64_t RC) {
