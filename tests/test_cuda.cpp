@@ -1081,6 +1081,20 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
   cpu::index_add(acc.f32(), src.f32(), index.i32(), O, D, n, I);
   cuda::index_add(gacc.f32(), dev(src).f32(), dIndex.i32(), O, D, n, I);
   same(gacc, acc, "index_add");
+  // Long index lists take the sorted path: the same additions in the same order, so still bit for bit.
+  for (int64_t LO : {1, 2})
+    for (int64_t LI : {3, 70}) {
+      const int64_t LD = 37, Ln = 500;
+      std::vector<float> u = uniform({Ln}, ++seed, 0.f, 1.f).to_f32_vector();
+      std::vector<int32_t> lv((size_t)Ln);
+      for (int64_t j = 0; j < Ln; ++j)
+        lv[(size_t)j] = (int32_t)std::min<int64_t>(LD - 1, (int64_t)(u[(size_t)j] * u[(size_t)j] * LD));
+      Tensor lidx = i32s(lv, {Ln}), lsrc = uniform({LO, Ln, LI}, ++seed), lacc = uniform({LO, LD, LI}, ++seed);
+      Tensor glacc = dev(lacc);
+      cpu::index_add(lacc.f32(), lsrc.f32(), lidx.i32(), LO, LD, Ln, LI);
+      cuda::index_add(glacc.f32(), dev(lsrc).f32(), dev(lidx).i32(), LO, LD, Ln, LI);
+      same(glacc, lacc, "index_add, long index list, O=" + std::to_string(LO) + " I=" + std::to_string(LI));
+    }
   // gather / scatter_add along the middle axis, index [O, m, I]
   const int64_t m = 9;
   std::vector<float> uv = uniform({O, m, I}, ++seed, 0.f, 1.f).to_f32_vector();

@@ -2,9 +2,14 @@
 // Copies are one thread per output element. The adding kernels (index_add, scatter_add) give each (o, i) column
 // one thread that adds its contributions in increasing source position j: the same order as the CPU for every
 // output element, no two threads write one element, and no atomics; results match the CPU bit for bit.
-// (Parallelism is O * I columns: ample for activations, thin for a [1, D, small I] table with many rows to add;
-// embedding gradients have their own sorted kernel, kernels/cuda/embedding.cu.)
+// The column walk has O * I threads, each a chain of n dependent read-modify-writes (the compiler cannot overlap
+// them: two j may hit one row). That is fine for short index lists; index_add with a long one (the backward of
+// index_select over many rows) first sorts the positions by index (a stable radix sort), then gives each distinct
+// (o, index) row one warp that adds its run of sources in increasing j: the same additions in the same order.
+#include <climits>
+
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/sort.cuh"
 #include "kernels/index.h"
 
 namespace cm::cuda {
@@ -49,6 +54,29 @@ __global__ void index_add_kernel(float* __restrict__ out, const float* __restric
   for (int64_t c = gtid(); c < cols; c += gstride()) {
     const int64_t o = c / I, i = c - o * I;
     for (int64_t j = 0; j < n; ++j) out[(o * D + index[j]) * I + i] += src[(o * n + j) * I + i];
+  }
+}
+
+// Sorted index_add: sorted[p] = index value of the p-th source in index order, pos[p] = that source's j. Warp
+// task (o, p); only the first p of each run of equal indices works, adding the run into out[o, index] lane-wise.
+__global__ void index_add_sorted_kernel(float* __restrict__ out, const float* __restrict__ src,
+                                        const int32_t* __restrict__ sorted, const int32_t* __restrict__ pos,
+                                        int64_t O, int64_t D, int64_t n, int64_t I) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t tasks = O * n;
+  for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks;
+       w += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
+    const int64_t o = w / n, p = w - o * n;
+    const int32_t d = sorted[p];
+    if (p > 0 && sorted[p - 1] == d) continue;  // not the head of its run (the same for the whole warp)
+    int64_t end = p + 1;
+    while (end < n && sorted[end] == d) ++end;
+    float* row = out + (o * D + d) * I;
+    for (int64_t i = lane; i < I; i += kWarp) {
+      float acc = row[i];
+      for (int64_t q = p; q < end; ++q) acc += src[(o * n + pos[q]) * I + i];
+      row[i] = acc;
+    }
   }
 }
 
@@ -164,8 +192,21 @@ void index_select(int32_t* out, const int32_t* a, const int32_t* index, int64_t 
 void index_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
   CM_CHECK(O >= 0 && D >= 0 && n >= 0 && I >= 0, "cuda::index_add: bad sizes");
   if (O * I == 0 || n == 0) return;
-  index_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, n, I);
-  cudaCheckLaunch("index_add_kernel");
+  if (n < 64 || n >= INT32_MAX || D > INT32_MAX) {  // short lists: the column walk
+    index_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, n, I);
+    cudaCheckLaunch("index_add_kernel");
+    return;
+  }
+  int bits = 1;
+  while (bits < 31 && (int64_t(1) << bits) < D) ++bits;  // index values in [0, D)
+  const size_t bytes = align256((size_t)n * 4);
+  Scratch s(2 * bytes);
+  int32_t* sorted = s.at<int32_t>();
+  int32_t* pos = s.at<int32_t>(bytes);
+  detail::stable_sort_pairs(sorted, pos, index, nullptr, n, bits);
+  index_add_sorted_kernel<<<grid_for(O * n, kThreads / kWarp), kThreads, 0, stream()>>>(out, src, sorted, pos, O, D,
+                                                                                       n, I);
+  cudaCheckLaunch("index_add_sorted_kernel");
 }
 
 void gather(float* out, const float* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
