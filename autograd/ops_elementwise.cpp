@@ -199,11 +199,6 @@ Tensor neg(const Tensor& a) {
   return record("neg", out, {a}, [](const Tensor& gy) { return grads{neg(gy)}; });
 }
 
-Tensor exp(const Tensor& a) {
-  Tensor out = unary_forward("exp", cpu::Unary::Exp, a);
-  return record("exp", out, {a}, [yd = out.detach()](const Tensor& gy) { return grads{mul(gy, yd)}; });
-}
-
 Tensor log(const Tensor& a) {
   Tensor out = unary_forward("log", cpu::Unary::Log, a);
   return record("log", out, {a}, [ad = a.detach()](const Tensor& gy) { return grads{div(gy, ad)}; });
@@ -220,7 +215,8 @@ Tensor square(const Tensor& a) {
   return record("square", out, {a}, [ad = a.detach()](const Tensor& gy) { return grads{mul(gy, mul(ad, 2.f))}; });
 }
 
-// ---------------------------------------------------------------- activations
+// ---------------------------------------------------------------- activations (and exp, which shares their math)
+Tensor exp(const Tensor& a) { return activation("exp", a, cpu::exp_forward, cpu::exp_backward, Saves::Output); }
 Tensor tanh(const Tensor& a) { return activation("tanh", a, cpu::tanh_forward, cpu::tanh_backward, Saves::Output); }
 Tensor sigmoid(const Tensor& a) {
   return activation("sigmoid", a, cpu::sigmoid_forward, cpu::sigmoid_backward, Saves::Output);
@@ -245,7 +241,7 @@ Tensor sum_to(const Tensor& a, const Shape& shape) {
   }
   CM_REQUIRE(ok, "sum_to: cannot sum shape ", shape_str(as), " down to ", shape_str(shape),
              " (the target must broadcast to the input)");
-  if (shape == as) return a;
+  if (shape == as) return a;  // nothing to sum: the input itself, like PyTorch's sum_to_size
   Shape aligned(as.size() - shape.size(), 1);  // target with a's rank
   aligned.insert(aligned.end(), shape.begin(), shape.end());
   Tensor ac = flat(a), out = Tensor::empty(shape);
@@ -262,7 +258,7 @@ Tensor expand(const Tensor& a, const Shape& shape) {
     ok = da == dt || (da == 1 && dt >= 0);
   }
   CM_REQUIRE(ok, "expand: cannot broadcast shape ", shape_str(as), " to ", shape_str(shape));
-  if (shape == as) return a;
+  if (shape == as) return a;  // nothing to stretch: the input itself
   Tensor ac = flat(a), out = Tensor::empty(shape, a.dtype());
   const Shape st = broadcast_strides(as, shape);
   if (a.dtype() == DType::F32)

@@ -11,7 +11,8 @@ namespace cm::cpu {
 enum class Binary : uint8_t { Add, Sub, Mul, Div };
 // out = a OP s (Add, Mul, Pow) or s OP a (RSub: s - a, RDiv: s / a).
 enum class Scalar : uint8_t { Add, Mul, RSub, RDiv, Pow };
-enum class Unary : uint8_t { Neg, Exp, Log, Sqrt, Square };
+// (exp lives with the activations, kernels/activation.h)
+enum class Unary : uint8_t { Neg, Log, Sqrt, Square };
 
 // ---- binary, three layouts. i32 overloads do Add/Sub/Mul; i32 Div truncates like C and gives 0 for b == 0
 // (the ops refuse i32 div before getting here).
