@@ -1,6 +1,6 @@
 // CUDA softmax / log-softmax over the last axis, and the attention's scaled causal softmax. Numerics follow
 // kernels/softmax.h: rows shifted by their (NaN-blind) maximum, -inf gives exactly 0, a row with NaN or +inf or
-// all -inf gives NaN. expf here is CUDA's (max 2 ulp), the CPU's exp_approx about 2 ulp: results agree to a few
+// all -inf gives NaN. expf here is CUDA's (max 2 ulp), the CPU's fast_exp about 1 ulp: results agree to a few
 // ulp, not to the bit.
 //
 // Rows of up to 1024 elements get one warp each (no shared memory, no block barrier); longer rows (a vocabulary)
