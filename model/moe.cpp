@@ -8,6 +8,47 @@
 
 namespace cm {
 
+// ---------------------------------------------------------------- dispatch and combine
+
+DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,
+                                int64_t N) {
+  CM_CHECK(K > 0 && expert.size() % (size_t)K == 0, "slots ", expert.size(), " not a multiple of K = ", K);
+  CM_CHECK(keep.empty() || keep.size() == expert.size(), "keep ", keep.size(), " for ", expert.size(), " slots");
+  DispatchPlan p;
+  p.T = (int64_t)expert.size() / K;
+  p.K = K;
+  p.N = N;
+  std::vector<int32_t> kept, kept_e;
+  for (size_t s = 0; s < expert.size(); ++s)
+    if (keep.empty() || keep[s]) {
+      kept.push_back((int32_t)s);
+      kept_e.push_back(expert[s]);
+    }
+  Segments seg = counting_sort(kept_e, N);  // histogram -> exclusive scan -> scatter
+  p.offsets = std::move(seg.offsets);
+  p.slot.resize(kept.size());
+  p.token.resize(kept.size());
+  for (size_t i = 0; i < kept.size(); ++i) {
+    p.slot[i] = kept[seg.order[i]];
+    p.token[i] = p.slot[i] / (int32_t)K;
+  }
+  return p;
+}
+
+Tensor dispatch(const Tensor& x, const DispatchPlan& plan) {
+  return index_select(x, 0, Tensor::from_vector(plan.token, {plan.rows()}, x.device()));
+}
+
+Tensor combine(const Tensor& ys, const Tensor& gate, const DispatchPlan& plan) {
+  const int64_t S = plan.rows(), C = ys.size(1);
+  CM_CHECK(ys.size(0) == S, "combine: ", ys.size(0), " rows for a plan of ", S);
+  Tensor gs = index_select(gate, 0, Tensor::from_vector(plan.slot, {S}, ys.device()));  // [S]
+  return index_add(Tensor::zeros({plan.T, C}, DType::F32, ys.device()), 0,
+                   Tensor::from_vector(plan.token, {S}, ys.device()), mul(ys, gs.view({S, 1})));
+}
+
+// ---------------------------------------------------------------- the layer
+
 MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& gen)
     : moe(moe_), layer(layer_), C(cfg.d_model), V(cfg.vocab_size), cfg_(cfg) {
   N = moe ? cfg.num_experts() : 1;
@@ -185,6 +226,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     st.expert_share[0] = T ? 1.f : 0.f;
     st.expert_rows[0] = T;
     out.expert.assign((size_t)T, 0);
+    out.gate.assign((size_t)T, 1.f);
+    out.keep.assign((size_t)T, 1);
     out.top1.assign((size_t)T, 0);
     util_[0] += (double)T;
     if (training) pend_routed_[0] += T;
@@ -246,42 +289,29 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     }
   }
   st.dropped_fraction = S0 ? (float)dropped / (float)S0 : 0.f;
+  out.gate = rt.gate_value;
+  out.keep = keep;
 
   // 3. Counting sort of the kept slots by expert: the permutation that makes each expert's rows contiguous.
-  std::vector<int32_t> kept, kept_e;
-  kept.reserve((size_t)(S0 - dropped));
-  for (int64_t s = 0; s < S0; ++s)
-    if (keep[s]) {
-      kept.push_back((int32_t)s);
-      kept_e.push_back(rt.expert[s]);
-    }
-  const int64_t S = (int64_t)kept.size();
-  Segments seg = counting_sort(kept_e, N);
-  std::vector<int32_t> slot_sorted((size_t)S), tok_sorted((size_t)S);
-  for (int64_t i = 0; i < S; ++i) {
-    slot_sorted[i] = kept[seg.order[i]];
-    tok_sorted[i] = slot_sorted[i] / (int32_t)K;
-  }
-  if (S == 0) {
+  DispatchPlan plan = make_dispatch_plan(rt.expert, keep, K, N);
+  if (plan.rows() == 0) {
     out.y = Tensor::zeros({T, C}, DType::F32, x.device());
     return out;
   }
-  Tensor tok_idx = Tensor::from_vector(tok_sorted, {S}, x.device());
 
   // 4. Gather rows, run each non-empty expert on its segment, guard its output.
-  Tensor xs = index_select(x, 0, tok_idx);  // [S, C] expert-contiguous
+  Tensor xs = dispatch(x, plan);  // [S, C] expert-contiguous
   std::vector<Tensor> parts;
   for (int64_t e = 0; e < N; ++e) {
-    const int64_t a = seg.offsets[e], b = seg.offsets[e + 1];
+    const int64_t a = plan.offsets[e], b = plan.offsets[e + 1];
     st.expert_rows[e] = b - a;
     if (a == b) continue;  // no rows (pruned experts always): no compute
     parts.push_back(guard(e, experts[e].forward(xs.slice(0, a, b)), training, st));
   }
   Tensor ys = parts.size() == 1 ? parts[0] : concat(parts, 0);  // [S, C]
 
-  // 5. Combine: out[t] = sum over t's kept slots of gate * y, accumulated in permutation order (sequential).
-  Tensor gs = index_select(rt.gate, 0, Tensor::from_vector(slot_sorted, {S}, x.device()));  // [S]
-  Tensor y = index_add(Tensor::zeros({T, C}, DType::F32, x.device()), 0, tok_idx, mul(ys, gs.view({S, 1})));
+  // 5. Combine in permutation order.
+  Tensor y = combine(ys, rt.gate, plan);  // [T, C]
   if (gate.w.defined()) y = mul(y, sigmoid(gate.forward(x)));  // adaptive gate [T, 1]
   out.y = y;
   return out;
