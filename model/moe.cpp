@@ -61,6 +61,7 @@ MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& g
   }
   reliability_ = Tensor::ones({N});
   norm_ema_ = Tensor::zeros({N});
+  wnorm_ema_ = Tensor::zeros({N});
   usage_ema_ = Tensor::full({N}, 1.f / (float)N);
   pruned_ = Tensor::zeros({N});
   low_steps_ = Tensor::zeros({N});
@@ -82,6 +83,7 @@ void MoELayer::collect(const std::string& prefix, NamedParams& out) const {
 void MoELayer::collect_buffers(const std::string& prefix, NamedParams& out) const {
   out.emplace_back(prefix + ".reliability", reliability_);
   out.emplace_back(prefix + ".norm_ema", norm_ema_);
+  out.emplace_back(prefix + ".wnorm_ema", wnorm_ema_);
   out.emplace_back(prefix + ".usage_ema", usage_ema_);
   out.emplace_back(prefix + ".pruned", pruned_);
   out.emplace_back(prefix + ".low_steps", low_steps_);
@@ -326,28 +328,42 @@ static bool all_finite(const Tensor& t) {
   return true;
 }
 
+static double l2_norm(const std::vector<Tensor>& ts) {
+  double ss = 0.0;
+  for (const Tensor& t : ts)
+    for (float v : t.to_f32_vector()) ss += (double)v * v;
+  return std::sqrt(ss);
+}
+
 void MoELayer::after_step() {
-  const float decay = cfg_.reliability_decay;
+  const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
   float* rel = reliability_.f32();
   float* ema = norm_ema_.f32();
+  float* wema = wnorm_ema_.f32();
   float* use = usage_ema_.f32();
   int64_t total = 0;
   for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
 
   for (int64_t e = 0; e < N; ++e) {
     if (pruned(e)) continue;
-    // Output-norm statistics from healthy rows only, so a fault cannot drag the reference along with it.
-    if (pend_good_[e] > 0) {
+    // Weights: finite, and their norm within [1/factor, factor] x its running value (training moves it slowly;
+    // a corrupted expert jumps). The statistics only follow healthy values, so a fault cannot drag them along.
+    const double wn = l2_norm(experts[e].tensors());
+    bool weights_ok = std::isfinite(wn) && (wema[e] <= 0.f || (wn <= (double)factor * wema[e] &&
+                                                               wn >= (double)wema[e] / factor));
+    if (weights_ok) wema[e] = wema[e] > 0.f ? decay * wema[e] + (1.f - decay) * (float)wn : (float)wn;
+    // Output-norm statistics from steps whose rows were all healthy.
+    if (pend_good_[e] > 0 && pend_bad_[e] == 0) {
       float mean = (float)(pend_norm_[e] / (double)pend_good_[e]);
       ema[e] = ema[e] > 0.f ? decay * ema[e] + (1.f - decay) * mean : mean;
     }
     if (!cfg_.use_reliability) continue;
-    // Health in [0, 1]: 0 for non-finite weights or gradients; else the share of healthy output rows; no
+    // Health in [0, 1]: 0 for bad weights or non-finite gradients; else the share of healthy output rows; no
     // evidence (no rows this step) leaves the reliability where it is.
-    bool params_ok = true;
-    for (const Tensor& p : experts[e].tensors()) params_ok = params_ok && all_finite(p) && all_finite(p.grad());
+    bool grads_ok = true;
+    for (const Tensor& p : experts[e].tensors()) grads_ok = grads_ok && all_finite(p.grad());
     float health;
-    if (!params_ok) health = 0.f;
+    if (!weights_ok || !grads_ok) health = 0.f;
     else if (pend_rows_[e] > 0) health = 1.f - (float)pend_bad_[e] / (float)pend_rows_[e];
     else continue;
     rel[e] = std::clamp(decay * rel[e] + (1.f - decay) * health, cfg_.reliability_min, 1.f);

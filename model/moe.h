@@ -104,6 +104,7 @@ class MoELayer {
   // Buffers (checkpointed), each [N].
   Tensor reliability_;  // in [reliability_min, 1]
   Tensor norm_ema_;     // running mean of healthy output-row norms (0 = no statistics yet)
+  Tensor wnorm_ema_;    // running norm of each expert's weights (0 = no statistics yet)
   Tensor usage_ema_;    // running traffic share (weights the inner nodes' reliability)
   Tensor pruned_;       // 1 = removed from routing and compute
   Tensor low_steps_;    // consecutive after_step()s with traffic under the threshold or low reliability
