@@ -10,7 +10,7 @@ NVCC      ?= nvcc
 CUDA_ARCH ?= 90
 SHELL     := /bin/bash
 BUILD     := build
-CXXFLAGS  := -std=c++17 -O3 -march=native -Wall -Wextra -I. -MMD -MP
+CXXFLAGS  := -std=c++17 -O3 -march=native -fno-math-errno -Wall -Wextra -I. -MMD -MP
 LDFLAGS   :=
 LDLIBS    := -lm -lpthread
 

@@ -1,0 +1,165 @@
+// SGEMM lab: cm::cpu::gemm throughput (GFLOP/s = 2*M*N*K / time) on square sizes and on the model's matrix
+// products ((B*T) x C x 4C: the MLP's two linears, forward and both gradients), and, when built with OpenBLAS
+// (CM_HAVE_OPENBLAS), cblas_sgemm on the same problems in the same run with the ratio ours / OpenBLAS.
+// Validation first: every shape is checked against a double-precision reference (naive on small problems, on a
+// sample of rows for big ones) before anything is timed. Time: median of REPEATS runs after one warm-up run.
+//
+//   make -j2 USE_CUDA=0 build/bench/gemm
+//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick]
+//
+// Letters: op(A) [M, K], op(B) [K, N], C [M, N]; "NT" = A as is, B transposed (PyTorch's linear: x W^T).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/gemm.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef CM_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+namespace {
+
+struct Shape {
+  const char* name;
+  int64_t M, N, K;
+  bool ta, tb;
+  int64_t batch = 1;
+};
+
+// Deterministic values in [-1, 1).
+void fill(std::vector<float>& v, uint64_t seed) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (float& x : v) {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    x = (float)((s >> 40) * (1.0 / (1ull << 24))) * 2.0f - 1.0f;
+  }
+}
+
+struct Problem {
+  Shape s;
+  int64_t lda, ldb, ldc, sa, sb, sc;
+  std::vector<float> A, B, C;
+  explicit Problem(const Shape& sh) : s(sh) {
+    lda = s.ta ? s.M : s.K;
+    ldb = s.tb ? s.K : s.N;
+    ldc = s.N;
+    sa = s.M * s.K, sb = s.K * s.N, sc = s.M * s.N;
+    A.resize(sa * s.batch), B.resize(sb * s.batch), C.resize(sc * s.batch);
+    fill(A, 1), fill(B, 2);
+  }
+  float a(int64_t b, int64_t i, int64_t k) const { return A[b * sa + (s.ta ? k * lda + i : i * lda + k)]; }
+  float bv(int64_t b, int64_t k, int64_t j) const { return B[b * sb + (s.tb ? j * ldb + k : k * ldb + j)]; }
+  void ours() {
+    cm::cpu::gemm_strided_batched(C.data(), ldc, sc, A.data(), lda, sa, B.data(), ldb, sb, s.batch, s.M, s.N, s.K,
+                                  s.ta, s.tb, 1.0f, 0.0f);
+  }
+#ifdef CM_HAVE_OPENBLAS
+  void openblas() {
+    for (int64_t b = 0; b < s.batch; ++b)
+      cblas_sgemm(CblasRowMajor, s.ta ? CblasTrans : CblasNoTrans, s.tb ? CblasTrans : CblasNoTrans, (int)s.M,
+                  (int)s.N, (int)s.K, 1.0f, A.data() + b * sa, (int)lda, B.data() + b * sb, (int)ldb, 0.0f,
+                  C.data() + b * sc, (int)ldc);
+  }
+#endif
+};
+
+// Max relative error of C over a sample of (at most 64) rows of the first and last batch entries, against a
+// double-precision reference. Relative to sum_k |a*b| (the scale of the rounding error).
+double validate(Problem& p) {
+  std::fill(p.C.begin(), p.C.end(), NAN);  // beta == 0 must overwrite everything
+  p.ours();
+  double worst = 0;
+  for (int64_t b : {(int64_t)0, p.s.batch - 1}) {
+    const int64_t step = std::max<int64_t>(1, p.s.M / 64);
+    for (int64_t i = 0; i < p.s.M; i += step)
+      for (int64_t j = 0; j < p.s.N; ++j) {
+        double ref = 0, mag = 0;
+        for (int64_t k = 0; k < p.s.K; ++k) {
+          double t = (double)p.a(b, i, k) * p.bv(b, k, j);
+          ref += t, mag += std::fabs(t);
+        }
+        double err = std::fabs(p.C[b * p.sc + i * p.ldc + j] - ref) / (mag + 1e-30);
+        if (!(err <= 1.0)) err = 1.0;  // NaN
+        worst = std::max(worst, err);
+      }
+  }
+  return worst;
+}
+
+template <class F>
+double median_seconds(F&& f, int repeats) {
+  f();  // warm-up: page faults, packing buffers, thread pool start
+  std::vector<double> t;
+  for (int r = 0; r < repeats; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const int repeats = quick ? 5 : 9;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs%s\n", threads, repeats,
+#ifdef CM_HAVE_OPENBLAS
+              ", OpenBLAS in the same run (set OPENBLAS_NUM_THREADS to match)"
+#else
+              ", built without OpenBLAS"
+#endif
+  );
+
+  // C = 384 channels, B*T = 4096 tokens, hidden 4C = 1536. fc1: [4096,384] x [1536,384]^T, fc2: [4096,1536] x
+  // [384,1536]^T. Gradients: dX = dY W (NN), dW = dY^T X (TN). Attention: (B*H) x [T,D] x [T,D]^T.
+  std::vector<Shape> shapes = {
+      {"square", 256, 256, 256, false, false},        {"square", 512, 512, 512, false, false},
+      {"square", 1024, 1024, 1024, false, false},     {"square", 2048, 2048, 2048, false, false},
+      {"square TN", 1024, 1024, 1024, true, false},   {"square NT", 1024, 1024, 1024, false, true},
+      {"square TT", 1024, 1024, 1024, true, true},    {"fc1 fwd NT", 4096, 1536, 384, false, true},
+      {"fc2 fwd NT", 4096, 384, 1536, false, true},   {"fc1 dX NN", 4096, 384, 1536, false, false},
+      {"fc2 dX NN", 4096, 1536, 384, false, false},   {"fc1 dW TN", 1536, 384, 4096, true, false},
+      {"fc2 dW TN", 384, 1536, 4096, true, false},    {"router NT", 4096, 8, 384, false, true},
+      {"attn qk^T x96", 256, 256, 64, false, true, 96}, {"attn pv x96", 256, 64, 256, false, false, 96},
+  };
+  if (quick) shapes.erase(shapes.begin() + 3);  // no 2048^3
+
+  bool ok = true;
+  for (const Shape& s : shapes) {
+    Problem p(s);
+    const double err = validate(p);
+    if (err > 1e-5) {
+      std::printf("FAIL %-14s %5ldx%5ldx%5ld  relative error %.3g\n", s.name, (long)s.M, (long)s.N, (long)s.K, err);
+      ok = false;
+      continue;
+    }
+    const double gflop = 2.0 * s.M * s.N * s.K * s.batch * 1e-9;
+    const double ours = gflop / median_seconds([&] { p.ours(); }, repeats);
+    std::printf("%-14s %5ldx%5ldx%5ld%s  ours %7.1f GFLOP/s", s.name, (long)s.M, (long)s.N, (long)s.K,
+                s.batch > 1 ? " (batched)" : "", ours);
+#ifdef CM_HAVE_OPENBLAS
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let our spinning OpenMP workers go idle
+    const double blas = gflop / median_seconds([&] { p.openblas(); }, repeats);
+    std::printf("  OpenBLAS %7.1f GFLOP/s  ratio %.2f", blas, ours / blas);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+#endif
+    std::printf("  (max rel err %.1e)\n", err);
+    std::fflush(stdout);
+  }
+  return ok ? 0 : 1;
+}
