@@ -1,8 +1,8 @@
 // SGEMM lab: cm::cpu::gemm throughput (GFLOP/s = 2*M*N*K / time) on square sizes and on the model's matrix
 // products ((B*T) x C x 4C: the MLP's two linears, forward and both gradients), and, when built with OpenBLAS
 // (CM_HAVE_OPENBLAS), cblas_sgemm on the same problems in the same run with the ratio ours / OpenBLAS.
-// Validation first: every shape is checked against a double-precision reference (naive on small problems, on a
-// sample of rows for big ones) before anything is timed. Time: median of REPEATS runs after one warm-up run.
+// Validation first: every shape is checked against a double-precision reference (on a sample of rows for big
+// problems) before anything is timed. Time: median of 15 runs (3 rounds of 5 after a warm-up; --quick: 1 round).
 //
 //   make -j2 USE_CUDA=0 build/bench/gemm
 //   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick]
@@ -96,14 +96,16 @@ double validate(Problem& p) {
 }
 
 template <class F>
-double median_seconds(F&& f, int repeats) {
+void time_runs(F&& f, int repeats, std::vector<double>& t) {
   f();  // warm-up: page faults, packing buffers, thread pool start
-  std::vector<double> t;
   for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     f();
     t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
+}
+
+double median(std::vector<double> t) {
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
@@ -112,12 +114,12 @@ double median_seconds(F&& f, int repeats) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
-  const int repeats = quick ? 5 : 9;
+  const int repeats = 5, rounds = quick ? 1 : 3;
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
-  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs%s\n", threads, repeats,
+  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs%s\n", threads, repeats * rounds,
 #ifdef CM_HAVE_OPENBLAS
               ", OpenBLAS in the same run (set OPENBLAS_NUM_THREADS to match)"
 #else
@@ -148,15 +150,24 @@ int main(int argc, char** argv) {
       ok = false;
       continue;
     }
+    // Ours and OpenBLAS take turns (ROUNDS blocks of REPEATS each), so that a neighbour's load that comes and
+    // goes hits both; the pauses let the other library's worker threads stop spinning first.
     const double gflop = 2.0 * s.M * s.N * s.K * s.batch * 1e-9;
-    const double ours = gflop / median_seconds([&] { p.ours(); }, repeats);
-    std::printf("%-14s %5ldx%5ldx%5ld%s  ours %7.1f GFLOP/s", s.name, (long)s.M, (long)s.N, (long)s.K,
-                s.batch > 1 ? " (batched)" : "", ours);
+    std::vector<double> t_ours, t_blas;
+    for (int round = 0; round < rounds; ++round) {
+      time_runs([&] { p.ours(); }, repeats, t_ours);
 #ifdef CM_HAVE_OPENBLAS
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let our spinning OpenMP workers go idle
-    const double blas = gflop / median_seconds([&] { p.openblas(); }, repeats);
-    std::printf("  OpenBLAS %7.1f GFLOP/s  ratio %.2f", blas, ours / blas);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      time_runs([&] { p.openblas(); }, repeats, t_blas);
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+#endif
+    }
+    const double ours = gflop / median(t_ours);
+    std::printf("%-14s %5ldx%5ldx%5ld%s  ours %6.1f GFLOP/s", s.name, (long)s.M, (long)s.N, (long)s.K,
+                s.batch > 1 ? " x96" : "    ", ours);
+#ifdef CM_HAVE_OPENBLAS
+    const double blas = gflop / median(t_blas);
+    std::printf("  OpenBLAS %6.1f GFLOP/s  ratio %.2f", blas, ours / blas);
 #endif
     std::printf("  (max rel err %.1e)\n", err);
     std::fflush(stdout);
