@@ -89,17 +89,20 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 // ---------------------------------------------------------------- indexing (ops_index.cpp)
 Tensor concat(const std::vector<Tensor>& xs, int64_t dim);
 std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, int64_t dim);
+// Indices are i32 in [0, size along dim); anything else (negative included) is an error naming index and bound.
 Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index);  // index i32 [n]
-Tensor gather(const Tensor& a, int64_t dim, const Tensor& index);        // index same rank as a; out has its shape
-// out = a with src added at index along dim (index and src have the same shape). Gradient to a and src.
-Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src);
-// The k largest along the last axis, sorted descending (ties: lower index first). Values are differentiable,
-// indices are i32. k > n is an error.
 // out = a, then out.select(dim, index[i]) += src.select(dim, i) for each i (PyTorch's index_add). index i32 [n];
 // src is a with size n along dim. Sequential over i: deterministic. Gradient to a and src.
 Tensor index_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src);
+// index has a's rank and a's sizes outside dim; out has index's shape: out[..i..] = a[..index[..i..]..].
+Tensor gather(const Tensor& a, int64_t dim, const Tensor& index);
+// out = a with src added at index along dim (index and src have the same shape, as in gather). Repeated indices
+// add in source order: deterministic. Gradient to a and src.
+Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src);
+// The k largest along the last axis, sorted descending (ties: lower index first; NaN ranks above numbers).
+// Values are differentiable, indices are i32. k > n is an error.
 std::pair<Tensor, Tensor> topk(const Tensor& a, int64_t k);
 Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b);  // mask broadcast with a and b
-Tensor masked_fill(const Tensor& a, const Tensor& mask, float value);
+Tensor masked_fill(const Tensor& a, const Tensor& mask, float value);  // mask broadcast to a's shape
 
 }  // namespace cm

@@ -1,0 +1,237 @@
+// Neural-net ops: softmax, log-softmax, cross-entropy, embedding, layernorm, rmsnorm, dropout, causal attention.
+// Each op checks its arguments, makes inputs contiguous, calls the raw kernel (kernels/<family>.h) and records its
+// backward right beside the forward. Backward closures capture detached tensors (never the output itself) and
+// return fresh gradient tensors; autograd accumulates them. causal_attention is composed of primitives and has no
+// backward of its own.
+#include <cmath>
+
+#include "autograd/ops.h"
+#include "kernels/dropout.h"
+#include "kernels/embedding.h"
+#include "kernels/losses.h"
+#include "kernels/norm.h"
+#include "kernels/softmax.h"
+
+namespace cm {
+
+namespace {
+
+// The raw kernels here are CPU kernels; a CUDA branch goes next to each call when kernels/cuda/ has them.
+void require_cpu(const char* op, const Tensor& t) {
+  CM_REQUIRE(t.device() == Device::CPU, op, ": tensors on cuda are not supported yet (no CUDA kernel for ", op,
+             ")");
+}
+
+void require_f32(const char* op, const char* what, const Tensor& t) {
+  CM_REQUIRE(t.defined(), op, ": ", what, " is undefined");
+  CM_REQUIRE(t.dtype() == DType::F32, op, ": ", what, " must be f32, got ", dtype_name(t.dtype()), " of shape ",
+             shape_str(t.shape()));
+  require_cpu(op, t);
+}
+
+void require_i32(const char* op, const char* what, const Tensor& t) {
+  CM_REQUIRE(t.defined(), op, ": ", what, " is undefined");
+  CM_REQUIRE(t.dtype() == DType::I32, op, ": ", what, " must be i32, got ", dtype_name(t.dtype()), " of shape ",
+             shape_str(t.shape()));
+  require_cpu(op, t);
+}
+
+// [..., C] seen as [N, C]: N is the product of the leading dims (1 for a 1-D tensor; 0 if any is 0).
+struct Rows {
+  int64_t N, C;
+};
+Rows last_axis_rows(const char* op, const Tensor& x) {
+  CM_REQUIRE(x.dim() >= 1, op, ": needs at least one dimension, got a 0-d tensor");
+  Rows r{1, x.size(-1)};
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) r.N *= x.shape()[d];
+  return r;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- softmax, log-softmax
+
+Tensor softmax(const Tensor& a) {
+  require_f32("softmax", "input", a);
+  const Rows r = last_axis_rows("softmax", a);
+  Tensor x = a.contiguous();
+  Tensor y = Tensor::empty(a.shape());
+  cpu::softmax_forward(y.f32(), x.f32(), r.N, r.C);
+  return record("softmax", y, {a}, [yd = y.detach(), r](const Tensor& gy) {
+    Tensor g = gy.contiguous();
+    Tensor dx = Tensor::empty(yd.shape());
+    cpu::softmax_backward(dx.f32(), g.f32(), yd.f32(), r.N, r.C);
+    return grads{dx};
+  });
+}
+
+Tensor log_softmax(const Tensor& a) {
+  require_f32("log_softmax", "input", a);
+  const Rows r = last_axis_rows("log_softmax", a);
+  Tensor x = a.contiguous();
+  Tensor y = Tensor::empty(a.shape());
+  cpu::log_softmax_forward(y.f32(), x.f32(), r.N, r.C);
+  return record("log_softmax", y, {a}, [yd = y.detach(), r](const Tensor& gy) {
+    Tensor g = gy.contiguous();
+    Tensor dx = Tensor::empty(yd.shape());
+    cpu::log_softmax_backward(dx.f32(), g.f32(), yd.f32(), r.N, r.C);
+    return grads{dx};
+  });
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+  require_f32("cross_entropy", "logits", logits);
+  require_i32("cross_entropy", "targets", targets);
+  CM_REQUIRE(logits.dim() == 2, "cross_entropy: logits must be [N, V], got ", shape_str(logits.shape()));
+  const int64_t N = logits.size(0), V = logits.size(1);
+  CM_REQUIRE(targets.dim() == 1 && targets.size(0) == N, "cross_entropy: targets must be [N] = [", N,
+             "] for logits ", shape_str(logits.shape()), ", got ", shape_str(targets.shape()));
+  CM_REQUIRE(V > 0 || N == 0, "cross_entropy: logits ", shape_str(logits.shape()), " have no classes");
+  Tensor x = logits.contiguous().detach();
+  Tensor t = targets.contiguous();
+  const int32_t* tp = t.i32();
+  int64_t valid = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (tp[n] == ignore_index) continue;
+    CM_REQUIRE(tp[n] >= 0 && tp[n] < V, "cross_entropy: target ", tp[n], " at row ", n,
+               " is out of range for V = ", V, " (and is not ignore_index ", ignore_index, ")");
+    ++valid;
+  }
+  Tensor losses = Tensor::empty({N}), lse = Tensor::empty({N});  // [N], [N]
+  cpu::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), tp, N, V, ignore_index);
+  // Mean over valid rows, summed serially in double: fixed order, so the loss does not depend on thread count.
+  // No valid rows: loss 0 and gradient 0 (not 0/0).
+  double total = 0.0;
+  const float* lp = losses.f32();
+  for (int64_t n = 0; n < N; ++n) total += lp[n];
+  Tensor loss = Tensor::scalar(valid > 0 ? (float)(total / (double)valid) : 0.0f);
+  return record("cross_entropy", loss, {logits}, [x, t, lse, valid, ignore_index](const Tensor& gy) {
+    const int64_t N = x.size(0), V = x.size(1);
+    const float scale = valid > 0 ? gy.item() / (float)valid : 0.0f;
+    Tensor dx = Tensor::empty({N, V});
+    cpu::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), scale, N, V, ignore_index);
+    return grads{dx};
+  });
+}
+
+// ---------------------------------------------------------------- embedding
+
+Tensor embedding(const Tensor& weight, const Tensor& ids) {
+  require_f32("embedding", "weight", weight);
+  require_i32("embedding", "ids", ids);
+  CM_REQUIRE(weight.dim() == 2, "embedding: weight must be [V, C], got ", shape_str(weight.shape()));
+  const int64_t V = weight.size(0), C = weight.size(1), N = ids.numel();
+  Tensor id = ids.contiguous();
+  const int32_t* ip = id.i32();
+  for (int64_t n = 0; n < N; ++n)
+    CM_REQUIRE(ip[n] >= 0 && ip[n] < V, "embedding: id ", ip[n], " at position ", n, " is out of range for V = ", V,
+               " (weight ", shape_str(weight.shape()), ")");
+  Tensor w = weight.contiguous();
+  Shape out_shape = ids.shape();
+  out_shape.push_back(C);
+  Tensor out = Tensor::empty(out_shape);  // [..., C]
+  cpu::embedding_forward(out.f32(), w.f32(), ip, N, V, C);
+  return record("embedding", out, {weight}, [id, V, C, N](const Tensor& gy) {
+    Tensor g = gy.contiguous();
+    Tensor dw = Tensor::zeros({V, C});  // the kernel accumulates into it
+    cpu::embedding_backward(dw.f32(), g.f32(), id.i32(), N, V, C);
+    return grads{dw};
+  });
+}
+
+// ---------------------------------------------------------------- layernorm, rmsnorm
+
+static void check_norm_param(const char* op, const char* what, const Tensor& p, const Tensor& x, int64_t C) {
+  require_f32(op, what, p);
+  CM_REQUIRE(p.dim() == 1 && p.size(0) == C, op, ": ", what, " must be [C] = [", C, "] for input ",
+             shape_str(x.shape()), ", got ", shape_str(p.shape()));
+}
+
+Tensor layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps) {
+  require_f32("layernorm", "input", x);
+  const Rows r = last_axis_rows("layernorm", x);
+  check_norm_param("layernorm", "weight", weight, x, r.C);
+  const bool has_bias = bias.defined();
+  if (has_bias) check_norm_param("layernorm", "bias", bias, x, r.C);
+  CM_REQUIRE(eps >= 0.0f, "layernorm: eps must be >= 0, got ", eps);
+  Tensor xc = x.contiguous().detach(), w = weight.contiguous().detach();
+  Tensor b = has_bias ? bias.contiguous() : Tensor();
+  Tensor y = Tensor::empty(x.shape());
+  Tensor mean = Tensor::empty({r.N}), rstd = Tensor::empty({r.N});  // [N], [N]
+  cpu::layernorm_forward(y.f32(), mean.f32(), rstd.f32(), xc.f32(), w.f32(), has_bias ? b.f32() : nullptr, r.N, r.C,
+                         eps);
+  std::vector<Tensor> inputs{x, weight};
+  if (has_bias) inputs.push_back(bias);
+  return record("layernorm", y, inputs, [xc, w, mean, rstd, r, has_bias](const Tensor& gy) {
+    Tensor g = gy.contiguous();
+    Tensor dx = Tensor::empty(xc.shape()), dw = Tensor::empty({r.C});
+    Tensor db = has_bias ? Tensor::empty({r.C}) : Tensor();
+    cpu::layernorm_backward(dx.f32(), dw.f32(), has_bias ? db.f32() : nullptr, g.f32(), xc.f32(), w.f32(),
+                            mean.f32(), rstd.f32(), r.N, r.C);
+    return has_bias ? grads{dx, dw, db} : grads{dx, dw};
+  });
+}
+
+Tensor rmsnorm(const Tensor& x, const Tensor& weight, float eps) {
+  require_f32("rmsnorm", "input", x);
+  const Rows r = last_axis_rows("rmsnorm", x);
+  check_norm_param("rmsnorm", "weight", weight, x, r.C);
+  CM_REQUIRE(eps >= 0.0f, "rmsnorm: eps must be >= 0, got ", eps);
+  Tensor xc = x.contiguous().detach(), w = weight.contiguous().detach();
+  Tensor y = Tensor::empty(x.shape());
+  Tensor rstd = Tensor::empty({r.N});  // [N]
+  cpu::rmsnorm_forward(y.f32(), rstd.f32(), xc.f32(), w.f32(), r.N, r.C, eps);
+  return record("rmsnorm", y, {x, weight}, [xc, w, rstd, r](const Tensor& gy) {
+    Tensor g = gy.contiguous();
+    Tensor dx = Tensor::empty(xc.shape()), dw = Tensor::empty({r.C});
+    cpu::rmsnorm_backward(dx.f32(), dw.f32(), g.f32(), xc.f32(), w.f32(), rstd.f32(), r.N, r.C);
+    return grads{dx, dw};
+  });
+}
+
+// ---------------------------------------------------------------- dropout
+
+Tensor dropout(const Tensor& x, float p, bool training, Generator& gen) {
+  require_f32("dropout", "input", x);
+  CM_REQUIRE(p >= 0.0f && p < 1.0f, "dropout: p must be in [0, 1), got ", p);
+  // Identity: returns x itself and draws nothing, so evaluation does not move the generator.
+  if (!training || p == 0.0f) return x;
+  const int64_t n = x.numel();
+  const uint64_t seed = gen.seed, offset = gen.take((uint64_t)n);
+  Tensor xc = x.contiguous();
+  Tensor y = Tensor::empty(x.shape());
+  cpu::dropout_forward(y.f32(), xc.f32(), n, p, seed, offset);
+  // The mask is regenerated from (seed, offset) in backward rather than stored.
+  return record("dropout", y, {x}, [n, p, seed, offset, shape = x.shape()](const Tensor& gy) {
+    Tensor g = gy.contiguous();
+    Tensor dx = Tensor::empty(shape);
+    cpu::dropout_backward(dx.f32(), g.f32(), n, p, seed, offset);
+    return grads{dx};
+  });
+}
+
+// ---------------------------------------------------------------- causal attention
+
+Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  require_f32("causal_attention", "q", q);
+  require_f32("causal_attention", "k", k);
+  require_f32("causal_attention", "v", v);
+  CM_REQUIRE(q.dim() == 4, "causal_attention: q must be [B, H, T, D], got ", shape_str(q.shape()));
+  CM_REQUIRE(k.shape() == q.shape() && v.shape() == q.shape(), "causal_attention: q, k, v must have one shape, got ",
+             shape_str(q.shape()), ", ", shape_str(k.shape()), ", ", shape_str(v.shape()));
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  Tensor q3 = q.reshape({B * H, T, D}), k3 = k.reshape({B * H, T, D}), v3 = v.reshape({B * H, T, D});
+  Tensor att = mul(matmul(q3, k3, false, true), 1.0f / std::sqrt((float)D));  // [BH, T, T]
+  // future[i, j] = 1 where key j comes after query i. -inf there gives exactly 0 after softmax (exp_approx(-inf)
+  // = 0), and every row keeps its diagonal, so no row is all -inf.
+  std::vector<int32_t> future((size_t)(T * T));
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < T; ++j) future[(size_t)(i * T + j)] = j > i;
+  att = masked_fill(att, Tensor::from_vector(future, {T, T}), -INFINITY);
+  att = softmax(att);
+  return matmul(att, v3).reshape({B, H, T, D});  // [BH, T, T] x [BH, T, D] -> [B, H, T, D]
+}
+
+}  // namespace cm

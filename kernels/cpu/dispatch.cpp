@@ -1,0 +1,195 @@
+// CPU MoE dispatch. See kernels/dispatch.h for the layout (A = T*K assignments, rows, offsets) and the contract.
+#include "kernels/dispatch.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace cm::cpu {
+namespace {
+
+// The counting sort runs on P contiguous chunks of the assignment list: chunk p counts its own ids, then its
+// start inside expert e's segment is offsets[e] + (ids of e in chunks before p). Chunks are in assignment order,
+// so the scatter is stable, and the permutation comes out the same for any P: P only changes the speed.
+struct Chunks {
+  int64_t P;
+  int64_t A;
+  int64_t begin(int64_t p) const { return A * p / P; }
+};
+
+Chunks make_chunks(int64_t A) {
+  int64_t P = 1;
+#ifdef _OPENMP
+  P = omp_get_max_threads();
+#endif
+  P = std::max<int64_t>(1, std::min<int64_t>(P, A / 16384));  // small lists: one chunk, no thread start-up
+  return Chunks{P, A};
+}
+
+// local[p*N + e] = ids of e in chunk p. Returns the number of ids outside [-1, N).
+int64_t chunk_histograms(std::vector<int64_t>& local, const Chunks& ch, const int32_t* __restrict expert,
+                         int64_t N) {
+  local.assign((size_t)(ch.P * N), 0);
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static, 1) num_threads(ch.P) if (ch.P > 1) reduction(+ : bad)
+  for (int64_t p = 0; p < ch.P; ++p) {
+    int64_t* __restrict cnt = local.data() + p * N;
+    for (int64_t a = ch.begin(p); a < ch.begin(p + 1); ++a) {
+      int32_t e = expert[a];
+      if (e >= 0 && e < N)
+        cnt[e]++;
+      else if (e != -1)
+        bad++;
+    }
+  }
+  return bad;
+}
+
+void scatter_with(int32_t* __restrict row_of, int32_t* __restrict assign_of, const int32_t* __restrict expert,
+                  const int64_t* offsets, std::vector<int64_t>& local, const Chunks& ch, int64_t N) {
+  // Turn per-chunk counts into per-chunk write cursors, in place.
+  for (int64_t e = 0; e < N; ++e) {
+    int64_t pos = offsets[e];
+    for (int64_t p = 0; p < ch.P; ++p) {
+      int64_t c = local[(size_t)(p * N + e)];
+      local[(size_t)(p * N + e)] = pos;
+      pos += c;
+    }
+  }
+#pragma omp parallel for schedule(static, 1) num_threads(ch.P) if (ch.P > 1)
+  for (int64_t p = 0; p < ch.P; ++p) {
+    int64_t* __restrict cur = local.data() + p * N;
+    for (int64_t a = ch.begin(p); a < ch.begin(p + 1); ++a) {
+      int32_t e = expert[a];
+      if (e >= 0 && e < N) {
+        int64_t r = cur[e]++;
+        row_of[a] = (int32_t)r;
+        assign_of[r] = (int32_t)a;
+      } else {
+        row_of[a] = -1;
+      }
+    }
+  }
+}
+
+// y += s * x over C floats (vectorises; one output row, one thread).
+inline void axpy(float* __restrict y, float s, const float* __restrict x, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) y[c] += s * x[c];
+}
+
+// dot(a, b) with 16 partial sums in a fixed order: vectorises without -ffast-math and is reproducible.
+inline float dot16(const float* __restrict a, const float* __restrict b, int64_t C) {
+  float acc[16] = {0};
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[c + j] * b[c + j];
+  for (int j = 0; c + j < C; ++j) acc[j] += a[c + j] * b[c + j];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+}  // namespace
+
+int64_t dispatch_histogram(int64_t* counts, const int32_t* expert, int64_t A, int64_t N) {
+  Chunks ch = make_chunks(A);
+  std::vector<int64_t> local;
+  int64_t bad = chunk_histograms(local, ch, expert, N);
+  for (int64_t e = 0; e < N; ++e) {
+    int64_t s = 0;
+    for (int64_t p = 0; p < ch.P; ++p) s += local[(size_t)(p * N + e)];
+    counts[e] = s;
+  }
+  return bad;
+}
+
+void dispatch_offsets(int64_t* offsets, const int64_t* counts, int64_t N) {
+  offsets[0] = 0;
+  for (int64_t e = 0; e < N; ++e) offsets[e + 1] = offsets[e] + counts[e];
+}
+
+void dispatch_scatter(int32_t* row_of, int32_t* assign_of, const int32_t* expert, const int64_t* offsets, int64_t A,
+                      int64_t N) {
+  Chunks ch = make_chunks(A);
+  std::vector<int64_t> local;
+  chunk_histograms(local, ch, expert, N);
+  scatter_with(row_of, assign_of, expert, offsets, local, ch, N);
+}
+
+int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of, const int32_t* expert,
+                      int64_t A, int64_t N) {
+  Chunks ch = make_chunks(A);
+  std::vector<int64_t> local;
+  int64_t bad = chunk_histograms(local, ch, expert, N);  // one counting pass serves counts and the scatter
+  for (int64_t e = 0; e < N; ++e) {
+    int64_t s = 0;
+    for (int64_t p = 0; p < ch.P; ++p) s += local[(size_t)(p * N + e)];
+    counts[e] = s;
+  }
+  dispatch_offsets(offsets, counts, N);
+  scatter_with(row_of, assign_of, expert, offsets, local, ch, N);
+  return bad;
+}
+
+void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < Ap; ++r) {
+    int64_t t = assign_of[r] / K;
+    std::memcpy(xe + r * C, x + t * C, (size_t)C * sizeof(float));
+  }
+}
+
+void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_of, int64_t T, int64_t K, int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* __restrict o = dx + t * C;
+    std::memset(o, 0, (size_t)C * sizeof(float));
+    for (int64_t j = 0; j < K; ++j) {
+      int64_t r = row_of[t * K + j];
+      if (r < 0) continue;
+      const float* __restrict g = d_xe + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] += g[c];
+    }
+  }
+}
+
+void dispatch_combine(float* out, const float* ye, const float* gate, const int32_t* row_of, int64_t T, int64_t K,
+                      int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * C;
+    std::memset(o, 0, (size_t)C * sizeof(float));
+    for (int64_t j = 0; j < K; ++j) {
+      int64_t r = row_of[t * K + j];
+      if (r >= 0) axpy(o, gate[t * K + j], ye + r * C, C);
+    }
+  }
+}
+
+void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, const float* ye, const float* gate,
+                               const int32_t* row_of, int64_t T, int64_t K, int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* __restrict g = d_out + t * C;
+    for (int64_t j = 0; j < K; ++j) {
+      int64_t a = t * K + j;
+      int64_t r = row_of[a];
+      if (r < 0) {
+        if (d_gate) d_gate[a] = 0.f;
+        continue;
+      }
+      if (d_ye) {
+        float* __restrict dy = d_ye + r * C;
+        float s = gate[a];
+        for (int64_t c = 0; c < C; ++c) dy[c] = s * g[c];
+      }
+      if (d_gate) d_gate[a] = dot16(g, ye + r * C, C);
+    }
+  }
+}
+
+}  // namespace cm::cpu

@@ -1,0 +1,113 @@
+// Autograd machinery: recording, fan-out accumulation, long chains, NoGrad, zero_grad, detach, freeing the graph.
+// The ops used here are views (they belong to the core) plus the arithmetic ops of ops.h.
+#include "helpers.h"
+
+using namespace cm;
+using cm::test::param;
+using cm::test::uniform;
+
+TEST_SUITE("autograd") {
+
+TEST_CASE("gradients flow back through views") {
+  Tensor x = param({2, 3, 4}, 1);
+  // out = some rearrangement; the gradient of sum(out * w) w.r.t. x is w put back where each element came from
+  auto fn = [](const std::vector<Tensor>& in) {
+    return in[0].transpose(0, 2).slice(1, 1, 3).reshape({4, 4}).unsqueeze(0).squeeze(0).select(0, 2);
+  };
+  CHECK_GRAD(fn, {x});
+  CHECK_GRAD([](const std::vector<Tensor>& in) { return in[0].permute({2, 0, 1}).contiguous().slice(0, 0, 4, 3); },
+             {x});
+}
+
+TEST_CASE("fan-out accumulates") {
+  Tensor x = param({3}, 2);
+  Tensor y = x + x * x;  // dy/dx = 1 + 2x
+  sum(y).backward();
+  std::vector<float> xv = x.to_f32_vector(), g = x.grad().to_f32_vector();
+  for (int i = 0; i < 3; ++i) CHECK(g[i] == doctest::Approx(1 + 2 * xv[i]));
+  // a second backward accumulates into the leaf
+  Tensor y2 = mul(x, 3.f);
+  sum(y2).backward();
+  g = x.grad().to_f32_vector();
+  for (int i = 0; i < 3; ++i) CHECK(g[i] == doctest::Approx(4 + 2 * xv[i]));
+}
+
+TEST_CASE("a chain of 10,000 ops runs backward without recursion and frees the graph") {
+  Tensor x = param({4}, 3, 0.5f, 1.5f);
+  Tensor y = x;
+  for (int i = 0; i < 10000; ++i) y = (i % 2) ? mul(y, 1.0001f) : add(y, 0.0001f);
+  Tensor l = sum(y);
+  l.backward();
+  double expect = std::pow(1.0001, 5000);
+  for (float g : x.grad().to_f32_vector()) CHECK(g == doctest::Approx(expect).epsilon(1e-4));
+  // the graph is freed: a second backward through it is an error, not a crash
+  CHECK_THROWS_AS(l.backward(), Error);
+}
+
+TEST_CASE("an unconsumed long chain is destroyed without deep recursion") {
+  Tensor x = param({1}, 4);
+  {
+    Tensor y = x;
+    for (int i = 0; i < 200000; ++i) y = y.reshape({1});
+  }
+  CHECK(x.requires_grad());
+}
+
+TEST_CASE("NoGrad records nothing; detach cuts history") {
+  Tensor x = param({3}, 5);
+  {
+    NoGrad ng;
+    Tensor y = x * 2.f;
+    CHECK(!y.requires_grad());
+    CHECK(y.is_leaf());
+  }
+  CHECK(grad_mode_enabled());
+  Tensor d = (x * 2.f).detach();
+  CHECK(!d.requires_grad());
+  Tensor z = x * d;  // d is a constant: dz/dx = d
+  sum(z).backward();
+  CHECK(x.grad().to_f32_vector() == d.to_f32_vector());
+}
+
+TEST_CASE("zero_grad clears; backward on a non-grad tensor is an error") {
+  Tensor x = param({2}, 6);
+  sum(x * 3.f).backward();
+  CHECK(x.grad().defined());
+  x.zero_grad();
+  CHECK(!x.grad().defined());
+  sum(x * 3.f).backward();
+  CHECK(x.grad().to_f32_vector() == std::vector<float>{3.f, 3.f});
+  CHECK_THROWS_AS(Tensor::ones({2}).backward(), Error);
+  CHECK_THROWS_AS((x * 2.f).backward(), Error);  // not a scalar and no gradient given
+}
+
+TEST_CASE("inputs that do not require grad get none") {
+  Tensor x = param({3}, 7);
+  Tensor c = uniform({3}, 8);
+  sum(x * c).backward();
+  CHECK(!c.grad().defined());
+  CHECK(x.grad().to_f32_vector() == c.to_f32_vector());
+}
+
+TEST_CASE("gradcheck catches a wrong gradient") {
+  // A deliberately wrong op: forward x^2, backward claims x (a factor of 2 off).
+  auto wrong = [](const std::vector<Tensor>& in) {
+    Tensor x = in[0];
+    Tensor y = Tensor::empty(x.shape());
+    for (int64_t i = 0; i < x.numel(); ++i) y.f32()[i] = x.f32()[i] * x.f32()[i];
+    return record("wrong_square", y, {x}, [xd = x.detach()](const Tensor& g) { return grads{g * xd}; });
+  };
+  Tensor x = param({5}, 9);
+  GradcheckResult r = gradcheck(wrong, {x});
+  CHECK(!r.ok);
+  CHECK(r.message.find("mismatch") != std::string::npos);
+  // And a transposed index: forward x^T, backward returns g unchanged reshaped (wrong element order).
+  auto wrong_t = [](const std::vector<Tensor>& in) {
+    Tensor y = in[0].transpose(0, 1).contiguous().detach();
+    return record("wrong_t", y, {in[0]}, [](const Tensor& g) { return grads{g.contiguous().reshape({3, 2})}; });
+  };
+  Tensor m = param({3, 2}, 10);
+  CHECK(!gradcheck(wrong_t, {m}).ok);
+}
+
+}  // TEST_SUITE
