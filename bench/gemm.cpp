@@ -5,7 +5,7 @@
 // problems) before anything is timed. Time: median of 15 runs (3 rounds of 5 after a warm-up; --quick: 1 round).
 //
 //   make -j2 USE_CUDA=0 build/bench/gemm
-//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick]
+//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick] [name filter, e.g. square]
 //
 // Letters: op(A) [M, K], op(B) [K, N], C [M, N]; "NT" = A as is, B transposed (PyTorch's linear: x W^T).
 #include <algorithm>
@@ -113,7 +113,14 @@ double median(std::vector<double> t) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false;
+  std::string only;  // run only the shapes whose name contains this (e.g. "square", "fc1")
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0)
+      quick = true;
+    else
+      only = argv[i];
+  }
   const int repeats = 5, rounds = quick ? 1 : 3;
   int threads = 1;
 #ifdef _OPENMP
@@ -143,6 +150,7 @@ int main(int argc, char** argv) {
 
   bool ok = true;
   for (const Shape& s : shapes) {
+    if (!only.empty() && std::string(s.name).find(only) == std::string::npos) continue;
     Problem p(s);
     const double err = validate(p);
     if (err > 1e-5) {

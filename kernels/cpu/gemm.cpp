@@ -8,10 +8,16 @@
 // The micro-kernel keeps an MR x NR block of C in registers (12 x 32 floats = 24 zmm on AVX-512), and for each
 // k broadcasts one A value per row and loads NR values of B: 24 FMAs per 2 loads of B + 12 broadcasts.
 //
-// Packed layouts (both zero-copy friendly for the micro-kernel: unit-stride walks in k):
+// Packed layouts (the micro-kernel walks both with unit stride in k):
 //   Ap: [kc][MR]  Ap[k*MR + i] = op(A)[ir+i][pc+k]    (rows past the edge are simply not read)
 //   Bp: panels of NR columns, panel p at Bp + p*NR*kc, each [kc][w] with w = 16*ceil(cols/16) <= NR,
 //       Bp[k*w + j] = op(B)[pc+k][jc+p*NR+j], zero-padded up to w.
+// Packing op(A) = A (row-major [M, K]) and op(B) = B^T is a transpose: done 16x16 in registers on AVX-512.
+// Packing costs O(MK + KN) per tile against O(MNK) flops, so small products pay little; packing buffers are
+// per thread and allocated once.
+//
+// Threads: C is cut into tiles (at most NC wide), each tile is one OpenMP task computed start to finish
+// (all of K) by one thread, which packs its own panels. Products under ~4 MFLOP run on the calling thread.
 //
 // Determinism: for every C element the arithmetic is acc = 0; acc = fma(a_k, b_k, acc) for k in the K block in
 // increasing k; C = alpha*acc + beta'*C (beta' = beta for the first K block, 1 after). The K blocks depend only
