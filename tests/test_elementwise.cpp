@@ -166,7 +166,6 @@ TEST_SUITE("kernels") {
       std::function<double(double)> f;
     };
     const std::vector<U> un = {{cpu::Unary::Neg, [](double x) { return -x; }},
-                               {cpu::Unary::Exp, [](double x) { return std::exp(x); }},
                                {cpu::Unary::Log, [](double x) { return std::log(x); }},
                                {cpu::Unary::Sqrt, [](double x) { return std::sqrt(x); }},
                                {cpu::Unary::Square, [](double x) { return x * x; }}};
@@ -204,6 +203,7 @@ TEST_SUITE("kernels") {
       std::function<double(double)> f;
     };
     const std::vector<A> acts = {
+        {"exp", cpu::exp_forward, cpu::exp_backward, true, [](double x) { return std::exp(x); }},
         {"tanh", cpu::tanh_forward, cpu::tanh_backward, true, [](double x) { return std::tanh(x); }},
         {"sigmoid", cpu::sigmoid_forward, cpu::sigmoid_backward, true,
          [](double x) { return 1.0 / (1.0 + std::exp(-x)); }},
@@ -229,6 +229,61 @@ TEST_SUITE("kernels") {
         REQUIRE(std::fabs(y[(size_t)i] - r) <= 2e-6 + 2e-6 * std::fabs(r));
         REQUIRE(std::fabs(dx[(size_t)i] - g) <= 2e-6 + 1e-5 * std::fabs(g));
       }
+    }
+  }
+
+  TEST_CASE("vectorised exp, tanh, sigmoid: a few ulp over the whole float range") {
+    std::vector<float> x;
+    for (float v = -110.f; v <= 95.f; v += 0.0173f) x.push_back(v);
+    for (float v = -1.f; v <= 1.f; v += 0.000731f) x.push_back(v);  // tanh's polynomial / exp switch at 0.625
+    for (float v : {0.f, -0.f, 1e-30f, -1e-30f, 88.7f, 88.73f, -87.3f, -103.f, -104.5f, 0.625f, -0.625f})
+      x.push_back(v);
+    const int64_t n = (int64_t)x.size();
+    std::vector<float> e((size_t)n), t((size_t)n), s((size_t)n);
+    cpu::exp_forward(e.data(), x.data(), n);
+    cpu::tanh_forward(t.data(), x.data(), n);
+    cpu::sigmoid_forward(s.data(), x.data(), n);
+    auto ulps = [](float got, double ref) {  // error in units of the float spacing at ref (denormal spacing floor)
+      const double spacing =
+          std::max(std::ldexp(1.0, std::ilogb(std::max(std::fabs(ref), 1e-300)) - 23), std::ldexp(1.0, -149));
+      return std::fabs((double)got - ref) / spacing;
+    };
+    for (int64_t i = 0; i < n; ++i) {
+      const double xi = x[(size_t)i], re = std::exp(xi), rs = 1.0 / (1.0 + std::exp(-xi));
+      CAPTURE(xi);
+      if (re > 3.4028234663852886e38)
+        REQUIRE(std::isinf(e[(size_t)i]));
+      else
+        REQUIRE(ulps(e[(size_t)i], re) <= 3.0);
+      REQUIRE(ulps(t[(size_t)i], std::tanh(xi)) <= 4.0);
+      REQUIRE(ulps(s[(size_t)i], rs) <= 4.0);
+    }
+    const float special[] = {INFINITY, -INFINITY, NAN};
+    float se[3], st[3], ss[3];
+    cpu::exp_forward(se, special, 3);
+    cpu::tanh_forward(st, special, 3);
+    cpu::sigmoid_forward(ss, special, 3);
+    CHECK(std::isinf(se[0]));
+    CHECK(se[1] == 0.f);
+    CHECK(std::isnan(se[2]));
+    CHECK(st[0] == 1.f);
+    CHECK(st[1] == -1.f);
+    CHECK(std::isnan(st[2]));
+    CHECK(ss[0] == 1.f);
+    CHECK(ss[1] == 0.f);
+    CHECK(std::isnan(ss[2]));
+  }
+
+  TEST_CASE("exact gelu keeps relative accuracy in the lower tail") {
+    // 0.5 x (1 + erf(x / sqrt 2)) in float cancels to 0 below x = -5; x Phi(x) through erfc does not.
+    std::vector<float> x;
+    for (float v = -12.f; v <= -3.f; v += 0.01f) x.push_back(v);
+    std::vector<float> y(x.size());
+    cpu::gelu_exact_forward(y.data(), x.data(), (int64_t)x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double v = x[i], r = v * 0.5 * std::erfc(-v / std::sqrt(2.0));
+      CAPTURE(v);
+      REQUIRE(std::fabs(y[i] - r) <= 3e-5 * std::fabs(r));
     }
   }
 

@@ -75,8 +75,9 @@ TEST_SUITE("kernels") {
   }
 
   TEST_CASE("sum_axis matches a double reference on odd [O, R, I] shapes") {
-    const int64_t shapes[][3] = {{1, 1, 1}, {3, 7, 1},  {1, 20000, 1}, {1, 5, 300}, {4, 9, 257},  {2, 0, 3},
-                                 {5, 1, 5}, {13, 3, 2}, {1, 8193, 1},  {0, 4, 4},   {7, 100, 513}};
+    const int64_t shapes[][3] = {{1, 1, 1},     {3, 7, 1},     {1, 20000, 1}, {1, 5, 300},  {4, 9, 257},
+                                 {2, 0, 3},     {5, 1, 5},     {13, 3, 2},    {1, 8193, 1}, {0, 4, 4},
+                                 {1, 1000, 37}, {1, 513, 300}, {1, 257, 2},   {7, 100, 513}};
     uint64_t seed = 40;
     for (const auto& s : shapes) {
       const int64_t O = s[0], R = s[1], I = s[2];
@@ -177,8 +178,34 @@ TEST_SUITE("kernels") {
     CHECK(dx == want);
   }
 
+  TEST_CASE("max over long contiguous rows: ties across chunks, NaN, all -inf") {
+    const int64_t R = 200;
+    std::vector<float> a = rand_vec(3 * R, 75);
+    a[150] = 3.f;  // row 0: max at 150, tie at 170
+    a[170] = 3.f;
+    a[R + 100] = std::numeric_limits<float>::quiet_NaN();  // row 1: first NaN at 100
+    a[R + 130] = std::numeric_limits<float>::quiet_NaN();
+    a[R + 20] = 9.f;
+    for (int64_t k = 0; k < R; ++k) a[(size_t)(2 * R + k)] = -INFINITY;  // row 2
+    std::vector<float> v(3);
+    std::vector<int32_t> at(3);
+    cpu::max_axis(v.data(), at.data(), a.data(), 3, R, 1);
+    CHECK(at == std::vector<int32_t>{150, 100, 0});
+    CHECK(v[0] == 3.f);
+    CHECK(std::isnan(v[1]));
+    CHECK(v[2] == -INFINITY);
+    // Signed zeros compare equal: the first one is the maximum, with its own sign.
+    const std::vector<float> z = {-1.f, -0.f, 0.f, -2.f};
+    float zv = 1;
+    int32_t zi = -1;
+    cpu::max_axis(&zv, &zi, z.data(), 1, 4, 1);
+    CHECK(zi == 1);
+    CHECK(std::signbit(zv));
+  }
+
   TEST_CASE("max_axis matches a naive scan on odd shapes") {
-    const int64_t shapes[][3] = {{3, 7, 1}, {1, 5, 300}, {4, 9, 257}, {2, 1, 3}, {6, 33, 5}};
+    const int64_t shapes[][3] = {{3, 7, 1},  {1, 5, 300}, {4, 9, 257}, {2, 1, 3},
+                                 {6, 33, 5}, {5, 301, 1}, {2, 64, 1}};
     uint64_t seed = 80;
     for (const auto& s : shapes) {
       const int64_t O = s[0], R = s[1], I = s[2];

@@ -201,7 +201,6 @@ void scalar(Scalar op, float* out, const float* a, float s, int64_t n) {
 void unary(Unary op, float* out, const float* a, int64_t n) {
   switch (op) {
     case Unary::Neg: map([](float x) { return -x; }, out, a, n); break;
-    case Unary::Exp: map([](float x) { return std::exp(x); }, out, a, n); break;
     case Unary::Log: map([](float x) { return std::log(x); }, out, a, n); break;
     case Unary::Sqrt: map([](float x) { return std::sqrt(x); }, out, a, n); break;
     case Unary::Square: map([](float x) { return x * x; }, out, a, n); break;

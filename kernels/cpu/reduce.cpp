@@ -4,6 +4,7 @@
 //   - an axis sum over [O, R, I] gives each output element to one thread, which adds its R values in order.
 #include "kernels/reduce.h"
 
+#include <cmath>
 #include <cstddef>
 #include <vector>
 
@@ -11,7 +12,8 @@ namespace cm::cpu {
 namespace {
 
 constexpr int64_t kBlock = 8192;           // elements per partial of a long sum (fixed: part of the result)
-constexpr int64_t kChunk = 256;            // inner elements per tile of an axis reduction
+constexpr int64_t kChunk = 256;            // most inner elements per tile of an axis reduction
+constexpr int64_t kRowBlock = 256;         // rows per partial of a column sum (fixed: part of the result)
 constexpr int64_t kParallelMin = 1 << 15;  // below this many inputs threads cost more than they save
 
 // Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a
@@ -41,8 +43,48 @@ double long_sum(const float* a, int64_t n, bool parallel) {
   return s;
 }
 
+// Tile width for an [O, R, I] axis reduction with I > 1: kChunk, narrowed (down to 64) while there would be too
+// few tiles to keep the threads busy. (Narrower tiles walk memory in short strided pieces.) The width only decides
+// which thread owns which outputs; each output is still the same in-order sum, so it does not change results.
+inline int64_t tile_width(int64_t O, int64_t I) {
+  int64_t w = kChunk;
+  while (w > 64 && O * ((I + w - 1) / w) < 64) w /= 2;
+  return w;
+}
+
 // "v beats best" for a max that keeps the FIRST maximum and lets NaN win (and stay).
 inline bool beats(float v, float best) { return v > best || (v != v && best == best); }
+
+// The first maximum of one contiguous row a [R], R >= 1. A branchy running max does not vectorise (2 ns per
+// element), so two vectorised passes: the maximum value (and whether there is a NaN), then a scan in chunks of 64
+// for the first position holding it (or the first NaN). The row is still in cache for the second pass.
+// (`omp simd` lets the compiler reorder the max and OR reductions, both exact; without OpenMP it is ignored.)
+inline int64_t row_argmax(const float* a, int64_t R) {
+  float m = -INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t i = 0; i < R; ++i) {
+    m = a[i] > m ? a[i] : m;
+    nan |= a[i] != a[i];
+  }
+  auto hit = [nan, m](float v) { return nan ? v != v : v == m; };  // an all -inf row finds -inf at 0
+  constexpr int64_t S = 64;
+  int64_t c = 0;
+  for (; c + S <= R; c += S) {
+    int any = 0;
+    if (nan) {
+#pragma omp simd reduction(| : any)
+      for (int64_t j = 0; j < S; ++j) any |= a[c + j] != a[c + j];
+    } else {
+#pragma omp simd reduction(| : any)
+      for (int64_t j = 0; j < S; ++j) any |= a[c + j] == m;
+    }
+    if (any) break;
+  }
+  for (int64_t k = c; k < R; ++k)
+    if (hit(a[k])) return k;
+  return 0;
+}
 
 }  // namespace
 
@@ -59,13 +101,37 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
     for (int64_t o = 0; o < O; ++o) out[o] = (float)(sc * long_sum(a + o * R, R, false));
     return;
   }
-  // Tiles of (o, kChunk inner elements): a thread walks r in order and adds whole contiguous row pieces into
+  // Column sums, [R, I] -> [I] (the bias gradient [B*T, C] -> [C]): too few outputs to share out, so the rows are
+  // cut into fixed blocks of kRowBlock; each block's partial sums (double) are made by one thread streaming whole
+  // rows, and the partials are added in block order.
+  if (O == 1 && R > kRowBlock && I <= 8192) {
+    const int64_t nb = (R + kRowBlock - 1) / kRowBlock;
+    std::vector<double> part((size_t)(nb * I));
+#pragma omp parallel for schedule(static) if (R * I >= kParallelMin)
+    for (int64_t b = 0; b < nb; ++b) {
+      double* __restrict acc = part.data() + b * I;
+      for (int64_t i = 0; i < I; ++i) acc[i] = 0;
+      const int64_t r1 = (R - b * kRowBlock < kRowBlock) ? R : (b + 1) * kRowBlock;
+      for (int64_t r = b * kRowBlock; r < r1; ++r) {
+        const float* __restrict row = a + r * I;
+        for (int64_t i = 0; i < I; ++i) acc[i] += (double)row[i];
+      }
+    }
+    double* __restrict tot = part.data();  // block 0's partials, then blocks 1.. added in order
+    for (int64_t b = 1; b < nb; ++b) {
+      const double* __restrict pb = part.data() + b * I;
+      for (int64_t i = 0; i < I; ++i) tot[i] += pb[i];
+    }
+    for (int64_t i = 0; i < I; ++i) out[i] = (float)(sc * tot[i]);
+    return;
+  }
+  // Tiles of (o, W inner elements): a thread walks r in order and adds whole contiguous row pieces into
   // double accumulators, so the loads stream through memory and the adds vectorise.
-  const int64_t chunks = (I + kChunk - 1) / kChunk;
+  const int64_t W = tile_width(O, I), chunks = (I + W - 1) / W;
 #pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
   for (int64_t t = 0; t < O * chunks; ++t) {
-    const int64_t o = t / chunks, i0 = (t % chunks) * kChunk;
-    const int64_t w = (I - i0 < kChunk) ? I - i0 : kChunk;
+    const int64_t o = t / chunks, i0 = (t % chunks) * W;
+    const int64_t w = (I - i0 < W) ? I - i0 : W;
     double acc[kChunk];
     for (int64_t i = 0; i < w; ++i) acc[i] = 0;
     for (int64_t r = 0; r < R; ++r) {
@@ -132,11 +198,8 @@ void max_all(float* out, int64_t* idx, const float* a, int64_t n) {
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * kBlock, hi = (n - lo < kBlock) ? n : lo + kBlock;
-    float best = a[lo];
-    int64_t at = lo;
-    for (int64_t i = lo + 1; i < hi; ++i)
-      if (beats(a[i], best)) best = a[i], at = i;
-    bv[b] = best;
+    const int64_t at = lo + row_argmax(a + lo, hi - lo);
+    bv[b] = a[at];
     bi[b] = at;
   }
   // Blocks in order, strict "beats": a tie keeps the earlier block, so the first maximum wins overall.
@@ -149,19 +212,31 @@ void max_all(float* out, int64_t* idx, const float* a, int64_t n) {
 }
 
 void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, int64_t I) {
-  const int64_t chunks = (I + kChunk - 1) / kChunk;
+  if (I == 1) {  // each output is a contiguous row of R
+#pragma omp parallel for schedule(static) if (O * R >= kParallelMin)
+    for (int64_t o = 0; o < O; ++o) {
+      const int64_t at = row_argmax(a + o * R, R);
+      if (out) out[o] = a[o * R + at];
+      if (idx) idx[o] = (int32_t)at;
+    }
+    return;
+  }
+  const int64_t W = tile_width(O, I), chunks = (I + W - 1) / W;
 #pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
   for (int64_t t = 0; t < O * chunks; ++t) {
-    const int64_t o = t / chunks, i0 = (t % chunks) * kChunk;
-    const int64_t w = (I - i0 < kChunk) ? I - i0 : kChunk;
+    const int64_t o = t / chunks, i0 = (t % chunks) * W;
+    const int64_t w = (I - i0 < W) ? I - i0 : W;
     const float* base = a + o * R * I + i0;
     float best[kChunk];
     int32_t at[kChunk];
     for (int64_t i = 0; i < w; ++i) best[i] = base[i], at[i] = 0;
     for (int64_t r = 1; r < R; ++r) {
       const float* row = base + r * I;
-      for (int64_t i = 0; i < w; ++i)
-        if (beats(row[i], best[i])) best[i] = row[i], at[i] = (int32_t)r;
+      for (int64_t i = 0; i < w; ++i) {  // selects, not branches: vectorises with masks
+        const bool take = beats(row[i], best[i]);
+        best[i] = take ? row[i] : best[i];
+        at[i] = take ? (int32_t)r : at[i];
+      }
     }
     if (out)
       for (int64_t i = 0; i < w; ++i) out[o * I + i0 + i] = best[i];
