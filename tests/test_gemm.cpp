@@ -275,10 +275,12 @@ TEST_CASE("matmul: gradients for every rank and transpose form") {
     const int64_t M = 5, N = 4, K = 3;
     Tensor a2 = param(ta ? Shape{K, M} : Shape{M, K}, 60 + t), b2 = param(tb ? Shape{N, K} : Shape{K, N}, 70 + t);
     CHECK_GRAD(f, {a2, b2});
-    Tensor a3 = param(ta ? Shape{2, K, M} : Shape{2, M, K}, 80 + t), b3 = param(tb ? Shape{2, N, K} : Shape{2, K, N}, 90 + t);
-    CHECK_GRAD(f, {a3, b3});
+    Tensor a3 = param(ta ? Shape{2, K, M} : Shape{2, M, K}, 80 + t);
+    Tensor b3 = param(tb ? Shape{2, N, K} : Shape{2, K, N}, 90 + t);
+    CHECK_GRAD(f, {a3, b3});  // batched
+    CHECK_GRAD(f, {a3, b2});  // rank 3 times 2-D
     Tensor a4 = param(ta ? Shape{2, 3, K, M} : Shape{2, 3, M, K}, 100 + t);
-    CHECK_GRAD(f, {a4, b2});
+    CHECK_GRAD(f, {a4, b2});  // rank 4 times 2-D
     // only one side requiring grad
     Tensor bc = uniform(b2.shape(), 110 + t);
     CHECK_GRAD(f, {a2, bc});

@@ -208,11 +208,13 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 
 // dst[t*dst_stride + i] = src[i*src_stride + t] for i < rows, t < cols <= 16: one strip of a transpose, the
 // inner step of both transposing packs. Lanes rows..store_lanes-1 of each written row are written as 0.
-__attribute__((always_inline)) inline void transpose_strip(float* __restrict dst, int64_t dst_stride, const float* __restrict src,
-                            int64_t src_stride, int rows, int cols, int store_lanes) {
+__attribute__((always_inline)) inline void transpose_strip(float* __restrict dst, int64_t dst_stride,
+                                                           const float* __restrict src, int64_t src_stride, int rows,
+                                                           int cols, int store_lanes) {
   const __mmask16 in = (__mmask16)((1u << cols) - 1), out = (__mmask16)((1u << store_lanes) - 1);
   __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(in, src + i * src_stride) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(in, src + i * src_stride) : _mm512_setzero_ps();
   transpose16(r);
   for (int t = 0; t < cols; ++t) _mm512_mask_storeu_ps(dst + t * dst_stride, out, r[t]);
 }
