@@ -1,0 +1,425 @@
+// The FFN / MoE layer: routing, capacity, dispatch by counting sort, per-expert GEMMs, fault guard, combine;
+// and the layer's no-gradient state (reliability, statistics, pruning).
+#include "model/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace cm {
+
+MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& gen)
+    : moe(moe_), layer(layer_), C(cfg.d_model), V(cfg.vocab_size), cfg_(cfg) {
+  N = moe ? cfg.num_experts() : 1;
+  K = moe ? cfg.experts_per_token() : 1;
+  if (moe) router = TreeRouter(cfg, gen);
+  for (int64_t e = 0; e < N; ++e) experts.emplace_back(cfg, gen);
+  if (moe && cfg.use_adaptive_routing) {
+    gate = Linear(C, 1, true, cfg.init_std, gen);
+    gate.w.fill_(0.f);  // starts as a constant 0.5 per token; learns which tokens need their experts
+  }
+  reliability_ = Tensor::ones({N});
+  norm_ema_ = Tensor::zeros({N});
+  usage_ema_ = Tensor::full({N}, 1.f / (float)N);
+  pruned_ = Tensor::zeros({N});
+  low_steps_ = Tensor::zeros({N});
+  pend_routed_.assign(N, 0);
+  pend_rows_.assign(N, 0);
+  pend_bad_.assign(N, 0);
+  pend_good_.assign(N, 0);
+  pend_norm_.assign(N, 0.0);
+  util_.assign(N, 0.0);
+  spec_.assign((size_t)(N * V), 0.0);
+}
+
+void MoELayer::collect(const std::string& prefix, NamedParams& out) const {
+  if (moe) router.collect(prefix + ".router", out);
+  for (int64_t e = 0; e < N; ++e) experts[e].collect(moe ? prefix + ".experts." + std::to_string(e) : prefix, out);
+  if (gate.w.defined()) gate.collect(prefix + ".gate", out);
+}
+
+void MoELayer::collect_buffers(const std::string& prefix, NamedParams& out) const {
+  out.emplace_back(prefix + ".reliability", reliability_);
+  out.emplace_back(prefix + ".norm_ema", norm_ema_);
+  out.emplace_back(prefix + ".usage_ema", usage_ema_);
+  out.emplace_back(prefix + ".pruned", pruned_);
+  out.emplace_back(prefix + ".low_steps", low_steps_);
+  if (moe) router.collect_buffers(prefix + ".router", out);
+}
+
+// ---------------------------------------------------------------- reliability hierarchy
+
+std::vector<float> MoELayer::expert_reliability() const { return reliability_.to_f32_vector(); }
+
+std::vector<std::vector<float>> MoELayer::node_reliability() const {
+  std::vector<float> r = reliability_.to_f32_vector(), u = usage_ema_.to_f32_vector();
+  if (!moe) return {r};
+  const int64_t D = router.depth();
+  std::vector<std::vector<float>> rel((size_t)D), use((size_t)D);
+  rel[D - 1] = r;
+  use[D - 1] = u;
+  // Level l's children are the nodes of level l + 1: each aggregates its own children (usage-weighted mean).
+  for (int64_t l = D - 2; l >= 0; --l) {
+    const int64_t n = router.nodes[l + 1], b = router.branching[l + 1];
+    rel[l].assign((size_t)n, 1.f);
+    use[l].assign((size_t)n, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      double su = 0.0, sur = 0.0, sr = 0.0;
+      for (int64_t c = 0; c < b; ++c) {
+        su += use[l + 1][j * b + c];
+        sur += (double)use[l + 1][j * b + c] * rel[l + 1][j * b + c];
+        sr += rel[l + 1][j * b + c];
+      }
+      rel[l][j] = (float)(su > 0.0 ? sur / su : sr / (double)b);
+      use[l][j] = (float)su;
+    }
+  }
+  return rel;
+}
+
+int64_t MoELayer::num_clusters() const {
+  return moe && router.depth() >= 2 ? router.branching[0] : 1;
+}
+
+std::vector<float> MoELayer::cluster_reliability() const {
+  std::vector<std::vector<float>> rel = node_reliability();
+  if (moe && router.depth() >= 2) return rel[0];
+  // One cluster holding every expert: usage-weighted mean of the experts.
+  std::vector<float> r = reliability_.to_f32_vector(), u = usage_ema_.to_f32_vector();
+  double su = 0.0, sur = 0.0;
+  for (int64_t e = 0; e < N; ++e) {
+    su += u[e];
+    sur += (double)u[e] * r[e];
+  }
+  return {(float)(su > 0.0 ? sur / su : 1.0)};
+}
+
+float MoELayer::layer_reliability() const {
+  std::vector<float> c = cluster_reliability();
+  double s = 0.0;
+  for (float v : c) s += v;
+  return (float)(s / (double)c.size());
+}
+
+RouterBias MoELayer::routing_bias() const {
+  RouterBias rb;
+  const bool any_pruned = active_experts() < N;
+  if (!cfg_.use_reliability && !any_pruned) return rb;
+  const int64_t D = router.depth();
+  rb.logit_bias.resize((size_t)D);
+  if (cfg_.use_reliability) {
+    std::vector<std::vector<float>> rel = node_reliability();
+    for (int64_t l = 0; l < D; ++l) {
+      rb.logit_bias[l].resize(rel[l].size());
+      // log(1) == 0 exactly: a healthy model routes bit-for-bit as without reliability.
+      for (size_t i = 0; i < rel[l].size(); ++i) rb.logit_bias[l][i] = std::log(rel[l][i]);
+    }
+  }
+  if (any_pruned) {
+    std::vector<float>& last = rb.logit_bias[D - 1];
+    if (last.empty()) last.assign((size_t)N, 0.f);
+    for (int64_t e = 0; e < N; ++e)
+      if (pruned(e)) last[e] = -std::numeric_limits<float>::infinity();
+  }
+  return rb;
+}
+
+// ---------------------------------------------------------------- forward
+
+// Fault guard on one expert's output y [n, C]: counts non-finite rows and rows whose norm exceeds
+// outlier_factor x the expert's running mean; when reliability is on and any row is bad, the segment is replaced by
+// a constant copy with the bad rows zeroed. Cutting the whole segment from the graph is deliberate: with NaN or
+// huge weights even the good rows' backward (through those weights) would poison every other gradient.
+Tensor MoELayer::guard(int64_t e, const Tensor& y, bool training, LayerRoutingStats& st) {
+  const int64_t n = y.size(0);
+  std::vector<float> v = y.to_f32_vector();
+  const float ema = norm_ema_.f32()[e], factor = cfg_.reliability_outlier_factor;
+  int64_t nonfinite = 0, outlier = 0, good = 0;
+  double norm_sum = 0.0;
+  std::vector<char> bad((size_t)n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    double ss = 0.0;
+    for (int64_t q = 0; q < C; ++q) ss += (double)v[i * C + q] * v[i * C + q];
+    double norm = std::sqrt(ss);
+    if (!std::isfinite(norm)) {
+      bad[i] = 1;
+      ++nonfinite;
+    } else if (ema > 0.f && norm > (double)factor * ema) {
+      bad[i] = 1;
+      ++outlier;
+    } else {
+      ++good;
+      norm_sum += norm;
+    }
+  }
+  st.nonfinite_rows += nonfinite;
+  st.outlier_rows += outlier;
+  if (training) {
+    pend_rows_[e] += n;
+    pend_bad_[e] += nonfinite + outlier;
+    pend_good_[e] += good;
+    pend_norm_[e] += norm_sum;
+  }
+  if (!cfg_.use_reliability || nonfinite + outlier == 0) return y;
+  for (int64_t i = 0; i < n; ++i)
+    if (bad[i]) std::fill(v.begin() + i * C, v.begin() + (i + 1) * C, 0.f);
+  return Tensor::from_vector(v, {n, C}, y.device());
+}
+
+MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* ids,
+                                   const std::vector<int32_t>* labels, bool training) {
+  CM_REQUIRE(x.dim() == 2 && x.size(1) == C, "FFN layer input must be [T, ", C, "], got ", shape_str(x.shape()));
+  const int64_t T = x.size(0);
+  Output out;
+  LayerRoutingStats& st = out.stats;
+  st.layer = layer;
+  st.moe = moe;
+  st.num_experts = N;
+  st.expert_share.assign(N, 0.f);
+  st.expert_rows.assign(N, 0);
+  st.reliability = layer_reliability();
+  if (ids) CM_CHECK((int64_t)ids->size() == T, "ids ", ids->size(), " for ", T, " rows");
+
+  if (!moe) {  // dense FFN: one expert, every token, gate 1
+    out.y = guard(0, experts[0].forward(x), training, st);
+    st.expert_share[0] = T ? 1.f : 0.f;
+    st.expert_rows[0] = T;
+    out.expert.assign((size_t)T, 0);
+    out.top1.assign((size_t)T, 0);
+    util_[0] += (double)T;
+    if (training) pend_routed_[0] += T;
+    if (ids)
+      for (int64_t t = 0; t < T; ++t) spec_[(*ids)[t]] += 1.0;
+    return out;
+  }
+
+  // 1. Route.
+  Routing rt = router.route(x, routing_bias(), labels, training);
+  const int64_t S0 = T * K;
+  out.lb_loss = rt.lb_loss;
+  out.z_loss = rt.z_loss;
+  out.div_loss = rt.div_loss;
+  st.routing_flops = rt.flops;
+  st.router_entropy = rt.entropy;
+  if (rt.lb_loss.defined()) st.load_balance_loss = rt.lb_loss.item();
+  if (rt.z_loss.defined()) st.z_loss = rt.z_loss.item();
+  if (rt.div_loss.defined()) st.diversity_loss = rt.div_loss.item();
+  out.expert = rt.expert;
+  out.top1.resize((size_t)T);
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < K; ++j)
+      if (rt.gate_value[t * K + j] > rt.gate_value[t * K + best]) best = j;
+    out.top1[t] = rt.expert[t * K + best];
+  }
+  std::vector<int64_t> routed((size_t)N, 0);
+  for (int64_t s = 0; s < S0; ++s) ++routed[rt.expert[s]];
+  for (int64_t e = 0; e < N; ++e) {
+    st.expert_share[e] = S0 ? (float)routed[e] / (float)S0 : 0.f;
+    util_[e] += (double)routed[e];
+  }
+  if (ids)
+    for (int64_t s = 0; s < S0; ++s) spec_[(size_t)rt.expert[s] * V + (*ids)[s / K]] += 1.0;
+  if (training) {
+    for (int64_t e = 0; e < N; ++e) pend_routed_[e] += routed[e];
+    if (pend_level_counts_.empty()) pend_level_counts_ = rt.level_counts;
+    else
+      for (size_t l = 0; l < rt.level_counts.size(); ++l)
+        for (size_t i = 0; i < rt.level_counts[l].size(); ++i) pend_level_counts_[l][i] += rt.level_counts[l][i];
+  }
+
+  // 2. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
+  //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot.
+  std::vector<char> keep((size_t)S0, 1);
+  int64_t dropped = 0;
+  if (training && cfg_.capacity_factor > 0.f) {
+    const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
+    Segments by_e = counting_sort(rt.expert, N);
+    for (int64_t e = 0; e < N; ++e) {
+      const int64_t a = by_e.offsets[e], b = by_e.offsets[e + 1];
+      if (b - a <= cap) continue;
+      std::vector<int32_t> slots(by_e.order.begin() + a, by_e.order.begin() + b);
+      std::stable_sort(slots.begin(), slots.end(),
+                       [&](int32_t i, int32_t j) { return rt.gate_value[i] > rt.gate_value[j]; });
+      for (size_t i = (size_t)cap; i < slots.size(); ++i) keep[slots[i]] = 0;
+      dropped += (b - a) - cap;
+    }
+  }
+  st.dropped_fraction = S0 ? (float)dropped / (float)S0 : 0.f;
+
+  // 3. Counting sort of the kept slots by expert: the permutation that makes each expert's rows contiguous.
+  std::vector<int32_t> kept, kept_e;
+  kept.reserve((size_t)(S0 - dropped));
+  for (int64_t s = 0; s < S0; ++s)
+    if (keep[s]) {
+      kept.push_back((int32_t)s);
+      kept_e.push_back(rt.expert[s]);
+    }
+  const int64_t S = (int64_t)kept.size();
+  Segments seg = counting_sort(kept_e, N);
+  std::vector<int32_t> slot_sorted((size_t)S), tok_sorted((size_t)S);
+  for (int64_t i = 0; i < S; ++i) {
+    slot_sorted[i] = kept[seg.order[i]];
+    tok_sorted[i] = slot_sorted[i] / (int32_t)K;
+  }
+  if (S == 0) {
+    out.y = Tensor::zeros({T, C}, DType::F32, x.device());
+    return out;
+  }
+  Tensor tok_idx = Tensor::from_vector(tok_sorted, {S}, x.device());
+
+  // 4. Gather rows, run each non-empty expert on its segment, guard its output.
+  Tensor xs = index_select(x, 0, tok_idx);  // [S, C] expert-contiguous
+  std::vector<Tensor> parts;
+  for (int64_t e = 0; e < N; ++e) {
+    const int64_t a = seg.offsets[e], b = seg.offsets[e + 1];
+    st.expert_rows[e] = b - a;
+    if (a == b) continue;  // no rows (pruned experts always): no compute
+    parts.push_back(guard(e, experts[e].forward(xs.slice(0, a, b)), training, st));
+  }
+  Tensor ys = parts.size() == 1 ? parts[0] : concat(parts, 0);  // [S, C]
+
+  // 5. Combine: out[t] = sum over t's kept slots of gate * y, accumulated in permutation order (sequential).
+  Tensor gs = index_select(rt.gate, 0, Tensor::from_vector(slot_sorted, {S}, x.device()));  // [S]
+  Tensor y = index_add(Tensor::zeros({T, C}, DType::F32, x.device()), 0, tok_idx, mul(ys, gs.view({S, 1})));
+  if (gate.w.defined()) y = mul(y, sigmoid(gate.forward(x)));  // adaptive gate [T, 1]
+  out.y = y;
+  return out;
+}
+
+// ---------------------------------------------------------------- after a step
+
+static bool all_finite(const Tensor& t) {
+  if (!t.defined()) return true;
+  for (float v : t.to_f32_vector())
+    if (!std::isfinite(v)) return false;
+  return true;
+}
+
+void MoELayer::after_step() {
+  const float decay = cfg_.reliability_decay;
+  float* rel = reliability_.f32();
+  float* ema = norm_ema_.f32();
+  float* use = usage_ema_.f32();
+  int64_t total = 0;
+  for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
+
+  for (int64_t e = 0; e < N; ++e) {
+    if (pruned(e)) continue;
+    // Output-norm statistics from healthy rows only, so a fault cannot drag the reference along with it.
+    if (pend_good_[e] > 0) {
+      float mean = (float)(pend_norm_[e] / (double)pend_good_[e]);
+      ema[e] = ema[e] > 0.f ? decay * ema[e] + (1.f - decay) * mean : mean;
+    }
+    if (!cfg_.use_reliability) continue;
+    // Health in [0, 1]: 0 for non-finite weights or gradients; else the share of healthy output rows; no
+    // evidence (no rows this step) leaves the reliability where it is.
+    bool params_ok = true;
+    for (const Tensor& p : experts[e].tensors()) params_ok = params_ok && all_finite(p) && all_finite(p.grad());
+    float health;
+    if (!params_ok) health = 0.f;
+    else if (pend_rows_[e] > 0) health = 1.f - (float)pend_bad_[e] / (float)pend_rows_[e];
+    else continue;
+    rel[e] = std::clamp(decay * rel[e] + (1.f - decay) * health, cfg_.reliability_min, 1.f);
+  }
+  if (total > 0)
+    for (int64_t e = 0; e < N; ++e) use[e] = decay * use[e] + (1.f - decay) * (float)pend_routed_[e] / (float)total;
+
+  if (moe && cfg_.aux_free_bias && !pend_level_counts_.empty())
+    router.update_aux_bias(pend_level_counts_, cfg_.aux_free_bias_rate);
+
+  if (moe && cfg_.enable_expert_pruning && total > 0) {
+    float* low = low_steps_.f32();
+    for (int64_t e = 0; e < N; ++e) {
+      if (pruned(e)) continue;
+      bool is_low = (float)pend_routed_[e] / (float)total < cfg_.pruning_threshold ||
+                    (cfg_.use_reliability && rel[e] < 0.1f);
+      low[e] = is_low ? low[e] + 1.f : 0.f;
+      if (low[e] >= (float)cfg_.pruning_window && can_prune(e)) prune(e);
+    }
+  }
+
+  std::fill(pend_routed_.begin(), pend_routed_.end(), 0);
+  std::fill(pend_rows_.begin(), pend_rows_.end(), 0);
+  std::fill(pend_bad_.begin(), pend_bad_.end(), 0);
+  std::fill(pend_good_.begin(), pend_good_.end(), 0);
+  std::fill(pend_norm_.begin(), pend_norm_.end(), 0.0);
+  pend_level_counts_.clear();
+}
+
+// ---------------------------------------------------------------- metrics
+
+std::vector<double> MoELayer::utilization() const {
+  double s = 0.0;
+  for (double v : util_) s += v;
+  std::vector<double> r((size_t)N, 0.0);
+  for (int64_t e = 0; e < N; ++e) r[e] = s > 0.0 ? util_[e] / s : 0.0;
+  return r;
+}
+
+std::vector<float> MoELayer::specialization() const {
+  // p(v) over all routed slots; per expert KL(p(v | e) || p(v)).
+  std::vector<double> pv((size_t)V, 0.0);
+  double total = 0.0;
+  for (int64_t e = 0; e < N; ++e)
+    for (int64_t v = 0; v < V; ++v) pv[v] += spec_[e * V + v];
+  for (double x : pv) total += x;
+  std::vector<float> kl((size_t)N, 0.f);
+  if (total <= 0.0) return kl;
+  for (int64_t e = 0; e < N; ++e) {
+    double ne = 0.0, acc = 0.0;
+    for (int64_t v = 0; v < V; ++v) ne += spec_[e * V + v];
+    if (ne <= 0.0) continue;
+    for (int64_t v = 0; v < V; ++v) {
+      double c = spec_[e * V + v];
+      if (c > 0.0) acc += (c / ne) * std::log((c / ne) / (pv[v] / total));
+    }
+    kl[e] = (float)acc;
+  }
+  return kl;
+}
+
+float MoELayer::mutual_information() const {
+  // I(E; V) = sum_e p(e) KL(p(v | e) || p(v)).
+  std::vector<float> kl = specialization();
+  double total = 0.0, mi = 0.0;
+  std::vector<double> ne((size_t)N, 0.0);
+  for (int64_t e = 0; e < N; ++e) {
+    for (int64_t v = 0; v < V; ++v) ne[e] += spec_[e * V + v];
+    total += ne[e];
+  }
+  if (total <= 0.0) return 0.f;
+  for (int64_t e = 0; e < N; ++e) mi += ne[e] / total * kl[e];
+  return (float)mi;
+}
+
+void MoELayer::reset_metrics() {
+  std::fill(util_.begin(), util_.end(), 0.0);
+  std::fill(spec_.begin(), spec_.end(), 0.0);
+}
+
+// ---------------------------------------------------------------- pruning
+
+int64_t MoELayer::active_experts() const {
+  int64_t n = 0;
+  for (int64_t e = 0; e < N; ++e) n += !pruned(e);
+  return n;
+}
+
+// An expert may go only if its parent keeps at least top_k active children (so every node can still select).
+bool MoELayer::can_prune(int64_t e) const {
+  if (!moe || pruned(e)) return false;
+  const int64_t b = router.branching.back(), k = router.top_k.back(), parent = e / b;
+  int64_t active = 0;
+  for (int64_t c = 0; c < b; ++c) active += !pruned(parent * b + c);
+  return active - 1 >= k;
+}
+
+void MoELayer::prune(int64_t e) {
+  CM_REQUIRE(e >= 0 && e < N, "expert ", e, " outside [0, ", N, ") in layer ", layer);
+  CM_REQUIRE(can_prune(e), "layer ", layer, " expert ", e,
+             moe ? ": pruning it would leave its parent fewer active children than top_k" : ": a dense layer");
+  pruned_.f32()[e] = 1.f;
+}
+
+}  // namespace cm

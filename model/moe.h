@@ -1,0 +1,99 @@
+// The FFN layer of a block: a dense FFN (one expert, no router) or a Mixture of Experts, with the data flow of
+// DESIGN.md section 3:
+//
+//   x [T, C] -> router -> slots (token, expert, gate) [T*K]          (model/router.h)
+//            -> capacity filter (training, cf > 0): overflow dropped lowest gate first
+//            -> counting sort of kept slots by expert: order [S], offsets [N + 1]   (the permutation)
+//            -> xs = index_select(x, tok[order]) [S, C]: each expert's rows contiguous
+//            -> y_e = expert_e(xs[offsets[e] : offsets[e+1]])         (one GEMM chain per non-empty segment)
+//            -> fault guard: non-finite / outlier rows counted; zeroed and cut from the graph when reliability is on
+//            -> out = index_add(0 [T, C], tok[order], y * gate[order])  (sequential: deterministic)
+//   backward: index_add's and index_select's rules reuse the same permutation; no atomics anywhere.
+//
+// The layer also owns the reliability state of its experts (DESIGN.md 4.5), usage and specialization counters,
+// the pruning state, and (through its router) the aux-free biases and the AC running scale.
+// Letters: T tokens (B*T of the model), C d_model, N experts, K experts per token, S kept slots, V vocabulary.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "model/layers.h"
+#include "model/router.h"
+#include "model/stats.h"
+
+namespace cm {
+
+class MoELayer {
+ public:
+  MoELayer() = default;
+  MoELayer(const CoEConfig& cfg, int64_t layer, bool moe, Generator& gen);
+
+  struct Output {
+    Tensor y;                     // [T, C]
+    Tensor lb_loss, z_loss, div_loss;  // weighted scalars; undefined when off or dense
+    std::vector<int32_t> expert;  // [T*K] routed expert of each slot (before capacity)
+    std::vector<int32_t> top1;    // [T] highest-gate expert per token (the next AC layer's labels)
+    LayerRoutingStats stats;
+  };
+  // x [T, C] (normalised input). ids [T]: the input token of each row (specialization counters), or null.
+  // labels [T]: the previous MoE layer's top-1 experts (AC), or null. training: capacity, pending health
+  // counters and AC batch statistics.
+  Output forward(const Tensor& x, const std::vector<int32_t>* ids, const std::vector<int32_t>* labels,
+                 bool training);
+
+  // After an optimizer step: health -> reliability, output-norm statistics, usage EMA, aux-free bias, pruning.
+  void after_step();
+
+  void collect(const std::string& prefix, NamedParams& out) const;
+  void collect_buffers(const std::string& prefix, NamedParams& out) const;
+
+  // ---- reliability hierarchy (DESIGN.md 4.5)
+  std::vector<float> expert_reliability() const;  // [N]
+  // Per tree level l, [nodes[l] * b_l]: reliability of each child of the level's nodes (inner nodes:
+  // usage-weighted mean of their children; the last level: the experts).
+  std::vector<std::vector<float>> node_reliability() const;
+  std::vector<float> cluster_reliability() const;  // [num_clusters]
+  float layer_reliability() const;                 // mean of the clusters
+  // Naming: a cluster is a child of the tree's root (a flat tree has one cluster holding every expert).
+  int64_t num_clusters() const;
+  int64_t experts_per_cluster() const { return N / num_clusters(); }
+
+  // ---- metrics since reset
+  std::vector<double> utilization() const;   // [N] share of routed slots
+  std::vector<float> specialization() const;  // [N] KL(p(token | expert) || p(token)), nats
+  float mutual_information() const;           // I(expert; token), nats
+  void reset_metrics();
+
+  // ---- pruning
+  void prune(int64_t e);
+  bool pruned(int64_t e) const { return pruned_.f32()[e] != 0.f; }
+  int64_t active_experts() const;
+  bool can_prune(int64_t e) const;
+
+  bool moe = false;
+  int64_t layer = 0, N = 1, K = 1, C = 0, V = 0;
+  TreeRouter router;               // MoE only
+  std::vector<ExpertFFN> experts;  // [N] (a dense layer: one)
+  Linear gate;                     // adaptive routing: C -> 1 (MoE only, when enabled)
+
+ private:
+  RouterBias routing_bias() const;
+  Tensor guard(int64_t e, const Tensor& y, bool training, LayerRoutingStats& st);
+
+  CoEConfig cfg_;
+  // Buffers (checkpointed), each [N].
+  Tensor reliability_;  // in [reliability_min, 1]
+  Tensor norm_ema_;     // running mean of healthy output-row norms (0 = no statistics yet)
+  Tensor usage_ema_;    // running traffic share (weights the inner nodes' reliability)
+  Tensor pruned_;       // 1 = removed from routing and compute
+  Tensor low_steps_;    // consecutive after_step()s with traffic under the threshold or low reliability
+  // Pending counters of the forwards since the last after_step() (training only).
+  std::vector<int64_t> pend_routed_, pend_rows_, pend_bad_, pend_good_;
+  std::vector<double> pend_norm_;
+  std::vector<std::vector<int64_t>> pend_level_counts_;
+  // Metrics since reset.
+  std::vector<double> util_;  // [N]
+  std::vector<double> spec_;  // [N * V] routed slots per (expert, input token)
+};
+
+}  // namespace cm

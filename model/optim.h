@@ -1,0 +1,75 @@
+// AdamW with decoupled weight decay and per-parameter no-decay, global-norm gradient clipping, and the learning
+// rate schedule (linear warmup, then cosine down to min_lr).
+//
+//   AdamW opt(model.named_parameters(), AdamWOptions{});
+//   float norm = clip_grad_norm(model.named_parameters(), 1.0f);
+//   opt.step(lr_at(step, sched));
+//   opt.zero_grad();
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/tensor.h"
+
+namespace cm {
+
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
+// The default no-decay rule: 1-D tensors (norm weights, biases) and embeddings (names containing "emb").
+bool default_no_decay(const std::string& name, const Tensor& p);
+
+struct AdamWOptions {
+  float lr = 1e-3f;  // used by step() without an argument
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  float weight_decay = 0.1f;
+  // true -> this parameter gets no weight decay
+  std::function<bool(const std::string&, const Tensor&)> no_decay = default_no_decay;
+};
+
+class AdamW {
+ public:
+  AdamW(const NamedTensors& params, const AdamWOptions& opt = AdamWOptions());
+
+  // One update of every parameter that has a gradient (parameters without one are left alone, moments too).
+  // PyTorch's AdamW: p -= lr*wd*p; m,v EMAs; p -= lr * mhat / (sqrt(vhat) + eps), t = step_count() after += 1.
+  void step(float lr);
+  void step() { step(opt_.lr); }
+  void zero_grad();  // drops every parameter's gradient
+
+  int64_t step_count() const { return t_; }
+  void set_step_count(int64_t t) { t_ = t; }
+  const AdamWOptions& options() const { return opt_; }
+  bool decays(size_t i) const { return decay_[i]; }
+
+  // "<param name>.exp_avg" and "<param name>.exp_avg_sq" for every parameter, in parameter order: the tensors
+  // themselves, so a checkpoint loader can copy_ into them.
+  NamedTensors state() const;
+
+ private:
+  AdamWOptions opt_;
+  NamedTensors params_;
+  std::vector<Tensor> m_, v_;  // same shapes as the parameters
+  std::vector<bool> decay_;
+  int64_t t_ = 0;
+};
+
+// Scales every gradient by max_norm / total_norm when total_norm > max_norm. Returns total_norm (before clipping),
+// the L2 norm over all gradients, accumulated in double in parameter order (deterministic). Non-finite norms are
+// returned as they are and nothing is scaled (the caller decides to skip the step). max_norm <= 0: only measures.
+float clip_grad_norm(const NamedTensors& params, float max_norm);
+
+struct LRSchedule {
+  float max_lr = 1e-3f;
+  float min_lr = 1e-4f;
+  int64_t warmup_steps = 100;
+  int64_t total_steps = 1000;  // cosine reaches min_lr here and stays
+};
+// step is 0-based: step 0 of warmup gives max_lr / warmup_steps; step warmup_steps - 1 gives max_lr.
+float lr_at(int64_t step, const LRSchedule& s);
+
+}  // namespace cm

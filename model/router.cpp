@@ -1,0 +1,313 @@
+// The tree router: per-level sparse evaluation of the kept nodes, selection, gates, and the routing losses.
+#include "model/router.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+namespace cm {
+
+Segments counting_sort(const std::vector<int32_t>& ids, int64_t n) {
+  Segments s;
+  s.offsets.assign((size_t)n + 1, 0);
+  for (int32_t id : ids) {
+    CM_CHECK(id >= 0 && id < n, "id ", id, " outside [0, ", n, ")");
+    ++s.offsets[(size_t)id + 1];
+  }
+  for (int64_t j = 0; j < n; ++j) s.offsets[j + 1] += s.offsets[j];  // exclusive scan
+  std::vector<int64_t> next(s.offsets.begin(), s.offsets.end() - 1);
+  s.order.resize(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) s.order[(size_t)next[ids[i]]++] = (int32_t)i;
+  return s;
+}
+
+int64_t routing_flops_per_token(int64_t C, const std::vector<int64_t>& branching, const std::vector<int64_t>& top_k) {
+  int64_t flops = 0, kept = 1;
+  for (size_t l = 0; l < branching.size(); ++l) {
+    flops += kept * branching[l] * 2 * C;
+    kept *= top_k[l];
+  }
+  return flops;
+}
+
+std::vector<float> ac_scales(const Tensor& h, const std::vector<int32_t>& labels, int64_t N,
+                             std::vector<bool>* has_tokens) {
+  const int64_t T = h.size(0), C = h.size(1);
+  CM_CHECK((int64_t)labels.size() == T, "labels ", labels.size(), " for ", T, " tokens");
+  std::vector<float> hv = h.to_f32_vector();  // [T, C]
+  std::vector<double> mean((size_t)(N * C), 0.0), mad((size_t)(N * C), 0.0);
+  std::vector<int64_t> cnt((size_t)N, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t k = labels[t];
+    CM_CHECK(k >= 0 && k < N, "label ", k, " outside [0, ", N, ")");
+    ++cnt[k];
+    for (int64_t q = 0; q < C; ++q) mean[k * C + q] += hv[t * C + q];
+  }
+  for (int64_t k = 0; k < N; ++k)
+    for (int64_t q = 0; q < C && cnt[k]; ++q) mean[k * C + q] /= (double)cnt[k];
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t k = labels[t];
+    for (int64_t q = 0; q < C; ++q) mad[k * C + q] += std::fabs(hv[t * C + q] - mean[k * C + q]);
+  }
+  // w = 1 / (s + 1e-4), clipped at 10x its mean (over labelled experts and all features).
+  std::vector<double> w((size_t)(N * C), 0.0);
+  double wsum = 0.0;
+  int64_t labelled = 0;
+  for (int64_t k = 0; k < N; ++k) {
+    if (!cnt[k]) continue;
+    ++labelled;
+    for (int64_t q = 0; q < C; ++q) {
+      w[k * C + q] = 1.0 / (mad[k * C + q] / (double)cnt[k] + 1e-4);
+      wsum += w[k * C + q];
+    }
+  }
+  std::vector<float> m((size_t)(N * C), 1.0f);
+  if (has_tokens) {
+    has_tokens->assign((size_t)N, false);
+    for (int64_t k = 0; k < N; ++k) (*has_tokens)[k] = cnt[k] > 0;
+  }
+  if (!labelled) return m;
+  const double clip = 10.0 * wsum / (double)(labelled * C);
+  for (double& x : w) x = std::min(x, clip);
+  for (int64_t q = 0; q < C; ++q) {
+    double mq = 0.0;
+    for (int64_t k = 0; k < N; ++k)
+      if (cnt[k]) mq += w[k * C + q];
+    mq /= (double)labelled;
+    for (int64_t k = 0; k < N; ++k)
+      if (cnt[k]) m[k * C + q] = (float)(w[k * C + q] / mq);
+  }
+  return m;
+}
+
+TreeRouter::TreeRouter(const CoEConfig& cfg, Generator& gen) {
+  branching = cfg.branching();
+  top_k = cfg.top_k();
+  C_ = cfg.d_model;
+  N_ = cfg.num_experts();
+  temperature_ = cfg.routing_temperature;
+  renormalize_ = cfg.renormalize_gates;
+  lb_w_ = cfg.load_balancing_weight;
+  z_w_ = cfg.router_z_loss_weight;
+  div_w_ = cfg.diversity_weight;
+  aux_free_ = cfg.aux_free_bias;
+  ac_scaling_ = cfg.ac_scaling;
+  int64_t n = 1;
+  bool any_ac = false;
+  for (int64_t l = 0; l < depth(); ++l) {
+    nodes.push_back(n);
+    weights.push_back(normal_param({n * branching[l], C_}, cfg.init_std, gen));
+    aux_bias.push_back(Tensor::zeros({n * branching[l]}));
+    ac_level_.push_back(cfg.level_uses_ac(l));
+    any_ac = any_ac || ac_level_.back();
+    n *= branching[l];
+  }
+  if (any_ac) ac_scale = Tensor::ones({N_, C_});
+}
+
+void TreeRouter::collect(const std::string& prefix, NamedParams& out) const {
+  for (int64_t l = 0; l < depth(); ++l) out.emplace_back(prefix + ".levels." + std::to_string(l) + ".weight", weights[l]);
+}
+
+void TreeRouter::collect_buffers(const std::string& prefix, NamedParams& out) const {
+  for (int64_t l = 0; l < depth(); ++l)
+    out.emplace_back(prefix + ".levels." + std::to_string(l) + ".aux_bias", aux_bias[l]);
+  if (ac_scale.defined()) out.emplace_back(prefix + ".ac_scale", ac_scale);
+}
+
+void TreeRouter::update_aux_bias(const std::vector<std::vector<int64_t>>& level_counts, float rate) {
+  for (int64_t l = 0; l < depth() && l < (int64_t)level_counts.size(); ++l) {
+    const int64_t b = branching[l];
+    float* bias = aux_bias[l].f32();
+    for (int64_t node = 0; node < nodes[l]; ++node) {
+      const int64_t* load = level_counts[l].data() + node * b;
+      double mean = 0.0;
+      for (int64_t c = 0; c < b; ++c) mean += (double)load[c];
+      mean /= (double)b;
+      for (int64_t c = 0; c < b; ++c) {
+        double d = mean - (double)load[c];
+        bias[node * b + c] += rate * (float)((d > 0) - (d < 0));
+      }
+    }
+  }
+}
+
+// logsumexp over the last axis of [P, b] -> [P], stable: the max is subtracted (and detached: the gradient of
+// logsumexp does not depend on the shift).
+static Tensor logsumexp_rows(const Tensor& x) {
+  const int64_t P = x.size(0);
+  Tensor m = max(x, -1, true).detach();  // [P, 1]
+  return add(log(sum(exp(sub(x, m)), -1)), m.view({P}));
+}
+
+// Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
+static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W), -1, true), 1e-12f))); }
+
+Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
+                          bool training) {
+  CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
+  const int64_t T = h.size(0), D = depth();
+  Routing r;
+  r.T = T;
+
+  // AC input m_{label} * h (one m for the layer, shared by its AC levels).
+  Tensor h_ac = h;
+  if (ac_scale.defined() && labels && ac_scaling_) {
+    std::vector<float> m;
+    if (training) {
+      std::vector<bool> has;
+      m = ac_scales(h, *labels, N_, &has);
+      float* run = ac_scale.f32();  // running m for evaluation: EMA over training batches
+      for (int64_t k = 0; k < N_; ++k)
+        if (has[k])
+          for (int64_t q = 0; q < C_; ++q) run[k * C_ + q] = 0.9f * run[k * C_ + q] + 0.1f * m[k * C_ + q];
+    } else {
+      m = ac_scale.to_f32_vector();
+    }
+    Tensor mt = Tensor::from_vector(m, {N_, C_});
+    h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T})));  // [T, C]
+  }
+
+  // The (token, node) pairs alive at the current level, token-major.
+  std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
+  std::iota(tok.begin(), tok.end(), 0);
+  Tensor path;  // [P] product of conditionals so far (undefined at the root)
+  int64_t P = T;
+  std::vector<Tensor> lb_terms, z_terms;
+  r.level_counts.resize((size_t)D);
+
+  for (int64_t l = 0; l < D; ++l) {
+    const int64_t b = branching[l], k = top_k[l], n_nodes = nodes[l];
+    Tensor W = ac_level_[l] ? unit_rows(weights[l]) : weights[l];  // [n_nodes * b, C]
+    Tensor hin = ac_level_[l] ? h_ac : h;                         // [T, C]
+
+    // ---- logits [P, b]: each pair against its own node's router only.
+    Tensor logits;
+    if (n_nodes == 1) {
+      CM_CHECK(P == T, "one node at level ", l, " but ", P, " pairs");
+      logits = matmul(hin, W, false, true);
+    } else {
+      // Group pairs by node (counting sort), one matmul per node's contiguous segment, then back to pair order.
+      Segments seg = counting_sort(node, n_nodes);
+      std::vector<int32_t> tok_sorted((size_t)P), inv((size_t)P);
+      for (int64_t i = 0; i < P; ++i) {
+        tok_sorted[i] = tok[seg.order[i]];
+        inv[seg.order[i]] = (int32_t)i;
+      }
+      Tensor hs = index_select(hin, 0, Tensor::from_vector(tok_sorted, {P}));  // [P, C] node-major
+      std::vector<Tensor> parts;
+      for (int64_t j = 0; j < n_nodes; ++j) {
+        const int64_t a = seg.offsets[j], e = seg.offsets[j + 1];
+        if (a == e) continue;
+        parts.push_back(matmul(hs.slice(0, a, e), W.slice(0, j * b, j * b + b), false, true));  // [n_j, b]
+      }
+      Tensor ls = parts.size() == 1 ? parts[0] : concat(parts, 0);           // [P, b] node-major
+      logits = index_select(ls, 0, Tensor::from_vector(inv, {P}));           // [P, b] pair order
+    }
+    r.flops += 2 * P * b * C_;
+    if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
+
+    // ---- probabilities [P, b]
+    Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
+    const std::vector<float>* lbias = l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty()
+                                          ? &bias.logit_bias[l]
+                                          : nullptr;
+    if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
+      std::vector<float> add_v((size_t)(P * b));
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t c = 0; c < b; ++c) add_v[p * b + c] = (*lbias)[node[p] * b + c];
+      s = add(s, Tensor::from_vector(add_v, {P, b}));
+    }
+    Tensor probs = softmax(s);  // [P, b]
+    std::vector<float> pv = probs.to_f32_vector();
+    if (l == 0) {
+      double ent = 0.0;
+      for (int64_t i = 0; i < P * b; ++i)
+        if (pv[i] > 0.f) ent -= (double)pv[i] * std::log((double)pv[i]);
+      r.entropy = (float)(ent / (double)std::max<int64_t>(P, 1));
+    }
+
+    // ---- selection (no gradient): top k of probs + aux-free bias under each pair's node. Ties: lower index.
+    // Pruned children (logit bias -inf) are never candidates.
+    const float* abias = aux_free_ ? aux_bias[l].f32() : nullptr;
+    std::vector<int32_t> idx((size_t)(P * k));
+    std::vector<int64_t>& counts = r.level_counts[l];
+    counts.assign((size_t)(n_nodes * b), 0);
+    std::vector<float> score((size_t)b);
+    std::vector<char> skip((size_t)b);
+    std::vector<int64_t> pairs_at((size_t)n_nodes, 0);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t nb = (int64_t)node[p] * b;
+      ++pairs_at[node[p]];
+      for (int64_t c = 0; c < b; ++c) {
+        skip[c] = lbias && std::isinf((*lbias)[nb + c]) && (*lbias)[nb + c] < 0;  // pruned
+        score[c] = pv[p * b + c] + (abias ? abias[nb + c] : 0.f);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t c = 0; c < b; ++c)
+          if (!skip[c] && (best < 0 || score[c] > score[best])) best = c;  // strict >: lower index wins ties
+        CM_CHECK(best >= 0, "level ", l, " node ", node[p], " has fewer than ", k, " selectable children");
+        idx[p * k + j] = (int32_t)best;
+        ++counts[nb + best];
+        skip[best] = 1;
+      }
+    }
+    Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}));  // [P, k]
+
+    // ---- load balance at this level: b * sum_children f * P over each parent's pairs, token-weighted mean over
+    // parents = b / P * sum_{node, c} f[node, c] * Psum[node, c], f = count / (pairs_at_node * k) (no gradient).
+    if (lb_w_ > 0.f) {
+      std::vector<float> f((size_t)(n_nodes * b), 0.f);
+      for (int64_t j = 0; j < n_nodes; ++j)
+        for (int64_t c = 0; c < b; ++c)
+          if (pairs_at[j]) f[j * b + c] = (float)counts[j * b + c] / (float)(pairs_at[j] * k);
+      Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
+                                 : index_add(Tensor::zeros({n_nodes, b}), 0, Tensor::from_vector(node, {P}), probs);
+      lb_terms.push_back(mul(sum(mul(psum, Tensor::from_vector(f, {n_nodes, b}))), (float)b / (float)P));
+    }
+
+    // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.
+    path = l == 0 ? sel.view({P * k}) : mul(path.view({P, 1}), sel).view({P * k});
+    std::vector<int32_t> node2((size_t)(P * k)), tok2((size_t)(P * k));
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = 0; j < k; ++j) {
+        node2[p * k + j] = (int32_t)(node[p] * b + idx[p * k + j]);
+        tok2[p * k + j] = tok[p];
+      }
+    node.swap(node2);
+    tok.swap(tok2);
+    P *= k;
+  }
+
+  r.K = P / T;
+  r.expert = node;
+  r.gate = path;
+  if (renormalize_ && r.K > 1) r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
+  r.gate_value = r.gate.to_f32_vector();
+
+  auto mean_of = [](const std::vector<Tensor>& xs, float w) {
+    Tensor acc = xs[0];
+    for (size_t i = 1; i < xs.size(); ++i) acc = add(acc, xs[i]);
+    return mul(acc, w / (float)xs.size());
+  };
+  if (!lb_terms.empty()) r.lb_loss = mean_of(lb_terms, lb_w_);
+  if (!z_terms.empty()) r.z_loss = mean_of(z_terms, z_w_);
+  if (div_w_ > 0.f) {
+    std::vector<Tensor> terms;
+    for (int64_t l = 0; l < D; ++l) {
+      const int64_t b = branching[l], n = nodes[l];
+      if (b < 2) continue;
+      Tensor Wn = unit_rows(weights[l]).view({n, b, C_});
+      Tensor G = matmul(Wn, Wn, false, true);  // [n, b, b] cosine similarities of siblings
+      std::vector<float> off((size_t)(b * b), 1.f);
+      for (int64_t i = 0; i < b; ++i) off[i * b + i] = 0.f;
+      terms.push_back(mul(sum(mul(square(G), Tensor::from_vector(off, {b, b}))), 1.f / (float)(n * b * (b - 1))));
+    }
+    if (!terms.empty()) r.div_loss = mean_of(terms, div_w_);
+  }
+  return r;
+}
+
+}  // namespace cm

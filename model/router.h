@@ -1,0 +1,93 @@
+// The tree router (DESIGN.md 4.2, 4.3, 4.7). Experts are the leaves of a tree with branching [b1, ..., bD]; a
+// token starts at the root and, level by level, each of its kept nodes keeps the top_k[l] of its children:
+//
+//   level l, for the P = T * K_{l-1} (token, node) pairs still alive (K_{l-1} = prod of the top_k above):
+//     logits [P, b]  = h_token . W_node^T               only the kept nodes' routers are evaluated: O(D b C)
+//     probs  [P, b]  = softmax(logits / temperature + log r_child  (+ -inf for pruned children))
+//     select         = top k of (probs + aux_free_bias) per pair     (no gradient)
+//     path   [P, k]  = path_parent * probs[selected]                 (differentiable)
+//   leaves: a token's K = prod(top_k) experts with gate = product of conditionals along the path,
+//   renormalised over the token's selected leaves (option).
+//
+// Dense (no routing) is [1]; flat top-k is [N]; ClusterMoE is [num_clusters, experts_per_cluster].
+// The Adaptive Clustering (AC) transform on a level replaces h by m_{label} * h and W's rows by unit vectors, with
+// m computed from the previous MoE layer's top-1 labels (DESIGN.md 4.7; see ac_scales()).
+// Letters: T tokens, C d_model, P (token, node) pairs at a level, b branching, k kept per node, N leaves.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "autograd/ops.h"
+#include "model/config.h"
+#include "model/layers.h"
+
+namespace cm {
+
+// Stable counting sort of ids in [0, n): order[i] = position (in ids) of the i-th element in sorted order;
+// offsets [n + 1]: the elements of id j are order[offsets[j] .. offsets[j+1]). Equal ids keep their order.
+struct Segments {
+  std::vector<int32_t> order;
+  std::vector<int64_t> offsets;
+};
+Segments counting_sort(const std::vector<int32_t>& ids, int64_t n);
+
+// No-gradient terms the owner (the MoE layer) adds to the router's logits, per level [n_nodes * b]:
+// log reliability of each child, and -inf for pruned children. Empty vectors mean zeros.
+struct RouterBias {
+  std::vector<std::vector<float>> logit_bias;
+};
+
+struct Routing {
+  int64_t T = 0, K = 0;
+  std::vector<int32_t> expert;    // [T*K] leaf of slot s = t*K + j
+  std::vector<float> gate_value;  // [T*K] the gates' values (capacity ordering, stats)
+  Tensor gate;                    // [T*K] differentiable gates
+  std::vector<std::vector<int64_t>> level_counts;  // per level [n_nodes * b]: times each child was selected
+  Tensor lb_loss, z_loss, div_loss;  // weighted scalars; undefined when the weight is 0
+  int64_t flops = 0;                 // 2 * multiply-adds spent on logits
+  float entropy = 0.f;               // mean entropy (nats) of the level-0 distribution
+};
+
+class TreeRouter {
+ public:
+  TreeRouter() = default;
+  TreeRouter(const CoEConfig& cfg, Generator& gen);
+
+  // h [T, C]. labels [T]: the previous MoE layer's top-1 expert per token (for AC levels; null -> m = 1).
+  // training: AC uses this batch's m (and updates the running m); otherwise the running m.
+  Routing route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels, bool training);
+
+  void collect(const std::string& prefix, NamedParams& out) const;          // levels.{l}.weight
+  void collect_buffers(const std::string& prefix, NamedParams& out) const;  // levels.{l}.aux_bias, ac_scale
+
+  // aux-free balancing (DeepSeek-V3): bias += rate * sign(mean sibling load - load), per node.
+  void update_aux_bias(const std::vector<std::vector<int64_t>>& level_counts, float rate);
+
+  int64_t depth() const { return (int64_t)branching.size(); }
+  std::vector<int64_t> branching, top_k;
+  std::vector<int64_t> nodes;     // [D] inner nodes at each level (prod of the branching above)
+  std::vector<Tensor> weights;    // [D] each [nodes[l] * b_l, C]; rows of node j are j*b .. j*b + b - 1
+  std::vector<Tensor> aux_bias;   // [D] each [nodes[l] * b_l] (buffers, selection only)
+  Tensor ac_scale;                // [N, C] running m for evaluation (buffer); undefined without AC levels
+
+ private:
+  int64_t C_ = 0, N_ = 0;
+  std::vector<bool> ac_level_;
+  bool ac_scaling_ = true;
+  float temperature_ = 1.f;
+  bool renormalize_ = true;
+  float lb_w_ = 0.f, z_w_ = 0.f, div_w_ = 0.f;
+  bool aux_free_ = false;
+};
+
+// AC feature weights (DESIGN.md 4.7) on one batch, no gradient: h [T, C], labels [T] in [0, N).
+// s_kq = mean |h_q - mean_k(h_q)| over tokens labelled k; w = 1/(s + 1e-4), clipped at 10x the mean of w;
+// m_kq = w_kq / mean over labelled experts of w_kq. Returns m [N * C] row-major; experts with no tokens get 1
+// (has_tokens[k] = false).
+std::vector<float> ac_scales(const Tensor& h, const std::vector<int32_t>& labels, int64_t N,
+                             std::vector<bool>* has_tokens = nullptr);
+
+// Routing cost per token of a tree, in FLOPs (2 per multiply-add): sum_l K_{l-1} * b_l * 2C, K_{-1} = 1.
+int64_t routing_flops_per_token(int64_t C, const std::vector<int64_t>& branching, const std::vector<int64_t>& top_k);
+
+}  // namespace cm

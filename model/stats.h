@@ -1,0 +1,26 @@
+// Per-layer routing statistics of one forward (part of the model API, see model/coe.h).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace cm {
+
+// What one layer's FFN did in one forward. Dense layers report N = 1, K = 1.
+struct LayerRoutingStats {
+  int64_t layer = 0;
+  bool moe = false;
+  int64_t num_experts = 1;            // N
+  std::vector<float> expert_share;    // [N] share of the layer's routed slots (before capacity), sums to 1
+  std::vector<int64_t> expert_rows;   // [N] rows each expert computed (after capacity and pruning)
+  float dropped_fraction = 0.f;       // slots dropped by capacity / all slots
+  int64_t nonfinite_rows = 0;         // expert output rows that were not finite
+  int64_t outlier_rows = 0;           // rows whose norm was far outside the expert's running statistics
+  int64_t routing_flops = 0;          // multiply-adds x 2 spent on router logits (counted, not estimated)
+  float load_balance_loss = 0.f;      // weighted, this layer
+  float z_loss = 0.f;
+  float diversity_loss = 0.f;
+  float router_entropy = 0.f;         // mean entropy (nats) of the first level's routing distribution
+  float reliability = 1.f;            // layer reliability at the time of the forward
+};
+
+}  // namespace cm

@@ -1,0 +1,568 @@
+#include "model/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+
+#include "model/checkpoint.h"
+#include "model/coe.h"
+#include "model/data.h"
+#include "model/json.h"
+#include "model/optim.h"
+#include "model/tokenizer.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace cm {
+
+namespace fs = std::filesystem;
+
+static const char* CHECKPOINT_FORMAT = "clustermoe-train/1";
+
+// ---------------------------------------------------------------- random streams
+// Each stream is a Philox key derived from the run's seed; positions within a stream are counters (data.h).
+enum class Stream : uint64_t { TrainData = 1, EvalTrain = 2, EvalVal = 3 };
+static uint64_t stream_seed(uint64_t seed, Stream s) {
+  // splitmix64 of (seed, stream): distinct, well-mixed keys for neighbouring seeds.
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * ((uint64_t)s + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static Json generator_json(const Generator& g) {
+  Json j = Json::object();
+  j.set("seed", Json::string(std::to_string(g.seed)));
+  j.set("offset", Json::string(std::to_string(g.offset)));
+  return j;
+}
+static Generator generator_from(const std::string& text, const std::string& what) {
+  Json j = json_parse(text);
+  auto u64 = [&](const char* k) {
+    const Json* v = j.find(k);
+    CM_REQUIRE(v, what, ": missing '", k, "'");
+    const std::string& s = v->as_string(what + "." + k);
+    CM_REQUIRE(!s.empty() && s.size() <= 20 && s.find_first_not_of("0123456789") == std::string::npos, what, ".", k,
+               ": expected an unsigned integer, got '", s, "'");
+    return (uint64_t)std::stoull(s);
+  };
+  return Generator(u64("seed"), u64("offset"));
+}
+static int64_t meta_int(const SafeTensors& ck, const std::string& key) {
+  const std::string& s = ck.require_meta(key);
+  CM_REQUIRE(!s.empty() && s.size() <= 18 && s.find_first_not_of("0123456789") == std::string::npos, ck.path,
+             ": metadata '", key, "' is not a non-negative integer: '", s, "'");
+  return std::stoll(s);
+}
+
+// ---------------------------------------------------------------- options
+// The settings a checkpoint stores: every flag's value, as set() reads it back (help and resume excluded).
+static std::vector<std::pair<std::string, std::string>> flag_values(const TrainOptions& o) {
+  TrainOptions copy = o;
+  bool help = false;
+  Flags f("train_lm", "");
+  add_train_flags(f, copy, &help);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (auto& kv : f.values())
+    if (kv.first != "help" && kv.first != "resume") out.push_back(kv);
+  return out;
+}
+
+static std::string resolve_resume_path(const std::string& resume, const std::string& out_dir) {
+  std::error_code ec;
+  if (resume == "latest" || fs::is_directory(resume, ec)) {
+    std::string dir = resume == "latest" ? out_dir : resume;
+    std::string p = latest_checkpoint(dir);
+    CM_REQUIRE(!p.empty(), "--resume: no checkpoint (ckpt_*.safetensors) in ", dir);
+    return p;
+  }
+  CM_REQUIRE(fs::exists(resume, ec), "--resume: checkpoint not found: ", resume);
+  return resume;
+}
+
+static Device resolve_device(const std::string& name, std::string* note) {
+  if (name == "cpu") return Device::CPU;
+  if (name == "cuda") {
+    require_device(Device::CUDA);
+    return Device::CUDA;
+  }
+  if (cuda_available()) return Device::CUDA;
+  *note = "no CUDA device (or a CPU-only build): training on the CPU";
+  return Device::CPU;
+}
+
+TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help, std::string* usage) {
+  TrainOptions o;
+  Flags f("train_lm", "Trains a ClusterMoE byte-level language model (defaults: the cpu preset on tinyshakespeare).");
+  add_train_flags(f, o, help);
+  *usage = f.usage();
+  std::vector<FlagArg> given = f.split(args);
+  std::map<std::string, std::string> last;  // the last value of each flag given
+  for (const auto& a : given) last[a.name] = a.value;
+  if (last.count("help")) {
+    f.set("help", last["help"]);
+    if (*help) return o;
+  }
+  if (last.count("resume")) {
+    // Continue the same run: the checkpoint's settings, then any flags given now (e.g. a larger --max_steps).
+    if (last.count("out_dir")) f.set("out_dir", last["out_dir"]);
+    std::string path = resolve_resume_path(last["resume"].empty() ? "latest" : last["resume"], o.out_dir);
+    Metadata meta = read_safetensors_metadata(path);
+    const std::string* stored = nullptr;
+    for (const auto& kv : meta)
+      if (kv.first == "train_options") stored = &kv.second;
+    CM_REQUIRE(stored, path, ": not a train_lm checkpoint (no train_options in its metadata)");
+    Json j;
+    try {
+      j = json_parse(*stored);
+    } catch (const Error& e) {
+      fail(path, ": corrupt train_options: ", e.what());
+    }
+    CM_REQUIRE(j.is(Json::Kind::Object), path, ": corrupt train_options");
+    for (const auto& kv : j.obj) {
+      if (!f.has(kv.first)) continue;  // a setting this build no longer has
+      try {
+        f.set(kv.first, kv.second.as_string(kv.first));
+      } catch (const Error& e) {
+        fail(path, ": stored setting ", kv.first, ": ", e.what());
+      }
+    }
+    if (last.count("preset")) apply_preset(o, last["preset"]);
+    f.apply(given);
+    o.resume = path;
+  } else {
+    if (last.count("device")) f.set("device", last["device"]);
+    std::string note;
+    Device dev = resolve_device(o.device, &note);
+    apply_preset(o, last.count("preset") ? last["preset"] : dev == Device::CUDA ? "shakespeare" : "cpu");
+    f.apply(given);
+  }
+  o.validate();
+  return o;
+}
+
+double train_flops_per_token(int64_t active_params, int64_t n_layers, int64_t seq_len, int64_t d_model) {
+  return 6.0 * (double)active_params + 12.0 * (double)n_layers * (double)seq_len * (double)d_model;
+}
+
+// ---------------------------------------------------------------- the run
+namespace {
+
+// Routed slots per expert of each MoE layer, summed over the training forwards since the last evaluation.
+struct RoutingTally {
+  std::vector<int64_t> layers;            // MoE layer indices
+  std::vector<std::vector<double>> slots;  // [layers][N]
+  std::vector<double> dropped, total;      // [layers]
+
+  void add(const CoEOutput& out, int64_t tokens, int64_t k) {
+    size_t li = 0;
+    for (const auto& l : out.layers) {
+      if (!l.moe) continue;
+      if (li == layers.size()) {
+        layers.push_back(l.layer);
+        slots.emplace_back(l.expert_share.size(), 0.0);
+        dropped.push_back(0);
+        total.push_back(0);
+      }
+      double n = (double)(tokens * k);
+      for (size_t e = 0; e < l.expert_share.size() && e < slots[li].size(); ++e) slots[li][e] += l.expert_share[e] * n;
+      dropped[li] += l.dropped_fraction * n;
+      total[li] += n;
+      ++li;
+    }
+  }
+  void reset() {
+    for (auto& s : slots) std::fill(s.begin(), s.end(), 0.0);
+    std::fill(dropped.begin(), dropped.end(), 0.0);
+    std::fill(total.begin(), total.end(), 0.0);
+  }
+};
+
+// layer_{l}_cluster_{c}_expert_{e}_reliability -> per-expert values of layer l in (c, e) order.
+std::vector<double> expert_reliability(const std::map<std::string, float>& stats, int64_t layer) {
+  std::vector<std::pair<std::pair<long, long>, double>> found;
+  std::string pre = str("layer_", layer, "_cluster_");
+  for (const auto& kv : stats) {
+    if (kv.first.compare(0, pre.size(), pre) != 0) continue;
+    long c = -1, e = -1;
+    char tail[32] = {0};
+    if (std::sscanf(kv.first.c_str() + pre.size(), "%ld_expert_%ld_%31s", &c, &e, tail) == 3 &&
+        std::string(tail) == "reliability")
+      found.push_back({{c, e}, kv.second});
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<double> r;
+  for (const auto& f : found) r.push_back(f.second);
+  return r;
+}
+
+double evaluate(ClusterMoELM& model, const TextDataset& ds, Split split, int64_t iters, int64_t B,
+                uint64_t seed, Device dev) {
+  NoGrad ng;
+  bool was_training = model.training();
+  model.eval();
+  Generator g(seed, 0);  // the same windows at every evaluation: curves compare like with like
+  double sum = 0;
+  for (int64_t i = 0; i < iters; ++i) {
+    auto xy = ds.batch(split, B, g, dev);
+    sum += model.forward(xy.first, xy.second).loss.item();
+  }
+  model.train(was_training);
+  return sum / (double)iters;
+}
+
+NamedTensors checkpoint_tensors(const ClusterMoELM& model, const AdamW& opt) {
+  NamedTensors all = model.named_parameters();
+  for (auto& kv : model.named_buffers()) all.push_back(kv);
+  for (auto& kv : opt.state()) all.emplace_back("adamw." + kv.first, kv.second);
+  return all;
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+}  // namespace
+
+TrainResult train(const TrainOptions& o_in, std::ostream& out) {
+  TrainOptions o = o_in;
+  o.validate();
+  TrainResult res;
+
+  // ---- device
+  std::string device_note;
+  const Device dev = resolve_device(o.device, &device_note);
+  CM_REQUIRE(dev == Device::CPU, "--device cuda: the model's CUDA path is not built yet; use --device cpu");
+  res.device = device_name(dev);
+
+  // ---- checkpoint to resume (read and checked in full before anything in out_dir is touched)
+  SafeTensors ck;
+  const bool resuming = !o.resume.empty();
+  if (resuming) {
+    o.resume = resolve_resume_path(o.resume, o.out_dir);
+    ck = load_safetensors(o.resume);
+    CM_REQUIRE(ck.require_meta("format") == CHECKPOINT_FORMAT, o.resume, ": unknown checkpoint format '",
+               ck.require_meta("format"), "' (expected ", CHECKPOINT_FORMAT, ")");
+  } else {
+    std::string old = latest_checkpoint(o.out_dir);
+    CM_REQUIRE(old.empty(), "out_dir ", o.out_dir, " already holds checkpoints of another run (newest: ", old,
+               "). Continue it with --resume, or pick another --out_dir (or delete them).");
+  }
+
+  // ---- data
+  Corpus corpus = o.data.empty() ? default_corpus() : read_corpus(o.data);
+  ByteTokenizer tok = resuming ? ByteTokenizer::from_hex(ck.require_meta("tokenizer"))
+                               : ByteTokenizer::from_corpus(corpus.bytes);
+  TextDataset ds(corpus.bytes, tok, o.seq_len);
+
+  // ---- model and optimizer
+  CoEConfig cfg = o.model_config(tok.vocab_size());
+  ClusterMoELM model(cfg);
+  model.train();
+  NamedTensors params = model.named_parameters();
+  AdamWOptions ao;
+  ao.lr = o.lr;
+  ao.beta1 = o.beta1;
+  ao.beta2 = o.beta2;
+  ao.weight_decay = o.weight_decay;
+  if (o.decay_embeddings) ao.no_decay = [](const std::string&, const Tensor& p) { return p.dim() < 2; };
+  AdamW opt(params, ao);
+  LRSchedule sched{o.lr, o.min_lr, o.warmup_steps, o.max_steps};
+  Generator data_gen(stream_seed(o.seed, Stream::TrainData), 0);
+
+  int64_t step = 0;
+  if (resuming) {
+    restore_tensors(ck, checkpoint_tensors(model, opt));
+    step = meta_int(ck, "step");
+    opt.set_step_count(meta_int(ck, "adamw_step"));
+    data_gen = generator_from(ck.require_meta("data_rng"), ck.path + ": data_rng");
+    model.rng() = generator_from(ck.require_meta("dropout_rng"), ck.path + ": dropout_rng");
+    CM_REQUIRE(model.step() == step, ck.path, ": the model's step buffer says ", model.step(),
+               " but the metadata says ", step);
+    ck = SafeTensors();  // free the copies
+  }
+  res.start_step = step;
+  res.final_step = step;
+
+  // ---- start-up tables
+  ModelSummary summary = model.get_model_summary();
+  {
+    std::map<std::string, std::string> model_map = cfg.to_map();
+    std::vector<std::pair<std::string, std::string>> train_rows;
+    for (auto& kv : flag_values(o))
+      if (!model_map.count(kv.first) && kv.first != "tree") train_rows.push_back(kv);
+    if (resuming) train_rows.push_back({"resume", o.resume});
+    print_table(out, "training", train_rows);
+    print_table(out, "model (CoEConfig)", std::vector<std::pair<std::string, std::string>>(model_map.begin(), model_map.end()));
+    int threads = 1;
+#if defined(_OPENMP)
+    threads = omp_get_max_threads();
+#endif
+    const int64_t tokens_per_step = o.batch_size * o.seq_len * o.grad_accum;
+    std::vector<std::pair<std::string, std::string>> run = {
+        {"device", str(device_name(dev), dev == Device::CPU ? str(" (", threads, " OpenMP threads)") : "")},
+        {"parameters", with_commas(summary.total_params)},
+        {"  active per token", with_commas(summary.active_params_per_token)},
+        {"  in experts", with_commas(summary.expert_params)},
+        {"experts", str(summary.num_moe_layers, " MoE layers x ", summary.num_experts, " (", summary.experts_per_token,
+                        " per token)")},
+        {"corpus", corpus.source},
+        {"  bytes", with_commas((int64_t)corpus.bytes.size())},
+        {"  vocabulary", str(tok.vocab_size(), " bytes")},
+        {"  train / val tokens", str(with_commas(ds.size(Split::Train)), " / ", with_commas(ds.size(Split::Val)))},
+        {"tokens per step", with_commas(tokens_per_step)},
+        {"out_dir", o.out_dir},
+    };
+    if (resuming) run.push_back({"resumed at step", std::to_string(step)});
+    print_table(out, "run", run);
+    if (!device_note.empty()) out << "note: " << device_note << "\n";
+    if (!corpus.note.empty()) out << "note: " << corpus.note << "\n";
+    out.flush();
+  }
+
+  // ---- files (only now: a failed resume above leaves out_dir as it was)
+  RunReport report(o.out_dir, resuming ? step : -1);
+  const std::map<std::string, std::string> cfg_map = cfg.to_map();
+  Json cfg_json = Json::object(), opts_json = Json::object(), sched_json = Json::object();
+  for (const auto& kv : cfg_map) cfg_json.set(kv.first, Json::string(kv.second));
+  for (const auto& kv : flag_values(o)) opts_json.set(kv.first, Json::string(kv.second));
+  sched_json.set("max_lr", Json::string(format_float(sched.max_lr)));
+  sched_json.set("min_lr", Json::string(format_float(sched.min_lr)));
+  sched_json.set("warmup_steps", Json::number(sched.warmup_steps));
+  sched_json.set("total_steps", Json::number(sched.total_steps));
+
+  auto save = [&](int64_t s) {
+    Metadata md = {
+        {"format", CHECKPOINT_FORMAT},
+        {"step", std::to_string(s)},
+        {"adamw_step", std::to_string(opt.step_count())},
+        {"config", json_dump(cfg_json)},
+        {"train_options", json_dump(opts_json)},
+        {"tokenizer", tok.to_hex()},
+        {"data_rng", json_dump(generator_json(data_gen))},
+        {"dropout_rng", json_dump(generator_json(model.rng()))},
+        {"schedule", json_dump(sched_json)},
+        {"corpus", corpus.source},
+    };
+    fs::create_directories(o.out_dir);
+    std::string path = checkpoint_path(o.out_dir, s);
+    save_safetensors(path, checkpoint_tensors(model, opt), md);
+    prune_checkpoints(o.out_dir, o.keep_last);
+    res.last_checkpoint = path;
+    out << "saved " << path << "\n";
+  };
+
+  RoutingTally tally;
+  const int64_t K = cfg.router == RouterKind::Dense ? 1 : cfg.experts_per_token();
+  const int64_t N = cfg.router == RouterKind::Dense ? 1 : cfg.num_experts();
+  const int64_t per_cluster = N / std::max<int64_t>(1, cfg.branching().front());
+
+  auto do_eval = [&](int64_t s) {
+    auto t0 = std::chrono::steady_clock::now();
+    // Routing of the training forwards since the last evaluation (eval forwards are not counted).
+    std::vector<LayerRouting> routing;
+    std::map<std::string, float> rel = model.get_reliability_stats();
+    for (size_t li = 0; li < tally.layers.size(); ++li) {
+      LayerRouting l;
+      l.layer = tally.layers[li];
+      l.experts_per_cluster = std::max<int64_t>(1, per_cluster);
+      l.tokens = tally.slots[li];
+      double tot = tally.total[li];
+      for (double t : l.tokens) l.share.push_back(tot > 0 ? t / tot : 0.0);
+      l.dropped_fraction = tot > 0 ? tally.dropped[li] / tot : 0.0;
+      l.reliability = expert_reliability(rel, l.layer);
+      auto it = rel.find(str("layer_", l.layer, "_reliability"));
+      l.mean_reliability = it != rel.end() ? it->second : 1.0;
+      if (tot > 0) routing.push_back(l);
+    }
+    double tr = evaluate(model, ds, Split::Train, o.eval_iters, o.batch_size,
+                         stream_seed(o.seed, Stream::EvalTrain), dev);
+    double va = evaluate(model, ds, Split::Val, o.eval_iters, o.batch_size, stream_seed(o.seed, Stream::EvalVal), dev);
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    char line[160];
+    std::snprintf(line, sizeof line, "eval step %lld | train loss %.4f | val loss %.4f | %.1fs\n", (long long)s, tr, va,
+                  secs);
+    out << line;
+    print_routing_summary(out, routing);
+    EvalRecord er{s, tr, va};
+    report.add_eval(er, routing);
+    report.write_svg();
+    res.evals.push_back(er);
+    tally.reset();
+    model.reset_metrics();
+    CM_REQUIRE(std::isfinite(tr) && std::isfinite(va), "evaluation loss is not finite at step ", s,
+               " (train ", tr, ", val ", va, "): training stopped");
+  };
+  auto do_sample = [&](int64_t s) {
+    std::vector<int32_t> prompt = {tok.has('\n') ? tok.encode("\n")[0] : 0};
+    std::vector<int32_t> ids = model.generate(prompt, o.sample_len, 0.8f, 0, o.seed + (uint64_t)s, true);
+    if (ids.size() > (size_t)o.sample_len) ids.erase(ids.begin(), ids.begin() + (ids.size() - o.sample_len));
+    out << "---- sample at step " << s << " ----\n" << tok.decode(ids) << "\n----\n";
+  };
+  auto at_boundary = [&](int64_t s) {
+    bool last = s == o.max_steps;
+    if (o.eval_every > 0 && (s % o.eval_every == 0 || last)) do_eval(s);
+    if (o.sample_every > 0 && s > 0 && (s % o.sample_every == 0 || last)) do_sample(s);
+    if (o.save_every > 0 && s > 0 && (s % o.save_every == 0 || last)) save(s);
+    out.flush();
+  };
+
+  if (!resuming) at_boundary(0);
+  if (step >= o.max_steps) out << "nothing to do: the checkpoint is at step " << step << ", --max_steps is " << o.max_steps << "\n";
+
+  const double tokens_per_step = (double)(o.batch_size * o.seq_len * o.grad_accum);
+  const double flops_per_step = train_flops_per_token(summary.active_params_per_token, cfg.n_layers, o.seq_len,
+                                                      cfg.d_model) * tokens_per_step;
+  double ema_ms = -1;
+  while (step < o.max_steps) {
+    auto t0 = std::chrono::steady_clock::now();
+    const float lr = lr_at(step, sched);
+    double loss = 0, aux = 0;
+    for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
+      auto xy = ds.batch(Split::Train, o.batch_size, data_gen, dev);
+      CoEOutput fw = model.forward(xy.first, xy.second);
+      // Scale before backward: accumulated gradients are then the mean over micro-batches, as one big batch.
+      Tensor l = o.grad_accum > 1 ? mul(fw.total_loss, 1.0f / (float)o.grad_accum) : fw.total_loss;
+      l.backward();
+      loss += fw.loss.item() / (double)o.grad_accum;
+      aux += (fw.aux_loss.defined() ? fw.aux_loss.item() : 0.0) / (double)o.grad_accum;
+      tally.add(fw, o.batch_size * o.seq_len, K);
+    }
+    CM_REQUIRE(std::isfinite(loss) && std::isfinite(aux), "loss is ", loss, " (aux ", aux, ") at step ", step + 1,
+               ": training stopped", res.last_checkpoint.empty() ? std::string() : ". Last checkpoint: " + res.last_checkpoint,
+               ". A lower --lr or a --grad_clip may help.");
+    const float norm = clip_grad_norm(params, o.grad_clip);
+    if (std::isfinite(norm)) {
+      opt.step(lr);
+    } else {
+      out << "step " << step + 1 << ": gradient norm is " << norm << ", update skipped\n";
+    }
+    opt.zero_grad();
+    model.after_step();
+    ++step;
+    res.final_step = step;
+    res.step_losses.push_back(loss);
+
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    ema_ms = ema_ms < 0 ? ms : 0.9 * ema_ms + 0.1 * ms;
+    const double tok_s = tokens_per_step / (ms / 1000.0);
+    report.add_step({step, loss, aux, lr, norm, ms, tok_s});
+    if (o.log_every > 0 && (step % o.log_every == 0 || step == o.max_steps)) {
+      std::string mfu;
+      if (dev == Device::CUDA) {
+        // H100 SXM dense peaks: 67 TFLOP/s fp32, 495 TFLOP/s TF32.
+        double peak = o.tf32 ? 494.7e12 : 66.9e12;
+        mfu = fmt(" | MFU %.1f%%", 100.0 * flops_per_step / (ms / 1000.0) / peak);
+      }
+      char line[256];
+      std::snprintf(line, sizeof line, "step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s%s | ETA %s\n",
+                    (long long)step, (long long)o.max_steps, loss, aux, lr, norm, ms, tok_s, mfu.c_str(),
+                    format_duration(ema_ms / 1000.0 * (double)(o.max_steps - step)).c_str());
+      out << line;
+    }
+    at_boundary(step);
+    if (o.stop_at > 0 && step >= o.stop_at) break;
+  }
+  return res;
+}
+
+// ---------------------------------------------------------------- programs
+int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  std::string usage;
+  try {
+    bool help = false;
+    TrainOptions o = resolve_train_args(args, &help, &usage);
+    if (help) {
+      out << usage;
+      return 0;
+    }
+    TrainResult r = train(o, out);
+    if (!r.evals.empty())
+      out << "done: step " << r.final_step << " | val loss " << fmt("%.4f", r.evals.back().val_loss) << "\n";
+    return 0;
+  } catch (const UsageError& e) {
+    err << "train_lm: " << e.what() << "\n\n" << usage;
+    return 2;
+  } catch (const Error& e) {
+    err << "train_lm: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {  // out of memory, filesystem errors: still a message, never a crash
+    err << "train_lm: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  SampleOptions o;
+  bool help = false;
+  Flags f("sample", "Continues --prompt with a model trained by train_lm.");
+  add_sample_flags(f, o, &help);
+  try {
+    f.apply(f.split(args));
+    if (help) {
+      out << f.usage();
+      return 0;
+    }
+    std::string note;
+    CM_REQUIRE(resolve_device(o.device, &note) == Device::CPU,
+               "--device cuda: the model's CUDA path is not built yet; use --device cpu");
+    if (o.ckpt.empty()) {
+      o.ckpt = latest_checkpoint(o.out_dir);
+      CM_REQUIRE(!o.ckpt.empty(), "no checkpoint in ", o.out_dir, ": train one with ./train_lm, or pass --ckpt PATH");
+    }
+    SafeTensors ck = load_safetensors(o.ckpt);
+    Json cj;
+    try {
+      cj = json_parse(ck.require_meta("config"));
+    } catch (const Error& e) {
+      fail(o.ckpt, ": corrupt config: ", e.what());
+    }
+    CM_REQUIRE(cj.is(Json::Kind::Object), o.ckpt, ": corrupt config");
+    std::map<std::string, std::string> cmap;
+    for (const auto& kv : cj.obj) cmap[kv.first] = kv.second.as_string(o.ckpt + ": config." + kv.first);
+    CoEConfig cfg;
+    try {
+      cfg = CoEConfig::from_map(cmap);
+    } catch (const Error& e) {
+      fail(o.ckpt, ": stored config: ", e.what());
+    }
+    ByteTokenizer tok = ByteTokenizer::from_hex(ck.require_meta("tokenizer"));
+    CM_REQUIRE(tok.vocab_size() == cfg.vocab_size, o.ckpt, ": the tokenizer has ", tok.vocab_size(),
+               " bytes but the model's vocab_size is ", cfg.vocab_size);
+    ClusterMoELM model(cfg);
+    NamedTensors state = model.named_parameters();
+    for (auto& kv : model.named_buffers()) state.push_back(kv);
+    restore_tensors(ck, state, "adamw.");  // the optimizer's moments are for resuming, not for sampling
+    ck = SafeTensors();
+
+    CM_REQUIRE(!o.prompt.empty(), "--prompt: give at least one character to continue");
+    std::vector<int32_t> prompt = tok.encode(o.prompt);
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<int32_t> ids = model.generate(prompt, o.max_new_tokens, o.temperature, o.top_k, o.seed, o.use_cache);
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (ids.size() > (size_t)o.max_new_tokens) ids.erase(ids.begin(), ids.begin() + (ids.size() - o.max_new_tokens));
+    out << o.prompt << tok.decode(ids) << std::endl;
+    err << ids.size() << " tokens in " << fmt("%.3f", secs) << " s: " << fmt("%.1f", secs > 0 ? ids.size() / secs : 0.0)
+        << " tokens/s (" << (o.use_cache ? "expert-selection cache on" : "cache off: full recompute per token")
+        << ")\n";
+    return 0;
+  } catch (const UsageError& e) {
+    err << "sample: " << e.what() << "\n\n" << f.usage();
+    return 2;
+  } catch (const Error& e) {
+    err << "sample: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    err << "sample: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace cm

@@ -1,0 +1,54 @@
+// The training loop of train_lm, as a library function so that tests can run short trainings in-process.
+//
+// One step (llm.c's loop, nanoGPT's schedule):
+//   lr = lr_at(step)                                      warmup, then cosine to min_lr (model/optim.h)
+//   grad_accum times: x, y = random windows [B, T]; out = model.forward(x, y);
+//                     backward(out.total_loss / grad_accum)  (cross-entropy + the model's aux loss)
+//   norm = clip_grad_norm(params, grad_clip); AdamW step; zero_grad; model.after_step()
+// Around the steps: evaluation on fixed batches of both splits (and the routing summary, log rows, curves.svg),
+// a text sample, a checkpoint (atomic, keep_last newest kept).
+//
+// Reproducibility: everything random is a counter-based stream whose position is saved - the data windows
+// (data RNG), dropout (the model's generator), initialisation (seed) - so a run resumed from a checkpoint
+// computes the same losses, bit for bit, as the uninterrupted run.
+#pragma once
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "model/cli.h"
+#include "model/report.h"
+
+namespace cm {
+
+struct TrainResult {
+  int64_t start_step = 0;           // 0, or the checkpoint's step when resumed
+  int64_t final_step = 0;           // optimizer steps done when train() returned
+  std::vector<double> step_losses;  // cross-entropy of each step this call ran, in order
+  std::vector<EvalRecord> evals;    // evaluations this call ran
+  std::string last_checkpoint;      // "" when none was written
+  std::string device;               // "cpu" or "cuda"
+};
+
+// From argv (without the program name) to options: flag syntax, the device's default preset, a resumed run's
+// stored settings, explicit flags last. *help is set when --help was given (options are then defaults).
+// Throws UsageError for bad flags and cm::Error for an unreadable checkpoint named by --resume.
+TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help, std::string* usage);
+
+// Runs (or, with o.resume set, continues) a training run. Console output goes to `out`.
+// Throws cm::Error for bad data, configs, checkpoints and for a non-finite loss (naming the step).
+TrainResult train(const TrainOptions& o, std::ostream& out);
+
+// The programs' whole behaviour, in-process (train_lm.cpp and sample.cpp only call these, so tests can check
+// exit codes and messages): 0 on success (and for --help), 2 for any cm::Error (bad flags, data, configs,
+// checkpoints, a non-finite loss) after printing it to `err` (with the usage for flag errors), 1 for other
+// exceptions.
+int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+
+// Model FLOPs per token for one training step (forward + backward): 6 x active parameters per token plus the
+// attention scores and values, 12 x layers x T x C (the PaLM appendix's count, as llm.c uses).
+double train_flops_per_token(int64_t active_params, int64_t n_layers, int64_t seq_len, int64_t d_model);
+
+}  // namespace cm
