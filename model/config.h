@@ -55,7 +55,7 @@ struct CoEConfig {
   std::vector<int64_t> ac_levels;       // levels with the AC transform (router == ac: all, implicitly)
   bool ac_scaling = true;               // false: the AC router with m = 1 (the ablation of 4.7)
   float routing_temperature = 1.0f;     // p = softmax(logits / temperature)
-  bool renormalize_gates = true;        // a token's gates renormalised to sum to 1 over its selected experts
+  bool renormalize_gates = true;        // K > 1: a token's gates renormalised to sum to 1 over its experts
   int64_t moe_every = 1;                // layer l is an MoE layer iff l % moe_every == 0 (router != dense)
   ExpertKind expert = ExpertKind::SwiGLU;
   float capacity_factor = 0.0f;  // > 0: an expert takes at most ceil(cf * T * K / N) slots (training); 0: dropless

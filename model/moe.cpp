@@ -8,6 +8,47 @@
 
 namespace cm {
 
+// ---------------------------------------------------------------- dispatch and combine
+
+DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,
+                                int64_t N) {
+  CM_CHECK(K > 0 && expert.size() % (size_t)K == 0, "slots ", expert.size(), " not a multiple of K = ", K);
+  CM_CHECK(keep.empty() || keep.size() == expert.size(), "keep ", keep.size(), " for ", expert.size(), " slots");
+  DispatchPlan p;
+  p.T = (int64_t)expert.size() / K;
+  p.K = K;
+  p.N = N;
+  std::vector<int32_t> kept, kept_e;
+  for (size_t s = 0; s < expert.size(); ++s)
+    if (keep.empty() || keep[s]) {
+      kept.push_back((int32_t)s);
+      kept_e.push_back(expert[s]);
+    }
+  Segments seg = counting_sort(kept_e, N);  // histogram -> exclusive scan -> scatter
+  p.offsets = std::move(seg.offsets);
+  p.slot.resize(kept.size());
+  p.token.resize(kept.size());
+  for (size_t i = 0; i < kept.size(); ++i) {
+    p.slot[i] = kept[seg.order[i]];
+    p.token[i] = p.slot[i] / (int32_t)K;
+  }
+  return p;
+}
+
+Tensor dispatch(const Tensor& x, const DispatchPlan& plan) {
+  return index_select(x, 0, Tensor::from_vector(plan.token, {plan.rows()}, x.device()));
+}
+
+Tensor combine(const Tensor& ys, const Tensor& gate, const DispatchPlan& plan) {
+  const int64_t S = plan.rows(), C = ys.size(1);
+  CM_CHECK(ys.size(0) == S, "combine: ", ys.size(0), " rows for a plan of ", S);
+  Tensor gs = index_select(gate, 0, Tensor::from_vector(plan.slot, {S}, ys.device()));  // [S]
+  return index_add(Tensor::zeros({plan.T, C}, DType::F32, ys.device()), 0,
+                   Tensor::from_vector(plan.token, {S}, ys.device()), mul(ys, gs.view({S, 1})));
+}
+
+// ---------------------------------------------------------------- the layer
+
 MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& gen)
     : moe(moe_), layer(layer_), C(cfg.d_model), V(cfg.vocab_size), cfg_(cfg) {
   N = moe ? cfg.num_experts() : 1;
@@ -20,6 +61,7 @@ MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& g
   }
   reliability_ = Tensor::ones({N});
   norm_ema_ = Tensor::zeros({N});
+  wnorm_ema_ = Tensor::zeros({N});
   usage_ema_ = Tensor::full({N}, 1.f / (float)N);
   pruned_ = Tensor::zeros({N});
   low_steps_ = Tensor::zeros({N});
@@ -41,6 +83,7 @@ void MoELayer::collect(const std::string& prefix, NamedParams& out) const {
 void MoELayer::collect_buffers(const std::string& prefix, NamedParams& out) const {
   out.emplace_back(prefix + ".reliability", reliability_);
   out.emplace_back(prefix + ".norm_ema", norm_ema_);
+  out.emplace_back(prefix + ".wnorm_ema", wnorm_ema_);
   out.emplace_back(prefix + ".usage_ema", usage_ema_);
   out.emplace_back(prefix + ".pruned", pruned_);
   out.emplace_back(prefix + ".low_steps", low_steps_);
@@ -185,6 +228,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     st.expert_share[0] = T ? 1.f : 0.f;
     st.expert_rows[0] = T;
     out.expert.assign((size_t)T, 0);
+    out.gate.assign((size_t)T, 1.f);
+    out.keep.assign((size_t)T, 1);
     out.top1.assign((size_t)T, 0);
     util_[0] += (double)T;
     if (training) pend_routed_[0] += T;
@@ -246,42 +291,29 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     }
   }
   st.dropped_fraction = S0 ? (float)dropped / (float)S0 : 0.f;
+  out.gate = rt.gate_value;
+  out.keep = keep;
 
   // 3. Counting sort of the kept slots by expert: the permutation that makes each expert's rows contiguous.
-  std::vector<int32_t> kept, kept_e;
-  kept.reserve((size_t)(S0 - dropped));
-  for (int64_t s = 0; s < S0; ++s)
-    if (keep[s]) {
-      kept.push_back((int32_t)s);
-      kept_e.push_back(rt.expert[s]);
-    }
-  const int64_t S = (int64_t)kept.size();
-  Segments seg = counting_sort(kept_e, N);
-  std::vector<int32_t> slot_sorted((size_t)S), tok_sorted((size_t)S);
-  for (int64_t i = 0; i < S; ++i) {
-    slot_sorted[i] = kept[seg.order[i]];
-    tok_sorted[i] = slot_sorted[i] / (int32_t)K;
-  }
-  if (S == 0) {
+  DispatchPlan plan = make_dispatch_plan(rt.expert, keep, K, N);
+  if (plan.rows() == 0) {
     out.y = Tensor::zeros({T, C}, DType::F32, x.device());
     return out;
   }
-  Tensor tok_idx = Tensor::from_vector(tok_sorted, {S}, x.device());
 
   // 4. Gather rows, run each non-empty expert on its segment, guard its output.
-  Tensor xs = index_select(x, 0, tok_idx);  // [S, C] expert-contiguous
+  Tensor xs = dispatch(x, plan);  // [S, C] expert-contiguous
   std::vector<Tensor> parts;
   for (int64_t e = 0; e < N; ++e) {
-    const int64_t a = seg.offsets[e], b = seg.offsets[e + 1];
+    const int64_t a = plan.offsets[e], b = plan.offsets[e + 1];
     st.expert_rows[e] = b - a;
     if (a == b) continue;  // no rows (pruned experts always): no compute
     parts.push_back(guard(e, experts[e].forward(xs.slice(0, a, b)), training, st));
   }
   Tensor ys = parts.size() == 1 ? parts[0] : concat(parts, 0);  // [S, C]
 
-  // 5. Combine: out[t] = sum over t's kept slots of gate * y, accumulated in permutation order (sequential).
-  Tensor gs = index_select(rt.gate, 0, Tensor::from_vector(slot_sorted, {S}, x.device()));  // [S]
-  Tensor y = index_add(Tensor::zeros({T, C}, DType::F32, x.device()), 0, tok_idx, mul(ys, gs.view({S, 1})));
+  // 5. Combine in permutation order.
+  Tensor y = combine(ys, rt.gate, plan);  // [T, C]
   if (gate.w.defined()) y = mul(y, sigmoid(gate.forward(x)));  // adaptive gate [T, 1]
   out.y = y;
   return out;
@@ -296,28 +328,42 @@ static bool all_finite(const Tensor& t) {
   return true;
 }
 
+static double l2_norm(const std::vector<Tensor>& ts) {
+  double ss = 0.0;
+  for (const Tensor& t : ts)
+    for (float v : t.to_f32_vector()) ss += (double)v * v;
+  return std::sqrt(ss);
+}
+
 void MoELayer::after_step() {
-  const float decay = cfg_.reliability_decay;
+  const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
   float* rel = reliability_.f32();
   float* ema = norm_ema_.f32();
+  float* wema = wnorm_ema_.f32();
   float* use = usage_ema_.f32();
   int64_t total = 0;
   for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
 
   for (int64_t e = 0; e < N; ++e) {
     if (pruned(e)) continue;
-    // Output-norm statistics from healthy rows only, so a fault cannot drag the reference along with it.
-    if (pend_good_[e] > 0) {
+    // Weights: finite, and their norm within [1/factor, factor] x its running value (training moves it slowly;
+    // a corrupted expert jumps). The statistics only follow healthy values, so a fault cannot drag them along.
+    const double wn = l2_norm(experts[e].tensors());
+    bool weights_ok = std::isfinite(wn) && (wema[e] <= 0.f || (wn <= (double)factor * wema[e] &&
+                                                               wn >= (double)wema[e] / factor));
+    if (weights_ok) wema[e] = wema[e] > 0.f ? decay * wema[e] + (1.f - decay) * (float)wn : (float)wn;
+    // Output-norm statistics from steps whose rows were all healthy.
+    if (pend_good_[e] > 0 && pend_bad_[e] == 0) {
       float mean = (float)(pend_norm_[e] / (double)pend_good_[e]);
       ema[e] = ema[e] > 0.f ? decay * ema[e] + (1.f - decay) * mean : mean;
     }
     if (!cfg_.use_reliability) continue;
-    // Health in [0, 1]: 0 for non-finite weights or gradients; else the share of healthy output rows; no
+    // Health in [0, 1]: 0 for bad weights or non-finite gradients; else the share of healthy output rows; no
     // evidence (no rows this step) leaves the reliability where it is.
-    bool params_ok = true;
-    for (const Tensor& p : experts[e].tensors()) params_ok = params_ok && all_finite(p) && all_finite(p.grad());
+    bool grads_ok = true;
+    for (const Tensor& p : experts[e].tensors()) grads_ok = grads_ok && all_finite(p.grad());
     float health;
-    if (!params_ok) health = 0.f;
+    if (!weights_ok || !grads_ok) health = 0.f;
     else if (pend_rows_[e] > 0) health = 1.f - (float)pend_bad_[e] / (float)pend_rows_[e];
     else continue;
     rel[e] = std::clamp(decay * rel[e] + (1.f - decay) * health, cfg_.reliability_min, 1.f);

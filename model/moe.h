@@ -23,6 +23,24 @@
 
 namespace cm {
 
+// The dispatch plan of one forward: the kept slots sorted by expert (stable counting sort), i.e. the permutation
+// that makes each expert's rows contiguous. Forward and backward both use it.
+struct DispatchPlan {
+  int64_t T = 0, K = 1, N = 1;
+  std::vector<int32_t> slot;     // [S] slot (t * K + j) of each expert-sorted row
+  std::vector<int32_t> token;    // [S] token of each expert-sorted row
+  std::vector<int64_t> offsets;  // [N + 1] expert e's rows are offsets[e] .. offsets[e + 1]
+  int64_t rows() const { return (int64_t)slot.size(); }
+};
+// expert [T*K] per slot; keep [T*K] (empty: keep all).
+DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,
+                                int64_t N);
+// x [T, C] -> xs [S, C]: row i is x[token[i]] (index_select; its backward is index_add with the same index).
+Tensor dispatch(const Tensor& x, const DispatchPlan& plan);
+// ys [S, C], gate [T*K] -> [T, C]: out[t] = sum over t's kept slots of gate[slot] * ys[row], added in
+// permutation order by one sequential index_add (deterministic, no atomics).
+Tensor combine(const Tensor& ys, const Tensor& gate, const DispatchPlan& plan);
+
 class MoELayer {
  public:
   MoELayer() = default;
@@ -32,6 +50,8 @@ class MoELayer {
     Tensor y;                     // [T, C]
     Tensor lb_loss, z_loss, div_loss;  // weighted scalars; undefined when off or dense
     std::vector<int32_t> expert;  // [T*K] routed expert of each slot (before capacity)
+    std::vector<float> gate;      // [T*K] gate values
+    std::vector<char> keep;       // [T*K] 0 = dropped by capacity
     std::vector<int32_t> top1;    // [T] highest-gate expert per token (the next AC layer's labels)
     LayerRoutingStats stats;
   };
@@ -84,6 +104,7 @@ class MoELayer {
   // Buffers (checkpointed), each [N].
   Tensor reliability_;  // in [reliability_min, 1]
   Tensor norm_ema_;     // running mean of healthy output-row norms (0 = no statistics yet)
+  Tensor wnorm_ema_;    // running norm of each expert's weights (0 = no statistics yet)
   Tensor usage_ema_;    // running traffic share (weights the inner nodes' reliability)
   Tensor pruned_;       // 1 = removed from routing and compute
   Tensor low_steps_;    // consecutive after_step()s with traffic under the threshold or low reliability

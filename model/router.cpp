@@ -256,16 +256,29 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     }
     Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}));  // [P, k]
 
-    // ---- load balance at this level: b * sum_children f * P over each parent's pairs, token-weighted mean over
-    // parents = b / P * sum_{node, c} f[node, c] * Psum[node, c], f = count / (pairs_at_node * k) (no gradient).
+    // ---- load balance at this level. Per parent: sum_c f_c P_c / q_c over the pairs that reached it, q the
+    // target share of each child; token-weighted mean over parents = 1/P * sum_{node, c} coef * Psum with
+    // coef = f / q (no gradient), f = count / (pairs_at_node * k). Targets are proportional to the children's
+    // reliability (exp of the logit bias; pruned children: 0), so a degraded child is balanced towards a share
+    // in proportion to its reliability instead of being pushed back to 1/b. All healthy: q = 1/b and this is
+    // b * sum f P, the Switch loss, whose balanced value is 1.
     if (lb_w_ > 0.f) {
-      std::vector<float> f((size_t)(n_nodes * b), 0.f);
-      for (int64_t j = 0; j < n_nodes; ++j)
+      std::vector<float> coef((size_t)(n_nodes * b), 0.f);
+      for (int64_t j = 0; j < n_nodes; ++j) {
+        if (!pairs_at[j]) continue;
+        std::vector<double> rho((size_t)b, 1.0);
+        double rsum = 0.0;
+        for (int64_t c = 0; c < b; ++c) {
+          if (lbias) rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
+          rsum += rho[c];
+        }
         for (int64_t c = 0; c < b; ++c)
-          if (pairs_at[j]) f[j * b + c] = (float)counts[j * b + c] / (float)(pairs_at[j] * k);
+          if (rho[c] > 0.0)
+            coef[j * b + c] = (float)((double)counts[j * b + c] / (double)(pairs_at[j] * k) * (rsum / rho[c]));
+      }
       Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
                                  : index_add(Tensor::zeros({n_nodes, b}), 0, Tensor::from_vector(node, {P}), probs);
-      lb_terms.push_back(mul(sum(mul(psum, Tensor::from_vector(f, {n_nodes, b}))), (float)b / (float)P));
+      lb_terms.push_back(mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}))), 1.f / (float)P));
     }
 
     // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.

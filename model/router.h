@@ -7,7 +7,8 @@
 //     select         = top k of (probs + aux_free_bias) per pair     (no gradient)
 //     path   [P, k]  = path_parent * probs[selected]                 (differentiable)
 //   leaves: a token's K = prod(top_k) experts with gate = product of conditionals along the path,
-//   renormalised over the token's selected leaves (option).
+//   renormalised over the token's selected leaves (option; only when K > 1: with one expert per token the gate
+//   would be identically 1 and the router would learn nothing from the task loss, so it stays the probability).
 //
 // Dense (no routing) is [1]; flat top-k is [N]; ClusterMoE is [num_clusters, experts_per_cluster].
 // The Adaptive Clustering (AC) transform on a level replaces h by m_{label} * h and W's rows by unit vectors, with

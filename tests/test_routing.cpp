@@ -1,0 +1,511 @@
+// The tree router against brute force: selection per level, gates, the flat case as the standard top-k MoE,
+// counted routing FLOPs, capacity, the routing losses in closed form, and the AC router on a Gaussian mixture.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "model/moe.h"
+#include "model/router.h"
+#include "tests/helpers.h"
+
+using namespace cm;
+using cm::test::uniform;
+
+namespace {
+
+CoEConfig tree_config(int64_t C, std::vector<int64_t> b, std::vector<int64_t> k) {
+  CoEConfig c;
+  c.d_model = C;
+  c.n_heads = 1;
+  c.router = RouterKind::Tree;
+  c.tree_branching = b;
+  c.tree_top_k = k;
+  int64_t n = 1;
+  for (int64_t v : b) n *= v;
+  c.num_clusters = b[0];
+  c.experts_per_cluster = n / b[0];
+  c.init_std = 1.0f;  // well-separated logits: no near-ties on random inputs
+  c.use_reliability = false;
+  c.validate();
+  return c;
+}
+
+// Brute force: every node's full softmax, top-k per node by recursion, gate = product along the path.
+struct BruteRoute {
+  std::vector<int32_t> leaves;  // [T*K] in the router's order (the DFS order of the selections)
+  std::vector<double> gates;    // [T*K] products of conditionals (not renormalised)
+};
+BruteRoute brute_route(const TreeRouter& r, const Tensor& h, float temperature) {
+  const int64_t T = h.size(0), C = h.size(1), D = r.depth();
+  std::vector<float> hv = h.to_f32_vector();
+  std::vector<std::vector<float>> W;
+  for (const Tensor& w : r.weights) W.push_back(w.to_f32_vector());
+  BruteRoute out;
+  std::function<void(int64_t, int64_t, int64_t, double)> rec = [&](int64_t t, int64_t l, int64_t node,
+                                                                   double path) {
+    const int64_t b = r.branching[l], k = r.top_k[l];
+    std::vector<double> z((size_t)b);
+    double mx = -1e300, s = 0.0;
+    for (int64_t c = 0; c < b; ++c) {
+      double acc = 0.0;
+      for (int64_t q = 0; q < C; ++q) acc += (double)hv[t * C + q] * W[l][(node * b + c) * C + q];
+      z[c] = acc / temperature;
+      mx = std::max(mx, z[c]);
+    }
+    for (double& v : z) s += (v = std::exp(v - mx));
+    for (double& v : z) v /= s;
+    std::vector<int64_t> idx((size_t)b);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t c) { return z[a] > z[c]; });
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t child = node * b + idx[j];
+      if (l == D - 1) {
+        out.leaves.push_back((int32_t)child);
+        out.gates.push_back(path * z[idx[j]]);
+      } else {
+        rec(t, l + 1, child, path * z[idx[j]]);
+      }
+    }
+  };
+  for (int64_t t = 0; t < T; ++t) rec(t, 0, 0, 1.0);
+  return out;
+}
+
+// Naive SwiGLU expert in double: w2 (silu(w1 x) * (w3 x)).
+std::vector<double> expert_ref(const ExpertFFN& e, const float* x, int64_t C) {
+  std::vector<float> w1 = e.w1.w.to_f32_vector(), w2 = e.w2.w.to_f32_vector(), w3 = e.w3.w.to_f32_vector();
+  const int64_t F = e.w1.w.size(0);
+  std::vector<double> hdn((size_t)F), y((size_t)C, 0.0);
+  for (int64_t f = 0; f < F; ++f) {
+    double a = 0.0, b = 0.0;
+    for (int64_t q = 0; q < C; ++q) {
+      a += (double)w1[f * C + q] * x[q];
+      b += (double)w3[f * C + q] * x[q];
+    }
+    hdn[f] = a / (1.0 + std::exp(-a)) * b;
+  }
+  for (int64_t q = 0; q < C; ++q)
+    for (int64_t f = 0; f < F; ++f) y[q] += (double)w2[q * F + f] * hdn[f];
+  return y;
+}
+
+}  // namespace
+
+TEST_SUITE("routing") {
+  TEST_CASE("selected experts are the true top-k per level, gates the products along the path") {
+    struct Case {
+      std::vector<int64_t> b, k;
+      float temp;
+    };
+    for (const Case& cs : {Case{{4, 3, 2}, {2, 2, 1}, 1.0f}, Case{{3, 5}, {2, 3}, 0.7f}, Case{{6}, {3}, 1.5f},
+                           Case{{2, 2, 2, 2}, {1, 2, 1, 2}, 1.0f}}) {
+      CAPTURE(cs.b.size());
+      CoEConfig c = tree_config(8, cs.b, cs.k);
+      c.routing_temperature = cs.temp;
+      c.renormalize_gates = false;
+      Generator gen(21);
+      TreeRouter r(c, gen);
+      Tensor h = uniform({13, 8}, 22);
+      Routing rt = r.route(h, RouterBias{}, nullptr, false);
+      BruteRoute bf = brute_route(r, h, cs.temp);
+      CHECK(rt.K == c.experts_per_token());
+      CHECK(rt.expert == bf.leaves);
+      std::vector<float> ref(bf.gates.begin(), bf.gates.end());
+      CHECK_CLOSE(rt.gate, ref, 1e-6f, 1e-5f);
+    }
+  }
+
+  TEST_CASE("renormalised gates sum to 1 per token") {
+    for (auto bk : {std::pair<std::vector<int64_t>, std::vector<int64_t>>{{4, 4}, {2, 2}},
+                    {{8}, {3}}, {{2, 3, 2}, {2, 1, 2}}}) {
+      CoEConfig c = tree_config(6, bk.first, bk.second);
+      Generator gen(23);
+      TreeRouter r(c, gen);
+      Routing rt = r.route(uniform({17, 6}, 24), RouterBias{}, nullptr, false);
+      std::vector<float> g = rt.gate.to_f32_vector();
+      for (int64_t t = 0; t < rt.T; ++t) {
+        double s = 0.0;
+        for (int64_t j = 0; j < rt.K; ++j) s += g[t * rt.K + j];
+        CHECK(s == doctest::Approx(1.0).epsilon(1e-6));
+      }
+    }
+  }
+
+  TEST_CASE("top_k equal to the branching at every level selects every expert") {
+    CoEConfig c = tree_config(5, {3, 2, 2}, {3, 2, 2});
+    Generator gen(25);
+    TreeRouter r(c, gen);
+    Routing rt = r.route(uniform({7, 5}, 26), RouterBias{}, nullptr, false);
+    REQUIRE(rt.K == 12);
+    for (int64_t t = 0; t < 7; ++t) {
+      std::vector<int32_t> e(rt.expert.begin() + t * 12, rt.expert.begin() + (t + 1) * 12);
+      std::sort(e.begin(), e.end());
+      std::vector<int32_t> all(12);
+      std::iota(all.begin(), all.end(), 0);
+      CHECK(e == all);
+    }
+  }
+
+  TEST_CASE("a flat tree [N] is the standard top-k MoE") {
+    CoEConfig c;
+    c.d_model = 6;
+    c.n_heads = 1;
+    c.d_ff = 10;
+    c.router = RouterKind::Flat;
+    c.num_clusters = 1;
+    c.experts_per_cluster = 6;
+    c.top_k_clusters = 1;
+    c.top_k_experts = 2;
+    c.init_std = 0.5f;
+    c.use_reliability = false;
+    c.validate();
+    Generator gen(27);
+    MoELayer layer(c, 0, true, gen);
+    const int64_t T = 11, C = 6, N = 6;
+    Tensor x = uniform({T, C}, 28);
+    MoELayer::Output o = layer.forward(x, nullptr, nullptr, false);
+    // Reference: softmax over all N logits, top-2, renormalise, gate-weighted sum of expert outputs.
+    std::vector<float> xv = x.to_f32_vector(), W = layer.router.weights[0].to_f32_vector();
+    std::vector<float> ref;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> p((size_t)N);
+      double mx = -1e300, s = 0.0;
+      for (int64_t e = 0; e < N; ++e) {
+        double z = 0.0;
+        for (int64_t q = 0; q < C; ++q) z += (double)xv[t * C + q] * W[e * C + q];
+        mx = std::max(mx, p[e] = z);
+      }
+      for (double& v : p) s += (v = std::exp(v - mx));
+      std::vector<int64_t> idx((size_t)N);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+      double g0 = p[idx[0]] / s, g1 = p[idx[1]] / s;
+      CHECK(o.expert[t * 2] == idx[0]);
+      CHECK(o.expert[t * 2 + 1] == idx[1]);
+      std::vector<double> y0 = expert_ref(layer.experts[idx[0]], &xv[t * C], C);
+      std::vector<double> y1 = expert_ref(layer.experts[idx[1]], &xv[t * C], C);
+      for (int64_t q = 0; q < C; ++q) ref.push_back((float)((g0 * y0[q] + g1 * y1[q]) / (g0 + g1)));
+    }
+    CHECK_CLOSE(o.y, ref, 1e-5f, 1e-4f);
+  }
+
+  TEST_CASE("counted routing FLOPs follow the formula and grow like log N for a fixed branching") {
+    const int64_t C = 16, T = 9;
+    auto counted = [&](std::vector<int64_t> b, std::vector<int64_t> k) {
+      CoEConfig c = tree_config(C, b, k);
+      Generator gen(29);
+      TreeRouter r(c, gen);
+      Routing rt = r.route(uniform({T, C}, 30), RouterBias{}, nullptr, false);
+      CHECK(rt.flops == T * routing_flops_per_token(C, b, k));
+      return rt.flops / T;
+    };
+    // Branching 4, one child kept per level: D levels cost D * 4 * 2C, for N = 4^D experts.
+    CHECK(counted({4}, {1}) == 1 * 4 * 2 * C);
+    CHECK(counted({4, 4}, {1, 1}) == 2 * 4 * 2 * C);
+    CHECK(counted({4, 4, 4}, {1, 1, 1}) == 3 * 4 * 2 * C);
+    CHECK(counted({4, 4, 4, 4}, {1, 1, 1, 1}) == 4 * 4 * 2 * C);
+    CHECK(counted({256}, {1}) == 256 * 2 * C);  // flat: linear in N
+    // top-k > 1 multiplies the nodes evaluated below: 4 + 2*4 + 2*2*4 router columns per token.
+    CHECK(counted({4, 4, 4}, {2, 2, 1}) == (4 + 8 + 16) * 2 * C);
+    CHECK(routing_flops_per_token(C, {16, 16}, {1, 2}) == 32 * 2 * C);
+  }
+
+  TEST_CASE("capacity drops exactly the overflow, lowest gate first, and reports the dropped fraction") {
+    CoEConfig c;
+    c.d_model = 8;
+    c.n_heads = 1;
+    c.d_ff = 12;
+    c.router = RouterKind::Flat;
+    c.num_clusters = 1;
+    c.experts_per_cluster = 4;
+    c.top_k_clusters = 1;
+    c.top_k_experts = 2;
+    c.capacity_factor = 0.75f;
+    c.init_std = 0.7f;
+    c.use_reliability = false;
+    Generator gen(31);
+    MoELayer layer(c, 0, true, gen);
+    const int64_t T = 24, K = 2, N = 4, C = 8;
+    const int64_t cap = (int64_t)std::ceil(0.75 * T * K / N);  // 9
+    Tensor x = uniform({T, C}, 32);
+    MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
+    // Expected: per expert, its slots sorted by gate (descending, stable) keep the first cap.
+    std::vector<char> keep((size_t)(T * K), 1);
+    int64_t overflow = 0;
+    for (int64_t e = 0; e < N; ++e) {
+      std::vector<int64_t> s;
+      for (int64_t i = 0; i < T * K; ++i)
+        if (o.expert[i] == e) s.push_back(i);
+      std::stable_sort(s.begin(), s.end(), [&](int64_t a, int64_t b) { return o.gate[a] > o.gate[b]; });
+      for (size_t i = (size_t)cap; i < s.size(); ++i) keep[s[i]] = 0;
+      overflow += std::max<int64_t>(0, (int64_t)s.size() - cap);
+      CHECK(o.stats.expert_rows[e] == std::min<int64_t>((int64_t)s.size(), cap));
+    }
+    REQUIRE(overflow > 0);  // the test must exercise dropping
+    CHECK(o.keep == keep);
+    CHECK(o.stats.dropped_fraction == doctest::Approx((double)overflow / (T * K)));
+    // The output is the gate-weighted sum over the kept slots only (dropped slots leave the token's residual).
+    std::vector<float> xv = x.to_f32_vector(), ref((size_t)(T * C), 0.f);
+    for (int64_t i = 0; i < T * K; ++i) {
+      if (!keep[i]) continue;
+      std::vector<double> y = expert_ref(layer.experts[o.expert[i]], &xv[(i / K) * C], C);
+      for (int64_t q = 0; q < C; ++q) ref[(i / K) * C + q] += (float)(o.gate[i] * y[q]);
+    }
+    CHECK_CLOSE(o.y, ref, 1e-5f, 1e-4f);
+    // Evaluation is dropless.
+    CHECK(layer.forward(x, nullptr, nullptr, false).stats.dropped_fraction == 0.f);
+  }
+
+  TEST_CASE("load-balance loss: closed form per level, balanced value, finite with unused experts") {
+    // Two levels against the formula computed by brute force.
+    CoEConfig c = tree_config(6, {3, 4}, {2, 1});
+    c.load_balancing_weight = 0.05f;
+    Generator gen(33);
+    TreeRouter r(c, gen);
+    const int64_t T = 40, C = 6;
+    Tensor h = uniform({T, C}, 34);
+    Routing rt = r.route(h, RouterBias{}, nullptr, false);
+    std::vector<float> hv = h.to_f32_vector(), W0 = r.weights[0].to_f32_vector(), W1 = r.weights[1].to_f32_vector();
+    auto probs = [&](const std::vector<float>& W, int64_t node, int64_t b, int64_t t) {
+      std::vector<double> p((size_t)b);
+      double mx = -1e300, s = 0.0;
+      for (int64_t c2 = 0; c2 < b; ++c2) {
+        double z = 0.0;
+        for (int64_t q = 0; q < C; ++q) z += (double)hv[t * C + q] * W[(node * b + c2) * C + q];
+        mx = std::max(mx, p[c2] = z);
+      }
+      for (double& v : p) s += (v = std::exp(v - mx));
+      for (double& v : p) v /= s;
+      return p;
+    };
+    BruteRoute bf = brute_route(r, h, 1.f);
+    // level 0: one parent, T pairs, k = 2
+    std::vector<double> f0(3, 0.0), P0(3, 0.0);
+    std::vector<std::vector<int64_t>> reached(3);  // tokens that reached each cluster
+    for (int64_t t = 0; t < T; ++t) {
+      auto p = probs(W0, 0, 3, t);
+      for (int64_t c2 = 0; c2 < 3; ++c2) P0[c2] += p[c2] / T;
+      for (int64_t j = 0; j < 2; ++j) {
+        int64_t cl = bf.leaves[t * 2 + j] / 4;
+        f0[cl] += 1.0 / (T * 2);
+        reached[cl].push_back(t);
+      }
+    }
+    double lb0 = 0.0;
+    for (int64_t c2 = 0; c2 < 3; ++c2) lb0 += 3 * f0[c2] * P0[c2];
+    // level 1: parents are clusters, weighted by their share of the 2T pairs
+    double lb1 = 0.0;
+    for (int64_t cl = 0; cl < 3; ++cl) {
+      const double n = (double)reached[cl].size();
+      if (n == 0) continue;
+      std::vector<double> f(4, 0.0), P(4, 0.0);
+      for (int64_t t : reached[cl]) {
+        auto p = probs(W1, cl, 4, t);
+        for (int64_t e = 0; e < 4; ++e) P[e] += p[e] / n;
+        int64_t best = std::max_element(p.begin(), p.end()) - p.begin();
+        f[best] += 1.0 / n;
+      }
+      double s = 0.0;
+      for (int64_t e = 0; e < 4; ++e) s += 4 * f[e] * P[e];
+      lb1 += n / (2.0 * T) * s;
+    }
+    REQUIRE(rt.lb_loss.defined());
+    CHECK(rt.lb_loss.item() == doctest::Approx(0.05 * (lb0 + lb1) / 2).epsilon(1e-5));
+
+    // Balanced: N tokens, token t strongly prefers expert t, symmetric -> f = P = 1/N -> loss == weight.
+    CoEConfig fc = tree_config(4, {4}, {1});
+    fc.load_balancing_weight = 0.03f;
+    Generator g2(35);
+    TreeRouter flat(fc, g2);
+    std::vector<float> eye(16, 0.f), hb(32, 0.f);
+    for (int64_t i = 0; i < 4; ++i) eye[i * 4 + i] = 3.f;
+    for (int64_t t = 0; t < 8; ++t) hb[t * 4 + t % 4] = 1.f;
+    flat.weights[0].copy_(Tensor::from_vector(eye, {4, 4}));
+    Routing bal = flat.route(Tensor::from_vector(hb, {8, 4}), RouterBias{}, nullptr, false);
+    CHECK(bal.lb_loss.item() == doctest::Approx(0.03).epsilon(1e-6));
+
+    // Unused experts (never selected, or pruned with -inf logits) and a cluster no token reaches: finite.
+    std::vector<float> skew(16, 0.f);
+    for (int64_t q = 0; q < 4; ++q) skew[0 * 4 + q] = 2.f, skew[2 * 4 + q] = -2.f, skew[3 * 4 + q] = -3.f;
+    flat.weights[0].copy_(Tensor::from_vector(skew, {4, 4}));
+    Tensor hp = uniform({8, 4}, 36, 0.1f, 1.f);
+    Routing un = flat.route(hp, RouterBias{}, nullptr, false);
+    CHECK(std::count(un.expert.begin(), un.expert.end(), 3) == 0);
+    CHECK(std::isfinite(un.lb_loss.item()));
+    RouterBias pruned;
+    pruned.logit_bias = {{0.f, 0.f, -INFINITY, -INFINITY}};
+    Routing pr = flat.route(hp, pruned, nullptr, false);
+    CHECK(std::isfinite(pr.lb_loss.item()));
+    CHECK(std::count(pr.expert.begin(), pr.expert.end(), 2) + std::count(pr.expert.begin(), pr.expert.end(), 3) == 0);
+    CoEConfig c2 = tree_config(4, {2, 2}, {1, 1});
+    c2.load_balancing_weight = 1.f;
+    Generator g3(37);
+    TreeRouter two(c2, g3);
+    std::vector<float> w0 = {3, 3, 3, 3, -3, -3, -3, -3};  // cluster 1 never reached by positive inputs
+    two.weights[0].copy_(Tensor::from_vector(w0, {2, 4}));
+    Routing empty_parent = two.route(hp, RouterBias{}, nullptr, false);
+    for (int32_t e : empty_parent.expert) CHECK(e < 2);
+    CHECK(std::isfinite(empty_parent.lb_loss.item()));
+  }
+
+  TEST_CASE("z-loss is weight * mean logsumexp(logits)^2, averaged over levels") {
+    CoEConfig c = tree_config(5, {3, 2}, {2, 1});
+    c.router_z_loss_weight = 0.01f;
+    c.routing_temperature = 0.5f;  // the z-loss is on the raw logits, not the tempered ones
+    Generator gen(39);
+    TreeRouter r(c, gen);
+    const int64_t T = 10, C = 5;
+    Tensor h = uniform({T, C}, 40);
+    Routing rt = r.route(h, RouterBias{}, nullptr, false);
+    std::vector<float> hv = h.to_f32_vector(), W0 = r.weights[0].to_f32_vector(), W1 = r.weights[1].to_f32_vector();
+    auto lse = [&](const std::vector<float>& W, int64_t node, int64_t b, int64_t t) {
+      std::vector<double> z((size_t)b);
+      double mx = -1e300, s = 0.0;
+      for (int64_t j = 0; j < b; ++j) {
+        z[j] = 0.0;
+        for (int64_t q = 0; q < C; ++q) z[j] += (double)hv[t * C + q] * W[(node * b + j) * C + q];
+        mx = std::max(mx, z[j]);
+      }
+      for (double v : z) s += std::exp(v - mx);
+      return mx + std::log(s);
+    };
+    BruteRoute bf = brute_route(r, h, 0.5f);
+    double z0 = 0.0, z1 = 0.0;
+    for (int64_t t = 0; t < T; ++t) {
+      double a = lse(W0, 0, 3, t);
+      z0 += a * a / T;
+      for (int64_t j = 0; j < 2; ++j) {
+        double b = lse(W1, bf.leaves[t * 2 + j] / 2, 2, t);
+        z1 += b * b / (2 * T);
+      }
+    }
+    CHECK(rt.z_loss.item() == doctest::Approx(0.01 * (z0 + z1) / 2).epsilon(1e-5));
+  }
+
+  TEST_CASE("diversity loss is the mean squared cosine similarity of sibling router vectors") {
+    CoEConfig c = tree_config(4, {2, 3}, {1, 1});
+    c.diversity_weight = 0.2f;
+    Generator gen(41);
+    TreeRouter r(c, gen);
+    Routing rt = r.route(uniform({3, 4}, 42), RouterBias{}, nullptr, false);
+    double level[2] = {0.0, 0.0};
+    for (int64_t l = 0; l < 2; ++l) {
+      std::vector<float> W = r.weights[l].to_f32_vector();
+      const int64_t b = r.branching[l], n = r.nodes[l];
+      int64_t pairs = 0;
+      for (int64_t node = 0; node < n; ++node)
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < b; ++j) {
+            if (i == j) continue;
+            double d = 0.0, ni = 0.0, nj = 0.0;
+            for (int64_t q = 0; q < 4; ++q) {
+              double a = W[(node * b + i) * 4 + q], e = W[(node * b + j) * 4 + q];
+              d += a * e, ni += a * a, nj += e * e;
+            }
+            level[l] += d * d / (ni * nj);
+            ++pairs;
+          }
+      level[l] /= pairs;
+    }
+    CHECK(rt.div_loss.item() == doctest::Approx(0.2 * (level[0] + level[1]) / 2).epsilon(1e-5));
+    // Its gradient pushes siblings apart: one step of descent lowers it.
+    rt.div_loss.backward();
+    for (Tensor& w : r.weights) {
+      Tensor g = w.grad();
+      for (int64_t i = 0; i < w.numel(); ++i) w.f32()[i] -= 0.5f * g.f32()[i];
+    }
+    CHECK(r.route(uniform({3, 4}, 42), RouterBias{}, nullptr, false).div_loss.item() < rt.div_loss.item());
+  }
+
+  TEST_CASE("aux-free bias: sign update towards the mean load, selection only") {
+    CoEConfig c = tree_config(4, {4}, {1});
+    c.aux_free_bias = true;
+    c.aux_free_bias_rate = 0.25f;
+    Generator gen(43);
+    TreeRouter r(c, gen);
+    Tensor h = uniform({20, 4}, 44);
+    Routing a = r.route(h, RouterBias{}, nullptr, false);
+    r.update_aux_bias(a.level_counts, 0.25f);
+    std::vector<float> bias = r.aux_bias[0].to_f32_vector();
+    for (int64_t e = 0; e < 4; ++e) {
+      double load = (double)a.level_counts[0][e], mean = 20.0 / 4;
+      CHECK(bias[e] == doctest::Approx(load > mean ? -0.25 : load < mean ? 0.25 : 0.0));
+    }
+    // Large bias on one expert makes it win selection, but its gate stays its (unbiased) probability. With
+    // K = 1 the gate is not renormalised (it would be identically 1 and the router would get no gradient).
+    std::vector<float> big = {0.f, 0.f, 5.f, 0.f};
+    r.aux_bias[0].copy_(Tensor::from_vector(big, {4}));
+    Routing b = r.route(h, RouterBias{}, nullptr, false);
+    std::vector<float> hv = h.to_f32_vector(), W = r.weights[0].to_f32_vector(), g = b.gate.to_f32_vector();
+    for (int64_t t = 0; t < 20; ++t) {
+      CHECK(b.expert[t] == 2);
+      std::vector<double> p(4);
+      double s = 0.0;
+      for (int64_t e = 0; e < 4; ++e) {
+        double z = 0.0;
+        for (int64_t q = 0; q < 4; ++q) z += (double)hv[t * 4 + q] * W[e * 4 + q];
+        s += (p[e] = std::exp(z));
+      }
+      CHECK(g[t] == doctest::Approx(p[2] / s).epsilon(1e-5));
+    }
+  }
+
+  TEST_CASE("AC router on a Gaussian mixture: up-weights the separating features, misassigns fewer points") {
+    // 4 clusters in 16 features; they differ only in features 0..3: cluster k has mean 2 on feature k, is tight
+    // there (sd 0.3) and wide on the other separating features (sd 1.5); features 4..15 are the same noise for all.
+    const int64_t N = 4, C = 16, T = 4000;
+    Generator gen(45);
+    Tensor noise = Tensor::randn({T, C}, gen);
+    std::vector<float> nv = noise.to_f32_vector(), hv((size_t)(T * C));
+    std::vector<int32_t> truth((size_t)T), labels((size_t)T);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t k = t % N;
+      truth[t] = (int32_t)k;
+      for (int64_t q = 0; q < C; ++q) {
+        float mu = q == k ? 2.f : 0.f, sd = q >= N ? 1.f : (q == k ? 0.3f : 1.5f);
+        hv[t * C + q] = mu + sd * nv[t * C + q];
+      }
+      // The previous layer's top-1 labels: right 80% of the time.
+      float u = philox_uniform(46, 0, (uint64_t)t);
+      labels[t] = u < 0.8f ? (int32_t)k : (int32_t)((k + 1 + (t / N) % 3) % N);
+    }
+    Tensor h = Tensor::from_vector(hv, {T, C});
+
+    std::vector<float> m = ac_scales(h, labels, N);
+    double own = 0.0, cross = 0.0, noise_dev = 0.0;
+    for (int64_t k = 0; k < N; ++k) {
+      own += m[k * C + k] / N;
+      for (int64_t j = 0; j < N; ++j)
+        if (j != k) cross += m[k * C + j] / (N * (N - 1));
+      for (int64_t q = N; q < C; ++q) noise_dev += std::fabs(m[k * C + q] - 1.f) / (N * (C - N));
+    }
+    CHECK(own > 1.3);        // each cluster's tight separating feature is up-weighted
+    CHECK(cross < 0.9);      // and the features along which it is wide are down-weighted
+    CHECK(noise_dev < 0.1);  // shared noise features stay ~1
+
+    auto misassigned = [&](bool scaling) {
+      CoEConfig c;
+      c.d_model = C;
+      c.n_heads = 1;
+      c.router = RouterKind::AC;
+      c.num_clusters = 1;
+      c.experts_per_cluster = N;
+      c.top_k_clusters = 1;
+      c.top_k_experts = 1;
+      c.ac_scaling = scaling;
+      c.use_reliability = false;
+      Generator g(47);
+      TreeRouter r(c, g);
+      std::vector<float> e((size_t)(N * C), 0.f);  // expert embeddings at the cluster means
+      for (int64_t k = 0; k < N; ++k) e[k * C + k] = 2.f;
+      r.weights[0].copy_(Tensor::from_vector(e, {N, C}));
+      Routing rt = r.route(h, RouterBias{}, &labels, true);
+      int64_t bad = 0;
+      for (int64_t t = 0; t < T; ++t) bad += rt.expert[t] != truth[t];
+      return (double)bad / T;
+    };
+    double with_m = misassigned(true), without_m = misassigned(false);
+    MESSAGE("AC misassignment: m = ", with_m, ", m = 1: ", without_m);
+    CHECK(with_m < 0.75 * without_m);
+  }
+}
