@@ -24,6 +24,9 @@
 //   OMP_NUM_THREADS=2 ./build/bench/train_bench                       # the CPU table (cpu preset size)
 //   ./build/bench/train_bench --device cuda --size gpu --peak_tflops 67   # CUDA (shakespeare preset size)
 //   ./build/bench/train_bench --json --save_init DIR                  # for bench/reference/compare_train.py
+// --save_init DIR writes each configuration's initial parameters and buffers (DIR/<config>.safetensors, the config in
+// its metadata) and the batches of its steps (DIR/<config>.batches.safetensors), so that PyTorch trains the same
+// model from the same state on the same data and its losses can be compared step by step.
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -122,6 +125,7 @@ struct Result {
   int64_t N = 1, K = 1, params = 0, active = 0, threads = 1, peak_device_bytes = -1;
   double flops_per_token = 0, first_loss = 0, last_loss = 0;
   std::vector<double> step_ms, fwd_ms, bwd_ms, opt_ms;  // timed steps of this round
+  std::vector<double> losses;                           // cross-entropy of every step, warm-up included
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -197,6 +201,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
   const int64_t n = o.warmup + o.steps;
   Generator g(4242);
   std::vector<std::pair<Tensor, Tensor>> batches;
+  std::vector<Tensor> all_ids;
   for (int64_t i = 0; i < n; ++i) {
     std::vector<int32_t> v((size_t)(B * (T + 1)));
     uint64_t off = g.take(v.size());
@@ -204,7 +209,11 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
       v[j] = (int32_t)std::min<int64_t>(cfg.vocab_size - 1, (int64_t)(philox_uniform(g.seed, off, j) * cfg.vocab_size));
     Tensor ids = Tensor::from_vector(v, {B, T + 1});
     batches.emplace_back(ids.slice(1, 0, T).contiguous().to(dev), ids.slice(1, 1, T + 1).contiguous().to(dev));
+    all_ids.push_back(ids);
   }
+  if (!o.save_init.empty() && round == 0)  // the same batches for the PyTorch side: ids [n, B, T + 1]
+    save_safetensors(o.save_init + "/" + name + ".batches.safetensors", {{"ids", concat(all_ids, 0).view({n, B, T + 1})}},
+                     {{"format", "clustermoe-bench-batches/1"}, {"warmup", std::to_string(o.warmup)}});
 #if CM_CUDA
   if (dev == Device::CUDA) cuda::reset_peak();
 #endif
@@ -226,6 +235,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     if (!std::isfinite(loss)) fail("non-finite loss at step ", i);
     if (i == 0) r.first_loss = loss;
     r.last_loss = loss;
+    r.losses.push_back(loss);
     if (i >= o.warmup) {
       r.step_ms.push_back(total);
       r.fwd_ms.push_back(f);
@@ -245,7 +255,7 @@ std::string join(const std::vector<double>& v) {
   std::string s;
   char buf[32];
   for (size_t i = 0; i < v.size(); ++i) {
-    std::snprintf(buf, sizeof buf, "%s%.4f", i ? "," : "", v[i]);
+    std::snprintf(buf, sizeof buf, "%s%.9g", i ? "," : "", v[i]);
     s += buf;
   }
   return s;
@@ -266,7 +276,7 @@ std::string encode(const Result& r) {
      << ";params=" << r.params << ";active=" << r.active << ";threads=" << r.threads
      << ";peak_dev=" << r.peak_device_bytes << ";flops=" << r.flops_per_token << ";first_loss=" << r.first_loss
      << ";last_loss=" << r.last_loss << ";step=" << join(r.step_ms) << ";fwd=" << join(r.fwd_ms)
-     << ";bwd=" << join(r.bwd_ms) << ";opt=" << join(r.opt_ms) << "\n";
+     << ";bwd=" << join(r.bwd_ms) << ";opt=" << join(r.opt_ms) << ";losses=" << join(r.losses) << "\n";
   return os.str();
 }
 Result decode(const std::string& line) {
@@ -294,6 +304,7 @@ Result decode(const std::string& line) {
   r.fwd_ms = split_d(m["fwd"]);
   r.bwd_ms = split_d(m["bwd"]);
   r.opt_ms = split_d(m["opt"]);
+  r.losses = split_d(m["losses"]);
   return r;
 }
 
@@ -431,11 +442,10 @@ int main(int argc, char** argv) {
       std::printf("{\"config\":\"%s\",\"device\":\"%s\",\"threads\":%lld,\"B\":%lld,\"T\":%lld,\"params\":%lld,"
                   "\"active\":%lld,\"flops_per_token\":%.6g,\"ms_step\":%.4f,\"ms_fwd\":%.4f,\"ms_bwd\":%.4f,"
                   "\"ms_opt\":%.4f,\"tokens_per_s\":%.2f,\"gflops\":%.4f,\"peak_mib\":%.1f,\"samples\":%zu,"
-                  "\"step_ms\":[%s],\"first_loss\":%.6f,\"last_loss\":%.6f}\n",
+                  "\"step_ms\":[%s],\"losses\":[%s]}\n",
                   name.c_str(), device_name(dev), (long long)r.threads, (long long)B, (long long)T,
                   (long long)r.params, (long long)r.active, r.flops_per_token, ms, median(r.fwd_ms), median(r.bwd_ms),
-                  median(r.opt_ms), tps, gflops, peak_mib, r.step_ms.size(), join(r.step_ms).c_str(), r.first_loss,
-                  r.last_loss);
+                  median(r.opt_ms), tps, gflops, peak_mib, r.step_ms.size(), join(r.step_ms).c_str(), join(r.losses).c_str());
       continue;
     }
     char g[64];

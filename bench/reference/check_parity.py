@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clustermoe import ClusterMoE  # noqa: E402
 from safetensors_io import load  # noqa: E402

@@ -98,6 +98,42 @@ class Config:
         return self.router == "ac" or l in self.ac_levels
 
 
+# ---------------------------------------------------------------- the pieces without data-dependent control flow
+# Pure functions of tensors (no dict lookups, no host reads), so that torch.compile can take them whole (compile mode
+# of torch_train.py); the router and the MoE dispatch stay eager.
+
+
+def norm_fn(x, w, b, kind):
+    if kind == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # rmsnorm (kernels/cpu/norm.cpp)
+
+
+def attention_fn(x, n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n_heads: int, kind: str):
+    """x + Attn(Norm(x)): qkv linear, causal softmax(q k^T / sqrt(D)) v, output projection (model/layers.cpp)."""
+    B, T, C = x.shape
+    H = n_heads
+    D = C // H
+    qkv = F.linear(norm_fn(x, n1w, n1b, kind), qkv_w, qkv_b)
+    q, k, v = qkv.split(C, dim=2)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))
+    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    att = att.masked_fill(mask, float("-inf")).softmax(-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, C)
+    return x + F.linear(y, proj_w, proj_b)
+
+
+def expert_fn(x, w1, b1, w3, b3, w2, b2, kind: str):
+    """One expert d -> d_ff -> d: SwiGLU w2(silu(w1 x) * w3 x), or w2 gelu_tanh(w1 x)."""
+    h1 = F.linear(x, w1, b1)
+    if kind == "swiglu":
+        h = F.silu(h1) * F.linear(x, w3, b3)
+    else:
+        h = F.gelu(h1, approximate="tanh")  # our gelu() defaults to the tanh form
+    return F.linear(h, w2, b2)
+
+
 def _f32_div(w, n):
     """w / (float)n as the C++ computes it in float (a scalar multiplier)."""
     return float(torch.tensor(w, dtype=torch.float32) / torch.tensor(float(n), dtype=torch.float32))
@@ -128,6 +164,12 @@ class ClusterMoE:
         self.nodes = [math.prod(br[:l]) for l in range(len(br))]
         self.pending = [None] * cfg.n_layers
         self.C = C
+        self.attention_fn, self.expert_fn = attention_fn, expert_fn
+
+    def compile(self, **kw):
+        """torch.compile the attention block and the expert FFN (the router and dispatch stay eager)."""
+        self.attention_fn = torch.compile(attention_fn, **kw)
+        self.expert_fn = torch.compile(expert_fn, dynamic=True, **kw)  # segment sizes change every step
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32):
@@ -156,33 +198,18 @@ class ClusterMoE:
         return F.linear(x, self.p[w], self.p.get(b) if b else None)
 
     def _norm(self, x, pre):
-        C = x.shape[-1]
-        if self.cfg.norm == "layernorm":
-            return F.layer_norm(x, (C,), self.p[pre + ".weight"], self.p[pre + ".bias"], 1e-5)
-        # rmsnorm: x / sqrt(mean(x^2) + 1e-6) * w (kernels/cpu/norm.cpp)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.p[pre + ".weight"]
+        return norm_fn(x, self.p[pre + ".weight"], self.p.get(pre + ".bias"), self.cfg.norm)
 
-    def _attn(self, x, pre):
-        B, T, C = x.shape
-        H = self.cfg.n_heads
-        D = C // H
-        qkv = self._linear(x, pre + ".qkv.weight", pre + ".qkv.bias")
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # float(1/sqrtf(D)), as causal_attention
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        att = att.masked_fill(mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
-        return self._linear(y, pre + ".proj.weight", pre + ".proj.bias")
+    def _block_attn(self, x, l):
+        p, q = self.p, f"blocks.{l}."
+        return self.attention_fn(x, p[q + "norm1.weight"], p.get(q + "norm1.bias"), p[q + "attn.qkv.weight"],
+                                 p.get(q + "attn.qkv.bias"), p[q + "attn.proj.weight"], p.get(q + "attn.proj.bias"),
+                                 self.cfg.n_heads, self.cfg.norm)
 
     def _expert(self, x, pre):
         p = self.p
-        h1 = F.linear(x, p[pre + ".w1"], p.get(pre + ".b1"))
-        if self.cfg.expert == "swiglu":
-            h = F.silu(h1) * F.linear(x, p[pre + ".w3"], p.get(pre + ".b3"))
-        else:
-            h = F.gelu(h1, approximate="tanh")  # our gelu() defaults to the tanh form
-        return F.linear(h, p[pre + ".w2"], p.get(pre + ".b2"))
+        return self.expert_fn(x, p[pre + ".w1"], p.get(pre + ".b1"), p.get(pre + ".w3"), p.get(pre + ".b3"),
+                              p[pre + ".w2"], p.get(pre + ".b2"), self.cfg.expert)
 
     def _expert_tensors(self, pre):
         return [self.p[pre + s] for s in (".w1", ".b1", ".w2", ".b2", ".w3", ".b3") if pre + s in self.p]
@@ -441,7 +468,7 @@ class ClusterMoE:
         labels = None
         lb, z, dv, stats = [], [], [], []
         for l, L in enumerate(self.layers):
-            x = x + self._attn(self._norm(x, f"blocks.{l}.norm1"), f"blocks.{l}.attn")
+            x = self._block_attn(x, l)
             h = self._norm(x, f"blocks.{l}.norm2").reshape(B * T, C)
             y, top1, st = self._ffn(L, h, labels)
             x = x + y.view(B, T, C)
@@ -467,7 +494,7 @@ class ClusterMoE:
                    diversity_loss=mean_terms(dv), layers=stats)
         out["aux_loss"] = out["load_balance_loss"] + out["z_loss"] + out["diversity_loss"]
         if targets is not None:
-            out["loss"] = F.cross_entropy(logits.view(B * T, V), targets.long().to(self.device).view(B * T))
+            out["loss"] = F.cross_entropy(logits.view(B * T, V), targets.long().to(self.device).reshape(B * T))
             out["total_loss"] = out["loss"] + out["aux_loss"]
         return out
 
