@@ -7,8 +7,10 @@ batch and our results). The reference runs twice on the same weights: in float64
 
     err = |ours - ref64|        pass when err <= atol + rtol * |ref64| element-wise
 
-with, per kind of tensor, the tolerances below. They are a few times what PyTorch's own float32 run shows against
-float64 on the same batch (printed next to ours as "torch32"), so a pass means "as close as a float32 PyTorch".
+with, per kind of tensor, the tolerances below. PyTorch's own float32 run, against the same float64 result, stays
+under a quarter of them on every case here, a train_lm checkpoint included (printed next to ours as "torch32"), so
+a pass means "as close to the exact result as float32 PyTorch is". They still catch real slips: a layernorm eps of
+2e-5 instead of 1e-5 fails by 80x, an AC clip at 11x instead of 10x the mean by 80x or more.
 Routing decisions (rows per expert in every layer) must match exactly.
 
     /work/venv-torch/bin/python bench/reference/check_parity.py /tmp/parity/cluster [more dirs ...]
@@ -32,9 +34,9 @@ from safetensors_io import load  # noqa: E402
 # (atol, rtol) per kind. Gradients use atol relative to the tensor's largest reference value: a gradient's
 # small entries are sums of many cancelling terms, whose float32 rounding is set by the large ones.
 TOL = {
-    "logits": (2e-6, 2e-5),
-    "loss": (1e-7, 2e-6),
-    "grad": (1e-5, 1e-4),  # atol x max|ref| of that tensor
+    "logits": (1e-5, 1e-4),
+    "loss": (1e-6, 1e-5),
+    "grad": (1e-4, 1e-3),  # atol x max|ref| of that tensor
 }
 SCALARS = ["loss", "load_balance_loss", "z_loss", "diversity_loss", "aux_loss", "total_loss"]
 
