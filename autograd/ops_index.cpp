@@ -165,7 +165,7 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
   const int64_t d = a.axis(dim);
   Tensor ix = dense(index), ac = dense(a);
   const ODI o = odi(a.shape(), d);
-  check_indices("index_select", ix, dim, o.D, a.shape());
+  check_indices("index_select", ix, d, o.D, a.shape());
   const int64_t n = ix.numel();
   Shape s = a.shape();
   s[d] = n;
@@ -193,7 +193,7 @@ Tensor index_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor
              shape_str(a.shape()), " with dim ", dim, " = index size ", n, ")");
   Tensor ix = dense(index);
   const ODI o = odi(a.shape(), d);
-  check_indices("index_add", ix, dim, o.D, a.shape());
+  check_indices("index_add", ix, d, o.D, a.shape());
   Tensor out = Tensor::empty(a.shape());
   {
     NoGrad g;
@@ -225,7 +225,7 @@ Tensor gather(const Tensor& a, int64_t dim, const Tensor& index) {
   check_gather_shape("gather", a, d, index);
   Tensor ix = dense(index), ac = dense(a);
   const ODI o = odi(a.shape(), d);
-  check_indices("gather", ix, dim, o.D, a.shape());
+  check_indices("gather", ix, d, o.D, a.shape());
   const int64_t m = index.shape()[d];
   Tensor out = Tensor::empty(index.shape(), a.dtype());
   if (a.dtype() == DType::F32)
@@ -248,7 +248,7 @@ Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tens
   check_gather_shape("scatter_add", a, d, index);
   Tensor ix = dense(index), sc = dense(src);
   const ODI o = odi(a.shape(), d);
-  check_indices("scatter_add", ix, dim, o.D, a.shape());
+  check_indices("scatter_add", ix, d, o.D, a.shape());
   Tensor out = Tensor::empty(a.shape());
   {
     NoGrad g;

@@ -224,7 +224,7 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Tensor q3 = q.reshape({B * H, T, D}), k3 = k.reshape({B * H, T, D}), v3 = v.reshape({B * H, T, D});
   Tensor att = mul(matmul(q3, k3, false, true), 1.0f / std::sqrt((float)D));  // [BH, T, T]
-  // future[i, j] = 1 where key j comes after query i. -inf there gives exactly 0 after softmax (exp_approx(-inf)
+  // future[i, j] = 1 where key j comes after query i. -inf there gives exactly 0 after softmax (fast_exp(-inf)
   // = 0), and every row keeps its diagonal, so no row is all -inf.
   std::vector<int32_t> future((size_t)(T * T));
   for (int64_t i = 0; i < T; ++i)

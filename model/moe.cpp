@@ -8,6 +8,13 @@
 
 namespace cm {
 
+// Read-only host view of an f32 tensor: its own memory when it is a contiguous CPU tensor, else a copy in tmp.
+static const float* host_f32(const Tensor& t, std::vector<float>& tmp) {
+  if (t.device() == Device::CPU && t.is_contiguous()) return t.f32();
+  tmp = t.to_f32_vector();
+  return tmp.data();
+}
+
 // ---------------------------------------------------------------- dispatch and combine
 
 DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,
@@ -175,7 +182,8 @@ RouterBias MoELayer::routing_bias() const {
 // huge weights even the good rows' backward (through those weights) would poison every other gradient.
 Tensor MoELayer::guard(int64_t e, const Tensor& y, bool training, LayerRoutingStats& st) {
   const int64_t n = y.size(0);
-  std::vector<float> v = y.to_f32_vector();
+  std::vector<float> tmp;
+  const float* v = host_f32(y, tmp);
   const float ema = norm_ema_.f32()[e], factor = cfg_.reliability_outlier_factor;
   int64_t nonfinite = 0, outlier = 0, good = 0;
   double norm_sum = 0.0;
@@ -204,9 +212,10 @@ Tensor MoELayer::guard(int64_t e, const Tensor& y, bool training, LayerRoutingSt
     pend_norm_[e] += norm_sum;
   }
   if (!cfg_.use_reliability || nonfinite + outlier == 0) return y;
+  std::vector<float> clean(v, v + n * C);
   for (int64_t i = 0; i < n; ++i)
-    if (bad[i]) std::fill(v.begin() + i * C, v.begin() + (i + 1) * C, 0.f);
-  return Tensor::from_vector(v, {n, C}, y.device());
+    if (bad[i]) std::fill(clean.begin() + i * C, clean.begin() + (i + 1) * C, 0.f);
+  return Tensor::from_vector(clean, {n, C}, y.device());
 }
 
 MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* ids,
@@ -323,15 +332,20 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
 
 static bool all_finite(const Tensor& t) {
   if (!t.defined()) return true;
-  for (float v : t.to_f32_vector())
-    if (!std::isfinite(v)) return false;
+  std::vector<float> tmp;
+  const float* p = host_f32(t, tmp);
+  for (int64_t i = 0, n = t.numel(); i < n; ++i)
+    if (!std::isfinite(p[i])) return false;
   return true;
 }
 
 static double l2_norm(const std::vector<Tensor>& ts) {
   double ss = 0.0;
-  for (const Tensor& t : ts)
-    for (float v : t.to_f32_vector()) ss += (double)v * v;
+  std::vector<float> tmp;
+  for (const Tensor& t : ts) {
+    const float* p = host_f32(t, tmp);
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) ss += (double)p[i] * p[i];
+  }
   return std::sqrt(ss);
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "autograd/ops.h"
+#include "kernels/adamw.h"
 
 namespace cm {
 
@@ -25,23 +26,6 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
   }
 }
 
-// The update loop of PyTorch's AdamW (decoupled decay on the pre-step value, bias-corrected moments).
-// Elementwise, so the result is the same for any thread count.
-static void adamw_update(float* __restrict p, float* __restrict m, float* __restrict v, const float* __restrict g,
-                         int64_t n, float lr, float b1, float b2, float eps, float wd, int64_t t) {
-  const float bc1 = 1.f - std::pow(b1, (float)t), bc2 = 1.f - std::pow(b2, (float)t);
-  const float step = lr / bc1, inv_sqrt_bc2 = 1.f / std::sqrt(bc2), decay = 1.f - lr * wd;
-#pragma omp parallel for schedule(static) if (n > 1 << 16)
-  for (int64_t i = 0; i < n; ++i) {
-    float gi = g[i];
-    float mi = b1 * m[i] + (1.f - b1) * gi;
-    float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * decay - step * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-  }
-}
-
 void AdamW::step(float lr) {
   NoGrad ng;
   ++t_;
@@ -52,8 +36,11 @@ void AdamW::step(float lr) {
     CM_REQUIRE(g.shape() == p.shape(), "AdamW: gradient of '", params_[i].first, "' has shape ", shape_str(g.shape()),
                ", parameter ", shape_str(p.shape()));
     Tensor gc = g.contiguous();
-    adamw_update(p.f32(), m_[i].f32(), v_[i].f32(), gc.f32(), p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps,
-                 decay_[i] ? opt_.weight_decay : 0.f, t_);
+    CM_REQUIRE(p.device() == Device::CPU, "AdamW: parameter '", params_[i].first, "' is on ",
+               device_name(p.device()), "; only the CPU update exists so far");
+    // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
+    cpu::adamw_step(p.f32(), m_[i].f32(), v_[i].f32(), gc.f32(), p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps,
+                    decay_[i] ? opt_.weight_decay : 0.f, t_);
   }
 }
 

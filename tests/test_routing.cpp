@@ -324,6 +324,34 @@ TEST_SUITE("routing") {
     Routing bal = flat.route(Tensor::from_vector(hb, {8, 4}), RouterBias{}, nullptr, false);
     CHECK(bal.lb_loss.item() == doctest::Approx(0.03).epsilon(1e-6));
 
+    // With reliabilities r (logit bias log r) the targets are q = r / sum r: loss = w * sum_c f_c P_c / q_c, on
+    // the biased probabilities; q = 1/N gives back the Switch form.
+    {
+      flat.weights[0].copy_(uniform({4, 4}, 38, -2.f, 2.f));
+      std::vector<float> r = {1.f, 0.5f, 1.f, 0.1f};
+      RouterBias rb;
+      rb.logit_bias = {{std::log(r[0]), std::log(r[1]), std::log(r[2]), std::log(r[3])}};
+      Tensor hr = uniform({30, 4}, 39);
+      Routing rr = flat.route(hr, rb, nullptr, false);
+      std::vector<float> hv = hr.to_f32_vector(), W = flat.weights[0].to_f32_vector();
+      std::vector<double> f(4, 0.0), P(4, 0.0);
+      for (int64_t t = 0; t < 30; ++t) {
+        std::vector<double> p(4);
+        double s = 0.0;
+        for (int64_t e = 0; e < 4; ++e) {
+          double z = std::log((double)r[e]);
+          for (int64_t q = 0; q < 4; ++q) z += (double)hv[t * 4 + q] * W[e * 4 + q];
+          s += (p[e] = std::exp(z));
+        }
+        for (int64_t e = 0; e < 4; ++e) P[e] += p[e] / s / 30.0;
+        f[rr.expert[t]] += 1.0 / 30.0;
+        CHECK(rr.expert[t] == std::max_element(p.begin(), p.end()) - p.begin());
+      }
+      double rsum = 2.6, ref = 0.0;
+      for (int64_t e = 0; e < 4; ++e) ref += f[e] * P[e] / (r[e] / rsum);
+      CHECK(rr.lb_loss.item() == doctest::Approx(0.03 * ref).epsilon(1e-5));
+    }
+
     // Unused experts (never selected, or pruned with -inf logits) and a cluster no token reaches: finite.
     std::vector<float> skew(16, 0.f);
     for (int64_t q = 0; q < 4; ++q) skew[0 * 4 + q] = 2.f, skew[2 * 4 + q] = -2.f, skew[3 * 4 + q] = -3.f;

@@ -38,7 +38,8 @@ int64_t chunk_histograms(std::vector<int64_t>& local, const Chunks& ch, const in
 #pragma omp parallel for schedule(static, 1) num_threads(ch.P) if (ch.P > 1) reduction(+ : bad)
   for (int64_t p = 0; p < ch.P; ++p) {
     int64_t* __restrict cnt = local.data() + p * N;
-    for (int64_t a = ch.begin(p); a < ch.begin(p + 1); ++a) {
+    const int64_t a0 = ch.begin(p), a1 = ch.begin(p + 1);  // locals: cnt[] stores could alias ch's fields
+    for (int64_t a = a0; a < a1; ++a) {
       int32_t e = expert[a];
       if (e >= 0 && e < N)
         cnt[e]++;
@@ -63,7 +64,8 @@ void scatter_with(int32_t* __restrict row_of, int32_t* __restrict assign_of, con
 #pragma omp parallel for schedule(static, 1) num_threads(ch.P) if (ch.P > 1)
   for (int64_t p = 0; p < ch.P; ++p) {
     int64_t* __restrict cur = local.data() + p * N;
-    for (int64_t a = ch.begin(p); a < ch.begin(p + 1); ++a) {
+    const int64_t a0 = ch.begin(p), a1 = ch.begin(p + 1);
+    for (int64_t a = a0; a < a1; ++a) {
       int32_t e = expert[a];
       if (e >= 0 && e < N) {
         int64_t r = cur[e]++;

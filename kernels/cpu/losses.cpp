@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "kernels/softmax.h"  // exp_approx
+#include "kernels/cpu/fastmath.h"
 
 namespace cm::cpu {
 
@@ -20,7 +20,7 @@ void cross_entropy_forward(float* losses, float* lse, const float* logits, const
     for (int64_t v = 0; v < V; ++v) m = x[v] > m ? x[v] : m;
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t v = 0; v < V; ++v) s += exp_approx(x[v] - m);
+    for (int64_t v = 0; v < V; ++v) s += fast_exp(x[v] - m);
     float ls = std::log(s);
     lse[n] = m + ls;
     int32_t t = targets[n];
@@ -41,7 +41,7 @@ void cross_entropy_backward(float* dlogits, const float* logits, const float* ls
       continue;
     }
     float l = lse[n];
-    for (int64_t v = 0; v < V; ++v) dx[v] = exp_approx(x[v] - l) * scale;
+    for (int64_t v = 0; v < V; ++v) dx[v] = fast_exp(x[v] - l) * scale;
     dx[t] -= scale;
   }
 }

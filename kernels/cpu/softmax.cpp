@@ -1,8 +1,9 @@
 // CPU softmax / log-softmax over the last axis. One row per iteration of a static OpenMP loop; inside a row,
-// three passes over contiguous memory (max, exp-and-sum, scale) that GCC vectorises (exp_approx is branch-free).
+// three passes over contiguous memory (max, exp-and-sum, scale) that GCC vectorises (fast_exp is branch-free).
 // Row reductions use `omp simd reduction`: the compiler may reassociate the sum across SIMD lanes (we build
 // without -ffast-math, so it would not otherwise), with a lane split fixed at compile time: still deterministic.
 #include "kernels/softmax.h"
+#include "kernels/cpu/fastmath.h"
 
 #include <cmath>
 
@@ -27,7 +28,7 @@ void softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < C; ++c) {
-      float e = exp_approx(x[c] - m);
+      float e = fast_exp(x[c] - m);
       y[c] = e;
       s += e;
     }
@@ -58,7 +59,7 @@ void log_softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
     float m = row_max(x, C);
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) s += exp_approx(x[c] - m);
+    for (int64_t c = 0; c < C; ++c) s += fast_exp(x[c] - m);
     // (x - m) - log s rather than x - (m + log s): for logits near 1e4 the latter loses the low bits.
     float ls = std::log(s);
     for (int64_t c = 0; c < C; ++c) y[c] = (x[c] - m) - ls;
@@ -74,7 +75,7 @@ void log_softmax_backward(float* dinp, const float* dout, const float* out, int6
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < C; ++c) s += dy[c];
-    for (int64_t c = 0; c < C; ++c) dx[c] = dy[c] - exp_approx(y[c]) * s;
+    for (int64_t c = 0; c < C; ++c) dx[c] = dy[c] - fast_exp(y[c]) * s;
   }
 }
 

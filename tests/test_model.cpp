@@ -1,0 +1,421 @@
+// The ClusterMoE language model and its API: output shapes and keys, stats names, parameter names and counts,
+// generation with and without the selection cache, pruning, specialization, every router kind end to end.
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "model/coe.h"
+#include "model/moe.h"
+#include "model/optim.h"
+#include "tests/helpers.h"
+
+using namespace cm;
+using cm::test::uniform;
+
+namespace {
+
+CoEConfig small_lm() {
+  CoEConfig c;
+  c.d_model = 16;
+  c.n_layers = 3;
+  c.n_heads = 2;
+  c.d_ff = 24;
+  c.vocab_size = 13;
+  c.seq_len = 16;
+  c.num_clusters = 4;
+  c.experts_per_cluster = 4;
+  c.top_k_clusters = 2;
+  c.top_k_experts = 1;
+  c.moe_every = 2;  // layers 0 and 2 are MoE, layer 1 dense
+  c.validate();
+  return c;
+}
+
+Tensor ids_tensor(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+  std::vector<int32_t> v((size_t)(B * T));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = (int32_t)(philox_uniform(seed, 0, i) * (float)V);
+  return Tensor::from_vector(v, {B, T});
+}
+
+std::set<std::string> keys(const std::map<std::string, float>& m) {
+  std::set<std::string> s;
+  for (auto& kv : m) s.insert(kv.first);
+  return s;
+}
+
+std::string ek(int64_t l, int64_t c, int64_t e) {
+  return "layer_" + std::to_string(l) + "_cluster_" + std::to_string(c) + "_expert_" + std::to_string(e);
+}
+
+// A few steps on a repeating pattern so that the next-token distributions are peaked (greedy and sampled
+// decoding are then insensitive to rounding).
+void fit_pattern(ClusterMoELM& m, int64_t steps) {
+  const int64_t V = m.config().vocab_size, T = m.config().seq_len;
+  std::vector<int32_t> x, y;
+  for (int64_t b = 0; b < 4; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      x.push_back((int32_t)((b + t * 3) % V));
+      y.push_back((int32_t)((b + (t + 1) * 3) % V));
+    }
+  Tensor X = Tensor::from_vector(x, {4, T}), Y = Tensor::from_vector(y, {4, T});
+  AdamW opt(m.named_parameters());
+  for (int64_t s = 0; s < steps; ++s) {
+    m.forward(X, Y).total_loss.backward();
+    opt.step(1e-2f);
+    opt.zero_grad();
+    m.after_step();
+  }
+}
+
+}  // namespace
+
+TEST_SUITE("model") {
+  TEST_CASE("forward: output shapes, loss terms and per-layer stats") {
+    CoEConfig c = small_lm();
+    c.load_balancing_weight = 0.02f;
+    ClusterMoELM m(c);
+    Tensor ids = ids_tensor(2, 7, 13, 1), tg = ids_tensor(2, 7, 13, 2);
+    CoEOutput o = m.forward(ids, tg);
+    CHECK(o.logits.shape() == Shape{2, 7, 13});
+    for (const Tensor* t : {&o.loss, &o.aux_loss, &o.load_balance_loss, &o.z_loss, &o.diversity_loss, &o.total_loss}) {
+      REQUIRE(t->defined());
+      CHECK(t->numel() == 1);
+      CHECK(std::isfinite(t->item()));
+    }
+    CHECK(o.aux_loss.item() ==
+          doctest::Approx(o.load_balance_loss.item() + o.z_loss.item() + o.diversity_loss.item()));
+    CHECK(o.total_loss.item() == doctest::Approx(o.loss.item() + o.aux_loss.item()));
+    CHECK(o.loss.item() == doctest::Approx(std::log(13.0)).epsilon(0.05));  // near uniform at init
+    CHECK(o.load_balance_loss.item() == doctest::Approx(0.02).epsilon(0.2));  // near balanced at init
+    CHECK(o.model_reliability == 1.f);
+    REQUIRE(o.layers.size() == 3);
+    for (int64_t l = 0; l < 3; ++l) {
+      const LayerRoutingStats& s = o.layers[l];
+      CHECK(s.layer == l);
+      CHECK(s.moe == (l != 1));
+      CHECK(s.num_experts == (l != 1 ? 16 : 1));
+      REQUIRE(s.expert_share.size() == (size_t)s.num_experts);
+      double share = 0.0;
+      int64_t rows = 0;
+      for (int64_t e = 0; e < s.num_experts; ++e) share += s.expert_share[e], rows += s.expert_rows[e];
+      CHECK(share == doctest::Approx(1.0));
+      CHECK(rows == 14 * (l != 1 ? 2 : 1));  // B*T tokens x K
+      CHECK(s.dropped_fraction == 0.f);
+      if (s.moe) {
+        CHECK(s.routing_flops == 14 * routing_flops_per_token(16, {4, 4}, {2, 1}));
+        CHECK(s.router_entropy > 0.f);
+      }
+    }
+    // No targets: no loss.
+    CoEOutput o2 = m.forward(ids);
+    CHECK_FALSE(o2.loss.defined());
+    CHECK_FALSE(o2.total_loss.defined());
+    CHECK(o2.logits.to_f32_vector() == o.logits.to_f32_vector());
+    // Bad inputs.
+    CHECK_THROWS_AS(m.forward(ids_tensor(1, 17, 13, 3)), Error);  // > seq_len
+    CHECK_THROWS_AS(m.forward(Tensor::from_vector(std::vector<int32_t>{0, 13}, {1, 2})), Error);
+    CHECK_THROWS_AS(m.forward(Tensor::zeros({1, 4})), Error);  // f32 ids
+    CHECK_THROWS_AS(m.forward(ids, ids_tensor(2, 6, 13, 4)), Error);
+  }
+
+  TEST_CASE("stats key names: utilization, reliability, specialization, summary") {
+    ClusterMoELM m(small_lm());
+    m.forward(ids_tensor(2, 8, 13, 5));
+    std::set<std::string> util, rel = {"model_reliability", "training_step"}, spec;
+    for (int64_t l = 0; l < 3; ++l) {
+      const std::string lk = "layer_" + std::to_string(l);
+      const int64_t nc = l == 1 ? 1 : 4, ne = l == 1 ? 1 : 4;
+      rel.insert(lk + "_reliability");
+      spec.insert(lk + "_specialization");
+      for (int64_t c = 0; c < nc; ++c) {
+        rel.insert(lk + "_cluster_" + std::to_string(c) + "_reliability");
+        for (int64_t e = 0; e < ne; ++e) {
+          util.insert(ek(l, c, e));
+          rel.insert(ek(l, c, e) + "_reliability");
+          spec.insert(ek(l, c, e) + "_specialization");
+        }
+      }
+    }
+    CHECK(keys(m.get_expert_utilization()) == util);
+    CHECK(keys(m.get_reliability_stats()) == rel);
+    CHECK(keys(m.get_expert_specialization()) == spec);
+    auto u = m.get_expert_utilization();
+    double layer0 = 0.0;
+    for (int64_t c = 0; c < 4; ++c)
+      for (int64_t e = 0; e < 4; ++e) layer0 += u.at(ek(0, c, e));
+    CHECK(layer0 == doctest::Approx(1.0));
+    CHECK(u.at(ek(1, 0, 0)) == 1.f);
+    m.reset_metrics();
+    for (auto& kv : m.get_expert_utilization()) CHECK(kv.second == 0.f);
+    std::set<std::string> sk;
+    for (auto& kv : m.get_model_summary().to_map()) sk.insert(kv.first);
+    CHECK(sk == std::set<std::string>{"total_params", "expert_params", "active_params_per_token", "num_layers",
+                                      "num_moe_layers", "num_clusters", "experts_per_cluster", "num_experts",
+                                      "experts_per_token", "active_experts", "model_reliability", "step"});
+    CHECK(m.get_model_summary().str().find("ClusterMoE") != std::string::npos);
+    // A flat router: one cluster holding every expert.
+    CoEConfig f = small_lm();
+    f.router = RouterKind::Flat;
+    ClusterMoELM mf(f);
+    auto uf = mf.get_expert_utilization();
+    CHECK(uf.count(ek(0, 0, 15)) == 1);
+    CHECK(mf.get_reliability_stats().count("layer_0_cluster_0_reliability") == 1);
+    CHECK(mf.get_reliability_stats().count("layer_0_cluster_1_reliability") == 0);
+  }
+
+  TEST_CASE("parameter and buffer names are stable and unique; every parameter used gets a gradient") {
+    ClusterMoELM m(small_lm());
+    auto params = m.named_parameters();
+    std::set<std::string> names;
+    for (auto& [n, t] : params) {
+      CHECK(names.insert(n).second);
+      CHECK(t.requires_grad());
+    }
+    for (const char* n : {"tok_emb.weight", "pos_emb.weight", "blocks.0.norm1.weight", "blocks.0.norm1.bias",
+                          "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.norm2.weight",
+                          "blocks.0.moe.router.levels.0.weight", "blocks.0.moe.router.levels.1.weight",
+                          "blocks.0.moe.experts.3.w1", "blocks.0.moe.experts.3.w2", "blocks.0.moe.experts.15.w3",
+                          "blocks.1.ffn.w1", "blocks.2.moe.experts.0.w2", "norm_f.weight", "norm_f.bias"})
+      CHECK_MESSAGE(names.count(n) == 1, n);
+    CHECK(names.count("lm_head.weight") == 0);  // tied
+    std::set<std::string> bufs;
+    for (auto& [n, t] : m.named_buffers()) CHECK(bufs.insert(n).second);
+    for (const char* n : {"step", "blocks.0.moe.reliability", "blocks.0.moe.norm_ema", "blocks.0.moe.wnorm_ema",
+                          "blocks.0.moe.usage_ema", "blocks.0.moe.pruned", "blocks.0.moe.low_steps",
+                          "blocks.0.moe.router.levels.0.aux_bias", "blocks.0.moe.router.levels.1.aux_bias",
+                          "blocks.1.ffn.reliability"})
+      CHECK_MESSAGE(bufs.count(n) == 1, n);
+    // Two models from one seed are identical; a step changes "step".
+    ClusterMoELM m2(small_lm());
+    auto p2 = m2.named_parameters();
+    for (size_t i = 0; i < params.size(); ++i) CHECK(params[i].second.to_f32_vector() == p2[i].second.to_f32_vector());
+    CoEOutput o = m.forward(ids_tensor(4, 16, 13, 6), ids_tensor(4, 16, 13, 7));
+    o.total_loss.backward();
+    for (auto& [n, t] : params) {
+      bool expert = n.find(".experts.") != std::string::npos;
+      if (!expert) {
+        CHECK_MESSAGE(t.grad().defined(), n);
+        continue;
+      }
+      // an expert gets a gradient exactly when it computed rows
+      int64_t l = n[7] - '0', e = std::stoi(n.substr(n.find(".experts.") + 9));
+      CHECK_MESSAGE(t.grad().defined() == (o.layers[l].expert_rows[e] > 0), n);
+    }
+    m.after_step();
+    CHECK(m.step() == 1);
+    CHECK(m.get_reliability_stats().at("training_step") == 1.f);
+  }
+
+  TEST_CASE("the summary's parameter counts equal a hand count") {
+    for (int variant = 0; variant < 2; ++variant) {
+      CoEConfig c = small_lm();
+      if (variant == 1) {  // every optional parameter on
+        c.tie_embeddings = false;
+        c.bias = true;
+        c.expert = ExpertKind::GELU;
+        c.use_adaptive_routing = true;
+        c.norm = NormKind::RMSNorm;
+        c.router = RouterKind::Tree;
+        c.tree_branching = {2, 2, 4};
+        c.tree_top_k = {1, 2, 2};
+        c.moe_every = 1;
+      }
+      CAPTURE(variant);
+      ClusterMoELM m(c);
+      const int64_t C = 16, F = 24, V = 13, S = 16, L = 3;
+      const int64_t norm = variant ? C : 2 * C;
+      const int64_t attn = 3 * C * C + C * C + (variant ? 3 * C + C : 0);
+      const int64_t expert = variant ? C * F + F + F * C + C : 3 * C * F;
+      const int64_t router = variant ? (2 + 2 * 2 + 4 * 4) * C : (4 + 16) * C;
+      const int64_t gate = variant ? C + 1 : 0;
+      const int64_t moe_layers = variant ? 3 : 2, K = variant ? 4 : 2;
+      int64_t total = V * C + S * C + norm + (variant ? V * C : 0);
+      for (int64_t l = 0; l < L; ++l) {
+        total += 2 * norm + attn;
+        bool moe = variant || l != 1;
+        total += moe ? router + 16 * expert + gate : expert;
+      }
+      ModelSummary s = m.get_model_summary();
+      CHECK(s.total_params == total);
+      CHECK(s.total_params == m.num_parameters());
+      CHECK(s.expert_params == moe_layers * 16 * expert);
+      CHECK(s.active_params_per_token == total - moe_layers * 16 * expert + moe_layers * K * expert);
+      CHECK(s.num_layers == 3);
+      CHECK(s.num_moe_layers == moe_layers);
+      CHECK(s.num_experts == 16);
+      CHECK(s.num_clusters == (variant ? 2 : 4));
+      CHECK(s.experts_per_cluster == (variant ? 8 : 4));
+      CHECK(s.experts_per_token == K);
+      CHECK(s.active_experts == moe_layers * 16);
+    }
+  }
+
+  TEST_CASE("generation with and without the selection cache gives the same tokens") {
+    for (RouterKind rk : {RouterKind::Cluster, RouterKind::AC}) {
+      CoEConfig c = small_lm();
+      c.router = rk;
+      c.moe_every = 1;  // AC needs a previous MoE layer for its labels
+      ClusterMoELM m(c);
+      fit_pattern(m, 30);
+      std::vector<int32_t> prompt = {1, 4, 7, 10, 0};
+      // 30 new tokens from a 5-token prompt with seq_len 16: the window slides (the cache is rebuilt) too.
+      for (float temp : {0.f, 0.8f}) {
+        std::vector<int32_t> a = m.generate(prompt, 30, temp, 5, 99, true);
+        std::vector<int32_t> b = m.generate(prompt, 30, temp, 5, 99, false);
+        CHECK(a.size() == 30);
+        CHECK(a == b);
+      }
+      CHECK(m.training());  // restored
+      // Greedy continues the learned pattern.
+      std::vector<int32_t> g = m.generate({0, 3, 6}, 4, 0.f, 0, 1, true);
+      CHECK(g == std::vector<int32_t>({9, 12, 2, 5}));
+    }
+    ClusterMoELM m(small_lm());
+    CHECK_THROWS_AS(m.generate({}, 3), Error);
+    CHECK_THROWS_AS(m.generate({20}, 3), Error);
+  }
+
+  TEST_CASE("a pruned expert is gone from routing and compute") {
+    CoEConfig c = small_lm();
+    ClusterMoELM m(c);
+    m.prune_expert(0, 5);
+    CHECK(m.expert_pruned(0, 5));
+    CHECK(m.get_model_summary().active_experts == 31);
+    m.reset_metrics();
+    CoEOutput o = m.forward(ids_tensor(4, 16, 13, 8), ids_tensor(4, 16, 13, 9));
+    CHECK(o.layers[0].expert_share[5] == 0.f);
+    CHECK(o.layers[0].expert_rows[5] == 0);
+    CHECK(m.get_expert_utilization().at(ek(0, 1, 1)) == 0.f);
+    o.total_loss.backward();
+    for (auto& [n, t] : m.expert_parameters(0, 5)) CHECK_MESSAGE(!t.grad().defined(), n);  // no compute
+    // A node must keep top_k active children: cluster 1 (experts 4..7) with top_k_experts = 1 can lose 3.
+    m.prune_expert(0, 4);
+    m.prune_expert(0, 6);
+    CHECK_THROWS_AS(m.prune_expert(0, 7), Error);
+    CHECK_THROWS_AS(m.prune_expert(1, 0), Error);  // dense layer
+    CoEOutput o2 = m.forward(ids_tensor(4, 16, 13, 10));
+    for (int64_t e : {4, 5, 6}) CHECK(o2.layers[0].expert_rows[e] == 0);
+
+    // Automatic: traffic under the threshold for `window` steps removes an expert (here most of them, as far
+    // as every node keeps top_k children).
+    CoEConfig a = small_lm();
+    a.router = RouterKind::Flat;
+    a.num_clusters = 1;
+    a.experts_per_cluster = 4;
+    a.top_k_clusters = 1;
+    a.top_k_experts = 1;
+    a.enable_expert_pruning = true;
+    a.pruning_threshold = 0.6f;  // no expert of 4 can hold 60% of the traffic for long: all but one go
+    a.pruning_window = 3;
+    a.load_balancing_weight = 0.f;
+    ClusterMoELM ma(a);
+    AdamW opt(ma.named_parameters());
+    for (int s = 0; s < 12; ++s) {
+      ma.forward(ids_tensor(4, 16, 13, 11 + s), ids_tensor(4, 16, 13, 31 + s)).total_loss.backward();
+      opt.step(1e-3f);
+      opt.zero_grad();
+      ma.after_step();
+    }
+    int64_t pruned = 0;
+    for (int64_t e = 0; e < 4; ++e) pruned += ma.expert_pruned(0, e);
+    CHECK(pruned == 3);
+    CHECK(ma.get_model_summary().active_experts == 2);  // one left in each MoE layer (0 and 2)
+    CoEOutput oa = ma.forward(ids_tensor(4, 16, 13, 50));
+    for (int64_t e = 0; e < 4; ++e)
+      if (ma.expert_pruned(0, e)) CHECK(oa.layers[0].expert_rows[e] == 0);
+  }
+
+  TEST_CASE("specialization: mutual information between expert choice and input token") {
+    // Two experts; the router sends token id parity to expert id parity: I(E; V) = H(E) = log 2.
+    CoEConfig c;
+    c.d_model = 2;
+    c.n_heads = 1;
+    c.d_ff = 2;
+    c.vocab_size = 4;
+    c.router = RouterKind::Flat;
+    c.num_clusters = 1;
+    c.experts_per_cluster = 2;
+    c.top_k_clusters = 1;
+    c.top_k_experts = 1;
+    Generator gen(91);
+    MoELayer layer(c, 0, true, gen);
+    layer.router.weights[0].copy_(Tensor::from_vector(std::vector<float>{5, 0, 0, 5}, {2, 2}));
+    std::vector<int32_t> ids = {0, 1, 2, 3, 0, 1, 2, 3};
+    std::vector<float> x;
+    for (int32_t v : ids) x.push_back(v % 2 == 0 ? 1.f : 0.f), x.push_back(v % 2 == 1 ? 1.f : 0.f);
+    layer.forward(Tensor::from_vector(x, {8, 2}), &ids, nullptr, false);
+    CHECK(layer.mutual_information() == doctest::Approx(std::log(2.0)).epsilon(1e-5));
+    for (float kl : layer.specialization()) CHECK(kl == doctest::Approx(std::log(2.0)).epsilon(1e-5));
+    // Routing that ignores the token: no information.
+    layer.reset_metrics();
+    layer.router.weights[0].copy_(Tensor::from_vector(std::vector<float>{5, 5, 0, 0}, {2, 2}));
+    layer.forward(Tensor::from_vector(x, {8, 2}), &ids, nullptr, false);
+    CHECK(layer.mutual_information() == doctest::Approx(0.0));
+  }
+
+  TEST_CASE("every router kind and option trains end to end with finite losses and gradients") {
+    struct V {
+      const char* name;
+      std::function<void(CoEConfig&)> edit;
+    };
+    std::vector<V> variants = {
+        {"dense", [](CoEConfig& c) { c.router = RouterKind::Dense; }},
+        {"flat", [](CoEConfig& c) { c.router = RouterKind::Flat; }},
+        {"cluster", [](CoEConfig&) {}},
+        {"tree", [](CoEConfig& c) {
+           c.router = RouterKind::Tree;
+           c.tree_branching = {2, 2, 4};
+           c.tree_top_k = {2, 1, 2};
+         }},
+        {"ac", [](CoEConfig& c) {
+           c.router = RouterKind::AC;
+           c.moe_every = 1;
+         }},
+        {"cluster+ac levels", [](CoEConfig& c) {
+           c.ac_levels = {0, 1};
+           c.moe_every = 1;
+         }},
+        {"capacity+aux-free+adaptive+gelu+rmsnorm+dropout", [](CoEConfig& c) {
+           c.capacity_factor = 1.0f;
+           c.aux_free_bias = true;
+           c.use_adaptive_routing = true;
+           c.expert = ExpertKind::GELU;
+           c.norm = NormKind::RMSNorm;
+           c.dropout = 0.1f;
+           c.routing_temperature = 0.5f;
+           c.bias = true;
+           c.tie_embeddings = false;
+         }},
+    };
+    for (const V& v : variants) {
+      CAPTURE(v.name);
+      CoEConfig c = small_lm();
+      v.edit(c);
+      c.validate();
+      ClusterMoELM m(c);
+      AdamW opt(m.named_parameters());
+      float first = 0.f, last = 0.f;
+      for (int s = 0; s < 8; ++s) {
+        CoEOutput o = m.forward(ids_tensor(2, 16, 13, 100), ids_tensor(2, 16, 13, 101));
+        REQUIRE(std::isfinite(o.total_loss.item()));
+        (s == 0 ? first : last) = o.loss.item();
+        o.total_loss.backward();
+        CHECK(std::isfinite(clip_grad_norm(m.named_parameters(), 1.f)));
+        opt.step(3e-3f);
+        opt.zero_grad();
+        m.after_step();
+      }
+      CHECK(last < first);  // it learns the fixed batch
+      m.eval();
+      CHECK(std::isfinite(m.forward(ids_tensor(1, 16, 13, 102), ids_tensor(1, 16, 13, 103)).loss.item()));
+    }
+  }
+
+  TEST_CASE("create_coe_model builds the seed API's model") {
+    auto m = create_coe_model(32, 2, 2, 4, 50);
+    CHECK(m->config().d_model == 32);
+    CHECK(m->config().num_experts() == 8);
+    CHECK(m->get_model_summary().num_clusters == 2);
+    CHECK(m->forward(ids_tensor(1, 5, 50, 104)).logits.shape() == Shape{1, 5, 50});
+  }
+}
