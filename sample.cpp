@@ -7,5 +7,6 @@
 #include "model/trainer.h"
 
 int main(int argc, char** argv) {
+  cm::reexec_with_passive_openmp(argv);
   return cm::run_sample(std::vector<std::string>(argv + 1, argv + argc), std::cout, std::cerr);
 }

@@ -5,5 +5,6 @@
 #include "model/trainer.h"
 
 int main(int argc, char** argv) {
+  cm::reexec_with_passive_openmp(argv);
   return cm::run_train_lm(std::vector<std::string>(argv + 1, argv + argc), std::cout, std::cerr);
 }

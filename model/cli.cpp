@@ -9,8 +9,12 @@ namespace cm {
 
 // ---------------------------------------------------------------- numbers
 std::string format_float(float v) {
+  // The shortest %g text that reads back as the same float: 0.001, not 0.00100000005.
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.9g", (double)v);
+  for (int prec = 6; prec <= 9; ++prec) {
+    std::snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
+    if (std::strtof(buf, nullptr) == v) break;
+  }
   return buf;
 }
 

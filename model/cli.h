@@ -74,7 +74,8 @@ class Flags {
   std::vector<Spec> specs_;
 };
 
-// Exact text forms used by Flags::values() (and the start-up table): floats with %.9g round-trip bit for bit.
+// Exact text forms used by Flags::values() (and the start-up table): the shortest text that reads back as the
+// same float (0.001, not 0.00100000005).
 std::string format_float(float v);
 // Number parsing that rejects trailing junk, empty text, and out-of-range values; `what` names the flag.
 int64_t parse_int(const std::string& text, const std::string& what);

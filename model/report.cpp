@@ -419,6 +419,14 @@ std::string render_svg(const std::vector<StepRecord>& steps, const std::vector<E
                         x0 + cw * e, y0 + ch * li, cw, ch, std::max(0.0, std::min(1.0, a)), (long long)l.layer, e,
                         100 * l.share[e]);
           o << buf;
+          if (cw >= 30 && ch >= 14) {  // the share itself, when the cell has room for it
+            std::snprintf(buf, sizeof buf,
+                          "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-family=\"sans-serif\" "
+                          "font-size=\"10\" fill=\"%s\">%.0f%%</text>\n",
+                          x0 + cw * (e + 0.5), y0 + ch * (li + 0.5) + 3.5, a > 0.55 ? "white" : "#222",
+                          100 * l.share[e]);
+            o << buf;
+          }
         }
       }
       std::snprintf(buf, sizeof buf,

@@ -14,6 +14,10 @@
 #include "model/optim.h"
 #include "model/tokenizer.h"
 
+#include <unistd.h>
+
+#include <cstdlib>
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -85,14 +89,15 @@ static std::string resolve_resume_path(const std::string& resume, const std::str
   return resume;
 }
 
+// ClusterMoELM builds its tensors on the CPU and has no way yet to move them to a GPU, so "auto" means the CPU
+// and "cuda" is refused with a message. When the model gains a device, this is the one place to change.
 static Device resolve_device(const std::string& name, std::string* note) {
-  if (name == "cpu") return Device::CPU;
   if (name == "cuda") {
     require_device(Device::CUDA);
-    return Device::CUDA;
+    fail("--device cuda: the model has no CUDA path yet; use --device cpu");
   }
-  if (cuda_available()) return Device::CUDA;
-  *note = "no CUDA device (or a CPU-only build): training on the CPU";
+  if (name == "auto" && cuda_available())
+    *note = "a CUDA device is present, but the model has no CUDA path yet: training on the CPU";
   return Device::CPU;
 }
 
@@ -239,7 +244,6 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   // ---- device
   std::string device_note;
   const Device dev = resolve_device(o.device, &device_note);
-  CM_REQUIRE(dev == Device::CPU, "--device cuda: the model's CUDA path is not built yet; use --device cpu");
   res.device = device_name(dev);
 
   // ---- checkpoint to resume (read and checked in full before anything in out_dir is touched)
@@ -297,10 +301,20 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     std::map<std::string, std::string> model_map = cfg.to_map();
     std::vector<std::pair<std::string, std::string>> train_rows;
     for (auto& kv : flag_values(o))
-      if (!model_map.count(kv.first) && kv.first != "tree") train_rows.push_back(kv);
+      if (!model_map.count(kv.first) && kv.first != "tree")
+        train_rows.push_back({kv.first, kv.first == "data" && kv.second.empty() ? "(default corpus)" : kv.second});
     if (resuming) train_rows.push_back({"resume", o.resume});
     print_table(out, "training", train_rows);
-    print_table(out, "model (CoEConfig)", std::vector<std::pair<std::string, std::string>>(model_map.begin(), model_map.end()));
+    std::vector<std::pair<std::string, std::string>> model_rows;
+    for (const auto& kv : model_map) {
+      // CoEConfig writes floats with 9 digits; show the shortest text with the same value.
+      std::string v = kv.second;
+      char* end = nullptr;
+      float x = std::strtof(v.c_str(), &end);
+      if (!v.empty() && *end == '\0' && v.find_first_of(".e") != std::string::npos) v = format_float(x);
+      model_rows.push_back({kv.first, v});
+    }
+    print_table(out, "model (CoEConfig)", model_rows);
     int threads = 1;
 #if defined(_OPENMP)
     threads = omp_get_max_threads();
@@ -311,8 +325,9 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
         {"parameters", with_commas(summary.total_params)},
         {"  active per token", with_commas(summary.active_params_per_token)},
         {"  in experts", with_commas(summary.expert_params)},
-        {"experts", str(summary.num_moe_layers, " MoE layers x ", summary.num_experts, " (", summary.experts_per_token,
-                        " per token)")},
+        {"experts", summary.num_moe_layers == 0 ? std::string("none (dense FFN)")
+                                                : str(summary.num_moe_layers, " MoE layers x ", summary.num_experts,
+                                                      " (", summary.experts_per_token, " per token)")},
         {"corpus", corpus.source},
         {"  bytes", with_commas((int64_t)corpus.bytes.size())},
         {"  vocabulary", str(tok.vocab_size(), " bytes")},
@@ -474,6 +489,17 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
 }
 
 // ---------------------------------------------------------------- programs
+void reexec_with_passive_openmp(char** argv) {
+#if defined(_OPENMP)
+  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+  if (::setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+  ::execv("/proc/self/exe", argv);  // returns only on failure: then run as we are
+  ::unsetenv("OMP_WAIT_POLICY");
+#else
+  (void)argv;
+#endif
+}
+
 int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   std::string usage;
   try {
@@ -511,8 +537,7 @@ int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ost
       return 0;
     }
     std::string note;
-    CM_REQUIRE(resolve_device(o.device, &note) == Device::CPU,
-               "--device cuda: the model's CUDA path is not built yet; use --device cpu");
+    resolve_device(o.device, &note);
     if (o.ckpt.empty()) {
       o.ckpt = latest_checkpoint(o.out_dir);
       CM_REQUIRE(!o.ckpt.empty(), "no checkpoint in ", o.out_dir, ": train one with ./train_lm, or pass --ckpt PATH");

@@ -47,6 +47,13 @@ TrainResult train(const TrainOptions& o, std::ostream& out);
 int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
+// On a machine whose cores are shared (this project's 2-core machines run builds and benches beside training),
+// OpenMP threads that spin at barriers starve the thread they wait for: 100 steps of the cpu preset took 29 to
+// 190 s with spinning and 13 to 32 s with sleeping waits under the same load. libgomp reads its wait policy from
+// the environment before main() runs, so the programs restart themselves once with OMP_WAIT_POLICY=passive,
+// unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT. Returns only when no restart happened.
+void reexec_with_passive_openmp(char** argv);
+
 // Model FLOPs per token for one training step (forward + backward): 6 x active parameters per token plus the
 // attention scores and values, 12 x layers x T x C (the PaLM appendix's count, as llm.c uses).
 double train_flops_per_token(int64_t active_params, int64_t n_layers, int64_t seq_len, int64_t d_model);
