@@ -55,6 +55,10 @@ TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/%.o)
 TEST_BIN := $(BUILD)/tests/run_tests
 BENCH_SRC := $(wildcard bench/*.cpp)
 BENCH_BIN := $(BENCH_SRC:bench/%.cpp=$(BUILD)/bench/%)
+ifeq ($(USE_CUDA),1)
+  BENCH_CU  := $(wildcard bench/*.cu)
+  BENCH_BIN += $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
+endif
 APPS     := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
 
 .PHONY: all test bench bench-cpu data clean
@@ -84,6 +88,9 @@ BENCH_LIBS := $(if $(filter 1,$(HAVE_OPENBLAS)),-lopenblas)
 $(BUILD)/bench/%.o: bench/%.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $(if $(filter 1,$(HAVE_OPENBLAS)),-DCM_HAVE_OPENBLAS=1) -c $< -o $@
+$(BUILD)/bench/%.o: bench/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(BENCH_LIBS)
 

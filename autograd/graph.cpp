@@ -4,15 +4,27 @@
 #include <algorithm>
 #include <unordered_map>
 
+#if CM_CUDA
+#include "engine/cuda.h"
+#endif
+
 namespace cm {
 
 namespace {
 thread_local bool g_grad_mode = true;
 
-// a += b for contiguous CPU f32 tensors of one shape (gradient accumulation needs nothing fancier).
+// a += b for a contiguous f32 tensor a and a same-shape b on the same device (gradient accumulation needs
+// nothing fancier).
 void accumulate(const Tensor& a, const Tensor& b) {
-  CM_CHECK(a.device() == Device::CPU && b.device() == Device::CPU, "gradient accumulation on CUDA needs the CUDA backend");
+  CM_CHECK(a.device() == b.device(), "gradients of one tensor on two devices: ", device_name(a.device()), " and ",
+           device_name(b.device()));
   Tensor bc = b.contiguous();
+#if CM_CUDA
+  if (a.device() == Device::CUDA) {
+    cuda::axpy(a.f32(), bc.f32(), 1.0f, a.numel());
+    return;
+  }
+#endif
   float* __restrict pa = a.f32();
   const float* __restrict pb = bc.f32();
   const int64_t n = a.numel();

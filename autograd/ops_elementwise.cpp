@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "autograd/ops.h"
+#include "engine/dispatch.h"
 #include "kernels/activation.h"
 #include "kernels/elementwise.h"
 #include "kernels/reduce.h"
@@ -13,13 +14,8 @@ namespace cm {
 
 namespace {
 
-// Ops run on CPU tensors for now; a CUDA tensor is refused by name rather than read as host memory.
-void require_cpu(const char* op, const Tensor& t) {
-  CM_REQUIRE(t.device() == Device::CPU, op, ": CUDA tensors are not supported yet (", shape_str(t.shape()), ")");
-}
-
+// Ops run on the device their inputs live on (engine/dispatch.h picks the CPU kernel or its CUDA twin).
 void require_f32(const char* op, const Tensor& t) {
-  require_cpu(op, t);
   CM_REQUIRE(t.dtype() == DType::F32, op, ": expected an f32 tensor, got ", dtype_name(t.dtype()), " ",
              shape_str(t.shape()));
 }
@@ -55,47 +51,46 @@ Shape broadcast_strides(const Shape& in, const Shape& out) {
 
 // ---------------------------------------------------------------- binary forward (f32 and i32)
 template <class T>
-void binary_kernel(cpu::Binary op, T* out, const T* a, const T* b, const Shape& as, const Shape& bs,
+void binary_kernel(Device dev, cpu::Binary op, T* out, const T* a, const T* b, const Shape& as, const Shape& bs,
                    const Shape& os) {
   const int64_t n = shape_numel(os);
   if (n == 0) return;
-  if (as == bs) return cpu::binary(op, out, a, b, n);
+  if (as == bs) return CM_KERNEL(dev, binary, op, out, a, b, n);
   // The bias case: b holds one row ([C], [1, C], ...) and a already has the output shape.
   const int64_t C = os.empty() ? 1 : os.back();
   if (as == os && !bs.empty() && bs.back() == C && shape_numel(bs) == C)
-    return cpu::binary_rows(op, out, a, b, n / C, C);
+    return CM_KERNEL(dev, binary_rows, op, out, a, b, n / C, C);
   const Shape sa = broadcast_strides(as, os), sb = broadcast_strides(bs, os);
-  cpu::binary_strided(op, out, a, b, (int64_t)os.size(), os.data(), sa.data(), sb.data());
+  CM_KERNEL(dev, binary_strided, op, out, a, b, (int64_t)os.size(), os.data(), sa.data(), sb.data());
 }
 
 Tensor binary_forward(const char* name, cpu::Binary op, const Tensor& a, const Tensor& b) {
-  require_cpu(name, a);
-  require_cpu(name, b);
+  const Device dev = common_device(name, {&a, &b});
   CM_REQUIRE(a.dtype() == b.dtype(), name, ": dtype mismatch, ", dtype_name(a.dtype()), " ", shape_str(a.shape()),
              " and ", dtype_name(b.dtype()), " ", shape_str(b.shape()));
   CM_REQUIRE(!(a.dtype() == DType::I32 && op == cpu::Binary::Div), name,
              ": integer division is not supported (i32 ", shape_str(a.shape()), "); convert to f32 first");
   const Shape os = broadcast_shape(name, a.shape(), b.shape());
-  Tensor ac = flat(a), bc = flat(b), out = Tensor::empty(os, a.dtype());
+  Tensor ac = flat(a), bc = flat(b), out = Tensor::empty(os, a.dtype(), dev);
   if (a.dtype() == DType::F32)
-    binary_kernel(op, out.f32(), ac.f32(), bc.f32(), a.shape(), b.shape(), os);
+    binary_kernel(dev, op, out.f32(), ac.f32(), bc.f32(), a.shape(), b.shape(), os);
   else
-    binary_kernel(op, out.i32(), ac.i32(), bc.i32(), a.shape(), b.shape(), os);
+    binary_kernel(dev, op, out.i32(), ac.i32(), bc.i32(), a.shape(), b.shape(), os);
   return out;
 }
 
 // ---------------------------------------------------------------- unary helpers
 Tensor scalar_forward(const char* name, cpu::Scalar op, const Tensor& a, float s) {
   require_f32(name, a);
-  Tensor ac = flat(a), out = Tensor::empty(a.shape());
-  cpu::scalar(op, out.f32(), ac.f32(), s, a.numel());
+  Tensor ac = flat(a), out = Tensor::empty(a.shape(), DType::F32, a.device());
+  CM_KERNEL(a.device(), scalar, op, out.f32(), ac.f32(), s, a.numel());
   return out;
 }
 
 Tensor unary_forward(const char* name, cpu::Unary op, const Tensor& a) {
   require_f32(name, a);
-  Tensor ac = flat(a), out = Tensor::empty(a.shape());
-  cpu::unary(op, out.f32(), ac.f32(), a.numel());
+  Tensor ac = flat(a), out = Tensor::empty(a.shape(), DType::F32, a.device());
+  CM_KERNEL(a.device(), unary, op, out.f32(), ac.f32(), a.numel());
   return out;
 }
 
@@ -103,15 +98,31 @@ Tensor unary_forward(const char* name, cpu::Unary op, const Tensor& a) {
 using ActForward = void (*)(float* y, const float* x, int64_t n);
 using ActBackward = void (*)(float* dx, const float* dy, const float* saved, int64_t n);
 enum class Saves { Input, Output };
+struct ActKernels {
+  ActForward fwd;
+  ActBackward bwd;
+};
+// The CPU pair and the CUDA pair of one activation (the CUDA pair is null in a build without CUDA).
+#if CM_CUDA
+#define CM_ACT(name)                                    \
+  ActKernels{cpu::name##_forward, cpu::name##_backward}, \
+      ActKernels { cuda::name##_forward, cuda::name##_backward }
+#else
+#define CM_ACT(name) \
+  ActKernels{cpu::name##_forward, cpu::name##_backward}, ActKernels { nullptr, nullptr }
+#endif
 
-Tensor activation(const char* name, const Tensor& x, ActForward fwd, ActBackward bwd, Saves saves) {
+Tensor activation(const char* name, const Tensor& x, ActKernels on_cpu, ActKernels on_cuda, Saves saves) {
   require_f32(name, x);
-  Tensor xc = flat(x), y = Tensor::empty(x.shape());
+  const ActKernels k = x.device() == Device::CUDA ? on_cuda : on_cpu;
+  const ActForward fwd = k.fwd;
+  const ActBackward bwd = k.bwd;
+  Tensor xc = flat(x), y = Tensor::empty(x.shape(), DType::F32, x.device());
   fwd(y.f32(), xc.f32(), x.numel());
   // y.detach(): the closure must not own the output itself (output -> node -> closure -> output leaks).
   Tensor saved = saves == Saves::Output ? y.detach() : xc;
   return record(name, y, {x}, [saved, bwd](const Tensor& gy) {
-    Tensor g = gy.contiguous(), dx = Tensor::empty(saved.shape());
+    Tensor g = gy.contiguous(), dx = Tensor::empty(saved.shape(), DType::F32, saved.device());
     bwd(dx.f32(), g.f32(), saved.f32(), saved.numel());
     return grads{dx};
   });
@@ -187,8 +198,8 @@ Tensor rdiv(float s, const Tensor& a) {
 Tensor pow(const Tensor& a, float p) {
   Tensor out = scalar_forward("pow", cpu::Scalar::Pow, a, p);
   return record("pow", out, {a}, [ad = a.detach(), p](const Tensor& gy) {
-    Tensor g = gy.contiguous(), ac = ad.contiguous(), dx = Tensor::empty(ad.shape());
-    cpu::pow_backward(dx.f32(), g.f32(), ac.f32(), p, ad.numel());
+    Tensor g = gy.contiguous(), ac = ad.contiguous(), dx = Tensor::empty(ad.shape(), DType::F32, ad.device());
+    CM_KERNEL(ad.device(), pow_backward, dx.f32(), g.f32(), ac.f32(), p, ad.numel());
     return grads{dx};
   });
 }
@@ -216,18 +227,15 @@ Tensor square(const Tensor& a) {
 }
 
 // ---------------------------------------------------------------- activations (and exp, which shares their math)
-Tensor exp(const Tensor& a) { return activation("exp", a, cpu::exp_forward, cpu::exp_backward, Saves::Output); }
-Tensor tanh(const Tensor& a) { return activation("tanh", a, cpu::tanh_forward, cpu::tanh_backward, Saves::Output); }
-Tensor sigmoid(const Tensor& a) {
-  return activation("sigmoid", a, cpu::sigmoid_forward, cpu::sigmoid_backward, Saves::Output);
-}
-Tensor relu(const Tensor& a) { return activation("relu", a, cpu::relu_forward, cpu::relu_backward, Saves::Input); }
+Tensor exp(const Tensor& a) { return activation("exp", a, CM_ACT(exp), Saves::Output); }
+Tensor tanh(const Tensor& a) { return activation("tanh", a, CM_ACT(tanh), Saves::Output); }
+Tensor sigmoid(const Tensor& a) { return activation("sigmoid", a, CM_ACT(sigmoid), Saves::Output); }
+Tensor relu(const Tensor& a) { return activation("relu", a, CM_ACT(relu), Saves::Input); }
 Tensor gelu(const Tensor& a, GeluKind kind) {
-  if (kind == GeluKind::Exact)
-    return activation("gelu", a, cpu::gelu_exact_forward, cpu::gelu_exact_backward, Saves::Input);
-  return activation("gelu", a, cpu::gelu_tanh_forward, cpu::gelu_tanh_backward, Saves::Input);
+  if (kind == GeluKind::Exact) return activation("gelu", a, CM_ACT(gelu_exact), Saves::Input);
+  return activation("gelu", a, CM_ACT(gelu_tanh), Saves::Input);
 }
-Tensor silu(const Tensor& a) { return activation("silu", a, cpu::silu_forward, cpu::silu_backward, Saves::Input); }
+Tensor silu(const Tensor& a) { return activation("silu", a, CM_ACT(silu), Saves::Input); }
 
 // ---------------------------------------------------------------- sum_to / expand
 Tensor sum_to(const Tensor& a, const Shape& shape) {
@@ -244,13 +252,12 @@ Tensor sum_to(const Tensor& a, const Shape& shape) {
   if (shape == as) return a;  // nothing to sum: the input itself, like PyTorch's sum_to_size
   Shape aligned(as.size() - shape.size(), 1);  // target with a's rank
   aligned.insert(aligned.end(), shape.begin(), shape.end());
-  Tensor ac = flat(a), out = Tensor::empty(shape);
-  cpu::sum_to(out.f32(), ac.f32(), (int64_t)as.size(), as.data(), aligned.data());
+  Tensor ac = flat(a), out = Tensor::empty(shape, DType::F32, a.device());
+  CM_KERNEL(a.device(), sum_to, out.f32(), ac.f32(), (int64_t)as.size(), as.data(), aligned.data());
   return record("sum_to", out, {a}, [as](const Tensor& gy) { return grads{expand(gy, as)}; });
 }
 
 Tensor expand(const Tensor& a, const Shape& shape) {
-  require_cpu("expand", a);
   const Shape& as = a.shape();
   bool ok = as.size() <= shape.size();
   for (size_t k = 0; ok && k < as.size(); ++k) {
@@ -259,12 +266,12 @@ Tensor expand(const Tensor& a, const Shape& shape) {
   }
   CM_REQUIRE(ok, "expand: cannot broadcast shape ", shape_str(as), " to ", shape_str(shape));
   if (shape == as) return a;  // nothing to stretch: the input itself
-  Tensor ac = flat(a), out = Tensor::empty(shape, a.dtype());
+  Tensor ac = flat(a), out = Tensor::empty(shape, a.dtype(), a.device());
   const Shape st = broadcast_strides(as, shape);
   if (a.dtype() == DType::F32)
-    cpu::broadcast_to(out.f32(), ac.f32(), (int64_t)shape.size(), shape.data(), st.data());
+    CM_KERNEL(a.device(), broadcast_to, out.f32(), ac.f32(), (int64_t)shape.size(), shape.data(), st.data());
   else
-    cpu::broadcast_to(out.i32(), ac.i32(), (int64_t)shape.size(), shape.data(), st.data());
+    CM_KERNEL(a.device(), broadcast_to, out.i32(), ac.i32(), (int64_t)shape.size(), shape.data(), st.data());
   return record("expand", out, {a}, [as](const Tensor& gy) { return grads{sum_to(gy, as)}; });
 }
 

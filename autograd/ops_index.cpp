@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "autograd/ops.h"
+#include "engine/dispatch.h"
 #include "kernels/index.h"
 #include "kernels/topk.h"
 
@@ -22,12 +23,7 @@ Tensor dense(const Tensor& t) {
   return t.contiguous();
 }
 
-// Every op here runs on CPU tensors for now: the CUDA twins of these kernels come with the CUDA backend.
-void require_cpu(const char* op, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    CM_REQUIRE(!t->defined() || t->device() == Device::CPU, op, ": CUDA tensors are not supported yet (shape ",
-               shape_str(t->shape()), ")");
-}
+// Every op runs on the device of its inputs (one device for all of them); CM_KERNEL picks the CPU or CUDA twin.
 
 struct ODI {
   int64_t O = 1, D = 1, I = 1;
@@ -42,10 +38,10 @@ ODI odi(const Shape& s, int64_t dim) {
 
 // Throws naming the first index outside [0, D).
 void check_indices(const char* op, const Tensor& index, int64_t dim, int64_t D, const Shape& a_shape) {
-  const int32_t* ix = index.i32();
-  int64_t bad = cpu::index_first_bad(ix, index.numel(), D);
-  CM_REQUIRE(bad < 0, op, ": index ", (bad < 0 ? 0 : ix[bad]), " (at position ", bad, ") is out of range [0, ",
-             D, ") for dimension ", dim, " of ", shape_str(a_shape));
+  const int64_t n = index.numel();
+  const int64_t bad = n > 0 ? CM_KERNEL(index.device(), index_first_bad, index.i32(), n, D) : -1;
+  CM_REQUIRE(bad < 0, op, ": index ", (bad < 0 ? 0 : index.flatten().slice(0, bad, bad + 1).to_i32_vector()[0]),
+             " (at position ", bad, ") is out of range [0, ", D, ") for dimension ", dim, " of ", shape_str(a_shape));
 }
 
 void require_dtype(const char* op, const char* what, const Tensor& t, DType want) {
@@ -90,7 +86,7 @@ Tensor concat(const std::vector<Tensor>& xs, int64_t dim) {
   out_shape[d] = 0;
   std::vector<int64_t> sizes;
   for (const Tensor& x : xs) {
-    require_cpu("concat", {&x});
+    common_device("concat", {&x0, &x});
     CM_REQUIRE(x.dtype() == x0.dtype(), "concat: dtypes differ: ", dtype_name(x0.dtype()), " ",
                shape_str(x0.shape()), " and ", dtype_name(x.dtype()), " ", shape_str(x.shape()));
     bool ok = x.dim() == x0.dim();
@@ -100,22 +96,22 @@ Tensor concat(const std::vector<Tensor>& xs, int64_t dim) {
     sizes.push_back(x.shape()[d]);
     out_shape[d] += x.shape()[d];
   }
-  Tensor out = Tensor::empty(out_shape, x0.dtype());
+  const Device dev = x0.device();
+  Tensor out = Tensor::empty(out_shape, x0.dtype(), dev);
   const ODI o = odi(out_shape, d);
   int64_t at = 0;
   for (const Tensor& x : xs) {
     Tensor xc = dense(x);
     if (x.dtype() == DType::F32)
-      cpu::concat_piece(out.f32(), xc.f32(), o.O, o.D, at, x.shape()[d], o.I);
+      CM_KERNEL(dev, concat_piece, out.f32(), xc.f32(), o.O, o.D, at, x.shape()[d], o.I);
     else
-      cpu::concat_piece(out.i32(), xc.i32(), o.O, o.D, at, x.shape()[d], o.I);
+      CM_KERNEL(dev, concat_piece, out.i32(), xc.i32(), o.O, o.D, at, x.shape()[d], o.I);
     at += x.shape()[d];
   }
   return record("concat", out, xs, [sizes, d](const Tensor& g) { return split(g, sizes, d); });
 }
 
 std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, int64_t dim) {
-  require_cpu("split", {&a});
   const int64_t d = a.axis(dim);
   int64_t total = 0;
   for (int64_t s : sizes) {
@@ -131,11 +127,11 @@ std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, in
   for (size_t p = 0; p < sizes.size(); ++p) {
     Shape s = a.shape();
     s[d] = sizes[p];
-    Tensor out = Tensor::empty(s, a.dtype());
+    Tensor out = Tensor::empty(s, a.dtype(), a.device());
     if (a.dtype() == DType::F32)
-      cpu::split_piece(out.f32(), ac.f32(), o.O, o.D, at, sizes[p], o.I);
+      CM_KERNEL(a.device(), split_piece, out.f32(), ac.f32(), o.O, o.D, at, sizes[p], o.I);
     else
-      cpu::split_piece(out.i32(), ac.i32(), o.O, o.D, at, sizes[p], o.I);
+      CM_KERNEL(a.device(), split_piece, out.i32(), ac.i32(), o.O, o.D, at, sizes[p], o.I);
     // Backward of piece p: its gradient concatenated between zeros for the other pieces. On fan-out the sweep
     // sums the pieces' contributions into a's gradient.
     outs.push_back(record("split", out, {a}, [shape = a.shape(), sizes, p, d](const Tensor& g) {
@@ -146,7 +142,7 @@ std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, in
         } else {
           Shape zs = shape;
           zs[d] = sizes[q];
-          parts.push_back(Tensor::zeros(zs));
+          parts.push_back(Tensor::zeros(zs, g.dtype(), g.device()));
         }
       }
       return grads{concat(parts, d)};
@@ -159,7 +155,7 @@ std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, in
 // ---------------------------------------------------------------- index_select / index_add
 
 Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
-  require_cpu("index_select", {&a, &index});
+  common_device("index_select", {&a, &index});
   require_dtype("index_select", "index", index, DType::I32);
   CM_REQUIRE(index.dim() == 1, "index_select: index must be 1-D, got ", shape_str(index.shape()));
   const int64_t d = a.axis(dim);
@@ -169,18 +165,18 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
   const int64_t n = ix.numel();
   Shape s = a.shape();
   s[d] = n;
-  Tensor out = Tensor::empty(s, a.dtype());
+  Tensor out = Tensor::empty(s, a.dtype(), a.device());
   if (a.dtype() == DType::F32)
-    cpu::index_select(out.f32(), ac.f32(), ix.i32(), o.O, o.D, n, o.I);
+    CM_KERNEL(a.device(), index_select, out.f32(), ac.f32(), ix.i32(), o.O, o.D, n, o.I);
   else
-    cpu::index_select(out.i32(), ac.i32(), ix.i32(), o.O, o.D, n, o.I);
+    CM_KERNEL(a.device(), index_select, out.i32(), ac.i32(), ix.i32(), o.O, o.D, n, o.I);
   return record("index_select", out, {a}, [shape = a.shape(), d, ix](const Tensor& g) {
-    return grads{index_add(Tensor::zeros(shape), d, ix, g)};
+    return grads{index_add(Tensor::zeros(shape, DType::F32, g.device()), d, ix, g)};
   });
 }
 
 Tensor index_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src) {
-  require_cpu("index_add", {&a, &index, &src});
+  common_device("index_add", {&a, &index, &src});
   require_dtype("index_add", "a", a, DType::F32);
   require_dtype("index_add", "src", src, DType::F32);
   require_dtype("index_add", "index", index, DType::I32);
@@ -194,13 +190,13 @@ Tensor index_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor
   Tensor ix = dense(index);
   const ODI o = odi(a.shape(), d);
   check_indices("index_add", ix, d, o.D, a.shape());
-  Tensor out = Tensor::empty(a.shape());
+  Tensor out = Tensor::empty(a.shape(), DType::F32, a.device());
   {
     NoGrad g;
     out.copy_(a);
   }
   Tensor sc = dense(src);
-  cpu::index_add(out.f32(), sc.f32(), ix.i32(), o.O, o.D, n, o.I);
+  CM_KERNEL(a.device(), index_add, out.f32(), sc.f32(), ix.i32(), o.O, o.D, n, o.I);
   return record("index_add", out, {a, src}, [d, ix](const Tensor& g) {
     return grads{g, index_select(g, d, ix)};
   });
@@ -219,7 +215,7 @@ void check_gather_shape(const char* op, const Tensor& a, int64_t d, const Tensor
 }  // namespace
 
 Tensor gather(const Tensor& a, int64_t dim, const Tensor& index) {
-  require_cpu("gather", {&a, &index});
+  common_device("gather", {&a, &index});
   require_dtype("gather", "index", index, DType::I32);
   const int64_t d = a.axis(dim);
   check_gather_shape("gather", a, d, index);
@@ -227,18 +223,18 @@ Tensor gather(const Tensor& a, int64_t dim, const Tensor& index) {
   const ODI o = odi(a.shape(), d);
   check_indices("gather", ix, d, o.D, a.shape());
   const int64_t m = index.shape()[d];
-  Tensor out = Tensor::empty(index.shape(), a.dtype());
+  Tensor out = Tensor::empty(index.shape(), a.dtype(), a.device());
   if (a.dtype() == DType::F32)
-    cpu::gather(out.f32(), ac.f32(), ix.i32(), o.O, o.D, m, o.I);
+    CM_KERNEL(a.device(), gather, out.f32(), ac.f32(), ix.i32(), o.O, o.D, m, o.I);
   else
-    cpu::gather(out.i32(), ac.i32(), ix.i32(), o.O, o.D, m, o.I);
+    CM_KERNEL(a.device(), gather, out.i32(), ac.i32(), ix.i32(), o.O, o.D, m, o.I);
   return record("gather", out, {a}, [shape = a.shape(), d, ix](const Tensor& g) {
-    return grads{scatter_add(Tensor::zeros(shape), d, ix, g)};
+    return grads{scatter_add(Tensor::zeros(shape, DType::F32, g.device()), d, ix, g)};
   });
 }
 
 Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tensor& src) {
-  require_cpu("scatter_add", {&a, &index, &src});
+  common_device("scatter_add", {&a, &index, &src});
   require_dtype("scatter_add", "a", a, DType::F32);
   require_dtype("scatter_add", "src", src, DType::F32);
   require_dtype("scatter_add", "index", index, DType::I32);
@@ -249,12 +245,12 @@ Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tens
   Tensor ix = dense(index), sc = dense(src);
   const ODI o = odi(a.shape(), d);
   check_indices("scatter_add", ix, d, o.D, a.shape());
-  Tensor out = Tensor::empty(a.shape());
+  Tensor out = Tensor::empty(a.shape(), DType::F32, a.device());
   {
     NoGrad g;
     out.copy_(a);
   }
-  cpu::scatter_add(out.f32(), sc.f32(), ix.i32(), o.O, o.D, index.shape()[d], o.I);
+  CM_KERNEL(a.device(), scatter_add, out.f32(), sc.f32(), ix.i32(), o.O, o.D, index.shape()[d], o.I);
   return record("scatter_add", out, {a, src}, [d, ix](const Tensor& g) {
     return grads{g, gather(g, d, ix)};
   });
@@ -263,7 +259,6 @@ Tensor scatter_add(const Tensor& a, int64_t dim, const Tensor& index, const Tens
 // ---------------------------------------------------------------- topk
 
 std::pair<Tensor, Tensor> topk(const Tensor& a, int64_t k) {
-  require_cpu("topk", {&a});
   require_dtype("topk", "input", a, DType::F32);
   CM_REQUIRE(a.dim() >= 1, "topk: needs at least one dimension, got a scalar");
   const int64_t n = a.shape().back();
@@ -273,13 +268,13 @@ std::pair<Tensor, Tensor> topk(const Tensor& a, int64_t k) {
   for (int64_t i = 0; i + 1 < a.dim(); ++i) R *= a.shape()[(size_t)i];
   Shape s = a.shape();
   s.back() = k;
-  Tensor values = Tensor::empty(s), indices = Tensor::empty(s, DType::I32);
+  Tensor values = Tensor::empty(s, DType::F32, a.device()), indices = Tensor::empty(s, DType::I32, a.device());
   Tensor ac = dense(a);
-  cpu::topk_forward(values.f32(), indices.i32(), ac.f32(), R, n, k);
+  CM_KERNEL(a.device(), topk_forward, values.f32(), indices.i32(), ac.f32(), R, n, k);
   values = record("topk", values, {a}, [shape = a.shape(), ix = indices, R, n, k](const Tensor& g) {
-    Tensor dx = Tensor::empty(shape);
+    Tensor dx = Tensor::empty(shape, DType::F32, g.device());
     Tensor gc = g.contiguous();
-    cpu::topk_backward(dx.f32(), gc.f32(), ix.i32(), R, n, k);
+    CM_KERNEL(g.device(), topk_backward, dx.f32(), gc.f32(), ix.i32(), R, n, k);
     return grads{dx};
   });
   return {values, indices};
@@ -288,7 +283,7 @@ std::pair<Tensor, Tensor> topk(const Tensor& a, int64_t k) {
 // ---------------------------------------------------------------- where / masked_fill
 
 Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b) {
-  require_cpu("where", {&mask, &a, &b});
+  const Device dev = common_device("where", {&mask, &a, &b});
   require_dtype("where", "mask", mask, DType::I32);
   require_dtype("where", "a", a, DType::F32);
   require_dtype("where", "b", b, DType::F32);
@@ -298,18 +293,19 @@ Tensor where(const Tensor& mask, const Tensor& a, const Tensor& b) {
   Tensor mc = dense(mask), ac = dense(a), bc = dense(b);
   Shape ms = broadcast_strides(mask.shape(), s), as = broadcast_strides(a.shape(), s),
         bs = broadcast_strides(b.shape(), s);
-  Tensor out = Tensor::empty(s);
-  cpu::where(out.f32(), mc.i32(), ac.f32(), bc.f32(), (int64_t)s.size(), s.data(), ms.data(), as.data(), bs.data());
+  Tensor out = Tensor::empty(s, DType::F32, dev);
+  CM_KERNEL(dev, where, out.f32(), mc.i32(), ac.f32(), bc.f32(), (int64_t)s.size(), s.data(), ms.data(), as.data(),
+            bs.data());
   // Gradient: through a where the mask is set, through b elsewhere; summed back over broadcast dims.
   return record("where", out, {a, b}, [mc, sa = a.shape(), sb = b.shape(), s](const Tensor& g) {
-    Tensor zero = Tensor::zeros({});
+    Tensor zero = Tensor::zeros({}, DType::F32, g.device());
     Tensor ga = where(mc, g, zero), gb = where(mc, zero, g);
     return grads{sa == s ? ga : sum_to(ga, sa), sb == s ? gb : sum_to(gb, sb)};
   });
 }
 
 Tensor masked_fill(const Tensor& a, const Tensor& mask, float value) {
-  require_cpu("masked_fill", {&a, &mask});
+  const Device dev = common_device("masked_fill", {&a, &mask});
   require_dtype("masked_fill", "a", a, DType::F32);
   require_dtype("masked_fill", "mask", mask, DType::I32);
   Shape s;
@@ -317,8 +313,8 @@ Tensor masked_fill(const Tensor& a, const Tensor& mask, float value) {
              shape_str(mask.shape()), " does not broadcast to a ", shape_str(a.shape()));
   Tensor mc = dense(mask), ac = dense(a);
   Shape ms = broadcast_strides(mask.shape(), s);
-  Tensor out = Tensor::empty(s);
-  cpu::masked_fill(out.f32(), ac.f32(), mc.i32(), value, (int64_t)s.size(), s.data(), ms.data());
+  Tensor out = Tensor::empty(s, DType::F32, dev);
+  CM_KERNEL(dev, masked_fill, out.f32(), ac.f32(), mc.i32(), value, (int64_t)s.size(), s.data(), ms.data());
   return record("masked_fill", out, {a}, [mc](const Tensor& g) { return grads{masked_fill(g, mc, 0.f)}; });
 }
 

@@ -11,6 +11,8 @@
 #include <algorithm>
 
 #include "autograd/ops.h"
+#include "engine/dispatch.h"
+#include "kernels/elementwise.h"
 #include "kernels/gemm.h"
 
 namespace cm {
@@ -22,10 +24,9 @@ namespace {
 void run_gemm(const Tensor& c, const Tensor& a, const Tensor& b, int64_t batch, int64_t M, int64_t N, int64_t K,
               bool ta, bool tb, int64_t stride_a, int64_t stride_b, int64_t stride_c, float beta) {
   CM_CHECK(c.is_contiguous() && a.is_contiguous() && b.is_contiguous(), "run_gemm needs contiguous operands");
-  if (c.device() == Device::CUDA) fail("matmul: CUDA tensors need the CUDA backend (not built into this op yet)");
   const int64_t lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
-  cpu::gemm_strided_batched(c.f32(), ldc, stride_c, a.f32(), lda, stride_a, b.f32(), ldb, stride_b, batch, M, N, K,
-                            ta, tb, 1.0f, beta);
+  CM_KERNEL(c.device(), gemm_strided_batched, c.f32(), ldc, stride_c, a.f32(), lda, stride_a, b.f32(), ldb, stride_b,
+            batch, M, N, K, ta, tb, 1.0f, beta);
 }
 
 void check_operand(const char* op, const char* name, const Tensor& t) {
@@ -133,11 +134,9 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in) {
   Shape out_shape = x.shape();
   out_shape.back() = out;
   Tensor y = Tensor::empty(out_shape, DType::F32, x.device());
-  if (has_b) {
-    if (y.device() == Device::CUDA) fail("linear: CUDA tensors need the CUDA backend (not built into this op yet)");
-    float* py = y.f32();
-    const float* pb = b.f32();
-    for (int64_t r = 0; r < R; ++r) std::copy(pb, pb + out, py + r * out);
+  if (has_b && R > 0 && out > 0) {  // every row of y starts as b: a broadcast copy [out] -> [R, out]
+    const int64_t shape[2] = {R, out}, strides[2] = {0, 1};
+    CM_KERNEL(y.device(), broadcast_to, y.f32(), b.f32(), 2, shape, strides);
   }
   run_gemm(y, x, w, 1, R, out, in, false, true, 0, 0, 0, has_b ? 1.0f : 0.0f);
 

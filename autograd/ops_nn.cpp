@@ -6,34 +6,30 @@
 #include <cmath>
 
 #include "autograd/ops.h"
+#include "engine/dispatch.h"
 #include "kernels/dropout.h"
 #include "kernels/embedding.h"
+#include "kernels/index.h"
 #include "kernels/losses.h"
 #include "kernels/norm.h"
+#include "kernels/reduce.h"
 #include "kernels/softmax.h"
 
 namespace cm {
 
 namespace {
 
-// The raw kernels here are CPU kernels; a CUDA branch goes next to each call when kernels/cuda/ has them.
-void require_cpu(const char* op, const Tensor& t) {
-  CM_REQUIRE(t.device() == Device::CPU, op, ": tensors on cuda are not supported yet (no CUDA kernel for ", op,
-             ")");
-}
-
+// Each op runs on its inputs' device: CM_KERNEL (engine/dispatch.h) calls the CPU kernel or its CUDA twin.
 void require_f32(const char* op, const char* what, const Tensor& t) {
   CM_REQUIRE(t.defined(), op, ": ", what, " is undefined");
   CM_REQUIRE(t.dtype() == DType::F32, op, ": ", what, " must be f32, got ", dtype_name(t.dtype()), " of shape ",
              shape_str(t.shape()));
-  require_cpu(op, t);
 }
 
 void require_i32(const char* op, const char* what, const Tensor& t) {
   CM_REQUIRE(t.defined(), op, ": ", what, " is undefined");
   CM_REQUIRE(t.dtype() == DType::I32, op, ": ", what, " must be i32, got ", dtype_name(t.dtype()), " of shape ",
              shape_str(t.shape()));
-  require_cpu(op, t);
 }
 
 // [..., C] seen as [N, C]: N is the product of the leading dims (1 for a 1-D tensor; 0 if any is 0).
@@ -55,12 +51,12 @@ Tensor softmax(const Tensor& a) {
   require_f32("softmax", "input", a);
   const Rows r = last_axis_rows("softmax", a);
   Tensor x = a.contiguous();
-  Tensor y = Tensor::empty(a.shape());
-  cpu::softmax_forward(y.f32(), x.f32(), r.N, r.C);
+  Tensor y = Tensor::empty(a.shape(), DType::F32, a.device());
+  CM_KERNEL(a.device(), softmax_forward, y.f32(), x.f32(), r.N, r.C);
   return record("softmax", y, {a}, [yd = y.detach(), r](const Tensor& gy) {
     Tensor g = gy.contiguous();
-    Tensor dx = Tensor::empty(yd.shape());
-    cpu::softmax_backward(dx.f32(), g.f32(), yd.f32(), r.N, r.C);
+    Tensor dx = Tensor::empty(yd.shape(), DType::F32, yd.device());
+    CM_KERNEL(yd.device(), softmax_backward, dx.f32(), g.f32(), yd.f32(), r.N, r.C);
     return grads{dx};
   });
 }
@@ -69,12 +65,12 @@ Tensor log_softmax(const Tensor& a) {
   require_f32("log_softmax", "input", a);
   const Rows r = last_axis_rows("log_softmax", a);
   Tensor x = a.contiguous();
-  Tensor y = Tensor::empty(a.shape());
-  cpu::log_softmax_forward(y.f32(), x.f32(), r.N, r.C);
+  Tensor y = Tensor::empty(a.shape(), DType::F32, a.device());
+  CM_KERNEL(a.device(), log_softmax_forward, y.f32(), x.f32(), r.N, r.C);
   return record("log_softmax", y, {a}, [yd = y.detach(), r](const Tensor& gy) {
     Tensor g = gy.contiguous();
-    Tensor dx = Tensor::empty(yd.shape());
-    cpu::log_softmax_backward(dx.f32(), g.f32(), yd.f32(), r.N, r.C);
+    Tensor dx = Tensor::empty(yd.shape(), DType::F32, yd.device());
+    CM_KERNEL(yd.device(), log_softmax_backward, dx.f32(), g.f32(), yd.f32(), r.N, r.C);
     return grads{dx};
   });
 }
@@ -89,9 +85,12 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
   CM_REQUIRE(targets.dim() == 1 && targets.size(0) == N, "cross_entropy: targets must be [N] = [", N,
              "] for logits ", shape_str(logits.shape()), ", got ", shape_str(targets.shape()));
   CM_REQUIRE(V > 0 || N == 0, "cross_entropy: logits ", shape_str(logits.shape()), " have no classes");
+  const Device dev = common_device("cross_entropy", {&logits, &targets});
   Tensor x = logits.contiguous().detach();
   Tensor t = targets.contiguous();
-  const int32_t* tp = t.i32();
+  // Targets are checked and counted on the host (a GPU run copies them over once: N ints).
+  Tensor th = t.device() == Device::CPU ? t : t.to(Device::CPU);
+  const int32_t* tp = th.i32();
   int64_t valid = 0;
   for (int64_t n = 0; n < N; ++n) {
     if (tp[n] == ignore_index) continue;
@@ -99,18 +98,33 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
                " is out of range for V = ", V, " (and is not ignore_index ", ignore_index, ")");
     ++valid;
   }
-  Tensor losses = Tensor::empty({N}), lse = Tensor::empty({N});  // [N], [N]
-  cpu::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), tp, N, V, ignore_index);
-  // Mean over valid rows, summed serially in double: fixed order, so the loss does not depend on thread count.
-  // No valid rows: loss 0 and gradient 0 (not 0/0).
-  double total = 0.0;
-  const float* lp = losses.f32();
-  for (int64_t n = 0; n < N; ++n) total += lp[n];
-  Tensor loss = Tensor::scalar(valid > 0 ? (float)(total / (double)valid) : 0.0f);
+  Tensor losses = Tensor::empty({N}, DType::F32, dev), lse = Tensor::empty({N}, DType::F32, dev);  // [N], [N]
+  if (N > 0) CM_KERNEL(dev, cross_entropy_forward, losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, ignore_index);
+  // Mean over valid rows, summed in double in a fixed order, so the loss does not depend on thread count (on the
+  // GPU: the deterministic device sum, and the loss stays there). No valid rows: loss 0 and gradient 0 (not 0/0).
+  Tensor loss;
+  if (dev == Device::CPU) {
+    double total = 0.0;
+    const float* lp = losses.f32();
+    for (int64_t n = 0; n < N; ++n) total += lp[n];
+    loss = Tensor::scalar(valid > 0 ? (float)(total / (double)valid) : 0.0f);
+  } else {
+    loss = Tensor::empty({}, DType::F32, dev);
+    CM_KERNEL(dev, sum_all, loss.f32(), losses.f32(), N, valid > 0 ? 1.0f / (float)valid : 0.0f);
+  }
   return record("cross_entropy", loss, {logits}, [x, t, lse, valid, ignore_index](const Tensor& gy) {
     const int64_t N = x.size(0), V = x.size(1);
+    Tensor dx = Tensor::empty({N, V}, DType::F32, x.device());
+    if (N == 0) return grads{dx};
+#if CM_CUDA
+    if (x.device() == Device::CUDA) {  // scale = gy / valid, read on the device: no host round trip
+      Tensor g = gy.contiguous();
+      cuda::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), g.f32(),
+                                   valid > 0 ? 1.0f / (float)valid : 0.0f, N, V, ignore_index);
+      return grads{dx};
+    }
+#endif
     const float scale = valid > 0 ? gy.item() / (float)valid : 0.0f;
-    Tensor dx = Tensor::empty({N, V});
     cpu::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), scale, N, V, ignore_index);
     return grads{dx};
   });
@@ -122,21 +136,22 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   require_f32("embedding", "weight", weight);
   require_i32("embedding", "ids", ids);
   CM_REQUIRE(weight.dim() == 2, "embedding: weight must be [V, C], got ", shape_str(weight.shape()));
+  const Device dev = common_device("embedding", {&weight, &ids});
   const int64_t V = weight.size(0), C = weight.size(1), N = ids.numel();
   Tensor id = ids.contiguous();
-  const int32_t* ip = id.i32();
-  for (int64_t n = 0; n < N; ++n)
-    CM_REQUIRE(ip[n] >= 0 && ip[n] < V, "embedding: id ", ip[n], " at position ", n, " is out of range for V = ", V,
-               " (weight ", shape_str(weight.shape()), ")");
+  const int64_t bad = N > 0 ? CM_KERNEL(dev, index_first_bad, id.i32(), N, V) : -1;
+  CM_REQUIRE(bad < 0, "embedding: id ", bad < 0 ? 0 : id.flatten().slice(0, bad, bad + 1).to_i32_vector()[0],
+             " at position ", bad,
+             " is out of range for V = ", V, " (weight ", shape_str(weight.shape()), ")");
   Tensor w = weight.contiguous();
   Shape out_shape = ids.shape();
   out_shape.push_back(C);
-  Tensor out = Tensor::empty(out_shape);  // [..., C]
-  cpu::embedding_forward(out.f32(), w.f32(), ip, N, V, C);
+  Tensor out = Tensor::empty(out_shape, DType::F32, dev);  // [..., C]
+  CM_KERNEL(dev, embedding_forward, out.f32(), w.f32(), id.i32(), N, V, C);
   return record("embedding", out, {weight}, [id, V, C, N](const Tensor& gy) {
     Tensor g = gy.contiguous();
-    Tensor dw = Tensor::zeros({V, C});  // the kernel accumulates into it
-    cpu::embedding_backward(dw.f32(), g.f32(), id.i32(), N, V, C);
+    Tensor dw = Tensor::zeros({V, C}, DType::F32, g.device());  // the kernel accumulates into it
+    CM_KERNEL(g.device(), embedding_backward, dw.f32(), g.f32(), id.i32(), N, V, C);
     return grads{dw};
   });
 }
@@ -158,18 +173,20 @@ Tensor layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, floa
   CM_REQUIRE(eps >= 0.0f, "layernorm: eps must be >= 0, got ", eps);
   Tensor xc = x.contiguous().detach(), w = weight.contiguous().detach();
   Tensor b = has_bias ? bias.contiguous() : Tensor();
-  Tensor y = Tensor::empty(x.shape());
-  Tensor mean = Tensor::empty({r.N}), rstd = Tensor::empty({r.N});  // [N], [N]
-  cpu::layernorm_forward(y.f32(), mean.f32(), rstd.f32(), xc.f32(), w.f32(), has_bias ? b.f32() : nullptr, r.N, r.C,
-                         eps);
+  const Device dev = common_device("layernorm", {&x, &weight, &bias});
+  Tensor y = Tensor::empty(x.shape(), DType::F32, dev);
+  Tensor mean = Tensor::empty({r.N}, DType::F32, dev), rstd = Tensor::empty({r.N}, DType::F32, dev);  // [N], [N]
+  CM_KERNEL(dev, layernorm_forward, y.f32(), mean.f32(), rstd.f32(), xc.f32(), w.f32(), has_bias ? b.f32() : nullptr,
+            r.N, r.C, eps);
   std::vector<Tensor> inputs{x, weight};
   if (has_bias) inputs.push_back(bias);
   return record("layernorm", y, inputs, [xc, w, mean, rstd, r, has_bias](const Tensor& gy) {
     Tensor g = gy.contiguous();
-    Tensor dx = Tensor::empty(xc.shape()), dw = Tensor::empty({r.C});
-    Tensor db = has_bias ? Tensor::empty({r.C}) : Tensor();
-    cpu::layernorm_backward(dx.f32(), dw.f32(), has_bias ? db.f32() : nullptr, g.f32(), xc.f32(), w.f32(),
-                            mean.f32(), rstd.f32(), r.N, r.C);
+    const Device dev = xc.device();
+    Tensor dx = Tensor::empty(xc.shape(), DType::F32, dev), dw = Tensor::empty({r.C}, DType::F32, dev);
+    Tensor db = has_bias ? Tensor::empty({r.C}, DType::F32, dev) : Tensor();
+    CM_KERNEL(dev, layernorm_backward, dx.f32(), dw.f32(), has_bias ? db.f32() : nullptr, g.f32(), xc.f32(), w.f32(),
+              mean.f32(), rstd.f32(), r.N, r.C);
     return has_bias ? grads{dx, dw, db} : grads{dx, dw};
   });
 }
@@ -180,13 +197,15 @@ Tensor rmsnorm(const Tensor& x, const Tensor& weight, float eps) {
   check_norm_param("rmsnorm", "weight", weight, x, r.C);
   CM_REQUIRE(eps >= 0.0f, "rmsnorm: eps must be >= 0, got ", eps);
   Tensor xc = x.contiguous().detach(), w = weight.contiguous().detach();
-  Tensor y = Tensor::empty(x.shape());
-  Tensor rstd = Tensor::empty({r.N});  // [N]
-  cpu::rmsnorm_forward(y.f32(), rstd.f32(), xc.f32(), w.f32(), r.N, r.C, eps);
+  const Device dev = common_device("rmsnorm", {&x, &weight});
+  Tensor y = Tensor::empty(x.shape(), DType::F32, dev);
+  Tensor rstd = Tensor::empty({r.N}, DType::F32, dev);  // [N]
+  CM_KERNEL(dev, rmsnorm_forward, y.f32(), rstd.f32(), xc.f32(), w.f32(), r.N, r.C, eps);
   return record("rmsnorm", y, {x, weight}, [xc, w, rstd, r](const Tensor& gy) {
     Tensor g = gy.contiguous();
-    Tensor dx = Tensor::empty(xc.shape()), dw = Tensor::empty({r.C});
-    cpu::rmsnorm_backward(dx.f32(), dw.f32(), g.f32(), xc.f32(), w.f32(), rstd.f32(), r.N, r.C);
+    const Device dev = xc.device();
+    Tensor dx = Tensor::empty(xc.shape(), DType::F32, dev), dw = Tensor::empty({r.C}, DType::F32, dev);
+    CM_KERNEL(dev, rmsnorm_backward, dx.f32(), dw.f32(), g.f32(), xc.f32(), w.f32(), rstd.f32(), r.N, r.C);
     return grads{dx, dw};
   });
 }
@@ -201,13 +220,13 @@ Tensor dropout(const Tensor& x, float p, bool training, Generator& gen) {
   const int64_t n = x.numel();
   const uint64_t seed = gen.seed, offset = gen.take((uint64_t)n);
   Tensor xc = x.contiguous();
-  Tensor y = Tensor::empty(x.shape());
-  cpu::dropout_forward(y.f32(), xc.f32(), n, p, seed, offset);
+  Tensor y = Tensor::empty(x.shape(), DType::F32, x.device());
+  CM_KERNEL(x.device(), dropout_forward, y.f32(), xc.f32(), n, p, seed, offset);
   // The mask is regenerated from (seed, offset) in backward rather than stored.
   return record("dropout", y, {x}, [n, p, seed, offset, shape = x.shape()](const Tensor& gy) {
     Tensor g = gy.contiguous();
-    Tensor dx = Tensor::empty(shape);
-    cpu::dropout_backward(dx.f32(), g.f32(), n, p, seed, offset);
+    Tensor dx = Tensor::empty(shape, DType::F32, g.device());
+    CM_KERNEL(g.device(), dropout_backward, dx.f32(), g.f32(), n, p, seed, offset);
     return grads{dx};
   });
 }
@@ -222,7 +241,24 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   CM_REQUIRE(k.shape() == q.shape() && v.shape() == q.shape(), "causal_attention: q, k, v must have one shape, got ",
              shape_str(q.shape()), ", ", shape_str(k.shape()), ", ", shape_str(v.shape()));
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const Device dev = common_device("causal_attention", {&q, &k, &v});
   Tensor q3 = q.reshape({B * H, T, D}), k3 = k.reshape({B * H, T, D}), v3 = v.reshape({B * H, T, D});
+#if CM_CUDA
+  // On the GPU the scale, the mask and the softmax are one kernel each way (no [T, T] mask to build and upload).
+  if (dev == Device::CUDA) {
+    Tensor s = matmul(q3, k3, false, true);  // [BH, T, T]
+    const float scale = 1.0f / std::sqrt((float)D);
+    Tensor att = Tensor::empty(s.shape(), DType::F32, dev);
+    cuda::causal_softmax_forward(att.f32(), s.contiguous().f32(), scale, B * H, T);
+    att = record("causal_softmax", att, {s}, [yd = att.detach(), scale, B, H, T](const Tensor& gy) {
+      Tensor g = gy.contiguous(), ds = Tensor::empty(yd.shape(), DType::F32, yd.device());
+      cuda::causal_softmax_backward(ds.f32(), g.f32(), yd.f32(), scale, B * H, T);
+      return grads{ds};
+    });
+    return matmul(att, v3).reshape({B, H, T, D});
+  }
+#endif
+  (void)dev;
   Tensor att = mul(matmul(q3, k3, false, true), 1.0f / std::sqrt((float)D));  // [BH, T, T]
   // future[i, j] = 1 where key j comes after query i. -inf there gives exactly 0 after softmax (fast_exp(-inf)
   // = 0), and every row keeps its diagonal, so no row is all -inf.

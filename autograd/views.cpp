@@ -148,8 +148,17 @@ Tensor Tensor::to(Device device) const {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == this->dtype()) return *this;
-  CM_REQUIRE(device() == Device::CPU, "dtype conversion runs on the CPU; move the tensor there first");
   Tensor src = contiguous();
+#if CM_CUDA
+  if (device() == Device::CUDA) {
+    Tensor out = empty(shape(), dtype, Device::CUDA);
+    if (dtype == DType::I32)
+      cuda::f32_to_i32(out.i32(), src.f32(), numel());
+    else
+      cuda::i32_to_f32(out.f32(), src.i32(), numel());
+    return out;
+  }
+#endif
   Tensor out = empty(shape(), dtype, Device::CPU);
   if (dtype == DType::I32)
     cpu::f32_to_i32(out.i32(), src.f32(), numel());

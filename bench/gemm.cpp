@@ -1,11 +1,11 @@
 // SGEMM lab: cm::cpu::gemm throughput (GFLOP/s = 2*M*N*K / time) on square sizes and on the model's matrix
 // products ((B*T) x C x 4C: the MLP's two linears, forward and both gradients), and, when built with OpenBLAS
 // (CM_HAVE_OPENBLAS), cblas_sgemm on the same problems in the same run with the ratio ours / OpenBLAS.
-// Validation first: every shape is checked against a double-precision reference (naive on small problems, on a
-// sample of rows for big ones) before anything is timed. Time: median of REPEATS runs after one warm-up run.
+// Validation first: every shape is checked against a double-precision reference (on a sample of rows for big
+// problems) before anything is timed. Time: median of 15 runs (3 rounds of 5 after a warm-up; --quick: 1 round).
 //
 //   make -j2 USE_CUDA=0 build/bench/gemm
-//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick]
+//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick] [name filter, e.g. square]
 //
 // Letters: op(A) [M, K], op(B) [K, N], C [M, N]; "NT" = A as is, B transposed (PyTorch's linear: x W^T).
 #include <algorithm>
@@ -96,14 +96,16 @@ double validate(Problem& p) {
 }
 
 template <class F>
-double median_seconds(F&& f, int repeats) {
+void time_runs(F&& f, int repeats, std::vector<double>& t) {
   f();  // warm-up: page faults, packing buffers, thread pool start
-  std::vector<double> t;
   for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     f();
     t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
+}
+
+double median(std::vector<double> t) {
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
@@ -111,13 +113,20 @@ double median_seconds(F&& f, int repeats) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
-  const int repeats = quick ? 5 : 9;
+  bool quick = false;
+  std::string only;  // run only the shapes whose name contains this (e.g. "square", "fc1")
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0)
+      quick = true;
+    else
+      only = argv[i];
+  }
+  const int repeats = 5, rounds = quick ? 1 : 3;
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
-  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs%s\n", threads, repeats,
+  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs%s\n", threads, repeats * rounds,
 #ifdef CM_HAVE_OPENBLAS
               ", OpenBLAS in the same run (set OPENBLAS_NUM_THREADS to match)"
 #else
@@ -141,6 +150,7 @@ int main(int argc, char** argv) {
 
   bool ok = true;
   for (const Shape& s : shapes) {
+    if (!only.empty() && std::string(s.name).find(only) == std::string::npos) continue;
     Problem p(s);
     const double err = validate(p);
     if (err > 1e-5) {
@@ -148,15 +158,26 @@ int main(int argc, char** argv) {
       ok = false;
       continue;
     }
+    // Ours and OpenBLAS take turns (ROUNDS blocks of REPEATS each), so that a neighbour's load that comes and
+    // goes hits both; the pauses let the other library's worker threads stop spinning first.
     const double gflop = 2.0 * s.M * s.N * s.K * s.batch * 1e-9;
-    const double ours = gflop / median_seconds([&] { p.ours(); }, repeats);
-    std::printf("%-14s %5ldx%5ldx%5ld%s  ours %7.1f GFLOP/s", s.name, (long)s.M, (long)s.N, (long)s.K,
-                s.batch > 1 ? " (batched)" : "", ours);
+    std::vector<double> t_ours, t_blas;
+    for (int round = 0; round < rounds; ++round) {
+      time_runs([&] { p.ours(); }, repeats, t_ours);
 #ifdef CM_HAVE_OPENBLAS
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let our spinning OpenMP workers go idle
-    const double blas = gflop / median_seconds([&] { p.openblas(); }, repeats);
-    std::printf("  OpenBLAS %7.1f GFLOP/s  ratio %.2f", blas, ours / blas);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      time_runs([&] { p.openblas(); }, repeats, t_blas);
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+#endif
+    }
+    // Median as the figure; the best run too, since on shared cores it shows what an idle machine gives.
+    const double ours = gflop / median(t_ours), ours_best = gflop / *std::min_element(t_ours.begin(), t_ours.end());
+    std::printf("%-14s %5ldx%5ldx%5ld%s  ours %6.1f GFLOP/s (best %6.1f)", s.name, (long)s.M, (long)s.N, (long)s.K,
+                s.batch > 1 ? " x96" : "    ", ours, ours_best);
+#ifdef CM_HAVE_OPENBLAS
+    const double blas = gflop / median(t_blas), blas_best = gflop / *std::min_element(t_blas.begin(), t_blas.end());
+    std::printf("  OpenBLAS %6.1f (best %6.1f)  ratio %.2f (best/best %.2f)", blas, blas_best, ours / blas,
+                ours_best / blas_best);
 #endif
     std::printf("  (max rel err %.1e)\n", err);
     std::fflush(stdout);

@@ -11,6 +11,9 @@
 
 #include "engine/device.h"
 #include "kernels/copy.h"
+#if CM_CUDA
+#include "engine/cuda.h"
+#endif
 
 namespace cm {
 
@@ -237,6 +240,19 @@ Tensor Tensor::detach() const {
 Tensor& Tensor::fill_(float v) {
   const int64_t n = numel();
   if (n == 0) return *this;
+#if CM_CUDA
+  if (device() == Device::CUDA && is_contiguous()) {  // zeros() for gradients on the device: no host round trip
+    uint32_t bits;
+    if (dtype() == DType::F32)
+      std::memcpy(&bits, &v, 4);
+    else {
+      const int32_t iv = (int32_t)v;
+      std::memcpy(&bits, &iv, 4);
+    }
+    cuda::fill32(raw(), bits, n);
+    return *this;
+  }
+#endif
   if (device() == Device::CUDA || !is_contiguous()) {
     // Fill a contiguous CPU buffer and copy it over: rare paths (initialisation), simplicity wins.
     Tensor c = full(shape(), v, dtype(), Device::CPU);
@@ -264,29 +280,42 @@ Tensor& Tensor::copy_(const Tensor& src) {
     cpu::strided_copy(raw(), strides().data(), src.raw(), src.strides().data(), shape().data(), dim(), 4);
     return *this;
   }
-  // Across devices (or on the GPU): go through contiguous buffers.
-  if (device() == Device::CUDA && is_contiguous()) {
-    if (src.device() == Device::CPU) {
+#if CM_CUDA
+  // On the device: one strided kernel handles any pair of layouts (contiguous(), slice backward, transposes).
+  if (device() == Device::CUDA && src.device() == Device::CUDA) {
+    cuda::strided_copy(raw(), strides().data(), src.raw(), src.strides().data(), shape().data(), dim(), 4);
+    return *this;
+  }
+  // Across devices: the bus only sees contiguous buffers; strided layouts are handled on either side of it.
+  if (device() == Device::CUDA) {  // CPU -> CUDA
+    if (is_contiguous()) {
       Tensor s = cpu_contiguous(src);
       cuda_copy(raw(), s.raw(), nbytes, CopyKind::HostToDevice);
     } else {
-      CM_REQUIRE(src.is_contiguous(), "copy_: strided CUDA-to-CUDA copies need the CUDA backend's contiguous()");
-      cuda_copy(raw(), src.raw(), nbytes, CopyKind::DeviceToDevice);
-    }
-    return *this;
-  }
-  if (device() == Device::CPU) {  // CUDA -> CPU
-    CM_REQUIRE(src.is_contiguous(), "copy_: make the CUDA source contiguous first");
-    if (is_contiguous()) {
-      cuda_copy(raw(), src.raw(), nbytes, CopyKind::DeviceToHost);
-    } else {
-      Tensor tmp = empty(shape(), dtype(), Device::CPU);
-      cuda_copy(tmp.raw(), src.raw(), nbytes, CopyKind::DeviceToHost);
+      Tensor tmp = empty(shape(), dtype(), Device::CUDA);
+      tmp.copy_(src);
       copy_(tmp);
     }
     return *this;
   }
-  fail("copy_: strided writes into a CUDA tensor are not supported; make the destination contiguous");
+  // CUDA -> CPU
+  Tensor s = src;
+  if (!src.is_contiguous()) {
+    s = empty(src.shape(), src.dtype(), Device::CUDA);
+    s.copy_(src);
+  }
+  if (is_contiguous()) {
+    cuda_copy(raw(), s.raw(), nbytes, CopyKind::DeviceToHost);
+  } else {
+    Tensor tmp = empty(shape(), dtype(), Device::CPU);
+    cuda_copy(tmp.raw(), s.raw(), nbytes, CopyKind::DeviceToHost);
+    copy_(tmp);
+  }
+  return *this;
+#else
+  (void)nbytes;
+  fail("copy_: this build has no CUDA support");
+#endif
 }
 
 // ---------------------------------------------------------------- printing

@@ -36,3 +36,25 @@ void silu_forward(float* y, const float* x, int64_t n);
 void silu_backward(float* dx, const float* dy, const float* x, int64_t n);  // dy * s (1 + x (1 - s))
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/activation.cu): the same contracts on device pointers, launched on the engine's stream.
+namespace cm::cuda {
+
+void exp_forward(float* y, const float* x, int64_t n);
+void exp_backward(float* dx, const float* dy, const float* y, int64_t n);
+void tanh_forward(float* y, const float* x, int64_t n);
+void tanh_backward(float* dx, const float* dy, const float* y, int64_t n);
+void sigmoid_forward(float* y, const float* x, int64_t n);
+void sigmoid_backward(float* dx, const float* dy, const float* y, int64_t n);
+void relu_forward(float* y, const float* x, int64_t n);
+void relu_backward(float* dx, const float* dy, const float* x, int64_t n);
+void gelu_tanh_forward(float* y, const float* x, int64_t n);
+void gelu_tanh_backward(float* dx, const float* dy, const float* x, int64_t n);
+void gelu_exact_forward(float* y, const float* x, int64_t n);
+void gelu_exact_backward(float* dx, const float* dy, const float* x, int64_t n);
+void silu_forward(float* y, const float* x, int64_t n);
+void silu_backward(float* dx, const float* dy, const float* x, int64_t n);
+
+}  // namespace cm::cuda
+#endif

@@ -16,3 +16,28 @@ void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, 
                 float eps, float weight_decay, int64_t t);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/adamw.cu), launched on the engine's stream.
+namespace cm::cuda {
+
+void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, float lr, float beta1, float beta2,
+                float eps, float weight_decay, int64_t t);
+
+// One parameter tensor of a fused step: param/m/v [n] updated in place from grad [n], with its own weight decay
+// (0 for norms and biases, typically).
+struct AdamWSlice {
+  float* param;
+  float* m;
+  float* v;
+  const float* grad;
+  int64_t n;
+  float weight_decay;
+};
+// The same update over every slice (slices is a host array), in one launch per 48 slices: the fused optimizer
+// step over all parameters. Each element gets exactly adamw_step's arithmetic.
+void adamw_step_multi(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
+                      int64_t t);
+
+}  // namespace cm::cuda
+#endif

@@ -14,3 +14,19 @@ void f32_to_i32(int32_t* dst, const float* src, int64_t n);  // truncation towar
 void i32_to_f32(float* dst, const int32_t* src, int64_t n);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins: the same contracts on device pointers (shape and stride arrays stay on the host). Launched on the
+// engine's stream (engine/cuda.h); they return before the work is done.
+namespace cm::cuda {
+
+void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const int64_t* src_strides,
+                  const int64_t* shape, int64_t rank, int64_t esize);
+// f32 -> i32 truncates toward zero; out-of-range values saturate (the CPU's cast gives INT32_MIN there).
+void f32_to_i32(int32_t* dst, const float* src, int64_t n);
+void i32_to_f32(float* dst, const int32_t* src, int64_t n);
+// dst [n] = one 4-byte pattern (a float's or an int's bits): Tensor::fill_ on the device.
+void fill32(void* dst, uint32_t bits, int64_t n);
+
+}  // namespace cm::cuda
+#endif

@@ -84,3 +84,26 @@ void dispatch_combine_backward(float* d_ye,            // [A', C] or nullptr
                                int64_t T, int64_t K, int64_t C);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/dispatch.cu): the same contracts on device pointers, launched on the engine's stream.
+// The permutation equals the CPU's exactly (an integer function of `expert`; no atomics anywhere). The functions
+// that return the out-of-range count (histogram, plan) wait for the stream to read it back; the others return at
+// once. Limits: 1 <= N <= 12288 experts (per-warp shared counters), A < 2^31.
+namespace cm::cuda {
+
+int64_t dispatch_histogram(int64_t* counts, const int32_t* expert, int64_t A, int64_t N);
+void dispatch_offsets(int64_t* offsets, const int64_t* counts, int64_t N);
+void dispatch_scatter(int32_t* row_of, int32_t* assign_of, const int32_t* expert, const int64_t* offsets, int64_t A,
+                      int64_t N);
+int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of, const int32_t* expert,
+                      int64_t A, int64_t N);
+void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C);
+void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_of, int64_t T, int64_t K, int64_t C);
+void dispatch_combine(float* out, const float* ye, const float* gate, const int32_t* row_of, int64_t T, int64_t K,
+                      int64_t C);
+void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, const float* ye, const float* gate,
+                               const int32_t* row_of, int64_t T, int64_t K, int64_t C);
+
+}  // namespace cm::cuda
+#endif

@@ -13,3 +13,13 @@ void dropout_forward(float* out, const float* inp, int64_t n, float p, uint64_t 
 void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64_t seed, uint64_t offset);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/dropout.cu): the same mask as the CPU for the same (seed, offset), bit for bit.
+namespace cm::cuda {
+
+void dropout_forward(float* out, const float* inp, int64_t n, float p, uint64_t seed, uint64_t offset);
+void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64_t seed, uint64_t offset);
+
+}  // namespace cm::cuda
+#endif

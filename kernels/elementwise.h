@@ -41,3 +41,30 @@ void broadcast_to(float* out, const float* a, int64_t D, const int64_t* shape, c
 void broadcast_to(int32_t* out, const int32_t* a, int64_t D, const int64_t* shape, const int64_t* a_strides);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/elementwise.cu): the same enums, contracts and in-place rules on device pointers
+// (shape and stride arrays stay on the host), launched on the engine's stream. Broadcasts of up to 8 dims after
+// merging.
+namespace cm::cuda {
+
+using cpu::Binary;
+using cpu::Scalar;
+using cpu::Unary;
+
+void binary(Binary op, float* out, const float* a, const float* b, int64_t n);
+void binary(Binary op, int32_t* out, const int32_t* a, const int32_t* b, int64_t n);
+void binary_rows(Binary op, float* out, const float* a, const float* b, int64_t R, int64_t C);
+void binary_rows(Binary op, int32_t* out, const int32_t* a, const int32_t* b, int64_t R, int64_t C);
+void binary_strided(Binary op, float* out, const float* a, const float* b, int64_t D, const int64_t* shape,
+                    const int64_t* a_strides, const int64_t* b_strides);
+void binary_strided(Binary op, int32_t* out, const int32_t* a, const int32_t* b, int64_t D, const int64_t* shape,
+                    const int64_t* a_strides, const int64_t* b_strides);
+void scalar(Scalar op, float* out, const float* a, float s, int64_t n);
+void unary(Unary op, float* out, const float* a, int64_t n);
+void pow_backward(float* dx, const float* dy, const float* a, float p, int64_t n);
+void broadcast_to(float* out, const float* a, int64_t D, const int64_t* shape, const int64_t* a_strides);
+void broadcast_to(int32_t* out, const int32_t* a, int64_t D, const int64_t* shape, const int64_t* a_strides);
+
+}  // namespace cm::cuda
+#endif

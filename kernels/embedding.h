@@ -18,3 +18,14 @@ void embedding_forward(float* out, const float* weight, const int32_t* ids, int6
 void embedding_backward(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t V, int64_t C);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/embedding.cu), launched on the engine's stream. Backward sorts positions by id on the
+// device (stable radix sort) and sums each id's rows in increasing position: bit-identical to the CPU.
+namespace cm::cuda {
+
+void embedding_forward(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C);
+void embedding_backward(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t V, int64_t C);
+
+}  // namespace cm::cuda
+#endif

@@ -38,3 +38,32 @@ void gemm_strided_batched(float* C,        // [batch][M, N]
                           bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/gemm.cu): cuBLAS with the same row-major arguments, on device pointers, on the engine's
+// stream. Precision follows cuda::set_matmul_precision (engine/cuda.h): FP32 by default, TF32/BF16 opt-in.
+// Same determinism guarantee as cuBLAS: the same bits for the same call on the same GPU model.
+namespace cm::cuda {
+
+void gemm(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t M, int64_t N,
+          int64_t K, bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f);
+void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* A, int64_t lda, int64_t stride_a,
+                          const float* B, int64_t ldb, int64_t stride_b, int64_t batch, int64_t M, int64_t N,
+                          int64_t K, bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f);
+
+// Per-expert products over the expert-contiguous rows of the MoE dispatch (kernels/dispatch.h): segment g owns
+// rows [offsets[g], offsets[g+1]) (offsets is a HOST array [G+1], e.g. the dispatch offsets read back once).
+//   gemm_segments:       C[rows] = alpha * A[rows] op(B_g) + beta * C[rows]      A [A', K] (lda), C [A', N] (ldc),
+//                        B_g = B + g * stride_b: [K, N] or [N, K] (trans_b)      (expert forward, input gradient)
+//   gemm_segments_wgrad: C_g = alpha * A[rows]^T B[rows] + beta * C_g            A [A', M] (lda), B [A', N] (ldb),
+//                        C_g = C + g * stride_c: [M, N] (ldc)                     (expert weight gradient)
+// One cuBLAS call per non-empty segment (an empty segment's C_g is still scaled by beta in the wgrad form).
+void gemm_segments(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t stride_b,
+                   const int64_t* offsets, int64_t G, int64_t N, int64_t K, bool trans_b, float alpha = 1.0f,
+                   float beta = 0.0f);
+void gemm_segments_wgrad(float* C, int64_t ldc, int64_t stride_c, const float* A, int64_t lda, const float* B,
+                         int64_t ldb, const int64_t* offsets, int64_t G, int64_t M, int64_t N, float alpha = 1.0f,
+                         float beta = 0.0f);
+
+}  // namespace cm::cuda
+#endif

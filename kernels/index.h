@@ -76,3 +76,28 @@ void masked_fill(float* out,           // [shape]
                  float value, int64_t ndim, const int64_t* shape, const int64_t* mask_strides);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/index.cu): the same contracts on device pointers (shape and stride arrays stay on the
+// host), launched on the engine's stream. index_first_bad waits for its answer. The adding kernels keep the CPU's
+// per-element order (bit-identical); broadcasts take up to 8 dims after merging.
+namespace cm::cuda {
+
+int64_t index_first_bad(const int32_t* index, int64_t n, int64_t D);
+void concat_piece(float* dst, const float* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I);
+void concat_piece(int32_t* dst, const int32_t* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I);
+void split_piece(float* dst, const float* src, int64_t O, int64_t Ds, int64_t at, int64_t Dd, int64_t I);
+void split_piece(int32_t* dst, const int32_t* src, int64_t O, int64_t Ds, int64_t at, int64_t Dd, int64_t I);
+void index_select(float* out, const float* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I);
+void index_select(int32_t* out, const int32_t* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I);
+void index_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I);
+void gather(float* out, const float* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I);
+void gather(int32_t* out, const int32_t* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I);
+void scatter_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I);
+void where(float* out, const int32_t* mask, const float* a, const float* b, int64_t ndim, const int64_t* shape,
+           const int64_t* mask_strides, const int64_t* a_strides, const int64_t* b_strides);
+void masked_fill(float* out, const float* a, const int32_t* mask, float value, int64_t ndim, const int64_t* shape,
+                 const int64_t* mask_strides);
+
+}  // namespace cm::cuda
+#endif

@@ -27,3 +27,18 @@ void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, in
 void max_axis_backward(float* dx, const float* dy, const int32_t* idx, int64_t O, int64_t R, int64_t I);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/reduce.cu): the same contracts on device pointers (sum_to's shape arrays stay on the
+// host), launched on the engine's stream. Deterministic: sums split by the sizes alone, in double.
+namespace cm::cuda {
+
+void sum_all(float* out, const float* a, int64_t n, float scale);
+void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float scale);
+void sum_to(float* out, const float* a, int64_t D, const int64_t* a_shape, const int64_t* out_shape);
+void max_all(float* out, int64_t* idx, const float* a, int64_t n);
+void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, int64_t I);
+void max_axis_backward(float* dx, const float* dy, const int32_t* idx, int64_t O, int64_t R, int64_t I);
+
+}  // namespace cm::cuda
+#endif

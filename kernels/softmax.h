@@ -23,3 +23,23 @@ void log_softmax_forward(float* out, const float* inp, int64_t N, int64_t C);
 void log_softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/softmax.cu): the same contracts on device pointers, launched on the engine's stream.
+// A warp per row up to 1024 columns, a block per row beyond.
+namespace cm::cuda {
+
+void softmax_forward(float* out, const float* inp, int64_t N, int64_t C);
+void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C);
+void log_softmax_forward(float* out, const float* inp, int64_t N, int64_t C);
+void log_softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C);
+
+// The attention's scaled causal softmax, fused (on the CPU: mul by scale, masked_fill of j > i with -inf,
+// softmax). scores/out [BH, T, T]: out[b, i, j] = softmax over j' <= i of scale * scores[b, i, j'], and exactly 0
+// for j > i (the masked half of scores is never read). Backward: dscores = scale * out * (dout - sum(dout * out))
+// on the causal half, 0 elsewhere; out [BH, T, T] from the forward.
+void causal_softmax_forward(float* out, const float* scores, float scale, int64_t BH, int64_t T);
+void causal_softmax_backward(float* dscores, const float* dout, const float* out, float scale, int64_t BH, int64_t T);
+
+}  // namespace cm::cuda
+#endif

@@ -32,3 +32,32 @@ void topk_backward(float* dx,               // [R, n]
                    int64_t R, int64_t n, int64_t k);
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/topk.cu): the same order and contracts on device pointers, launched on the engine's
+// stream. k <= 8 runs one warp per row in a single pass over the row; larger k a slower block-per-row path.
+namespace cm::cuda {
+
+void topk_forward(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k);
+void topk_backward(float* dx, const float* dvalues, const int32_t* indices, int64_t R, int64_t n, int64_t k);
+
+// The router's fused softmax + top-k (DESIGN.md section 3, step 1). CPU equivalent: cpu::softmax_forward then
+// cpu::topk_forward on the probabilities. Selection is made on the logits (softmax is monotonic), so where
+// rounding makes two probabilities equal the larger logit still wins; on inputs whose probabilities are distinct
+// the indices equal the CPU's exactly. gates[r, j] == probs[r, indices[r, j]] bit for bit.
+void softmax_topk_forward(float* probs,       // [R, n] softmax of each row, or nullptr if not needed
+                          float* gates,       // [R, k] probabilities of the selected columns, descending
+                          int32_t* indices,   // [R, k]
+                          const float* logits,  // [R, n]
+                          int64_t R, int64_t n, int64_t k);
+// Backward of both outputs at once: g = dprobs + scatter(dgates at indices); dlogits = probs * (g - sum(g * probs)).
+// Overwrites dlogits. dprobs may be nullptr (only the gates were used).
+void softmax_topk_backward(float* dlogits,         // [R, n]
+                           const float* dprobs,    // [R, n] or nullptr
+                           const float* dgates,    // [R, k]
+                           const int32_t* indices, // [R, k]
+                           const float* probs,     // [R, n] from the forward
+                           int64_t R, int64_t n, int64_t k);
+
+}  // namespace cm::cuda
+#endif

@@ -8,10 +8,16 @@
 // The micro-kernel keeps an MR x NR block of C in registers (12 x 32 floats = 24 zmm on AVX-512), and for each
 // k broadcasts one A value per row and loads NR values of B: 24 FMAs per 2 loads of B + 12 broadcasts.
 //
-// Packed layouts (both zero-copy friendly for the micro-kernel: unit-stride walks in k):
+// Packed layouts (the micro-kernel walks both with unit stride in k):
 //   Ap: [kc][MR]  Ap[k*MR + i] = op(A)[ir+i][pc+k]    (rows past the edge are simply not read)
 //   Bp: panels of NR columns, panel p at Bp + p*NR*kc, each [kc][w] with w = 16*ceil(cols/16) <= NR,
 //       Bp[k*w + j] = op(B)[pc+k][jc+p*NR+j], zero-padded up to w.
+// Packing op(A) = A (row-major [M, K]) and op(B) = B^T is a transpose: done 16x16 in registers on AVX-512.
+// Packing costs O(MK + KN) per tile against O(MNK) flops, so small products pay little; packing buffers are
+// per thread and allocated once.
+//
+// Threads: C is cut into tiles (at most NC wide), each tile is one OpenMP task computed start to finish
+// (all of K) by one thread, which packs its own panels. Products under ~4 MFLOP run on the calling thread.
 //
 // Determinism: for every C element the arithmetic is acc = 0; acc = fma(a_k, b_k, acc) for k in the K block in
 // increasing k; C = alpha*acc + beta'*C (beta' = beta for the first K block, 1 after). The K blocks depend only
@@ -109,8 +115,8 @@ constexpr int MR = 4, NVMAX = 1;
 #endif
 
 constexpr int NR = 16 * NVMAX;  // register tile width (floats)
-constexpr int64_t KC = 256;     // K block: Ap (MR*KC*4 = 12 KiB) stays in L1 while Bp panels stream past it
-constexpr int64_t NC = 512;     // N block: Bp (KC*NC*4 = 512 KiB) stays in L2 while every Ap meets it
+constexpr int64_t KC = 384;     // K block: Ap (MR*KC*4 = 18 KiB) stays in L1 while Bp panels stream past it
+constexpr int64_t NC = 512;     // N block: Bp (KC*NC*4 = 768 KiB) stays in L2 while every Ap meets it
 
 // ---------------------------------------------------------------- micro-kernel
 // C[0:MI, 0:n] (+)= Ap[0:kc, 0:MI]^T * Bp[0:kc, 0:n], with the write-back rule from the header comment.
@@ -177,7 +183,7 @@ struct Operands {
 
 #if defined(__AVX512F__)
 // In-register transpose of a 16x16 block: r[i] lane j <- r[j] lane i (unpack, then 128-bit lane shuffles).
-inline void transpose16(__m512 r[16]) {
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -200,15 +206,15 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[t*dst_stride + i] = src[i*src_stride + t] for i < rows, t < 16 (lanes i >= rows written as 0 when
-// store_lanes > rows): one 16-wide strip of a transpose, the inner step of both transposing packs.
-inline void transpose_strip(float* __restrict dst, int64_t dst_stride, const float* __restrict src,
-                            int64_t src_stride, int rows, int store_lanes) {
+// dst[t*dst_stride + i] = src[i*src_stride + t] for i < rows, t < cols <= 16: one strip of a transpose, the
+// inner step of both transposing packs. Lanes rows..store_lanes-1 of each written row are written as 0.
+__attribute__((always_inline)) inline void transpose_strip(float* __restrict dst, int64_t dst_stride, const float* __restrict src,
+                            int64_t src_stride, int rows, int cols, int store_lanes) {
+  const __mmask16 in = (__mmask16)((1u << cols) - 1), out = (__mmask16)((1u << store_lanes) - 1);
   __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(src + i * src_stride) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(in, src + i * src_stride) : _mm512_setzero_ps();
   transpose16(r);
-  const __mmask16 m = (__mmask16)((1u << store_lanes) - 1);
-  for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + t * dst_stride, m, r[t]);
+  for (int t = 0; t < cols; ++t) _mm512_mask_storeu_ps(dst + t * dst_stride, out, r[t]);
 }
 #endif
 
@@ -216,18 +222,18 @@ inline void transpose_strip(float* __restrict dst, int64_t dst_stride, const flo
 void pack_a(float* __restrict ap, const Operands& p, int64_t i0, int mi, int64_t k0, int64_t kc) {
   if (p.ta) {  // op(A)[i][k] = A[k*lda + i]: each k is a contiguous run of mi floats
     const float* src = p.A + k0 * p.lda + i0;
-    for (int64_t k = 0; k < kc; ++k)
-      for (int i = 0; i < mi; ++i) ap[k * MR + i] = src[k * p.lda + i];
+    for (int64_t k = 0; k < kc; ++k) vstore(ap + k * MR, vload(src + k * p.lda, mi), mi);  // mi <= MR < 16
     return;
   }
   // op(A)[i][k] = A[i*lda + k]: a transpose of the mi x kc block
   const float* src = p.A + i0 * p.lda + k0;
-  int64_t k = 0;
 #if defined(__AVX512F__)
-  for (; k + 16 <= kc; k += 16) transpose_strip(ap + k * MR, MR, src + k, p.lda, mi, MR);
-#endif
-  for (; k < kc; ++k)
+  for (int64_t k = 0; k < kc; k += 16)
+    transpose_strip(ap + k * MR, MR, src + k, p.lda, mi, (int)std::min<int64_t>(16, kc - k), MR);
+#else
+  for (int64_t k = 0; k < kc; ++k)
     for (int i = 0; i < mi; ++i) ap[k * MR + i] = src[i * p.lda + k];
+#endif
 }
 
 // Bp panels for op(B)[k0:k0+kc, j0:j0+nc] (layout in the header comment).
@@ -247,14 +253,15 @@ void pack_b(float* __restrict bp, const Operands& p, int64_t k0, int64_t kc, int
     }
     // op(B)[k][j] = B[j*ldb + k]: a transpose, 16 columns by 16 k at a time
     const float* src = p.B + (j0 + jp) * p.ldb + k0;
-    int64_t k = 0;
 #if defined(__AVX512F__)
-    for (; k + 16 <= kc; k += 16)
+    for (int64_t k = 0; k < kc; k += 16)
       for (int v = 0; v < w; v += 16)
-        transpose_strip(dst + k * w + v, w, src + v * p.ldb + k, p.ldb, std::min(16, cols - v), 16);
-#endif
-    for (; k < kc; ++k)
+        transpose_strip(dst + k * w + v, w, src + v * p.ldb + k, p.ldb, std::min(16, cols - v),
+                        (int)std::min<int64_t>(16, kc - k), 16);
+#else
+    for (int64_t k = 0; k < kc; ++k)
       for (int j = 0; j < w; ++j) dst[k * w + j] = j < cols ? src[j * p.ldb + k] : 0.0f;
+#endif
   }
 }
 
@@ -333,8 +340,10 @@ void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* 
     for (int64_t b = 0; b < batch; ++b) scale_c(C + b * stride_c, ldc, M, N, beta);
     return;
   }
-  // Work split: tiles of C at most NC wide, enough of them for every thread to get a few (dynamic scheduling
-  // evens out edge tiles and neighbours on the same cores). Small products stay on the calling thread.
+  // Work split: tiles of C at most NC wide and at least 4*MR tall, at least two per thread, and for a single
+  // product a multiple of the thread count (6 tiles, not 3 or 4, for 2 threads and 3 column blocks). Every
+  // task packs its own panels, so more tiles cost more packing; dynamic scheduling absorbs uneven edge tiles
+  // and neighbours on the same cores. Small products stay on the calling thread.
   const double flops = 2.0 * (double)M * (double)N * (double)K * (double)batch;
   const int threads = flops < 4e6 ? 1 : max_threads();
   const int64_t ncb = (N + NC - 1) / NC;
@@ -342,9 +351,10 @@ void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* 
   const int64_t ncols = (N + nb - 1) / nb;
   int64_t nrows = 1;
   if (threads > 1) {
-    const int64_t want = 4 * threads;  // tiles wanted in all
-    const int64_t per_matrix = (want + batch - 1) / batch;
-    nrows = std::max<int64_t>(1, std::min((per_matrix + ncols - 1) / ncols, M / (8 * MR)));
+    const int64_t per_matrix = (2 * threads + batch - 1) / batch;
+    const int64_t max_rows = std::max<int64_t>(1, M / (4 * MR));
+    nrows = std::min((per_matrix + ncols - 1) / ncols, max_rows);
+    while (batch == 1 && (nrows * ncols) % threads != 0 && nrows < max_rows) ++nrows;
   }
   const int64_t mb = ((M + nrows - 1) / nrows + MR - 1) / MR * MR;  // tile height, a multiple of MR
   nrows = (M + mb - 1) / mb;

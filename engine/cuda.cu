@@ -1,0 +1,265 @@
+// The CUDA side of the engine: error reporting, lazy device/stream/cuBLAS setup, the caching allocator, and the
+// memory hooks of engine/device.h (which engine/tensor.cpp calls). See engine/cuda.h for the ordering model.
+#include "engine/cuda.h"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+#include "engine/check.h"
+#include "engine/device.h"
+
+namespace cm {
+
+namespace cuda {
+
+// ---------------------------------------------------------------- errors
+
+void fail_cuda(cudaError_t err, const char* stmt, const char* file, int line) {
+  // Clear the error so that a caller that catches cm::Error can go on (sticky errors - a kernel fault - stay:
+  // the context is then unusable, which the next call will report again).
+  (void)cudaGetLastError();
+  fail("CUDA error ", (int)err, " (", cudaGetErrorName(err), ": ", cudaGetErrorString(err), ") in `", stmt,
+       "` at ", file, ":", line);
+}
+
+void fail_cublas(cublasStatus_t st, const char* stmt, const char* file, int line) {
+  fail("cuBLAS error ", (int)st, " (", cublasGetStatusName(st), ": ", cublasGetStatusString(st), ") in `", stmt,
+       "` at ", file, ":", line);
+}
+
+namespace {
+bool sync_after_launch() {
+  static const bool on = [] {
+    const char* e = std::getenv("CM_CUDA_SYNC");
+    return e && e[0] && e[0] != '0';
+  }();
+  return on;
+}
+}  // namespace
+
+void check_launch(const char* kernel, const char* file, int line) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) fail("CUDA error ", (int)err, " (", cudaGetErrorString(err), ") launching ", kernel, " at ",
+                               file, ":", line);
+  if (sync_after_launch()) {
+    err = cudaStreamSynchronize(stream());
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      fail("CUDA error ", (int)err, " (", cudaGetErrorString(err), ") running ", kernel, " at ", file, ":", line);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- device, stream, handles
+
+namespace {
+
+struct Context {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cudaDeviceProp props{};
+};
+
+// Created once, on first use, and never destroyed: tensors held by static objects may be freed after main()
+// returns, and by then the CUDA runtime may be gone, so nothing here may call into it at exit.
+Context& context() {
+  static Context* ctx = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {  // if this throws, the flag stays unset and the next call tries again
+    CM_REQUIRE(cuda_device_present(), "no CUDA device is available (none found by the driver); use --device cpu");
+    auto* c = new Context;
+    cudaCheck(cudaSetDevice(0));
+    cudaCheck(cudaGetDeviceProperties(&c->props, 0));
+    // Non-blocking: our stream never waits for the legacy default stream, which nothing of ours uses.
+    cudaCheck(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    cublasCheck(cublasCreate(&c->cublas));
+    cublasCheck(cublasSetStream(c->cublas, c->stream));
+    // Host pointers for alpha/beta; no atomics (results reproduce bit for bit, DESIGN.md section 6).
+    cublasCheck(cublasSetPointerMode(c->cublas, CUBLAS_POINTER_MODE_HOST));
+    cublasCheck(cublasSetAtomicsMode(c->cublas, CUBLAS_ATOMICS_NOT_ALLOWED));
+    ctx = c;
+  });
+  return *ctx;
+}
+
+std::atomic<int> g_precision{(int)MatmulPrecision::FP32};
+
+}  // namespace
+
+cudaStream_t stream() { return context().stream; }
+cublasHandle_t cublas() { return context().cublas; }
+const cudaDeviceProp& props() { return context().props; }
+void sync() { cudaCheck(cudaStreamSynchronize(stream())); }
+
+void set_matmul_precision(MatmulPrecision p) { g_precision.store((int)p); }
+MatmulPrecision matmul_precision() { return (MatmulPrecision)g_precision.load(); }
+
+// ---------------------------------------------------------------- caching allocator
+
+namespace {
+
+struct Allocator {
+  std::mutex mu;
+  std::multimap<size_t, void*> cached;        // free blocks by size
+  std::unordered_map<void*, size_t> live;     // blocks held by tensors -> size
+  MemStats st;
+};
+
+Allocator& allocator() {
+  static Allocator* a = new Allocator;  // never destroyed, for the reason given at context()
+  return *a;
+}
+
+constexpr size_t kSmall = size_t(1) << 20;      // 1 MiB
+constexpr size_t kSmallRound = 512;
+constexpr size_t kLargeRound = size_t(2) << 20;  // 2 MiB
+
+size_t round_size(size_t n) {
+  const size_t r = n <= kSmall ? kSmallRound : kLargeRound;
+  return (n + r - 1) / r * r;
+}
+
+// Returns every cached block to the driver. Caller holds the lock. The stream is drained first: work issued
+// before a block was freed may still be reading it.
+void release_cached(Allocator& a) {
+  if (a.cached.empty()) return;
+  cudaCheck(cudaStreamSynchronize(stream()));
+  for (auto& [size, p] : a.cached) {
+    cudaCheck(cudaFree(p));
+    a.st.reserved -= size;
+    a.st.frees++;
+  }
+  a.cached.clear();
+}
+
+}  // namespace
+
+void* allocate(size_t nbytes) {
+  CM_CHECK(nbytes > 0, "zero-byte CUDA allocation");
+  context();  // the device must exist before the first cudaMalloc
+  const size_t size = round_size(nbytes);
+  Allocator& a = allocator();
+  std::lock_guard<std::mutex> lock(a.mu);
+  a.st.requests++;
+  void* p = nullptr;
+  size_t got = 0;
+  // Best fit among cached blocks, but never a block more than twice the request: a tiny tensor must not pin a
+  // huge block that a later large request would have reused.
+  auto it = a.cached.lower_bound(size);
+  if (it != a.cached.end() && it->first <= 2 * size) {
+    p = it->second;
+    got = it->first;
+    a.cached.erase(it);
+  } else {
+    cudaError_t err = cudaMalloc(&p, size);
+    if (err == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();
+      release_cached(a);
+      err = cudaMalloc(&p, size);
+    }
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      (void)cudaMemGetInfo(&free_b, &total_b);
+      (void)cudaGetLastError();
+      fail("out of CUDA memory allocating ", nbytes, " bytes (", cudaGetErrorString(err), "); this process holds ",
+           a.st.in_use, " bytes in tensors, ", a.st.reserved, " reserved; the device has ", free_b, " of ", total_b,
+           " bytes free");
+    }
+    got = size;
+    a.st.reserved += size;
+    a.st.mallocs++;
+  }
+  a.live[p] = got;
+  a.st.in_use += got;
+  if (a.st.in_use > a.st.peak) a.st.peak = a.st.in_use;
+  return p;
+}
+
+void deallocate(void* p) {
+  // Called from Storage's destructor: must not throw and must not call the CUDA runtime (see context()).
+  if (!p) return;
+  Allocator& a = allocator();
+  std::lock_guard<std::mutex> lock(a.mu);
+  auto it = a.live.find(p);
+  if (it == a.live.end()) {
+    std::fprintf(stderr, "cm::cuda::deallocate: pointer %p was not allocated here; ignored\n", p);
+    return;
+  }
+  a.st.in_use -= it->second;
+  a.cached.emplace(it->second, p);
+  a.live.erase(it);
+}
+
+MemStats mem_stats() {
+  Allocator& a = allocator();
+  std::lock_guard<std::mutex> lock(a.mu);
+  return a.st;
+}
+
+void reset_peak() {
+  Allocator& a = allocator();
+  std::lock_guard<std::mutex> lock(a.mu);
+  a.st.peak = a.st.in_use;
+}
+
+void empty_cache() {
+  if (!cuda_device_present()) return;
+  Allocator& a = allocator();
+  std::lock_guard<std::mutex> lock(a.mu);
+  release_cached(a);
+}
+
+// ---------------------------------------------------------------- helpers
+
+void axpy(float* y, const float* x, float alpha, int64_t n) {
+  if (n <= 0) return;
+  cublasCheck(cublasSaxpy_64(cublas(), n, &alpha, x, 1, y, 1));
+}
+
+}  // namespace cuda
+
+// ---------------------------------------------------------------- engine/device.h hooks
+
+bool cuda_device_present() {
+  // Asked once: cudaGetDeviceCount fails with error 35 (cudaErrorInsufficientDriver) on a machine with the
+  // toolkit but no driver, and with 100 (cudaErrorNoDevice) when the driver sees no GPU. Both mean "no device".
+  static const bool present = [] {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return n > 0;
+  }();
+  return present;
+}
+
+void* cuda_alloc(size_t nbytes) { return cuda::allocate(nbytes); }
+void cuda_free(void* p) { cuda::deallocate(p); }
+
+void cuda_copy(void* dst, const void* src, size_t nbytes, CopyKind kind) {
+  if (nbytes == 0) return;
+  cudaStream_t s = cuda::stream();
+  switch (kind) {
+    case CopyKind::HostToDevice:
+      // From pageable memory (all our host memory is), cudaMemcpyAsync has consumed the host buffer when it
+      // returns, so the caller may free it at once; the device side stays ordered on our stream.
+      cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s));
+      break;
+    case CopyKind::DeviceToHost:
+      cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, s));
+      cudaCheck(cudaStreamSynchronize(s));  // the host reads dst next
+      break;
+    case CopyKind::DeviceToDevice:
+      cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToDevice, s));
+      break;
+  }
+}
+
+}  // namespace cm

@@ -1,0 +1,248 @@
+// CUDA indexing kernels, twins of kernels/cpu/index.cpp (contracts and the [O, D, I] layout in kernels/index.h).
+// Copies are one thread per output element. The adding kernels (index_add, scatter_add) give each (o, i) column
+// one thread that adds its contributions in increasing source position j: the same order as the CPU for every
+// output element, no two threads write one element, and no atomics; results match the CPU bit for bit.
+// The column walk has O * I threads, each a chain of n dependent read-modify-writes (the compiler cannot overlap
+// them: two j may hit one row). That is fine for short index lists; index_add with a long one (the backward of
+// index_select over many rows) first sorts the positions by index (a stable radix sort), then gives each distinct
+// (o, index) row one warp that adds its run of sources in increasing j: the same additions in the same order.
+#include <climits>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/sort.cuh"
+#include "kernels/index.h"
+
+namespace cm::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------- kernels
+
+__global__ void first_bad_kernel(unsigned long long* __restrict__ first, const int32_t* __restrict__ index,
+                                 int64_t n, int64_t D) {
+  for (int64_t p = gtid(); p < n; p += gstride())
+    if (index[p] < 0 || index[p] >= D) atomicMin(first, (unsigned long long)p);  // integer min: order-free
+}
+
+// dst[o, at + d, i] = src[o, d, i] (concat) or dst[o, d, i] = src[o, at + d, i] (split): a copy of an [O, n, I]
+// box between two [O, *, I] layouts; n = the box's middle extent, so = source/destination middle extents.
+template <class T>
+__global__ void box_copy_kernel(T* __restrict__ dst, const T* __restrict__ src, int64_t O, int64_t n, int64_t I,
+                                int64_t dst_mid, int64_t dst_at, int64_t src_mid, int64_t src_at) {
+  const int64_t total = O * n * I;
+  for (int64_t e = gtid(); e < total; e += gstride()) {
+    const int64_t i = e % I, on = e / I, d = on % n, o = on / n;
+    dst[(o * dst_mid + dst_at + d) * I + i] = src[(o * src_mid + src_at + d) * I + i];
+  }
+}
+
+template <class T>
+__global__ void index_select_kernel(T* __restrict__ out, const T* __restrict__ a, const int32_t* __restrict__ index,
+                                    int64_t O, int64_t D, int64_t n, int64_t I) {
+  const int64_t total = O * n * I;
+  for (int64_t e = gtid(); e < total; e += gstride()) {
+    const int64_t i = e % I, oj = e / I, j = oj % n, o = oj / n;
+    out[e] = a[(o * D + index[j]) * I + i];
+  }
+}
+
+__global__ void index_add_kernel(float* __restrict__ out, const float* __restrict__ src,
+                                 const int32_t* __restrict__ index, int64_t O, int64_t D, int64_t n, int64_t I) {
+  const int64_t cols = O * I;
+  for (int64_t c = gtid(); c < cols; c += gstride()) {
+    const int64_t o = c / I, i = c - o * I;
+    for (int64_t j = 0; j < n; ++j) out[(o * D + index[j]) * I + i] += src[(o * n + j) * I + i];
+  }
+}
+
+// Sorted index_add: sorted[p] = index value of the p-th source in index order, pos[p] = that source's j. Warp
+// task (o, p); only the first p of each run of equal indices works, adding the run into out[o, index] lane-wise.
+__global__ void index_add_sorted_kernel(float* __restrict__ out, const float* __restrict__ src,
+                                        const int32_t* __restrict__ sorted, const int32_t* __restrict__ pos,
+                                        int64_t O, int64_t D, int64_t n, int64_t I) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t tasks = O * n;
+  for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks;
+       w += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
+    const int64_t o = w / n, p = w - o * n;
+    const int32_t d = sorted[p];
+    if (p > 0 && sorted[p - 1] == d) continue;  // not the head of its run (the same for the whole warp)
+    int64_t end = p + 1;
+    while (end < n && sorted[end] == d) ++end;
+    float* row = out + (o * D + d) * I;
+    for (int64_t i = lane; i < I; i += kWarp) {
+      float acc = row[i];
+      for (int64_t q = p; q < end; ++q) acc += src[(o * n + pos[q]) * I + i];
+      row[i] = acc;
+    }
+  }
+}
+
+template <class T>
+__global__ void gather_kernel(T* __restrict__ out, const T* __restrict__ a, const int32_t* __restrict__ index,
+                              int64_t O, int64_t D, int64_t m, int64_t I) {
+  const int64_t total = O * m * I;
+  for (int64_t e = gtid(); e < total; e += gstride()) {
+    const int64_t i = e % I, o = e / I / m;
+    out[e] = a[(o * D + index[e]) * I + i];
+  }
+}
+
+__global__ void scatter_add_kernel(float* __restrict__ out, const float* __restrict__ src,
+                                   const int32_t* __restrict__ index, int64_t O, int64_t D, int64_t m, int64_t I) {
+  const int64_t cols = O * I;
+  for (int64_t c = gtid(); c < cols; c += gstride()) {
+    const int64_t o = c / I, i = c - o * I;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t s = (o * m + j) * I + i;
+      out[(o * D + index[s]) * I + i] += src[s];
+    }
+  }
+}
+
+// Operands: 0 mask, 1 a, 2 b.
+__global__ void where_kernel(float* __restrict__ out, const int32_t* __restrict__ mask, const float* __restrict__ a,
+                             const float* __restrict__ b, Strided<3> L, int64_t n) {
+  for (int64_t e = gtid(); e < n; e += gstride()) {
+    int64_t off[3];
+    strided_offsets<3>(L, e, off);
+    out[e] = mask[off[0]] != 0 ? a[off[1]] : b[off[2]];
+  }
+}
+
+__global__ void masked_fill_kernel(float* out, const float* a, const int32_t* __restrict__ mask, float value,
+                                   Strided<1> L, int64_t n) {
+  for (int64_t e = gtid(); e < n; e += gstride()) {
+    int64_t off[1];
+    strided_offsets<1>(L, e, off);
+    out[e] = mask[off[0]] != 0 ? value : a[e];
+  }
+}
+
+template <class T>
+void box_copy(T* dst, const T* src, int64_t O, int64_t n, int64_t I, int64_t dst_mid, int64_t dst_at, int64_t src_mid,
+              int64_t src_at, const char* what) {
+  CM_CHECK(O >= 0 && n >= 0 && I >= 0 && dst_at >= 0 && src_at >= 0, what, ": bad sizes");
+  const int64_t total = O * n * I;
+  if (total == 0) return;
+  box_copy_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(dst, src, O, n, I, dst_mid, dst_at,
+                                                                          src_mid, src_at);
+  cudaCheckLaunch(what);
+}
+
+template <class T>
+void index_select_impl(T* out, const T* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
+  CM_CHECK(O >= 0 && D >= 0 && n >= 0 && I >= 0, "cuda::index_select: bad sizes");
+  const int64_t total = O * n * I;
+  if (total == 0) return;
+  index_select_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(out, a, index, O, D, n, I);
+  cudaCheckLaunch("index_select_kernel");
+}
+
+template <class T>
+void gather_impl(T* out, const T* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
+  CM_CHECK(O >= 0 && D >= 0 && m >= 0 && I >= 0, "cuda::gather: bad sizes");
+  const int64_t total = O * m * I;
+  if (total == 0) return;
+  gather_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(out, a, index, O, D, m, I);
+  cudaCheckLaunch("gather_kernel");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- launchers
+
+int64_t index_first_bad(const int32_t* index, int64_t n, int64_t D) {
+  CM_CHECK(n >= 0, "cuda::index_first_bad: n=", n);
+  if (n == 0) return -1;
+  Scratch s(sizeof(unsigned long long));
+  unsigned long long* first = s.at<unsigned long long>();
+  const unsigned long long none = ~0ull;
+  cudaCheck(cudaMemcpyAsync(first, &none, sizeof none, cudaMemcpyHostToDevice, stream()));
+  first_bad_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(first, index, n, D);
+  cudaCheckLaunch("first_bad_kernel");
+  unsigned long long h = 0;
+  cudaCheck(cudaMemcpyAsync(&h, first, sizeof h, cudaMemcpyDeviceToHost, stream()));
+  cudaCheck(cudaStreamSynchronize(stream()));
+  return h == none ? -1 : (int64_t)h;
+}
+
+void concat_piece(float* dst, const float* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I) {
+  box_copy(dst, src, O, Ds, I, Dd, at, Ds, 0, "cuda::concat_piece");
+}
+void concat_piece(int32_t* dst, const int32_t* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I) {
+  box_copy(dst, src, O, Ds, I, Dd, at, Ds, 0, "cuda::concat_piece");
+}
+void split_piece(float* dst, const float* src, int64_t O, int64_t Ds, int64_t at, int64_t Dd, int64_t I) {
+  box_copy(dst, src, O, Dd, I, Dd, 0, Ds, at, "cuda::split_piece");
+}
+void split_piece(int32_t* dst, const int32_t* src, int64_t O, int64_t Ds, int64_t at, int64_t Dd, int64_t I) {
+  box_copy(dst, src, O, Dd, I, Dd, 0, Ds, at, "cuda::split_piece");
+}
+
+void index_select(float* out, const float* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
+  index_select_impl(out, a, index, O, D, n, I);
+}
+void index_select(int32_t* out, const int32_t* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
+  index_select_impl(out, a, index, O, D, n, I);
+}
+
+void index_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
+  CM_CHECK(O >= 0 && D >= 0 && n >= 0 && I >= 0, "cuda::index_add: bad sizes");
+  if (O * I == 0 || n == 0) return;
+  if (n < 64 || n >= INT32_MAX || D > INT32_MAX) {  // short lists: the column walk
+    index_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, n, I);
+    cudaCheckLaunch("index_add_kernel");
+    return;
+  }
+  int bits = 1;
+  while (bits < 31 && (int64_t(1) << bits) < D) ++bits;  // index values in [0, D)
+  const size_t bytes = align256((size_t)n * 4);
+  Scratch s(2 * bytes);
+  int32_t* sorted = s.at<int32_t>();
+  int32_t* pos = s.at<int32_t>(bytes);
+  detail::stable_sort_pairs(sorted, pos, index, nullptr, n, bits);
+  index_add_sorted_kernel<<<grid_for(O * n, kThreads / kWarp), kThreads, 0, stream()>>>(out, src, sorted, pos, O, D,
+                                                                                       n, I);
+  cudaCheckLaunch("index_add_sorted_kernel");
+}
+
+void gather(float* out, const float* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
+  gather_impl(out, a, index, O, D, m, I);
+}
+void gather(int32_t* out, const int32_t* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
+  gather_impl(out, a, index, O, D, m, I);
+}
+
+void scatter_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
+  CM_CHECK(O >= 0 && D >= 0 && m >= 0 && I >= 0, "cuda::scatter_add: bad sizes");
+  if (O * I == 0 || m == 0) return;
+  scatter_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, m, I);
+  cudaCheckLaunch("scatter_add_kernel");
+}
+
+void where(float* out, const int32_t* mask, const float* a, const float* b, int64_t ndim, const int64_t* shape,
+           const int64_t* mask_strides, const int64_t* a_strides, const int64_t* b_strides) {
+  int64_t n = 1;
+  for (int64_t d = 0; d < ndim; ++d) n *= shape[d];
+  if (n == 0) return;
+  const int64_t* st[3] = {mask_strides, a_strides, b_strides};
+  const Strided<3> L = collapse_strided<3>(ndim, shape, st);
+  where_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(out, mask, a, b, L, n);
+  cudaCheckLaunch("where_kernel");
+}
+
+void masked_fill(float* out, const float* a, const int32_t* mask, float value, int64_t ndim, const int64_t* shape,
+                 const int64_t* mask_strides) {
+  int64_t n = 1;
+  for (int64_t d = 0; d < ndim; ++d) n *= shape[d];
+  if (n == 0) return;
+  const int64_t* st[1] = {mask_strides};
+  const Strided<1> L = collapse_strided<1>(ndim, shape, st);
+  masked_fill_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(out, a, mask, value, L, n);
+  cudaCheckLaunch("masked_fill_kernel");
+}
+
+}  // namespace cm::cuda
