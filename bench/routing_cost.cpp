@@ -37,6 +37,7 @@
 #include "autograd/ops.h"
 #include "model/config.h"
 #include "model/router.h"
+#include "model/trainer.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -172,6 +173,7 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
+  reexec_with_passive_openmp(argv);  // sleeping OpenMP waits on a shared machine (model/trainer.h), as train_lm
   int64_t T = 4096, C = 256;
   std::string device = "auto";
   bool quick = false;

@@ -373,6 +373,7 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  reexec_with_passive_openmp(argv);  // sleeping OpenMP waits on a shared machine (model/trainer.h), as train_lm
   Options o = parse(argc, argv);
   // Device resolution without touching OpenMP (see the header): cuda_available() only asks the runtime.
   Device dev = Device::CPU;
@@ -421,8 +422,10 @@ int main(int argc, char** argv) {
                 device_name(dev), (long long)threads, o.size.c_str(), (long long)size.d_model,
                 (long long)size.n_layers, (long long)size.n_heads, (long long)size.d_ff, (long long)size.vocab,
                 (long long)B, (long long)T, (long long)(B * T));
-    std::printf("%lld rounds x (%lld warm-up + %lld timed steps) per config, interleaved; medians over the timed steps\n\n",
-                (long long)o.rounds, (long long)o.warmup, (long long)o.steps);
+    const char* wait = std::getenv("OMP_WAIT_POLICY");
+    std::printf("%lld rounds x (%lld warm-up + %lld timed steps) per config, interleaved; medians over the timed steps; "
+                "OMP_WAIT_POLICY=%s\n\n",
+                (long long)o.rounds, (long long)o.warmup, (long long)o.steps, wait ? wait : "unset");
     std::printf("| config | routing tree | params | active/token | MFLOP/token | ms/step | fwd | bwd+clip | opt+after | "
                 "tokens/s | vs dense | GFLOP/s%s | peak %s MiB |\n",
                 dev == Device::CUDA ? " (MFU)" : "", dev == Device::CUDA ? "device" : "RSS");

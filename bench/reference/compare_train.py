@@ -71,6 +71,9 @@ def main():
     configs, modes = a.configs.split(","), [m for m in a.modes.split(",") if m]
     out = a.out or tempfile.mkdtemp(prefix="cm_compare_")
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    # Both sides sleep at OpenMP barriers (our programs set this for themselves; PyTorch's libgomp needs it in its
+    # environment): spinning waiters on a shared machine made steps 10x slower and erratic.
+    env.setdefault("OMP_WAIT_POLICY", "passive")
     size = a.size or ("gpu" if a.device == "cuda" else "cpu")
     load0 = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -109,7 +112,7 @@ def main():
     torch_version = ""
     print(f"\nTraining throughput, ours vs PyTorch on the same model, initial state and batches")
     print(f"device: {a.device} ({cpu_name() if a.device == 'cpu' else 'cuda'}), {a.threads} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; date {started}; commit {git_commit()}")
+          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; date {started}; commit {git_commit()}")
     print(f"load average (1 min) {load0[0]:.1f} at start, {load1[0]:.1f} at end, on {os.cpu_count()} cores")
     print(f"{a.rounds} rounds x ({a.warmup} warm-up + {a.steps} timed steps) per contender, interleaved; "
           f"size {size}")
