@@ -7,7 +7,8 @@ Per round and configuration, interleaved so that a shared machine's slow phases 
   eager     torch_train.py --mode eager  from that initial state on those batches
   compile   torch_train.py --mode compile
 ms/step is the median over the timed steps of all rounds; the ratio is PyTorch's ms/step over ours (> 1: we are
-faster). Because both sides start from the same weights and see the same batches, their losses must agree step by
+faster). The same ratio in process CPU time (all threads) is printed too: on a machine shared with other jobs it is
+the steadier one (it counts work, not the time the scheduler gave to others; it does not see parallel efficiency). Because both sides start from the same weights and see the same batches, their losses must agree step by
 step: the largest difference is printed (an end-to-end check of forward, backward, clipping, AdamW and after_step).
 
     OMP_WAIT_POLICY=passive /work/venv-torch/bin/python bench/reference/compare_train.py [--rounds 2] [--steps 8]
@@ -102,6 +103,7 @@ def main():
         steps = [t for x in ok for t in x["step_ms"]]
         g = dict(ok[0])
         g["ms_step"] = statistics.median(steps)
+        g["cpu_ms_step"] = statistics.median(t for x in ok for t in x["cpu_step_ms"])
         g["samples"] = len(steps)
         g["tokens_per_s"] = ok[0]["B"] * ok[0]["T"] / (g["ms_step"] / 1e3)
         g["peak_mib"] = max(x["peak_mib"] for x in ok)
@@ -118,7 +120,8 @@ def main():
           f"size {size}")
     print(f"command: {' '.join(sys.argv)}\n")
     hdr = "| config | ours ms/step | " + " | ".join(f"torch {m} ms/step" for m in modes) + " | " + \
-          " | ".join(f"{m} / ours" for m in modes) + " | ours tokens/s | peak MiB ours | " + \
+          " | ".join(f"{m} / ours" for m in modes) + " | ours CPU ms/step | " + \
+          " | ".join(f"{m} / ours (CPU)" for m in modes) + " | ours tokens/s | peak MiB ours | " + \
           " | ".join(f"peak MiB {m} (runtime)" for m in modes) + " | max loss diff vs ours |"
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -131,6 +134,8 @@ def main():
         cells = [f"{o['ms_step']:.1f}"]
         cells += [f"{t[m]['ms_step']:.1f}" if "error" not in t[m] else "error" for m in modes]
         cells += [f"{t[m]['ms_step'] / o['ms_step']:.2f}" if "error" not in t[m] else "-" for m in modes]
+        cells += [f"{o['cpu_ms_step']:.1f}"]
+        cells += [f"{t[m]['cpu_ms_step'] / o['cpu_ms_step']:.2f}" if "error" not in t[m] else "-" for m in modes]
         cells += [f"{o['tokens_per_s']:.0f}", f"{o['peak_mib']:.0f}"]
         cells += [f"{t[m]['peak_mib']:.0f} ({t[m]['base_rss_mib']:.0f})" if "error" not in t[m] and a.device == "cpu"
                   else (f"{t[m]['peak_mib']:.0f}" if "error" not in t[m] else "-") for m in modes]

@@ -85,10 +85,11 @@ def main():
     warm_s = 0.0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    steps, f_ms, b_ms, o_ms, losses = [], [], [], [], []
+    steps, f_ms, b_ms, o_ms, cpu_ms, losses = [], [], [], [], [], []
     for i in range(ids.shape[0]):
         x = ids[i, :, :-1].to(dev)
         y = ids[i, :, 1:].to(dev)
+        c0 = time.process_time()  # process CPU time, all threads (as train_bench's CPU ms/step)
         t0 = time.perf_counter()
         out = fwd(x, y)
         loss = float(out["loss"].detach())  # host read: the forward is done
@@ -102,11 +103,13 @@ def main():
         model.after_step()
         sync()
         t3 = time.perf_counter()
+        c3 = time.process_time()
         losses.append(loss)
         if i < warmup:
             warm_s += t3 - t0
             continue
         steps.append((t3 - t0) * 1e3)
+        cpu_ms.append((c3 - c0) * 1e3)
         f_ms.append((t1 - t0) * 1e3)
         b_ms.append((t2 - t1) * 1e3)
         o_ms.append((t3 - t2) * 1e3)
@@ -116,6 +119,7 @@ def main():
     print(json.dumps(dict(
         mode=a.mode, device=a.device, threads=a.threads, torch=torch.__version__, B=B, T=T, ms_step=ms,
         ms_fwd=statistics.median(f_ms), ms_bwd=statistics.median(b_ms), ms_opt=statistics.median(o_ms),
+        cpu_ms_step=statistics.median(cpu_ms), cpu_step_ms=cpu_ms,
         tokens_per_s=B * T / (ms / 1e3), peak_mib=peak, base_rss_mib=base_rss, compile_s=compile_s, warmup_s=warm_s,
         samples=len(steps), step_ms=steps, losses=losses)))
 
