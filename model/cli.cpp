@@ -295,11 +295,6 @@ CoEConfig TrainOptions::model_config(int64_t vocab_size) const {
   return c;
 }
 
-const std::vector<std::string>& train_presets() {
-  static const std::vector<std::string> names = {"cpu", "shakespeare"};
-  return names;
-}
-
 void apply_preset(TrainOptions& o, const std::string& name) {
   CoEConfig& m = o.model;
   if (name == "cpu") {

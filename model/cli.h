@@ -124,8 +124,7 @@ struct TrainOptions {
   CoEConfig model_config(int64_t vocab_size) const;
 };
 
-// The preset names, and what each sets (every field it sets also has a flag).
-const std::vector<std::string>& train_presets();
+// "cpu" or "shakespeare": sets the fields of that preset (every one of them also has a flag).
 void apply_preset(TrainOptions& o, const std::string& name);
 
 // Registers every train_lm flag on `o`: the training ones, the model ones of the issue (--router, --tree,
