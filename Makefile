@@ -3,6 +3,8 @@
 #   make            library, train_lm, sample, tests, bench labs
 #   make test       build and run the doctest suite (T=<suite> runs one suite, e.g. T=autograd)
 #   make bench      build the bench labs into build/bench/
+#   make bench-cpu  rerun the CPU tables of bench/RESULTS.md (train_bench, routing_cost; with PyTorch importable by
+#                   $(PYTHON): the side-by-side comparison and the parity check, see bench/reference/README.md)
 #   make data       fetch data/tinyshakespeare.txt (checked by SHA-256), or copy it with SRC=path
 #   make clean
 CXX       ?= g++
@@ -59,7 +61,7 @@ ifeq ($(USE_CUDA),1)
 endif
 APPS     := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
 
-.PHONY: all test bench data clean
+.PHONY: all test bench bench-cpu data clean
 all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN)
 
 $(BUILD)/%.o: %.cpp
@@ -99,6 +101,18 @@ test: $(TEST_BIN)
 	  exit $$rc
 
 bench: $(BENCH_BIN)
+
+# OMP_WAIT_POLICY=passive: on a machine shared with other jobs, OpenMP's default spin-waiting at barriers made
+# steps 10-20x slower and erratic (measured); sleeping waiters cost nothing measurable when the cores are free.
+PYTHON ?= python3
+BENCH_ENV := OMP_WAIT_POLICY=passive
+bench-cpu: $(BUILD)/bench/train_bench $(BUILD)/bench/routing_cost $(BUILD)/bench/dump_batch
+	$(BENCH_ENV) ./$(BUILD)/bench/train_bench --device cpu
+	$(BENCH_ENV) ./$(BUILD)/bench/routing_cost --device cpu
+	@if $(PYTHON) -c 'import torch' 2>/dev/null; then \
+	  $(BENCH_ENV) $(PYTHON) bench/reference/compare_train.py --device cpu && \
+	  $(PYTHON) bench/reference/check_parity.py --all; \
+	else echo "PyTorch is not importable by $(PYTHON): PyTorch tables skipped (make bench-cpu PYTHON=/path/to/venv/bin/python)"; fi
 
 TINYSHAKESPEARE_URL := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 TINYSHAKESPEARE_SHA := 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
