@@ -38,8 +38,7 @@ class Flags {
   void add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help);
   void add_u64(const std::string& name, uint64_t* v, const std::string& help);
   void add_string(const std::string& name, std::string* v, const std::string& help, bool allow_empty = false);
-  void add_choice(const std::string& name, std::string* v, std::vector<std::string> choices,
-                  const std::string& help);
+  void add_choice(const std::string& name, std::string* v, std::vector<std::string> choices, const std::string& help);
   // Booleans accept 1/0, true/false, yes/no, on/off; a bare `--name` means true.
   void add_bool(const std::string& name, bool* v, const std::string& help);
   // A string flag that may also appear bare; bare gives `bare_value` (--resume alone = "latest").
@@ -85,7 +84,7 @@ double parse_double(const std::string& text, const std::string& what);
 // Letters as in DESIGN.md: B batch_size, T seq_len, C d_model.
 struct TrainOptions {
   // data, files, device
-  std::string data;             // "" = the default corpus (data/tinyshakespeare.txt, else the fortunes)
+  std::string data;  // "" = the default corpus (data/tinyshakespeare.txt, else the fortunes)
   std::string out_dir = "out";
   std::string device = "auto";  // auto | cpu | cuda
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
