@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -45,14 +46,22 @@ static Json generator_json(const Generator& g) {
   return j;
 }
 static Generator generator_from(const std::string& text, const std::string& what) {
-  Json j = json_parse(text);
+  Json j;
+  try {
+    j = json_parse(text);
+  } catch (const Error& e) {
+    fail(what, ": ", e.what());
+  }
   auto u64 = [&](const char* k) {
     const Json* v = j.find(k);
     CM_REQUIRE(v, what, ": missing '", k, "'");
     const std::string& s = v->as_string(what + "." + k);
-    CM_REQUIRE(!s.empty() && s.size() <= 20 && s.find_first_not_of("0123456789") == std::string::npos, what, ".", k,
-               ": expected an unsigned integer, got '", s, "'");
-    return (uint64_t)std::stoull(s);
+    errno = 0;
+    uint64_t x = std::strtoull(s.c_str(), nullptr, 10);
+    CM_REQUIRE(
+        !s.empty() && s.size() <= 20 && s.find_first_not_of("0123456789") == std::string::npos && errno != ERANGE, what,
+        ".", k, ": expected an unsigned 64-bit integer, got '", s, "'");
+    return x;
   };
   return Generator(u64("seed"), u64("offset"));
 }
