@@ -548,6 +548,33 @@ TEST_SUITE("trainer") {
     }
     write_bytes(ck, good);
 
+    // Intact tensors with damaged metadata: each bad record is named.
+    struct Damage {
+      const char* key;
+      const char* value;
+      const char* message;
+    };
+    for (const Damage& d :
+         {Damage{"data_rng", "{\"seed\":\"1\"}", "data_rng: missing 'offset'"},
+          Damage{"dropout_rng", "not json", "dropout_rng: JSON"},
+          Damage{"data_rng", "{\"seed\":\"99999999999999999999\",\"offset\":\"0\"}", "64-bit"},
+          Damage{"step", "four", "metadata 'step' is not a non-negative integer"},
+          Damage{"tokenizer", "0a0a", "tokenizer"}, Damage{"format", "other/9", "unknown checkpoint format"}}) {
+      SafeTensors st = load_safetensors(ck);
+      Metadata md = st.metadata;
+      for (auto& kv : md)
+        if (kv.first == d.key) kv.second = d.value;
+      std::string bad_dir = dir.file("damaged");
+      fs::remove_all(bad_dir);
+      fs::create_directories(bad_dir);
+      save_safetensors(checkpoint_path(bad_dir, 4), st.tensors, md);
+      auto snap = snapshot(bad_dir);
+      Ran r = train_lm({"--out_dir", bad_dir, "--resume", "--max_steps", "6"});
+      CHECK(r.rc == 2);
+      CHECK_MESSAGE(contains(r.err, d.message), r.err);
+      CHECK(snapshot(bad_dir) == snap);
+    }
+
     // A valid safetensors file that is not a train_lm checkpoint.
     save_safetensors(dir.file("other.safetensors"), {{"w", Tensor::ones({2})}}, {});
     Ran o1 = train_lm({"--resume", dir.file("other.safetensors")});
