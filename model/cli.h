@@ -90,8 +90,8 @@ struct TrainOptions {
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
   std::string resume;           // "" = fresh run; "latest" = newest checkpoint in out_dir; else a path
   uint64_t seed = 1337;         // initialisation (model.seed), data order, dropout
-  bool deterministic = true;    // CPU is always deterministic; on CUDA this forbids non-deterministic kernels
-  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
+  bool deterministic = true;    // for the CUDA path (CPU kernels are always deterministic); recorded for now
+  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6); recorded for now
   // schedule and optimisation
   int64_t max_steps = 2000;
   int64_t batch_size = 12;  // B: sequences per micro-batch
@@ -126,8 +126,8 @@ struct TrainOptions {
 // "cpu" or "shakespeare": sets the fields of that preset (every one of them also has a flag).
 void apply_preset(TrainOptions& o, const std::string& name);
 
-// Registers every train_lm flag on `o`: the training ones, the model ones of the issue (--router, --tree,
-// --d_model, ...), and every other CoEConfig key under its own name (--expert gelu, --use_reliability 0, ...).
+// Registers every train_lm flag on `o`: the training ones, the main model ones (--router, --tree, --d_model,
+// ...), and every other CoEConfig key under its own name (--expert gelu, --use_reliability 0, ...).
 void add_train_flags(Flags& f, TrainOptions& o, bool* help);
 
 // ---------------------------------------------------------------- sample
