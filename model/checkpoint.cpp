@@ -173,9 +173,12 @@ Header read_header(const std::string& path, FILE* f, uint64_t size) {
     Entry e;
     e.name = name;
     const std::string& d = dt->as_string(what + " dtype");
-    if (d == "F32") e.dtype = DType::F32;
-    else if (d == "I32") e.dtype = DType::I32;
-    else fail(what, ": dtype ", d, " is not supported (ClusterMoE reads F32 and I32)");
+    if (d == "F32")
+      e.dtype = DType::F32;
+    else if (d == "I32")
+      e.dtype = DType::I32;
+    else
+      fail(what, ": dtype ", d, " is not supported (ClusterMoE reads F32 and I32)");
     CM_REQUIRE(shape->is(Json::Kind::Array) && shape->arr.size() <= 8, what,
                ": shape must be a list of at most 8 sizes");
     uint64_t numel = 1;
@@ -256,7 +259,8 @@ void restore_tensors(const SafeTensors& file, const NamedTensors& dst, const std
   for (const auto& kv : dst) {
     wanted.insert(kv.first);
     const Tensor* src = file.find(kv.first);
-    CM_REQUIRE(src, file.path, ": tensor '", kv.first, "' is missing (checkpoint of a different model?)");
+    CM_REQUIRE(src, file.path, ": tensor '", kv.first,
+               "' is missing (a checkpoint of another model configuration, or of an older build?)");
     CM_REQUIRE(src->dtype() == kv.second.dtype(), file.path, ": tensor '", kv.first, "' is ", dtype_name(src->dtype()),
                ", the model expects ", dtype_name(kv.second.dtype()));
     CM_REQUIRE(src->shape() == kv.second.shape(), file.path, ": tensor '", kv.first, "' has shape ",

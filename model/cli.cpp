@@ -67,8 +67,7 @@ void Flags::add_int(const std::string& name, int64_t* v, int64_t lo, int64_t hi,
   add(std::move(s));
 }
 
-void Flags::add_float(const std::string& name, float* v, double lo, double hi, bool lo_open,
-                      const std::string& help) {
+void Flags::add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help) {
   Spec s;
   s.name = name;
   s.help = help;
@@ -140,16 +139,18 @@ void Flags::add_bool(const std::string& name, bool* v, const std::string& help) 
   s.bare_ok = true;
   s.bare_value = "1";
   s.set = [=](const std::string& t) {
-    if (t == "1" || t == "true" || t == "yes" || t == "on") *v = true;
-    else if (t == "0" || t == "false" || t == "no" || t == "off") *v = false;
-    else throw UsageError(str("--", name, ": expected 0 or 1 (or true/false), got '", t, "'"));
+    if (t == "1" || t == "true" || t == "yes" || t == "on")
+      *v = true;
+    else if (t == "0" || t == "false" || t == "no" || t == "off")
+      *v = false;
+    else
+      throw UsageError(str("--", name, ": expected 0 or 1 (or true/false), got '", t, "'"));
   };
   s.get = [=] { return std::string(*v ? "1" : "0"); };
   add(std::move(s));
 }
 
-void Flags::add_optional(const std::string& name, std::string* v, std::string bare_value,
-                         const std::string& help) {
+void Flags::add_optional(const std::string& name, std::string* v, std::string bare_value, const std::string& help) {
   Spec s;
   s.name = name;
   s.help = help;
@@ -373,7 +374,8 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_string("data", &o.data, "training text or byte file (default data/tinyshakespeare.txt)", true);
   f.add_string("out_dir", &o.out_dir, "where log.csv, routing.csv, curves.svg and checkpoints go");
   f.add_choice("device", &o.device, {"auto", "cpu", "cuda"}, "auto: CUDA when built and present, else CPU");
-  f.add_choice("preset", &o.preset, {"cpu", "shakespeare"}, "settings bundle (default: cpu on CPU, shakespeare on CUDA)");
+  f.add_choice("preset", &o.preset, {"cpu", "shakespeare"},
+               "settings bundle (default: cpu on CPU, shakespeare on CUDA)");
   f.add_optional("resume", &o.resume, "latest", "continue from the newest checkpoint in out_dir, or a path");
   f.add_u64("seed", &o.seed, "seed for initialisation, data order and dropout");
   f.add_bool("deterministic", &o.deterministic, "bit-reproducible kernels (CPU always is)");
@@ -401,21 +403,24 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_int("save_every", &o.save_every, 0, BIG, "steps between checkpoints (and at the end); 0 = off");
   f.add_int("keep_last", &o.keep_last, 0, BIG, "checkpoints kept in out_dir; 0 = all");
   // ---- model
-  f.add_custom("router", "dense|flat|cluster|tree|ac", "FFN routing",
-               [&m](const std::string& v) {
-                 try {
-                   m.router = parse_router_kind(v);
-                 } catch (const Error&) {
-                   throw UsageError(str("--router must be one of dense|flat|cluster|tree|ac, got '", v, "'"));
-                 }
-               },
-               [&m] { return std::string(router_kind_name(m.router)); });
-  f.add_custom("tree", "BxBx..", "branching factors for --router tree, e.g. 4x4x4",
-               [&m](const std::string& v) { m.tree_branching = parse_factors(v, "--tree"); },
-               [&m] { return join_factors(m.tree_branching); });
-  f.add_custom("tree_top_k", "KxKx..", "children kept per level for --router tree (default k_clusters x 1 .. x k_experts)",
-               [&m](const std::string& v) { m.tree_top_k = parse_factors(v, "--tree_top_k"); },
-               [&m] { return join_factors(m.tree_top_k); });
+  f.add_custom(
+      "router", "dense|flat|cluster|tree|ac", "FFN routing",
+      [&m](const std::string& v) {
+        try {
+          m.router = parse_router_kind(v);
+        } catch (const Error&) {
+          throw UsageError(str("--router must be one of dense|flat|cluster|tree|ac, got '", v, "'"));
+        }
+      },
+      [&m] { return std::string(router_kind_name(m.router)); });
+  f.add_custom(
+      "tree", "BxBx..", "branching factors for --router tree, e.g. 4x4x4",
+      [&m](const std::string& v) { m.tree_branching = parse_factors(v, "--tree"); },
+      [&m] { return join_factors(m.tree_branching); });
+  f.add_custom(
+      "tree_top_k", "KxKx..", "children kept per level for --router tree (default k_clusters x 1 .. x k_experts)",
+      [&m](const std::string& v) { m.tree_top_k = parse_factors(v, "--tree_top_k"); },
+      [&m] { return join_factors(m.tree_top_k); });
   f.add_int("num_clusters", &m.num_clusters, 1, 4096, "clusters (flat: experts = clusters x per cluster)");
   f.add_int("experts_per_cluster", &m.experts_per_cluster, 1, 4096, "experts in each cluster");
   f.add_int("top_k_clusters", &m.top_k_clusters, 1, 4096, "clusters kept per token");
@@ -432,8 +437,9 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   for (const auto& kv : CoEConfig().to_map()) {
     const std::string key = kv.first;
     if (f.has(key) || key == "seq_len" || key == "seed" || key == "vocab_size" || key == "tree_branching") continue;
-    f.add_custom(key, "value", "model setting (model/config.h)", [&m, key](const std::string& v) { m.set(key, v); },
-                 [&m, key] { return m.to_map().at(key); });
+    f.add_custom(
+        key, "value", "model setting (model/config.h)", [&m, key](const std::string& v) { m.set(key, v); },
+        [&m, key] { return m.to_map().at(key); });
   }
   f.add_bool("help", help, "print this and exit");
 }

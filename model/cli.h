@@ -38,8 +38,7 @@ class Flags {
   void add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help);
   void add_u64(const std::string& name, uint64_t* v, const std::string& help);
   void add_string(const std::string& name, std::string* v, const std::string& help, bool allow_empty = false);
-  void add_choice(const std::string& name, std::string* v, std::vector<std::string> choices,
-                  const std::string& help);
+  void add_choice(const std::string& name, std::string* v, std::vector<std::string> choices, const std::string& help);
   // Booleans accept 1/0, true/false, yes/no, on/off; a bare `--name` means true.
   void add_bool(const std::string& name, bool* v, const std::string& help);
   // A string flag that may also appear bare; bare gives `bare_value` (--resume alone = "latest").
@@ -85,14 +84,14 @@ double parse_double(const std::string& text, const std::string& what);
 // Letters as in DESIGN.md: B batch_size, T seq_len, C d_model.
 struct TrainOptions {
   // data, files, device
-  std::string data;             // "" = the default corpus (data/tinyshakespeare.txt, else the fortunes)
+  std::string data;  // "" = the default corpus (data/tinyshakespeare.txt, else the fortunes)
   std::string out_dir = "out";
   std::string device = "auto";  // auto | cpu | cuda
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
   std::string resume;           // "" = fresh run; "latest" = newest checkpoint in out_dir; else a path
   uint64_t seed = 1337;         // initialisation (model.seed), data order, dropout
-  bool deterministic = true;    // CPU is always deterministic; on CUDA this forbids non-deterministic kernels
-  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
+  bool deterministic = true;    // for the CUDA path (CPU kernels are always deterministic); recorded for now
+  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6); recorded for now
   // schedule and optimisation
   int64_t max_steps = 2000;
   int64_t batch_size = 12;  // B: sequences per micro-batch
@@ -127,8 +126,8 @@ struct TrainOptions {
 // "cpu" or "shakespeare": sets the fields of that preset (every one of them also has a flag).
 void apply_preset(TrainOptions& o, const std::string& name);
 
-// Registers every train_lm flag on `o`: the training ones, the model ones of the issue (--router, --tree,
-// --d_model, ...), and every other CoEConfig key under its own name (--expert gelu, --use_reliability 0, ...).
+// Registers every train_lm flag on `o`: the training ones, the main model ones (--router, --tree, --d_model,
+// ...), and every other CoEConfig key under its own name (--expert gelu, --use_reliability 0, ...).
 void add_train_flags(Flags& f, TrainOptions& o, bool* help);
 
 // ---------------------------------------------------------------- sample

@@ -61,8 +61,8 @@ Corpus default_corpus(const std::string& tinyshakespeare, const std::string& for
              "\n  or install the fortunes (`sudo apt-get install fortunes`), or pass --data PATH.");
   Corpus c;
   c.source = str(fortunes_dir, " (", nfiles, " files)");
-  c.note = str(tinyshakespeare, " not found (run `make data` to fetch it); training on the fortunes in ",
-               fortunes_dir, " instead");
+  c.note = str(tinyshakespeare, " not found (run `make data` to fetch it); training on the fortunes in ", fortunes_dir,
+               " instead");
   c.bytes = std::move(text);
   return c;
 }

@@ -106,10 +106,14 @@ struct Parser {
     for (int k = 0; k < 4; ++k) {
       char c = t[i++];
       v <<= 4;
-      if (c >= '0' && c <= '9') v |= (uint32_t)(c - '0');
-      else if (c >= 'a' && c <= 'f') v |= (uint32_t)(c - 'a' + 10);
-      else if (c >= 'A' && c <= 'F') v |= (uint32_t)(c - 'A' + 10);
-      else bad("bad \\u escape");
+      if (c >= '0' && c <= '9')
+        v |= (uint32_t)(c - '0');
+      else if (c >= 'a' && c <= 'f')
+        v |= (uint32_t)(c - 'a' + 10);
+      else if (c >= 'A' && c <= 'F')
+        v |= (uint32_t)(c - 'A' + 10);
+      else
+        bad("bad \\u escape");
     }
     return v;
   }
@@ -128,14 +132,30 @@ struct Parser {
       if (i >= t.size()) bad("unterminated string");
       char e = t[i++];
       switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
+        case '"':
+          out += '"';
+          break;
+        case '\\':
+          out += '\\';
+          break;
+        case '/':
+          out += '/';
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
         case 'u': {
           uint32_t cp = hex4();
           // A surrogate pair encodes one code point above U+FFFF; a lone surrogate is kept as is.
@@ -143,13 +163,16 @@ struct Parser {
             size_t save = i;
             i += 2;
             uint32_t lo = hex4();
-            if (lo >= 0xDC00 && lo < 0xE000) cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-            else i = save;
+            if (lo >= 0xDC00 && lo < 0xE000)
+              cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            else
+              i = save;
           }
           put_utf8(out, cp);
           break;
         }
-        default: bad("bad escape");
+        default:
+          bad("bad escape");
       }
     }
   }
@@ -220,11 +243,21 @@ void dump_string(std::string& out, const std::string& s) {
   out += '"';
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -240,10 +273,18 @@ void dump_string(std::string& out, const std::string& s) {
 
 void dump(std::string& out, const Json& j) {
   switch (j.kind) {
-    case Json::Kind::Null: out += "null"; break;
-    case Json::Kind::Bool: out += j.b ? "true" : "false"; break;
-    case Json::Kind::Number: out += j.s; break;
-    case Json::Kind::String: dump_string(out, j.s); break;
+    case Json::Kind::Null:
+      out += "null";
+      break;
+    case Json::Kind::Bool:
+      out += j.b ? "true" : "false";
+      break;
+    case Json::Kind::Number:
+      out += j.s;
+      break;
+    case Json::Kind::String:
+      dump_string(out, j.s);
+      break;
     case Json::Kind::Array:
       out += '[';
       for (size_t k = 0; k < j.arr.size(); ++k) {

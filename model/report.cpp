@@ -116,8 +116,8 @@ static std::string log_row(const EvalRecord& r) {
 static std::vector<std::string> routing_rows(int64_t step, const LayerRouting& l) {
   std::vector<std::string> rows;
   for (size_t e = 0; e < l.share.size(); ++e)
-    rows.push_back(str(step, ",", l.layer, ",", e, ",", (int64_t)e / std::max<int64_t>(1, l.experts_per_cluster),
-                       ",", fmt(l.tokens[e], "%.0f"), ",", fmt(l.share[e]), ",",
+    rows.push_back(str(step, ",", l.layer, ",", e, ",", (int64_t)e / std::max<int64_t>(1, l.experts_per_cluster), ",",
+                       fmt(l.tokens[e], "%.0f"), ",", fmt(l.share[e]), ",",
                        fmt(e < l.reliability.size() ? l.reliability[e] : 1.0), ",", fmt(l.dropped_fraction)));
   return rows;
 }
@@ -158,9 +158,12 @@ RunReport::RunReport(std::string out_dir, int64_t resume_step) : dir_(std::move(
       if (c.size() < 2 || c[0] == "step" || num(c[0]) > (double)resume_step) continue;
       c.resize(9);
       int64_t step = (int64_t)num(c[0]);
-      if (c[1] == "train") steps_.push_back({step, num(c[2]), num(c[4]), num(c[5]), num(c[6]), num(c[7]), num(c[8])});
-      else if (c[1] == "eval") evals_.push_back({step, num(c[2]), num(c[3])});
-      else continue;
+      if (c[1] == "train")
+        steps_.push_back({step, num(c[2]), num(c[4]), num(c[5]), num(c[6]), num(c[7]), num(c[8])});
+      else if (c[1] == "eval")
+        evals_.push_back({step, num(c[2]), num(c[3])});
+      else
+        continue;
       log_keep.push_back(line);
     }
     std::ifstream rf(routing_path);
@@ -225,21 +228,24 @@ std::vector<double> nice_ticks(double lo, double hi, int n) {
       step = m * p;
       break;
     }
-  for (double v = std::ceil(lo / step) * step; v <= hi + 1e-9 * step; v += step) t.push_back(std::fabs(v) < 1e-12 ? 0 : v);
+  for (double v = std::ceil(lo / step) * step; v <= hi + 1e-9 * step; v += step)
+    t.push_back(std::fabs(v) < 1e-12 ? 0 : v);
   return t;
 }
 
 std::string num_label(double v) {
   char buf[32];
-  if (std::fabs(v) >= 10000) std::snprintf(buf, sizeof buf, "%.0fk", v / 1000);
-  else std::snprintf(buf, sizeof buf, "%g", v);
+  if (std::fabs(v) >= 10000)
+    std::snprintf(buf, sizeof buf, "%.0fk", v / 1000);
+  else
+    std::snprintf(buf, sizeof buf, "%g", v);
   return buf;
 }
 
 // A panel: a plot rectangle with data ranges, mapping data to pixels.
 struct Panel {
-  double x0, y0, w, h;          // pixels
-  double xlo, xhi, ylo, yhi;    // data
+  double x0, y0, w, h;        // pixels
+  double xlo, xhi, ylo, yhi;  // data
   double px(double x) const { return x0 + (xhi > xlo ? (x - xlo) / (xhi - xlo) : 0.5) * w; }
   double py(double y) const { return y0 + h - (yhi > ylo ? (y - ylo) / (yhi - ylo) : 0.5) * h; }
 };
@@ -250,22 +256,25 @@ void axes(std::ostringstream& o, const Panel& p, const std::string& title, const
           const std::string& ylabel, bool percent_y, int id) {
   char buf[1024];
   o << "<g font-family=\"sans-serif\" font-size=\"11\" fill=\"#333\">\n";
-  std::snprintf(buf, sizeof buf, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#fafafa\" stroke=\"#999\"/>\n",
-                p.x0, p.y0, p.w, p.h);
+  std::snprintf(buf, sizeof buf,
+                "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#fafafa\" stroke=\"#999\"/>\n", p.x0,
+                p.y0, p.w, p.h);
   o << buf;
   for (double t : nice_ticks(p.xlo, p.xhi, 5)) {
-    std::snprintf(buf, sizeof buf,
-                  "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e4e4e4\"/><text x=\"%.1f\" y=\"%.1f\" "
-                  "text-anchor=\"middle\">%s</text>\n",
-                  p.px(t), p.y0, p.px(t), p.y0 + p.h, p.px(t), p.y0 + p.h + 14, num_label(t).c_str());
+    std::snprintf(
+        buf, sizeof buf,
+        "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e4e4e4\"/><text x=\"%.1f\" y=\"%.1f\" "
+        "text-anchor=\"middle\">%s</text>\n",
+        p.px(t), p.y0, p.px(t), p.y0 + p.h, p.px(t), p.y0 + p.h + 14, num_label(t).c_str());
     o << buf;
   }
   for (double t : nice_ticks(p.ylo, p.yhi, 5)) {
     std::string lab = percent_y ? num_label(std::round(t * 1000) / 10) + "%" : num_label(t);
-    std::snprintf(buf, sizeof buf,
-                  "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e4e4e4\"/><text x=\"%.1f\" y=\"%.1f\" "
-                  "text-anchor=\"end\">%s</text>\n",
-                  p.x0, p.py(t), p.x0 + p.w, p.py(t), p.x0 - 4, p.py(t) + 4, lab.c_str());
+    std::snprintf(
+        buf, sizeof buf,
+        "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e4e4e4\"/><text x=\"%.1f\" y=\"%.1f\" "
+        "text-anchor=\"end\">%s</text>\n",
+        p.x0, p.py(t), p.x0 + p.w, p.py(t), p.x0 - 4, p.py(t) + 4, lab.c_str());
     o << buf;
   }
   std::snprintf(buf, sizeof buf,
@@ -282,8 +291,9 @@ void polyline(std::ostringstream& o, const Panel& p, const std::vector<std::pair
               const char* color, double width, double opacity, int clip, bool dots, const char* dash = nullptr) {
   if (pts.empty()) return;
   char buf[96];
-  o << "<polyline clip-path=\"url(#clip" << clip << ")\" fill=\"none\" stroke=\"" << color << "\" stroke-width=\"" << width
-    << "\" stroke-opacity=\"" << opacity << "\"" << (dash ? str(" stroke-dasharray=\"", dash, "\"") : "") << " points=\"";
+  o << "<polyline clip-path=\"url(#clip" << clip << ")\" fill=\"none\" stroke=\"" << color << "\" stroke-width=\""
+    << width << "\" stroke-opacity=\"" << opacity << "\"" << (dash ? str(" stroke-dasharray=\"", dash, "\"") : "")
+    << " points=\"";
   for (const auto& q : pts) {
     if (!std::isfinite(q.second)) continue;
     std::snprintf(buf, sizeof buf, "%.1f,%.1f ", p.px(q.first), p.py(q.second));
@@ -344,7 +354,8 @@ std::string render_svg(const std::vector<StepRecord>& steps, const std::vector<E
     axes(o, p, "loss", "step", "cross-entropy (nats)", false, 1);
     std::vector<std::pair<double, double>> tr, ev_tr, ev_val;
     for (const auto& s : steps) tr.emplace_back((double)s.step, s.loss);
-    for (const auto& e : evals) ev_tr.emplace_back((double)e.step, e.train_loss), ev_val.emplace_back((double)e.step, e.val_loss);
+    for (const auto& e : evals)
+      ev_tr.emplace_back((double)e.step, e.train_loss), ev_val.emplace_back((double)e.step, e.val_loss);
     polyline(o, p, tr, "#9ecae1", 1, 0.8, 1, false);
     polyline(o, p, ev_tr, PALETTE[0], 2, 1, 1, true);
     polyline(o, p, ev_val, PALETTE[1], 2, 1, 1, true);
@@ -408,16 +419,18 @@ std::string render_svg(const std::vector<StepRecord>& steps, const std::vector<E
       for (size_t li = 0; li < layers.size(); ++li) {
         const auto& l = layers[li];
         std::snprintf(buf, sizeof buf,
-                      "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\" font-family=\"sans-serif\" font-size=\"11\">L%lld</text>\n",
+                      "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\" font-family=\"sans-serif\" "
+                      "font-size=\"11\">L%lld</text>\n",
                       x0 - 4, y0 + ch * (li + 0.5) + 4, (long long)l.layer);
         o << buf;
         for (size_t e = 0; e < l.share.size(); ++e) {
           double a = std::isfinite(l.share[e]) ? l.share[e] / smax : 0;
-          std::snprintf(buf, sizeof buf,
-                        "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#08519c\" fill-opacity=\"%.3f\" "
-                        "stroke=\"#ccc\"><title>layer %lld expert %zu: %.1f%%</title></rect>\n",
-                        x0 + cw * e, y0 + ch * li, cw, ch, std::max(0.0, std::min(1.0, a)), (long long)l.layer, e,
-                        100 * l.share[e]);
+          std::snprintf(
+              buf, sizeof buf,
+              "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#08519c\" fill-opacity=\"%.3f\" "
+              "stroke=\"#ccc\"><title>layer %lld expert %zu: %.1f%%</title></rect>\n",
+              x0 + cw * e, y0 + ch * li, cw, ch, std::max(0.0, std::min(1.0, a)), (long long)l.layer, e,
+              100 * l.share[e]);
           o << buf;
           if (cw >= 30 && ch >= 14) {  // the share itself, when the cell has room for it
             std::snprintf(buf, sizeof buf,
@@ -429,10 +442,11 @@ std::string render_svg(const std::vector<StepRecord>& steps, const std::vector<E
           }
         }
       }
-      std::snprintf(buf, sizeof buf,
-                    "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-family=\"sans-serif\" font-size=\"11\">expert "
-                    "(0..%zu); darkest = %.1f%% of slots</text>\n",
-                    x0 + w / 2, y0 + ch * layers.size() + 16, ne - 1, 100 * smax);
+      std::snprintf(
+          buf, sizeof buf,
+          "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-family=\"sans-serif\" font-size=\"11\">expert "
+          "(0..%zu); darkest = %.1f%% of slots</text>\n",
+          x0 + w / 2, y0 + ch * layers.size() + 16, ne - 1, 100 * smax);
       o << buf;
     }
   }

@@ -18,7 +18,8 @@ std::string with_commas(int64_t v);
 // "4m05s", "1h02m", "12.3s"
 std::string format_duration(double seconds);
 // A two-column box of settings, one "name value" row each, with an optional title line.
-void print_table(std::ostream& os, const std::string& title, const std::vector<std::pair<std::string, std::string>>& rows);
+void print_table(std::ostream& os, const std::string& title,
+                 const std::vector<std::pair<std::string, std::string>>& rows);
 
 // One MoE layer's routing at one evaluation. Experts are numbered leaf-first within clusters:
 // expert e belongs to cluster e / experts_per_cluster.

@@ -31,8 +31,8 @@ ByteTokenizer ByteTokenizer::from_corpus(const std::string& corpus) {
 }
 
 ByteTokenizer ByteTokenizer::from_hex(const std::string& hex) {
-  CM_REQUIRE(!hex.empty() && hex.size() % 2 == 0 && hex.size() <= 512,
-             "tokenizer: expected 2 to 512 hex digits, got ", hex.size(), " characters");
+  CM_REQUIRE(!hex.empty() && hex.size() % 2 == 0 && hex.size() <= 512, "tokenizer: expected 2 to 512 hex digits, got ",
+             hex.size(), " characters");
   auto digit = [&](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -63,8 +63,8 @@ std::vector<int32_t> ByteTokenizer::encode(const std::string& text) const {
   std::vector<int32_t> ids(text.size());
   for (size_t i = 0; i < text.size(); ++i) {
     unsigned char c = (unsigned char)text[i];
-    CM_REQUIRE(id_[c] >= 0, "byte ", byte_repr(c), " at position ", i, " is not in the vocabulary (",
-               vocab_.size(), " bytes) this model was trained on");
+    CM_REQUIRE(id_[c] >= 0, "byte ", byte_repr(c), " at position ", i, " is not in the vocabulary (", vocab_.size(),
+               " bytes) this model was trained on");
     ids[i] = id_[c];
   }
   return ids;

@@ -1,9 +1,13 @@
 #include "model/trainer.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 
@@ -13,10 +17,6 @@
 #include "model/json.h"
 #include "model/optim.h"
 #include "model/tokenizer.h"
-
-#include <unistd.h>
-
-#include <cstdlib>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -46,14 +46,22 @@ static Json generator_json(const Generator& g) {
   return j;
 }
 static Generator generator_from(const std::string& text, const std::string& what) {
-  Json j = json_parse(text);
+  Json j;
+  try {
+    j = json_parse(text);
+  } catch (const Error& e) {
+    fail(what, ": ", e.what());
+  }
   auto u64 = [&](const char* k) {
     const Json* v = j.find(k);
     CM_REQUIRE(v, what, ": missing '", k, "'");
     const std::string& s = v->as_string(what + "." + k);
-    CM_REQUIRE(!s.empty() && s.size() <= 20 && s.find_first_not_of("0123456789") == std::string::npos, what, ".", k,
-               ": expected an unsigned integer, got '", s, "'");
-    return (uint64_t)std::stoull(s);
+    errno = 0;
+    uint64_t x = std::strtoull(s.c_str(), nullptr, 10);
+    CM_REQUIRE(
+        !s.empty() && s.size() <= 20 && s.find_first_not_of("0123456789") == std::string::npos && errno != ERANGE, what,
+        ".", k, ": expected an unsigned 64-bit integer, got '", s, "'");
+    return x;
   };
   return Generator(u64("seed"), u64("offset"));
 }
@@ -160,7 +168,7 @@ namespace {
 
 // Routed slots per expert of each MoE layer, summed over the training forwards since the last evaluation.
 struct RoutingTally {
-  std::vector<int64_t> layers;            // MoE layer indices
+  std::vector<int64_t> layers;             // MoE layer indices
   std::vector<std::vector<double>> slots;  // [layers][N]
   std::vector<double> dropped, total;      // [layers]
 
@@ -206,8 +214,8 @@ std::vector<double> expert_reliability(const std::map<std::string, float>& stats
   return r;
 }
 
-double evaluate(ClusterMoELM& model, const TextDataset& ds, Split split, int64_t iters, int64_t B,
-                uint64_t seed, Device dev) {
+double evaluate(ClusterMoELM& model, const TextDataset& ds, Split split, int64_t iters, int64_t B, uint64_t seed,
+                Device dev) {
   NoGrad ng;
   bool was_training = model.training();
   model.eval();
@@ -262,8 +270,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
 
   // ---- data
   Corpus corpus = o.data.empty() ? default_corpus() : read_corpus(o.data);
-  ByteTokenizer tok = resuming ? ByteTokenizer::from_hex(ck.require_meta("tokenizer"))
-                               : ByteTokenizer::from_corpus(corpus.bytes);
+  ByteTokenizer tok =
+      resuming ? ByteTokenizer::from_hex(ck.require_meta("tokenizer")) : ByteTokenizer::from_corpus(corpus.bytes);
   TextDataset ds(corpus.bytes, tok, o.seq_len);
 
   // ---- model and optimizer
@@ -397,8 +405,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
       l.mean_reliability = it != rel.end() ? it->second : 1.0;
       if (tot > 0) routing.push_back(l);
     }
-    double tr = evaluate(model, ds, Split::Train, o.eval_iters, o.batch_size,
-                         stream_seed(o.seed, Stream::EvalTrain), dev);
+    double tr =
+        evaluate(model, ds, Split::Train, o.eval_iters, o.batch_size, stream_seed(o.seed, Stream::EvalTrain), dev);
     double va = evaluate(model, ds, Split::Val, o.eval_iters, o.batch_size, stream_seed(o.seed, Stream::EvalVal), dev);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     char line[160];
@@ -412,8 +420,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     res.evals.push_back(er);
     tally.reset();
     model.reset_metrics();
-    CM_REQUIRE(std::isfinite(tr) && std::isfinite(va), "evaluation loss is not finite at step ", s,
-               " (train ", tr, ", val ", va, "): training stopped");
+    CM_REQUIRE(std::isfinite(tr) && std::isfinite(va), "evaluation loss is not finite at step ", s, " (train ", tr,
+               ", val ", va, "): training stopped");
   };
   auto do_sample = [&](int64_t s) {
     std::vector<int32_t> prompt = {tok.has('\n') ? tok.encode("\n")[0] : 0};
@@ -430,11 +438,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   };
 
   if (!resuming) at_boundary(0);
-  if (step >= o.max_steps) out << "nothing to do: the checkpoint is at step " << step << ", --max_steps is " << o.max_steps << "\n";
+  if (step >= o.max_steps)
+    out << "nothing to do: the checkpoint is at step " << step << ", --max_steps is " << o.max_steps << "\n";
 
   const double tokens_per_step = (double)(o.batch_size * o.seq_len * o.grad_accum);
-  const double flops_per_step = train_flops_per_token(summary.active_params_per_token, cfg.n_layers, o.seq_len,
-                                                      cfg.d_model) * tokens_per_step;
+  const double flops_per_step =
+      train_flops_per_token(summary.active_params_per_token, cfg.n_layers, o.seq_len, cfg.d_model) * tokens_per_step;
   double ema_ms = -1;
   while (step < o.max_steps) {
     auto t0 = std::chrono::steady_clock::now();
@@ -451,7 +460,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
       tally.add(fw, o.batch_size * o.seq_len, K);
     }
     CM_REQUIRE(std::isfinite(loss) && std::isfinite(aux), "loss is ", loss, " (aux ", aux, ") at step ", step + 1,
-               ": training stopped", res.last_checkpoint.empty() ? std::string() : ". Last checkpoint: " + res.last_checkpoint,
+               ": training stopped",
+               res.last_checkpoint.empty() ? std::string() : ". Last checkpoint: " + res.last_checkpoint,
                ". A lower --lr or a --grad_clip may help.");
     const float norm = clip_grad_norm(params, o.grad_clip);
     if (std::isfinite(norm)) {
@@ -477,7 +487,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
         mfu = fmt(" | MFU %.1f%%", 100.0 * flops_per_step / (ms / 1000.0) / peak);
       }
       char line[256];
-      std::snprintf(line, sizeof line, "step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s%s | ETA %s\n",
+      std::snprintf(line, sizeof line,
+                    "step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s%s | ETA %s\n",
                     (long long)step, (long long)o.max_steps, loss, aux, lr, norm, ms, tok_s, mfu.c_str(),
                     format_duration(ema_ms / 1000.0 * (double)(o.max_steps - step)).c_str());
       out << line;

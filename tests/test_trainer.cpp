@@ -69,10 +69,36 @@ std::string shakespeare_excerpt(const TempDir& dir, size_t n) {
 std::vector<std::string> tiny_args(const std::string& data, const std::string& out_dir) {
   std::vector<std::string> a = {"--data", data};
   if (!out_dir.empty()) a.insert(a.end(), {"--out_dir", out_dir});
-  std::vector<std::string> rest = {"--d_model", "32", "--n_layers", "2", "--n_heads", "2",
-          "--d_ff", "64", "--num_clusters", "2", "--experts_per_cluster", "2", "--top_k_clusters", "1",
-          "--top_k_experts", "1", "--seq_len", "32", "--batch_size", "8", "--eval_iters", "4",
-          "--sample_every", "0", "--log_every", "0", "--warmup_steps", "5", "--lr", "3e-3"};
+  std::vector<std::string> rest = {"--d_model",
+                                   "32",
+                                   "--n_layers",
+                                   "2",
+                                   "--n_heads",
+                                   "2",
+                                   "--d_ff",
+                                   "64",
+                                   "--num_clusters",
+                                   "2",
+                                   "--experts_per_cluster",
+                                   "2",
+                                   "--top_k_clusters",
+                                   "1",
+                                   "--top_k_experts",
+                                   "1",
+                                   "--seq_len",
+                                   "32",
+                                   "--batch_size",
+                                   "8",
+                                   "--eval_iters",
+                                   "4",
+                                   "--sample_every",
+                                   "0",
+                                   "--log_every",
+                                   "0",
+                                   "--warmup_steps",
+                                   "5",
+                                   "--lr",
+                                   "3e-3"};
   a.insert(a.end(), rest.begin(), rest.end());
   return a;
 }
@@ -114,434 +140,463 @@ std::map<std::string, std::string> snapshot(const fs::path& dir) {
 }  // namespace
 
 TEST_SUITE("trainer") {
-
-// ---------------------------------------------------------------- tokenizer and data
-TEST_CASE("tokenizer: sorted distinct bytes, round trips, clear errors") {
-  ByteTokenizer t = ByteTokenizer::from_corpus("hello\nworld\x01\xff");
-  CHECK(t.vocab() == std::string("\x01\n" "dehlorw\xff"));
-  CHECK(t.vocab_size() == 10);
-  std::vector<int32_t> ids = t.encode("world\n");
-  CHECK(ids == std::vector<int32_t>{8, 6, 7, 5, 2, 1});
-  CHECK(t.decode(ids) == "world\n");
-  CHECK(ByteTokenizer::from_hex(t.to_hex()).vocab() == t.vocab());
-  CHECK(t.to_hex() == "010a6465686c6f7277ff");
-  CHECK_THROWS_AS(t.encode("z"), Error);
-  try {
-    t.encode("hel!o");
-  } catch (const Error& e) {
-    CHECK(contains(e.what(), "'!' at position 3"));
-  }
-  CHECK_THROWS_AS(t.decode({10}), Error);
-  CHECK_THROWS_AS(t.decode({-1}), Error);
-  CHECK_THROWS_AS(ByteTokenizer::from_corpus(""), Error);
-  for (const char* bad : {"", "0", "zz", "0a0a", "0b0a", std::string(514, 'a').c_str()})
-    CHECK_THROWS_AS(ByteTokenizer::from_hex(bad), Error);
-}
-
-TEST_CASE("data: 90/10 split by position; windows are (x, x shifted by one), seeded and resumable") {
-  std::string text;
-  for (int i = 0; i < 1000; ++i) text += (char)('a' + (i * 7 + i / 26) % 26);
-  ByteTokenizer tok = ByteTokenizer::from_corpus(text);
-  TextDataset ds(text, tok, 16);
-  CHECK(ds.size(Split::Train) == 900);
-  CHECK(ds.size(Split::Val) == 100);
-  std::vector<int32_t> all = tok.encode(text);
-
-  Generator g(42, 0);
-  auto b1 = ds.batch(Split::Val, 5, g);
-  CHECK(g.offset == 5);
-  CHECK(b1.first.shape() == Shape{5, 16});
-  CHECK(b1.first.dtype() == DType::I32);
-  std::vector<int32_t> x = b1.first.to_i32_vector(), y = b1.second.to_i32_vector();
-  for (int b = 0; b < 5; ++b) {
-    // The window must occur inside the validation tenth, and y must be x shifted by one.
-    bool found = false;
-    for (int s = 900; s + 17 <= 1000 && !found; ++s)
-      found = std::equal(x.begin() + b * 16, x.begin() + b * 16 + 16, all.begin() + s) &&
-              std::equal(y.begin() + b * 16, y.begin() + b * 16 + 16, all.begin() + s + 1);
-    CHECK_MESSAGE(found, "window ", b, " is not a validation window");
-  }
-  // Same (seed, offset) -> same windows; continuing from a stored offset continues the same stream.
-  Generator g1(7, 0), g2(7, 0);
-  auto a = ds.batch(Split::Train, 3, g1);
-  auto a2 = ds.batch(Split::Train, 3, g1);
-  auto c = ds.batch(Split::Train, 3, g2);
-  Generator g3(7, 3);
-  auto c2 = ds.batch(Split::Train, 3, g3);
-  CHECK(a.first.to_i32_vector() == c.first.to_i32_vector());
-  CHECK(a2.first.to_i32_vector() == c2.first.to_i32_vector());
-  CHECK(a.first.to_i32_vector() != a2.first.to_i32_vector());
-}
-
-TEST_CASE("data: missing, empty and too-short files say what is wrong") {
-  TempDir dir("data_bad");
-  CHECK_THROWS_AS(read_corpus(dir.file("nope.txt")), Error);
-  CHECK_THROWS_AS(read_corpus(dir.path.string()), Error);
-  write_bytes(dir.file("empty.txt"), "");
-  try {
-    read_corpus(dir.file("empty.txt"));
-    FAIL("no error for an empty file");
-  } catch (const Error& e) {
-    CHECK(contains(e.what(), "empty"));
-  }
-  std::string shortText(200, 'a');
-  ByteTokenizer tok = ByteTokenizer::from_corpus(shortText);
-  try {
-    TextDataset ds(shortText, tok, 64);
-    FAIL("no error for a too-short file");
-  } catch (const Error& e) {
-    CHECK(contains(e.what(), "data too short: 200 bytes"));
-    CHECK(contains(e.what(), "at least 641 bytes"));  // 576 + 65: the validation tenth needs 65
-  }
-  // Exactly the minimum works.
-  CHECK_NOTHROW(TextDataset(std::string(641, 'a'), tok, 64));
-  CHECK_THROWS_AS(TextDataset(std::string(640, 'a'), tok, 64), Error);
-}
-
-TEST_CASE("data: the default corpus falls back to the fortunes, then to a message saying what to run") {
-  TempDir dir("data_default");
-  // tinyshakespeare present: it is used.
-  write_bytes(dir.file("ts.txt"), "First Citizen:\n");
-  Corpus c = default_corpus(dir.file("ts.txt"), dir.file("fortunes"));
-  CHECK(c.source == dir.file("ts.txt"));
-  CHECK(c.note.empty());
-  // Missing: the fortunes (the '%' separators dropped, *.dat and *.u8 skipped).
-  fs::create_directories(dir.file("fortunes"));
-  write_bytes(dir.file("fortunes/b"), "second\n%\nthird\n");
-  write_bytes(dir.file("fortunes/a"), "first\n%\n");
-  write_bytes(dir.file("fortunes/a.dat"), "\x01\x02 index");
-  fs::create_symlink("a", dir.file("fortunes/a.u8"));
-  c = default_corpus(dir.file("missing.txt"), dir.file("fortunes"));
-  CHECK(c.bytes == "first\n\nsecond\n\nthird\n");
-  CHECK(contains(c.note, "make data"));
-  CHECK(contains(c.source, "2 files"));
-  // Neither: the message tells the user what to run.
-  try {
-    default_corpus(dir.file("missing.txt"), dir.file("no_fortunes"));
-    FAIL("no error without any corpus");
-  } catch (const Error& e) {
-    CHECK(contains(e.what(), "make data"));
-    CHECK(contains(e.what(), "apt-get install fortunes"));
-    CHECK(contains(e.what(), "--data"));
-  }
-}
-
-// ---------------------------------------------------------------- report
-TEST_CASE("report: log.csv and routing.csv rows, resume drops rows after the checkpoint, svg written") {
-  TempDir dir("report");
-  std::string d = dir.file("out");
-  LayerRouting l;
-  l.layer = 0;
-  l.experts_per_cluster = 2;
-  l.tokens = {30, 10, 0, 60};
-  l.share = {0.3, 0.1, 0.0, 0.6};
-  l.reliability = {1, 1, 0.5, 1};
-  l.dropped_fraction = 0.02;
-  CHECK(l.max_share() == 0.6);
-  CHECK(l.dead_experts() == 1);
-  {
-    RunReport r(d, -1);
-    for (int64_t s = 1; s <= 4; ++s) r.add_step({s, 3.0 - 0.1 * s, 0.01, 1e-3, 0.5, 10, 1000});
-    r.add_eval({2, 2.8, 2.9}, {l});
-    r.add_eval({4, 2.6, 2.7}, {l});
-    r.write_svg();
-  }
-  std::string log = read_bytes(d + "/log.csv");
-  CHECK(log.rfind("step,kind,loss,val_loss,aux,lr,grad_norm,ms,tok_per_s\n", 0) == 0);
-  CHECK(contains(log, "\n4,eval,2.6,2.7,,,,,\n"));
-  std::string routing = read_bytes(d + "/routing.csv");
-  CHECK(contains(routing, "\n4,0,3,1,60,0.6,1,0.02\n"));
-  std::string svg = read_bytes(d + "/curves.svg");
-  CHECK(svg.rfind("<svg", 0) == 0);
-  CHECK(contains(svg, "</svg>"));
-  CHECK(contains(svg, "expert utilisation at step 4"));
-  // Resumed from step 2: rows of steps 3 and 4 are gone from both files and from the history.
-  RunReport r(d, 2);
-  CHECK(r.steps().size() == 2);
-  CHECK(r.evals().size() == 1);
-  CHECK_FALSE(contains(read_bytes(d + "/log.csv"), "\n3,train"));
-  CHECK_FALSE(contains(read_bytes(d + "/routing.csv"), "\n4,0"));
-  CHECK(contains(read_bytes(d + "/routing.csv"), "\n2,0,3,1,60,0.6,1,0.02\n"));
-}
-
-TEST_CASE("report: console helpers") {
-  CHECK(with_commas(1115394) == "1,115,394");
-  CHECK(with_commas(-1000) == "-1,000");
-  CHECK(with_commas(12) == "12");
-  CHECK(format_duration(5.25) == "5.2s");
-  CHECK(format_duration(245) == "4m05s");
-  CHECK(format_duration(3720) == "1h02m");
-  std::ostringstream os;
-  print_table(os, "t", {{"a", "1"}, {"long name", "v"}});
-  CHECK(contains(os.str(), "| long name | v |"));
-}
-
-// ---------------------------------------------------------------- training
-TEST_CASE("trainer: a short run on real text lowers the val loss") {
-  TempDir dir("learn");
-  std::string data = shakespeare_excerpt(dir, 200000);
-  TrainOptions o = options(tiny_args(data, dir.file("out")) + std::vector<std::string>{"--max_steps", "120",
-                                                                                        "--eval_every", "60"});
-  std::ostringstream out;
-  TrainResult r = train(o, out);
-  REQUIRE(r.evals.size() == 3);  // steps 0, 60, 120
-  double v0 = r.evals.front().val_loss, v1 = r.evals.back().val_loss;
-  MESSAGE("val loss ", v0, " -> ", v1);
-  CHECK(v0 > 3.5);        // about ln(vocab): nothing learned yet
-  CHECK(v1 < v0 - 0.8);   // character frequencies and common pairs are learned within a hundred steps
-  CHECK(r.final_step == 120);
-  // What a run leaves in out_dir.
-  CHECK(fs::exists(dir.file("out/log.csv")));
-  CHECK(fs::exists(dir.file("out/routing.csv")));
-  CHECK(fs::exists(dir.file("out/curves.svg")));
-  CHECK(r.last_checkpoint == checkpoint_path(dir.file("out"), 120));
-  CHECK(contains(out.str(), "eval step 120"));
-  CHECK(contains(out.str(), "routing layer 0 | max share"));
-}
-
-TEST_CASE("trainer: overfitting one batch drives its loss near zero") {
-  // A fixed batch of 4 sequences of 16 bytes, memorised by the model and AdamW that train_lm uses.
-  std::string text = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer";
-  ByteTokenizer tok = ByteTokenizer::from_corpus(text);
-  std::vector<int32_t> ids = tok.encode(text);
-  std::vector<int32_t> x, y;
-  for (int b = 0; b < 4; ++b)
-    for (int t = 0; t < 16; ++t) {
-      x.push_back(ids[b * 17 + t]);
-      y.push_back(ids[b * 17 + t + 1]);
+  // ---------------------------------------------------------------- tokenizer and data
+  TEST_CASE("tokenizer: sorted distinct bytes, round trips, clear errors") {
+    ByteTokenizer t = ByteTokenizer::from_corpus("hello\nworld\x01\xff");
+    CHECK(t.vocab() == std::string("\x01\n"
+                                   "dehlorw\xff"));
+    CHECK(t.vocab_size() == 10);
+    std::vector<int32_t> ids = t.encode("world\n");
+    CHECK(ids == std::vector<int32_t>{8, 6, 7, 5, 2, 1});
+    CHECK(t.decode(ids) == "world\n");
+    CHECK(ByteTokenizer::from_hex(t.to_hex()).vocab() == t.vocab());
+    CHECK(t.to_hex() == "010a6465686c6f7277ff");
+    CHECK_THROWS_AS(t.encode("z"), Error);
+    try {
+      t.encode("hel!o");
+    } catch (const Error& e) {
+      CHECK(contains(e.what(), "'!' at position 3"));
     }
-  CoEConfig cfg = options({"--d_model", "32", "--n_layers", "2", "--n_heads", "2", "--d_ff", "64", "--seq_len",
-                           "16", "--max_steps", "300", "--warmup_steps", "10"})
-                      .model_config(tok.vocab_size());
-  ClusterMoELM model(cfg);
-  NamedTensors params = model.named_parameters();
-  AdamW opt(params);
-  Tensor tx = Tensor::from_vector(x, {4, 16}), ty = Tensor::from_vector(y, {4, 16});
-  float first = 0, last = 0;
-  for (int step = 0; step < 300; ++step) {
-    CoEOutput out = model.forward(tx, ty);
-    if (step == 0) first = out.loss.item();
-    last = out.loss.item();
-    out.total_loss.backward();
-    clip_grad_norm(params, 1.0f);
-    opt.step(lr_at(step, {3e-3f, 3e-4f, 10, 300}));
-    opt.zero_grad();
-    model.after_step();
+    CHECK_THROWS_AS(t.decode({10}), Error);
+    CHECK_THROWS_AS(t.decode({-1}), Error);
+    CHECK_THROWS_AS(ByteTokenizer::from_corpus(""), Error);
+    for (const char* bad : {"", "0", "zz", "0a0a", "0b0a", std::string(514, 'a').c_str()})
+      CHECK_THROWS_AS(ByteTokenizer::from_hex(bad), Error);
   }
-  MESSAGE("one-batch loss ", first, " -> ", last);
-  CHECK(first > 2.5f);
-  CHECK(last < 0.1f);
-}
 
-TEST_CASE("trainer: an interrupted and resumed run gives the same losses, bit for bit") {
-  TempDir dir("resume");
-  std::string data = shakespeare_excerpt(dir, 100000);
-  // grad_accum 2 and dropout on: the data and dropout streams both have to be restored exactly.
-  auto args = tiny_args(data, "") + std::vector<std::string>{"--max_steps", "24", "--eval_every", "8",
-                                                              "--save_every", "8", "--grad_accum", "2",
-                                                              "--dropout", "0.1", "--keep_last", "0"};
-  std::ostringstream sink;
-  TrainOptions whole = options(args + std::vector<std::string>{"--out_dir", dir.file("whole")});
-  TrainResult rw = train(whole, sink);
-  REQUIRE(rw.step_losses.size() == 24);
+  TEST_CASE("data: 90/10 split by position; windows are (x, x shifted by one), seeded and resumable") {
+    std::string text;
+    for (int i = 0; i < 1000; ++i) text += (char)('a' + (i * 7 + i / 26) % 26);
+    ByteTokenizer tok = ByteTokenizer::from_corpus(text);
+    TextDataset ds(text, tok, 16);
+    CHECK(ds.size(Split::Train) == 900);
+    CHECK(ds.size(Split::Val) == 100);
+    std::vector<int32_t> all = tok.encode(text);
 
-  TrainOptions first = options(args + std::vector<std::string>{"--out_dir", dir.file("split")});
-  first.stop_at = 13;  // "interrupted" after step 13: the newest checkpoint is step 8
-  TrainResult r1 = train(first, sink);
-  CHECK(r1.final_step == 13);
-  CHECK(r1.last_checkpoint == checkpoint_path(dir.file("split"), 8));
-  // The resumed run is configured from the checkpoint alone (plus --out_dir to find it).
-  TrainOptions second = options({"--out_dir", dir.file("split"), "--resume"});
-  CHECK(second.resume == checkpoint_path(dir.file("split"), 8));
-  TrainResult r2 = train(second, sink);
-  CHECK(r2.start_step == 8);
-  REQUIRE(r2.step_losses.size() == 16);
-  for (size_t i = 0; i < 16; ++i) CHECK_MESSAGE(r2.step_losses[i] == rw.step_losses[8 + i], "step ", 9 + i);
-  REQUIRE(r2.evals.size() == 2);
-  CHECK(r2.evals.back().val_loss == rw.evals.back().val_loss);
-  CHECK(r2.evals.back().train_loss == rw.evals.back().train_loss);
-  // The logs read like an uninterrupted run's: the interrupted run's steps 9..13 were dropped on resume.
-  CHECK(read_bytes(dir.file("split/routing.csv")) == read_bytes(dir.file("whole/routing.csv")));
-  auto loss_cols = [&](const std::string& path) {  // step, kind, loss, val_loss (timings differ)
-    std::istringstream in(read_bytes(path));
-    std::string line, out;
-    while (std::getline(in, line)) {
-      size_t p = 0;
-      for (int c = 0; c < 4 && p != std::string::npos; ++c) p = line.find(',', p + 1);
-      out += line.substr(0, p) + "\n";
+    Generator g(42, 0);
+    auto b1 = ds.batch(Split::Val, 5, g);
+    CHECK(g.offset == 5);
+    CHECK(b1.first.shape() == Shape{5, 16});
+    CHECK(b1.first.dtype() == DType::I32);
+    std::vector<int32_t> x = b1.first.to_i32_vector(), y = b1.second.to_i32_vector();
+    for (int b = 0; b < 5; ++b) {
+      // The window must occur inside the validation tenth, and y must be x shifted by one.
+      bool found = false;
+      for (int s = 900; s + 17 <= 1000 && !found; ++s)
+        found = std::equal(x.begin() + b * 16, x.begin() + b * 16 + 16, all.begin() + s) &&
+                std::equal(y.begin() + b * 16, y.begin() + b * 16 + 16, all.begin() + s + 1);
+      CHECK_MESSAGE(found, "window ", b, " is not a validation window");
     }
-    return out;
-  };
-  CHECK(loss_cols(dir.file("split/log.csv")) == loss_cols(dir.file("whole/log.csv")));
-  // And the final checkpoints hold the same state: every tensor (weights, buffers, AdamW moments) and stream.
-  SafeTensors cs = load_safetensors(checkpoint_path(dir.file("split"), 24));
-  SafeTensors cw = load_safetensors(checkpoint_path(dir.file("whole"), 24));
-  REQUIRE(cs.tensors.size() == cw.tensors.size());
-  for (size_t i = 0; i < cs.tensors.size(); ++i) {
-    CHECK(cs.tensors[i].first == cw.tensors[i].first);
-    const Tensor &a = cs.tensors[i].second, &b = cw.tensors[i].second;
-    if (a.dtype() == DType::F32) CHECK_MESSAGE(a.to_f32_vector() == b.to_f32_vector(), cs.tensors[i].first);
-    else CHECK_MESSAGE(a.to_i32_vector() == b.to_i32_vector(), cs.tensors[i].first);
+    // Same (seed, offset) -> same windows; continuing from a stored offset continues the same stream.
+    Generator g1(7, 0), g2(7, 0);
+    auto a = ds.batch(Split::Train, 3, g1);
+    auto a2 = ds.batch(Split::Train, 3, g1);
+    auto c = ds.batch(Split::Train, 3, g2);
+    Generator g3(7, 3);
+    auto c2 = ds.batch(Split::Train, 3, g3);
+    CHECK(a.first.to_i32_vector() == c.first.to_i32_vector());
+    CHECK(a2.first.to_i32_vector() == c2.first.to_i32_vector());
+    CHECK(a.first.to_i32_vector() != a2.first.to_i32_vector());
   }
-  for (const char* k : {"step", "adamw_step", "config", "tokenizer", "data_rng", "dropout_rng", "schedule"})
-    CHECK_MESSAGE(cs.require_meta(k) == cw.require_meta(k), k);
-}
 
-TEST_CASE("trainer: checkpoint round trip restores the model exactly; sampling is seeded") {
-  TempDir dir("roundtrip");
-  std::string data = shakespeare_excerpt(dir, 50000);
-  std::string out_dir = dir.file("out");
-  Ran r = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "10", "--eval_every", "0"});
-  REQUIRE_MESSAGE(r.rc == 0, r.err);
-  std::string ck = checkpoint_path(out_dir, 10);
-  REQUIRE(fs::exists(ck));
-
-  // Two models built from the checkpoint give identical logits, and differ from a fresh initialisation.
-  SafeTensors st = load_safetensors(ck);
-  CoEConfig cfg = options(tiny_args(data, out_dir)).model_config(ByteTokenizer::from_hex(st.require_meta("tokenizer")).vocab_size());
-  ClusterMoELM a(cfg), b(cfg), fresh(cfg);
-  for (ClusterMoELM* m : {&a, &b}) {
-    NamedTensors state = m->named_parameters();
-    for (auto& kv : m->named_buffers()) state.push_back(kv);
-    restore_tensors(st, state, "adamw.");
+  TEST_CASE("data: missing, empty and too-short files say what is wrong") {
+    TempDir dir("data_bad");
+    CHECK_THROWS_AS(read_corpus(dir.file("nope.txt")), Error);
+    CHECK_THROWS_AS(read_corpus(dir.path.string()), Error);
+    write_bytes(dir.file("empty.txt"), "");
+    try {
+      read_corpus(dir.file("empty.txt"));
+      FAIL("no error for an empty file");
+    } catch (const Error& e) {
+      CHECK(contains(e.what(), "empty"));
+    }
+    std::string shortText(200, 'a');
+    ByteTokenizer tok = ByteTokenizer::from_corpus(shortText);
+    try {
+      TextDataset ds(shortText, tok, 64);
+      FAIL("no error for a too-short file");
+    } catch (const Error& e) {
+      CHECK(contains(e.what(), "data too short: 200 bytes"));
+      CHECK(contains(e.what(), "at least 641 bytes"));  // 576 + 65: the validation tenth needs 65
+    }
+    // Exactly the minimum works.
+    CHECK_NOTHROW(TextDataset(std::string(641, 'a'), tok, 64));
+    CHECK_THROWS_AS(TextDataset(std::string(640, 'a'), tok, 64), Error);
   }
-  CHECK(a.step() == 10);
-  a.eval();
-  b.eval();
-  fresh.eval();
-  Tensor ids = Tensor::from_vector(std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8}, {1, 8});
-  NoGrad ng;
-  std::vector<float> la = a.forward(ids).logits.to_f32_vector(), lb = b.forward(ids).logits.to_f32_vector();
-  CHECK(la == lb);
-  CHECK(la != fresh.forward(ids).logits.to_f32_vector());
-  // The saved parameters are the trained ones (the checkpoint written at the end, not before the last step).
-  for (const auto& kv : a.named_parameters())
-    CHECK(kv.second.to_f32_vector() == st.find(kv.first)->to_f32_vector());
 
-  // sample: same seed, same text; another seed, another text; the tokens/s line on stderr.
-  auto args = std::vector<std::string>{"--ckpt", ck, "--prompt", "ROMEO:", "--max_new_tokens", "40",
-                                       "--temperature", "1.0", "--top_k", "10"};
-  Ran s1 = sample(args + std::vector<std::string>{"--seed", "5"});
-  Ran s2 = sample(args + std::vector<std::string>{"--seed", "5"});
-  Ran s3 = sample(args + std::vector<std::string>{"--seed", "6"});
-  REQUIRE_MESSAGE(s1.rc == 0, s1.err);
-  CHECK(s1.out == s2.out);
-  CHECK(s1.out != s3.out);
-  CHECK(s1.out.rfind("ROMEO:", 0) == 0);
-  CHECK(s1.out.size() == 6 + 40 + 1);  // prompt, 40 bytes, newline
-  CHECK(contains(s1.err, "tokens/s"));
-  // Without the cache the tokens are the same (DESIGN.md 4.6).
-  Ran s4 = sample(args + std::vector<std::string>{"--seed", "5", "--cache", "0"});
-  CHECK(s4.out == s1.out);
-  // --out_dir finds the newest checkpoint.
-  Ran s5 = sample({"--out_dir", out_dir, "--prompt", "ROMEO:", "--max_new_tokens", "40", "--temperature", "1.0",
-                   "--top_k", "10", "--seed", "5"});
-  CHECK(s5.out == s1.out);
-}
-
-// ---------------------------------------------------------------- bad input
-TEST_CASE("train_lm: bad flags, data and settings exit 2 with a message, and write nothing") {
-  TempDir dir("bad_train");
-  std::string data = shakespeare_excerpt(dir, 20000);
-  std::string out_dir = dir.file("out");
-  write_bytes(dir.file("empty.txt"), "");
-  write_bytes(dir.file("short.txt"), "just a few bytes");
-  struct Case {
-    std::vector<std::string> extra;
-    const char* message;
-  };
-  std::vector<Case> cases = {
-      {{"--bogus", "1"}, "unknown flag --bogus"},
-      {{"--lr", "fast"}, "--lr: expected a number, got 'fast'"},
-      {{"--max_steps", "-3"}, "--max_steps must be in"},
-      {{"--batch_size", "2x"}, "--batch_size: expected an integer"},
-      {{"--data", dir.file("missing.txt")}, "data file not found"},
-      {{"--data", dir.file("empty.txt")}, "data file is empty"},
-      {{"--data", dir.file("short.txt")}, "data too short"},
-      {{"--n_heads", "5"}, "n_heads"},
-      {{"--top_k_experts", "3"}, "top_k"},
-      {{"--resume"}, "no checkpoint"},
-      {{"--resume", dir.file("nope.safetensors")}, "not found"},
-  };
-  for (const auto& c : cases) {
-    Ran r = train_lm(tiny_args(data, out_dir) + c.extra);
-    CHECK_MESSAGE(r.rc == 2, c.message);
-    CHECK_MESSAGE(contains(r.err, c.message), "expected '", c.message, "' in: ", r.err);
-    CHECK_MESSAGE(!fs::exists(out_dir), c.message, ": out_dir was created");
+  TEST_CASE("data: the default corpus falls back to the fortunes, then to a message saying what to run") {
+    TempDir dir("data_default");
+    // tinyshakespeare present: it is used.
+    write_bytes(dir.file("ts.txt"), "First Citizen:\n");
+    Corpus c = default_corpus(dir.file("ts.txt"), dir.file("fortunes"));
+    CHECK(c.source == dir.file("ts.txt"));
+    CHECK(c.note.empty());
+    // Missing: the fortunes (the '%' separators dropped, *.dat and *.u8 skipped).
+    fs::create_directories(dir.file("fortunes"));
+    write_bytes(dir.file("fortunes/b"), "second\n%\nthird\n");
+    write_bytes(dir.file("fortunes/a"), "first\n%\n");
+    write_bytes(dir.file("fortunes/a.dat"), "\x01\x02 index");
+    fs::create_symlink("a", dir.file("fortunes/a.u8"));
+    c = default_corpus(dir.file("missing.txt"), dir.file("fortunes"));
+    CHECK(c.bytes == "first\n\nsecond\n\nthird\n");
+    CHECK(contains(c.note, "make data"));
+    CHECK(contains(c.source, "2 files"));
+    // Neither: the message tells the user what to run.
+    try {
+      default_corpus(dir.file("missing.txt"), dir.file("no_fortunes"));
+      FAIL("no error without any corpus");
+    } catch (const Error& e) {
+      CHECK(contains(e.what(), "make data"));
+      CHECK(contains(e.what(), "apt-get install fortunes"));
+      CHECK(contains(e.what(), "--data"));
+    }
   }
-  // Flag errors print the usage too; --help prints it and succeeds.
-  CHECK(contains(train_lm({"--bogus"}).err, "usage: train_lm"));
-  Ran h = train_lm({"--help"});
-  CHECK(h.rc == 0);
-  CHECK(contains(h.out, "--max_steps"));
-  // A non-finite loss stops the run and names the step (weights initialised absurdly large overflow).
-  Ran nan = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--init_std", "1e30", "--max_steps", "5",
-                                                                            "--eval_every", "0"});
-  CHECK(nan.rc == 2);
-  CHECK_MESSAGE(contains(nan.err, "at step "), nan.err);
-  CHECK_MESSAGE(contains(nan.err, ": training stopped"), nan.err);
-}
 
-TEST_CASE("train_lm and sample: corrupt, truncated and mismatched checkpoints exit 2 and change nothing") {
-  TempDir dir("bad_ckpt");
-  std::string data = shakespeare_excerpt(dir, 20000);
-  std::string out_dir = dir.file("out");
-  Ran ok = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "4", "--eval_every", "2",
-                                                                           "--save_every", "2"});
-  REQUIRE_MESSAGE(ok.rc == 0, ok.err);
-  std::string ck = checkpoint_path(out_dir, 4);
-  std::string good = read_bytes(ck);
-
-  // A fresh run into an out_dir with checkpoints would mix two runs: refused.
-  auto before = snapshot(out_dir);
-  Ran again = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "4"});
-  CHECK(again.rc == 2);
-  CHECK(contains(again.err, "--resume"));
-  CHECK(snapshot(out_dir) == before);
-
-  // Mismatched: resuming with a different width finds every shape wrong and says which.
-  Ran mm = train_lm({"--out_dir", out_dir, "--resume", "--d_model", "64", "--max_steps", "6"});
-  CHECK(mm.rc == 2);
-  CHECK_MESSAGE(contains(mm.err, "has shape"), mm.err);
-  CHECK(snapshot(out_dir) == before);
-
-  // Truncated and corrupt copies of the newest checkpoint.
-  for (const auto& bad : {good.substr(0, good.size() / 2), good.substr(0, 6), std::string("garbage bytes here"),
-                          std::string(good).replace(8, 1, "#")}) {
-    write_bytes(ck, bad);
-    auto snap = snapshot(out_dir);
-    Ran r = train_lm({"--out_dir", out_dir, "--resume", "--max_steps", "6"});
-    CHECK(r.rc == 2);
-    CHECK_MESSAGE(contains(r.err, ck), r.err);
-    CHECK(snapshot(out_dir) == snap);
-    Ran s = sample({"--ckpt", ck, "--max_new_tokens", "5"});
-    CHECK(s.rc == 2);
-    CHECK(contains(s.err, ck));
+  // ---------------------------------------------------------------- report
+  TEST_CASE("report: log.csv and routing.csv rows, resume drops rows after the checkpoint, svg written") {
+    TempDir dir("report");
+    std::string d = dir.file("out");
+    LayerRouting l;
+    l.layer = 0;
+    l.experts_per_cluster = 2;
+    l.tokens = {30, 10, 0, 60};
+    l.share = {0.3, 0.1, 0.0, 0.6};
+    l.reliability = {1, 1, 0.5, 1};
+    l.dropped_fraction = 0.02;
+    CHECK(l.max_share() == 0.6);
+    CHECK(l.dead_experts() == 1);
+    {
+      RunReport r(d, -1);
+      for (int64_t s = 1; s <= 4; ++s) r.add_step({s, 3.0 - 0.1 * s, 0.01, 1e-3, 0.5, 10, 1000});
+      r.add_eval({2, 2.8, 2.9}, {l});
+      r.add_eval({4, 2.6, 2.7}, {l});
+      r.write_svg();
+    }
+    std::string log = read_bytes(d + "/log.csv");
+    CHECK(log.rfind("step,kind,loss,val_loss,aux,lr,grad_norm,ms,tok_per_s\n", 0) == 0);
+    CHECK(contains(log, "\n4,eval,2.6,2.7,,,,,\n"));
+    std::string routing = read_bytes(d + "/routing.csv");
+    CHECK(contains(routing, "\n4,0,3,1,60,0.6,1,0.02\n"));
+    std::string svg = read_bytes(d + "/curves.svg");
+    CHECK(svg.rfind("<svg", 0) == 0);
+    CHECK(contains(svg, "</svg>"));
+    CHECK(contains(svg, "expert utilisation at step 4"));
+    // Resumed from step 2: rows of steps 3 and 4 are gone from both files and from the history.
+    RunReport r(d, 2);
+    CHECK(r.steps().size() == 2);
+    CHECK(r.evals().size() == 1);
+    CHECK_FALSE(contains(read_bytes(d + "/log.csv"), "\n3,train"));
+    CHECK_FALSE(contains(read_bytes(d + "/routing.csv"), "\n4,0"));
+    CHECK(contains(read_bytes(d + "/routing.csv"), "\n2,0,3,1,60,0.6,1,0.02\n"));
   }
-  write_bytes(ck, good);
 
-  // A valid safetensors file that is not a train_lm checkpoint.
-  save_safetensors(dir.file("other.safetensors"), {{"w", Tensor::ones({2})}}, {});
-  Ran o1 = train_lm({"--resume", dir.file("other.safetensors")});
-  CHECK(o1.rc == 2);
-  CHECK(contains(o1.err, "not a train_lm checkpoint"));
-  Ran o2 = sample({"--ckpt", dir.file("other.safetensors")});
-  CHECK(o2.rc == 2);
-  CHECK(contains(o2.err, "metadata 'config' is missing"));
+  TEST_CASE("report: console helpers") {
+    CHECK(with_commas(1115394) == "1,115,394");
+    CHECK(with_commas(-1000) == "-1,000");
+    CHECK(with_commas(12) == "12");
+    CHECK(format_duration(5.25) == "5.2s");
+    CHECK(format_duration(245) == "4m05s");
+    CHECK(format_duration(3720) == "1h02m");
+    std::ostringstream os;
+    print_table(os, "t", {{"a", "1"}, {"long name", "v"}});
+    CHECK(contains(os.str(), "| long name | v |"));
+  }
 
-  // sample: bad flags, a prompt byte the model never saw, no checkpoint at all.
-  CHECK(sample({"--ckpt", ck, "--temperature", "hot"}).rc == 2);
-  Ran p = sample({"--ckpt", ck, "--prompt", "\x01"});
-  CHECK(p.rc == 2);
-  CHECK(contains(p.err, "not in the vocabulary"));
-  Ran none = sample({"--out_dir", dir.file("empty_dir")});
-  CHECK(none.rc == 2);
-  CHECK(contains(none.err, "no checkpoint"));
+  // ---------------------------------------------------------------- training
+  TEST_CASE("trainer: a short run on real text lowers the val loss") {
+    TempDir dir("learn");
+    std::string data = shakespeare_excerpt(dir, 200000);
+    TrainOptions o = options(tiny_args(data, dir.file("out")) +
+                             std::vector<std::string>{"--max_steps", "120", "--eval_every", "60"});
+    std::ostringstream out;
+    TrainResult r = train(o, out);
+    REQUIRE(r.evals.size() == 3);  // steps 0, 60, 120
+    double v0 = r.evals.front().val_loss, v1 = r.evals.back().val_loss;
+    MESSAGE("val loss ", v0, " -> ", v1);
+    CHECK(v0 > 3.5);       // about ln(vocab): nothing learned yet
+    CHECK(v1 < v0 - 0.8);  // character frequencies and common pairs are learned within a hundred steps
+    CHECK(r.final_step == 120);
+    // What a run leaves in out_dir.
+    CHECK(fs::exists(dir.file("out/log.csv")));
+    CHECK(fs::exists(dir.file("out/routing.csv")));
+    CHECK(fs::exists(dir.file("out/curves.svg")));
+    CHECK(r.last_checkpoint == checkpoint_path(dir.file("out"), 120));
+    CHECK(contains(out.str(), "eval step 120"));
+    CHECK(contains(out.str(), "routing layer 0 | max share"));
+  }
 
-  // After all that, the run still resumes.
-  Ran res = train_lm({"--out_dir", out_dir, "--resume", "--max_steps", "6"});
-  CHECK_MESSAGE(res.rc == 0, res.err);
-  CHECK(fs::exists(checkpoint_path(out_dir, 6)));
-}
+  TEST_CASE("trainer: overfitting one batch drives its loss near zero") {
+    // A fixed batch of 4 sequences of 16 bytes, memorised by the model and AdamW that train_lm uses.
+    std::string text = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer";
+    ByteTokenizer tok = ByteTokenizer::from_corpus(text);
+    std::vector<int32_t> ids = tok.encode(text);
+    std::vector<int32_t> x, y;
+    for (int b = 0; b < 4; ++b)
+      for (int t = 0; t < 16; ++t) {
+        x.push_back(ids[b * 17 + t]);
+        y.push_back(ids[b * 17 + t + 1]);
+      }
+    CoEConfig cfg = options({"--d_model", "32", "--n_layers", "2", "--n_heads", "2", "--d_ff", "64", "--seq_len", "16",
+                             "--max_steps", "300", "--warmup_steps", "10"})
+                        .model_config(tok.vocab_size());
+    ClusterMoELM model(cfg);
+    NamedTensors params = model.named_parameters();
+    AdamW opt(params);
+    Tensor tx = Tensor::from_vector(x, {4, 16}), ty = Tensor::from_vector(y, {4, 16});
+    float first = 0, last = 0;
+    for (int step = 0; step < 300; ++step) {
+      CoEOutput out = model.forward(tx, ty);
+      if (step == 0) first = out.loss.item();
+      last = out.loss.item();
+      out.total_loss.backward();
+      clip_grad_norm(params, 1.0f);
+      opt.step(lr_at(step, {3e-3f, 3e-4f, 10, 300}));
+      opt.zero_grad();
+      model.after_step();
+    }
+    MESSAGE("one-batch loss ", first, " -> ", last);
+    CHECK(first > 2.5f);
+    CHECK(last < 0.1f);
+  }
+
+  TEST_CASE("trainer: an interrupted and resumed run gives the same losses, bit for bit") {
+    TempDir dir("resume");
+    std::string data = shakespeare_excerpt(dir, 100000);
+    // grad_accum 2 and dropout on: the data and dropout streams both have to be restored exactly.
+    auto args = tiny_args(data, "") + std::vector<std::string>{"--max_steps",  "24",  "--eval_every", "8",
+                                                               "--save_every", "8",   "--grad_accum", "2",
+                                                               "--dropout",    "0.1", "--keep_last",  "0"};
+    std::ostringstream sink;
+    TrainOptions whole = options(args + std::vector<std::string>{"--out_dir", dir.file("whole")});
+    TrainResult rw = train(whole, sink);
+    REQUIRE(rw.step_losses.size() == 24);
+
+    TrainOptions first = options(args + std::vector<std::string>{"--out_dir", dir.file("split")});
+    first.stop_at = 13;  // "interrupted" after step 13: the newest checkpoint is step 8
+    TrainResult r1 = train(first, sink);
+    CHECK(r1.final_step == 13);
+    CHECK(r1.last_checkpoint == checkpoint_path(dir.file("split"), 8));
+    // The resumed run is configured from the checkpoint alone (plus --out_dir to find it).
+    TrainOptions second = options({"--out_dir", dir.file("split"), "--resume"});
+    CHECK(second.resume == checkpoint_path(dir.file("split"), 8));
+    TrainResult r2 = train(second, sink);
+    CHECK(r2.start_step == 8);
+    REQUIRE(r2.step_losses.size() == 16);
+    for (size_t i = 0; i < 16; ++i) CHECK_MESSAGE(r2.step_losses[i] == rw.step_losses[8 + i], "step ", 9 + i);
+    REQUIRE(r2.evals.size() == 2);
+    CHECK(r2.evals.back().val_loss == rw.evals.back().val_loss);
+    CHECK(r2.evals.back().train_loss == rw.evals.back().train_loss);
+    // The logs read like an uninterrupted run's: the interrupted run's steps 9..13 were dropped on resume.
+    CHECK(read_bytes(dir.file("split/routing.csv")) == read_bytes(dir.file("whole/routing.csv")));
+    auto loss_cols = [&](const std::string& path) {  // step, kind, loss, val_loss (timings differ)
+      std::istringstream in(read_bytes(path));
+      std::string line, out;
+      while (std::getline(in, line)) {
+        size_t p = 0;
+        for (int c = 0; c < 4 && p != std::string::npos; ++c) p = line.find(',', p + 1);
+        out += line.substr(0, p) + "\n";
+      }
+      return out;
+    };
+    CHECK(loss_cols(dir.file("split/log.csv")) == loss_cols(dir.file("whole/log.csv")));
+    // And the final checkpoints hold the same state: every tensor (weights, buffers, AdamW moments) and stream.
+    SafeTensors cs = load_safetensors(checkpoint_path(dir.file("split"), 24));
+    SafeTensors cw = load_safetensors(checkpoint_path(dir.file("whole"), 24));
+    REQUIRE(cs.tensors.size() == cw.tensors.size());
+    for (size_t i = 0; i < cs.tensors.size(); ++i) {
+      CHECK(cs.tensors[i].first == cw.tensors[i].first);
+      const Tensor &a = cs.tensors[i].second, &b = cw.tensors[i].second;
+      if (a.dtype() == DType::F32)
+        CHECK_MESSAGE(a.to_f32_vector() == b.to_f32_vector(), cs.tensors[i].first);
+      else
+        CHECK_MESSAGE(a.to_i32_vector() == b.to_i32_vector(), cs.tensors[i].first);
+    }
+    for (const char* k : {"step", "adamw_step", "config", "tokenizer", "data_rng", "dropout_rng", "schedule"})
+      CHECK_MESSAGE(cs.require_meta(k) == cw.require_meta(k), k);
+  }
+
+  TEST_CASE("trainer: checkpoint round trip restores the model exactly; sampling is seeded") {
+    TempDir dir("roundtrip");
+    std::string data = shakespeare_excerpt(dir, 50000);
+    std::string out_dir = dir.file("out");
+    Ran r = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "10", "--eval_every", "0"});
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    std::string ck = checkpoint_path(out_dir, 10);
+    REQUIRE(fs::exists(ck));
+
+    // Two models built from the checkpoint give identical logits, and differ from a fresh initialisation.
+    SafeTensors st = load_safetensors(ck);
+    CoEConfig cfg = options(tiny_args(data, out_dir))
+                        .model_config(ByteTokenizer::from_hex(st.require_meta("tokenizer")).vocab_size());
+    ClusterMoELM a(cfg), b(cfg), fresh(cfg);
+    for (ClusterMoELM* m : {&a, &b}) {
+      NamedTensors state = m->named_parameters();
+      for (auto& kv : m->named_buffers()) state.push_back(kv);
+      restore_tensors(st, state, "adamw.");
+    }
+    CHECK(a.step() == 10);
+    a.eval();
+    b.eval();
+    fresh.eval();
+    Tensor ids = Tensor::from_vector(std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8}, {1, 8});
+    NoGrad ng;
+    std::vector<float> la = a.forward(ids).logits.to_f32_vector(), lb = b.forward(ids).logits.to_f32_vector();
+    CHECK(la == lb);
+    CHECK(la != fresh.forward(ids).logits.to_f32_vector());
+    // The saved parameters are the trained ones (the checkpoint written at the end, not before the last step).
+    for (const auto& kv : a.named_parameters()) CHECK(kv.second.to_f32_vector() == st.find(kv.first)->to_f32_vector());
+
+    // sample: same seed, same text; another seed, another text; the tokens/s line on stderr.
+    auto args = std::vector<std::string>{"--ckpt",        ck,    "--prompt", "ROMEO:", "--max_new_tokens", "40",
+                                         "--temperature", "1.0", "--top_k",  "10"};
+    Ran s1 = sample(args + std::vector<std::string>{"--seed", "5"});
+    Ran s2 = sample(args + std::vector<std::string>{"--seed", "5"});
+    Ran s3 = sample(args + std::vector<std::string>{"--seed", "6"});
+    REQUIRE_MESSAGE(s1.rc == 0, s1.err);
+    CHECK(s1.out == s2.out);
+    CHECK(s1.out != s3.out);
+    CHECK(s1.out.rfind("ROMEO:", 0) == 0);
+    CHECK(s1.out.size() == 6 + 40 + 1);  // prompt, 40 bytes, newline
+    CHECK(contains(s1.err, "tokens/s"));
+    // Without the cache the tokens are the same (DESIGN.md 4.6).
+    Ran s4 = sample(args + std::vector<std::string>{"--seed", "5", "--cache", "0"});
+    CHECK(s4.out == s1.out);
+    // --out_dir finds the newest checkpoint.
+    Ran s5 = sample({"--out_dir", out_dir, "--prompt", "ROMEO:", "--max_new_tokens", "40", "--temperature", "1.0",
+                     "--top_k", "10", "--seed", "5"});
+    CHECK(s5.out == s1.out);
+  }
+
+  // ---------------------------------------------------------------- bad input
+  TEST_CASE("train_lm: bad flags, data and settings exit 2 with a message, and write nothing") {
+    TempDir dir("bad_train");
+    std::string data = shakespeare_excerpt(dir, 20000);
+    std::string out_dir = dir.file("out");
+    write_bytes(dir.file("empty.txt"), "");
+    write_bytes(dir.file("short.txt"), "just a few bytes");
+    struct Case {
+      std::vector<std::string> extra;
+      const char* message;
+    };
+    std::vector<Case> cases = {
+        {{"--bogus", "1"}, "unknown flag --bogus"},
+        {{"--lr", "fast"}, "--lr: expected a number, got 'fast'"},
+        {{"--max_steps", "-3"}, "--max_steps must be in"},
+        {{"--batch_size", "2x"}, "--batch_size: expected an integer"},
+        {{"--data", dir.file("missing.txt")}, "data file not found"},
+        {{"--data", dir.file("empty.txt")}, "data file is empty"},
+        {{"--data", dir.file("short.txt")}, "data too short"},
+        {{"--n_heads", "5"}, "n_heads"},
+        {{"--top_k_experts", "3"}, "top_k"},
+        {{"--resume"}, "no checkpoint"},
+        {{"--resume", dir.file("nope.safetensors")}, "not found"},
+    };
+    for (const auto& c : cases) {
+      Ran r = train_lm(tiny_args(data, out_dir) + c.extra);
+      CHECK_MESSAGE(r.rc == 2, c.message);
+      CHECK_MESSAGE(contains(r.err, c.message), "expected '", c.message, "' in: ", r.err);
+      CHECK_MESSAGE(!fs::exists(out_dir), c.message, ": out_dir was created");
+    }
+    // Flag errors print the usage too; --help prints it and succeeds.
+    CHECK(contains(train_lm({"--bogus"}).err, "usage: train_lm"));
+    Ran h = train_lm({"--help"});
+    CHECK(h.rc == 0);
+    CHECK(contains(h.out, "--max_steps"));
+    // A non-finite loss stops the run and names the step (weights initialised absurdly large overflow).
+    Ran nan = train_lm(tiny_args(data, out_dir) +
+                       std::vector<std::string>{"--init_std", "1e30", "--max_steps", "5", "--eval_every", "0"});
+    CHECK(nan.rc == 2);
+    CHECK_MESSAGE(contains(nan.err, "at step "), nan.err);
+    CHECK_MESSAGE(contains(nan.err, ": training stopped"), nan.err);
+  }
+
+  TEST_CASE("train_lm and sample: corrupt, truncated and mismatched checkpoints exit 2 and change nothing") {
+    TempDir dir("bad_ckpt");
+    std::string data = shakespeare_excerpt(dir, 20000);
+    std::string out_dir = dir.file("out");
+    Ran ok = train_lm(tiny_args(data, out_dir) +
+                      std::vector<std::string>{"--max_steps", "4", "--eval_every", "2", "--save_every", "2"});
+    REQUIRE_MESSAGE(ok.rc == 0, ok.err);
+    std::string ck = checkpoint_path(out_dir, 4);
+    std::string good = read_bytes(ck);
+
+    // A fresh run into an out_dir with checkpoints would mix two runs: refused.
+    auto before = snapshot(out_dir);
+    Ran again = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "4"});
+    CHECK(again.rc == 2);
+    CHECK(contains(again.err, "--resume"));
+    CHECK(snapshot(out_dir) == before);
+
+    // Mismatched: resuming with a different width finds every shape wrong and says which.
+    Ran mm = train_lm({"--out_dir", out_dir, "--resume", "--d_model", "64", "--max_steps", "6"});
+    CHECK(mm.rc == 2);
+    CHECK_MESSAGE(contains(mm.err, "has shape"), mm.err);
+    CHECK(snapshot(out_dir) == before);
+
+    // Truncated and corrupt copies of the newest checkpoint.
+    for (const auto& bad : {good.substr(0, good.size() / 2), good.substr(0, 6), std::string("garbage bytes here"),
+                            std::string(good).replace(8, 1, "#")}) {
+      write_bytes(ck, bad);
+      auto snap = snapshot(out_dir);
+      Ran r = train_lm({"--out_dir", out_dir, "--resume", "--max_steps", "6"});
+      CHECK(r.rc == 2);
+      CHECK_MESSAGE(contains(r.err, ck), r.err);
+      CHECK(snapshot(out_dir) == snap);
+      Ran s = sample({"--ckpt", ck, "--max_new_tokens", "5"});
+      CHECK(s.rc == 2);
+      CHECK(contains(s.err, ck));
+    }
+    write_bytes(ck, good);
+
+    // Intact tensors with damaged metadata: each bad record is named.
+    struct Damage {
+      const char* key;
+      const char* value;
+      const char* message;
+    };
+    for (const Damage& d :
+         {Damage{"data_rng", "{\"seed\":\"1\"}", "data_rng: missing 'offset'"},
+          Damage{"dropout_rng", "not json", "dropout_rng: JSON"},
+          Damage{"data_rng", "{\"seed\":\"99999999999999999999\",\"offset\":\"0\"}", "64-bit"},
+          Damage{"step", "four", "metadata 'step' is not a non-negative integer"},
+          Damage{"tokenizer", "0a0a", "tokenizer"}, Damage{"format", "other/9", "unknown checkpoint format"}}) {
+      SafeTensors st = load_safetensors(ck);
+      Metadata md = st.metadata;
+      for (auto& kv : md)
+        if (kv.first == d.key) kv.second = d.value;
+      std::string bad_dir = dir.file("damaged");
+      fs::remove_all(bad_dir);
+      fs::create_directories(bad_dir);
+      save_safetensors(checkpoint_path(bad_dir, 4), st.tensors, md);
+      auto snap = snapshot(bad_dir);
+      Ran r = train_lm({"--out_dir", bad_dir, "--resume", "--max_steps", "6"});
+      CHECK(r.rc == 2);
+      CHECK_MESSAGE(contains(r.err, d.message), r.err);
+      CHECK(snapshot(bad_dir) == snap);
+    }
+
+    // A valid safetensors file that is not a train_lm checkpoint.
+    save_safetensors(dir.file("other.safetensors"), {{"w", Tensor::ones({2})}}, {});
+    Ran o1 = train_lm({"--resume", dir.file("other.safetensors")});
+    CHECK(o1.rc == 2);
+    CHECK(contains(o1.err, "not a train_lm checkpoint"));
+    Ran o2 = sample({"--ckpt", dir.file("other.safetensors")});
+    CHECK(o2.rc == 2);
+    CHECK(contains(o2.err, "metadata 'config' is missing"));
+
+    // sample: bad flags, a prompt byte the model never saw, no checkpoint at all.
+    CHECK(sample({"--ckpt", ck, "--temperature", "hot"}).rc == 2);
+    Ran p = sample({"--ckpt", ck, "--prompt", "\x01"});
+    CHECK(p.rc == 2);
+    CHECK(contains(p.err, "not in the vocabulary"));
+    Ran none = sample({"--out_dir", dir.file("empty_dir")});
+    CHECK(none.rc == 2);
+    CHECK(contains(none.err, "no checkpoint"));
+
+    // After all that, the run still resumes.
+    Ran res = train_lm({"--out_dir", out_dir, "--resume", "--max_steps", "6"});
+    CHECK_MESSAGE(res.rc == 0, res.err);
+    CHECK(fs::exists(checkpoint_path(out_dir, 6)));
+  }
 
 }  // TEST_SUITE
