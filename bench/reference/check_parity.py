@@ -13,8 +13,8 @@ a pass means "as close to the exact result as float32 PyTorch is". They still ca
 2e-5 instead of 1e-5 fails by 80x, an AC clip at 11x instead of 10x the mean by 80x or more.
 Routing decisions (rows per expert in every layer) must match exactly.
 
-    /work/venv-torch/bin/python bench/reference/check_parity.py /tmp/parity/cluster [more dirs ...]
-    /work/venv-torch/bin/python bench/reference/check_parity.py --all [--bin build/bench/dump_batch] [--out DIR]
+    ~/venv-torch/bin/python bench/reference/check_parity.py /tmp/parity/cluster [more dirs ...]
+    ~/venv-torch/bin/python bench/reference/check_parity.py --all [--bin build/bench/dump_batch] [--out DIR]
 
 --all writes and checks the standard cases (CASES below: every router, trained buffers, every option that changes
 the math) and prints one summary table.

@@ -11,7 +11,7 @@ faster). The same ratio in process CPU time (all threads) is printed too: on a m
 the steadier one (it counts work, not the time the scheduler gave to others; it does not see parallel efficiency). Because both sides start from the same weights and see the same batches, their losses must agree step by
 step: the largest difference is printed (an end-to-end check of forward, backward, clipping, AdamW and after_step).
 
-    OMP_WAIT_POLICY=passive /work/venv-torch/bin/python bench/reference/compare_train.py [--rounds 2] [--steps 8]
+    OMP_WAIT_POLICY=passive ~/venv-torch/bin/python bench/reference/compare_train.py [--rounds 2] [--steps 8]
         [--configs dense,flat,...] [--modes eager,compile] [--device cpu|cuda] [--bin build/bench/train_bench]
 """
 import argparse

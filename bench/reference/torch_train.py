@@ -12,7 +12,7 @@ the MoE dispatch are data-dependent (top-k, bincount, per-expert segments, host 
 Prints one JSON line: ms per step (median of the timed steps) and its split, tokens/s, the loss of every step (to
 compare with ours step by step), peak memory (RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
 
-    /work/venv-torch/bin/python bench/reference/torch_train.py --init DIR/cluster.safetensors [--mode eager|compile]
+    ~/venv-torch/bin/python bench/reference/torch_train.py --init DIR/cluster.safetensors [--mode eager|compile]
         [--device cpu|cuda] [--threads 2] [--warmup 2]
 """
 import argparse
