@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/timing.h"
 #include "engine/rng.h"
 #include "kernels/dispatch.h"
 #include "kernels/topk.h"
@@ -28,20 +29,10 @@
 
 namespace {
 
+using cm::bench::median_seconds;
+
 constexpr int REPEATS = 5;
 
-template <class F>
-double median_seconds(F f) {
-  f();  // warm-up
-  std::vector<double> t;
-  for (int r = 0; r < REPEATS; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // ---------------------------------------------------------------- the naive versions (serial, scalar)
 
@@ -165,28 +156,28 @@ bool run(int64_t T, int64_t N, int64_t K, int64_t C, float drop) {
   line("plan (sort)",
        median_seconds([&] {
          cm::cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), expert.data(), A, N);
-       }),
-       median_seconds([&] { naive_plan(roffsets.data(), rrow_of.data(), rassign_of.data(), expert.data(), A, N); }),
+       }, REPEATS),
+       median_seconds([&] { naive_plan(roffsets.data(), rrow_of.data(), rassign_of.data(), expert.data(), A, N); }, REPEATS),
        4.0 * (2.0 * (double)A + (double)Ap));
-  line("permute", median_seconds([&] { cm::cpu::dispatch_permute(xe.data(), x.data(), assign_of.data(), Ap, K, C); }),
-       median_seconds([&] { naive_permute(rxe.data(), x.data(), assign_of.data(), Ap, K, C); }), 2.0 * row_bytes);
+  line("permute", median_seconds([&] { cm::cpu::dispatch_permute(xe.data(), x.data(), assign_of.data(), Ap, K, C); }, REPEATS),
+       median_seconds([&] { naive_permute(rxe.data(), x.data(), assign_of.data(), Ap, K, C); }, REPEATS), 2.0 * row_bytes);
   line("combine",
-       median_seconds([&] { cm::cpu::dispatch_combine(out.data(), xe.data(), gate.data(), row_of.data(), T, K, C); }),
-       median_seconds([&] { naive_combine(rout.data(), xe.data(), gate.data(), assign_of.data(), Ap, T, K, C); }),
+       median_seconds([&] { cm::cpu::dispatch_combine(out.data(), xe.data(), gate.data(), row_of.data(), T, K, C); }, REPEATS),
+       median_seconds([&] { naive_combine(rout.data(), xe.data(), gate.data(), assign_of.data(), Ap, T, K, C); }, REPEATS),
        row_bytes + tok_bytes + 8.0 * (double)A);
   line("combine backward",
        median_seconds([&] {
          cm::cpu::dispatch_combine_backward(dye.data(), dg.data(), d_out.data(), xe.data(), gate.data(), row_of.data(),
                                             T, K, C);
-       }),
+       }, REPEATS),
        median_seconds([&] {
          naive_combine_backward(rdye.data(), rdg.data(), d_out.data(), xe.data(), gate.data(), assign_of.data(), Ap, A,
                                 K, C);
-       }),
+       }, REPEATS),
        2.0 * row_bytes + tok_bytes + 12.0 * (double)A);
   line("permute backward",
-       median_seconds([&] { cm::cpu::dispatch_permute_backward(dx.data(), dye.data(), row_of.data(), T, K, C); }),
-       median_seconds([&] { naive_permute_backward(rdx.data(), dye.data(), assign_of.data(), Ap, T, K, C); }),
+       median_seconds([&] { cm::cpu::dispatch_permute_backward(dx.data(), dye.data(), row_of.data(), T, K, C); }, REPEATS),
+       median_seconds([&] { naive_permute_backward(rdx.data(), dye.data(), assign_of.data(), Ap, T, K, C); }, REPEATS),
        row_bytes + tok_bytes);
   return true;
 }

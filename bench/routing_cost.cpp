@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/timing.h"
 #include "autograd/ops.h"
 #include "model/config.h"
 #include "model/router.h"
@@ -52,15 +53,7 @@ constexpr int REPEATS = 9;  // more than the labs' 5: the small trees' timings a
 // f must leave its results on the host (a device sync): every timed function below ends in a host read.
 template <class F>
 double median_ms(F f) {
-  f();  // warm-up
-  std::vector<double> t;
-  for (int r = 0; r < REPEATS; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return 1e3 * cm::bench::median_seconds(f, REPEATS);
 }
 
 struct Tree {

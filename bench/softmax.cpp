@@ -15,10 +15,13 @@
 #include <omp.h>
 #endif
 
+#include "bench/timing.h"
 #include "engine/rng.h"
 #include "kernels/softmax.h"
 
 namespace {
+
+using cm::bench::median_seconds;
 
 void softmax_naive(float* out, const float* inp, int64_t N, int64_t C) {
   for (int64_t n = 0; n < N; ++n) {
@@ -50,17 +53,6 @@ double max_rel_err(const std::vector<float>& got, const std::vector<float>& x, i
   return worst;
 }
 
-double median_seconds(const std::function<void()>& f, int repeats) {
-  f();  // warm-up: page faults, caches, thread pool
-  std::vector<double> t;
-  for (int r = 0; r < repeats; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 }  // namespace
 

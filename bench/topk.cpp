@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/timing.h"
 #include "engine/rng.h"
 #include "kernels/topk.h"
 
@@ -25,20 +26,10 @@
 
 namespace {
 
+using cm::bench::median_seconds;
+
 constexpr int REPEATS = 5;
 
-template <class F>
-double median_seconds(F f) {
-  f();  // warm-up
-  std::vector<double> t;
-  for (int r = 0; r < REPEATS; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // The reference: sort the whole row, keep the first k.
 void naive_topk(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
@@ -71,8 +62,8 @@ bool run(int64_t R, int64_t n, int64_t k, bool ascending) {
     std::printf("MISMATCH at T=%lld N=%lld k=%lld\n", (long long)R, (long long)n, (long long)k);
     return false;
   }
-  double ours = median_seconds([&] { cm::cpu::topk_forward(v.data(), ix.data(), x.data(), R, n, k); });
-  double ref = median_seconds([&] { naive_topk(rv.data(), rix.data(), x.data(), R, n, k); });
+  double ours = median_seconds([&] { cm::cpu::topk_forward(v.data(), ix.data(), x.data(), R, n, k); }, REPEATS);
+  double ref = median_seconds([&] { naive_topk(rv.data(), rix.data(), x.data(), R, n, k); }, REPEATS);
   double bytes = (double)R * n * 4 + (double)R * k * 8;
   std::printf("T=%6lld N=%5lld k=%3lld %-12s ours %8.3f ms %7.2f GB/s | full sort %9.3f ms %6.2f GB/s | x%.1f\n",
               (long long)R, (long long)n, (long long)k, ascending ? "adversarial" : (k <= 8 ? "small-k" : "general"),

@@ -9,40 +9,19 @@
 #include <fstream>
 #include <sstream>
 
+#include "tests/files.h"
 #include "model/checkpoint.h"
 #include "model/json.h"
 #include "tests/helpers.h"
 
 using namespace cm;
 namespace fs = std::filesystem;
+using cm::test::read_bytes;
+using cm::test::TempDir;
+using cm::test::write_bytes;
 
 namespace {
 
-// A fresh empty directory under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("cm_test_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-void write_bytes(const std::string& path, const std::string& b) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << b;
-}
 
 // A header + data file assembled by hand, to feed the reader exactly the damage we want.
 std::string handmade(const std::string& header, const std::string& data) {

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "tests/files.h"
 #include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/data.h"
@@ -19,33 +20,12 @@
 
 using namespace cm;
 namespace fs = std::filesystem;
+using cm::test::read_bytes;
+using cm::test::TempDir;
+using cm::test::write_bytes;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("cm_trainer_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-void write_bytes(const std::string& path, const std::string& b) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << b;
-}
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // tinyshakespeare: the shared copy beside the checkout (CI), or the one `make data` puts in data/.
