@@ -3,6 +3,7 @@
 // run (no atomics, no dependence on scheduling).
 #pragma once
 #include <cstdint>
+#include <limits>
 
 #include "engine/check.h"
 #include "engine/cuda.h"
@@ -159,6 +160,46 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
   __syncthreads();
   float r = lane < nwarps ? shared[lane] : -INFINITY;
   return warp_max(r);
+}
+
+// Arg-best ordering shared by top-k and the max reductions: a (value, index) ranks before b when it is NaN and b
+// is not (the first NaN wins, as on the CPU), then by larger value, then (equal values or two NaNs) lower index.
+template <class I>
+__device__ __forceinline__ bool beats(float av, I ai, float bv, I bi) {
+  const bool an = av != av, bn = bv != bv;
+  if (an != bn) return an;
+  if (!an && av != bv) return av > bv;
+  return ai < bi;
+}
+
+// Warp arg-best over one candidate per lane; every lane gets the winner.
+template <class I>
+__device__ __forceinline__ void warp_best(float& v, I& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const I oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (beats(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
+// Block arg-best; every thread gets the winner. sv/si hold 32 entries. Contains __syncthreads.
+template <class I>
+__device__ __forceinline__ void block_best(float& v, I& i, float* sv, I* si) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  warp_best(v, i);
+  __syncthreads();
+  if (lane == 0) {
+    sv[warp] = v;
+    si[warp] = i;
+  }
+  __syncthreads();
+  v = lane < nwarps ? sv[lane] : -INFINITY;
+  i = lane < nwarps ? si[lane] : std::numeric_limits<I>::max();
+  warp_best(v, i);
 }
 
 // Row kernels: a row is handled by a group, a warp (WARP) or the whole block. Group<WARP> gives the thread's rank

@@ -82,40 +82,7 @@ __global__ void col_finish_kernel(float* __restrict__ out, const double* __restr
 
 // ---------------------------------------------------------------- max kernels
 
-// a (value, index) beats b: NaN first (first NaN wins), then larger value, then the lower index.
-__device__ __forceinline__ bool beats(float av, int64_t ai, float bv, int64_t bi) {
-  const bool an = av != av, bn = bv != bv;
-  if (an != bn) return an;
-  if (!an && av != bv) return av > bv;
-  return ai < bi;
-}
-
-__device__ __forceinline__ void warp_best(float& v, int64_t& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (beats(ov, oi, v, i)) {
-      v = ov;
-      i = oi;
-    }
-  }
-}
-
-// Every thread of the block gets the block's best. sv/si: 32 entries of shared memory. Contains __syncthreads.
-__device__ __forceinline__ void block_best(float& v, int64_t& i, float* sv, int64_t* si) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  warp_best(v, i);
-  __syncthreads();
-  if (lane == 0) {
-    sv[warp] = v;
-    si[warp] = i;
-  }
-  __syncthreads();
-  v = lane < nwarps ? sv[lane] : -INFINITY;
-  i = lane < nwarps ? si[lane] : INT64_MAX;
-  warp_best(v, i);
-}
+// beats / warp_best / block_best: kernels/cuda/common.cuh.
 
 // pv/pi[b] = best of a[b * kBlock, ...).
 __global__ void block_max_kernel(float* __restrict__ pv, int64_t* __restrict__ pi, const float* __restrict__ a,

@@ -24,41 +24,7 @@ namespace {
 
 // ---------------------------------------------------------------- kernels
 
-// a (value, index) ranks before b: NaN first, then larger value, then (equal values or two NaNs) lower index.
-__device__ __forceinline__ bool beats(float av, int ai, float bv, int bi) {
-  const bool an = av != av, bn = bv != bv;
-  if (an != bn) return an;
-  if (!an && av != bv) return av > bv;
-  return ai < bi;
-}
-
-// Warp arg-best over one candidate per lane; every lane gets the winner.
-__device__ __forceinline__ void warp_best(float& v, int& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (beats(ov, oi, v, i)) {
-      v = ov;
-      i = oi;
-    }
-  }
-}
-
-// Block arg-best; every thread gets the winner. sv/si hold 32 entries. Contains __syncthreads.
-__device__ __forceinline__ void block_best(float& v, int& i, float* sv, int* si) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  warp_best(v, i);
-  __syncthreads();
-  if (lane == 0) {
-    sv[warp] = v;
-    si[warp] = i;
-  }
-  __syncthreads();
-  v = lane < nwarps ? sv[lane] : -INFINITY;
-  i = lane < nwarps ? si[lane] : INT_MAX;
-  warp_best(v, i);
-}
+// beats / warp_best / block_best: kernels/cuda/common.cuh.
 
 // One warp per row, K <= 8 kept per lane. SOFTMAX: x are logits; values become softmax gates and, when probs is
 // not null, every probability of the row is written too.
