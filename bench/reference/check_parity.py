@@ -166,17 +166,17 @@ def main():
     ap.add_argument("--out", default="/tmp/cm_parity")
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=CKPT: also check a train_lm checkpoint")
     a = ap.parse_args()
-    todo = [(d, d) for d in a.dirs]
+    cases = [(d, d) for d in a.dirs]
     if a.all:
         for name, args in CASES + [(e.split("=", 1)[0], ["--ckpt", e.split("=", 1)[1]]) for e in a.extra]:
             d = os.path.join(a.out, name.replace(" ", "_").replace(",", "").replace("=", "").replace("[", "")
                              .replace("]", "").replace("(", "").replace(")", ""))
             subprocess.run([a.bin, "--out", d] + args, check=True, stdout=subprocess.DEVNULL)
-            todo.append((name, d))
-    if not todo:
+            cases.append((name, d))
+    if not cases:
         ap.print_help()
         return 2
-    results = [(name, check(d)) for name, d in todo]
+    results = [(name, check(d)) for name, d in cases]
     print("\n| case | logits err/tol | losses err/tol | grads err/tol | max abs err logits / grads | "
           "torch fp32 err/tol (logits, grads) | routing identical | result |")
     print("|---|---|---|---|---|---|---|---|")
