@@ -64,11 +64,17 @@ APPS     := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
 .PHONY: all test bench bench-cpu data clean
 all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN)
 
-$(BUILD)/%.o: %.cpp
+# Every object depends on the flags it was built with: switching USE_CUDA (or the compiler, or CUDA_ARCH) rebuilds
+# everything instead of linking objects of two configurations into one binary.
+FLAGS_STAMP := $(BUILD)/flags.txt
+FLAGS_NOW   := $(CXX) $(CXXFLAGS) | $(NVCC) $(NVCCFLAGS) | $(USE_CUDA) $(CUDA_ARCH)
+$(shell mkdir -p $(BUILD); [ "$$(cat $(FLAGS_STAMP) 2>/dev/null)" = '$(FLAGS_NOW)' ] || echo '$(FLAGS_NOW)' > $(FLAGS_STAMP))
+
+$(BUILD)/%.o: %.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
-$(BUILD)/%.o: %.cu
+$(BUILD)/%.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
@@ -85,10 +91,10 @@ $(TEST_BIN): $(TEST_OBJ) $(LIB)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 BENCH_LIBS := $(if $(filter 1,$(HAVE_OPENBLAS)),-lopenblas)
-$(BUILD)/bench/%.o: bench/%.cpp
+$(BUILD)/bench/%.o: bench/%.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $(if $(filter 1,$(HAVE_OPENBLAS)),-DCM_HAVE_OPENBLAS=1) -c $< -o $@
-$(BUILD)/bench/%.o: bench/%.cu
+$(BUILD)/bench/%.o: bench/%.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
