@@ -12,6 +12,9 @@ namespace cm::cpu {
 void sum_all(float* out, const float* a, int64_t n, float scale);
 // out [O, I] = scale * sum over r of a [O, R, I].
 void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float scale);
+// Sum of a[i]^2 over a [n], in double, returned (CPU only: the norms of gradient clipping and of the experts'
+// health checks). Finite exactly when every element is finite: a float squared in double cannot overflow.
+double sum_squares(const float* a, int64_t n);
 
 // Inverse of broadcasting: a has shape a_shape[D]; out_shape[D] has the same rank with each dim either equal to
 // a's or 1 (align a shorter target shape from the right with 1s first). out is contiguous, out_shape.

@@ -4,7 +4,10 @@
 #include <cmath>
 
 #include "autograd/ops.h"
+#include "engine/dispatch.h"
 #include "kernels/adamw.h"
+#include "kernels/elementwise.h"
+#include "kernels/reduce.h"
 
 namespace cm {
 
@@ -29,19 +32,37 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
 void AdamW::step(float lr) {
   NoGrad ng;
   ++t_;
+#if CM_CUDA
+  std::vector<cuda::AdamWSlice> slices;
+  std::vector<Tensor> keep;
+  keep.reserve(params_.size());  // slices point into these
+#endif
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
     Tensor g = p.grad();
     if (!g.defined()) continue;
     CM_REQUIRE(g.shape() == p.shape(), "AdamW: gradient of '", params_[i].first, "' has shape ", shape_str(g.shape()),
                ", parameter ", shape_str(p.shape()));
-    Tensor gc = g.contiguous();
-    CM_REQUIRE(p.device() == Device::CPU, "AdamW: parameter '", params_[i].first, "' is on ",
-               device_name(p.device()), "; only the CPU update exists so far");
-    // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
-    cpu::adamw_step(p.f32(), m_[i].f32(), v_[i].f32(), gc.f32(), p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps,
-                    decay_[i] ? opt_.weight_decay : 0.f, t_);
+    CM_REQUIRE(g.device() == p.device(), "AdamW: gradient of '", params_[i].first, "' is on ",
+               device_name(g.device()), ", the parameter on ", device_name(p.device()));
+    const float wd = decay_[i] ? opt_.weight_decay : 0.f;
+    if (p.device() == Device::CPU) {
+      // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
+      Tensor gc = g.contiguous();
+      cpu::adamw_step(p.f32(), m_[i].f32(), v_[i].f32(), gc.f32(), p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps,
+                      wd, t_);
+      continue;
+    }
+#if CM_CUDA
+    keep.push_back(g.contiguous());  // alive until the launch below
+    slices.push_back({p.f32(), m_[i].f32(), v_[i].f32(), keep.back().f32(), p.numel(), wd});
+#endif
   }
+#if CM_CUDA
+  // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel.
+  if (!slices.empty())
+    cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_);
+#endif
 }
 
 void AdamW::zero_grad() {
@@ -57,29 +78,45 @@ NamedTensors AdamW::state() const {
   return s;
 }
 
+std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
+  NoGrad ng;
+  std::vector<double> out(ts.size(), 0.0);
+  std::vector<Tensor> on_device;  // [1] sums, one per CUDA tensor, in order
+  for (size_t i = 0; i < ts.size(); ++i) {
+    CM_REQUIRE(ts[i].dtype() == DType::F32, "sums_of_squares: tensor ", i, " is ", dtype_name(ts[i].dtype()));
+    if (ts[i].device() == Device::CPU) {
+      Tensor c = ts[i].contiguous();
+      out[i] = cpu::sum_squares(c.f32(), c.numel());
+    } else {
+      on_device.push_back(sum(square(ts[i])).view({1}));
+    }
+  }
+  if (!on_device.empty()) {
+    std::vector<float> v = (on_device.size() == 1 ? on_device[0] : concat(on_device, 0)).to_f32_vector();
+    size_t j = 0;
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (ts[i].device() != Device::CPU) out[i] = (double)v[j++];
+  }
+  return out;
+}
+
 float clip_grad_norm(const NamedTensors& params, float max_norm) {
   NoGrad ng;
+  std::vector<Tensor> grads;
+  for (const auto& [name, p] : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
   double ss = 0.0;
-  for (const auto& [name, p] : params) {
-    Tensor g = p.grad();
-    if (!g.defined()) continue;
-    std::vector<float> v = g.to_f32_vector();
-    double s = 0.0;
-    for (float x : v) s += (double)x * x;
-    ss += s;
-  }
+  for (double s : sums_of_squares(grads)) ss += s;  // parameter order: deterministic
   float norm = (float)std::sqrt(ss);
   if (max_norm > 0.f && std::isfinite(norm) && norm > max_norm) {
-    float scale = max_norm / (norm + 1e-6f);
+    const float scale = max_norm / (norm + 1e-6f);
     for (const auto& [name, p] : params) {
       Tensor g = p.grad();
       if (!g.defined()) continue;
-      if (g.is_contiguous() && g.device() == Device::CPU) {
-        float* d = g.f32();
-        for (int64_t i = 0, n = g.numel(); i < n; ++i) d[i] *= scale;
-      } else {
+      if (g.is_contiguous())
+        CM_KERNEL(g.device(), scalar, cpu::Scalar::Mul, g.f32(), g.f32(), scale, g.numel());  // in place
+      else
         p.set_grad(mul(g, scale));
-      }
     }
   }
   return norm;

@@ -63,6 +63,12 @@ class AdamW {
 // returned as they are and nothing is scaled (the caller decides to skip the step). max_norm <= 0: only measures.
 float clip_grad_norm(const NamedTensors& params, float max_norm);
 
+// Sum of squares of each tensor's elements, in double, on the host: the norms of gradient clipping and of the
+// experts' health checks. Non-finite exactly when the tensor holds a NaN or an Inf. CPU tensors: one pass in
+// double (kernels/reduce.h). CUDA tensors: float sums formed on the device and brought back in one copy (so a
+// finite tensor whose squares overflow float reads as Inf there).
+std::vector<double> sums_of_squares(const std::vector<Tensor>& ts);
+
 struct LRSchedule {
   float max_lr = 1e-3f;
   float min_lr = 1e-4f;

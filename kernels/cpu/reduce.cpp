@@ -18,25 +18,29 @@ constexpr int64_t kParallelMin = 1 << 15;  // below this many inputs threads cos
 
 // Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a
 // fixed pairwise combine of the lanes.
+// Square: the sum of a[i]^2 instead (squared in double: exact, and no float overflow).
+template <bool Square = false>
 inline double block_sum(const float* a, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto term = [](float v) { return Square ? (double)v * (double)v : (double)v; };
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += (double)a[i + j];
-  for (int j = 0; i < n; ++i, ++j) acc[j] += (double)a[i];
+    for (int j = 0; j < 8; ++j) acc[j] += term(a[i + j]);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += term(a[i]);
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// Sum of a [n] by blocks. `parallel` only decides who computes the partials, not how they are combined, so both
-// settings give the same bits.
+// Sum of a [n] (or of its squares) by blocks. `parallel` only decides who computes the partials, not how they are
+// combined, so both settings give the same bits.
+template <bool Square = false>
 double long_sum(const float* a, int64_t n, bool parallel) {
-  if (n <= kBlock) return block_sum(a, n);
+  if (n <= kBlock) return block_sum<Square>(a, n);
   const int64_t nb = (n + kBlock - 1) / kBlock;
   std::vector<double> part(nb);
 #pragma omp parallel for schedule(static) if (parallel && n >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * kBlock, len = (n - lo < kBlock) ? n - lo : kBlock;
-    part[b] = block_sum(a + lo, len);
+    part[b] = block_sum<Square>(a + lo, len);
   }
   double s = 0;
   for (int64_t b = 0; b < nb; ++b) s += part[b];
@@ -92,6 +96,8 @@ inline int64_t row_argmax(const float* a, int64_t R) {
 void sum_all(float* out, const float* a, int64_t n, float scale) {
   out[0] = (float)((double)scale * long_sum(a, n, true));
 }
+
+double sum_squares(const float* a, int64_t n) { return long_sum<true>(a, n, true); }
 
 void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float scale) {
   const double sc = scale;
