@@ -18,10 +18,9 @@
 // jobs it counts the work the step did rather than the time the scheduler gave to others, so the "vs dense (CPU)"
 // ratio is the steadier one there (it does not see parallel efficiency: compare both columns).
 //
-// Device: --device auto picks CUDA when this build has it and a device answers. ClusterMoELM has no device
-// placement of its own yet (train_lm refuses --device cuda), so on CUDA this bench moves the parameters itself
-// (buffers stay on the host, where the model reads them) and runs the same step; a configuration the model cannot
-// run there is reported as skipped with the model's error (or as crashed with the signal), not measured.
+// Device: --device auto picks CUDA when this build has it and a device answers; the model moves its parameters
+// there with ClusterMoELM::to (its buffers and routing bookkeeping stay on the host). A configuration that fails on
+// a device is reported as skipped with the model's error (or as crashed with the signal), not measured.
 //
 //   make -j2 USE_CUDA=0 build/bench/train_bench
 //   OMP_NUM_THREADS=2 ./build/bench/train_bench                       # the CPU table (cpu preset size)
@@ -144,18 +143,6 @@ double process_cpu_ms() {
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
-// The bench's stop-gap device placement: rebind each parameter's storage to a copy on `dev`, keeping the handle
-// (the model and the optimizer hold the same TensorImpl). Buffers stay on the host, where the model reads them.
-void move_parameters(const ClusterMoELM& model, Device dev) {
-  for (const auto& [name, p] : model.named_parameters()) {
-    Tensor d = p.detach().to(dev);
-    TensorImpl& t = p.impl();
-    t.storage = d.impl().storage;
-    t.strides = d.impl().strides;
-    t.offset = d.impl().offset;
-  }
-}
-
 std::string tree_str(const CoEConfig& c) {
   if (c.router == RouterKind::Dense) return "-";
   std::string s;
@@ -198,7 +185,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     save_safetensors(o.save_init + "/" + name + ".safetensors", st,
                      {{"format", "clustermoe-bench/1"}, {"config", config_json(cfg)}, {"step", "0"}});
   }
-  if (dev != Device::CPU) move_parameters(model, dev);
+  model.to(dev);  // before the optimizer: its moments live with the parameters
 
   // The trainer's optimizer settings (train_lm defaults).
   AdamWOptions ao;
@@ -237,7 +224,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     double f = ms_since(t0);
     auto t1 = std::chrono::steady_clock::now();
     out.total_loss.backward();
-    clip_grad_norm(params, 1.0f);  // reads every gradient on the host: the backward is done
+    clip_grad_norm(params, 1.0f);  // one copy of the norms to the host: the backward is done
     double bw = ms_since(t1);
     auto t2 = std::chrono::steady_clock::now();
     opt.step();

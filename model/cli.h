@@ -90,8 +90,10 @@ struct TrainOptions {
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
   std::string resume;           // "" = fresh run; "latest" = newest checkpoint in out_dir; else a path
   uint64_t seed = 1337;         // initialisation (model.seed), data order, dropout
-  bool deterministic = true;    // for the CUDA path (CPU kernels are always deterministic); recorded for now
-  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6); recorded for now
+  // Every kernel here is deterministic on both devices (no floating-point atomics; cuBLAS with atomics off), so
+  // there is no faster non-deterministic path for false to select: the flag is kept for llm.c's command lines.
+  bool deterministic = true;
+  bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
   // schedule and optimisation
   int64_t max_steps = 2000;
   int64_t batch_size = 12;  // B: sequences per micro-batch

@@ -97,6 +97,22 @@ int64_t ClusterMoELM::num_parameters() const {
   return n;
 }
 
+void ClusterMoELM::to(Device device) {
+  require_device(device);
+  if (device == device_) return;
+  NoGrad ng;
+  // Swap each parameter's storage in place: every holder of the handle (layers, optimizer lists) sees the move.
+  for (auto& kv : named_parameters()) {
+    Tensor moved = kv.second.detach().to(device);
+    TensorImpl& impl = kv.second.impl();
+    impl.storage = moved.impl().storage;
+    impl.strides = moved.strides();
+    impl.offset = moved.offset();
+    impl.grad.reset();
+  }
+  device_ = device;
+}
+
 int64_t ClusterMoELM::step() const { return step_.i32()[0]; }
 
 void ClusterMoELM::after_step() {
@@ -107,15 +123,15 @@ void ClusterMoELM::after_step() {
 // ---------------------------------------------------------------- forward
 
 namespace {
-Tensor mean_terms(const std::vector<Tensor>& xs) {
-  if (xs.empty()) return Tensor::scalar(0.f);
+Tensor mean_terms(const std::vector<Tensor>& xs, Device dev) {
+  if (xs.empty()) return Tensor::scalar(0.f, dev);
   Tensor acc = xs[0];
   for (size_t i = 1; i < xs.size(); ++i) acc = add(acc, xs[i]);
   return xs.size() == 1 ? acc : mul(acc, 1.f / (float)xs.size());
 }
 }  // namespace
 
-CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets, DecodeCache* cache) {
+CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeCache* cache) {
   CM_REQUIRE(ids.defined() && ids.dtype() == DType::I32 && ids.dim() == 2,
              "forward: ids must be i32 [B, T], got ", ids.defined() ? shape_str(ids.shape()) : "undefined");
   const int64_t B = ids.size(0), T = ids.size(1), C = cfg_.d_model, V = cfg_.vocab_size;
@@ -124,14 +140,16 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets, DecodeCach
   CM_REQUIRE(pos0 + T <= cfg_.seq_len, "forward: sequence length ", pos0 + T, " exceeds seq_len ", cfg_.seq_len);
   std::vector<int32_t> idv = ids.to_i32_vector();
   for (int32_t v : idv) CM_REQUIRE(v >= 0 && v < V, "forward: token id ", v, " outside [0, ", V, ")");
-  if (targets.defined())
-    CM_REQUIRE(targets.dtype() == DType::I32 && targets.shape() == ids.shape(), "forward: targets must be i32 ",
-               shape_str(ids.shape()), ", got ", shape_str(targets.shape()));
+  if (targets_in.defined())
+    CM_REQUIRE(targets_in.dtype() == DType::I32 && targets_in.shape() == ids.shape(), "forward: targets must be i32 ",
+               shape_str(ids.shape()), ", got ", shape_str(targets_in.shape()));
+  auto here = [&](const Tensor& t) { return !t.defined() || t.device() == device_ ? t : t.to(device_); };
+  const Tensor ids_d = here(ids), targets = here(targets_in);
 
   const bool drop = training_ && cfg_.dropout > 0.f;
   auto dropout_ = [&](const Tensor& t) { return drop ? dropout(t, cfg_.dropout, true, rng_) : t; };
 
-  Tensor x = add(embedding(tok_emb_, ids), pos_emb_.slice(0, pos0, pos0 + T));  // [B, T, C]
+  Tensor x = add(embedding(tok_emb_, ids_d), pos_emb_.slice(0, pos0, pos0 + T));  // [B, T, C]
   x = dropout_(x);
 
   CoEOutput out;
@@ -160,9 +178,9 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets, DecodeCach
   out.logits = linear(x, lm_head_.defined() ? lm_head_ : tok_emb_);  // [B, T, V]
 
   // Each aux term is the mean over MoE layers, so its balanced value does not depend on depth.
-  out.load_balance_loss = mean_terms(lb);
-  out.z_loss = mean_terms(z);
-  out.diversity_loss = mean_terms(dv);
+  out.load_balance_loss = mean_terms(lb, device_);
+  out.z_loss = mean_terms(z, device_);
+  out.diversity_loss = mean_terms(dv, device_);
   out.aux_loss = add(add(out.load_balance_loss, out.z_loss), out.diversity_loss);
   out.model_reliability = rel_sum / (float)blocks_.size();
   if (targets.defined()) {
@@ -353,8 +371,8 @@ std::vector<int32_t> ClusterMoELM::generate(const std::vector<int32_t>& prompt, 
   auto fresh_cache = [&] {
     cache.kv.assign((size_t)L, KVCache{});
     for (auto& kv : cache.kv) {
-      kv.k = Tensor::zeros({1, H, Tmax, D});
-      kv.v = Tensor::zeros({1, H, Tmax, D});
+      kv.k = Tensor::zeros({1, H, Tmax, D}, DType::F32, device_);
+      kv.v = Tensor::zeros({1, H, Tmax, D}, DType::F32, device_);
     }
     cache.routes.assign((size_t)L, {});
   };

@@ -68,6 +68,13 @@ class ClusterMoELM {
 
   const CoEConfig& config() const { return cfg_; }
 
+  // Moves the parameters to `device` (they are created on the CPU from the seed, so every device starts from the
+  // same weights). Gradients are dropped; build the optimizer after this call. The buffers stay on the CPU: the
+  // routing bookkeeping that reads and updates them runs on the host. forward() takes ids and targets on any
+  // device and moves them. Throws if the device cannot be used.
+  void to(Device device);
+  Device device() const { return device_; }
+
   // ids, targets i32 [B, T] with T <= seq_len. Targets may be undefined (no loss).
   CoEOutput forward(const Tensor& ids, const Tensor& targets = Tensor());
 
@@ -124,6 +131,7 @@ class ClusterMoELM {
 
   CoEConfig cfg_;
   bool training_ = true;
+  Device device_ = Device::CPU;
   Generator rng_;
   Tensor tok_emb_;   // [V, C]
   Tensor pos_emb_;   // [seq_len, C]

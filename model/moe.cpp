@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 
+#include "model/optim.h"
+
 namespace cm {
 
 // Read-only host view of an f32 tensor: its own memory when it is a contiguous CPU tensor, else a copy in tmp.
@@ -182,16 +184,28 @@ RouterBias MoELayer::routing_bias() const {
 // huge weights even the good rows' backward (through those weights) would poison every other gradient.
 Tensor MoELayer::guard(int64_t e, const Tensor& y, bool training, LayerRoutingStats& st) {
   const int64_t n = y.size(0);
-  std::vector<float> tmp;
-  const float* v = host_f32(y, tmp);
+  // Each row's sum of squares: in double from the data on the CPU; on a device, n float sums made there and one
+  // copy of n values instead of the whole output (a row whose squares overflow float reads as non-finite there).
+  std::vector<double> sq((size_t)n, 0.0);
+  if (y.device() == Device::CPU) {
+    std::vector<float> tmp;
+    const float* v = host_f32(y, tmp);
+    for (int64_t i = 0; i < n; ++i) {
+      double ss = 0.0;
+      for (int64_t q = 0; q < C; ++q) ss += (double)v[i * C + q] * v[i * C + q];
+      sq[i] = ss;
+    }
+  } else {
+    NoGrad ng;
+    std::vector<float> r = sum(square(y.detach()), 1).to_f32_vector();
+    sq.assign(r.begin(), r.end());
+  }
   const float ema = norm_ema_.f32()[e], factor = cfg_.reliability_outlier_factor;
   int64_t nonfinite = 0, outlier = 0, good = 0;
   double norm_sum = 0.0;
   std::vector<char> bad((size_t)n, 0);
   for (int64_t i = 0; i < n; ++i) {
-    double ss = 0.0;
-    for (int64_t q = 0; q < C; ++q) ss += (double)v[i * C + q] * v[i * C + q];
-    double norm = std::sqrt(ss);
+    double norm = std::sqrt(sq[i]);
     if (!std::isfinite(norm)) {
       bad[i] = 1;
       ++nonfinite;
@@ -212,7 +226,7 @@ Tensor MoELayer::guard(int64_t e, const Tensor& y, bool training, LayerRoutingSt
     pend_norm_[e] += norm_sum;
   }
   if (!cfg_.use_reliability || nonfinite + outlier == 0) return y;
-  std::vector<float> clean(v, v + n * C);
+  std::vector<float> clean = y.to_f32_vector();
   for (int64_t i = 0; i < n; ++i)
     if (bad[i]) std::fill(clean.begin() + i * C, clean.begin() + (i + 1) * C, 0.f);
   return Tensor::from_vector(clean, {n, C}, y.device());
@@ -330,25 +344,6 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
 
 // ---------------------------------------------------------------- after a step
 
-static bool all_finite(const Tensor& t) {
-  if (!t.defined()) return true;
-  std::vector<float> tmp;
-  const float* p = host_f32(t, tmp);
-  for (int64_t i = 0, n = t.numel(); i < n; ++i)
-    if (!std::isfinite(p[i])) return false;
-  return true;
-}
-
-static double l2_norm(const std::vector<Tensor>& ts) {
-  double ss = 0.0;
-  std::vector<float> tmp;
-  for (const Tensor& t : ts) {
-    const float* p = host_f32(t, tmp);
-    for (int64_t i = 0, n = t.numel(); i < n; ++i) ss += (double)p[i] * p[i];
-  }
-  return std::sqrt(ss);
-}
-
 void MoELayer::after_step() {
   const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
   float* rel = reliability_.f32();
@@ -358,11 +353,32 @@ void MoELayer::after_step() {
   int64_t total = 0;
   for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
 
+  // Sums of squares of every active expert's weights and (with reliability) gradients, in one call: one pass over
+  // the data on the CPU, one copy back from a device. A sum is non-finite exactly when its tensor is.
+  std::vector<Tensor> ts;
+  std::vector<size_t> first((size_t)N + 1, 0);  // expert e's weights at [first[e], first[e] + nw[e]), grads after
+  std::vector<size_t> nw((size_t)N, 0);
+  for (int64_t e = 0; e < N; ++e) {
+    first[e] = ts.size();
+    if (pruned(e)) continue;
+    std::vector<Tensor> w = experts[e].tensors();
+    nw[e] = w.size();
+    ts.insert(ts.end(), w.begin(), w.end());
+    if (cfg_.use_reliability)
+      for (const Tensor& p : w)
+        if (p.grad().defined()) ts.push_back(p.grad());
+  }
+  first[N] = ts.size();
+  const std::vector<double> sq = sums_of_squares(ts);
+
   for (int64_t e = 0; e < N; ++e) {
     if (pruned(e)) continue;
     // Weights: finite, and their norm within [1/factor, factor] x its running value (training moves it slowly;
     // a corrupted expert jumps). The statistics only follow healthy values, so a fault cannot drag them along.
-    const double wn = l2_norm(experts[e].tensors());
+    double wss = 0.0, gss = 0.0;
+    for (size_t i = first[e]; i < first[e] + nw[e]; ++i) wss += sq[i];
+    for (size_t i = first[e] + nw[e]; i < first[e + 1]; ++i) gss += sq[i];
+    const double wn = std::sqrt(wss);
     bool weights_ok = std::isfinite(wn) && (wema[e] <= 0.f || (wn <= (double)factor * wema[e] &&
                                                                wn >= (double)wema[e] / factor));
     if (weights_ok) wema[e] = wema[e] > 0.f ? decay * wema[e] + (1.f - decay) * (float)wn : (float)wn;
@@ -374,8 +390,7 @@ void MoELayer::after_step() {
     if (!cfg_.use_reliability) continue;
     // Health in [0, 1]: 0 for bad weights or non-finite gradients; else the share of healthy output rows; no
     // evidence (no rows this step) leaves the reliability where it is.
-    bool grads_ok = true;
-    for (const Tensor& p : experts[e].tensors()) grads_ok = grads_ok && all_finite(p.grad());
+    const bool grads_ok = std::isfinite(gss);
     float health;
     if (!weights_ok || !grads_ok) health = 0.f;
     else if (pend_rows_[e] > 0) health = 1.f - (float)pend_bad_[e] / (float)pend_rows_[e];

@@ -148,6 +148,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
                           bool training) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
   const int64_t T = h.size(0), D = depth();
+  const Device dev = h.device();  // parameters and activations; the bookkeeping below stays on the host
   Routing r;
   r.T = T;
 
@@ -165,8 +166,8 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     } else {
       m = ac_scale.to_f32_vector();
     }
-    Tensor mt = Tensor::from_vector(m, {N_, C_});
-    h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T})));  // [T, C]
+    Tensor mt = Tensor::from_vector(m, {N_, C_}, dev);
+    h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T}, dev)));  // [T, C]
   }
 
   // The (token, node) pairs alive at the current level, token-major.
@@ -195,7 +196,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
         tok_sorted[i] = tok[seg.order[i]];
         inv[seg.order[i]] = (int32_t)i;
       }
-      Tensor hs = index_select(hin, 0, Tensor::from_vector(tok_sorted, {P}));  // [P, C] node-major
+      Tensor hs = index_select(hin, 0, Tensor::from_vector(tok_sorted, {P}, dev));  // [P, C] node-major
       std::vector<Tensor> parts;
       for (int64_t j = 0; j < n_nodes; ++j) {
         const int64_t a = seg.offsets[j], e = seg.offsets[j + 1];
@@ -203,7 +204,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
         parts.push_back(matmul(hs.slice(0, a, e), W.slice(0, j * b, j * b + b), false, true));  // [n_j, b]
       }
       Tensor ls = parts.size() == 1 ? parts[0] : concat(parts, 0);           // [P, b] node-major
-      logits = index_select(ls, 0, Tensor::from_vector(inv, {P}));           // [P, b] pair order
+      logits = index_select(ls, 0, Tensor::from_vector(inv, {P}, dev));           // [P, b] pair order
     }
     r.flops += 2 * P * b * C_;
     if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
@@ -217,7 +218,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
       std::vector<float> add_v((size_t)(P * b));
       for (int64_t p = 0; p < P; ++p)
         for (int64_t c = 0; c < b; ++c) add_v[p * b + c] = (*lbias)[node[p] * b + c];
-      s = add(s, Tensor::from_vector(add_v, {P, b}));
+      s = add(s, Tensor::from_vector(add_v, {P, b}, dev));
     }
     Tensor probs = softmax(s);  // [P, b]
     std::vector<float> pv = probs.to_f32_vector();
@@ -254,7 +255,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
         skip[best] = 1;
       }
     }
-    Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}));  // [P, k]
+    Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}, dev));  // [P, k]
 
     // ---- load balance at this level. Per parent: sum_c f_c P_c / q_c over the pairs that reached it, q the
     // target share of each child; token-weighted mean over parents = 1/P * sum_{node, c} coef * Psum with
@@ -277,8 +278,9 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
             coef[j * b + c] = (float)((double)counts[j * b + c] / (double)(pairs_at[j] * k) * (rsum / rho[c]));
       }
       Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
-                                 : index_add(Tensor::zeros({n_nodes, b}), 0, Tensor::from_vector(node, {P}), probs);
-      lb_terms.push_back(mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}))), 1.f / (float)P));
+                                 : index_add(Tensor::zeros({n_nodes, b}, DType::F32, dev), 0,
+                                             Tensor::from_vector(node, {P}, dev), probs);
+      lb_terms.push_back(mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}, dev))), 1.f / (float)P));
     }
 
     // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.
@@ -316,7 +318,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
       Tensor G = matmul(Wn, Wn, false, true);  // [n, b, b] cosine similarities of siblings
       std::vector<float> off((size_t)(b * b), 1.f);
       for (int64_t i = 0; i < b; ++i) off[i * b + i] = 0.f;
-      terms.push_back(mul(sum(mul(square(G), Tensor::from_vector(off, {b, b}))), 1.f / (float)(n * b * (b - 1))));
+      terms.push_back(mul(sum(mul(square(G), Tensor::from_vector(off, {b, b}, dev))), 1.f / (float)(n * b * (b - 1))));
     }
     if (!terms.empty()) r.div_loss = mean_of(terms, div_w_);
   }

@@ -18,6 +18,10 @@
 #include "model/optim.h"
 #include "model/tokenizer.h"
 
+#if CM_CUDA
+#include "engine/cuda.h"
+#endif
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -97,15 +101,21 @@ static std::string resolve_resume_path(const std::string& resume, const std::str
   return resume;
 }
 
-// ClusterMoELM builds its tensors on the CPU and has no way yet to move them to a GPU, so "auto" means the CPU
-// and "cuda" is refused with a message. When the model gains a device, this is the one place to change.
+// "auto": CUDA when this build has it and a device answers, else the CPU (and a note says why); "cuda" without a
+// usable device is an error naming the reason.
 static Device resolve_device(const std::string& name, std::string* note) {
   if (name == "cuda") {
     require_device(Device::CUDA);
-    fail("--device cuda: the model has no CUDA path yet; use --device cpu");
+    return Device::CUDA;
   }
-  if (name == "auto" && cuda_available())
-    *note = "a CUDA device is present, but the model has no CUDA path yet: training on the CPU";
+  if (name == "auto") {
+    if (cuda_available()) return Device::CUDA;
+#if CM_CUDA
+    *note = "no CUDA device answers: training on the CPU";
+#else
+    *note = "this build has no CUDA (no nvcc at make time): training on the CPU";
+#endif
+  }
   return Device::CPU;
 }
 
@@ -277,7 +287,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   // ---- model and optimizer
   CoEConfig cfg = o.model_config(tok.vocab_size());
   ClusterMoELM model(cfg);
+  model.to(dev);  // before the optimizer: its moments are made where the parameters live
   model.train();
+#if CM_CUDA
+  if (dev == Device::CUDA)
+    cuda::set_matmul_precision(o.tf32 ? cuda::MatmulPrecision::TF32 : cuda::MatmulPrecision::FP32);
+#endif
   NamedTensors params = model.named_parameters();
   AdamWOptions ao;
   ao.lr = o.lr;
@@ -548,7 +563,7 @@ int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ost
       return 0;
     }
     std::string note;
-    resolve_device(o.device, &note);
+    const Device dev = resolve_device(o.device, &note);
     if (o.ckpt.empty()) {
       o.ckpt = latest_checkpoint(o.out_dir);
       CM_REQUIRE(!o.ckpt.empty(), "no checkpoint in ", o.out_dir, ": train one with ./train_lm, or pass --ckpt PATH");
@@ -577,6 +592,7 @@ int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ost
     for (auto& kv : model.named_buffers()) state.push_back(kv);
     restore_tensors(ck, state, "adamw.");  // the optimizer's moments are for resuming, not for sampling
     ck = SafeTensors();
+    model.to(dev);
 
     CM_REQUIRE(!o.prompt.empty(), "--prompt: give at least one character to continue");
     std::vector<int32_t> prompt = tok.encode(o.prompt);

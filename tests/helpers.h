@@ -36,6 +36,17 @@ inline int64_t first_mismatch(const std::vector<float>& got, const std::vector<f
   return -1;
 }
 
+#if CM_CUDA
+// The decorator of every CUDA case: skipped, and counted, when there is no device (the count is complete once
+// static initialisation is over; "cuda: backend status" prints it).
+inline int cuda_skipped = 0;
+inline doctest::skip needs_device() {
+  const bool skip = !cuda_available();
+  if (skip) ++cuda_skipped;
+  return doctest::skip(skip);
+}
+#endif
+
 }  // namespace cm::test
 
 // CHECK_CLOSE(tensor, std::vector<float> ref, atol, rtol): names the first bad element.

@@ -33,19 +33,13 @@
 
 using namespace cm;
 using cm::test::uniform;
+#if CM_CUDA
+using cm::test::needs_device;
+#endif
 
 namespace {
 
 #if CM_CUDA
-int g_skipped = 0;  // parity cases registered as skipped (counted at static initialisation)
-
-// The decorator for every parity case: skipped, and counted, when there is no device.
-doctest::skip needs_device() {
-  const bool skip = !cuda_available();
-  if (skip) ++g_skipped;
-  return doctest::skip(skip);
-}
-
 constexpr uint32_t kPoisonI32 = 0x7eadbeef;
 
 // An uninitialised device tensor filled with NaN (f32) or a sentinel (i32): what a kernel leaves unwritten shows.
@@ -1318,13 +1312,13 @@ TEST_CASE("cuda: a small training run matches the CPU step for step, with no cud
 
 #endif  // CM_CUDA
 
-// Runs last in this file (doctest orders by file and line): the skipped count is complete by then.
+// The skipped count is complete before any case runs (static initialisation).
 TEST_CASE("cuda: backend status") {
   CHECK_NOTHROW(cuda_available());
 #if CM_CUDA
   if (!cuda_available()) {
-    MESSAGE("CUDA: no device, " << g_skipped << " CUDA parity checks skipped");
-    CHECK(g_skipped > 0);
+    MESSAGE("CUDA: no device, " << test::cuda_skipped << " CUDA checks skipped");
+    CHECK(test::cuda_skipped > 0);
     try {
       Tensor::zeros({2}, DType::F32, Device::CUDA);
       FAIL("a CUDA tensor without a device");

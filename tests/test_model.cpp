@@ -204,6 +204,16 @@ TEST_SUITE("model") {
     m.after_step();
     CHECK(m.step() == 1);
     CHECK(m.get_reliability_stats().at("training_step") == 1.f);
+    // to(): the CPU is where the model already lives (the gradients stay); a device that cannot be used is
+    // refused with its reason and leaves the model where it was (the CUDA suite moves models for real).
+    m.to(Device::CPU);
+    CHECK(m.device() == Device::CPU);
+    CHECK(params[0].second.grad().defined());
+    if (!cuda_available()) {
+      CHECK_THROWS_WITH_AS(m.to(Device::CUDA), doctest::Contains("use --device cpu"), Error);
+      CHECK(m.device() == Device::CPU);
+      CHECK(params[0].second.device() == Device::CPU);
+    }
   }
 
   TEST_CASE("the summary's parameter counts equal a hand count") {

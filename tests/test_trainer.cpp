@@ -47,7 +47,7 @@ std::string shakespeare_excerpt(const TempDir& dir, size_t n) {
 // A tiny ClusterMoE that trains in a second: 2 layers, 2 clusters of 2 experts, width 32, context 32.
 // out_dir "" leaves --out_dir to the caller.
 std::vector<std::string> tiny_args(const std::string& data, const std::string& out_dir) {
-  std::vector<std::string> a = {"--data", data};
+  std::vector<std::string> a = {"--data", data, "--device", "cpu"};  // the CUDA suite has its own runs
   if (!out_dir.empty()) a.insert(a.end(), {"--out_dir", out_dir});
   std::vector<std::string> rest = {"--d_model",
                                    "32",
@@ -316,8 +316,8 @@ TEST_SUITE("trainer") {
         x.push_back(ids[b * 17 + t]);
         y.push_back(ids[b * 17 + t + 1]);
       }
-    CoEConfig cfg = options({"--d_model", "32", "--n_layers", "2", "--n_heads", "2", "--d_ff", "64", "--seq_len", "16",
-                             "--max_steps", "300", "--warmup_steps", "10"})
+    CoEConfig cfg = options({"--device", "cpu", "--d_model", "32", "--n_layers", "2", "--n_heads", "2", "--d_ff", "64",
+                             "--seq_len", "16", "--max_steps", "300", "--warmup_steps", "10"})
                         .model_config(tok.vocab_size());
     ClusterMoELM model(cfg);
     NamedTensors params = model.named_parameters();
@@ -476,6 +476,14 @@ TEST_SUITE("trainer") {
       CHECK_MESSAGE(r.rc == 2, c.message);
       CHECK_MESSAGE(contains(r.err, c.message), "expected '", c.message, "' in: ", r.err);
       CHECK_MESSAGE(!fs::exists(out_dir), c.message, ": out_dir was created");
+    }
+    // --device cuda where no GPU can be used: the reason, exit 2, nothing written (last flag wins).
+    if (!cuda_available()) {
+      Ran r = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--device", "cuda"});
+      CHECK(r.rc == 2);
+      CHECK_MESSAGE(contains(r.err, "CUDA"), r.err);
+      CHECK_MESSAGE(contains(r.err, "use --device cpu"), r.err);
+      CHECK(!fs::exists(out_dir));
     }
     // Flag errors print the usage too; --help prints it and succeeds.
     CHECK(contains(train_lm({"--bogus"}).err, "usage: train_lm"));

@@ -1,0 +1,231 @@
+// The model, its optimizer and the trainer on CUDA against the CPU. Both models are built from the same seed on the
+// CPU and one is moved with to(Device::CUDA), so they start from the same weights; they see the same batches.
+// Forward values, routing decisions and every gradient must match within abs + rel * |ref| tolerances, a few
+// optimizer steps must follow the CPU's, greedy generation must give the same tokens, and `train_lm --device cuda`
+// must train, checkpoint and resume bit for bit. Skipped (and counted) without a device, like the rest of the
+// CUDA suite; the CPU-only checks of the device plumbing live in test_model.cpp and test_trainer.cpp.
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "helpers.h"
+#include "model/coe.h"
+#include "model/optim.h"
+#include "model/trainer.h"
+#include "tests/files.h"
+
+#if CM_CUDA
+#include "engine/cuda.h"
+#endif
+
+using namespace cm;
+
+#if CM_CUDA
+using cm::test::needs_device;
+
+namespace {
+
+// A small model of each router kind. cluster also has capacity, aux-free bias and dropout; ac routes with the AC
+// transform from the second MoE layer on (labels come from the first).
+CoEConfig tiny(RouterKind kind) {
+  CoEConfig c;
+  c.d_model = 32;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.d_ff = 48;
+  c.vocab_size = 29;
+  c.seq_len = 16;
+  c.router = kind;
+  c.num_clusters = 4;
+  c.experts_per_cluster = 4;
+  c.top_k_clusters = 2;
+  c.top_k_experts = 1;
+  if (kind == RouterKind::Tree) {
+    c.tree_branching = {2, 2, 4};
+    c.tree_top_k = {2, 1, 1};
+  }
+  if (kind == RouterKind::Cluster) {
+    c.capacity_factor = 1.25f;
+    c.aux_free_bias = true;
+    c.dropout = 0.1f;
+  }
+  c.validate();
+  return c;
+}
+
+const RouterKind kKinds[] = {RouterKind::Dense, RouterKind::Flat, RouterKind::Cluster, RouterKind::Tree,
+                             RouterKind::AC};
+
+Tensor random_ids(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+  std::vector<int32_t> v((size_t)(B * T));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = (int32_t)(philox_uniform(seed, 0, i) * (float)V) % (int32_t)V;
+  return Tensor::from_vector(v, {B, T});
+}
+
+float max_abs(const std::vector<float>& v) {
+  float m = 0.f;
+  for (float x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// got within atol + rtol * |ref|, atol relative to the largest |ref| (gradients span orders of magnitude).
+void check_scaled(const Tensor& got, const Tensor& ref, float scale_tol, float rtol, const std::string& what) {
+  CAPTURE(what);
+  std::vector<float> r = ref.to_f32_vector();
+  CHECK_CLOSE(got, r, scale_tol * max_abs(r) + 1e-7f, rtol);
+}
+
+}  // namespace
+
+TEST_SUITE("cuda") {
+  TEST_CASE("cuda model: forward, routing and every gradient match the CPU for each router kind" * needs_device()) {
+    for (RouterKind kind : kKinds) {
+      CAPTURE(router_kind_name(kind));
+      CoEConfig cfg = tiny(kind);
+      ClusterMoELM a(cfg), b(cfg);
+      b.to(Device::CUDA);
+      CHECK(b.device() == Device::CUDA);
+      for (const auto& kv : b.named_parameters()) CHECK_MESSAGE(kv.second.device() == Device::CUDA, kv.first);
+      for (const auto& kv : b.named_buffers()) CHECK_MESSAGE(kv.second.device() == Device::CPU, kv.first);
+
+      Tensor ids = random_ids(4, 16, cfg.vocab_size, 11), tg = random_ids(4, 16, cfg.vocab_size, 12);
+      CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);  // CPU ids: forward moves them
+      CHECK(ob.logits.device() == Device::CUDA);
+      check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
+      check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
+      check_scaled(ob.aux_loss, oa.aux_loss, 1e-6f, 1e-4f, "aux loss");
+      REQUIRE(oa.layers.size() == ob.layers.size());
+      for (size_t l = 0; l < oa.layers.size(); ++l) {
+        CAPTURE(l);
+        CHECK(oa.layers[l].expert_rows == ob.layers[l].expert_rows);  // the same routing, slot for slot counted
+        CHECK(oa.layers[l].dropped_fraction == ob.layers[l].dropped_fraction);
+      }
+
+      oa.total_loss.backward();
+      ob.total_loss.backward();
+      NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+      REQUIRE(pa.size() == pb.size());
+      for (size_t i = 0; i < pa.size(); ++i) {
+        Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
+        REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
+        if (!ga.defined()) continue;
+        CHECK(gb.device() == Device::CUDA);
+        check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
+      }
+    }
+  }
+
+  TEST_CASE("cuda model: AdamW steps with clipping and after_step follow the CPU" * needs_device()) {
+    for (RouterKind kind : {RouterKind::Dense, RouterKind::Cluster, RouterKind::Tree}) {
+      CAPTURE(router_kind_name(kind));
+      CoEConfig cfg = tiny(kind);
+      ClusterMoELM a(cfg), b(cfg);
+      b.to(Device::CUDA);
+      NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+      AdamW oa(pa), ob(pb);
+      for (int step = 0; step < 4; ++step) {
+        CAPTURE(step);
+        Tensor ids = random_ids(4, 16, cfg.vocab_size, 100 + step), tg = random_ids(4, 16, cfg.vocab_size, 200 + step);
+        CoEOutput fa = a.forward(ids, tg), fb = b.forward(ids.to(Device::CUDA), tg.to(Device::CUDA));
+        CHECK(std::fabs(fb.loss.item() - fa.loss.item()) <= 1e-4f + 1e-3f * std::fabs(fa.loss.item()));
+        fa.total_loss.backward();
+        fb.total_loss.backward();
+        const float na = clip_grad_norm(pa, 0.05f), nb = clip_grad_norm(pb, 0.05f);  // small: clipping happens
+        CHECK(std::fabs(nb - na) <= 1e-3f * na);
+        oa.step(3e-3f);
+        ob.step(3e-3f);
+        oa.zero_grad();
+        ob.zero_grad();
+        a.after_step();
+        b.after_step();
+      }
+      for (size_t i = 0; i < pa.size(); ++i) check_scaled(pb[i].second, pa[i].second, 1e-3f, 1e-3f, pa[i].first);
+      NamedTensors sa = oa.state(), sb = ob.state();
+      for (size_t i = 0; i < sa.size(); ++i) check_scaled(sb[i].second, sa[i].second, 1e-2f, 1e-2f, sa[i].first);
+      CHECK(b.step() == 4);
+      const auto ra = a.get_reliability_stats(), rb = b.get_reliability_stats();
+      for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-4f, kv.first);
+    }
+  }
+
+  TEST_CASE("cuda model: a warm training step serves its memory from the cache" * needs_device()) {
+    CoEConfig cfg = tiny(RouterKind::Cluster);
+    ClusterMoELM m(cfg);
+    m.to(Device::CUDA);
+    NamedTensors p = m.named_parameters();
+    AdamW opt(p);
+    int64_t mallocs0 = 0, requests0 = 0;
+    for (int step = 0; step < 10; ++step) {
+      if (step == 5) {
+        mallocs0 = cuda::mem_stats().mallocs;
+        requests0 = cuda::mem_stats().requests;
+      }
+      Tensor ids = random_ids(4, 16, cfg.vocab_size, 300 + step), tg = random_ids(4, 16, cfg.vocab_size, 400 + step);
+      m.forward(ids, tg).total_loss.backward();
+      clip_grad_norm(p, 1.f);
+      opt.step(1e-3f);
+      opt.zero_grad();
+      m.after_step();
+    }
+    const cuda::MemStats s = cuda::mem_stats();
+    MESSAGE("5 warm steps: ", s.requests - requests0, " allocations, ", s.mallocs - mallocs0, " cudaMalloc");
+    CHECK(s.requests - requests0 > 100);
+    // Routing makes segment sizes vary from step to step; the size classes still absorb nearly all of them.
+    CHECK((s.mallocs - mallocs0) * 100 <= s.requests - requests0);
+  }
+
+  TEST_CASE("cuda model: greedy generation gives the CPU's tokens, with and without the cache" * needs_device()) {
+    CoEConfig cfg = tiny(RouterKind::Cluster);
+    cfg.dropout = 0.f;
+    ClusterMoELM a(cfg), b(cfg);
+    b.to(Device::CUDA);
+    std::vector<int32_t> prompt = {3, 1, 4, 1, 5};
+    std::vector<int32_t> ta = a.generate(prompt, 24, 0.f), tb = b.generate(prompt, 24, 0.f);
+    CHECK(ta == tb);
+    CHECK(b.generate(prompt, 24, 0.f, 0, 0, false) == tb);
+    CHECK(b.training());  // generate restores the mode
+  }
+
+  TEST_CASE("cuda trainer: train_lm --device cuda follows the CPU run and resumes bit for bit" * needs_device()) {
+    test::TempDir dir("cuda_train");
+    std::string text;
+    for (int i = 0; i < 400; ++i) text += "To be, or not to be, that is the question. " + std::to_string(i) + "\n";
+    const std::string data = dir.file("text.txt");
+    test::write_bytes(data, text);
+    auto options = [&](const std::string& device, const std::string& out, std::vector<std::string> extra) {
+      std::vector<std::string> a = {"--data", data, "--device", device, "--preset", "cpu", "--out_dir", dir.file(out),
+                                    "--d_model", "32",
+                                    "--n_layers", "2", "--n_heads", "2", "--d_ff", "64", "--num_clusters", "2",
+                                    "--experts_per_cluster", "2", "--top_k_clusters", "1", "--top_k_experts", "1",
+                                    "--seq_len", "32", "--batch_size", "8", "--eval_iters", "2", "--sample_every", "0",
+                                    "--log_every", "0", "--warmup_steps", "2", "--lr", "3e-3", "--max_steps", "12",
+                                    "--eval_every", "6", "--save_every", "6", "--keep_last", "0", "--dropout", "0.1"};
+      a.insert(a.end(), extra.begin(), extra.end());
+      bool help = false;
+      std::string usage;
+      return resolve_train_args(a, &help, &usage);
+    };
+    std::ostringstream sink;
+    TrainResult cpu = train(options("cpu", "cpu", {}), sink);
+    TrainResult gpu = train(options("cuda", "gpu", {}), sink);
+    CHECK(gpu.device == "cuda");
+    REQUIRE(gpu.step_losses.size() == 12);
+    for (size_t i = 0; i < 3; ++i)  // early steps, before Adam amplifies rounding differences
+      CHECK_MESSAGE(std::fabs(gpu.step_losses[i] - cpu.step_losses[i]) <= 1e-3 * cpu.step_losses[i], "step ", i + 1);
+    CHECK(std::fabs(gpu.evals.back().val_loss - cpu.evals.back().val_loss) <= 0.05);
+    CHECK(gpu.evals.back().val_loss < gpu.evals.front().val_loss);
+
+    // The same device and build: an interrupted run resumed from its step-6 checkpoint gives the same bits.
+    TrainOptions first = options("cuda", "split", {});
+    first.stop_at = 9;
+    train(first, sink);
+    bool help = false;
+    std::string usage;
+    TrainResult rest = train(resolve_train_args({"--out_dir", dir.file("split"), "--resume"}, &help, &usage), sink);
+    CHECK(rest.device == "cuda");
+    REQUIRE(rest.step_losses.size() == 6);
+    for (size_t i = 0; i < 6; ++i) CHECK_MESSAGE(rest.step_losses[i] == gpu.step_losses[6 + i], "step ", 7 + i);
+    CHECK(rest.evals.back().val_loss == gpu.evals.back().val_loss);
+  }
+}
+#endif  // CM_CUDA
