@@ -161,6 +161,13 @@ void* allocate(size_t nbytes) {
       release_cached(a);
       err = cudaMalloc(&p, size);
     }
+    if (err != cudaSuccess && err != cudaErrorMemoryAllocation) {
+      // Not a lack of memory: usually a sticky error left by an earlier kernel fault (700, illegal address), which
+      // cudaMalloc is only the first call to report. Name it as such, not as "out of memory".
+      (void)cudaGetLastError();
+      fail("CUDA error ", (int)err, " (", cudaGetErrorName(err), ": ", cudaGetErrorString(err), ") allocating ",
+           nbytes, " bytes; if it names a kernel fault, an earlier kernel caused it (rerun with CM_CUDA_SYNC=1)");
+    }
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
       size_t free_b = 0, total_b = 0;
