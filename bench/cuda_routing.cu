@@ -224,9 +224,12 @@ std::vector<float> randoms(int64_t n, uint64_t seed, float lo, float hi) {
 Tensor dev_f32(const std::vector<float>& v, const Shape& s) { return Tensor::from_vector(v, s, Device::CUDA); }
 Tensor dev_i32(const std::vector<int32_t>& v, const Shape& s) { return Tensor::from_vector(v, s, Device::CUDA); }
 Tensor dev_empty(const Shape& s, DType dt = DType::F32) { return Tensor::empty(s, dt, Device::CUDA); }
+// On the engine's stream: a plain cudaMemcpy runs on the legacy default stream, which does not wait for the
+// engine's non-blocking stream, and could read the counts before the kernels that write them have run.
 std::vector<int64_t> read_i64(const Tensor& t, int64_t n) {
   std::vector<int64_t> r((size_t)n);
-  cudaCheck(cudaMemcpy(r.data(), t.raw(), (size_t)n * 8, cudaMemcpyDeviceToHost));
+  cudaCheck(cudaMemcpyAsync(r.data(), t.raw(), (size_t)n * 8, cudaMemcpyDeviceToHost, cuda::stream()));
+  cuda::sync();
   return r;
 }
 unsigned blocks(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }

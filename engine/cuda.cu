@@ -161,6 +161,13 @@ void* allocate(size_t nbytes) {
       release_cached(a);
       err = cudaMalloc(&p, size);
     }
+    if (err != cudaSuccess && err != cudaErrorMemoryAllocation) {
+      // Not a lack of memory: usually a sticky error left by an earlier kernel fault (700, illegal address), which
+      // cudaMalloc is only the first call to report. Name it as such, not as "out of memory".
+      (void)cudaGetLastError();
+      fail("CUDA error ", (int)err, " (", cudaGetErrorName(err), ": ", cudaGetErrorString(err), ") allocating ",
+           nbytes, " bytes; if it names a kernel fault, an earlier kernel caused it (rerun with CM_CUDA_SYNC=1)");
+    }
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
       size_t free_b = 0, total_b = 0;
@@ -248,9 +255,14 @@ void cuda_copy(void* dst, const void* src, size_t nbytes, CopyKind kind) {
   cudaStream_t s = cuda::stream();
   switch (kind) {
     case CopyKind::HostToDevice:
-      // From pageable memory (all our host memory is), cudaMemcpyAsync has consumed the host buffer when it
-      // returns, so the caller may free it at once; the device side stays ordered on our stream.
+      // The source is pageable host memory that the caller frees right after (Tensor::from_vector and to() upload
+      // a temporary CPU tensor). CUDA documents only that an async copy from pageable memory "might be
+      // synchronous"; that the buffer has been staged when the call returns is not promised (and need not hold
+      // where the driver reads pageable memory directly, e.g. with HMM). Waiting here makes the free safe. The
+      // cost is a stall of the host until earlier work on the stream is done: uploads are batches, routing
+      // plans and initialisation, and those mostly follow a device-to-host read that waited already.
       cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s));
+      cudaCheck(cudaStreamSynchronize(s));
       break;
     case CopyKind::DeviceToHost:
       cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, s));

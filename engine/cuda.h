@@ -7,6 +7,7 @@
 // order. That is what makes the caching allocator safe without events: a block freed by the host is only reused
 // by work issued later on the same stream, which runs after every earlier use of the block has finished.
 // Device-to-host copies synchronise the stream (the host reads the result right after), and so does sync().
+// Host-to-device copies (cuda_copy) synchronise too: the host buffer may be freed as soon as the call returns.
 //
 // Traps:
 //   - Kernel launches report configuration errors at once, but faults inside a kernel (a bad address) only at the

@@ -18,6 +18,7 @@
 #include "kernels/activation.h"
 #include "kernels/adamw.h"
 #include "kernels/copy.h"
+#include "kernels/cuda/sort.cuh"
 #include "kernels/dispatch.h"
 #include "kernels/dropout.h"
 #include "kernels/elementwise.h"
@@ -51,6 +52,18 @@ Tensor poisoned(const Shape& s, DType dt = DType::F32) {
   return t;
 }
 Tensor dev(const Tensor& t) { return t.to(Device::CUDA); }
+// Device tensors whose data starts one element past an allocator block (256-byte aligned): contiguous, but no row
+// is 16-byte aligned. That is what a view at an odd offset hands a kernel; float4 paths must not take it.
+Tensor poisoned_odd(const Shape& s, DType dt = DType::F32) {
+  const int64_t n = shape_numel(s);
+  return poisoned({n + 1}, dt).slice(0, 1, n + 1).view(s);
+}
+Tensor dev_odd(const Tensor& t) {
+  Tensor d = poisoned_odd(t.shape(), t.dtype());
+  d.copy_(t);
+  return d;
+}
+bool aligned16(const Tensor& t) { return ((uintptr_t)t.raw() & 15) == 0; }
 
 // Random i32 in [lo, hi) from a fixed seed.
 Tensor randint(const Shape& s, uint64_t seed, int32_t lo, int32_t hi) {
@@ -241,6 +254,47 @@ TEST_CASE("cuda: gradients accumulate on the device" * needs_device()) {
       const float want = a[j * 4 + i] + ((j >= 1 && j < 5) ? b[i * 4 + j - 1] : 0.f);
       REQUIRE(g[i * 6 + j] == want);
     }
+}
+
+TEST_CASE("cuda: uploads from short-lived host buffers arrive intact, even behind queued work" * needs_device()) {
+  // Tensor::from_vector(..., CUDA) uploads a temporary CPU tensor that is freed as soon as the call returns, and
+  // the next temporary of the same size usually gets the same host memory back. A product queued before each
+  // upload keeps the stream busy, so a copy that had not read its host buffer by the time cuda_copy returned
+  // would read the next iteration's values.
+  const int64_t M = 2048, n = (int64_t(1) << 16) + 3;  // 256 KiB per upload: not a tiny inline copy
+  Tensor A = dev(uniform({M, M}, 1)), C = Tensor::empty({M, M}, DType::F32, Device::CUDA);
+  std::vector<Tensor> up;
+  for (int i = 0; i < 48; ++i) {
+    cuda::gemm(C.f32(), M, A.f32(), M, A.f32(), M, M, M, M, false, false);
+    up.push_back(Tensor::from_vector(std::vector<float>((size_t)n, (float)i), {n}, Device::CUDA));
+  }
+  for (int i = 0; i < 48; ++i) {
+    CAPTURE(i);
+    const std::vector<float> v = up[(size_t)i].to_f32_vector();
+    CHECK(std::count(v.begin(), v.end(), (float)i) == n);
+  }
+}
+
+TEST_CASE("cuda: strided copies with offsets past 2^30 elements (64-bit index path)" * needs_device()) {
+  // strided_copy indexes in 32 bits while every offset stays below 2^30 elements and switches to 64 bits beyond.
+  // Rows 2^28 apart in a [2^28 + 1, 4] tensor (4 GiB) make a two-row view whose row stride is 2^30 elements.
+  if (cuda::props().totalGlobalMem < (size_t(12) << 30)) {
+    MESSAGE("skipped: the 64-bit strided-copy case needs a GPU with 12 GiB");
+    return;
+  }
+  const int64_t step = int64_t(1) << 28, R = step + 1;
+  Tensor big = Tensor::empty({R, 4}, DType::F32, Device::CUDA);
+  big.fill_(-7.f);
+  Tensor view = big.slice(0, 0, R, step);
+  REQUIRE(view.shape() == Shape{2, 4});
+  REQUIRE(view.strides()[0] == int64_t(1) << 30);
+  Tensor rows = uniform({2, 4}, 2);
+  view.copy_(dev(rows));  // device to device into the view: destination offsets reach 2^30
+  CHECK(view.contiguous().to_f32_vector() == rows.to_f32_vector());  // and out of it: source offsets
+  CHECK(big.select(0, R - 1).to_f32_vector() == rows.select(0, 1).to_f32_vector());
+  CHECK(big.select(0, 1).to_f32_vector() == std::vector<float>(4, -7.f));  // untouched between the two rows
+  // A transpose of the view (column-major walk of the same far-apart rows).
+  CHECK(view.transpose(0, 1).contiguous().to_f32_vector() == rows.transpose(0, 1).contiguous().to_f32_vector());
 }
 
 // ---------------------------------------------------------------- kernels: softmax family
@@ -1139,6 +1193,303 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
   same(gfo, fo, "masked_fill");
 }
 
+// ---------------------------------------------------------------- kernels: edge sizes
+
+TEST_CASE("cuda kernels: empty problems launch nothing and write what the contract says" * needs_device()) {
+  // A grid of zero blocks is a launch error (cudaErrorInvalidConfiguration). Every launcher must return early on
+  // an empty problem, or write what the contract gives for one (sums of nothing, scaled outputs), and the stream
+  // must stay free of errors. Null pointers stand for buffers of zero elements.
+  float* nf = nullptr;
+  int32_t* ni = nullptr;
+  const int64_t sh0[2] = {0, 3}, st0[2] = {3, 1};
+  // copies and elementwise
+  cuda::strided_copy(nf, st0, nf, st0, sh0, 2, 4);
+  cuda::f32_to_i32(ni, nf, 0);
+  cuda::i32_to_f32(nf, ni, 0);
+  cuda::fill32(nf, 0u, 0);
+  for (cpu::Binary op : {cpu::Binary::Add, cpu::Binary::Div}) {
+    cuda::binary(op, nf, nf, nf, 0);
+    cuda::binary(op, ni, ni, ni, 0);
+    cuda::binary_rows(op, nf, nf, nf, 0, 7);
+    cuda::binary_rows(op, nf, nf, nf, 3, 0);
+    const int64_t shb[3] = {2, 0, 3}, sta[3] = {3, 3, 1}, stb[3] = {0, 0, 1};
+    cuda::binary_strided(op, nf, nf, nf, 3, shb, sta, stb);
+  }
+  cuda::scalar(cpu::Scalar::Pow, nf, nf, 1.5f, 0);
+  cuda::unary(cpu::Unary::Log, nf, nf, 0);
+  cuda::pow_backward(nf, nf, nf, 2.f, 0);
+  const int64_t stbc[2] = {0, 1};
+  cuda::broadcast_to(nf, nf, 2, sh0, stbc);
+  cuda::exp_forward(nf, nf, 0);
+  cuda::gelu_exact_backward(nf, nf, nf, 0);
+  cuda::dropout_forward(nf, nf, 0, 0.5f, 1, 2);
+  // row kernels: no rows, or rows of no columns
+  cuda::softmax_forward(nf, nf, 0, 5);
+  cuda::softmax_backward(nf, nf, nf, 4, 0);
+  cuda::log_softmax_forward(nf, nf, 4, 0);
+  cuda::log_softmax_backward(nf, nf, nf, 0, 2000);
+  cuda::causal_softmax_forward(nf, nf, 0.5f, 0, 4);
+  cuda::causal_softmax_backward(nf, nf, nf, 0.5f, 3, 0);
+  cuda::topk_forward(nf, ni, nf, 0, 5, 2);
+  cuda::topk_forward(nf, ni, nf, 3, 0, 0);
+  cuda::topk_backward(nf, nf, ni, 0, 5, 2);
+  cuda::softmax_topk_forward(nf, nf, ni, nf, 0, 5, 2);
+  cuda::softmax_topk_forward(nf, nf, ni, nf, 0, 20, 12);
+  cuda::softmax_topk_backward(nf, nf, nf, ni, nf, 0, 5, 2);
+  cuda::cross_entropy_forward(nf, nf, nf, ni, 0, 10, -100);
+  cuda::cross_entropy_backward(nf, nf, nf, ni, 1.f, 0, 10, -100);
+  cuda::embedding_forward(nf, nf, ni, 0, 10, 8);
+  cuda::embedding_backward(nf, nf, ni, 0, 10, 8);
+  cuda::layernorm_forward(nf, nf, nf, nf, nf, nf, 0, 8, 1e-5f);
+  cuda::rmsnorm_forward(nf, nf, nf, nf, 0, 8, 1e-5f);
+  // Norm backward over no rows: the parameter gradients are sums of nothing, written as 0.
+  Tensor dw = poisoned({8}), db = poisoned({8}), rdw = poisoned({8});
+  cuda::layernorm_backward(nf, dw.f32(), db.f32(), nf, nf, nf, nf, nf, 0, 8);
+  cuda::rmsnorm_backward(nf, rdw.f32(), nf, nf, nf, nf, 0, 8);
+  CHECK(dw.to_f32_vector() == std::vector<float>(8, 0.f));
+  CHECK(db.to_f32_vector() == std::vector<float>(8, 0.f));
+  CHECK(rdw.to_f32_vector() == std::vector<float>(8, 0.f));
+  // Router losses over no rows: 0, never NaN.
+  Tensor zl = poisoned({1});
+  cuda::z_loss_forward(zl.f32(), nf, nf, 0, 4, 0.1f);
+  cuda::z_loss_backward(nf, zl.f32(), nf, nf, 0, 4, 0.1f);
+  CHECK(zl.item() == 0.f);
+  Tensor ll = poisoned({1}), fr = poisoned({2, 4}), mp = poisoned({2, 4}), tk = poisoned({2});
+  Tensor grp = poisoned({1}, DType::I32);  // two groups need a group array, even of no rows
+  cuda::load_balance_forward(ll.f32(), fr.f32(), mp.f32(), tk.f32(), nf, ni, grp.i32(), 0, 4, 1, 2, 0.1f);
+  cuda::load_balance_backward(nf, ll.f32(), fr.f32(), tk.f32(), grp.i32(), 0, 4, 2, 0.1f);
+  CHECK(ll.item() == 0.f);
+  CHECK(fr.to_f32_vector() == std::vector<float>(8, 0.f));
+  CHECK(mp.to_f32_vector() == std::vector<float>(8, 0.f));
+  CHECK(tk.to_f32_vector() == std::vector<float>(2, 0.f));
+  // MoE dispatch of no assignments: zero counts, offsets all 0.
+  Tensor cnt = poisoned({2 * 4}, DType::I32), off = poisoned({2 * 5}, DType::I32);
+  CHECK(cuda::dispatch_plan((int64_t*)cnt.raw(), (int64_t*)off.raw(), ni, ni, ni, 0, 4) == 0);
+  CHECK(read_i64(cnt, 4) == std::vector<int64_t>(4, 0));
+  CHECK(read_i64(off, 5) == std::vector<int64_t>(5, 0));
+  CHECK(cuda::dispatch_histogram((int64_t*)cnt.raw(), ni, 0, 4) == 0);
+  cuda::dispatch_scatter(ni, ni, ni, (const int64_t*)off.raw(), 0, 4);
+  cuda::dispatch_permute(nf, nf, ni, 0, 2, 8);
+  cuda::dispatch_permute_backward(nf, nf, ni, 0, 2, 8);
+  cuda::dispatch_combine(nf, nf, nf, ni, 0, 2, 8);
+  cuda::dispatch_combine_backward(nf, nf, nf, nf, nf, ni, 0, 2, 8);
+  cuda::detail::stable_sort_pairs(ni, ni, ni, nullptr, 0, 8);
+  // Reductions: sums of nothing are 0 (times scale), max over no rows writes nothing.
+  Tensor s0 = poisoned({1}), s3 = poisoned({3}), s23 = poisoned({2, 3});
+  cuda::sum_all(s0.f32(), nf, 0, 2.f);
+  CHECK(s0.item() == 0.f);
+  cuda::sum_axis(nf, nf, 0, 5, 3, 1.f);
+  cuda::sum_axis(s3.f32(), nf, 3, 0, 1, 1.f);
+  CHECK(s3.to_f32_vector() == std::vector<float>(3, 0.f));
+  cuda::sum_axis(s23.f32(), nf, 2, 0, 3, 1.f);
+  CHECK(s23.to_f32_vector() == std::vector<float>(6, 0.f));
+  s0 = poisoned({1});
+  cuda::sum_axis(s0.f32(), nf, 1, 0, 1, 1.f);
+  CHECK(s0.item() == 0.f);
+  const int64_t ash[2] = {0, 3}, osh[2] = {1, 3};
+  s3 = poisoned({3});
+  cuda::sum_to(s3.f32(), nf, 2, ash, osh);
+  CHECK(s3.to_f32_vector() == std::vector<float>(3, 0.f));
+  cuda::max_axis(nf, ni, nf, 0, 3, 1);
+  cuda::max_axis(nf, ni, nf, 2, 3, 0);
+  cuda::max_axis_backward(nf, nf, ni, 0, 3, 4);
+  // Products: empty C, an empty batch, and K == 0 (C = beta * C; beta == 0 writes zeros without reading C).
+  cuda::gemm(nf, 4, nf, 4, nf, 4, 0, 4, 4, false, false);
+  cuda::gemm(nf, 1, nf, 4, nf, 1, 3, 0, 4, false, false);
+  cuda::gemm_strided_batched(nf, 4, 16, nf, 4, 16, nf, 4, 16, 0, 4, 4, 4, false, false);
+  Tensor c0 = poisoned({3, 2});
+  cuda::gemm(c0.f32(), 2, nf, 1, nf, 2, 3, 2, 0, false, false, 1.f, 0.f);
+  CHECK(c0.to_f32_vector() == std::vector<float>(6, 0.f));
+  const std::vector<int64_t> empty_segments = {0, 0, 0};
+  cuda::gemm_segments(nf, 4, nf, 3, nf, 4, 12, empty_segments.data(), 2, 4, 3, false);
+  Tensor wg = poisoned({2, 3, 4});
+  cuda::gemm_segments_wgrad(wg.f32(), 4, 12, nf, 3, nf, 4, empty_segments.data(), 2, 3, 4, 1.f, 0.f);
+  CHECK(wg.to_f32_vector() == std::vector<float>(24, 0.f));
+  // Indexing
+  CHECK(cuda::index_first_bad(ni, 0, 5) == -1);
+  cuda::concat_piece(nf, nf, 0, 7, 2, 3, 4);
+  cuda::split_piece(ni, ni, 3, 7, 2, 0, 4);
+  cuda::index_select(nf, nf, ni, 3, 5, 0, 4);
+  cuda::index_add(nf, nf, ni, 3, 5, 0, 4);
+  cuda::gather(nf, nf, ni, 3, 5, 0, 4);
+  cuda::scatter_add(nf, nf, ni, 0, 5, 2, 4);
+  const int64_t shw[2] = {0, 2}, stw[2] = {2, 1};
+  cuda::where(nf, ni, nf, nf, 2, shw, stw, stw, stw);
+  cuda::masked_fill(nf, nf, ni, 1.f, 2, shw, stw);
+  // AdamW with nothing to update
+  cuda::adamw_step(nf, nf, nf, nf, 0, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1);
+  const cuda::AdamWSlice none[2] = {{nf, nf, nf, nf, 0, 0.1f}, {nf, nf, nf, nf, 0, 0.f}};
+  cuda::adamw_step_multi(none, 2, 1e-3f, 0.9f, 0.95f, 1e-8f, 1);
+  cuda::adamw_step_multi(none, 0, 1e-3f, 0.9f, 0.95f, 1e-8f, 1);
+  cuda::sync();
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("cuda kernels: float4 paths fall back on data that is not 16-byte aligned" * needs_device()) {
+  // Dispatch permute / permute backward / combine and embedding forward move float4s when C % 4 == 0 and the base
+  // pointers are 16-byte aligned. Views at odd offsets are contiguous but not aligned: a float4 access there
+  // faults (misaligned address), so the kernels must take their scalar path. Each side is shifted alone and both.
+  uint64_t seed = 1900;
+  const int64_t T = 45, K = 2, C = 12, N = 5, A = T * K, V = 30, Ne = 77;
+  std::vector<float> uv = uniform({A}, ++seed, 0.f, 1.f).to_f32_vector();
+  std::vector<int32_t> ev((size_t)A);
+  for (int64_t a = 0; a < A; ++a)
+    ev[(size_t)a] = a % 7 == 2 ? -1 : (int32_t)std::min<int64_t>(N - 1, (int64_t)(uv[(size_t)a] * N));
+  std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
+  std::vector<int32_t> row_of((size_t)A), assign_of((size_t)A);
+  cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), ev.data(), A, N);
+  const int64_t Ap = offsets[(size_t)N];
+  Tensor ro = i32s(row_of, {A}), ao = i32s(std::vector<int32_t>(assign_of.begin(), assign_of.begin() + Ap), {Ap});
+  Tensor dRO = dev(ro), dAO = dev(ao);
+  Tensor x = uniform({T, C}, ++seed), ye = uniform({Ap, C}, ++seed), dxe = uniform({Ap, C}, ++seed);
+  Tensor gate = uniform({A}, ++seed, 0.f, 1.f), dG = dev(gate);
+  Tensor xe = Tensor::empty({Ap, C}), dx = Tensor::empty({T, C}), out = Tensor::empty({T, C});
+  cpu::dispatch_permute(xe.f32(), x.f32(), ao.i32(), Ap, K, C);
+  cpu::dispatch_permute_backward(dx.f32(), dxe.f32(), ro.i32(), T, K, C);
+  cpu::dispatch_combine(out.f32(), ye.f32(), gate.f32(), ro.i32(), T, K, C);
+  std::vector<int32_t> idv((size_t)Ne);
+  for (int64_t i = 0; i < Ne; ++i) idv[(size_t)i] = (int32_t)((i * 7) % V);
+  Tensor ids = i32s(idv, {Ne}), w = uniform({V, C}, ++seed), emb = Tensor::empty({Ne, C});
+  cpu::embedding_forward(emb.f32(), w.f32(), ids.i32(), Ne, V, C);
+  Tensor dIds = dev(ids);
+  REQUIRE_FALSE(aligned16(dev_odd(x)));
+  for (int odd_out = 0; odd_out < 2; ++odd_out)
+    for (int odd_in = 0; odd_in < 2; ++odd_in) {
+      if (!odd_out && !odd_in) continue;  // the aligned case is the dispatch and embedding tests above
+      const std::string what = std::string(odd_out ? "odd output" : "aligned output") +
+                               (odd_in ? ", odd input" : ", aligned input");
+      auto in = [&](const Tensor& t) { return odd_in ? dev_odd(t) : dev(t); };
+      auto fresh = [&](const Shape& s) { return odd_out ? poisoned_odd(s) : poisoned(s); };
+      Tensor gxe = fresh({Ap, C}), gdx = fresh({T, C}), gout = fresh({T, C}), gemb = fresh({Ne, C});
+      Tensor dX = in(x), dDXE = in(dxe), dYE = in(ye), dW = in(w);
+      cuda::dispatch_permute(gxe.f32(), dX.f32(), dAO.i32(), Ap, K, C);
+      cuda::dispatch_permute_backward(gdx.f32(), dDXE.f32(), dRO.i32(), T, K, C);
+      cuda::dispatch_combine(gout.f32(), dYE.f32(), dG.f32(), dRO.i32(), T, K, C);
+      cuda::embedding_forward(gemb.f32(), dW.f32(), dIds.i32(), Ne, V, C);
+      same(gxe, xe, "permute, " + what);
+      check_near(gdx, dx, 1e-6f, 1e-6f, "permute backward, " + what);
+      check_near(gout, out, 1e-6f, 1e-5f, "combine, " + what);
+      same(gemb, emb, "embedding, " + what);
+    }
+  cuda::sync();
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("cuda kernels: sizes past the grid caps, where grid-stride loops take several turns" * needs_device()) {
+  // Launchers cap their grids and the kernels loop over the rest: 65536 blocks for element loops (2^24 elements
+  // per turn at 256 threads) and block-per-row kernels (65536 rows per turn), 65536 blocks of 4 warps for
+  // warp-per-row kernels (262144 rows per turn), 65535 for binary_rows' rows, 4096 blocks for column sums.
+  // Every case below is just past its cap, so the second turn and the tail both run.
+  uint64_t seed = 2000;
+  {
+    const int64_t n = (int64_t(1) << 24) + 4099;
+    Tensor a = uniform({n}, ++seed), b = uniform({n}, ++seed, 0.5f, 2.f), out = Tensor::empty({n});
+    cpu::binary(cpu::Binary::Div, out.f32(), a.f32(), b.f32(), n);
+    Tensor g = poisoned({n});
+    cuda::binary(cpu::Binary::Div, g.f32(), dev(a).f32(), dev(b).f32(), n);
+    same(g, out, "binary, n = 2^24 + 4099");
+    Tensor m = uniform({4099, 4097}, ++seed);  // a transpose of 2^24 + 16387 elements: the strided copy kernel
+    same(dev(m).transpose(0, 1).contiguous(), m.transpose(0, 1).contiguous(), "transpose, 2^24 + 16387");
+  }
+  {
+    const int64_t R = 65535 + 10, C = 7;
+    Tensor a = uniform({R, C}, ++seed), row = uniform({C}, ++seed), out = Tensor::empty({R, C});
+    cpu::binary_rows(cpu::Binary::Mul, out.f32(), a.f32(), row.f32(), R, C);
+    Tensor g = poisoned({R, C});
+    cuda::binary_rows(cpu::Binary::Mul, g.f32(), dev(a).f32(), dev(row).f32(), R, C);
+    same(g, out, "binary_rows, R = 65545");
+  }
+  {
+    const int64_t N = 262144 + 37, C = 3;  // a warp per row
+    Tensor x = uniform({N, C}, ++seed, -4.f, 4.f), y = Tensor::empty({N, C});
+    cpu::softmax_forward(y.f32(), x.f32(), N, C);
+    Tensor g = poisoned({N, C});
+    cuda::softmax_forward(g.f32(), dev(x).f32(), N, C);
+    check_near(g, y, 1e-7f, 1e-5f, "softmax, warp rows, N = 262181");
+  }
+  {
+    const int64_t N = 65536 + 3, V = 1025;  // a block per row
+    Tensor x = uniform({N, V}, ++seed, -5.f, 5.f);
+    std::vector<int32_t> tv((size_t)N);
+    for (int64_t i = 0; i < N; ++i) tv[(size_t)i] = (int32_t)((i * 131) % V);
+    Tensor t = i32s(tv, {N}), losses = Tensor::empty({N}), lse = Tensor::empty({N});
+    cpu::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, -100);
+    Tensor gl = poisoned({N}), glse = poisoned({N});
+    cuda::cross_entropy_forward(gl.f32(), glse.f32(), dev(x).f32(), dev(t).i32(), N, V, -100);
+    check_near(gl, losses, 1e-5f, 1e-5f, "cross-entropy, block rows, N = 65539");
+    check_near(glse, lse, 1e-5f, 1e-5f, "cross-entropy lse, block rows, N = 65539");
+  }
+  {
+    const int64_t R = 262144 + 5, n = 8, k = 3;
+    Tensor x = distinct_rows(R, n, ++seed, -1.f, 0.25f);
+    Tensor v = Tensor::empty({R, k}), ix = Tensor::empty({R, k}, DType::I32);
+    cpu::topk_forward(v.f32(), ix.i32(), x.f32(), R, n, k);
+    Tensor gv = poisoned({R, k}), gi = poisoned({R, k}, DType::I32);
+    cuda::topk_forward(gv.f32(), gi.i32(), dev(x).f32(), R, n, k);
+    same_i32(gi, ix, "top-k indices, R = 262149");
+    same(gv, v, "top-k values, R = 262149");
+  }
+  {
+    const int64_t T = 262144 + 5, K = 1, C = 4, N = 3;  // combine: a warp per token, float4 rows
+    std::vector<int32_t> ev((size_t)T);
+    for (int64_t a = 0; a < T; ++a) ev[(size_t)a] = a % 5 == 4 ? -1 : (int32_t)(a % N);
+    std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
+    std::vector<int32_t> row_of((size_t)T), assign_of((size_t)T);
+    cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), ev.data(), T, N);
+    const int64_t Ap = offsets[(size_t)N];
+    Tensor ro = i32s(row_of, {T}), ye = uniform({Ap, C}, ++seed), gate = uniform({T}, ++seed, 0.f, 1.f);
+    Tensor out = Tensor::empty({T, C}), gout = poisoned({T, C});
+    cpu::dispatch_combine(out.f32(), ye.f32(), gate.f32(), ro.i32(), T, K, C);
+    cuda::dispatch_combine(gout.f32(), dev(ye).f32(), dev(gate).f32(), dev(ro).i32(), T, K, C);
+    check_near(gout, out, 1e-6f, 1e-5f, "combine, T = 262149");
+  }
+  {
+    const int64_t O = 1, R = 3, I = (int64_t(1) << 20) + 7;  // column sums: 4096 blocks of 256 columns per turn
+    Tensor a = uniform({O, R, I}, ++seed), out = Tensor::empty({O, I}), g = poisoned({O, I});
+    cpu::sum_axis(out.f32(), a.f32(), O, R, I, 1.f);
+    cuda::sum_axis(g.f32(), dev(a).f32(), O, R, I, 1.f);
+    check_near(g, out, 1e-6f, 1e-6f, "sum_axis columns, I = 2^20 + 7");
+  }
+}
+
+TEST_CASE("cuda kernels: the radix sort is stable for any key width, with and without values" * needs_device()) {
+  // stable_sort_pairs (kernels/cuda/sort.cuh) does one 8-bit pass per key byte through two ping-pong buffers.
+  // Embedding and index_add use it with values = positions (vals_in == nullptr) and up to 3 passes; here also
+  // 1 and 4 passes, and given values.
+  uint64_t seed = 2100;
+  for (int bits : {1, 8, 9, 17, 24, 31})
+    for (int64_t n : {1, 1000, 70001}) {
+      const std::string what = "bits=" + std::to_string(bits) + " n=" + std::to_string(n);
+      std::vector<float> u = uniform({n}, ++seed, 0.f, 1.f).to_f32_vector();
+      std::vector<int32_t> keys((size_t)n), vals((size_t)n);
+      const int64_t range = int64_t(1) << bits;
+      for (int64_t i = 0; i < n; ++i) {
+        // Few distinct keys for small widths (long runs of equal keys: stability shows), the whole range else.
+        keys[(size_t)i] = (int32_t)std::min<int64_t>(range - 1, (int64_t)((double)u[(size_t)i] * (double)range));
+        vals[(size_t)i] = (int32_t)(n - i) * 3;
+      }
+      std::vector<int64_t> order((size_t)n);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return keys[(size_t)a] < keys[(size_t)b]; });
+      std::vector<int32_t> rk((size_t)n), rv((size_t)n), rp((size_t)n);
+      for (int64_t i = 0; i < n; ++i) {
+        rk[(size_t)i] = keys[(size_t)order[(size_t)i]];
+        rv[(size_t)i] = vals[(size_t)order[(size_t)i]];
+        rp[(size_t)i] = (int32_t)order[(size_t)i];
+      }
+      Tensor dk = dev(i32s(keys, {n})), dv = dev(i32s(vals, {n}));
+      Tensor ok = poisoned({n}, DType::I32), ov = poisoned({n}, DType::I32);
+      cuda::detail::stable_sort_pairs(ok.i32(), ov.i32(), dk.i32(), dv.i32(), n, bits);
+      same_i32(ok, i32s(rk, {n}), "keys, " + what);
+      same_i32(ov, i32s(rv, {n}), "values, " + what);
+      Tensor ok2 = poisoned({n}, DType::I32), op = poisoned({n}, DType::I32);
+      cuda::detail::stable_sort_pairs(ok2.i32(), op.i32(), dk.i32(), nullptr, n, bits);
+      same_i32(ok2, i32s(rk, {n}), "keys, positions, " + what);
+      same_i32(op, i32s(rp, {n}), "positions, " + what);
+    }
+}
+
 // ---------------------------------------------------------------- ops: every op on CUDA against the CPU
 
 namespace {
@@ -1273,6 +1624,52 @@ TEST_CASE("cuda ops: indexing (concat, split, index_select/add, gather/scatter_a
   op_parity("where", [](const V& x) { return where(x[0], x[1], x[2]); }, {mask, P({2, 3}, 12), P({3}, 13)});
   op_parity("masked_fill", [](const V& x) { return masked_fill(x[0], x[1], -5.f); }, {P({2, 3}, 14), mask});
   CHECK_THROWS_AS(index_select(uniform({3, 4}, 1).to(Device::CUDA), 1, i32s({0, 4}, {2}).to(Device::CUDA)), Error);
+}
+
+TEST_CASE("cuda ops: empty tensors (zero rows, zero inner size) give the CPU's values and gradients" *
+          needs_device()) {
+  // Zero-size launches are errors on the device; every op must skip them and still produce what the CPU does:
+  // empty outputs, and parameter gradients that are sums over no rows (zeros).
+  auto P = [](const Shape& s, uint64_t seed) { return param(s, seed); };
+  using V = std::vector<Tensor>;
+  const Tensor no_ids = i32s(std::vector<int32_t>{}, {0});
+  op_parity("softmax of [0, 7]", [](const V& x) { return softmax(x[0]); }, {P({0, 7}, 1)});
+  op_parity("log_softmax of [4, 0]", [](const V& x) { return log_softmax(x[0]); }, {P({4, 0}, 2)});
+  op_parity("sum of [0, 3]", [](const V& x) { return sum(x[0]); }, {P({0, 3}, 3)});
+  op_parity("sum over an empty axis", [](const V& x) { return sum(x[0], 0); }, {P({0, 3}, 4)});
+  op_parity("linear of no rows", [](const V& x) { return linear(x[0], x[1], x[2]); },
+            {P({0, 16}, 5), P({12, 16}, 6), P({12}, 7)});
+  op_parity("matmul with inner size 0", [](const V& x) { return matmul(x[0], x[1]); }, {P({3, 0}, 8), P({0, 4}, 9)});
+  op_parity("layernorm of no rows", [](const V& x) { return layernorm(x[0], x[1], x[2]); },
+            {P({0, 8}, 10), P({8}, 11), P({8}, 12)});
+  op_parity("rmsnorm of no rows", [](const V& x) { return rmsnorm(x[0], x[1]); }, {P({0, 8}, 13), P({8}, 14)});
+  op_parity("cross_entropy of no rows", [](const V& x) { return cross_entropy(x[0], x[1]); }, {P({0, 5}, 15), no_ids});
+  op_parity("embedding of no ids", [](const V& x) { return embedding(x[0], x[1]); }, {P({10, 8}, 16), no_ids});
+  op_parity("max over rows of [0, 5]", [](const V& x) { return max(x[0], 1); }, {P({0, 5}, 17)});
+  op_parity("topk of [0, 6]", [](const V& x) { return topk(x[0], 2).first; }, {P({0, 6}, 18)});
+  op_parity("index_select of no indices", [](const V& x) { return index_select(x[0], 0, x[1]); },
+            {P({5, 3}, 19), no_ids});
+  // The mean of nothing is NaN on both devices (0 * 1/0).
+  CHECK(std::isnan(mean(Tensor::zeros({0}, DType::F32, Device::CUDA)).item()));
+}
+
+TEST_CASE("cuda ops: inputs that are views at odd element offsets (data not 16-byte aligned)" * needs_device()) {
+  // slice(0, 1, ...) of a flat tensor, then view(): contiguous, so the ops pass the pointer straight to the
+  // kernels, but 4 bytes past an aligned block. Vectorised kernels must notice; cuBLAS takes any alignment.
+  auto P = [](const Shape& s, uint64_t seed) { return param(s, seed); };
+  using V = std::vector<Tensor>;
+  auto odd = [](const Tensor& flat, const Shape& s) { return flat.slice(0, 1, 1 + shape_numel(s)).view(s); };
+  Tensor ids = i32s({3, 1, 3, 0, 9, 3}, {2, 3});
+  op_parity("embedding, weight at an odd offset", [odd](const V& x) { return embedding(odd(x[0], {10, 8}), x[1]); },
+            {P({81}, 1), ids});
+  op_parity("linear, input at an odd offset", [odd](const V& x) { return linear(odd(x[0], {7, 16}), x[1], x[2]); },
+            {P({113}, 2), P({12, 16}, 3), P({12}, 4)});
+  op_parity("matmul, both at odd offsets",
+            [odd](const V& x) { return matmul(odd(x[0], {2, 9, 8}), odd(x[1], {2, 8, 5}), false, false); },
+            {P({145}, 5), P({81}, 6)});
+  op_parity("layernorm at an odd offset", [odd](const V& x) { return layernorm(odd(x[0], {6, 32}), x[1], x[2]); },
+            {P({193}, 7), P({32}, 8), P({32}, 9)});
+  op_parity("softmax at an odd offset", [odd](const V& x) { return softmax(odd(x[0], {5, 36})); }, {P({181}, 10)});
 }
 
 TEST_CASE("cuda: a small training run matches the CPU step for step, with no cudaMalloc once warm" *

@@ -256,8 +256,9 @@ void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tok
   CM_CHECK(R >= 0 && E >= 1 && K >= 1 && G >= 1, "cuda::load_balance_forward: R=", R, " E=", E, " K=", K, " G=", G);
   CM_CHECK(G * E <= kLbMaxGE, "cuda::load_balance_forward: G*E = ", G * E, " exceeds ", kLbMaxGE);
   CM_CHECK(group || G == 1, "cuda::load_balance_forward: G=", G, " groups need a group array");
-  // Chunks: about two per SM, whatever R (the partials are chunks x G x E); a fixed function of R only.
-  const int64_t chunks_target = 2 * (int64_t)props().multiProcessorCount;
+  // Chunks: a constant target (about two per SM of an H100), so the chunking, and with it the rounding of the
+  // probability sums, is a function of R only: the same bits on every GPU model, not only on the same one.
+  const int64_t chunks_target = 256;
   const int64_t RC = R > 0 ? ceil_div(R, chunks_target) : 1;
   const int64_t chunks = R > 0 ? ceil_div(R, RC) : 0;
   const int64_t GE = G * E;
