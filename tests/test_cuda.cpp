@@ -119,6 +119,26 @@ std::vector<int64_t> read_i64(const Tensor& t, int64_t n) {
   std::memcpy(r.data(), w.data(), (size_t)n * 8);
   return r;
 }
+// The CPU's dispatch plan of A random assignments to N experts, every 7th (a % 7 == 2) dropped as -1:
+// row_of [A] and the kept assignments in expert order, assign_of [Ap].
+struct RandomPlan {
+  int64_t Ap = 0;
+  Tensor row_of, assign_of;
+};
+RandomPlan random_plan(int64_t A, int64_t N, uint64_t seed) {
+  std::vector<float> uv = uniform({A}, seed, 0.f, 1.f).to_f32_vector();
+  std::vector<int32_t> ev((size_t)A);
+  for (int64_t a = 0; a < A; ++a)
+    ev[(size_t)a] = a % 7 == 2 ? -1 : (int32_t)std::min<int64_t>(N - 1, (int64_t)(uv[(size_t)a] * N));
+  std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
+  std::vector<int32_t> row_of((size_t)A), assign_of((size_t)A);
+  cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), ev.data(), A, N);
+  RandomPlan p;
+  p.Ap = offsets[(size_t)N];
+  p.row_of = i32s(row_of, {A});
+  p.assign_of = i32s(std::vector<int32_t>(assign_of.begin(), assign_of.begin() + p.Ap), {p.Ap});
+  return p;
+}
 // Distinct values: a random permutation of 0..n-1 per row, scaled into [lo, lo + n * step).
 Tensor distinct_rows(int64_t R, int64_t n, uint64_t seed, float lo, float step) {
   std::vector<float> v((size_t)(R * n));
@@ -521,15 +541,9 @@ TEST_CASE("cuda kernels: dispatch permute, combine and their backward against th
       for (int64_t C : {1, 3, 4, 64, 130}) {
         const int64_t N = 8, A = T * K;
         const std::string what = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " C=" + std::to_string(C);
-        std::vector<float> uv = uniform({A}, ++seed, 0.f, 1.f).to_f32_vector();
-        std::vector<int32_t> ev((size_t)A);
-        for (int64_t a = 0; a < A; ++a)
-          ev[(size_t)a] = a % 7 == 2 ? -1 : (int32_t)std::min<int64_t>(N - 1, (int64_t)(uv[(size_t)a] * N));
-        std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
-        std::vector<int32_t> row_of((size_t)A), assign_of((size_t)A);
-        cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), ev.data(), A, N);
-        const int64_t Ap = offsets[(size_t)N];
-        Tensor ro = i32s(row_of, {A}), ao = i32s(std::vector<int32_t>(assign_of.begin(), assign_of.begin() + Ap), {Ap});
+        const RandomPlan plan = random_plan(A, N, ++seed);
+        const int64_t Ap = plan.Ap;
+        const Tensor &ro = plan.row_of, &ao = plan.assign_of;
         Tensor dRO = dev(ro), dAO = dev(ao);
         Tensor x = uniform({T, C}, ++seed), ye = uniform({Ap, C}, ++seed), gate = uniform({A}, ++seed, 0.f, 1.f);
         Tensor dout = uniform({T, C}, ++seed), dxe = uniform({Ap, C}, ++seed);
@@ -1331,15 +1345,9 @@ TEST_CASE("cuda kernels: float4 paths fall back on data that is not 16-byte alig
   // faults (misaligned address), so the kernels must take their scalar path. Each side is shifted alone and both.
   uint64_t seed = 1900;
   const int64_t T = 45, K = 2, C = 12, N = 5, A = T * K, V = 30, Ne = 77;
-  std::vector<float> uv = uniform({A}, ++seed, 0.f, 1.f).to_f32_vector();
-  std::vector<int32_t> ev((size_t)A);
-  for (int64_t a = 0; a < A; ++a)
-    ev[(size_t)a] = a % 7 == 2 ? -1 : (int32_t)std::min<int64_t>(N - 1, (int64_t)(uv[(size_t)a] * N));
-  std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
-  std::vector<int32_t> row_of((size_t)A), assign_of((size_t)A);
-  cpu::dispatch_plan(counts.data(), offsets.data(), row_of.data(), assign_of.data(), ev.data(), A, N);
-  const int64_t Ap = offsets[(size_t)N];
-  Tensor ro = i32s(row_of, {A}), ao = i32s(std::vector<int32_t>(assign_of.begin(), assign_of.begin() + Ap), {Ap});
+  const RandomPlan plan = random_plan(A, N, ++seed);
+  const int64_t Ap = plan.Ap;
+  const Tensor &ro = plan.row_of, &ao = plan.assign_of;
   Tensor dRO = dev(ro), dAO = dev(ao);
   Tensor x = uniform({T, C}, ++seed), ye = uniform({Ap, C}, ++seed), dxe = uniform({Ap, C}, ++seed);
   Tensor gate = uniform({A}, ++seed, 0.f, 1.f), dG = dev(gate);
