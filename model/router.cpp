@@ -8,6 +8,12 @@
 
 namespace cm {
 
+const float* host_f32(const Tensor& t, std::vector<float>& tmp) {
+  if (t.device() == Device::CPU && t.is_contiguous()) return t.f32();
+  tmp = t.to_f32_vector();
+  return tmp.data();
+}
+
 Segments counting_sort(const std::vector<int32_t>& ids, int64_t n) {
   Segments s;
   s.offsets.assign((size_t)n + 1, 0);
@@ -144,6 +150,40 @@ static Tensor logsumexp_rows(const Tensor& x) {
 // Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
 static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W), -1, true), 1e-12f))); }
 
+// Mean entropy (nats) of the rows of p = softmax(s), p and s [P, b], without a log per element. In a row,
+// log p_c = s_c - max(s) - log Z and the largest probability is 1/Z, so
+//   H = -sum_c p_c log p_c = -log(max p) * sum_c p_c - sum_c p_c (s_c - max s)
+// (one log per row; equal to the per-element form up to float rounding of p). Only p_c > 0 count, as in
+// -sum p log p: a pruned child (s = -inf, p = 0) adds nothing, and neither does a NaN row. Rows run in parallel;
+// their entropies are summed in row order afterwards, so the result does not depend on the thread count.
+static float mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
+  std::vector<double> row((size_t)P);
+#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
+  for (int64_t r = 0; r < P; ++r) {
+    const float* pr = p + r * b;
+    const float* sr = s + r * b;
+    float pmax = 0.f, smax = -INFINITY;
+#pragma omp simd reduction(max : pmax, smax)
+    for (int64_t c = 0; c < b; ++c) {
+      pmax = pr[c] > pmax ? pr[c] : pmax;
+      smax = sr[c] > smax ? sr[c] : smax;
+    }
+    // Float sums within a row (half the time of double here; a row's entropy is good to about 1e-6 relative),
+    // double across rows. The lane split of the reductions is fixed at compile time: still deterministic.
+    float psum = 0.f, ps = 0.f;
+#pragma omp simd reduction(+ : psum, ps)
+    for (int64_t c = 0; c < b; ++c) {
+      const bool live = pr[c] > 0.f;  // selects, not ifs: 0 * (-inf - smax) would be NaN
+      psum += live ? pr[c] : 0.f;
+      ps += live ? pr[c] * (sr[c] - smax) : 0.f;
+    }
+    row[r] = pmax > 0.f ? -std::log((double)pmax) * psum - ps : 0.0;  // pmax = 0: a NaN row
+  }
+  double ent = 0.0;
+  for (double h : row) ent += h;
+  return (float)(ent / (double)std::max<int64_t>(P, 1));
+}
+
 Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
                           bool training) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
@@ -221,12 +261,11 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
       s = add(s, Tensor::from_vector(add_v, {P, b}, dev));
     }
     Tensor probs = softmax(s);  // [P, b]
-    std::vector<float> pv = probs.to_f32_vector();
-    if (l == 0) {
-      double ent = 0.0;
-      for (int64_t i = 0; i < P * b; ++i)
-        if (pv[i] > 0.f) ent -= (double)pv[i] * std::log((double)pv[i]);
-      r.entropy = (float)(ent / (double)std::max<int64_t>(P, 1));
+    std::vector<float> p_copy;  // the bookkeeping reads probs on the host: in place on the CPU, else this copy
+    const float* pv = host_f32(probs, p_copy);
+    if (l == 0) {  // the entropy statistic (on a device: one more copy, of the level-0 logits)
+      std::vector<float> s_copy;
+      r.entropy = mean_entropy(pv, host_f32(s, s_copy), P, b);
     }
 
     // ---- selection (no gradient): top k of probs + aux-free bias under each pair's node. Ties: lower index.
