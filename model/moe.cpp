@@ -10,13 +10,6 @@
 
 namespace cm {
 
-// Read-only host view of an f32 tensor: its own memory when it is a contiguous CPU tensor, else a copy in tmp.
-static const float* host_f32(const Tensor& t, std::vector<float>& tmp) {
-  if (t.device() == Device::CPU && t.is_contiguous()) return t.f32();
-  tmp = t.to_f32_vector();
-  return tmp.data();
-}
-
 // ---------------------------------------------------------------- dispatch and combine
 
 DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,

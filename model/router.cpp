@@ -6,7 +6,15 @@
 #include <limits>
 #include <numeric>
 
+#include "kernels/topk.h"
+
 namespace cm {
+
+const float* host_f32(const Tensor& t, std::vector<float>& tmp) {
+  if (t.device() == Device::CPU && t.is_contiguous()) return t.f32();
+  tmp = t.to_f32_vector();
+  return tmp.data();
+}
 
 Segments counting_sort(const std::vector<int32_t>& ids, int64_t n) {
   Segments s;
@@ -144,6 +152,76 @@ static Tensor logsumexp_rows(const Tensor& x) {
 // Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
 static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W), -1, true), 1e-12f))); }
 
+// Mean entropy (nats) of the rows of p = softmax(s), p and s [P, b], without a log per element. In a row,
+// log p_c = s_c - max(s) - log Z and the largest probability is 1/Z, so
+//   H = -sum_c p_c log p_c = -log(max p) * sum_c p_c - sum_c p_c (s_c - max s)
+// (one log per row; equal to the per-element form up to float rounding of p). Only p_c > 0 count, as in
+// -sum p log p: a pruned child (s = -inf, p = 0) adds nothing, and neither does a NaN row. Rows run in parallel;
+// their entropies are summed in row order afterwards, so the result does not depend on the thread count.
+static float mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
+  std::vector<double> row((size_t)P);
+#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
+  for (int64_t r = 0; r < P; ++r) {
+    const float* pr = p + r * b;
+    const float* sr = s + r * b;
+    float pmax = 0.f, smax = -INFINITY;
+#pragma omp simd reduction(max : pmax, smax)
+    for (int64_t c = 0; c < b; ++c) {
+      pmax = pr[c] > pmax ? pr[c] : pmax;
+      smax = sr[c] > smax ? sr[c] : smax;
+    }
+    // Float sums within a row (half the time of double here; a row's entropy is good to about 1e-6 relative),
+    // double across rows. The lane split of the reductions is fixed at compile time: still deterministic.
+    float psum = 0.f, ps = 0.f;
+#pragma omp simd reduction(+ : psum, ps)
+    for (int64_t c = 0; c < b; ++c) {
+      const bool live = pr[c] > 0.f;  // selects, not ifs: 0 * (-inf - smax) would be NaN
+      psum += live ? pr[c] : 0.f;
+      ps += live ? pr[c] * (sr[c] - smax) : 0.f;
+    }
+    row[r] = pmax > 0.f ? -std::log((double)pmax) * psum - ps : 0.0;  // pmax = 0: a NaN row
+  }
+  double ent = 0.0;
+  for (double h : row) ent += h;
+  return (float)(ent / (double)std::max<int64_t>(P, 1));
+}
+
+// Selection (no gradient): for each (token, node) pair p, the k children of node[p] with the highest
+// probs + aux-free bias, in cpu::topk_forward's order (larger first, ties to the lower index). A pruned child
+// (logit bias -inf) is never selected: it scores -inf, which ranks below every selectable child, so it only
+// comes up when its node has fewer than k others, and that is an error. NaN ranks first in topk_forward, but a
+// softmax row is either all NaN or NaN-free, and on an all-NaN row this still takes the first k selectable
+// children. probs [P, b]; abias [n_nodes * b] or null; lbias [n_nodes * b] or null; idx [P, k] child in [0, b).
+static void select_children(int32_t* idx, const float* probs, const float* abias, const std::vector<float>* lbias,
+                            const std::vector<int32_t>& node, int64_t P, int64_t b, int64_t k, int64_t level) {
+  const size_t nb = lbias ? lbias->size() : 0;  // n_nodes * b
+  std::vector<char> pruned(nb, 0);
+  bool any_pruned = false;
+  for (size_t i = 0; i < nb; ++i) {
+    pruned[i] = std::isinf((*lbias)[i]) && (*lbias)[i] < 0;
+    any_pruned = any_pruned || pruned[i];
+  }
+  const float* scores = probs;
+  std::vector<float> biased;  // [P, b], only when some score is not the probability itself
+  if (abias || any_pruned) {
+    biased.resize((size_t)(P * b));
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t at = (int64_t)node[p] * b;  // the pair's node's children
+      for (int64_t c = 0; c < b; ++c) {
+        const float v = probs[p * b + c] + (abias ? abias[at + c] : 0.f);
+        biased[p * b + c] = any_pruned && pruned[at + c] ? -INFINITY : v;
+      }
+    }
+    scores = biased.data();
+  }
+  std::vector<float> top((size_t)(P * k));  // the selected scores (unused: the gates are gathered from probs)
+  cpu::topk_forward(top.data(), idx, scores, P, b, k);
+  if (any_pruned)
+    for (int64_t i = 0; i < P * k; ++i)
+      CM_CHECK(!pruned[(size_t)node[i / k] * b + idx[i]], "level ", level, " node ", node[i / k], " has fewer than ",
+               k, " selectable children");
+}
+
 Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
                           bool training) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
@@ -215,45 +293,27 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
                                           ? &bias.logit_bias[l]
                                           : nullptr;
     if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
-      std::vector<float> add_v((size_t)(P * b));
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t c = 0; c < b; ++c) add_v[p * b + c] = (*lbias)[node[p] * b + c];
-      s = add(s, Tensor::from_vector(add_v, {P, b}, dev));
+      // Each pair gets its node's row of the bias: the level's single row broadcast, or rows picked by node.
+      Tensor bt = Tensor::from_vector(*lbias, {n_nodes, b}, dev);
+      s = add(s, n_nodes == 1 ? bt : index_select(bt, 0, Tensor::from_vector(node, {P}, dev)));
     }
     Tensor probs = softmax(s);  // [P, b]
-    std::vector<float> pv = probs.to_f32_vector();
-    if (l == 0) {
-      double ent = 0.0;
-      for (int64_t i = 0; i < P * b; ++i)
-        if (pv[i] > 0.f) ent -= (double)pv[i] * std::log((double)pv[i]);
-      r.entropy = (float)(ent / (double)std::max<int64_t>(P, 1));
+    std::vector<float> p_copy;  // the bookkeeping reads probs on the host: in place on the CPU, else this copy
+    const float* pv = host_f32(probs, p_copy);
+    if (l == 0) {  // the entropy statistic (on a device: one more copy, of the level-0 logits)
+      std::vector<float> s_copy;
+      r.entropy = mean_entropy(pv, host_f32(s, s_copy), P, b);
     }
 
-    // ---- selection (no gradient): top k of probs + aux-free bias under each pair's node. Ties: lower index.
-    // Pruned children (logit bias -inf) are never candidates.
-    const float* abias = aux_free_ ? aux_bias[l].f32() : nullptr;
+    // ---- selection (no gradient), and how often each child was selected.
     std::vector<int32_t> idx((size_t)(P * k));
+    select_children(idx.data(), pv, aux_free_ ? aux_bias[l].f32() : nullptr, lbias, node, P, b, k, l);
     std::vector<int64_t>& counts = r.level_counts[l];
     counts.assign((size_t)(n_nodes * b), 0);
-    std::vector<float> score((size_t)b);
-    std::vector<char> skip((size_t)b);
     std::vector<int64_t> pairs_at((size_t)n_nodes, 0);
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t nb = (int64_t)node[p] * b;
       ++pairs_at[node[p]];
-      for (int64_t c = 0; c < b; ++c) {
-        skip[c] = lbias && std::isinf((*lbias)[nb + c]) && (*lbias)[nb + c] < 0;  // pruned
-        score[c] = pv[p * b + c] + (abias ? abias[nb + c] : 0.f);
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        int64_t best = -1;
-        for (int64_t c = 0; c < b; ++c)
-          if (!skip[c] && (best < 0 || score[c] > score[best])) best = c;  // strict >: lower index wins ties
-        CM_CHECK(best >= 0, "level ", l, " node ", node[p], " has fewer than ", k, " selectable children");
-        idx[p * k + j] = (int32_t)best;
-        ++counts[nb + best];
-        skip[best] = 1;
-      }
+      for (int64_t j = 0; j < k; ++j) ++counts[(int64_t)node[p] * b + idx[p * k + j]];
     }
     Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}, dev));  // [P, k]
 
@@ -265,9 +325,10 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     // b * sum f P, the Switch loss, whose balanced value is 1.
     if (lb_w_ > 0.f) {
       std::vector<float> coef((size_t)(n_nodes * b), 0.f);
+      std::vector<double> rho((size_t)b);
       for (int64_t j = 0; j < n_nodes; ++j) {
         if (!pairs_at[j]) continue;
-        std::vector<double> rho((size_t)b, 1.0);
+        std::fill(rho.begin(), rho.end(), 1.0);
         double rsum = 0.0;
         for (int64_t c = 0; c < b; ++c) {
           if (lbias) rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children

@@ -478,6 +478,86 @@ TEST_SUITE("routing") {
     }
   }
 
+  TEST_CASE("selection with aux-free bias, reliability, pruned children and exact ties; entropy; too few left") {
+    // Brute force in double of the selection rule: per kept node, p = softmax(logits / temperature + logit bias),
+    // score = p + aux-free bias, pruned children (bias -inf) excluded, the k best by score, ties to the lower index.
+    // Rows of h that are zero make every logit 0: their children tie exactly unless the biases separate them.
+    struct Case {
+      std::vector<int64_t> b, k;
+      std::vector<std::vector<float>> lbias, abias;
+    };
+    const float ninf = -INFINITY, half = std::log(0.5f);
+    for (const Case& cs :
+         {Case{{6}, {2}, {{0.f, half, 0.f, ninf, 0.f, 0.f}}, {{0.1f, 0.f, 0.1f, 0.3f, 0.f, 0.1f}}},
+          Case{{2, 4}, {1, 2}, {{0.f, half}, {0.f, ninf, ninf, 0.f, std::log(0.8f), 0.f, 0.f, 0.f}},
+               {{0.f, 0.f}, {0.f, 0.2f, 0.f, 0.f, 0.f, 0.f, 0.1f, 0.1f}}},
+          Case{{3, 4}, {2, 3}, {{}, {0.f, 0.f, 0.f, 0.f, ninf, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, ninf}},
+               {{0.05f, 0.f, 0.05f}, {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}}}}) {
+      CAPTURE(cs.b.size());
+      const int64_t C = 5, T = 19, D = (int64_t)cs.b.size();
+      CoEConfig c = tree_config(C, cs.b, cs.k);
+      c.aux_free_bias = true;
+      c.renormalize_gates = false;
+      Generator gen(45);
+      TreeRouter r(c, gen);
+      for (int64_t l = 0; l < D; ++l)
+        r.aux_bias[l].copy_(Tensor::from_vector(cs.abias[l], {(int64_t)cs.abias[l].size()}));
+      RouterBias rb;
+      rb.logit_bias = cs.lbias;
+      Tensor h = uniform({T, C}, 46);
+      for (int64_t t = 0; t < T; t += 4)
+        for (int64_t q = 0; q < C; ++q) h.f32()[t * C + q] = 0.f;
+      Routing rt = r.route(h, rb, nullptr, false);
+
+      std::vector<float> hv = h.to_f32_vector();
+      std::vector<int32_t> leaves;
+      std::vector<float> gates;
+      double entropy = 0.0;
+      std::function<void(int64_t, int64_t, int64_t, double)> rec = [&](int64_t t, int64_t l, int64_t node,
+                                                                       double path) {
+        const int64_t b = cs.b[l], k = cs.k[l];
+        std::vector<float> W = r.weights[l].to_f32_vector();
+        std::vector<double> p((size_t)b);
+        double mx = -1e300, s = 0.0;
+        for (int64_t ch = 0; ch < b; ++ch) {
+          double z = cs.lbias[l].empty() ? 0.0 : (double)cs.lbias[l][node * b + ch];
+          for (int64_t q = 0; q < C; ++q) z += (double)hv[t * C + q] * W[(node * b + ch) * C + q];
+          mx = std::max(mx, p[ch] = z);
+        }
+        for (double& v : p) s += (v = std::exp(v - mx));
+        for (double& v : p) v /= s;
+        if (l == 0)
+          for (double v : p)
+            if (v > 0.0) entropy -= v * std::log(v) / (double)T;
+        std::vector<int64_t> cand;
+        for (int64_t ch = 0; ch < b; ++ch)
+          if (cs.lbias[l].empty() || !std::isinf(cs.lbias[l][node * b + ch])) cand.push_back(ch);
+        auto score = [&](int64_t ch) { return p[ch] + (double)cs.abias[l][node * b + ch]; };
+        std::stable_sort(cand.begin(), cand.end(), [&](int64_t a, int64_t x) { return score(a) > score(x); });
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t child = node * b + cand[j];
+          if (l == D - 1) {
+            leaves.push_back((int32_t)child);
+            gates.push_back((float)(path * p[cand[j]]));
+          } else {
+            rec(t, l + 1, child, path * p[cand[j]]);
+          }
+        }
+      };
+      for (int64_t t = 0; t < T; ++t) rec(t, 0, 0, 1.0);
+      CHECK(rt.expert == leaves);
+      CHECK_CLOSE(rt.gate, gates, 1e-6f, 1e-5f);
+      CHECK(rt.entropy == doctest::Approx(entropy).epsilon(1e-5));
+
+      // Prune all but one child of the node the zero rows reach at the last level: fewer than k are left.
+      RouterBias too_few = rb;
+      std::vector<float>& last = too_few.logit_bias.back();
+      const int64_t b = cs.b.back(), node = leaves[0] / b;
+      for (int64_t ch = 1; ch < b; ++ch) last[node * b + ch] = ninf;
+      CHECK_THROWS_AS(r.route(h, too_few, nullptr, false), Error);
+    }
+  }
+
   TEST_CASE("AC router on a Gaussian mixture: up-weights the separating features, misassigns fewer points") {
     // 4 clusters in 16 features; they differ only in features 0..3: cluster k has mean 2 on feature k, is tight
     // there (sd 0.3) and wide on the other separating features (sd 1.5); features 4..15 are the same noise for all.
