@@ -38,6 +38,23 @@ Tensor own_copy(const Tensor& g) {
   c.copy_(g);
   return c;
 }
+
+// Can the sweep add into t in place? Only when nothing else holds it or its storage.
+bool owned(const Tensor& t) {
+  return t.impl_ptr().use_count() == 1 && t.impl().storage.use_count() == 1 && t.is_contiguous();
+}
+
+// target += g (w null), or target's window w += g. target is owned and contiguous.
+void add_into(const Tensor& target, const Tensor& g, const Window* w, const char* op) {
+  if (!w) return accumulate(target, g);
+  Tensor view = target.slice(w->dim, w->start, w->end, w->step);  // the sweep runs under NoGrad: not recorded
+  CM_CHECK(view.shape() == g.shape(), "op '", op, "' gave its window a gradient of shape ", shape_str(g.shape()),
+           ", expected ", shape_str(view.shape()));
+  if (view.is_contiguous()) return accumulate(view, g);  // a block of rows: in place
+  Tensor sum = view.contiguous();
+  accumulate(sum, g);
+  view.copy_(sum);
+}
 }  // namespace
 
 bool grad_mode_enabled() { return g_grad_mode; }
@@ -62,6 +79,15 @@ Tensor record(const char* name, Tensor out, std::vector<Tensor> inputs, Backward
   node->backward = std::move(backward);
   out.impl().requires_grad = true;
   out.impl().grad_fn = std::move(node);
+  return out;
+}
+
+Tensor record_window(const char* name, Tensor out, const Tensor& input, Window w) {
+  out = record(name, std::move(out), {input}, [](const Tensor& g) { return grads{g}; });
+  if (out.impl().grad_fn) {
+    out.impl().grad_fn->windowed = true;
+    out.impl().grad_fn->window = w;
+  }
   return out;
 }
 
@@ -127,25 +153,29 @@ void run_backward(const Tensor& root, const Tensor& grad_root) {
     grads gin = node->backward(gout);
     CM_CHECK(gin.size() == node->inputs.size(), "op '", node->name, "' returned ", gin.size(), " gradients for ",
              node->inputs.size(), " inputs");
+    const Window* w = node->windowed ? &node->window : nullptr;  // gin[0] is then the window's gradient
     for (size_t i = 0; i < gin.size(); ++i) {
       const Tensor& in = node->inputs[i];
       if (!gin[i].defined() || !in.defined() || !in.requires_grad()) continue;
-      CM_CHECK(gin[i].shape() == in.shape(), "op '", node->name, "' gave input ", i, " a gradient of shape ",
-               shape_str(gin[i].shape()), ", expected ", shape_str(in.shape()));
+      if (!w)
+        CM_CHECK(gin[i].shape() == in.shape(), "op '", node->name, "' gave input ", i, " a gradient of shape ",
+                 shape_str(gin[i].shape()), ", expected ", shape_str(in.shape()));
       if (in.impl().grad_fn) {
         Tensor& slot = pending[in.impl().grad_fn.get()];
-        if (!slot.defined())
-          slot = gin[i];
-        else if (slot.impl_ptr().use_count() == 1 && slot.impl().storage.use_count() == 1 && slot.is_contiguous())
-          accumulate(slot, gin[i]);
-        else {  // the first gradient may alias another tensor: accumulate into a private copy
-          slot = own_copy(slot);
-          accumulate(slot, gin[i]);
+        if (!slot.defined() && !w) {
+          slot = gin[i];  // kept as it is: copied only if a second gradient has to be added to it
+          continue;
         }
-      } else if (in.grad().defined()) {
-        accumulate(in.grad(), gin[i]);
-      } else {
+        if (!slot.defined())
+          slot = Tensor::zeros(in.shape(), DType::F32, in.device());
+        else if (!owned(slot))  // the first gradient may alias another tensor: accumulate into a private copy
+          slot = own_copy(slot);
+        add_into(slot, gin[i], w, node->name);
+      } else if (!in.grad().defined() && !w) {  // a leaf's first gradient
         in.set_grad(own_copy(gin[i]));
+      } else {
+        if (!in.grad().defined()) in.set_grad(Tensor::zeros(in.shape(), DType::F32, in.device()));
+        add_into(in.grad(), gin[i], w, node->name);
       }
     }
   }

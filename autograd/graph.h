@@ -22,10 +22,19 @@ namespace cm {
 using grads = std::vector<Tensor>;
 using BackwardFn = std::function<grads(const Tensor& grad_output)>;
 
+// Where a view sits in its one input (slice, a piece of split): [start, end) with step along dim.
+struct Window {
+  int64_t dim = 0, start = 0, end = 0, step = 1;
+};
+
 struct Node {
   const char* name = "";
   std::vector<Tensor> inputs;  // the op's inputs, kept alive until backward frees the graph
   BackwardFn backward;
+  // Window nodes (record_window): the gradient of the output is added straight into this window of the input's
+  // gradient, which is allocated once at full size; backward is not called.
+  bool windowed = false;
+  Window window;
   Node() = default;
   ~Node();  // iterative: destroying a long chain never recurses deeply
   Node(const Node&) = delete;
@@ -49,6 +58,12 @@ class NoGrad {
 
 // Attach history to `out` when recording is on and some input requires grad; returns `out`.
 Tensor record(const char* name, Tensor out, std::vector<Tensor> inputs, BackwardFn backward);
+
+// For ops whose output is a window of their single input (slice, the pieces of split). The obvious backward,
+// "zeros the size of the input with g in the window", costs a full pass over the input per view, so k views of one
+// tensor (an MoE layer's k expert segments, a router level's node blocks) cost k full passes. Recorded this way,
+// the sweep allocates the input's gradient once and adds each view's gradient into its own window: O(window).
+Tensor record_window(const char* name, Tensor out, const Tensor& input, Window w);
 
 // Does any input require grad while recording is on? (lets an op skip saving buffers for backward)
 bool needs_grad(std::initializer_list<const Tensor*> inputs);

@@ -132,21 +132,8 @@ std::vector<Tensor> split(const Tensor& a, const std::vector<int64_t>& sizes, in
       CM_KERNEL(a.device(), split_piece, out.f32(), ac.f32(), o.O, o.D, at, sizes[p], o.I);
     else
       CM_KERNEL(a.device(), split_piece, out.i32(), ac.i32(), o.O, o.D, at, sizes[p], o.I);
-    // Backward of piece p: its gradient concatenated between zeros for the other pieces. On fan-out the sweep
-    // sums the pieces' contributions into a's gradient.
-    outs.push_back(record("split", out, {a}, [shape = a.shape(), sizes, p, d](const Tensor& g) {
-      std::vector<Tensor> parts;
-      for (size_t q = 0; q < sizes.size(); ++q) {
-        if (q == p) {
-          parts.push_back(g);
-        } else {
-          Shape zs = shape;
-          zs[d] = sizes[q];
-          parts.push_back(Tensor::zeros(zs, g.dtype(), g.device()));
-        }
-      }
-      return grads{concat(parts, d)};
-    }));
+    // Backward of piece p: its gradient goes into its own window of a's gradient (graph.h, record_window).
+    outs.push_back(record_window("split", out, a, {d, at, at + sizes[p], 1}));
     at += sizes[p];
   }
   return outs;

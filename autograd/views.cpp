@@ -90,11 +90,7 @@ Tensor Tensor::slice(int64_t d, int64_t start, int64_t end, int64_t step) const 
   s[d] = (end - start + step - 1) / step;
   st[d] *= step;
   Tensor out = make_view(*this, s, st, offset() + start * strides()[d]);
-  return record("slice", out, {*this}, [in = shape(), d, start, end, step](const Tensor& g) {
-    Tensor z = Tensor::zeros(in, g.dtype(), g.device());
-    z.slice(d, start, end, step).copy_(g);
-    return grads{z};
-  });
+  return record_window("slice", out, *this, {d, start, end, step});
 }
 
 Tensor Tensor::select(int64_t d, int64_t index) const {
