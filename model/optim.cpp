@@ -31,12 +31,8 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
 
 void AdamW::step(float lr) {
   NoGrad ng;
-  ++t_;
-#if CM_CUDA
-  std::vector<cuda::AdamWSlice> slices;
-  std::vector<Tensor> keep;
-  keep.reserve(params_.size());  // slices point into these
-#endif
+  // Every parameter is checked before any is updated: a refusal leaves parameters, moments and the step count as
+  // they were (the CPU updates happen inside the loop below, the CUDA ones after it).
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
     Tensor g = p.grad();
@@ -45,6 +41,22 @@ void AdamW::step(float lr) {
                ", parameter ", shape_str(p.shape()));
     CM_REQUIRE(g.device() == p.device(), "AdamW: gradient of '", params_[i].first, "' is on ",
                device_name(g.device()), ", the parameter on ", device_name(p.device()));
+    // The moments were made where the parameter was when this optimizer was built. A model moved since (its
+    // to() swaps the parameters' storage in place) would hand the kernel pointers of another device: host
+    // memory to a CUDA kernel (an illegal address) or device memory to the CPU loop (a segfault).
+    CM_REQUIRE(m_[i].device() == p.device() && v_[i].device() == p.device(), "AdamW: parameter '",
+               params_[i].first, "' is on ", device_name(p.device()), " but its moments are on ",
+               device_name(m_[i].device()), ": build the optimizer after moving the model (ClusterMoELM::to)");
+  }
+  ++t_;
+#if CM_CUDA
+  std::vector<cuda::AdamWSlice> slices;
+  std::vector<Tensor> keep;  // contiguous gradients the slices point into, alive until the launch below
+#endif
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i].second;
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
     const float wd = decay_[i] ? opt_.weight_decay : 0.f;
     if (p.device() == Device::CPU) {
       // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
@@ -54,7 +66,7 @@ void AdamW::step(float lr) {
       continue;
     }
 #if CM_CUDA
-    keep.push_back(g.contiguous());  // alive until the launch below
+    keep.push_back(g.contiguous());
     slices.push_back({p.f32(), m_[i].f32(), v_[i].f32(), keep.back().f32(), p.numel(), wd});
 #endif
   }

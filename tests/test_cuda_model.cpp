@@ -148,6 +148,85 @@ TEST_SUITE("cuda") {
     }
   }
 
+  TEST_CASE("cuda optimizer: AdamW and clipping on the device follow the CPU, decay and no-decay alike" *
+            needs_device()) {
+    // A large learning rate and weight decay, so that a lost decay or a slice with another tensor's settings
+    // shows at once: "w" decays, "b" (1-D) and "tok_emb.weight" (an embedding) do not; "big" spans several blocks
+    // of the fused kernel. w's gradient is a transposed view: scaled through set_grad when clipped, and handed to
+    // AdamW as it is at step 1, which only measures the norm.
+    const std::vector<std::pair<std::string, Shape>> shapes = {
+        {"w", {5, 7}}, {"b", {7}}, {"tok_emb.weight", {4, 3}}, {"big", {3, 1500}}};
+    auto make = [&](Device dev) {
+      NamedTensors ps;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        Tensor t = test::uniform(shapes[i].second, 10 + i).to(dev);
+        t.requires_grad_(true);
+        ps.emplace_back(shapes[i].first, t);
+      }
+      return ps;
+    };
+    NamedTensors pa = make(Device::CPU), pb = make(Device::CUDA);
+    AdamWOptions o;
+    o.weight_decay = 0.5f;
+    AdamW oa(pa, o), ob(pb, o);
+    for (int step = 0; step < 3; ++step) {
+      CAPTURE(step);
+      for (size_t i = 0; i < pa.size(); ++i) {
+        const Shape& s = shapes[i].second;
+        const uint64_t seed = 100 + 10 * (uint64_t)step + i;
+        if (i == 0) {
+          Tensor g = test::uniform({s[1], s[0]}, seed);
+          pa[i].second.set_grad(g.transpose(0, 1));
+          pb[i].second.set_grad(g.to(Device::CUDA).transpose(0, 1));
+          REQUIRE_FALSE(pb[i].second.grad().is_contiguous());
+        } else {
+          Tensor g = test::uniform(s, seed);
+          pa[i].second.set_grad(g);
+          pb[i].second.set_grad(g.to(Device::CUDA));
+        }
+      }
+      const float max_norm = step == 1 ? 0.f : 0.5f;
+      const float na = clip_grad_norm(pa, max_norm), nb = clip_grad_norm(pb, max_norm);
+      CHECK(na > 0.5f);  // the clipping steps do clip
+      CHECK(std::fabs(nb - na) <= 1e-5f * na);
+      oa.step(0.05f);
+      ob.step(0.05f);
+      oa.zero_grad();
+      ob.zero_grad();
+    }
+    for (size_t i = 0; i < pa.size(); ++i) check_scaled(pb[i].second, pa[i].second, 1e-5f, 1e-5f, pa[i].first);
+    NamedTensors sa = oa.state(), sb = ob.state();
+    for (size_t i = 0; i < sa.size(); ++i) check_scaled(sb[i].second, sa[i].second, 1e-5f, 1e-4f, sa[i].first);
+    CHECK(ob.step_count() == 3);
+
+    // sums_of_squares keeps the order of a list that mixes devices (the device sums come back in one copy).
+    const std::vector<Tensor> mixed = {pa[0].second, pb[1].second, pa[2].second, pb[3].second};
+    const std::vector<double> got = sums_of_squares(mixed);
+    REQUIRE(got.size() == mixed.size());
+    for (size_t i = 0; i < mixed.size(); ++i) {
+      const double want = sums_of_squares({mixed[i].detach().to(Device::CPU)})[0];
+      CHECK_MESSAGE(std::fabs(got[i] - want) <= 1e-5 * want, "tensor ", i);
+    }
+  }
+
+  TEST_CASE("cuda optimizer: an AdamW built before the model moved is refused and changes nothing" *
+            needs_device()) {
+    // Its moments stay where they were made; the parameters' storage moved under the same handles. Without the
+    // check the fused kernel would get host pointers for m and v.
+    ClusterMoELM m(tiny(RouterKind::Dense));
+    AdamW early(m.named_parameters());
+    m.to(Device::CUDA);
+    m.forward(random_ids(2, 16, 29, 5), random_ids(2, 16, 29, 6)).total_loss.backward();
+    const Tensor p0 = m.named_parameters()[0].second;
+    const std::vector<float> before = p0.to_f32_vector();
+    CHECK_THROWS_WITH_AS(early.step(1e-3f), doctest::Contains("build the optimizer after moving the model"), Error);
+    CHECK(early.step_count() == 0);
+    CHECK(p0.to_f32_vector() == before);
+    AdamW late(m.named_parameters());  // built after the move: fine
+    late.step(1e-3f);
+    CHECK(p0.to_f32_vector() != before);
+  }
+
   TEST_CASE("cuda model: a warm training step serves its memory from the cache" * needs_device()) {
     CoEConfig cfg = tiny(RouterKind::Cluster);
     ClusterMoELM m(cfg);
