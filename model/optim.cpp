@@ -1,7 +1,9 @@
 // AdamW, gradient clipping and the LR schedule. No autograd here: parameters are updated in place on raw data.
 #include "model/optim.h"
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "autograd/ops.h"
 #include "engine/dispatch.h"
@@ -26,6 +28,27 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
     m_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
     v_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
     decay_.push_back(!(opt.no_decay && opt.no_decay(name, p)));
+  }
+  // The fused CUDA step updates its tensors concurrently, so two entries over the same memory would race there
+  // (and be updated twice, in turn, on the CPU): a parameter listed twice, or views that overlap, are refused.
+  struct Span {
+    const Storage* storage;
+    int64_t begin, end;  // elements (parameters are contiguous)
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i].second;
+    if (p.numel() > 0) spans.push_back({p.impl().storage.get(), p.offset(), p.offset() + p.numel(), i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    if (a.storage != b.storage) return std::less<const Storage*>()(a.storage, b.storage);
+    return a.begin != b.begin ? a.begin < b.begin : a.index < b.index;  // the message names them in list order
+  });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const Span &a = spans[k - 1], &b = spans[k];
+    CM_REQUIRE(a.storage != b.storage || b.begin >= a.end, "AdamW: parameters '", params_[a.index].first, "' and '",
+               params_[b.index].first, "' share memory (one tensor listed twice, or overlapping views)");
   }
 }
 
@@ -71,7 +94,8 @@ void AdamW::step(float lr) {
 #endif
   }
 #if CM_CUDA
-  // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel.
+  // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel. The slices
+  // never share memory (checked by the constructor): the kernel updates them concurrently.
   if (!slices.empty())
     cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_);
 #endif

@@ -308,3 +308,20 @@ TEST_SUITE("cuda") {
   }
 }
 #endif  // CM_CUDA
+
+// Device-independent, but here because it guards the fused CUDA step: its slices are updated concurrently, so two
+// entries over the same memory would race there. On the CPU they would be updated twice in turn.
+TEST_SUITE("cuda") {
+  TEST_CASE("cuda optimizer: AdamW refuses parameters that share memory") {
+    auto run = [](Device dev) {
+      CAPTURE(device_name(dev));
+      Tensor w = test::uniform({4, 4}, 1).to(dev), flat = test::uniform({10}, 2).to(dev);
+      CHECK_THROWS_WITH_AS(AdamW({{"a", w}, {"b", w}}), doctest::Contains("'a' and 'b' share memory"), Error);
+      CHECK_THROWS_WITH_AS(AdamW({{"x", flat.slice(0, 4, 10)}, {"w", w}, {"y", flat.slice(0, 0, 6)}}),
+                           doctest::Contains("share memory"), Error);
+      CHECK_NOTHROW(AdamW({{"x", flat.slice(0, 5, 10)}, {"w", w}, {"y", flat.slice(0, 0, 5)}}));  // adjacent: fine
+    };
+    run(Device::CPU);
+    if (cuda_available()) run(Device::CUDA);
+  }
+}
