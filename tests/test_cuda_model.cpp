@@ -227,6 +227,25 @@ TEST_SUITE("cuda") {
     CHECK(p0.to_f32_vector() != before);
   }
 
+  TEST_CASE("cuda autograd: a gradient on the wrong device is refused where it is made, naming the rule" *
+            needs_device()) {
+    Tensor x = test::uniform({3}, 1).to(Device::CUDA);
+    x.requires_grad_(true);
+    // A backward rule that forgets its input's device (what a CUDA branch copied from the CPU one could do).
+    Tensor y = record("stray_rule", mul(x.detach(), 2.f), {x},
+                      [](const Tensor& g) { return grads{g.to(Device::CPU)}; });
+    CHECK_THROWS_WITH_AS(sum(y).backward(), doctest::Contains("op 'stray_rule' gave input 0 a gradient on cpu"),
+                         Error);
+    CHECK_FALSE(x.grad().defined());
+    CHECK_THROWS_WITH_AS(sum(mul(x, 3.f)).backward(Tensor::scalar(1.f)),
+                         doctest::Contains("backward(): gradient on cpu"), Error);
+    CHECK_THROWS_WITH_AS(x.set_grad(Tensor::zeros({3})), doctest::Contains("gradient on cpu for a tensor on cuda"),
+                         Error);
+    sum(mul(x, 3.f)).backward();  // the right device throughout: fine
+    CHECK(x.grad().device() == Device::CUDA);
+    CHECK(x.grad().to_f32_vector() == std::vector<float>{3.f, 3.f, 3.f});
+  }
+
   TEST_CASE("cuda model: a warm training step serves its memory from the cache" * needs_device()) {
     CoEConfig cfg = tiny(RouterKind::Cluster);
     ClusterMoELM m(cfg);
