@@ -313,6 +313,14 @@ TEST_SUITE("cuda") {
     CHECK(std::fabs(gpu.evals.back().val_loss - cpu.evals.back().val_loss) <= 0.05);
     CHECK(gpu.evals.back().val_loss < gpu.evals.front().val_loss);
 
+    // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.
+    REQUIRE(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);
+    TrainResult tf = train(options("cuda", "tf32", {"--tf32", "1", "--max_steps", "3"}), sink);
+    REQUIRE(tf.step_losses.size() == 3);
+    // Step 1 sees the same weights and batch as the FP32 run; only the products' rounding differs.
+    CHECK(std::fabs(tf.step_losses[0] - gpu.step_losses[0]) <= 1e-2 * gpu.step_losses[0]);
+    CHECK(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);
+
     // The same device and build: an interrupted run resumed from its step-6 checkpoint gives the same bits.
     TrainOptions first = options("cuda", "split", {});
     first.stop_at = 9;
