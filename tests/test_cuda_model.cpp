@@ -6,9 +6,11 @@
 // CUDA suite; the CPU-only checks of the device plumbing live in test_model.cpp and test_trainer.cpp.
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <sstream>
 
 #include "helpers.h"
+#include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/optim.h"
 #include "model/trainer.h"
@@ -321,6 +323,19 @@ TEST_SUITE("cuda") {
     CHECK(std::fabs(tf.step_losses[0] - gpu.step_losses[0]) <= 1e-2 * gpu.step_losses[0]);
     CHECK(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);
 
+    // sample --device cuda continues a prompt from the CUDA run's checkpoint as the CPU does (greedy).
+    auto sample = [&](const std::string& device) {
+      std::ostringstream text, err;
+      const int rc = run_sample({"--out_dir", dir.file("gpu"), "--device", device, "--prompt", "To be",
+                                 "--max_new_tokens", "40", "--temperature", "0"},
+                                text, err);
+      CHECK_MESSAGE(rc == 0, err.str());
+      return text.str();
+    };
+    const std::string sampled_gpu = sample("cuda"), sampled_cpu = sample("cpu");
+    CHECK(sampled_gpu.size() > 40);  // the prompt, 40 bytes, a newline
+    CHECK(sampled_gpu == sampled_cpu);
+
     // The same device and build: an interrupted run resumed from its step-6 checkpoint gives the same bits.
     TrainOptions first = options("cuda", "split", {});
     first.stop_at = 9;
@@ -332,6 +347,17 @@ TEST_SUITE("cuda") {
     REQUIRE(rest.step_losses.size() == 6);
     for (size_t i = 0; i < 6; ++i) CHECK_MESSAGE(rest.step_losses[i] == gpu.step_losses[6 + i], "step ", 7 + i);
     CHECK(rest.evals.back().val_loss == gpu.evals.back().val_loss);
+
+    // A CUDA checkpoint resumes on the CPU: it holds host copies, and the device is a flag like any other. The
+    // first resumed step starts from the same state, so its loss is the CUDA run's up to rounding.
+    std::filesystem::create_directories(dir.file("cross"));
+    std::filesystem::copy_file(checkpoint_path(dir.file("split"), 6), checkpoint_path(dir.file("cross"), 6));
+    TrainResult cross = train(resolve_train_args({"--out_dir", dir.file("cross"), "--resume", "--device", "cpu"},
+                                                 &help, &usage),
+                              sink);
+    CHECK(cross.device == "cpu");
+    REQUIRE(cross.step_losses.size() == 6);
+    CHECK(std::fabs(cross.step_losses[0] - gpu.step_losses[6]) <= 1e-3 * gpu.step_losses[6]);
   }
 }
 #endif  // CM_CUDA
