@@ -80,6 +80,37 @@ void check_scaled(const Tensor& got, const Tensor& ref, float scale_tol, float r
 }  // namespace
 
 TEST_SUITE("cuda") {
+  TEST_CASE("cuda model: to() moves the parameters under the same handles, keeps them leaves, drops gradients" *
+            needs_device()) {
+    ClusterMoELM m(tiny(RouterKind::Cluster));
+    const NamedTensors held = m.named_parameters();  // what an optimizer or a layer holds: handles
+    std::vector<std::vector<float>> values;
+    for (const auto& kv : held) values.push_back(kv.second.to_f32_vector());
+    m.forward(random_ids(2, 16, 29, 1), random_ids(2, 16, 29, 2)).total_loss.backward();
+    REQUIRE(held[0].second.grad().defined());
+    m.to(Device::CUDA);
+    CHECK(m.device() == Device::CUDA);
+    const NamedTensors now = m.named_parameters();
+    REQUIRE(now.size() == held.size());
+    for (size_t i = 0; i < held.size(); ++i) {
+      CAPTURE(held[i].first);
+      const Tensor& p = held[i].second;
+      CHECK(now[i].second.same(p));  // moved in place: every holder of the handle sees the move
+      CHECK(p.device() == Device::CUDA);
+      CHECK(p.requires_grad());
+      CHECK(p.is_leaf());
+      CHECK_FALSE(p.grad().defined());  // a CPU gradient beside a CUDA parameter would be refused by AdamW
+      CHECK(p.is_contiguous());
+      CHECK(p.to_f32_vector() == values[i]);  // copies are exact
+    }
+    for (const auto& kv : m.named_buffers()) CHECK_MESSAGE(kv.second.device() == Device::CPU, kv.first);
+    m.to(Device::CPU);  // and back
+    for (size_t i = 0; i < held.size(); ++i) {
+      CHECK(held[i].second.device() == Device::CPU);
+      CHECK(held[i].second.to_f32_vector() == values[i]);
+    }
+  }
+
   TEST_CASE("cuda model: forward, routing and every gradient match the CPU for each router kind" * needs_device()) {
     for (RouterKind kind : kKinds) {
       CAPTURE(router_kind_name(kind));
@@ -147,7 +178,68 @@ TEST_SUITE("cuda") {
       CHECK(b.step() == 4);
       const auto ra = a.get_reliability_stats(), rb = b.get_reliability_stats();
       for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-4f, kv.first);
+      // Every buffer after_step keeps (output-norm and weight-norm statistics from the device-side norms, usage,
+      // aux-free biases, pruning counters), on the host for both models.
+      NamedTensors ba = a.named_buffers(), bb = b.named_buffers();
+      REQUIRE(ba.size() == bb.size());
+      for (size_t i = 0; i < ba.size(); ++i) {
+        CHECK_MESSAGE(bb[i].second.device() == Device::CPU, bb[i].first);
+        check_scaled(bb[i].second, ba[i].second, 1e-5f, 1e-4f, ba[i].first);
+      }
     }
+  }
+
+  TEST_CASE("cuda model: a NaN expert is cut from the graph and loses reliability as on the CPU" * needs_device()) {
+    // The fault guard's device path (row norms made on the GPU, the segment replaced by a zeroed constant there)
+    // and after_step's device norms of weights and gradients, against the CPU's double-precision ones.
+    CoEConfig cfg = tiny(RouterKind::Cluster);
+    cfg.dropout = 0.f;  // the corrupted expert's rows then follow from routing alone
+    cfg.capacity_factor = 0.f;
+    ClusterMoELM a(cfg), b(cfg);
+    b.to(Device::CUDA);
+    Tensor ids = random_ids(4, 16, cfg.vocab_size, 21), tg = random_ids(4, 16, cfg.vocab_size, 22);
+    // The busiest expert of layer 0 (its input does not depend on layer 0's experts, so it keeps its rows).
+    int64_t e = 0;
+    {
+      NoGrad ng;
+      a.eval();
+      const std::vector<int64_t> rows = a.forward(ids).layers[0].expert_rows;
+      a.train();
+      e = std::max_element(rows.begin(), rows.end()) - rows.begin();
+      REQUIRE(rows[e] > 0);
+    }
+    for (ClusterMoELM* m : {&a, &b})
+      for (const auto& kv : m->expert_parameters(0, e)) Tensor(kv.second).fill_(NAN);
+
+    CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+    CHECK(oa.layers[0].nonfinite_rows == oa.layers[0].expert_rows[e]);
+    CHECK(ob.layers[0].nonfinite_rows == oa.layers[0].nonfinite_rows);
+    CHECK(ob.layers[0].expert_rows == oa.layers[0].expert_rows);
+    CHECK(std::isfinite(ob.loss.item()));
+    check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
+    oa.total_loss.backward();
+    ob.total_loss.backward();
+    NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+    std::vector<Tensor> grads_b;
+    for (size_t i = 0; i < pa.size(); ++i) {
+      Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
+      REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
+      if (!ga.defined()) continue;
+      grads_b.push_back(gb);
+      check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
+    }
+    for (const auto& kv : b.expert_parameters(0, e)) CHECK_MESSAGE(!kv.second.grad().defined(), kv.first);  // cut
+    for (double ss : sums_of_squares(grads_b)) CHECK(std::isfinite(ss));
+
+    // after_step while the gradients are still there, so that their device norms are taken too.
+    a.after_step();
+    b.after_step();
+    const auto ra = a.get_reliability_stats(), rb = b.get_reliability_stats();
+    for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-6f, kv.first);
+    CHECK(b.get_reliability_stats().at(str("layer_0_cluster_", e / cfg.experts_per_cluster, "_expert_",
+                                           e % cfg.experts_per_cluster, "_reliability")) < 0.95f);
+    NamedTensors ba = a.named_buffers(), bb = b.named_buffers();
+    for (size_t i = 0; i < ba.size(); ++i) check_scaled(bb[i].second, ba[i].second, 1e-5f, 1e-4f, ba[i].first);
   }
 
   TEST_CASE("cuda optimizer: AdamW and clipping on the device follow the CPU, decay and no-decay alike" *
