@@ -148,6 +148,46 @@ TEST_SUITE("cuda") {
     }
   }
 
+  TEST_CASE("cuda model: the other model options match the CPU too (forward, gradients, greedy tokens)" *
+            needs_device()) {
+    // RMSNorm, GELU experts, biases, an untied head, the adaptive gate, a routing temperature, AC on both levels
+    // of the cluster tree (labels from the first MoE layer for the third), a dense layer between, a pruned expert.
+    CoEConfig c = tiny(RouterKind::Cluster);
+    c.n_layers = 3;
+    c.moe_every = 2;
+    c.norm = NormKind::RMSNorm;
+    c.expert = ExpertKind::GELU;
+    c.bias = true;
+    c.tie_embeddings = false;
+    c.use_adaptive_routing = true;
+    c.routing_temperature = 0.7f;
+    c.ac_levels = {0, 1};
+    c.validate();
+    ClusterMoELM a(c), b(c);
+    a.prune_expert(0, 3);
+    b.prune_expert(0, 3);
+    b.to(Device::CUDA);
+    Tensor ids = random_ids(4, 16, c.vocab_size, 31), tg = random_ids(4, 16, c.vocab_size, 32);
+    CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+    check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
+    check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
+    check_scaled(ob.aux_loss, oa.aux_loss, 1e-6f, 1e-4f, "aux loss");
+    REQUIRE(oa.layers.size() == 3);
+    CHECK(oa.layers[0].expert_rows[3] == 0);  // pruned: no rows, no compute
+    for (size_t l = 0; l < oa.layers.size(); ++l) CHECK(ob.layers[l].expert_rows == oa.layers[l].expert_rows);
+    oa.total_loss.backward();
+    ob.total_loss.backward();
+    NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+    REQUIRE(pa.size() == pb.size());
+    for (size_t i = 0; i < pa.size(); ++i) {
+      Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
+      REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
+      if (ga.defined()) check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
+    }
+    const std::vector<int32_t> prompt = {7, 3, 9};
+    CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));
+  }
+
   TEST_CASE("cuda model: AdamW steps with clipping and after_step follow the CPU" * needs_device()) {
     for (RouterKind kind : {RouterKind::Dense, RouterKind::Cluster, RouterKind::Tree}) {
       CAPTURE(router_kind_name(kind));
