@@ -112,6 +112,8 @@ void run_backward(const Tensor& root, const Tensor& grad_root) {
   CM_REQUIRE(root.requires_grad(), "backward() on a tensor that does not require grad");
   CM_REQUIRE(grad_root.shape() == root.shape(), "backward(): gradient shape ", shape_str(grad_root.shape()),
              " does not match output shape ", shape_str(root.shape()));
+  CM_REQUIRE(grad_root.device() == root.device(), "backward(): gradient on ", device_name(grad_root.device()),
+             " for an output on ", device_name(root.device()));
   if (!root.impl().grad_fn) {  // a leaf: its gradient is the seed
     if (root.grad().defined())
       accumulate(root.grad(), grad_root);
@@ -160,6 +162,10 @@ void run_backward(const Tensor& root, const Tensor& grad_root) {
       if (!w)
         CM_CHECK(gin[i].shape() == in.shape(), "op '", node->name, "' gave input ", i, " a gradient of shape ",
                  shape_str(gin[i].shape()), ", expected ", shape_str(in.shape()));
+      // Checked here, where the rule that made it is known: further on, a gradient on the wrong device would fail
+      // in whichever op consumes it next, or in set_grad on a leaf, and neither message would name this rule.
+      CM_CHECK(gin[i].device() == in.device(), "op '", node->name, "' gave input ", i, " a gradient on ",
+               device_name(gin[i].device()), ", the input is on ", device_name(in.device()));
       if (in.impl().grad_fn) {
         Tensor& slot = pending[in.impl().grad_fn.get()];
         if (!slot.defined() && !w) {

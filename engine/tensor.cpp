@@ -217,9 +217,13 @@ Tensor& Tensor::requires_grad_(bool on) {
 Tensor Tensor::grad() const { return impl().grad ? Tensor(impl().grad) : Tensor(); }
 
 void Tensor::set_grad(const Tensor& g) const {
-  if (g.defined())
+  if (g.defined()) {
     CM_REQUIRE(g.shape() == shape(), "gradient shape ", shape_str(g.shape()), " does not match tensor shape ",
                shape_str(shape()));
+    // Backward accumulates into it and the optimizer reads it beside the tensor: both need one device.
+    CM_REQUIRE(g.device() == device(), "gradient on ", device_name(g.device()), " for a tensor on ",
+               device_name(device()), " (shape ", shape_str(shape()), ")");
+  }
   impl().grad = g.impl_ptr();
 }
 

@@ -69,9 +69,10 @@ class ClusterMoELM {
   const CoEConfig& config() const { return cfg_; }
 
   // Moves the parameters to `device` (they are created on the CPU from the seed, so every device starts from the
-  // same weights). Gradients are dropped; build the optimizer after this call. The buffers stay on the CPU: the
-  // routing bookkeeping that reads and updates them runs on the host. forward() takes ids and targets on any
-  // device and moves them. Throws if the device cannot be used.
+  // same weights). Gradients are dropped; build the optimizer after this call (an AdamW built before keeps its
+  // moments on the old device and refuses to step). The buffers stay on the CPU: the routing bookkeeping that
+  // reads and updates them runs on the host. forward() takes ids and targets on any device and moves them.
+  // Throws if the device cannot be used.
   void to(Device device);
   Device device() const { return device_; }
 
@@ -115,7 +116,8 @@ class ClusterMoELM {
   // Remove expert e of layer l from routing and compute (what pruning does on its own after the window).
   void prune_expert(int64_t layer, int64_t expert);
   bool expert_pruned(int64_t layer, int64_t expert) const;
-  // The parameters of one expert (for inspection and fault injection).
+  // The parameters of one expert (for inspection and fault injection). On a CUDA model they live on the device:
+  // write them with fill_ or copy_, never through f32(), which is a device pointer there.
   std::vector<std::pair<std::string, Tensor>> expert_parameters(int64_t layer, int64_t expert) const;
 
   // ---- sampling

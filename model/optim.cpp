@@ -1,7 +1,9 @@
 // AdamW, gradient clipping and the LR schedule. No autograd here: parameters are updated in place on raw data.
 #include "model/optim.h"
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "autograd/ops.h"
 #include "engine/dispatch.h"
@@ -27,16 +29,33 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
     v_.push_back(Tensor::zeros(p.shape(), DType::F32, p.device()));
     decay_.push_back(!(opt.no_decay && opt.no_decay(name, p)));
   }
+  // The fused CUDA step updates its tensors concurrently, so two entries over the same memory would race there
+  // (and be updated twice, in turn, on the CPU): a parameter listed twice, or views that overlap, are refused.
+  struct Span {
+    const Storage* storage;
+    int64_t begin, end;  // elements (parameters are contiguous)
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i].second;
+    if (p.numel() > 0) spans.push_back({p.impl().storage.get(), p.offset(), p.offset() + p.numel(), i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    if (a.storage != b.storage) return std::less<const Storage*>()(a.storage, b.storage);
+    return a.begin != b.begin ? a.begin < b.begin : a.index < b.index;  // the message names them in list order
+  });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const Span &a = spans[k - 1], &b = spans[k];
+    CM_REQUIRE(a.storage != b.storage || b.begin >= a.end, "AdamW: parameters '", params_[a.index].first, "' and '",
+               params_[b.index].first, "' share memory (one tensor listed twice, or overlapping views)");
+  }
 }
 
 void AdamW::step(float lr) {
   NoGrad ng;
-  ++t_;
-#if CM_CUDA
-  std::vector<cuda::AdamWSlice> slices;
-  std::vector<Tensor> keep;
-  keep.reserve(params_.size());  // slices point into these
-#endif
+  // Every parameter is checked before any is updated: a refusal leaves parameters, moments and the step count as
+  // they were (the CPU updates happen inside the loop below, the CUDA ones after it).
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
     Tensor g = p.grad();
@@ -45,6 +64,22 @@ void AdamW::step(float lr) {
                ", parameter ", shape_str(p.shape()));
     CM_REQUIRE(g.device() == p.device(), "AdamW: gradient of '", params_[i].first, "' is on ",
                device_name(g.device()), ", the parameter on ", device_name(p.device()));
+    // The moments were made where the parameter was when this optimizer was built. A model moved since (its
+    // to() swaps the parameters' storage in place) would hand the kernel pointers of another device: host
+    // memory to a CUDA kernel (an illegal address) or device memory to the CPU loop (a segfault).
+    CM_REQUIRE(m_[i].device() == p.device() && v_[i].device() == p.device(), "AdamW: parameter '",
+               params_[i].first, "' is on ", device_name(p.device()), " but its moments are on ",
+               device_name(m_[i].device()), ": build the optimizer after moving the model (ClusterMoELM::to)");
+  }
+  ++t_;
+#if CM_CUDA
+  std::vector<cuda::AdamWSlice> slices;
+  std::vector<Tensor> keep;  // contiguous gradients the slices point into, alive until the launch below
+#endif
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i].second;
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
     const float wd = decay_[i] ? opt_.weight_decay : 0.f;
     if (p.device() == Device::CPU) {
       // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
@@ -54,12 +89,13 @@ void AdamW::step(float lr) {
       continue;
     }
 #if CM_CUDA
-    keep.push_back(g.contiguous());  // alive until the launch below
+    keep.push_back(g.contiguous());
     slices.push_back({p.f32(), m_[i].f32(), v_[i].f32(), keep.back().f32(), p.numel(), wd});
 #endif
   }
 #if CM_CUDA
-  // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel.
+  // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel. The slices
+  // never share memory (checked by the constructor): the kernel updates them concurrently.
   if (!slices.empty())
     cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_);
 #endif

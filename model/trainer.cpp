@@ -290,6 +290,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   model.to(dev);  // before the optimizer: its moments are made where the parameters live
   model.train();
 #if CM_CUDA
+  // The matmul precision is process-wide: put it back when this run ends, however it ends, so that whatever runs
+  // next in the process (another run, sampling, the parity tests) is not left on TF32 by this one's --tf32.
+  struct RestorePrecision {
+    cuda::MatmulPrecision saved = cuda::matmul_precision();
+    ~RestorePrecision() { cuda::set_matmul_precision(saved); }
+  } restore_precision;
   if (dev == Device::CUDA)
     cuda::set_matmul_precision(o.tf32 ? cuda::MatmulPrecision::TF32 : cuda::MatmulPrecision::FP32);
 #endif

@@ -6,9 +6,11 @@
 // CUDA suite; the CPU-only checks of the device plumbing live in test_model.cpp and test_trainer.cpp.
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <sstream>
 
 #include "helpers.h"
+#include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/optim.h"
 #include "model/trainer.h"
@@ -68,16 +70,49 @@ float max_abs(const std::vector<float>& v) {
   return m;
 }
 
-// got within atol + rtol * |ref|, atol relative to the largest |ref| (gradients span orders of magnitude).
-void check_scaled(const Tensor& got, const Tensor& ref, float scale_tol, float rtol, const std::string& what) {
+// got within atol + rtol * |ref|, atol relative to the largest |ref| (gradients span orders of magnitude), plus
+// extra_atol where a known absolute error adds to that.
+void check_scaled(const Tensor& got, const Tensor& ref, float scale_tol, float rtol, const std::string& what,
+                  float extra_atol = 0.f) {
   CAPTURE(what);
   std::vector<float> r = ref.to_f32_vector();
-  CHECK_CLOSE(got, r, scale_tol * max_abs(r) + 1e-7f, rtol);
+  CHECK_CLOSE(got, r, scale_tol * max_abs(r) + 1e-7f + extra_atol, rtol);
 }
 
 }  // namespace
 
 TEST_SUITE("cuda") {
+  TEST_CASE("cuda model: to() moves the parameters under the same handles, keeps them leaves, drops gradients" *
+            needs_device()) {
+    ClusterMoELM m(tiny(RouterKind::Cluster));
+    const NamedTensors held = m.named_parameters();  // what an optimizer or a layer holds: handles
+    std::vector<std::vector<float>> values;
+    for (const auto& kv : held) values.push_back(kv.second.to_f32_vector());
+    m.forward(random_ids(2, 16, 29, 1), random_ids(2, 16, 29, 2)).total_loss.backward();
+    REQUIRE(held[0].second.grad().defined());
+    m.to(Device::CUDA);
+    CHECK(m.device() == Device::CUDA);
+    const NamedTensors now = m.named_parameters();
+    REQUIRE(now.size() == held.size());
+    for (size_t i = 0; i < held.size(); ++i) {
+      CAPTURE(held[i].first);
+      const Tensor& p = held[i].second;
+      CHECK(now[i].second.same(p));  // moved in place: every holder of the handle sees the move
+      CHECK(p.device() == Device::CUDA);
+      CHECK(p.requires_grad());
+      CHECK(p.is_leaf());
+      CHECK_FALSE(p.grad().defined());  // a CPU gradient beside a CUDA parameter would be refused by AdamW
+      CHECK(p.is_contiguous());
+      CHECK(p.to_f32_vector() == values[i]);  // copies are exact
+    }
+    for (const auto& kv : m.named_buffers()) CHECK_MESSAGE(kv.second.device() == Device::CPU, kv.first);
+    m.to(Device::CPU);  // and back
+    for (size_t i = 0; i < held.size(); ++i) {
+      CHECK(held[i].second.device() == Device::CPU);
+      CHECK(held[i].second.to_f32_vector() == values[i]);
+    }
+  }
+
   TEST_CASE("cuda model: forward, routing and every gradient match the CPU for each router kind" * needs_device()) {
     for (RouterKind kind : kKinds) {
       CAPTURE(router_kind_name(kind));
@@ -115,6 +150,46 @@ TEST_SUITE("cuda") {
     }
   }
 
+  TEST_CASE("cuda model: the other model options match the CPU too (forward, gradients, greedy tokens)" *
+            needs_device()) {
+    // RMSNorm, GELU experts, biases, an untied head, the adaptive gate, a routing temperature, AC on both levels
+    // of the cluster tree (labels from the first MoE layer for the third), a dense layer between, a pruned expert.
+    CoEConfig c = tiny(RouterKind::Cluster);
+    c.n_layers = 3;
+    c.moe_every = 2;
+    c.norm = NormKind::RMSNorm;
+    c.expert = ExpertKind::GELU;
+    c.bias = true;
+    c.tie_embeddings = false;
+    c.use_adaptive_routing = true;
+    c.routing_temperature = 0.7f;
+    c.ac_levels = {0, 1};
+    c.validate();
+    ClusterMoELM a(c), b(c);
+    a.prune_expert(0, 3);
+    b.prune_expert(0, 3);
+    b.to(Device::CUDA);
+    Tensor ids = random_ids(4, 16, c.vocab_size, 31), tg = random_ids(4, 16, c.vocab_size, 32);
+    CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+    check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
+    check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
+    check_scaled(ob.aux_loss, oa.aux_loss, 1e-6f, 1e-4f, "aux loss");
+    REQUIRE(oa.layers.size() == 3);
+    CHECK(oa.layers[0].expert_rows[3] == 0);  // pruned: no rows, no compute
+    for (size_t l = 0; l < oa.layers.size(); ++l) CHECK(ob.layers[l].expert_rows == oa.layers[l].expert_rows);
+    oa.total_loss.backward();
+    ob.total_loss.backward();
+    NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+    REQUIRE(pa.size() == pb.size());
+    for (size_t i = 0; i < pa.size(); ++i) {
+      Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
+      REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
+      if (ga.defined()) check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
+    }
+    const std::vector<int32_t> prompt = {7, 3, 9};
+    CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));
+  }
+
   TEST_CASE("cuda model: AdamW steps with clipping and after_step follow the CPU" * needs_device()) {
     for (RouterKind kind : {RouterKind::Dense, RouterKind::Cluster, RouterKind::Tree}) {
       CAPTURE(router_kind_name(kind));
@@ -139,13 +214,179 @@ TEST_SUITE("cuda") {
         a.after_step();
         b.after_step();
       }
-      for (size_t i = 0; i < pa.size(); ++i) check_scaled(pb[i].second, pa[i].second, 1e-3f, 1e-3f, pa[i].first);
+      // Adam turns rounding into steps of up to lr: where a gradient element nearly cancels, the devices'
+      // summation orders can give it different signs, and its updates then differ by a fraction of lr whatever the
+      // relative tolerance. Measured on the CPU with one model's weights perturbed by 1e-6 relative (the size of
+      // FP32 GEMM rounding): 2 of 60 such runs had an element 2% to 5% of lr apart, over 1e-3 of max |p| + 1e-3 of
+      // |p|. A quarter of lr is allowed on top: a wrong update rule (bias corrections, a learning rate off by 10%)
+      // moves most elements further than that in 4 steps.
+      for (size_t i = 0; i < pa.size(); ++i)
+        check_scaled(pb[i].second, pa[i].second, 1e-3f, 1e-3f, pa[i].first, 0.25f * 3e-3f);
       NamedTensors sa = oa.state(), sb = ob.state();
       for (size_t i = 0; i < sa.size(); ++i) check_scaled(sb[i].second, sa[i].second, 1e-2f, 1e-2f, sa[i].first);
       CHECK(b.step() == 4);
       const auto ra = a.get_reliability_stats(), rb = b.get_reliability_stats();
       for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-4f, kv.first);
+      // Every buffer after_step keeps (output-norm and weight-norm statistics from the device-side norms, usage,
+      // aux-free biases, pruning counters), on the host for both models.
+      NamedTensors ba = a.named_buffers(), bb = b.named_buffers();
+      REQUIRE(ba.size() == bb.size());
+      for (size_t i = 0; i < ba.size(); ++i) {
+        CHECK_MESSAGE(bb[i].second.device() == Device::CPU, bb[i].first);
+        check_scaled(bb[i].second, ba[i].second, 1e-5f, 1e-4f, ba[i].first);
+      }
     }
+  }
+
+  TEST_CASE("cuda model: a NaN expert is cut from the graph and loses reliability as on the CPU" * needs_device()) {
+    // The fault guard's device path (row norms made on the GPU, the segment replaced by a zeroed constant there)
+    // and after_step's device norms of weights and gradients, against the CPU's double-precision ones.
+    CoEConfig cfg = tiny(RouterKind::Cluster);
+    cfg.dropout = 0.f;  // the corrupted expert's rows then follow from routing alone
+    cfg.capacity_factor = 0.f;
+    ClusterMoELM a(cfg), b(cfg);
+    b.to(Device::CUDA);
+    Tensor ids = random_ids(4, 16, cfg.vocab_size, 21), tg = random_ids(4, 16, cfg.vocab_size, 22);
+    // The busiest expert of layer 0 (its input does not depend on layer 0's experts, so it keeps its rows).
+    int64_t e = 0;
+    {
+      NoGrad ng;
+      a.eval();
+      const std::vector<int64_t> rows = a.forward(ids).layers[0].expert_rows;
+      a.train();
+      e = std::max_element(rows.begin(), rows.end()) - rows.begin();
+      REQUIRE(rows[e] > 0);
+    }
+    for (ClusterMoELM* m : {&a, &b})
+      for (const auto& kv : m->expert_parameters(0, e)) Tensor(kv.second).fill_(NAN);
+
+    CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+    CHECK(oa.layers[0].nonfinite_rows == oa.layers[0].expert_rows[e]);
+    CHECK(ob.layers[0].nonfinite_rows == oa.layers[0].nonfinite_rows);
+    CHECK(ob.layers[0].expert_rows == oa.layers[0].expert_rows);
+    CHECK(std::isfinite(ob.loss.item()));
+    check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
+    oa.total_loss.backward();
+    ob.total_loss.backward();
+    NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+    std::vector<Tensor> grads_b;
+    for (size_t i = 0; i < pa.size(); ++i) {
+      Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
+      REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
+      if (!ga.defined()) continue;
+      grads_b.push_back(gb);
+      check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
+    }
+    for (const auto& kv : b.expert_parameters(0, e)) CHECK_MESSAGE(!kv.second.grad().defined(), kv.first);  // cut
+    for (double ss : sums_of_squares(grads_b)) CHECK(std::isfinite(ss));
+
+    // after_step while the gradients are still there, so that their device norms are taken too.
+    a.after_step();
+    b.after_step();
+    const auto ra = a.get_reliability_stats(), rb = b.get_reliability_stats();
+    for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-6f, kv.first);
+    CHECK(b.get_reliability_stats().at(str("layer_0_cluster_", e / cfg.experts_per_cluster, "_expert_",
+                                           e % cfg.experts_per_cluster, "_reliability")) < 0.95f);
+    NamedTensors ba = a.named_buffers(), bb = b.named_buffers();
+    for (size_t i = 0; i < ba.size(); ++i) check_scaled(bb[i].second, ba[i].second, 1e-5f, 1e-4f, ba[i].first);
+  }
+
+  TEST_CASE("cuda optimizer: AdamW and clipping on the device follow the CPU, decay and no-decay alike" *
+            needs_device()) {
+    // A large learning rate and weight decay, so that a lost decay or a slice with another tensor's settings
+    // shows at once: "w" decays, "b" (1-D) and "tok_emb.weight" (an embedding) do not; "big" spans several blocks
+    // of the fused kernel. w's gradient is a transposed view: scaled through set_grad when clipped, and handed to
+    // AdamW as it is at step 1, which only measures the norm.
+    const std::vector<std::pair<std::string, Shape>> shapes = {
+        {"w", {5, 7}}, {"b", {7}}, {"tok_emb.weight", {4, 3}}, {"big", {3, 1500}}};
+    auto make = [&](Device dev) {
+      NamedTensors ps;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        Tensor t = test::uniform(shapes[i].second, 10 + i).to(dev);
+        t.requires_grad_(true);
+        ps.emplace_back(shapes[i].first, t);
+      }
+      return ps;
+    };
+    NamedTensors pa = make(Device::CPU), pb = make(Device::CUDA);
+    AdamWOptions o;
+    o.weight_decay = 0.5f;
+    AdamW oa(pa, o), ob(pb, o);
+    for (int step = 0; step < 3; ++step) {
+      CAPTURE(step);
+      for (size_t i = 0; i < pa.size(); ++i) {
+        const Shape& s = shapes[i].second;
+        const uint64_t seed = 100 + 10 * (uint64_t)step + i;
+        if (i == 0) {
+          Tensor g = test::uniform({s[1], s[0]}, seed);
+          pa[i].second.set_grad(g.transpose(0, 1));
+          pb[i].second.set_grad(g.to(Device::CUDA).transpose(0, 1));
+          REQUIRE_FALSE(pb[i].second.grad().is_contiguous());
+        } else {
+          Tensor g = test::uniform(s, seed);
+          pa[i].second.set_grad(g);
+          pb[i].second.set_grad(g.to(Device::CUDA));
+        }
+      }
+      const float max_norm = step == 1 ? 0.f : 0.5f;
+      const float na = clip_grad_norm(pa, max_norm), nb = clip_grad_norm(pb, max_norm);
+      CHECK(na > 0.5f);  // the clipping steps do clip
+      CHECK(std::fabs(nb - na) <= 1e-5f * na);
+      oa.step(0.05f);
+      ob.step(0.05f);
+      oa.zero_grad();
+      ob.zero_grad();
+    }
+    for (size_t i = 0; i < pa.size(); ++i) check_scaled(pb[i].second, pa[i].second, 1e-5f, 1e-5f, pa[i].first);
+    NamedTensors sa = oa.state(), sb = ob.state();
+    for (size_t i = 0; i < sa.size(); ++i) check_scaled(sb[i].second, sa[i].second, 1e-5f, 1e-4f, sa[i].first);
+    CHECK(ob.step_count() == 3);
+
+    // sums_of_squares keeps the order of a list that mixes devices (the device sums come back in one copy).
+    const std::vector<Tensor> mixed = {pa[0].second, pb[1].second, pa[2].second, pb[3].second};
+    const std::vector<double> got = sums_of_squares(mixed);
+    REQUIRE(got.size() == mixed.size());
+    for (size_t i = 0; i < mixed.size(); ++i) {
+      const double want = sums_of_squares({mixed[i].detach().to(Device::CPU)})[0];
+      CHECK_MESSAGE(std::fabs(got[i] - want) <= 1e-5 * want, "tensor ", i);
+    }
+  }
+
+  TEST_CASE("cuda optimizer: an AdamW built before the model moved is refused and changes nothing" *
+            needs_device()) {
+    // Its moments stay where they were made; the parameters' storage moved under the same handles. Without the
+    // check the fused kernel would get host pointers for m and v.
+    ClusterMoELM m(tiny(RouterKind::Dense));
+    AdamW early(m.named_parameters());
+    m.to(Device::CUDA);
+    m.forward(random_ids(2, 16, 29, 5), random_ids(2, 16, 29, 6)).total_loss.backward();
+    const Tensor p0 = m.named_parameters()[0].second;
+    const std::vector<float> before = p0.to_f32_vector();
+    CHECK_THROWS_WITH_AS(early.step(1e-3f), doctest::Contains("build the optimizer after moving the model"), Error);
+    CHECK(early.step_count() == 0);
+    CHECK(p0.to_f32_vector() == before);
+    AdamW late(m.named_parameters());  // built after the move: fine
+    late.step(1e-3f);
+    CHECK(p0.to_f32_vector() != before);
+  }
+
+  TEST_CASE("cuda autograd: a gradient on the wrong device is refused where it is made, naming the rule" *
+            needs_device()) {
+    Tensor x = test::uniform({3}, 1).to(Device::CUDA);
+    x.requires_grad_(true);
+    // A backward rule that forgets its input's device (what a CUDA branch copied from the CPU one could do).
+    Tensor y = record("stray_rule", mul(x.detach(), 2.f), {x},
+                      [](const Tensor& g) { return grads{g.to(Device::CPU)}; });
+    CHECK_THROWS_WITH_AS(sum(y).backward(), doctest::Contains("op 'stray_rule' gave input 0 a gradient on cpu"),
+                         Error);
+    CHECK_FALSE(x.grad().defined());
+    CHECK_THROWS_WITH_AS(sum(mul(x, 3.f)).backward(Tensor::scalar(1.f)),
+                         doctest::Contains("backward(): gradient on cpu"), Error);
+    CHECK_THROWS_WITH_AS(x.set_grad(Tensor::zeros({3})), doctest::Contains("gradient on cpu for a tensor on cuda"),
+                         Error);
+    sum(mul(x, 3.f)).backward();  // the right device throughout: fine
+    CHECK(x.grad().device() == Device::CUDA);
+    CHECK(x.grad().to_f32_vector() == std::vector<float>{3.f, 3.f, 3.f});
   }
 
   TEST_CASE("cuda model: a warm training step serves its memory from the cache" * needs_device()) {
@@ -215,6 +456,27 @@ TEST_SUITE("cuda") {
     CHECK(std::fabs(gpu.evals.back().val_loss - cpu.evals.back().val_loss) <= 0.05);
     CHECK(gpu.evals.back().val_loss < gpu.evals.front().val_loss);
 
+    // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.
+    REQUIRE(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);
+    TrainResult tf = train(options("cuda", "tf32", {"--tf32", "1", "--max_steps", "3"}), sink);
+    REQUIRE(tf.step_losses.size() == 3);
+    // Step 1 sees the same weights and batch as the FP32 run; only the products' rounding differs.
+    CHECK(std::fabs(tf.step_losses[0] - gpu.step_losses[0]) <= 1e-2 * gpu.step_losses[0]);
+    CHECK(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);
+
+    // sample --device cuda continues a prompt from the CUDA run's checkpoint as the CPU does (greedy).
+    auto sample = [&](const std::string& device) {
+      std::ostringstream text, err;
+      const int rc = run_sample({"--out_dir", dir.file("gpu"), "--device", device, "--prompt", "To be",
+                                 "--max_new_tokens", "40", "--temperature", "0"},
+                                text, err);
+      CHECK_MESSAGE(rc == 0, err.str());
+      return text.str();
+    };
+    const std::string sampled_gpu = sample("cuda"), sampled_cpu = sample("cpu");
+    CHECK(sampled_gpu.size() > 40);  // the prompt, 40 bytes, a newline
+    CHECK(sampled_gpu == sampled_cpu);
+
     // The same device and build: an interrupted run resumed from its step-6 checkpoint gives the same bits.
     TrainOptions first = options("cuda", "split", {});
     first.stop_at = 9;
@@ -226,6 +488,34 @@ TEST_SUITE("cuda") {
     REQUIRE(rest.step_losses.size() == 6);
     for (size_t i = 0; i < 6; ++i) CHECK_MESSAGE(rest.step_losses[i] == gpu.step_losses[6 + i], "step ", 7 + i);
     CHECK(rest.evals.back().val_loss == gpu.evals.back().val_loss);
+
+    // A CUDA checkpoint resumes on the CPU: it holds host copies, and the device is a flag like any other. The
+    // first resumed step starts from the same state, so its loss is the CUDA run's up to rounding.
+    std::filesystem::create_directories(dir.file("cross"));
+    std::filesystem::copy_file(checkpoint_path(dir.file("split"), 6), checkpoint_path(dir.file("cross"), 6));
+    TrainResult cross = train(resolve_train_args({"--out_dir", dir.file("cross"), "--resume", "--device", "cpu"},
+                                                 &help, &usage),
+                              sink);
+    CHECK(cross.device == "cpu");
+    REQUIRE(cross.step_losses.size() == 6);
+    CHECK(std::fabs(cross.step_losses[0] - gpu.step_losses[6]) <= 1e-3 * gpu.step_losses[6]);
   }
 }
 #endif  // CM_CUDA
+
+// Device-independent, but here because it guards the fused CUDA step: its slices are updated concurrently, so two
+// entries over the same memory would race there. On the CPU they would be updated twice in turn.
+TEST_SUITE("cuda") {
+  TEST_CASE("cuda optimizer: AdamW refuses parameters that share memory") {
+    auto run = [](Device dev) {
+      CAPTURE(device_name(dev));
+      Tensor w = test::uniform({4, 4}, 1).to(dev), flat = test::uniform({10}, 2).to(dev);
+      CHECK_THROWS_WITH_AS(AdamW({{"a", w}, {"b", w}}), doctest::Contains("'a' and 'b' share memory"), Error);
+      CHECK_THROWS_WITH_AS(AdamW({{"x", flat.slice(0, 4, 10)}, {"w", w}, {"y", flat.slice(0, 0, 6)}}),
+                           doctest::Contains("share memory"), Error);
+      CHECK_NOTHROW(AdamW({{"x", flat.slice(0, 5, 10)}, {"w", w}, {"y", flat.slice(0, 0, 5)}}));  // adjacent: fine
+    };
+    run(Device::CPU);
+    if (cuda_available()) run(Device::CUDA);
+  }
+}
