@@ -148,8 +148,8 @@ int run(const Args& a) {
       o.total_loss.backward();
       clip_grad_norm(model.named_parameters(), 1.0f);
       opt.step();
-      opt.zero_grad();
       model.after_step();
+      opt.zero_grad();
     }
     model.train(!a.eval);
   }

@@ -2,7 +2,7 @@
 // flat top-k, ClusterMoE two-level, a deeper tree, AC, AC inside ClusterMoE), one full training step each as
 // train_lm runs it (model/trainer.h):
 //
-//   out = model.forward(x, y); out.total_loss.backward(); clip_grad_norm(1.0); AdamW step; zero_grad; after_step()
+//   out = model.forward(x, y); out.total_loss.backward(); clip_grad_norm(1.0); AdamW step; after_step(); zero_grad
 //
 // Per configuration: ms per step (median over all timed steps) and its split into forward / backward + clipping /
 // AdamW + after_step, tokens/s, model FLOPs per token (trainer.h's train_flops_per_token: 6 x active parameters +
@@ -228,8 +228,8 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     double bw = ms_since(t1);
     auto t2 = std::chrono::steady_clock::now();
     opt.step();
+    model.after_step();  // one copy of the experts' weight and gradient norms: the update is done
     opt.zero_grad();
-    model.after_step();  // reads the experts' weights on the host: the update is done
     double op = ms_since(t2);
     double total = ms_since(t0);
     double cpu = process_cpu_ms() - c0;

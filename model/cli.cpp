@@ -378,7 +378,7 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
                "settings bundle (default: cpu on CPU, shakespeare on CUDA)");
   f.add_optional("resume", &o.resume, "latest", "continue from the newest checkpoint in out_dir, or a path");
   f.add_u64("seed", &o.seed, "seed for initialisation, data order and dropout");
-  f.add_bool("deterministic", &o.deterministic, "bit-reproducible kernels (always: every kernel here is deterministic)");
+  f.add_bool("deterministic", &o.deterministic, "bit-reproducible kernels (always: every kernel here is)");
   f.add_bool("tf32", &o.tf32, "TF32 matrix products on CUDA");
   // ---- optimisation
   f.add_int("max_steps", &o.max_steps, 1, BIG, "optimizer steps");

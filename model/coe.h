@@ -6,8 +6,9 @@
 //   for (...) {
 //     CoEOutput out = model.forward(ids, targets);             // ids, targets i32 [B, T]
 //     out.total_loss.backward();                               // cross-entropy + aux_loss
-//     clip_grad_norm(...); opt.step(lr); opt.zero_grad();
-//     model.after_step();                                      // reliability, aux-free bias, pruning, step
+//     clip_grad_norm(...); opt.step(lr);
+//     model.after_step();       // reliability (reads the gradients: before zero_grad), aux-free bias, pruning, step
+//     opt.zero_grad();
 //   }
 //   model.generate(prompt, 200, 0.8f, 40, seed);               // uses the selection cache when enabled
 //
@@ -92,8 +93,9 @@ class ClusterMoELM {
   std::vector<std::pair<std::string, Tensor>> named_buffers() const;
   int64_t num_parameters() const;
 
-  // Call after every optimizer step: reliability (health of each expert from this step's forwards, weights and
-  // gradients), aux-free bias, pruning bookkeeping, step += 1.
+  // Call after every optimizer step and before zero_grad: reliability (health of each expert from this step's
+  // forwards, weights and gradients; after zero_grad there are no gradients to judge), aux-free bias, pruning
+  // bookkeeping, step += 1.
   void after_step();
   int64_t step() const;
 

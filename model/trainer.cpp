@@ -490,8 +490,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     } else {
       out << "step " << step + 1 << ": gradient norm is " << norm << ", update skipped\n";
     }
-    opt.zero_grad();
     model.after_step();
+    opt.zero_grad();
     ++step;
     res.final_step = step;
     res.step_losses.push_back(loss);

@@ -4,7 +4,7 @@
 //   lr = lr_at(step)                                      warmup, then cosine to min_lr (model/optim.h)
 //   grad_accum times: x, y = random windows [B, T]; out = model.forward(x, y);
 //                     backward(out.total_loss / grad_accum)  (cross-entropy + the model's aux loss)
-//   norm = clip_grad_norm(params, grad_clip); AdamW step; zero_grad; model.after_step()
+//   norm = clip_grad_norm(params, grad_clip); AdamW step; model.after_step(); zero_grad
 // Around the steps: evaluation on fixed batches of both splits (and the routing summary, log rows, curves.svg),
 // a text sample, a checkpoint (atomic, keep_last newest kept).
 //

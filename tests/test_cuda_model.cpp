@@ -209,10 +209,10 @@ TEST_SUITE("cuda") {
         CHECK(std::fabs(nb - na) <= 1e-3f * na);
         oa.step(3e-3f);
         ob.step(3e-3f);
+        a.after_step();  // while the gradients are there: the health check reads them
+        b.after_step();
         oa.zero_grad();
         ob.zero_grad();
-        a.after_step();
-        b.after_step();
       }
       // Adam turns rounding into steps of up to lr: where a gradient element nearly cancels, the devices'
       // summation orders can give it different signs, and its updates then differ by a fraction of lr whatever the
@@ -405,8 +405,8 @@ TEST_SUITE("cuda") {
       m.forward(ids, tg).total_loss.backward();
       clip_grad_norm(p, 1.f);
       opt.step(1e-3f);
-      opt.zero_grad();
       m.after_step();
+      opt.zero_grad();
     }
     const cuda::MemStats s = cuda::mem_stats();
     MESSAGE("5 warm steps: ", s.requests - requests0, " allocations, ", s.mallocs - mallocs0, " cudaMalloc");

@@ -62,8 +62,8 @@ void fit_pattern(ClusterMoELM& m, int64_t steps) {
   for (int64_t s = 0; s < steps; ++s) {
     m.forward(X, Y).total_loss.backward();
     opt.step(1e-2f);
-    opt.zero_grad();
     m.after_step();
+    opt.zero_grad();
   }
 }
 
@@ -323,8 +323,8 @@ TEST_SUITE("model") {
     for (int s = 0; s < 12; ++s) {
       ma.forward(ids_tensor(4, 16, 13, 11 + s), ids_tensor(4, 16, 13, 31 + s)).total_loss.backward();
       opt.step(1e-3f);
-      opt.zero_grad();
       ma.after_step();
+      opt.zero_grad();
     }
     int64_t pruned = 0;
     for (int64_t e = 0; e < 4; ++e) pruned += ma.expert_pruned(0, e);
@@ -412,8 +412,8 @@ TEST_SUITE("model") {
         o.total_loss.backward();
         CHECK(std::isfinite(clip_grad_norm(m.named_parameters(), 1.f)));
         opt.step(3e-3f);
-        opt.zero_grad();
         m.after_step();
+        opt.zero_grad();
       }
       CHECK(last < first);  // it learns the fixed batch
       m.eval();

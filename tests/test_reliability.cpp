@@ -137,8 +137,8 @@ struct Trainer {
     o.total_loss.backward();
     clip_grad_norm(model->named_parameters(), 1.0f);
     opt->step(lr_at(step, LRSchedule{3e-3f, 3e-4f, 20, total_steps}));
-    opt->zero_grad();
     model->after_step();
+    opt->zero_grad();
     ++step;
     return o.layers[0];
   }
@@ -165,6 +165,22 @@ void inject(ClusterMoELM& m, int64_t layer, int64_t expert, Fault f) {
 }  // namespace
 
 TEST_SUITE("reliability") {
+  TEST_CASE("after_step judges the gradients: a non-finite one makes its expert unhealthy") {
+    // What an overflow in backward leaves behind. after_step runs before zero_grad (trainer.cpp), so it sees it.
+    ClusterMoELM m(tiny_lm(13, true));
+    std::vector<int32_t> v(4 * 16);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = (int32_t)((i * 7 + 3) % 13);
+    Tensor ids = Tensor::from_vector(v, {4, 16});
+    m.forward(ids, ids).total_loss.backward();
+    Tensor w = m.expert_parameters(0, 1)[0].second;
+    w.set_grad(Tensor::full(w.shape(), NAN));
+    m.after_step();
+    auto r = m.get_reliability_stats();
+    CHECK(r.at("layer_0_cluster_0_expert_1_reliability") == doctest::Approx(0.9f));  // decay 0.9, health 0
+    CHECK(r.at("layer_0_cluster_0_expert_0_reliability") == 1.f);
+    CHECK(r.at("layer_1_cluster_0_expert_1_reliability") == 1.f);
+  }
+
   TEST_CASE("the fault guard zeroes non-finite expert rows, reports them, and keeps every gradient finite") {
     CoEConfig c;
     c.d_model = 6;

@@ -331,8 +331,8 @@ TEST_SUITE("trainer") {
       out.total_loss.backward();
       clip_grad_norm(params, 1.0f);
       opt.step(lr_at(step, {3e-3f, 3e-4f, 10, 300}));
-      opt.zero_grad();
       model.after_step();
+      opt.zero_grad();
     }
     MESSAGE("one-batch loss ", first, " -> ", last);
     CHECK(first > 2.5f);
