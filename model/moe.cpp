@@ -171,28 +171,45 @@ RouterBias MoELayer::routing_bias() const {
 
 // ---------------------------------------------------------------- forward
 
+// Each row's sum of squares of every expert output ys[i] [n_i, C]: in double from the data on the CPU; on a device,
+// float sums made there and one copy for the whole layer (a row whose squares overflow float reads as non-finite).
+static std::vector<std::vector<double>> row_sums_of_squares(const std::vector<Tensor>& ys) {
+  std::vector<std::vector<double>> sq(ys.size());
+  if (ys.empty()) return sq;
+  if (ys[0].device() == Device::CPU) {
+    for (size_t k = 0; k < ys.size(); ++k) {
+      const int64_t n = ys[k].size(0), C = ys[k].size(1);
+      std::vector<float> tmp;
+      const float* v = host_f32(ys[k], tmp);
+      sq[k].assign((size_t)n, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        double ss = 0.0;
+        for (int64_t q = 0; q < C; ++q) ss += (double)v[i * C + q] * v[i * C + q];
+        sq[k][i] = ss;
+      }
+    }
+    return sq;
+  }
+  NoGrad ng;
+  std::vector<Tensor> sums;
+  for (const Tensor& y : ys) sums.push_back(sum(square(y.detach()), 1));
+  std::vector<float> all = (sums.size() == 1 ? sums[0] : concat(sums, 0)).to_f32_vector();
+  size_t at = 0;
+  for (size_t k = 0; k < ys.size(); ++k) {
+    const size_t n = (size_t)ys[k].size(0);
+    sq[k].assign(all.begin() + at, all.begin() + at + n);
+    at += n;
+  }
+  return sq;
+}
+
 // Fault guard on one expert's output y [n, C]: counts non-finite rows and rows whose norm exceeds
 // outlier_factor x the expert's running mean; when reliability is on and any row is bad, the segment is replaced by
 // a constant copy with the bad rows zeroed. Cutting the whole segment from the graph is deliberate: with NaN or
 // huge weights even the good rows' backward (through those weights) would poison every other gradient.
-Tensor MoELayer::guard(int64_t e, const Tensor& y, bool training, LayerRoutingStats& st) {
+Tensor MoELayer::guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training,
+                       LayerRoutingStats& st) {
   const int64_t n = y.size(0);
-  // Each row's sum of squares: in double from the data on the CPU; on a device, n float sums made there and one
-  // copy of n values instead of the whole output (a row whose squares overflow float reads as non-finite there).
-  std::vector<double> sq((size_t)n, 0.0);
-  if (y.device() == Device::CPU) {
-    std::vector<float> tmp;
-    const float* v = host_f32(y, tmp);
-    for (int64_t i = 0; i < n; ++i) {
-      double ss = 0.0;
-      for (int64_t q = 0; q < C; ++q) ss += (double)v[i * C + q] * v[i * C + q];
-      sq[i] = ss;
-    }
-  } else {
-    NoGrad ng;
-    std::vector<float> r = sum(square(y.detach()), 1).to_f32_vector();
-    sq.assign(r.begin(), r.end());
-  }
   const float ema = norm_ema_.f32()[e], factor = cfg_.reliability_outlier_factor;
   int64_t nonfinite = 0, outlier = 0, good = 0;
   double norm_sum = 0.0;
@@ -240,7 +257,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   if (ids) CM_CHECK((int64_t)ids->size() == T, "ids ", ids->size(), " for ", T, " rows");
 
   if (!moe) {  // dense FFN: one expert, every token, gate 1
-    out.y = guard(0, experts[0].forward(x), training, st);
+    Tensor y = experts[0].forward(x);
+    out.y = guard(0, y, row_sums_of_squares({y})[0], training, st);
     st.expert_share[0] = T ? 1.f : 0.f;
     st.expert_rows[0] = T;
     out.expert.assign((size_t)T, 0);
@@ -320,12 +338,16 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   // 4. Gather rows, run each non-empty expert on its segment, guard its output.
   Tensor xs = dispatch(x, plan);  // [S, C] expert-contiguous
   std::vector<Tensor> parts;
+  std::vector<int64_t> part_expert;
   for (int64_t e = 0; e < N; ++e) {
     const int64_t a = plan.offsets[e], b = plan.offsets[e + 1];
     st.expert_rows[e] = b - a;
     if (a == b) continue;  // no rows (pruned experts always): no compute
-    parts.push_back(guard(e, experts[e].forward(xs.slice(0, a, b)), training, st));
+    parts.push_back(experts[e].forward(xs.slice(0, a, b)));
+    part_expert.push_back(e);
   }
+  const std::vector<std::vector<double>> sq = row_sums_of_squares(parts);  // one device round trip per layer
+  for (size_t k = 0; k < parts.size(); ++k) parts[k] = guard(part_expert[k], parts[k], sq[k], training, st);
   Tensor ys = parts.size() == 1 ? parts[0] : concat(parts, 0);  // [S, C]
 
   // 5. Combine in permutation order.

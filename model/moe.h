@@ -98,7 +98,8 @@ class MoELayer {
 
  private:
   RouterBias routing_bias() const;
-  Tensor guard(int64_t e, const Tensor& y, bool training, LayerRoutingStats& st);
+  // sq [n]: each row's sum of squares (row_sums_of_squares in moe.cpp).
+  Tensor guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training, LayerRoutingStats& st);
 
   CoEConfig cfg_;
   // Buffers (checkpointed), each [N].
