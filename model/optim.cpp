@@ -118,14 +118,21 @@ std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
   NoGrad ng;
   std::vector<double> out(ts.size(), 0.0);
   std::vector<Tensor> on_device;  // [1] sums, one per CUDA tensor, in order
+  std::vector<std::pair<size_t, Tensor>> on_host;
   for (size_t i = 0; i < ts.size(); ++i) {
     CM_REQUIRE(ts[i].dtype() == DType::F32, "sums_of_squares: tensor ", i, " is ", dtype_name(ts[i].dtype()));
-    if (ts[i].device() == Device::CPU) {
-      Tensor c = ts[i].contiguous();
-      out[i] = cpu::sum_squares(c.f32(), c.numel());
-    } else {
+    if (ts[i].device() == Device::CPU)
+      on_host.emplace_back(i, ts[i].contiguous());
+    else
       on_device.push_back(sum(square(ts[i])).view({1}));
-    }
+  }
+  // One parallel region over the tensors rather than one per tensor (an expert layer has dozens of them, and each
+  // region's start costs more than a small tensor's sum). Each sum is the same whatever thread computes it.
+  const int64_t nh = (int64_t)on_host.size();
+#pragma omp parallel for schedule(dynamic, 1) if (nh > 1)
+  for (int64_t j = 0; j < nh; ++j) {
+    const Tensor& t = on_host[(size_t)j].second;
+    out[on_host[(size_t)j].first] = cpu::sum_squares(t.f32(), t.numel());
   }
   if (!on_device.empty()) {
     std::vector<float> v = (on_device.size() == 1 ? on_device[0] : concat(on_device, 0)).to_f32_vector();
