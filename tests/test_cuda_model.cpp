@@ -79,6 +79,22 @@ void check_scaled(const Tensor& got, const Tensor& ref, float scale_tol, float r
   CHECK_CLOSE(got, r, scale_tol * max_abs(r) + 1e-7f + extra_atol, rtol);
 }
 
+// Backward of both outputs; every parameter has a gradient on both models or on neither, the CUDA one on the
+// device and within tolerance of the CPU's.
+void check_gradients(ClusterMoELM& a, CoEOutput& oa, ClusterMoELM& b, CoEOutput& ob) {
+  oa.total_loss.backward();
+  ob.total_loss.backward();
+  NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
+  REQUIRE(pa.size() == pb.size());
+  for (size_t i = 0; i < pa.size(); ++i) {
+    Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
+    REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
+    if (!ga.defined()) continue;
+    CHECK(gb.device() == Device::CUDA);
+    check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
+  }
+}
+
 }  // namespace
 
 TEST_SUITE("cuda") {
@@ -136,17 +152,7 @@ TEST_SUITE("cuda") {
         CHECK(oa.layers[l].dropped_fraction == ob.layers[l].dropped_fraction);
       }
 
-      oa.total_loss.backward();
-      ob.total_loss.backward();
-      NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
-      REQUIRE(pa.size() == pb.size());
-      for (size_t i = 0; i < pa.size(); ++i) {
-        Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
-        REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
-        if (!ga.defined()) continue;
-        CHECK(gb.device() == Device::CUDA);
-        check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
-      }
+      check_gradients(a, oa, b, ob);
     }
   }
 
@@ -177,15 +183,7 @@ TEST_SUITE("cuda") {
     REQUIRE(oa.layers.size() == 3);
     CHECK(oa.layers[0].expert_rows[3] == 0);  // pruned: no rows, no compute
     for (size_t l = 0; l < oa.layers.size(); ++l) CHECK(ob.layers[l].expert_rows == oa.layers[l].expert_rows);
-    oa.total_loss.backward();
-    ob.total_loss.backward();
-    NamedTensors pa = a.named_parameters(), pb = b.named_parameters();
-    REQUIRE(pa.size() == pb.size());
-    for (size_t i = 0; i < pa.size(); ++i) {
-      Tensor ga = pa[i].second.grad(), gb = pb[i].second.grad();
-      REQUIRE_MESSAGE(ga.defined() == gb.defined(), pa[i].first);
-      if (ga.defined()) check_scaled(gb, ga, 1e-3f, 1e-3f, pa[i].first + ".grad");
-    }
+    check_gradients(a, oa, b, ob);
     const std::vector<int32_t> prompt = {7, 3, 9};
     CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));
   }
