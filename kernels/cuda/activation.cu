@@ -36,9 +36,12 @@ struct SigmoidF {
 struct ReluF {
   __device__ float operator()(float x) const { return x > 0.f ? x : 0.f; }
 };
+// GELU (tanh form) through e = e^-2|u| rather than t = tanh(u), as on the CPU (kernels/cpu/activation.cpp says why).
+__device__ __forceinline__ float gelu_h(float u, float e) { return (u >= 0.f ? 1.f : e) / (1.f + e); }
 struct GeluTanhF {
   __device__ float operator()(float v) const {
-    return 0.5f * v * (1.f + tanhf(kSqrt2OverPi * (v + kGeluCoef * v * v * v)));
+    const float u = kSqrt2OverPi * (v + kGeluCoef * v * v * v);
+    return v * gelu_h(u, expf(-2.f * fabsf(u)));
   }
 };
 struct GeluExactF {
@@ -62,9 +65,9 @@ struct ReluB {  // (dy, x): the derivative at 0 is 0
 };
 struct GeluTanhB {  // (dy, x)
   __device__ float operator()(float dy, float v) const {
-    const float t = tanhf(kSqrt2OverPi * (v + kGeluCoef * v * v * v));
+    const float u = kSqrt2OverPi * (v + kGeluCoef * v * v * v), e = expf(-2.f * fabsf(u));
     const float du = kSqrt2OverPi * (1.f + 3.f * kGeluCoef * v * v);
-    return dy * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * du);
+    return dy * (gelu_h(u, e) + 2.f * v * (e / ((1.f + e) * (1.f + e))) * du);
   }
 };
 struct GeluExactB {  // (dy, x)
