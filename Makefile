@@ -6,12 +6,16 @@
 #   make bench-cpu  rerun the CPU tables of bench/RESULTS.md (train_bench, routing_cost; with PyTorch importable by
 #                   $(PYTHON): the side-by-side comparison and the parity check, see bench/reference/README.md)
 #   make data       fetch data/tinyshakespeare.txt (checked by SHA-256), or copy it with SRC=path
+#   make test CUDA_EMU=1   the same suite with the CUDA code built by g++ against the CPU-hosted emulator in emu/
+#                   (its own build folder, build-emu); the cuda suite then runs every case (README, "Testing CUDA
+#                   without a GPU")
 #   make clean
 CXX       ?= g++
 NVCC      ?= nvcc
 CUDA_ARCH ?= 90
 SHELL     := /bin/bash
-BUILD     := build
+CUDA_EMU  ?= 0
+BUILD     := build$(if $(filter 1,$(CUDA_EMU)),-emu)
 CXXFLAGS  := -std=c++17 -O3 -march=native -fno-math-errno -Wall -Wextra -I. -MMD -MP
 LDFLAGS   :=
 LDLIBS    := -lm -lpthread
@@ -23,6 +27,10 @@ ifeq ($(HAVE_OPENMP),1)
   LDFLAGS  += -fopenmp
 endif
 
+# CUDA_EMU=1: the CUDA sources and branches are compiled by $(CXX) against emu/ instead of nvcc (no toolkit used).
+ifeq ($(CUDA_EMU),1)
+  override USE_CUDA := 0
+endif
 ifeq ($(origin USE_CUDA),undefined)
   USE_CUDA := $(shell command -v $(NVCC) >/dev/null 2>&1 && echo 1 || echo 0)
 endif
@@ -34,12 +42,17 @@ ifeq ($(USE_CUDA),1)
   LDLIBS    += -lcublas -lcudart
 endif
 
+ifeq ($(CUDA_EMU),1)
+  CXXFLAGS  += -DCM_CUDA=1 -DCM_CUDA_EMU=1 -Iemu/include
+endif
+
 HAVE_OPENBLAS := $(shell printf '\043include <cblas.h>\nint main(){return 0;}\n' | $(CXX) -x c++ - -lopenblas -o /dev/null 2>/dev/null && echo 1 || echo 0)
 
 ok = $(if $(filter 1,$(1)),[x],[ ])
 $(info $(call ok,1) C++17 CPU engine ($(CXX)))
 $(info $(call ok,$(HAVE_OPENMP)) OpenMP)
-$(info $(call ok,$(USE_CUDA)) CUDA$(if $(filter 1,$(USE_CUDA)), (sm_$(CUDA_ARCH)),: nvcc not found or USE_CUDA=0))
+$(if $(filter 1,$(CUDA_EMU)),$(info [x] CUDA emulated on the CPU (CUDA_EMU=1, build folder $(BUILD))),\
+  $(info $(call ok,$(USE_CUDA)) CUDA$(if $(filter 1,$(USE_CUDA)), (sm_$(CUDA_ARCH)),: nvcc not found or USE_CUDA=0)))
 $(info $(call ok,$(HAVE_OPENBLAS)) OpenBLAS (bench comparisons only))
 
 # ---------------------------------------------------------------- sources
@@ -49,9 +62,21 @@ ifeq ($(USE_CUDA),1)
   CU_SRC := $(wildcard engine/*.cu kernels/cuda/*.cu)
   LIB_OBJ += $(CU_SRC:%.cu=$(BUILD)/%.o)
 endif
+# The emulator build: every .cu/.cuh is rewritten line for line into $(EMU_GEN) (launch syntax, shared memory;
+# emu/cu2cpp.cpp) and compiled as C++ with emu/cuda_emu.h force-included, as nvcc force-includes cuda_runtime.h.
+ifeq ($(CUDA_EMU),1)
+  CU_SRC   := $(wildcard engine/*.cu kernels/cuda/*.cu)
+  EMU_GEN  := $(BUILD)/gen
+  EMU_CUH  := $(patsubst %,$(EMU_GEN)/%,$(wildcard kernels/cuda/*.cuh))
+  CU2CPP   := $(BUILD)/tools/cu2cpp
+  LIB_OBJ  += $(CU_SRC:%.cu=$(BUILD)/%.o) $(patsubst %.cpp,$(BUILD)/%.o,$(wildcard emu/emu.cpp emu/cublas.cpp))
+endif
 LIB      := $(BUILD)/libcm.a
 TEST_SRC := $(wildcard tests/*.cpp)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/%.o)
+ifeq ($(CUDA_EMU),1)
+  TEST_OBJ += $(BUILD)/emu/selftest.o  # the emulator's own tests (suite "emu")
+endif
 TEST_BIN := $(BUILD)/tests/run_tests
 BENCH_SRC := $(wildcard bench/*.cpp)
 BENCH_BIN := $(BENCH_SRC:bench/%.cpp=$(BUILD)/bench/%)
@@ -59,7 +84,13 @@ ifeq ($(USE_CUDA),1)
   BENCH_CU  := $(wildcard bench/*.cu)
   BENCH_BIN += $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
 endif
-APPS     := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
+APP_NAMES := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
+ifeq ($(CUDA_EMU),1)
+  APP_PAT := $(BUILD)/bin/%
+else
+  APP_PAT := %
+endif
+APPS     := $(APP_NAMES:%=$(APP_PAT))
 
 .PHONY: all test bench bench-cpu data clean
 all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN)
@@ -74,16 +105,33 @@ $(BUILD)/%.o: %.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
+ifeq ($(CUDA_EMU),1)
+.PRECIOUS: $(EMU_GEN)/%.cpp $(EMU_GEN)/%.cuh
+$(CU2CPP): emu/cu2cpp.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) -std=c++17 -O1 $< -o $@
+$(EMU_GEN)/%.cpp: %.cu $(CU2CPP)
+	@mkdir -p $(dir $@)
+	$(CU2CPP) $< $@
+$(EMU_GEN)/%.cuh: %.cuh $(CU2CPP)
+	@mkdir -p $(dir $@)
+	$(CU2CPP) $< $@
+$(BUILD)/%.o: $(EMU_GEN)/%.cpp $(EMU_CUH) $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -Wno-unknown-pragmas -Wno-sign-compare -iquote $(EMU_GEN) -include emu/cuda_emu.h -c $< -o $@
+else
 $(BUILD)/%.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+endif
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(APPS): %: $(BUILD)/%.o $(LIB)
+$(APPS): $(APP_PAT): $(BUILD)/%.o $(LIB)
+	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 $(TEST_BIN): $(TEST_OBJ) $(LIB)
@@ -101,7 +149,7 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(BENCH_LIBS)
 
 # doctest's own summary, then the same counts as one plain line ("N passed, N failed").
-test: $(TEST_BIN)
+test: $(TEST_BIN) $(if $(filter 1,$(CUDA_EMU)),$(APPS))
 	@set -o pipefail; ./$(TEST_BIN) $(if $(T),-ts=$(T)) 2>&1 | tee $(BUILD)/test.log; rc=$$?; \
 	  awk '/test cases:/ {for(i=1;i<=NF;i++){if($$i=="passed")p=$$(i-1); if($$i=="failed")f=$$(i-1)}} END {if(p!="") print "tests: " p " passed, " f " failed"}' $(BUILD)/test.log; \
 	  exit $$rc
@@ -132,6 +180,6 @@ data/tinyshakespeare.txt:
 	@mv $@.tmp $@ && echo "data/tinyshakespeare.txt ready (1,115,394 bytes)"
 
 clean:
-	rm -rf $(BUILD) $(APPS)
+	rm -rf build build-emu $(APP_NAMES)
 
 -include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d)

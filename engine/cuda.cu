@@ -182,6 +182,9 @@ void* allocate(size_t nbytes) {
     a.st.mallocs++;
   }
   a.live[p] = got;
+#if defined(CM_CUDA_EMU)
+  cudaEmuSetValidRange(p, nbytes, got);  // the rounded tail is poisoned: a read past the tensor is reported
+#endif
   a.st.in_use += got;
   if (a.st.in_use > a.st.peak) a.st.peak = a.st.in_use;
   return p;
@@ -198,6 +201,9 @@ void deallocate(void* p) {
     return;
   }
   a.st.in_use -= it->second;
+#if defined(CM_CUDA_EMU)
+  cudaEmuSetValidRange(p, 0, it->second);  // a cached block: any use of it is reported until it is handed out again
+#endif
   a.cached.emplace(it->second, p);
   a.live.erase(it);
 }

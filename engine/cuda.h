@@ -44,6 +44,24 @@ namespace cm::cuda {
 void check_launch(const char* kernel, const char* file, int line);
 #define cudaCheckLaunch(kernel) ::cm::cuda::check_launch(kernel, __FILE__, __LINE__)
 
+// True in a CUDA_EMU=1 build: the CUDA code runs on the CPU-hosted emulator of emu/ (README, "Testing CUDA without a
+// GPU"). Tests shrink shapes that only cost time there; nothing else may depend on it.
+constexpr bool emulated() {
+#if defined(CM_CUDA_EMU)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Grid caps of the launchers (kernels/cuda/): past them, grid-stride loops take more turns. Under the emulator they
+// are 256 times smaller, so that the tests reach a loop's second turn and its tail at sizes a CPU runs in seconds;
+// the loops are the same code. kGridCap: blocks of an element loop or of block-per-row kernels (warp-per-row
+// kernels: kGridCap blocks of 4 warps); kGridCapY: gridDim.y of binary_rows; kColumnCap: blocks of column sums.
+constexpr int64_t kGridCap = emulated() ? int64_t(1) << 8 : int64_t(1) << 16;
+constexpr int64_t kGridCapY = emulated() ? 255 : 65535;
+constexpr int64_t kColumnCap = emulated() ? 16 : 4096;
+
 // ---------------------------------------------------------------- device, stream, handles
 // Created on first use (device 0 of those CUDA_VISIBLE_DEVICES shows); each throws cm::Error when no device.
 cudaStream_t stream();

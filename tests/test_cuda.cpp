@@ -281,7 +281,8 @@ TEST_CASE("cuda: uploads from short-lived host buffers arrive intact, even behin
   // the next temporary of the same size usually gets the same host memory back. A product queued before each
   // upload keeps the stream busy, so a copy that had not read its host buffer by the time cuda_copy returned
   // would read the next iteration's values.
-  const int64_t M = 2048, n = (int64_t(1) << 16) + 3;  // 256 KiB per upload: not a tiny inline copy
+  // 256 KiB per upload: not a tiny inline copy. (The emulator runs everything in order: a small product will do.)
+  const int64_t M = cuda::emulated() ? 128 : 2048, n = (int64_t(1) << 16) + 3;
   Tensor A = dev(uniform({M, M}, 1)), C = Tensor::empty({M, M}, DType::F32, Device::CUDA);
   std::vector<Tensor> up;
   for (int i = 0; i < 48; ++i) {
@@ -304,7 +305,12 @@ TEST_CASE("cuda: strided copies with offsets past 2^30 elements (64-bit index pa
   }
   const int64_t step = int64_t(1) << 28, R = step + 1;
   Tensor big = Tensor::empty({R, 4}, DType::F32, Device::CUDA);
-  big.fill_(-7.f);
+  if (cuda::emulated()) {  // only the rows read below: the pages of the others are never touched (nor committed)
+    big.slice(0, 0, 2).fill_(-7.f);
+    big.slice(0, R - 1, R).fill_(-7.f);
+  } else {
+    big.fill_(-7.f);
+  }
   Tensor view = big.slice(0, 0, R, step);
   REQUIRE(view.shape() == Shape{2, 4});
   REQUIRE(view.strides()[0] == int64_t(1) << 30);
@@ -403,6 +409,7 @@ TEST_CASE("cuda kernels: top-k equals the CPU exactly (distinct values, ties, Na
   const int64_t ks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 20};
   for (int64_t R : {1, 37, 300})
     for (int64_t n : ns)
+      if (!(cuda::emulated() && R == 300))  // the emulator: rows past one block of warps (37) are enough
       for (int64_t k : ks) {
         if (k > n) continue;
         for (int variant = 0; variant < 2; ++variant) {
@@ -1387,36 +1394,40 @@ TEST_CASE("cuda kernels: sizes past the grid caps, where grid-stride loops take 
   // Launchers cap their grids and the kernels loop over the rest: 65536 blocks for element loops (2^24 elements
   // per turn at 256 threads) and block-per-row kernels (65536 rows per turn), 65536 blocks of 4 warps for
   // warp-per-row kernels (262144 rows per turn), 65535 for binary_rows' rows, 4096 blocks for column sums.
-  // Every case below is just past its cap, so the second turn and the tail both run.
+  // Every case below is just past its cap, so the second turn and the tail both run. The emulator's caps are 256
+  // times smaller (engine/cuda.h), and so are the sizes here.
+  const int64_t cap = cuda::kGridCap, rows4 = 4 * cap;  // element loops, block rows; warp rows (4 per block)
   uint64_t seed = 2000;
   {
-    const int64_t n = (int64_t(1) << 24) + 4099;
+    const int64_t n = cap * 256 + 4099;
     Tensor a = uniform({n}, ++seed), b = uniform({n}, ++seed, 0.5f, 2.f), out = Tensor::empty({n});
     cpu::binary(cpu::Binary::Div, out.f32(), a.f32(), b.f32(), n);
     Tensor g = poisoned({n});
     cuda::binary(cpu::Binary::Div, g.f32(), dev(a).f32(), dev(b).f32(), n);
-    same(g, out, "binary, n = 2^24 + 4099");
-    Tensor m = uniform({4099, 4097}, ++seed);  // a transpose of 2^24 + 16387 elements: the strided copy kernel
-    same(dev(m).transpose(0, 1).contiguous(), m.transpose(0, 1).contiguous(), "transpose, 2^24 + 16387");
+    same(g, out, "binary, n = cap * 256 + 4099");
+    // A transpose of cap * 256 + 16387 elements: the strided copy kernel.
+    Tensor m = cuda::emulated() ? uniform({259, 257}, ++seed) : uniform({4099, 4097}, ++seed);
+    REQUIRE(m.numel() == cap * 256 + 16387);
+    same(dev(m).transpose(0, 1).contiguous(), m.transpose(0, 1).contiguous(), "transpose, cap * 256 + 16387");
   }
   {
-    const int64_t R = 65535 + 10, C = 7;
+    const int64_t R = cuda::kGridCapY + 10, C = 7;
     Tensor a = uniform({R, C}, ++seed), row = uniform({C}, ++seed), out = Tensor::empty({R, C});
     cpu::binary_rows(cpu::Binary::Mul, out.f32(), a.f32(), row.f32(), R, C);
     Tensor g = poisoned({R, C});
     cuda::binary_rows(cpu::Binary::Mul, g.f32(), dev(a).f32(), dev(row).f32(), R, C);
-    same(g, out, "binary_rows, R = 65545");
+    same(g, out, "binary_rows, R = kGridCapY + 10");
   }
   {
-    const int64_t N = 262144 + 37, C = 3;  // a warp per row
+    const int64_t N = rows4 + 37, C = 3;  // a warp per row
     Tensor x = uniform({N, C}, ++seed, -4.f, 4.f), y = Tensor::empty({N, C});
     cpu::softmax_forward(y.f32(), x.f32(), N, C);
     Tensor g = poisoned({N, C});
     cuda::softmax_forward(g.f32(), dev(x).f32(), N, C);
-    check_near(g, y, 1e-7f, 1e-5f, "softmax, warp rows, N = 262181");
+    check_near(g, y, 1e-7f, 1e-5f, "softmax, warp rows, N = 4 cap + 37");
   }
   {
-    const int64_t N = 65536 + 3, V = 1025;  // a block per row
+    const int64_t N = cap + 3, V = 1025;  // a block per row
     Tensor x = uniform({N, V}, ++seed, -5.f, 5.f);
     std::vector<int32_t> tv((size_t)N);
     for (int64_t i = 0; i < N; ++i) tv[(size_t)i] = (int32_t)((i * 131) % V);
@@ -1424,21 +1435,21 @@ TEST_CASE("cuda kernels: sizes past the grid caps, where grid-stride loops take 
     cpu::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, -100);
     Tensor gl = poisoned({N}), glse = poisoned({N});
     cuda::cross_entropy_forward(gl.f32(), glse.f32(), dev(x).f32(), dev(t).i32(), N, V, -100);
-    check_near(gl, losses, 1e-5f, 1e-5f, "cross-entropy, block rows, N = 65539");
-    check_near(glse, lse, 1e-5f, 1e-5f, "cross-entropy lse, block rows, N = 65539");
+    check_near(gl, losses, 1e-5f, 1e-5f, "cross-entropy, block rows, N = cap + 3");
+    check_near(glse, lse, 1e-5f, 1e-5f, "cross-entropy lse, block rows, N = cap + 3");
   }
   {
-    const int64_t R = 262144 + 5, n = 8, k = 3;
+    const int64_t R = rows4 + 5, n = 8, k = 3;
     Tensor x = distinct_rows(R, n, ++seed, -1.f, 0.25f);
     Tensor v = Tensor::empty({R, k}), ix = Tensor::empty({R, k}, DType::I32);
     cpu::topk_forward(v.f32(), ix.i32(), x.f32(), R, n, k);
     Tensor gv = poisoned({R, k}), gi = poisoned({R, k}, DType::I32);
     cuda::topk_forward(gv.f32(), gi.i32(), dev(x).f32(), R, n, k);
-    same_i32(gi, ix, "top-k indices, R = 262149");
-    same(gv, v, "top-k values, R = 262149");
+    same_i32(gi, ix, "top-k indices, R = 4 cap + 5");
+    same(gv, v, "top-k values, R = 4 cap + 5");
   }
   {
-    const int64_t T = 262144 + 5, K = 1, C = 4, N = 3;  // combine: a warp per token, float4 rows
+    const int64_t T = rows4 + 5, K = 1, C = 4, N = 3;  // combine: a warp per token, float4 rows
     std::vector<int32_t> ev((size_t)T);
     for (int64_t a = 0; a < T; ++a) ev[(size_t)a] = a % 5 == 4 ? -1 : (int32_t)(a % N);
     std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
@@ -1449,14 +1460,14 @@ TEST_CASE("cuda kernels: sizes past the grid caps, where grid-stride loops take 
     Tensor out = Tensor::empty({T, C}), gout = poisoned({T, C});
     cpu::dispatch_combine(out.f32(), ye.f32(), gate.f32(), ro.i32(), T, K, C);
     cuda::dispatch_combine(gout.f32(), dev(ye).f32(), dev(gate).f32(), dev(ro).i32(), T, K, C);
-    check_near(gout, out, 1e-6f, 1e-5f, "combine, T = 262149");
+    check_near(gout, out, 1e-6f, 1e-5f, "combine, T = 4 cap + 5");
   }
   {
-    const int64_t O = 1, R = 3, I = (int64_t(1) << 20) + 7;  // column sums: 4096 blocks of 256 columns per turn
+    const int64_t O = 1, R = 3, I = cuda::kColumnCap * 256 + 7;  // column sums: kColumnCap blocks of 256 columns
     Tensor a = uniform({O, R, I}, ++seed), out = Tensor::empty({O, I}), g = poisoned({O, I});
     cpu::sum_axis(out.f32(), a.f32(), O, R, I, 1.f);
     cuda::sum_axis(g.f32(), dev(a).f32(), O, R, I, 1.f);
-    check_near(g, out, 1e-6f, 1e-6f, "sum_axis columns, I = 2^20 + 7");
+    check_near(g, out, 1e-6f, 1e-6f, "sum_axis columns, I = kColumnCap * 256 + 7");
   }
 }
 

@@ -16,7 +16,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks for a grid-stride loop over n items with `threads` per block. Capped: past a few waves of the chip more
 // blocks only add scheduling work; the loop covers the rest. n == 0 must be handled by the caller (no launch).
-inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 16) {
+inline unsigned grid_for(int64_t n, int threads, int64_t cap = kGridCap) {
   int64_t b = ceil_div(n, threads);
   return (unsigned)(b < cap ? (b < 1 ? 1 : b) : cap);
 }
@@ -80,7 +80,7 @@ Strided<K> collapse_strided(int64_t D, const int64_t* shape, const int64_t* cons
   return L;
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(CM_CUDA_EMU)  // device code: nvcc, or g++ against the emulator (emu/)
 
 // Element offsets of every operand for output element i (row-major over L.shape).
 template <int K>
@@ -220,7 +220,7 @@ struct Group {
   __device__ __forceinline__ static float max(float v, float* sh) { return WARP ? warp_max(v) : block_max(v, sh); }
 };
 
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || CM_CUDA_EMU
 
 // Row kernels launch as KERNEL<true> (a warp per row, 4 rows per block) for rows up to kWarpRowMax elements, else
 // KERNEL<false> (a block of kBlockRowThreads per row). Arguments after C are the kernel's.

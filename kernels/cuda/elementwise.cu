@@ -134,7 +134,7 @@ void binary_rows_impl(Binary op, T* out, const T* a, const T* b, int64_t R, int6
   CM_CHECK(R >= 0 && C >= 0, "cuda::binary_rows: R=", R, " C=", C);
   if (R == 0 || C == 0) return;
   const unsigned gx = (unsigned)(ceil_div(C, kThreads) < 1024 ? ceil_div(C, kThreads) : 1024);
-  const unsigned gy = (unsigned)(R < 65535 ? R : 65535);
+  const unsigned gy = (unsigned)(R < kGridCapY ? R : kGridCapY);
   with_binary(op, [&](auto f) {
     binary_rows_kernel<<<dim3(gx, gy), kThreads, 0, stream()>>>(f, out, a, b, R, C);
   });

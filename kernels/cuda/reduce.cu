@@ -207,7 +207,7 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
   CM_CHECK(nb <= 65535, "cuda::sum_axis: R=", R, " exceeds ", 65535 * kRowBlock, " rows");
   Scratch s((size_t)(nb * OI) * sizeof(double));
   double* part = s.at<double>();
-  const dim3 grid(grid_for(OI, kThreads, 4096), (unsigned)nb);
+  const dim3 grid(grid_for(OI, kThreads, kColumnCap), (unsigned)nb);
   col_partials_kernel<<<grid, kThreads, 0, stream()>>>(part, a, O, R, I);  // R == 0: one block of zeros
   cudaCheckLaunch("col_partials_kernel");
   col_finish_kernel<<<grid_for(OI, kThreads), kThreads, 0, stream()>>>(out, part, nb, OI, scale);
