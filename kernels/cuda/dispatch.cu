@@ -66,22 +66,24 @@ __global__ void chunk_count_kernel(int32_t* __restrict__ cc, int32_t* __restrict
   }
 }
 
-// One warp per bucket: counts[e] = sum_g cc[e, g]. Warp NB sums the per-chunk bad counts into bad_total.
+// A warp per bucket: counts[e] = sum_g cc[e, g]. Warp NB sums the per-chunk bad counts into bad_total.
 __global__ void bucket_totals_kernel(int64_t* __restrict__ counts, int64_t* __restrict__ bad_total,
                                      const int32_t* __restrict__ cc, const int32_t* __restrict__ bad_per_chunk,
                                      int NB, int64_t G) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  if (w < NB) {
-    int64_t s = 0;
-    for (int64_t g = lane; g < G; g += kWarp) s += cc[w * G + g];
-    s = warp_sum(s);
-    if (lane == 0) counts[w] = s;
-  } else if (w == NB && bad_total) {
-    int64_t s = 0;
-    for (int64_t g = lane; g < G; g += kWarp) s += bad_per_chunk[g];
-    s = warp_sum(s);
-    if (lane == 0) *bad_total = s;
+  const int64_t wstride = (int64_t)gridDim.x * (blockDim.x / kWarp);  // grid-stride over warps: the grid is capped
+  for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w <= NB; w += wstride) {
+    if (w < NB) {
+      int64_t s = 0;
+      for (int64_t g = lane; g < G; g += kWarp) s += cc[w * G + g];
+      s = warp_sum(s);
+      if (lane == 0) counts[w] = s;
+    } else if (bad_total) {
+      int64_t s = 0;
+      for (int64_t g = lane; g < G; g += kWarp) s += bad_per_chunk[g];
+      s = warp_sum(s);
+      if (lane == 0) *bad_total = s;
+    }
   }
 }
 
@@ -114,15 +116,16 @@ __global__ void exclusive_scan_kernel(int64_t* __restrict__ offsets, const int64
 // One warp per bucket e: cc[e, g] <- offsets[e] + sum_{g' < g} cc[e, g'].
 __global__ void chunk_base_kernel(int32_t* __restrict__ cc, const int64_t* __restrict__ offsets, int NB, int64_t G) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t e = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  if (e >= NB) return;  // the whole warp leaves together
-  int64_t run = offsets[e];
-  for (int64_t g0 = 0; g0 < G; g0 += kWarp) {
-    const int64_t g = g0 + lane;
-    const int64_t v = g < G ? cc[e * G + g] : 0;
-    const int64_t incl = warp_inclusive_scan(v);
-    if (g < G) cc[e * G + g] = (int32_t)(run + incl - v);
-    run += __shfl_sync(0xffffffffu, incl, kWarp - 1);
+  const int64_t wstride = (int64_t)gridDim.x * (blockDim.x / kWarp);  // grid-stride over buckets: the grid is capped
+  for (int64_t e = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; e < NB; e += wstride) {
+    int64_t run = offsets[e];  // the bound is the same for the whole warp
+    for (int64_t g0 = 0; g0 < G; g0 += kWarp) {
+      const int64_t g = g0 + lane;
+      const int64_t v = g < G ? cc[e * G + g] : 0;
+      const int64_t incl = warp_inclusive_scan(v);
+      if (g < G) cc[e * G + g] = (int32_t)(run + incl - v);
+      run += __shfl_sync(0xffffffffu, incl, kWarp - 1);
+    }
   }
 }
 
