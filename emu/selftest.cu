@@ -325,6 +325,7 @@ TEST_CASE("emu: stream capture records launches and device copies; a graph repla
   REQUIRE(cudaMemcpyAsync(b, a, n * 4, cudaMemcpyDeviceToDevice, s) == cudaSuccess);
   float host[1];
   CHECK(cudaMemcpyAsync(host, a, 4, cudaMemcpyDeviceToHost, s) == cudaErrorStreamCaptureUnsupported);
+  CHECK(cudaGetLastError() == cudaErrorStreamCaptureUnsupported);  // and cleared: later launches must not see it
   cudaGraph_t g;
   REQUIRE(cudaStreamEndCapture(s, &g) == cudaSuccess);
   CHECK(down(a, 1)[0] == 0.f);  // captured, not run

@@ -1,6 +1,7 @@
 // Flag parsing for train_lm and sample: syntax, conversions, ranges, presets, and the errors for bad input.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -11,7 +12,10 @@ using namespace cm;
 
 namespace {
 
-TrainOptions resolve(const std::vector<std::string>& args) {
+// The cases here are about flags on the CPU: unless a case names --device, it is cpu. (--device auto would pick
+// CUDA, and with it the shakespeare preset, wherever a device answers: a GPU, or the emulator of CUDA_EMU=1.)
+TrainOptions resolve(std::vector<std::string> args) {
+  if (std::find(args.begin(), args.end(), "--device") == args.end()) args.insert(args.begin(), {"--device", "cpu"});
   bool help = false;
   std::string usage;
   return resolve_train_args(args, &help, &usage);
