@@ -4,10 +4,10 @@
 // is present).
 //
 // The generated corpus is a play in tinyshakespeare's layout ("NAME:" then a few lines, blank line between
-// speeches), about 400 kB: its words come from a fixed list, by Zipf's law and through a first-order Markov chain
-// (each word has a few likely successors), so a byte-level model has the same kinds of structure to learn (letter frequencies,
-// spelling of words, which words follow which, speaker lines) and a vocabulary of the same order (about 60
-// bytes). The same bytes on every machine: std::mt19937's raw outputs are fixed by the standard, and no
+// speeches), about 400 kB: its words come from a fixed list, by Zipf's law and through a first-order Markov
+// chain (each word has a few likely successors), so a byte-level model has the same kinds of structure to learn
+// (letter frequencies, spelling of words, which words follow which, speaker lines) and a vocabulary of the same
+// order (56 bytes against 65). The same bytes on every machine: std::mt19937's raw outputs are fixed by the standard, and no
 // <random> distribution is used.
 #pragma once
 #include <cmath>
@@ -88,7 +88,8 @@ inline const TestText& test_text() {
     const char* force = std::getenv("CM_TEST_CORPUS");
     if (!(force && std::string(force) == "generated")) {
       std::vector<std::string> paths = {"data/tinyshakespeare.txt", "../shared/data/tinyshakespeare.txt"};
-      if (const char* dir = std::getenv("CM_DATA_DIR")) paths.insert(paths.begin(), std::string(dir) + "/tinyshakespeare.txt");
+      if (const char* dir = std::getenv("CM_DATA_DIR"))
+        paths.insert(paths.begin(), std::string(dir) + "/tinyshakespeare.txt");
       for (const std::string& p : paths) {
         std::ifstream f(p, std::ios::binary);
         if (!f) continue;

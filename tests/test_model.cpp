@@ -514,7 +514,8 @@ TEST_SUITE("model") {
     SUBCASE("bias: every linear layer gets a bias that receives a gradient") {
       auto m = build([](CoEConfig& c) { c.bias = true; });
       one_step(*m);
-      for (const char* n : {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.1.ffn.b1", "blocks.0.norm1.bias"}) {
+      for (const char* n :
+           {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.1.ffn.b1", "blocks.0.norm1.bias"}) {
         Tensor b = find(m->named_parameters(), n);
         REQUIRE_MESSAGE(b.defined(), n);
         CHECK_MESSAGE(max_abs(b.grad()) > 0.0, n);

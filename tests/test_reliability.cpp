@@ -460,7 +460,8 @@ TEST_SUITE("reliability") {
     const double share_before = shares[expert];
     const float healthy = base.heldout_loss(d);
     REQUIRE(share_before > 0.05);  // the expert carried real traffic before the fault
-    MESSAGE("held-out loss before the fault ", healthy, ", expert ", expert, " share ", share_before);
+    MESSAGE("on ", cm::test::test_text().name, ": held-out loss before the fault ", healthy, ", expert ", expert,
+            " share ", share_before);
 
     float end_on[2] = {0.f, 0.f};
     for (Fault f : {Fault::NaN, Fault::Times100}) {

@@ -308,7 +308,8 @@ TEST_SUITE("trainer") {
     size_t r2 = svg.find("<rect x=\"490.0\"");  // the routing panel's frame
     REQUIRE(r2 != std::string::npos);
     double rx, ry, rw, rh;
-    REQUIRE(std::sscanf(svg.c_str() + r2, "<rect x=\"%lf\" y=\"%lf\" width=\"%lf\" height=\"%lf\"", &rx, &ry, &rw, &rh) == 4);
+    REQUIRE(std::sscanf(svg.c_str() + r2, "<rect x=\"%lf\" y=\"%lf\" width=\"%lf\" height=\"%lf\"", &rx, &ry, &rw,
+                        &rh) == 4);
     CHECK((ry + rh - y_busy) / (ry + rh - y_bal) == doctest::Approx(0.6 / 0.25).epsilon(0.01));
     // Heat map: one cell per expert, its opacity the share over the busiest share, its title the share.
     for (const char* cell : {"fill-opacity=\"0.500\" stroke=\"#ccc\"><title>layer 0 expert 0: 30.0%</title>",
@@ -347,7 +348,7 @@ TEST_SUITE("trainer") {
     TrainResult r = train(o, out);
     REQUIRE(r.evals.size() == 3);  // steps 0, 60, 120
     double v0 = r.evals.front().val_loss, v1 = r.evals.back().val_loss;
-    MESSAGE("val loss ", v0, " -> ", v1);
+    MESSAGE("val loss ", v0, " -> ", v1, " on ", cm::test::test_text().name);
     CHECK(v0 > 3.5);       // about ln(vocab): nothing learned yet
     CHECK(v1 < v0 - 0.8);  // character frequencies and common pairs are learned within a hundred steps
     CHECK(r.final_step == 120);
