@@ -479,7 +479,7 @@ TEST_SUITE("model") {
       CHECK(find(s->named_parameters(), "blocks.0.moe.experts.0.w3").defined());
       CHECK(g->num_parameters() < s->num_parameters());
     }
-    SUBCASE("norm = rmsnorm: no bias, and the logits differ from layernorm's on the same weights") {
+    SUBCASE("norm = rmsnorm: no bias, x / rms(x) * w, and other logits than layernorm's on the same weights") {
       auto r = build([](CoEConfig& c) { c.norm = NormKind::RMSNorm; });
       auto l = build([](CoEConfig&) {});
       CHECK_FALSE(find(r->named_parameters(), "blocks.0.norm1.bias").defined());
@@ -489,6 +489,17 @@ TEST_SUITE("model") {
         dst.copy_(find(l->named_parameters(), n));
       }
       CHECK(r->forward(ids).logits.to_f32_vector() != l->forward(ids).logits.to_f32_vector());
+      // The blocks' norms: x / sqrt(mean x^2 + eps) * w, not centred (rows with a non-zero mean tell them apart).
+      Norm rms(NormKind::RMSNorm, 6), ln(NormKind::LayerNorm, 6);
+      Tensor x = uniform({3, 6}, 105, -0.5f, 1.5f);
+      std::vector<float> xv = x.to_f32_vector(), ref;
+      for (int64_t t = 0; t < 3; ++t) {
+        double ms = 0.0;
+        for (int64_t q = 0; q < 6; ++q) ms += (double)xv[t * 6 + q] * xv[t * 6 + q] / 6.0;
+        for (int64_t q = 0; q < 6; ++q) ref.push_back((float)(xv[t * 6 + q] / std::sqrt(ms + 1e-6)));
+      }
+      CHECK_CLOSE(rms.forward(x), ref, 1e-5f, 1e-4f);
+      CHECK(cm::test::first_mismatch(ln.forward(x).to_f32_vector(), ref, 1e-2f, 1e-2f) >= 0);
     }
     SUBCASE("dropout: two training forwards differ, evaluation is deterministic; without it training is too") {
       auto d = build([](CoEConfig& c) { c.dropout = 0.1f; });
