@@ -24,6 +24,15 @@ const char* router_kind_name(RouterKind k) {
 }
 const char* expert_kind_name(ExpertKind k) { return k == ExpertKind::SwiGLU ? "swiglu" : "gelu"; }
 const char* norm_kind_name(NormKind k) { return k == NormKind::LayerNorm ? "layernorm" : "rmsnorm"; }
+const char* gate_mode_name(GateMode g) {
+  switch (g) {
+    case GateMode::Product: return "product";
+    case GateMode::RenormPath: return "renorm_path";
+    case GateMode::RenormLast: return "renorm_last";
+    case GateMode::GroupLimited: return "group_limited";
+  }
+  return "?";
+}
 
 RouterKind parse_router_kind(const std::string& s) {
   for (RouterKind k : {RouterKind::Dense, RouterKind::Flat, RouterKind::Cluster, RouterKind::Tree, RouterKind::AC})
@@ -34,6 +43,11 @@ ExpertKind parse_expert_kind(const std::string& s) {
   if (s == "swiglu") return ExpertKind::SwiGLU;
   if (s == "gelu") return ExpertKind::GELU;
   fail("expert kind '", s, "': expected swiglu or gelu");
+}
+GateMode parse_gate_mode(const std::string& s) {
+  for (GateMode g : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast, GateMode::GroupLimited})
+    if (s == gate_mode_name(g)) return g;
+  fail("gate mode '", s, "': expected product, renorm_path, renorm_last or group_limited");
 }
 NormKind parse_norm_kind(const std::string& s) {
   if (s == "layernorm") return NormKind::LayerNorm;
@@ -151,6 +165,11 @@ void CoEConfig::validate() const {
   for (int64_t l : ac_levels)
     CFG_REQUIRE(l >= 0 && l < depth, "ac_levels", vec_str(ac_levels),
                 str("levels must be in [0, ", depth, ") for this router"));
+  if (gate_mode == GateMode::GroupLimited)
+    for (int64_t l : ac_levels)
+      CFG_REQUIRE(l == depth - 1, "ac_levels", vec_str(ac_levels),
+                  str("gate_mode group_limited routes with the last level's router only: AC applies to level ",
+                      depth - 1, " alone"));
   CFG_REQUIRE(routing_temperature > 0.f && std::isfinite(routing_temperature), "routing_temperature",
               routing_temperature, "must be positive and finite");
   CFG_REQUIRE(moe_every > 0, "moe_every", moe_every, "must be positive");
@@ -245,7 +264,9 @@ const std::vector<Field>& fields() {
             [](CoEConfig& c, const std::string& v) { c.router = parse_router_kind(v); }},
       F_INT(num_clusters), F_INT(experts_per_cluster), F_INT(top_k_clusters), F_INT(top_k_experts),
       F_INTS(tree_branching), F_INTS(tree_top_k), F_INTS(ac_levels), F_BOOL(ac_scaling),
-      F_FLOAT(routing_temperature), F_BOOL(renormalize_gates), F_INT(moe_every),
+      F_FLOAT(routing_temperature), F_INT(moe_every),
+      Field{"gate_mode", [](const CoEConfig& c) { return std::string(gate_mode_name(c.gate_mode)); },
+            [](CoEConfig& c, const std::string& v) { c.gate_mode = parse_gate_mode(v); }},
       Field{"expert", [](const CoEConfig& c) { return std::string(expert_kind_name(c.expert)); },
             [](CoEConfig& c, const std::string& v) { c.expert = parse_expert_kind(v); }},
       F_FLOAT(capacity_factor), F_FLOAT(load_balancing_weight), F_FLOAT(router_z_loss_weight),
@@ -273,6 +294,11 @@ std::map<std::string, std::string> CoEConfig::to_map() const {
 }
 
 void CoEConfig::set(const std::string& key, const std::string& value) {
+  // The key of checkpoints written before gate_mode: renormalised path products or plain ones.
+  if (key == "renormalize_gates") {
+    gate_mode = parse_bool(key, value) ? GateMode::RenormPath : GateMode::Product;
+    return;
+  }
   for (const Field& f : fields())
     if (key == f.key) {
       f.set(*this, value);
@@ -282,6 +308,8 @@ void CoEConfig::set(const std::string& key, const std::string& value) {
 }
 
 CoEConfig CoEConfig::from_map(const std::map<std::string, std::string>& m) {
+  CM_REQUIRE(!(m.count("gate_mode") && m.count("renormalize_gates")),
+             "CoEConfig: both gate_mode and its old form renormalize_gates are set; keep gate_mode");
   CoEConfig c;
   for (const auto& [k, v] : m) c.set(k, v);
   c.validate();
