@@ -207,7 +207,7 @@ TEST_SUITE("config") {
     CHECK(CoEConfig::from_map(old).gate_mode == GateMode::RenormPath);
     old["renormalize_gates"] = "false";
     CHECK(CoEConfig::from_map(old).gate_mode == GateMode::Product);
-    old["renormalize_gates"] = "yes";
+    old["renormalize_gates"] = "maybe";
     CHECK_THROWS_WITH_AS(CoEConfig::from_map(old), doctest::Contains("renormalize_gates"), Error);
     old["renormalize_gates"] = "true";
     old["gate_mode"] = "product";
