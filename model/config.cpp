@@ -452,6 +452,12 @@ void CoEConfig::set(const std::string& key, const std::string& value) {
   fail("CoEConfig: unknown key '", key, "'");
 }
 
+std::string CoEConfig::get(const std::string& key) const {
+  for (const Field& f : fields())
+    if (key == f.info.key) return f.get(*this);
+  fail("CoEConfig: unknown key '", key, "'");
+}
+
 CoEConfig CoEConfig::from_map(const std::map<std::string, std::string>& m) {
   CM_REQUIRE(!(m.count("gate_mode") && m.count("renormalize_gates")),
              "CoEConfig: both gate_mode and its old form renormalize_gates are set; keep gate_mode");

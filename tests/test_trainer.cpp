@@ -467,6 +467,18 @@ TEST_SUITE("trainer") {
       Ran r = train_lm(tiny_args(data, out_dir) +
                        std::vector<std::string>{"--max_steps", "2", "--eval_every", "0", "--seed", seed});
       REQUIRE_MESSAGE(r.rc == 0, r.err);
+      // Settings print as written in the start-up table and in the checkpoint's metadata (and read back exactly).
+      CHECK(contains(r.out, "| router_z_loss_weight "));
+      CHECK(contains(r.out, " 0.001 "));
+      CHECK(contains(r.out, " 0.003 "));  // --lr 3e-3
+      CHECK_FALSE(contains(r.out, "0.00100000005"));
+      CHECK_FALSE(contains(r.out, "0.899999976"));
+      for (const auto& kv : read_safetensors_metadata(checkpoint_path(out_dir, 2))) {
+        CHECK_FALSE(contains(kv.second, "00000005"));
+        CHECK_FALSE(contains(kv.second, "99999976"));
+        if (kv.first == "config") CHECK(contains(kv.second, "\"router_z_loss_weight\":\"0.001\""));
+        if (kv.first == "train_options") CHECK(contains(kv.second, std::string("\"seed\":\"") + seed + "\""));
+      }
       Ran s = sample({"--out_dir", out_dir, "--prompt", "To", "--max_new_tokens", "8", "--seed", seed});
       CHECK_MESSAGE(s.rc == 0, s.err);
       CHECK(s.out.size() == 2 + 8 + 1);
