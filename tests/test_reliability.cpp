@@ -257,7 +257,7 @@ TEST_SUITE("reliability") {
     c.experts_per_cluster = 4;
     c.top_k_clusters = 1;
     c.top_k_experts = 4;  // every expert: the gates are the whole distribution
-    c.renormalize_gates = false;
+    c.gate_mode = GateMode::Product;
     c.init_std = 0.5f;
     Generator gen(85);
     MoELayer layer(c, 0, true, gen);
@@ -511,10 +511,10 @@ TEST_SUITE("reliability") {
         CHECK_FALSE(std::isfinite(end_off));
         CHECK_FALSE(std::isfinite(off.losses.back()));
       } else {
-        // Right after the fault: 3.48 against 3.11 on tinyshakespeare. On the generated play the model leans less
-        // on this expert after 120 steps (3.14 against 3.09, measured), so the margin asked there is smaller.
-        const float jump = cm::test::test_text().shakespeare ? 0.2f : 0.03f;
-        CHECK((!std::isfinite(hit_off) || hit_off > hit_on + jump));
+        // Right after the fault the unguarded model is worse, by 0.023 on tinyshakespeare under the default gate
+        // design (renorm_last; 0.38 under renorm_path, whose gates a token's two clusters share); later, clearly
+        // worse. The same margins hold on the generated play (tests/corpus.h).
+        CHECK((!std::isfinite(hit_off) || hit_off > hit_on + 0.01f));
         CHECK((!std::isfinite(end_off) || end_off > end_on[1] + 0.05f));
         CHECK((!std::isfinite(mean_off) || mean_off > mean_on + 0.03));
       }
