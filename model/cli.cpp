@@ -455,6 +455,11 @@ void add_sample_flags(Flags& f, SampleOptions& o, bool* help) {
   f.add_u64("seed", &o.seed, "sampling seed");
   f.add_choice("device", &o.device, {"auto", "cpu", "cuda"}, "auto: CUDA when built and present, else CPU");
   f.add_bool("cache", &o.use_cache, "use the expert-selection cache (KV and routing)");
+  f.add_optional("show_routing", &o.show_routing, "last",
+                 "colour the text by each byte's expert path, from the cache: last|all|<layer> (bare: last MoE layer)");
+  f.add_string("routing_html", &o.routing_html, "with --show_routing: also write the coloured text as this HTML page; \"\" = none", true);
+  f.add_choice("color", &o.color, {"auto", "always", "never"},
+               "ANSI colours for --show_routing: auto = when stdout is a terminal");
   f.add_bool("help", help, "print this and exit");
 }
 

@@ -24,6 +24,7 @@ const char* router_kind_name(RouterKind k) {
 }
 const char* expert_kind_name(ExpertKind k) { return k == ExpertKind::SwiGLU ? "swiglu" : "gelu"; }
 const char* norm_kind_name(NormKind k) { return k == NormKind::LayerNorm ? "layernorm" : "rmsnorm"; }
+const char* pos_kind_name(PosKind k) { return k == PosKind::Learned ? "learned" : "rope"; }
 
 RouterKind parse_router_kind(const std::string& s) {
   for (RouterKind k : {RouterKind::Dense, RouterKind::Flat, RouterKind::Cluster, RouterKind::Tree, RouterKind::AC})
@@ -39,6 +40,11 @@ NormKind parse_norm_kind(const std::string& s) {
   if (s == "layernorm") return NormKind::LayerNorm;
   if (s == "rmsnorm") return NormKind::RMSNorm;
   fail("norm kind '", s, "': expected layernorm or rmsnorm");
+}
+PosKind parse_pos_kind(const std::string& s) {
+  if (s == "learned") return PosKind::Learned;
+  if (s == "rope") return PosKind::Rope;
+  fail("position kind '", s, "': expected learned or rope");
 }
 
 // ---------------------------------------------------------------- derived
@@ -109,6 +115,12 @@ void CoEConfig::validate() const {
   CFG_REQUIRE(d_ff > 0, "d_ff", d_ff, "must be positive");
   CFG_REQUIRE(vocab_size > 0, "vocab_size", vocab_size, "must be positive");
   CFG_REQUIRE(seq_len > 0, "seq_len", seq_len, "must be positive");
+  if (pos == PosKind::Rope) {
+    // Rotary pairs dimension i with i + D/2 of each head.
+    CFG_REQUIRE(head_dim() % 2 == 0, "pos", "rope",
+                str("needs an even head size, got d_model / n_heads = ", d_model, " / ", n_heads, " = ", head_dim()));
+    CFG_REQUIRE(rope_base > 1.f && std::isfinite(rope_base), "rope_base", rope_base, "must be > 1 and finite");
+  }
   CFG_REQUIRE(dropout >= 0.f && dropout < 1.f, "dropout", dropout, "must be in [0, 1)");
   CFG_REQUIRE(init_std > 0.f && std::isfinite(init_std), "init_std", init_std, "must be positive and finite");
 
@@ -240,6 +252,9 @@ const std::vector<Field>& fields() {
       F_INT(d_model), F_INT(n_layers), F_INT(n_heads), F_INT(d_ff), F_INT(vocab_size), F_INT(seq_len),
       Field{"norm", [](const CoEConfig& c) { return std::string(norm_kind_name(c.norm)); },
             [](CoEConfig& c, const std::string& v) { c.norm = parse_norm_kind(v); }},
+      Field{"pos", [](const CoEConfig& c) { return std::string(pos_kind_name(c.pos)); },
+            [](CoEConfig& c, const std::string& v) { c.pos = parse_pos_kind(v); }},
+      F_FLOAT(rope_base),
       F_BOOL(bias), F_BOOL(tie_embeddings), F_FLOAT(dropout), F_FLOAT(init_std),
       Field{"router", [](const CoEConfig& c) { return std::string(router_kind_name(c.router)); },
             [](CoEConfig& c, const std::string& v) { c.router = parse_router_kind(v); }},
