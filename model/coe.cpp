@@ -392,6 +392,13 @@ static int32_t sample_token(const std::vector<float>& row, float temperature, in
   return idx[k - 1];
 }
 
+// Learned: the last W bytes, re-encoded at positions 0 .. W - 1. Rope: each layer looks W - 1 positions further
+// back, so through L layers the last L * (W - 1) + 1 bytes, at their absolute positions: a forward of those gives
+// the last position exactly what the full sliding-window forward gives it.
+int64_t ClusterMoELM::generation_reach() const {
+  return cfg_.pos == PosKind::Rope ? cfg_.n_layers * (cfg_.seq_len - 1) + 1 : cfg_.seq_len;
+}
+
 std::vector<int32_t> ClusterMoELM::generate(const std::vector<int32_t>& prompt, int64_t n, float temperature,
                                             int64_t top_k, uint64_t seed, bool use_cache,
                                             GenerationRouting* routing) {
@@ -405,11 +412,7 @@ std::vector<int32_t> ClusterMoELM::generate(const std::vector<int32_t>& prompt, 
   training_ = false;
   const int64_t L = cfg_.n_layers, H = cfg_.n_heads, D = cfg_.head_dim(), W = cfg_.seq_len, V = cfg_.vocab_size;
   const bool rope_pos = cfg_.pos == PosKind::Rope;
-  // The bytes the next token depends on. Learned: the last W, re-encoded at positions 0 .. W - 1. Rope: each
-  // layer looks W - 1 positions further back, so through L layers the last L * (W - 1) + 1 bytes, at their
-  // absolute positions; a forward of those gives the last position exactly what the full sliding-window
-  // forward gives it.
-  const int64_t reach = rope_pos ? L * (W - 1) + 1 : W;
+  const int64_t reach = generation_reach();
   std::vector<int32_t> seq = prompt, out;
   Generator g(seed);
   DecodeCache cache;

@@ -237,6 +237,31 @@ TEST_SUITE("generation") {
     CHECK_THROWS_AS(ml.forward(Tensor::from_vector(all, {1, (int64_t)all.size()})), Error);
   }
 
+  TEST_CASE("rope model: the uncached path's reach is exactly what the last position sees") {
+    // Window 2 over 3 layers: the last position sees L * (W - 1) + 1 = 4 bytes, each with a weight large enough to
+    // tell rounding from dependence.
+    ClusterMoELM m(rope_lm(2));
+    m.eval();
+    const int64_t V = 11, n = 12, reach = m.generation_reach();
+    CHECK(reach == 4);
+    std::vector<int32_t> all = seq_ids(n, V, 17);
+    NoGrad ng;
+    auto last_row = [&](int64_t from) {  // forward() of all[from ..] at positions 0 ..: rope sees differences only
+      Tensor part = Tensor::from_vector(std::vector<int32_t>(all.begin() + from, all.end()), {1, n - from});
+      std::vector<float> v = m.forward(part).logits.to_f32_vector();
+      return std::vector<float>(v.end() - V, v.end());
+    };
+    auto maxdiff = [&](const std::vector<float>& a, const std::vector<float>& b) {
+      float d = 0;
+      for (int64_t i = 0; i < V; ++i) d = std::max(d, std::fabs(a[i] - b[i]));
+      return d;
+    };
+    const std::vector<float> full = last_row(0);
+    CHECK(maxdiff(last_row(n - reach), full) < 1e-5f);      // the reach recompute: rounding only
+    CHECK(maxdiff(last_row(n - reach - 3), full) < 1e-5f);  // more bytes add nothing
+    CHECK(maxdiff(last_row(n - reach + 1), full) > 1e-3f);  // one byte fewer changes the logits
+  }
+
   TEST_CASE("learned positions past the window: cached and uncached generation agree") {
     CoEConfig c = rope_lm(8);
     c.pos = PosKind::Learned;
@@ -320,6 +345,26 @@ TEST_SUITE("generation") {
     REQUIRE(r.first == 0);
     REQUIRE(r.bytes() == (int64_t)(prompt.size() + gen.size()));
     CHECK(r.k == std::vector<int64_t>({2, 2}));
+    {
+      // Inside the window the recorded decisions are the ones a forward of the whole text makes: per layer, the
+      // same rows per expert (K = 2 slots per byte, so both recorded experts of each byte count).
+      CoEConfig w = c;
+      w.seq_len = 32;
+      ClusterMoELM mw(w);
+      GenerationRouting rw;
+      std::vector<int32_t> gw = mw.generate(prompt, 20, 1.0f, 0, 3, true, &rw);
+      std::vector<int32_t> all = prompt;
+      all.insert(all.end(), gw.begin(), gw.end());
+      REQUIRE(rw.bytes() == (int64_t)all.size());
+      mw.eval();
+      NoGrad ng;
+      CoEOutput o = mw.forward(Tensor::from_vector(all, {1, (int64_t)all.size()}));
+      for (size_t l = 0; l < 2; ++l) {
+        std::vector<int64_t> rows(6, 0);
+        for (int32_t e : rw.experts[l]) ++rows[(size_t)e];
+        CHECK(rows == o.layers[l].expert_rows);
+      }
+    }
     // Without the cache there is nothing to read: an error, not a silent second forward.
     CHECK_THROWS_WITH_AS(m.generate(prompt, 3, 1.0f, 0, 3, false, &r), doctest::Contains("expert-selection cache"),
                          Error);
