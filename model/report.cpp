@@ -565,9 +565,10 @@ std::string render_routing_ansi(const std::string& text, const std::vector<Route
     for (size_t c = 0; c < rc.label.size(); ++c)
       o << "  " << esc((int)c) << "\u2588\u2588" << reset << " " << rc.label[c] << "\n";
     colour_runs(text, bc, [&](int32_t c, size_t a, size_t b) {
-      if (c >= 0) o << esc(c);
+      const bool paint = c >= 0 && text[a] != '\n';  // a coloured newline shows nothing and can tint the margin
+      if (paint) o << esc(c);
       o.write(text.data() + a, (std::streamsize)(b - a));
-      if (c >= 0) o << reset;
+      if (paint) o << reset;
     });
     o << "\n";
   }
