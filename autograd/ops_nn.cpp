@@ -124,7 +124,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
       return grads{dx};
     }
 #endif
-    const float scale = valid > 0 ? gy.item() / (float)valid : 0.0f;
+    const float scale = valid > 0 ? gy.contiguous().f32()[0] / (float)valid : 0.0f;  // read as a kernel would
     cpu::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), scale, N, V, ignore_index);
     return grads{dx};
   });

@@ -11,6 +11,7 @@
 
 #include "engine/check.h"
 #include "engine/device.h"
+#include "engine/host_sync.h"
 
 namespace cm {
 
@@ -46,6 +47,7 @@ void check_launch(const char* kernel, const char* file, int line) {
   if (err != cudaSuccess) fail("CUDA error ", (int)err, " (", cudaGetErrorString(err), ") launching ", kernel, " at ",
                                file, ":", line);
   if (sync_after_launch()) {
+    note_stream_sync();
     err = cudaStreamSynchronize(stream());
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
@@ -93,7 +95,17 @@ std::atomic<int> g_precision{(int)MatmulPrecision::FP32};
 cudaStream_t stream() { return context().stream; }
 cublasHandle_t cublas() { return context().cublas; }
 const cudaDeviceProp& props() { return context().props; }
-void sync() { cudaCheck(cudaStreamSynchronize(stream())); }
+void sync() {
+  note_stream_sync();
+  cudaCheck(cudaStreamSynchronize(stream()));
+}
+
+void copy_to_host(void* dst, const void* src, size_t nbytes) {
+  note_d2h_copy();
+  note_stream_sync();
+  cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, stream()));
+  cudaCheck(cudaStreamSynchronize(stream()));
+}
 
 void set_matmul_precision(MatmulPrecision p) { g_precision.store((int)p); }
 MatmulPrecision matmul_precision() { return (MatmulPrecision)g_precision.load(); }
@@ -127,6 +139,7 @@ size_t round_size(size_t n) {
 // before a block was freed may still be reading it.
 void release_cached(Allocator& a) {
   if (a.cached.empty()) return;
+  note_stream_sync();
   cudaCheck(cudaStreamSynchronize(stream()));
   for (auto& [size, p] : a.cached) {
     cudaCheck(cudaFree(p));
@@ -261,12 +274,12 @@ void cuda_copy(void* dst, const void* src, size_t nbytes, CopyKind kind) {
       // where the driver reads pageable memory directly, e.g. with HMM). Waiting here makes the free safe. The
       // cost is a stall of the host until earlier work on the stream is done: uploads are batches, routing
       // plans and initialisation, and those mostly follow a device-to-host read that waited already.
+      note_stream_sync();
       cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s));
       cudaCheck(cudaStreamSynchronize(s));
       break;
     case CopyKind::DeviceToHost:
-      cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, s));
-      cudaCheck(cudaStreamSynchronize(s));  // the host reads dst next
+      cuda::copy_to_host(dst, src, nbytes);  // waits: the host reads dst next
       break;
     case CopyKind::DeviceToDevice:
       cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToDevice, s));

@@ -50,6 +50,9 @@ cudaStream_t stream();
 cublasHandle_t cublas();
 const cudaDeviceProp& props();
 void sync();  // waits for all work on stream(); reports any pending kernel fault
+// dst (host) <- src (device), nbytes, on stream(); returns when dst holds the values. Every device-to-host copy of
+// the engine and the kernels goes through here or cuda_copy, so that engine/host_sync.h counts it.
+void copy_to_host(void* dst, const void* src, size_t nbytes);
 
 // Matrix-product precision for cuda::gemm*. FP32 (the default) is IEEE fp32 throughout. TF32 rounds the inputs to
 // 10-bit mantissas on the tensor cores (fp32 accumulation); BF16 rounds them to bf16 (8-bit mantissas). Both are

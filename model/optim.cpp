@@ -7,6 +7,7 @@
 
 #include "autograd/ops.h"
 #include "engine/dispatch.h"
+#include "engine/host_sync.h"
 #include "kernels/adamw.h"
 #include "kernels/elementwise.h"
 #include "kernels/reduce.h"
@@ -129,6 +130,7 @@ std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
   // One parallel region over the tensors rather than one per tensor (an expert layer has dozens of them, and each
   // region's start costs more than a small tensor's sum). Each sum is the same whatever thread computes it.
   const int64_t nh = (int64_t)on_host.size();
+  if (nh > 0) note_host_read();  // the host reads the values here; the device path below copies its sums once
 #pragma omp parallel for schedule(dynamic, 1) if (nh > 1)
   for (int64_t j = 0; j < nh; ++j) {
     const Tensor& t = on_host[(size_t)j].second;

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <map>
 
+#include "engine/host_sync.h"
 #include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/data.h"
@@ -450,6 +451,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (ids.size() > (size_t)o.sample_len) ids.erase(ids.begin(), ids.begin() + (ids.size() - o.sample_len));
     out << "---- sample at step " << s << " ----\n" << tok.decode(ids) << "\n----\n";
   };
+  auto is_boundary = [&](int64_t s) {
+    const bool last = s == o.max_steps;
+    return (o.eval_every > 0 && (s % o.eval_every == 0 || last)) ||
+           (o.sample_every > 0 && s > 0 && (s % o.sample_every == 0 || last)) ||
+           (o.save_every > 0 && s > 0 && (s % o.save_every == 0 || last));
+  };
   auto at_boundary = [&](int64_t s) {
     bool last = s == o.max_steps;
     if (o.eval_every > 0 && (s % o.eval_every == 0 || last)) do_eval(s);
@@ -468,6 +475,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   double ema_ms = -1;
   while (step < o.max_steps) {
     auto t0 = std::chrono::steady_clock::now();
+    const int64_t syncs0 = host_sync_stats().stream_syncs;
     const float lr = lr_at(step, sched);
     double loss = 0, aux = 0;
     for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
@@ -500,7 +508,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     ema_ms = ema_ms < 0 ? ms : 0.9 * ema_ms + 0.1 * ms;
     const double tok_s = tokens_per_step / (ms / 1000.0);
     report.add_step({step, loss, aux, lr, norm, ms, tok_s});
-    if (o.log_every > 0 && (step % o.log_every == 0 || step == o.max_steps)) {
+    const bool logs = o.log_every > 0 && (step % o.log_every == 0 || step == o.max_steps);
+    if (!logs && !is_boundary(step)) {  // a quiet step: what it waited for is the step's own cost
+      res.quiet_steps++;
+      res.quiet_step_syncs += host_sync_stats().stream_syncs - syncs0;
+    }
+    if (logs) {
       std::string mfu;
       if (dev == Device::CUDA) {
         // H100 SXM dense peaks: 67 TFLOP/s fp32, 495 TFLOP/s TF32.
@@ -543,7 +556,8 @@ int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::o
     }
     TrainResult r = train(o, out);
     if (!r.evals.empty())
-      out << "done: step " << r.final_step << " | val loss " << fmt("%.4f", r.evals.back().val_loss) << "\n";
+      out << "done: step " << r.final_step << " | val loss " << fmt("%.4f", r.evals.back().val_loss)
+          << " | host syncs/step " << fmt("%.4g", r.host_syncs_per_step()) << "\n";
     return 0;
   } catch (const UsageError& e) {
     err << "train_lm: " << e.what() << "\n\n" << usage;

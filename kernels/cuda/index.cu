@@ -164,8 +164,7 @@ int64_t index_first_bad(const int32_t* index, int64_t n, int64_t D) {
   first_bad_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(first, index, n, D);
   cudaCheckLaunch("first_bad_kernel");
   unsigned long long h = 0;
-  cudaCheck(cudaMemcpyAsync(&h, first, sizeof h, cudaMemcpyDeviceToHost, stream()));
-  cudaCheck(cudaStreamSynchronize(stream()));
+  copy_to_host(&h, first, sizeof h);
   return h == none ? -1 : (int64_t)h;
 }
 
