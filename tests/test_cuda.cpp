@@ -807,6 +807,34 @@ TEST_CASE("cuda kernels: dropout drops exactly the CPU's elements" * needs_devic
     }
 }
 
+TEST_CASE("cuda kernels: clip scale and the norm from sums read their values on the device; AdamW skip flag" *
+          needs_device()) {
+  uint64_t seed = 1400;
+  const int64_t n = 5003;
+  for (float nv : {0.5f, 3.f, NAN, INFINITY}) {
+    Tensor g = uniform({n}, ++seed), norm = Tensor::from_vector(std::vector<float>{nv}, {1});
+    Tensor dg = dev(g);
+    cpu::clip_scale(g.f32(), n, norm.f32(), 1.f);
+    cuda::clip_scale(dg.f32(), n, dev(norm).f32(), 1.f);
+    CHECK(dg.to_f32_vector() == g.to_f32_vector());  // one IEEE multiply by the same float scale
+  }
+  Tensor sums = uniform({300}, ++seed, 0.f, 5.f);
+  double ss = 0.0;
+  for (float v : sums.to_f32_vector()) ss += (double)v;
+  Tensor dn = Tensor::empty({1}, DType::F32, Device::CUDA);
+  cuda::norm_from_sums(dn.f32(), dev(sums).f32(), 300);
+  CHECK(dn.item() == (float)std::sqrt(ss));
+  // A non-finite flag: parameters and moments stay as they were.
+  Tensor p = uniform({n}, ++seed), m = uniform({n}, ++seed), v = uniform({n}, ++seed, 0.f, 0.01f);
+  Tensor dp = dev(p), dm = dev(m), dv = dev(v), dgr = dev(uniform({n}, ++seed));
+  Tensor flag = dev(Tensor::from_vector(std::vector<float>{NAN}, {1}));
+  cuda::adamw_step(dp.f32(), dm.f32(), dv.f32(), dgr.f32(), n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1, flag.f32());
+  cuda::AdamWSlice sl{dp.f32(), dm.f32(), dv.f32(), dgr.f32(), n, 0.1f};
+  cuda::adamw_step_multi(&sl, 1, 1e-2f, 0.9f, 0.95f, 1e-8f, 1, flag.f32());
+  CHECK(dp.to_f32_vector() == p.to_f32_vector());
+  CHECK(dm.to_f32_vector() == m.to_f32_vector());
+}
+
 TEST_CASE("cuda kernels: AdamW step, single tensor and fused over many tensors" * needs_device()) {
   uint64_t seed = 1300;
   const float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
