@@ -100,6 +100,34 @@ struct CoEConfig {
   void set(const std::string& key, const std::string& value);
 };
 
+// ---- the settings table
+// One CoEConfig field as users see it: train_lm's flag --<key>, its --help line, its checkpoint entry. The table
+// in config.cpp (fields()) lists every field once with a one-line description and its range; a new field goes
+// there, and its flag, help line, start-up row and checkpoint entry follow (tests/test_cli.cpp checks that each
+// has a description and that every bool field is a bool flag).
+struct ConfigKey {
+  enum class Kind { Int, Float, Bool, Choice, Text };  // Choice: one of `range`; Text: lists, the seed
+  std::string key, help;
+  Kind kind = Kind::Text;
+  int64_t CoEConfig::*i = nullptr;  // Int
+  float CoEConfig::*f = nullptr;    // Float
+  bool CoEConfig::*b = nullptr;     // Bool
+  double lo = 0, hi = 0;            // Int, Float: the range accepted from the command line (validate() decides
+  bool lo_open = false, hi_open = false;  // for checkpoints); an open end excludes the bound itself
+  std::string range;                // Choice: "a|b|c"; Text: how a value is written ("0,1")
+  bool derived = false;             // not a train_lm flag: set from the data (vocab_size) or a train_lm flag
+};
+const std::vector<ConfigKey>& config_keys();
+
+// ---- text forms shared by the config's string map and the command line
+// The shortest decimal text that reads back as exactly the same value: 0.001 for 1e-3f (not 0.00100000005),
+// 0.9 for 0.9f, 1e-5, 1000000. Exponent form only below 1e-4 or from 1e16 up.
+std::string format_float(float v);
+std::string format_double(double v);
+// 1/0, true/false, on/off, yes/no -> *v and true; anything else -> false (*v untouched).
+bool parse_bool_word(const std::string& text, bool* v);
+extern const char* const BOOL_WORDS;  // "1|0, true|false, on|off, yes|no", for messages
+
 // The seed API's constructor helper: a ClusterMoE config with these sizes and defaults for the rest (validated).
 CoEConfig make_coe_config(int64_t d_model, int64_t num_layers, int64_t num_clusters, int64_t experts_per_cluster,
                           int64_t vocab_size, int64_t n_heads = 4, int64_t d_ff = 0 /* 0: 2 * d_model */,

@@ -122,9 +122,22 @@ static Device resolve_device(const std::string& name, std::string* note) {
 
 TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help, std::string* usage) {
   TrainOptions o;
-  Flags f("train_lm", "Trains a ClusterMoE byte-level language model (defaults: the cpu preset on tinyshakespeare).");
+  Flags f("train_lm", "Trains a ClusterMoE byte-level language model.");
   add_train_flags(f, o, help);
-  *usage = f.usage();
+  {
+    // The usage shows what a run here gets: the defaults under this device's default preset.
+    TrainOptions shown;
+    std::string note;
+    const char* preset = resolve_device("auto", &note) == Device::CUDA ? "shakespeare" : "cpu";
+    apply_preset(shown, preset);
+    shown.preset.clear();
+    bool unused = false;
+    Flags fs("train_lm", str("Trains a ClusterMoE byte-level language model. Defaults below: the ", preset,
+                             " preset, the default on this machine (", preset == std::string("cpu") ? "no " : "a ",
+                             "CUDA device)."));
+    add_train_flags(fs, shown, &unused);
+    *usage = fs.usage();
+  }
   std::vector<FlagArg> given = f.split(args);
   std::map<std::string, std::string> last;  // the last value of each flag given
   for (const auto& a : given) last[a.name] = a.value;
@@ -336,14 +349,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (resuming) train_rows.push_back({"resume", o.resume});
     print_table(out, "training", train_rows);
     std::vector<std::pair<std::string, std::string>> model_rows;
-    for (const auto& kv : model_map) {
-      // CoEConfig writes floats with 9 digits; show the shortest text with the same value.
-      std::string v = kv.second;
-      char* end = nullptr;
-      float x = std::strtof(v.c_str(), &end);
-      if (!v.empty() && *end == '\0' && v.find_first_of(".e") != std::string::npos) v = format_float(x);
-      model_rows.push_back({kv.first, v});
-    }
+    for (const auto& kv : model_map) model_rows.push_back(kv);  // floats already in their shortest exact form
     print_table(out, "model (CoEConfig)", model_rows);
     int threads = 1;
 #if defined(_OPENMP)
