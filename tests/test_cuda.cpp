@@ -1630,6 +1630,7 @@ TEST_CASE("cuda ops: neural-net ops (softmax, cross-entropy, embedding, norms, d
             {P({2, 37}, 5), all_ignored});
   Tensor ids = i32s({3, 1, 3, 0, 9, 3}, {2, 3});
   op_parity("embedding", [](const V& x) { return embedding(x[0], x[1]); }, {P({10, 8}, 6), ids});
+  op_parity("router_z_loss", [](const V& x) { return router_z_loss(x[0], 0.3f); }, {P({40, 16}, 21, -3.f, 3.f)});
   op_parity("layernorm", [](const V& x) { return layernorm(x[0], x[1], x[2]); },
             {P({4, 6, 32}, 7, -2.f, 2.f), P({32}, 8, 0.5f, 1.5f), P({32}, 9)});
   op_parity("rmsnorm", [](const V& x) { return rmsnorm(x[0], x[1]); }, {P({24, 32}, 10, -2.f, 2.f), P({32}, 11)});
