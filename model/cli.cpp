@@ -405,7 +405,7 @@ static void add_config_flag(Flags& f, CoEConfig& m, const ConfigKey& k) {
           throw UsageError(str("--", key, ": ", e.what()));
         }
       },
-      [&m, key] { return m.to_map().at(key); });
+      [&m, key] { return m.get(key); });
 }
 
 void add_train_flags(Flags& f, TrainOptions& o, bool* help) {

@@ -103,7 +103,7 @@ struct TrainOptions {
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
   std::string resume;           // "" = fresh run; "latest" = newest checkpoint in out_dir; else a path
   uint64_t seed = 1337;         // initialisation (model.seed), data order, dropout
-  // No --deterministic: every run is bit-reproducible (same seed, device and build: same losses and weights bit for
+  // No --deterministic: every run is bit-reproducible (same seed, device and build: the same losses bit for
   // bit; no floating-point atomics, cuBLAS with atomics off), so there is nothing to switch. The flag is retired:
   // using it is an error that says so (README "Training").
   bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)

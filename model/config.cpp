@@ -26,6 +26,15 @@ const char* router_kind_name(RouterKind k) {
 }
 const char* expert_kind_name(ExpertKind k) { return k == ExpertKind::SwiGLU ? "swiglu" : "gelu"; }
 const char* norm_kind_name(NormKind k) { return k == NormKind::LayerNorm ? "layernorm" : "rmsnorm"; }
+const char* gate_mode_name(GateMode g) {
+  switch (g) {
+    case GateMode::Product: return "product";
+    case GateMode::RenormPath: return "renorm_path";
+    case GateMode::RenormLast: return "renorm_last";
+    case GateMode::GroupLimited: return "group_limited";
+  }
+  return "?";
+}
 
 RouterKind parse_router_kind(const std::string& s) {
   for (RouterKind k : {RouterKind::Dense, RouterKind::Flat, RouterKind::Cluster, RouterKind::Tree, RouterKind::AC})
@@ -36,6 +45,11 @@ ExpertKind parse_expert_kind(const std::string& s) {
   if (s == "swiglu") return ExpertKind::SwiGLU;
   if (s == "gelu") return ExpertKind::GELU;
   fail("expert kind '", s, "': expected swiglu or gelu");
+}
+GateMode parse_gate_mode(const std::string& s) {
+  for (GateMode g : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast, GateMode::GroupLimited})
+    if (s == gate_mode_name(g)) return g;
+  fail("gate mode '", s, "': expected product, renorm_path, renorm_last or group_limited");
 }
 NormKind parse_norm_kind(const std::string& s) {
   if (s == "layernorm") return NormKind::LayerNorm;
@@ -153,6 +167,11 @@ void CoEConfig::validate() const {
   for (int64_t l : ac_levels)
     CFG_REQUIRE(l >= 0 && l < depth, "ac_levels", vec_str(ac_levels),
                 str("levels must be in [0, ", depth, ") for this router"));
+  if (gate_mode == GateMode::GroupLimited)
+    for (int64_t l : ac_levels)
+      CFG_REQUIRE(l == depth - 1, "ac_levels", vec_str(ac_levels),
+                  str("gate_mode group_limited routes with the last level's router only: AC applies to level ",
+                      depth - 1, " alone"));
   CFG_REQUIRE(routing_temperature > 0.f && std::isfinite(routing_temperature), "routing_temperature",
               routing_temperature, "must be positive and finite");
   CFG_REQUIRE(moe_every > 0, "moe_every", moe_every, "must be positive");
@@ -366,7 +385,8 @@ const std::vector<Field>& fields() {
       F_INTS(ac_levels, "L,L,..", "tree levels (0-based) with the Adaptive Clustering transform"),
       F_BOOL(ac_scaling, "AC router's per-feature scaling (off: the m = 1 ablation)"),
       F_FLOAT_OPEN(routing_temperature, true, 0, 1e3, false, "router softmax temperature"),
-      F_BOOL(renormalize_gates, "a token's gates renormalised to sum to 1 over its experts (K > 1)"),
+      F_CHOICE(gate_mode, "product|renorm_path|renorm_last|group_limited", gate_mode_name, parse_gate_mode,
+               "how a token's gates follow from its path's probabilities (README: Gate designs)"),
       F_INT(moe_every, 1, 1024, "layer l is an MoE layer iff l % moe_every == 0"),
       F_CHOICE(expert, "swiglu|gelu", expert_kind_name, parse_expert_kind, "expert FFN activation"),
       F_FLOAT(capacity_factor, 0, 1e4, "expert capacity ceil(cf T K / N) slots in training; 0 = dropless"),
@@ -419,6 +439,11 @@ std::map<std::string, std::string> CoEConfig::to_map() const {
 }
 
 void CoEConfig::set(const std::string& key, const std::string& value) {
+  // The key of checkpoints written before gate_mode: renormalised path products or plain ones.
+  if (key == "renormalize_gates") {
+    gate_mode = parse_bool(key, value) ? GateMode::RenormPath : GateMode::Product;
+    return;
+  }
   for (const Field& f : fields())
     if (key == f.info.key) {
       f.set(*this, value);
@@ -427,7 +452,15 @@ void CoEConfig::set(const std::string& key, const std::string& value) {
   fail("CoEConfig: unknown key '", key, "'");
 }
 
+std::string CoEConfig::get(const std::string& key) const {
+  for (const Field& f : fields())
+    if (key == f.info.key) return f.get(*this);
+  fail("CoEConfig: unknown key '", key, "'");
+}
+
 CoEConfig CoEConfig::from_map(const std::map<std::string, std::string>& m) {
+  CM_REQUIRE(!(m.count("gate_mode") && m.count("renormalize_gates")),
+             "CoEConfig: both gate_mode and its old form renormalize_gates are set; keep gate_mode");
   CoEConfig c;
   for (const auto& [k, v] : m) c.set(k, v);
   c.validate();

@@ -22,13 +22,24 @@ namespace cm {
 enum class RouterKind { Dense, Flat, Cluster, Tree, AC };
 enum class ExpertKind { SwiGLU, GELU };
 enum class NormKind { LayerNorm, RMSNorm };
+// How a token's gates come from its routing path (DESIGN.md 4.2; router.h has the formulas):
+//   product        (b) the product of the levels' conditional probabilities (Shazeer et al. 2017's hierarchical MoE)
+//   renorm_path    (a) that product renormalised over the token's K leaves (K > 1). At a level where the token
+//                  keeps one node (top-k 1 there and above) its probability is a common factor of all K leaves
+//                  and cancels: that level learns nothing from the task loss (e.g. cluster top [1,2]).
+//   renorm_last    (c) the parents' probabilities times the last level's, renormalised over the k kept siblings
+//   group_limited  (d) DeepSeek-style: one softmax over all N leaves (the last level's weights); the levels above
+//                  only mask (a child's score is its leaves' total probability); the upper levels' weights are unused
+enum class GateMode { Product, RenormPath, RenormLast, GroupLimited };
 
 const char* router_kind_name(RouterKind k);  // "dense", "flat", "cluster", "tree", "ac"
 const char* expert_kind_name(ExpertKind k);  // "swiglu", "gelu"
 const char* norm_kind_name(NormKind k);      // "layernorm", "rmsnorm"
+const char* gate_mode_name(GateMode g);      // "product", "renorm_path", "renorm_last", "group_limited"
 RouterKind parse_router_kind(const std::string& s);  // throws cm::Error naming the value and the choices
 ExpertKind parse_expert_kind(const std::string& s);
 NormKind parse_norm_kind(const std::string& s);
+GateMode parse_gate_mode(const std::string& s);
 
 struct CoEConfig {
   // ---- transformer
@@ -55,7 +66,8 @@ struct CoEConfig {
   std::vector<int64_t> ac_levels;       // levels with the AC transform (router == ac: all, implicitly)
   bool ac_scaling = true;               // false: the AC router with m = 1 (the ablation of 4.7)
   float routing_temperature = 1.0f;     // p = softmax(logits / temperature)
-  bool renormalize_gates = true;        // K > 1: a token's gates renormalised to sum to 1 over its experts
+  GateMode gate_mode = GateMode::RenormLast;  // see GateMode. Checkpoints from before this field carry the key
+                                          // renormalize_gates instead: true reads as renorm_path, false as product
   int64_t moe_every = 1;                // layer l is an MoE layer iff l % moe_every == 0 (router != dense)
   ExpertKind expert = ExpertKind::SwiGLU;
   float capacity_factor = 0.0f;  // > 0: an expert takes at most ceil(cf * T * K / N) slots (training); 0: dropless
@@ -98,6 +110,8 @@ struct CoEConfig {
   static CoEConfig from_map(const std::map<std::string, std::string>& m);
   // One key=value update with the same parsing (command-line flags); throws on unknown keys.
   void set(const std::string& key, const std::string& value);
+  // One key's value as to_map() writes it (one field formatted, not the whole map); throws on unknown keys.
+  std::string get(const std::string& key) const;
 };
 
 // ---- the settings table

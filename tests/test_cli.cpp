@@ -255,7 +255,7 @@ TEST_SUITE("cli") {
     for (const auto& kv : CoEConfig().to_map())
       if (kv.second == "true" || kv.second == "false") CHECK_MESSAGE(is_bool(kv.first), kv.first);
     for (const char* n : {"aux_free_bias", "use_reliability", "enable_expert_pruning", "use_adaptive_routing",
-                          "renormalize_gates", "ac_scaling", "bias", "tie_embeddings", "use_expert_selection_cache",
+                          "ac_scaling", "bias", "tie_embeddings", "use_expert_selection_cache",
                           "tf32", "decay_embeddings", "help"})
       CHECK_MESSAGE(is_bool(n), n);
     for (const std::string& b : bools) {
@@ -286,7 +286,7 @@ TEST_SUITE("cli") {
     CHECK(resolve({"--use_reliability", "off", "--use_reliability"}).model.use_reliability);
     CHECK(resolve({"--enable_expert_pruning", "true"}).model.enable_expert_pruning);
     CHECK(resolve({"--use_adaptive_routing=yes"}).model.use_adaptive_routing);
-    CHECK_FALSE(resolve({"--renormalize_gates", "0"}).model.renormalize_gates);
+    CHECK(resolve({"--gate_mode", "product"}).model.gate_mode == GateMode::Product);
     CHECK(resolve({"--tf32", "on"}).tf32);
     // The checkpoint's config map reads the same words (CoEConfig::set).
     CoEConfig c;

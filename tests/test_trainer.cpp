@@ -439,15 +439,20 @@ TEST_SUITE("trainer") {
     TempDir dir("roundtrip");
     std::string data = shakespeare_excerpt(dir, 50000);
     std::string out_dir = dir.file("out");
-    Ran r = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "10", "--eval_every", "0"});
+    // A gate design other than the default: the checkpoint must carry it (sample builds its model from it).
+    const std::vector<std::string> gate = {"--gate_mode", "group_limited"};
+    Ran r = train_lm(tiny_args(data, out_dir) + gate +
+                     std::vector<std::string>{"--max_steps", "10", "--eval_every", "0"});
     REQUIRE_MESSAGE(r.rc == 0, r.err);
     std::string ck = checkpoint_path(out_dir, 10);
     REQUIRE(fs::exists(ck));
 
     // Two models built from the checkpoint give identical logits, and differ from a fresh initialisation.
     SafeTensors st = load_safetensors(ck);
-    CoEConfig cfg = options(tiny_args(data, out_dir))
+    CoEConfig cfg = options(tiny_args(data, out_dir) + gate)
                         .model_config(ByteTokenizer::from_hex(st.require_meta("tokenizer")).vocab_size());
+    CHECK(cfg.gate_mode == GateMode::GroupLimited);
+    CHECK(contains(st.require_meta("config"), "group_limited"));
     ClusterMoELM a(cfg), b(cfg), fresh(cfg);
     for (ClusterMoELM* m : {&a, &b}) {
       NamedTensors state = m->named_parameters();
