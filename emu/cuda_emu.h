@@ -245,6 +245,12 @@ inline unsigned __match_any_sync(unsigned mask, T v, const char* file = __builti
                                              32, file, line);
 }
 
+// CUDA's math headers put these in the global namespace for device code.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
+
 // ---------------------------------------------------------------- integer and conversion intrinsics (PTX semantics)
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
