@@ -439,7 +439,7 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
     if (f.has(key) || key == "seq_len" || key == "seed" || key == "vocab_size" || key == "tree_branching") continue;
     f.add_custom(
         key, "value", "model setting (model/config.h)", [&m, key](const std::string& v) { m.set(key, v); },
-        [&m, key] { return m.to_map().at(key); });
+        [&m, key] { return m.get(key); });
   }
   f.add_bool("help", help, "print this and exit");
 }

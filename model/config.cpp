@@ -281,6 +281,12 @@ void CoEConfig::set(const std::string& key, const std::string& value) {
   fail("CoEConfig: unknown key '", key, "'");
 }
 
+std::string CoEConfig::get(const std::string& key) const {
+  for (const Field& f : fields())
+    if (key == f.key) return f.get(*this);
+  fail("CoEConfig: unknown key '", key, "'");
+}
+
 CoEConfig CoEConfig::from_map(const std::map<std::string, std::string>& m) {
   CoEConfig c;
   for (const auto& [k, v] : m) c.set(k, v);

@@ -98,6 +98,8 @@ struct CoEConfig {
   static CoEConfig from_map(const std::map<std::string, std::string>& m);
   // One key=value update with the same parsing (command-line flags); throws on unknown keys.
   void set(const std::string& key, const std::string& value);
+  // One key's value as to_map() writes it (one field formatted, not the whole map); throws on unknown keys.
+  std::string get(const std::string& key) const;
 };
 
 // The seed API's constructor helper: a ClusterMoE config with these sizes and defaults for the rest (validated).
