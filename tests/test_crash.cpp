@@ -15,7 +15,7 @@
 #include <sstream>
 #include <thread>
 
-#include "doctest/doctest.h"
+#include <doctest/doctest.h>
 #include "model/checkpoint.h"
 #include "tests/files.h"
 
