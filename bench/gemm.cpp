@@ -5,14 +5,21 @@
 // problems) before anything is timed. Time: median of 15 runs (3 rounds of 5 after a warm-up; --quick: 1 round).
 //
 //   make -j2 USE_CUDA=0 build/bench/gemm
-//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick] [name filter, e.g. square]
+//   OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 ./build/bench/gemm [--quick] [--cpu-time] [--keep-env] [filter]
+// filter: run only the shapes whose name contains it (e.g. square, fc1).
 //
 // Letters: op(A) [M, K], op(B) [K, N], C [M, N]; "NT" = A as is, B transposed (PyTorch's linear: x W^T).
+//
+// Fair peer: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE in the environment (one development machine sets
+// CORETYPE=Haswell) force OpenBLAS onto another CPU's kernel, its AVX2 one here: about half the speed of the
+// kernel it picks for this CPU (SkylakeX/Cooperlake, AVX-512). OpenBLAS reads them when the library loads, so the
+// lab re-executes itself without them, and prints the kernel OpenBLAS reports (openblas_get_corename).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +31,12 @@
 #endif
 #ifdef CM_HAVE_OPENBLAS
 #include <cblas.h>
+#include <cstdlib>
+#include <unistd.h>
+extern "C" {
+char* openblas_get_corename(void);  // declared by OpenBLAS's cblas.h; repeated for a cblas.h of another BLAS
+char* openblas_get_config(void);
+}
 #endif
 
 namespace {
@@ -95,13 +108,25 @@ double validate(Problem& p) {
   return worst;
 }
 
+// Wall seconds, or (--cpu-time) this process's CPU seconds: with one thread on a loaded machine, CPU time leaves
+// out the time the scheduler gave to others, so it stays steady where wall time does not.
+bool g_cpu_time = false;
+double now_s() {
+  if (g_cpu_time) {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 template <class F>
 void time_runs(F&& f, int repeats, std::vector<double>& t) {
   f();  // warm-up: page faults, packing buffers, thread pool start
   for (int r = 0; r < repeats; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
+    const double t0 = now_s();
     f();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t.push_back(now_s() - t0);
   }
 }
 
@@ -113,11 +138,31 @@ double median(std::vector<double> t) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  bool keep_env = false;  // --keep-env: measure the kernel the environment forces (to show what it costs)
+  for (int i = 1; i < argc; ++i) keep_env = keep_env || std::strcmp(argv[i], "--keep-env") == 0;
+#ifdef CM_HAVE_OPENBLAS
+  // Before OpenBLAS's kernel choice matters: the library has already read the environment when it loaded.
+  if (!keep_env && (std::getenv("OPENBLAS_CORETYPE") || std::getenv("OPENBLAS_L2_SIZE"))) {
+    std::printf("gemm lab: OPENBLAS_CORETYPE=%s OPENBLAS_L2_SIZE=%s in the environment: re-running without them, "
+                "so that OpenBLAS picks its kernel for this CPU\n",
+                std::getenv("OPENBLAS_CORETYPE") ? std::getenv("OPENBLAS_CORETYPE") : "(unset)",
+                std::getenv("OPENBLAS_L2_SIZE") ? std::getenv("OPENBLAS_L2_SIZE") : "(unset)");
+    std::fflush(stdout);
+    ::unsetenv("OPENBLAS_CORETYPE");
+    ::unsetenv("OPENBLAS_L2_SIZE");
+    ::execv("/proc/self/exe", argv);
+    std::printf("gemm lab: re-exec failed: the OpenBLAS figures below use the forced kernel\n");
+  }
+#endif
   bool quick = false;
   std::string only;  // run only the shapes whose name contains this (e.g. "square", "fc1")
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0)
       quick = true;
+    else if (std::strcmp(argv[i], "--cpu-time") == 0)
+      g_cpu_time = true;
+    else if (std::strcmp(argv[i], "--keep-env") == 0)
+      continue;
     else
       only = argv[i];
   }
@@ -126,13 +171,17 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
-  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs%s\n", threads, repeats * rounds,
+  std::printf("gemm lab: %d OpenMP thread(s), median of %d runs, %s%s\n", threads, repeats * rounds,
+              g_cpu_time ? "process CPU time (meaningful with 1 thread)" : "wall time",
 #ifdef CM_HAVE_OPENBLAS
               ", OpenBLAS in the same run (set OPENBLAS_NUM_THREADS to match)"
 #else
               ", built without OpenBLAS"
 #endif
   );
+#ifdef CM_HAVE_OPENBLAS
+  std::printf("OpenBLAS kernel: %s (config: %s)\n", openblas_get_corename(), openblas_get_config());
+#endif
 
   // C = 384 channels, B*T = 4096 tokens, hidden 4C = 1536. fc1: [4096,384] x [1536,384]^T, fc2: [4096,1536] x
   // [384,1536]^T. Gradients: dX = dY W (NN), dW = dY^T X (TN). Attention: (B*H) x [T,D] x [T,D]^T.

@@ -1,5 +1,6 @@
 #include "model/cli.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -8,16 +9,6 @@
 namespace cm {
 
 // ---------------------------------------------------------------- numbers
-std::string format_float(float v) {
-  // The shortest %g text that reads back as the same float: 0.001, not 0.00100000005.
-  char buf[32];
-  for (int prec = 6; prec <= 9; ++prec) {
-    std::snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
-    if (std::strtof(buf, nullptr) == v) break;
-  }
-  return buf;
-}
-
 int64_t parse_int(const std::string& text, const std::string& what) {
   // strtoll alone accepts " 12", "12abc" (stopping early) and wraps silently; be strict instead.
   if (text.empty() || text.find_first_of(" \t\n") != std::string::npos)
@@ -67,15 +58,17 @@ void Flags::add_int(const std::string& name, int64_t* v, int64_t lo, int64_t hi,
   add(std::move(s));
 }
 
-void Flags::add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help) {
+void Flags::add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help,
+                      bool hi_open) {
   Spec s;
   s.name = name;
   s.help = help;
-  s.range = str(lo_open ? "(" : "[", lo, ", ", hi, "]");
+  s.range = str(lo_open ? "(" : "[", format_double(lo), ", ", format_double(hi), hi_open ? ")" : "]");
+  const std::string range = s.range;
   s.set = [=](const std::string& t) {
     double x = parse_double(t, "--" + name);
-    bool ok = (lo_open ? x > lo : x >= lo) && x <= hi;
-    if (!ok) throw UsageError(str("--", name, " must be in ", lo_open ? "(" : "[", lo, ", ", hi, "], got ", t));
+    bool ok = (lo_open ? x > lo : x >= lo) && (hi_open ? x < hi : x <= hi);
+    if (!ok) throw UsageError(str("--", name, " must be in ", range, ", got ", t));
     *v = (float)x;
   };
   s.get = [=] { return format_float(*v); };
@@ -135,16 +128,14 @@ void Flags::add_bool(const std::string& name, bool* v, const std::string& help) 
   Spec s;
   s.name = name;
   s.help = help;
-  s.range = "0|1";
+  s.range = "[0|1]";  // brackets: the value may be left out
+  s.is_bool = true;
   s.bare_ok = true;
   s.bare_value = "1";
   s.set = [=](const std::string& t) {
-    if (t == "1" || t == "true" || t == "yes" || t == "on")
-      *v = true;
-    else if (t == "0" || t == "false" || t == "no" || t == "off")
-      *v = false;
-    else
-      throw UsageError(str("--", name, ": expected 0 or 1 (or true/false), got '", t, "'"));
+    if (!parse_bool_word(t, v))
+      throw UsageError(str("--", name, ": expected one of ", BOOL_WORDS, " (or --", name, " alone for 1), got '", t,
+                           "'"));
   };
   s.get = [=] { return std::string(*v ? "1" : "0"); };
   add(std::move(s));
@@ -173,11 +164,24 @@ void Flags::add_custom(const std::string& name, const std::string& range, const 
   add(std::move(s));
 }
 
-static bool is_bool_word(const std::string& t) {
-  for (const char* w : {"0", "1", "true", "false", "yes", "no", "on", "off"})
-    if (t == w) return true;
-  return false;
+void Flags::add_retired(const std::string& name, const std::string& why) {
+  CM_CHECK(!find(name), "flag registered twice: --", name);
+  retired_.emplace_back(name, why);
 }
+
+std::vector<std::string> Flags::bool_flags() const {
+  std::vector<std::string> out;
+  for (const auto& s : specs_)
+    if (s.is_bool) out.push_back(s.name);
+  return out;
+}
+
+std::vector<Flags::Info> Flags::infos() const {
+  std::vector<Info> out;
+  for (const auto& s : specs_) out.push_back({s.name, s.range, s.help});
+  return out;
+}
+
 
 std::vector<FlagArg> Flags::split(const std::vector<std::string>& args) const {
   std::vector<FlagArg> out;
@@ -193,12 +197,14 @@ std::vector<FlagArg> Flags::split(const std::vector<std::string>& args) const {
       name = name.substr(0, eq);
     }
     const Spec* s = find(name);
+    for (const auto& r : retired_)
+      if (r.first == name) throw UsageError(str("--", name, " was removed: ", r.second));
     if (!s) throw UsageError(str("unknown flag --", name));
     if (!has_value) {
+      // A flag that may stand alone (bools, --resume) takes the next word as its value unless that word is a flag:
+      // `--tf32 --lr 1` and `--tf32 off` both work, and `--tf32 maybe` is an error naming --tf32 (no command
+      // line here has positional arguments, so the word can be nothing else).
       bool next_is_value = i + 1 < args.size() && args[i + 1].compare(0, 2, "--") != 0;
-      // A bare bool is only followed by a value when that value reads as a bool: `--tf32 --lr 1` and
-      // `--tf32 0` both work. A bare optional flag takes any non-flag word after it.
-      if (s->bare_ok && s->range == "0|1") next_is_value = next_is_value && is_bool_word(args[i + 1]);
       if (next_is_value) {
         value = args[++i];
       } else if (s->bare_ok) {
@@ -225,12 +231,21 @@ std::vector<std::pair<std::string, std::string>> Flags::values() const {
 }
 
 std::string Flags::usage() const {
-  std::string u = str("usage: ", program_, " [--flag value | --flag=value]...\n", summary_, "\n\nflags (default):\n");
+  std::string u = str("usage: ", program_, " [--flag value | --flag=value]...\n", summary_,
+                      "\n\nA bool flag alone means 1; its values are ", BOOL_WORDS,
+                      ". Ranges: a..b integers, [a, b] numbers (a parenthesis excludes that end).\n\n"
+                      "flags, accepted values, what they do (default):\n");
+  size_t width = 0;  // of the widest "--name range", so that the descriptions line up
+  for (const auto& s : specs_) width = std::max(width, s.name.size() + s.range.size() + 5);
   for (const auto& s : specs_) {
     std::string left = str("  --", s.name, " ", s.range);
+    left.resize(width, ' ');
+    if (s.name == "help") {  // its value is the request itself, not a default
+      u += str(left, " ", s.help, "\n");
+      continue;
+    }
     std::string def = s.get();
     if (def == "\n") def = "\\n";
-    if (left.size() < 34) left.resize(34, ' ');
     u += str(left, " ", s.help, " (", def.empty() ? "none" : def, ")\n");
   }
   return u;
@@ -307,7 +322,7 @@ CoEConfig TrainOptions::model_config(int64_t vocab_size) const {
 void apply_preset(TrainOptions& o, const std::string& name) {
   CoEConfig& m = o.model;
   if (name == "cpu") {
-    // Sized for about five minutes on two CPU cores: nanoGPT's CPU shakespeare_char run (4 layers, 4 heads,
+    // Sized for a few minutes on two CPU cores (README, Results): nanoGPT's CPU shakespeare_char run (4 layers, 4 heads,
     // 128 wide, block 64, batch 12, 2000 iterations, lr 1e-3, no dropout) with its FFN split into experts.
     o.max_steps = 2000;
     o.batch_size = 12;
@@ -375,18 +390,43 @@ void apply_preset(TrainOptions& o, const std::string& name) {
   o.preset = name;
 }
 
+// One CoEConfig field as a flag of its kind: numbers range-checked, bools as add_bool, the rest parsed by
+// CoEConfig::set (a parse error becomes a UsageError naming the flag).
+static void add_config_flag(Flags& f, CoEConfig& m, const ConfigKey& k) {
+  using Kind = ConfigKey::Kind;
+  switch (k.kind) {
+    case Kind::Int: f.add_int(k.key, &(m.*k.i), (int64_t)k.lo, (int64_t)k.hi, k.help); return;
+    case Kind::Float: f.add_float(k.key, &(m.*k.f), k.lo, k.hi, k.lo_open, k.help, k.hi_open); return;
+    case Kind::Bool: f.add_bool(k.key, &(m.*k.b), k.help); return;
+    case Kind::Choice:
+    case Kind::Text: break;
+  }
+  const std::string key = k.key, range = k.range;
+  const bool choice = k.kind == Kind::Choice;
+  f.add_custom(
+      key, range, k.help,
+      [&m, key, range, choice](const std::string& v) {
+        try {
+          m.set(key, v);
+        } catch (const Error& e) {
+          if (choice) throw UsageError(str("--", key, " must be one of ", range, ", got '", v, "'"));
+          throw UsageError(str("--", key, ": ", e.what()));
+        }
+      },
+      [&m, key] { return m.get(key); });
+}
+
 void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   const int64_t BIG = 1000000000;
   CoEConfig& m = o.model;
   // ---- data, files, device
-  f.add_string("data", &o.data, "training text or byte file (default data/tinyshakespeare.txt)", true);
+  f.add_string("data", &o.data, "training text or byte file; none: data/tinyshakespeare.txt, else the fortunes", true);
   f.add_string("out_dir", &o.out_dir, "where log.csv, routing.csv, curves.svg and checkpoints go");
   f.add_choice("device", &o.device, {"auto", "cpu", "cuda"}, "auto: CUDA when built and present, else CPU");
   f.add_choice("preset", &o.preset, {"cpu", "shakespeare"},
-               "settings bundle (default: cpu on CPU, shakespeare on CUDA)");
+               "settings bundle; none: cpu on CPU, shakespeare on CUDA");
   f.add_optional("resume", &o.resume, "latest", "continue from the newest checkpoint in out_dir, or a path");
   f.add_u64("seed", &o.seed, "seed for initialisation, data order and dropout");
-  f.add_bool("deterministic", &o.deterministic, "bit-reproducible kernels (always: every kernel here is)");
   f.add_bool("tf32", &o.tf32, "TF32 matrix products on CUDA");
   // ---- optimisation
   f.add_int("max_steps", &o.max_steps, 1, BIG, "optimizer steps");
@@ -401,7 +441,6 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_float("beta2", &o.beta2, 0, 1, false, "AdamW beta2");
   f.add_float("grad_clip", &o.grad_clip, 0, 1e6, false, "clip the global gradient norm; 0 = off");
   f.add_bool("decay_embeddings", &o.decay_embeddings, "apply weight decay to embeddings too");
-  f.add_float("dropout", &m.dropout, 0, 0.95, false, "dropout probability");
   // ---- along the way
   f.add_int("eval_every", &o.eval_every, 0, BIG, "steps between evaluations; 0 = off");
   f.add_int("eval_iters", &o.eval_iters, 1, 1 << 20, "fixed batches per split per evaluation");
@@ -410,45 +449,24 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_int("sample_len", &o.sample_len, 1, 1 << 20, "bytes per text sample");
   f.add_int("save_every", &o.save_every, 0, BIG, "steps between checkpoints (and at the end); 0 = off");
   f.add_int("keep_last", &o.keep_last, 0, BIG, "checkpoints kept in out_dir; 0 = all");
-  // ---- model
-  f.add_custom(
-      "router", "dense|flat|cluster|tree|ac", "FFN routing",
-      [&m](const std::string& v) {
-        try {
-          m.router = parse_router_kind(v);
-        } catch (const Error&) {
-          throw UsageError(str("--router must be one of dense|flat|cluster|tree|ac, got '", v, "'"));
-        }
-      },
-      [&m] { return std::string(router_kind_name(m.router)); });
+  // ---- model: --tree and --tree_top_k in train_lm's AxBxC form, then every CoEConfig field from its table
+  // (model/config.cpp: description and range there) under its own name. Derived fields are not flags: seq_len and
+  // seed come from the flags above, vocab_size from the data.
   f.add_custom(
       "tree", "BxBx..", "branching factors for --router tree, e.g. 4x4x4",
       [&m](const std::string& v) { m.tree_branching = parse_factors(v, "--tree"); },
       [&m] { return join_factors(m.tree_branching); });
   f.add_custom(
-      "tree_top_k", "KxKx..", "children kept per level for --router tree (default k_clusters x 1 .. x k_experts)",
+      "tree_top_k", "KxKx..", "children kept per level for --router tree; none: top_k_clusters x 1 .. x top_k_experts",
       [&m](const std::string& v) { m.tree_top_k = parse_factors(v, "--tree_top_k"); },
       [&m] { return join_factors(m.tree_top_k); });
-  f.add_int("num_clusters", &m.num_clusters, 1, 4096, "clusters (flat: experts = clusters x per cluster)");
-  f.add_int("experts_per_cluster", &m.experts_per_cluster, 1, 4096, "experts in each cluster");
-  f.add_int("top_k_clusters", &m.top_k_clusters, 1, 4096, "clusters kept per token");
-  f.add_int("top_k_experts", &m.top_k_experts, 1, 4096, "experts kept per kept cluster");
-  f.add_float("capacity_factor", &m.capacity_factor, 0, 1e4, false, "expert capacity factor; 0 = dropless");
-  f.add_float("load_balancing_weight", &m.load_balancing_weight, 0, 1e3, false, "load-balance loss weight");
-  f.add_float("router_z_loss_weight", &m.router_z_loss_weight, 0, 1e3, false, "router z-loss weight");
-  f.add_float("diversity_weight", &m.diversity_weight, 0, 1e3, false, "sibling-router diversity loss weight");
-  f.add_int("d_model", &m.d_model, 1, 1 << 16, "C, model width");
-  f.add_int("n_layers", &m.n_layers, 1, 1024, "transformer blocks");
-  f.add_int("n_heads", &m.n_heads, 1, 1024, "attention heads");
-  f.add_int("d_ff", &m.d_ff, 1, 1 << 20, "hidden width of each expert");
-  // Every other CoEConfig key, parsed by CoEConfig::set. seq_len, seed and vocab_size are derived (above, data).
-  for (const auto& kv : CoEConfig().to_map()) {
-    const std::string key = kv.first;
-    if (f.has(key) || key == "seq_len" || key == "seed" || key == "vocab_size" || key == "tree_branching") continue;
-    f.add_custom(
-        key, "value", "model setting (model/config.h)", [&m, key](const std::string& v) { m.set(key, v); },
-        [&m, key] { return m.get(key); });
+  for (const ConfigKey& k : config_keys()) {
+    if (k.derived || k.key == "tree_branching" || f.has(k.key)) continue;
+    add_config_flag(f, m, k);
   }
+  f.add_retired("deterministic",
+                "every run is bit-reproducible (same seed, device and build give the same losses bit for bit), so "
+                "there is nothing to switch; drop the flag");
   f.add_bool("help", help, "print this and exit");
 }
 

@@ -34,18 +34,23 @@ class Flags {
 
   // Bind flags to fields. Ranges are inclusive unless noted; `help` is one line.
   void add_int(const std::string& name, int64_t* v, int64_t lo, int64_t hi, const std::string& help);
-  // lo_open: the lower bound itself is excluded (e.g. lr > 0).
-  void add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help);
+  // lo_open / hi_open: that bound itself is excluded (e.g. lr > 0).
+  void add_float(const std::string& name, float* v, double lo, double hi, bool lo_open, const std::string& help,
+                 bool hi_open = false);
   void add_u64(const std::string& name, uint64_t* v, const std::string& help);
   void add_string(const std::string& name, std::string* v, const std::string& help, bool allow_empty = false);
   void add_choice(const std::string& name, std::string* v, std::vector<std::string> choices, const std::string& help);
-  // Booleans accept 1/0, true/false, yes/no, on/off; a bare `--name` means true.
+  // Booleans accept 1/0, true/false, on/off, yes/no; a bare `--name` means true. Anything else is an error
+  // naming the flag and these words.
   void add_bool(const std::string& name, bool* v, const std::string& help);
   // A string flag that may also appear bare; bare gives `bare_value` (--resume alone = "latest").
   void add_optional(const std::string& name, std::string* v, std::string bare_value, const std::string& help);
   // Anything else: `set` parses and stores (throwing UsageError or cm::Error on bad text), `get` shows.
   void add_custom(const std::string& name, const std::string& range, const std::string& help,
                   std::function<void(const std::string&)> set, std::function<std::string()> get);
+  // A flag that no longer exists: using it is an error that says why (`why`), not "unknown flag". It is not
+  // listed, not stored, and has() is false for it (a checkpoint that stored it resumes without it).
+  void add_retired(const std::string& name, const std::string& why);
 
   // Split argv into (name, value) pairs: syntax and names are checked, values are not yet.
   std::vector<FlagArg> split(const std::vector<std::string>& args) const;
@@ -55,6 +60,13 @@ class Flags {
     for (const auto& a : args) set(a.name, a.value);
   }
   bool has(const std::string& name) const { return find(name) != nullptr; }
+  // Names of the flags registered with add_bool, in registration order.
+  std::vector<std::string> bool_flags() const;
+  // Every flag's name, range and one-line help, in registration order (usage() prints these).
+  struct Info {
+    std::string name, range, help;
+  };
+  std::vector<Info> infos() const;
   // Current value of every flag, in registration order, as text that set() reads back exactly.
   std::vector<std::pair<std::string, std::string>> values() const;
   std::string usage() const;
@@ -62,6 +74,7 @@ class Flags {
  private:
   struct Spec {
     std::string name, help, range;  // range: for usage ("1..1000000", "dense|flat|...")
+    bool is_bool = false;  // registered by add_bool
     bool bare_ok = false;
     std::string bare_value;
     std::function<void(const std::string&)> set;
@@ -71,11 +84,11 @@ class Flags {
   void add(Spec s);
   std::string program_, summary_;
   std::vector<Spec> specs_;
+  std::vector<std::pair<std::string, std::string>> retired_;  // name, why
 };
 
-// Exact text forms used by Flags::values() (and the start-up table): the shortest text that reads back as the
-// same float (0.001, not 0.00100000005).
-std::string format_float(float v);
+// Flags::values(), --help and the start-up table write floats with format_float (model/config.h): the shortest
+// text that reads back as the same float (0.001, not 0.00100000005).
 // Number parsing that rejects trailing junk, empty text, and out-of-range values; `what` names the flag.
 int64_t parse_int(const std::string& text, const std::string& what);
 double parse_double(const std::string& text, const std::string& what);
@@ -90,9 +103,9 @@ struct TrainOptions {
   std::string preset;           // "" = the device's default: cpu on CPU, shakespeare on CUDA
   std::string resume;           // "" = fresh run; "latest" = newest checkpoint in out_dir; else a path
   uint64_t seed = 1337;         // initialisation (model.seed), data order, dropout
-  // Every kernel here is deterministic on both devices (no floating-point atomics; cuBLAS with atomics off), so
-  // there is no faster non-deterministic path for false to select: the flag is kept for llm.c's command lines.
-  bool deterministic = true;
+  // No --deterministic: every run is bit-reproducible (same seed, device and build: the same losses bit for
+  // bit; no floating-point atomics, cuBLAS with atomics off), so there is nothing to switch. The flag is retired:
+  // using it is an error that says so (README "Training").
   bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
   // schedule and optimisation
   int64_t max_steps = 2000;

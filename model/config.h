@@ -22,13 +22,24 @@ namespace cm {
 enum class RouterKind { Dense, Flat, Cluster, Tree, AC };
 enum class ExpertKind { SwiGLU, GELU };
 enum class NormKind { LayerNorm, RMSNorm };
+// How a token's gates come from its routing path (DESIGN.md 4.2; router.h has the formulas):
+//   product        (b) the product of the levels' conditional probabilities (Shazeer et al. 2017's hierarchical MoE)
+//   renorm_path    (a) that product renormalised over the token's K leaves (K > 1). At a level where the token
+//                  keeps one node (top-k 1 there and above) its probability is a common factor of all K leaves
+//                  and cancels: that level learns nothing from the task loss (e.g. cluster top [1,2]).
+//   renorm_last    (c) the parents' probabilities times the last level's, renormalised over the k kept siblings
+//   group_limited  (d) DeepSeek-style: one softmax over all N leaves (the last level's weights); the levels above
+//                  only mask (a child's score is its leaves' total probability); the upper levels' weights are unused
+enum class GateMode { Product, RenormPath, RenormLast, GroupLimited };
 
 const char* router_kind_name(RouterKind k);  // "dense", "flat", "cluster", "tree", "ac"
 const char* expert_kind_name(ExpertKind k);  // "swiglu", "gelu"
 const char* norm_kind_name(NormKind k);      // "layernorm", "rmsnorm"
+const char* gate_mode_name(GateMode g);      // "product", "renorm_path", "renorm_last", "group_limited"
 RouterKind parse_router_kind(const std::string& s);  // throws cm::Error naming the value and the choices
 ExpertKind parse_expert_kind(const std::string& s);
 NormKind parse_norm_kind(const std::string& s);
+GateMode parse_gate_mode(const std::string& s);
 
 struct CoEConfig {
   // ---- transformer
@@ -55,7 +66,8 @@ struct CoEConfig {
   std::vector<int64_t> ac_levels;       // levels with the AC transform (router == ac: all, implicitly)
   bool ac_scaling = true;               // false: the AC router with m = 1 (the ablation of 4.7)
   float routing_temperature = 1.0f;     // p = softmax(logits / temperature)
-  bool renormalize_gates = true;        // K > 1: a token's gates renormalised to sum to 1 over its experts
+  GateMode gate_mode = GateMode::RenormLast;  // see GateMode. Checkpoints from before this field carry the key
+                                          // renormalize_gates instead: true reads as renorm_path, false as product
   int64_t moe_every = 1;                // layer l is an MoE layer iff l % moe_every == 0 (router != dense)
   ExpertKind expert = ExpertKind::SwiGLU;
   float capacity_factor = 0.0f;  // > 0: an expert takes at most ceil(cf * T * K / N) slots (training); 0: dropless
@@ -101,6 +113,34 @@ struct CoEConfig {
   // One key's value as to_map() writes it (one field formatted, not the whole map); throws on unknown keys.
   std::string get(const std::string& key) const;
 };
+
+// ---- the settings table
+// One CoEConfig field as users see it: train_lm's flag --<key>, its --help line, its checkpoint entry. The table
+// in config.cpp (fields()) lists every field once with a one-line description and its range; a new field goes
+// there, and its flag, help line, start-up row and checkpoint entry follow (tests/test_cli.cpp checks that each
+// has a description and that every bool field is a bool flag).
+struct ConfigKey {
+  enum class Kind { Int, Float, Bool, Choice, Text };  // Choice: one of `range`; Text: lists, the seed
+  std::string key, help;
+  Kind kind = Kind::Text;
+  int64_t CoEConfig::*i = nullptr;  // Int
+  float CoEConfig::*f = nullptr;    // Float
+  bool CoEConfig::*b = nullptr;     // Bool
+  double lo = 0, hi = 0;            // Int, Float: the range accepted from the command line (validate() decides
+  bool lo_open = false, hi_open = false;  // for checkpoints); an open end excludes the bound itself
+  std::string range;                // Choice: "a|b|c"; Text: how a value is written ("0,1")
+  bool derived = false;             // not a train_lm flag: set from the data (vocab_size) or a train_lm flag
+};
+const std::vector<ConfigKey>& config_keys();
+
+// ---- text forms shared by the config's string map and the command line
+// The shortest decimal text that reads back as exactly the same value: 0.001 for 1e-3f (not 0.00100000005),
+// 0.9 for 0.9f, 1e-5, 1000000. Exponent form only below 1e-4 or from 1e16 up.
+std::string format_float(float v);
+std::string format_double(double v);
+// 1/0, true/false, on/off, yes/no -> *v and true; anything else -> false (*v untouched).
+bool parse_bool_word(const std::string& text, bool* v);
+extern const char* const BOOL_WORDS;  // "1|0, true|false, on|off, yes|no", for messages
 
 // The seed API's constructor helper: a ClusterMoE config with these sizes and defaults for the rest (validated).
 CoEConfig make_coe_config(int64_t d_model, int64_t num_layers, int64_t num_clusters, int64_t experts_per_cluster,

@@ -3,6 +3,7 @@
 #include "model/moe.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -273,7 +274,9 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   }
 
   // 1. Route.
+  const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(), labels, training);
+  st.routing_ms = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - route_t0).count();
   const int64_t S0 = T * K;
   out.lb_loss = rt.lb_loss;
   out.z_loss = rt.z_loss;

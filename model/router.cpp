@@ -95,7 +95,7 @@ TreeRouter::TreeRouter(const CoEConfig& cfg, Generator& gen) {
   C_ = cfg.d_model;
   N_ = cfg.num_experts();
   temperature_ = cfg.routing_temperature;
-  renormalize_ = cfg.renormalize_gates;
+  gate_mode_ = cfg.gate_mode;
   lb_w_ = cfg.load_balancing_weight;
   z_w_ = cfg.router_z_loss_weight;
   div_w_ = cfg.diversity_weight;
@@ -222,6 +222,36 @@ static void select_children(int32_t* idx, const float* probs, const float* abias
                k, " selectable children");
 }
 
+// Load balance at one level. Per parent: sum_c f_c P_c / q_c over the pairs that reached it, q the target share of
+// each child; token-weighted mean over parents = 1/P * sum_{node, c} coef * Psum with coef = f / q (no gradient),
+// f = count / (pairs_at_node * k). Targets are proportional to the children's reliability (exp of the logit bias;
+// pruned children: 0), so a degraded child is balanced towards a share in proportion to its reliability instead
+// of being pushed back to 1/b. All healthy: q = 1/b and this is b * sum f P, the Switch loss, whose balanced value
+// is 1. probs [P, b]; node [P]; counts, lbias (or null) [n_nodes * b]; pairs_at [n_nodes].
+static Tensor balance_term(const Tensor& probs, const std::vector<int32_t>& node, int64_t n_nodes, int64_t b,
+                           int64_t k, const std::vector<int64_t>& counts, const std::vector<int64_t>& pairs_at,
+                           const std::vector<float>* lbias, Device dev) {
+  const int64_t P = probs.size(0);
+  std::vector<float> coef((size_t)(n_nodes * b), 0.f);
+  std::vector<double> rho((size_t)b);
+  for (int64_t j = 0; j < n_nodes; ++j) {
+    if (!pairs_at[j]) continue;
+    std::fill(rho.begin(), rho.end(), 1.0);
+    double rsum = 0.0;
+    for (int64_t c = 0; c < b; ++c) {
+      if (lbias) rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
+      rsum += rho[c];
+    }
+    for (int64_t c = 0; c < b; ++c)
+      if (rho[c] > 0.0)
+        coef[j * b + c] = (float)((double)counts[j * b + c] / (double)(pairs_at[j] * k) * (rsum / rho[c]));
+  }
+  Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
+                             : index_add(Tensor::zeros({n_nodes, b}, DType::F32, dev), 0,
+                                         Tensor::from_vector(node, {P}, dev), probs);
+  return mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}, dev))), 1.f / (float)P);
+}
+
 Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
                           bool training) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
@@ -247,6 +277,8 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     Tensor mt = Tensor::from_vector(m, {N_, C_}, dev);
     h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T}, dev)));  // [T, C]
   }
+
+  if (gate_mode_ == GateMode::GroupLimited) return route_grouped(ac_level_[D - 1] ? h_ac : h, bias);
 
   // The (token, node) pairs alive at the current level, token-major.
   std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
@@ -316,33 +348,11 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
       for (int64_t j = 0; j < k; ++j) ++counts[(int64_t)node[p] * b + idx[p * k + j]];
     }
     Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}, dev));  // [P, k]
+    // renorm_last: the last level's kept siblings share 1 (only when k > 1: a lone child's share would be 1).
+    if (gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1) sel = div(sel, sum(sel, 1, true));
 
-    // ---- load balance at this level. Per parent: sum_c f_c P_c / q_c over the pairs that reached it, q the
-    // target share of each child; token-weighted mean over parents = 1/P * sum_{node, c} coef * Psum with
-    // coef = f / q (no gradient), f = count / (pairs_at_node * k). Targets are proportional to the children's
-    // reliability (exp of the logit bias; pruned children: 0), so a degraded child is balanced towards a share
-    // in proportion to its reliability instead of being pushed back to 1/b. All healthy: q = 1/b and this is
-    // b * sum f P, the Switch loss, whose balanced value is 1.
-    if (lb_w_ > 0.f) {
-      std::vector<float> coef((size_t)(n_nodes * b), 0.f);
-      std::vector<double> rho((size_t)b);
-      for (int64_t j = 0; j < n_nodes; ++j) {
-        if (!pairs_at[j]) continue;
-        std::fill(rho.begin(), rho.end(), 1.0);
-        double rsum = 0.0;
-        for (int64_t c = 0; c < b; ++c) {
-          if (lbias) rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
-          rsum += rho[c];
-        }
-        for (int64_t c = 0; c < b; ++c)
-          if (rho[c] > 0.0)
-            coef[j * b + c] = (float)((double)counts[j * b + c] / (double)(pairs_at[j] * k) * (rsum / rho[c]));
-      }
-      Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
-                                 : index_add(Tensor::zeros({n_nodes, b}, DType::F32, dev), 0,
-                                             Tensor::from_vector(node, {P}, dev), probs);
-      lb_terms.push_back(mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}, dev))), 1.f / (float)P));
-    }
+    // ---- load balance at this level (balance_term).
+    if (lb_w_ > 0.f) lb_terms.push_back(balance_term(probs, node, n_nodes, b, k, counts, pairs_at, lbias, dev));
 
     // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.
     path = l == 0 ? sel.view({P * k}) : mul(path.view({P, 1}), sel).view({P * k});
@@ -360,7 +370,88 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   r.K = P / T;
   r.expert = node;
   r.gate = path;
-  if (renormalize_ && r.K > 1) r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
+  if (gate_mode_ == GateMode::RenormPath && r.K > 1)
+    r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
+  finish(r, lb_terms, z_terms, dev);
+  return r;
+}
+
+// group_limited (DeepSeek-V2/V3 group-limited routing on our tree): one softmax over all N leaves from the last
+// level's weights [N, C] (its rows are the leaves in order), probs [T, N]. The levels then only select: at level l
+// a kept node's child scores the total probability of the leaves under it (+ aux-free bias; the leaves of a
+// child are contiguous), and the top_k[l] children stay. A leaf's gate is its probability under the one softmax,
+// not renormalised over the token's K leaves. The upper levels' weights take no part (their gradient is zero);
+// routing costs 2 N C FLOPs per token, as a flat router. h [T, C]: already AC-transformed when the last level is.
+Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
+  const int64_t T = h.size(0), D = depth(), L = D - 1;
+  const Device dev = h.device();
+  Routing r;
+  r.T = T;
+  r.level_counts.resize((size_t)D);
+  std::vector<Tensor> lb_terms, z_terms;
+
+  Tensor W = ac_level_[L] ? unit_rows(weights[L]) : weights[L];  // [N, C]
+  Tensor logits = matmul(h, W, false, true);                     // [T, N]
+  r.flops = 2 * T * N_ * C_;
+  if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
+  Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
+  const auto level_bias = [&](int64_t l) -> const std::vector<float>* {
+    return l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty() ? &bias.logit_bias[l] : nullptr;
+  };
+  const std::vector<float>* leaf_bias = level_bias(L);  // [N]: log reliability, -inf for pruned leaves
+  if (leaf_bias && std::any_of(leaf_bias->begin(), leaf_bias->end(), [](float v) { return v != 0.f; }))
+    s = add(s, Tensor::from_vector(*leaf_bias, {1, N_}, dev));
+  Tensor probs = softmax(s);  // [T, N]
+  std::vector<float> p_copy, s_copy;
+  const float* pv = host_f32(probs, p_copy);
+  r.entropy = mean_entropy(pv, host_f32(s, s_copy), T, N_);  // of the one N-way distribution
+
+  // Selection, level by level, on the leaves' probability mass (no gradient).
+  std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
+  std::iota(tok.begin(), tok.end(), 0);
+  int64_t P = T, span = N_;  // span: leaves under one node of the current level
+  for (int64_t l = 0; l < D; ++l) {
+    const int64_t b = branching[l], k = top_k[l], n_nodes = nodes[l];
+    span /= b;  // leaves under one child
+    std::vector<float> score((size_t)(P * b));  // [P, b]
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < b; ++c) {
+        const float* leaf = pv + tok[p] * N_ + ((int64_t)node[p] * b + c) * span;
+        double m = 0.0;
+        for (int64_t i = 0; i < span; ++i) m += leaf[i];
+        score[p * b + c] = (float)m;
+      }
+    std::vector<int32_t> idx((size_t)(P * k));
+    select_children(idx.data(), score.data(), aux_free_ ? aux_bias[l].f32() : nullptr, level_bias(l), node, P, b,
+                    k, l);
+    std::vector<int64_t>& counts = r.level_counts[l];
+    counts.assign((size_t)(n_nodes * b), 0);
+    std::vector<int32_t> node2((size_t)(P * k)), tok2((size_t)(P * k));
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = 0; j < k; ++j) {
+        ++counts[(int64_t)node[p] * b + idx[p * k + j]];
+        node2[p * k + j] = (int32_t)(node[p] * b + idx[p * k + j]);
+        tok2[p * k + j] = tok[p];
+      }
+    node.swap(node2);
+    tok.swap(tok2);
+    P *= k;
+  }
+  r.K = P / T;
+  r.expert = node;  // token-major: slot t*K + j
+  r.gate = gather(probs, 1, Tensor::from_vector(node, {T, r.K}, dev)).view({P});
+  // Load balance over the leaves as one flat level (the upper levels have no probabilities of their own).
+  if (lb_w_ > 0.f)
+    lb_terms.push_back(balance_term(probs, std::vector<int32_t>((size_t)T, 0), 1, N_, r.K, r.level_counts[L],
+                                    {T}, leaf_bias, dev));
+  finish(r, lb_terms, z_terms, dev);
+  return r;
+}
+
+// The gates' host values and the weighted routing losses (diversity: siblings at each level whose router is used).
+void TreeRouter::finish(Routing& r, const std::vector<Tensor>& lb_terms, const std::vector<Tensor>& z_terms,
+                        Device dev) const {
+  const int64_t D = depth();
   r.gate_value = r.gate.to_f32_vector();
 
   auto mean_of = [](const std::vector<Tensor>& xs, float w) {
@@ -372,7 +463,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   if (!z_terms.empty()) r.z_loss = mean_of(z_terms, z_w_);
   if (div_w_ > 0.f) {
     std::vector<Tensor> terms;
-    for (int64_t l = 0; l < D; ++l) {
+    for (int64_t l = gate_mode_ == GateMode::GroupLimited ? D - 1 : 0; l < D; ++l) {
       const int64_t b = branching[l], n = nodes[l];
       if (b < 2) continue;
       Tensor Wn = unit_rows(weights[l]).view({n, b, C_});
@@ -383,7 +474,6 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     }
     if (!terms.empty()) r.div_loss = mean_of(terms, div_w_);
   }
-  return r;
 }
 
 }  // namespace cm

@@ -6,9 +6,15 @@
 //     probs  [P, b]  = softmax(logits / temperature + log r_child  (+ -inf for pruned children))
 //     select         = top k of (probs + aux_free_bias) per pair     (no gradient)
 //     path   [P, k]  = path_parent * probs[selected]                 (differentiable)
-//   leaves: a token's K = prod(top_k) experts with gate = product of conditionals along the path,
-//   renormalised over the token's selected leaves (option; only when K > 1: with one expert per token the gate
-//   would be identically 1 and the router would learn nothing from the task loss, so it stays the probability).
+//   leaves: a token's K = prod(top_k) experts; the gate by CoEConfig::gate_mode, with path = product of the
+//   conditionals along the token's path to the leaf:
+//     product        gate = path                                    (Shazeer et al. 2017)
+//     renorm_path    gate = path / sum of path over the token's K leaves (K > 1). A level where the token keeps
+//                    one node (top-k 1 there and above) is a common factor of the K leaves and cancels: it gets
+//                    no gradient from the task loss.
+//     renorm_last    gate = path_parent * p_leaf / sum of p over the k kept siblings (k_last > 1)
+//     group_limited  one softmax over all N leaves; the levels only select (route_grouped below)
+//   Renormalising over a single element would give a constant 1 (no gradient), so K = 1 (k_last = 1) keeps path.
 //
 // Dense (no routing) is [1]; flat top-k is [N]; ClusterMoE is [num_clusters, experts_per_cluster].
 // The Adaptive Clustering (AC) transform on a level replaces h by m_{label} * h and W's rows by unit vectors, with
@@ -76,11 +82,13 @@ class TreeRouter {
   Tensor ac_scale;                // [N, C] running m for evaluation (buffer); undefined without AC levels
 
  private:
+  Routing route_grouped(const Tensor& h, const RouterBias& bias);  // gate_mode group_limited
+  void finish(Routing& r, const std::vector<Tensor>& lb_terms, const std::vector<Tensor>& z_terms, Device dev) const;
   int64_t C_ = 0, N_ = 0;
   std::vector<bool> ac_level_;
   bool ac_scaling_ = true;
   float temperature_ = 1.f;
-  bool renormalize_ = true;
+  GateMode gate_mode_ = GateMode::RenormPath;
   float lb_w_ = 0.f, z_w_ = 0.f, div_w_ = 0.f;
   bool aux_free_ = false;
 };

@@ -20,6 +20,7 @@ struct LayerRoutingStats {
   float z_loss = 0.f;
   float diversity_loss = 0.f;
   float router_entropy = 0.f;         // mean entropy (nats) of the first level's routing distribution
+  float routing_ms = 0.f;             // wall time of the router's forward (host clock, its device reads included)
   float reliability = 1.f;            // layer reliability at the time of the forward
 };
 

@@ -119,19 +119,22 @@ static Device resolve_device(const std::string& name, std::string* note) {
   return Device::CPU;
 }
 
-static const char* TRAIN_LM_SUMMARY =
-    "Trains a ClusterMoE byte-level language model (defaults: the cpu preset on tinyshakespeare).";
-
 static TrainOptions resolve_train_flags(const std::vector<std::string>& args, bool* help);
 
-// The usage text with the built-in defaults; formatted only when it is shown (--help, a flag error): with every
-// model key it costs more than the rest of the flag parsing.
+// The usage text; formatted only when it is shown (--help, a flag error): with every model key it costs more than
+// the rest of the flag parsing. It shows what a run here gets: the defaults under this device's default preset.
 static std::string train_usage() {
-  TrainOptions d;
-  bool help = false;
-  Flags f("train_lm", TRAIN_LM_SUMMARY);
-  add_train_flags(f, d, &help);
-  return f.usage();
+  TrainOptions shown;
+  std::string note;
+  const char* preset = resolve_device("auto", &note) == Device::CUDA ? "shakespeare" : "cpu";
+  apply_preset(shown, preset);
+  shown.preset.clear();
+  bool unused = false;
+  Flags fs("train_lm", str("Trains a ClusterMoE byte-level language model. Defaults below: the ", preset,
+                           " preset, the default on this machine (", preset == std::string("cpu") ? "no " : "a ",
+                           "CUDA device)."));
+  add_train_flags(fs, shown, &unused);
+  return fs.usage();
 }
 
 TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help, std::string* usage) {
@@ -147,7 +150,7 @@ TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help
 
 static TrainOptions resolve_train_flags(const std::vector<std::string>& args, bool* help) {
   TrainOptions o;
-  Flags f("train_lm", TRAIN_LM_SUMMARY);
+  Flags f("train_lm", "Trains a ClusterMoE byte-level language model.");
   add_train_flags(f, o, help);
   std::vector<FlagArg> given = f.split(args);
   std::map<std::string, std::string> last;  // the last value of each flag given
@@ -422,14 +425,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (resuming) train_rows.push_back({"resume", o.resume});
     print_table(out, "training", train_rows);
     std::vector<std::pair<std::string, std::string>> model_rows;
-    for (const auto& kv : model_map) {
-      // CoEConfig writes floats with 9 digits; show the shortest text with the same value.
-      std::string v = kv.second;
-      char* end = nullptr;
-      float x = std::strtof(v.c_str(), &end);
-      if (!v.empty() && *end == '\0' && v.find_first_of(".e") != std::string::npos) v = format_float(x);
-      model_rows.push_back({kv.first, v});
-    }
+    for (const auto& kv : model_map) model_rows.push_back(kv);  // floats already in their shortest exact form
     print_table(out, "model (CoEConfig)", model_rows);
     int threads = 1;
 #if defined(_OPENMP)

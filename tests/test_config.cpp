@@ -121,6 +121,12 @@ TEST_SUITE("config") {
         },
         "tree_branching");
     expect_invalid([](CoEConfig& c) { c.ac_levels = {2}; }, "ac_levels");  // the cluster tree has levels 0, 1
+    expect_invalid(
+        [](CoEConfig& c) {
+          c.gate_mode = GateMode::GroupLimited;  // routes with the last level only: AC on level 0 would do nothing
+          c.ac_levels = {0, 1};
+        },
+        "ac_levels");
     expect_invalid([](CoEConfig& c) { c.routing_temperature = 0.f; }, "routing_temperature");
     expect_invalid([](CoEConfig& c) { c.moe_every = 0; }, "moe_every");
     expect_invalid([](CoEConfig& c) { c.capacity_factor = -1.f; }, "capacity_factor");
@@ -154,8 +160,11 @@ TEST_SUITE("config") {
     c.expert = ExpertKind::GELU;
     c.norm = NormKind::RMSNorm;
     c.use_reliability = false;
+    c.gate_mode = GateMode::RenormLast;
     c.seed = 12345678901ull;
     auto m = c.to_map();
+    CHECK(m.at("gate_mode") == "renorm_last");
+    CHECK(m.count("renormalize_gates") == 0);
     CHECK(m.at("tree_branching") == "2,8");
     CHECK(m.at("router") == "tree");
     CoEConfig d = CoEConfig::from_map(m);
@@ -180,5 +189,28 @@ TEST_SUITE("config") {
     bad = m;
     bad["tree_top_k"] = "2,9";  // parses, then validate() rejects
     CHECK_THROWS_AS(CoEConfig::from_map(bad), Error);
+
+    // Gate designs: every name round-trips; a bad one is named; the key of older checkpoints
+    // (renormalize_gates) reads as the design it meant, and both keys at once are refused.
+    for (GateMode g : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast, GateMode::GroupLimited}) {
+      auto mg = m;
+      mg["gate_mode"] = gate_mode_name(g);
+      mg["ac_levels"] = "1";  // group_limited: AC on the last level only
+      CHECK(CoEConfig::from_map(mg).gate_mode == g);
+    }
+    bad = m;
+    bad["gate_mode"] = "renorm";
+    CHECK_THROWS_WITH_AS(CoEConfig::from_map(bad), doctest::Contains("gate mode 'renorm'"), Error);
+    auto old = m;
+    old.erase("gate_mode");
+    old["renormalize_gates"] = "true";
+    CHECK(CoEConfig::from_map(old).gate_mode == GateMode::RenormPath);
+    old["renormalize_gates"] = "false";
+    CHECK(CoEConfig::from_map(old).gate_mode == GateMode::Product);
+    old["renormalize_gates"] = "maybe";
+    CHECK_THROWS_WITH_AS(CoEConfig::from_map(old), doctest::Contains("renormalize_gates"), Error);
+    old["renormalize_gates"] = "true";
+    old["gate_mode"] = "product";
+    CHECK_THROWS_WITH_AS(CoEConfig::from_map(old), doctest::Contains("renormalize_gates"), Error);
   }
 }

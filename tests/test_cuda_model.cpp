@@ -188,6 +188,32 @@ TEST_SUITE("cuda") {
     CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));
   }
 
+  TEST_CASE("cuda model: every gate design routes and differentiates as on the CPU" * needs_device()) {
+    // Trees where the designs differ: top-k 1 above top-k 2 (renorm_path cancels the upper levels there).
+    for (GateMode g : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast, GateMode::GroupLimited})
+      for (RouterKind kind : {RouterKind::Cluster, RouterKind::Tree}) {
+        const std::string mode = gate_mode_name(g);
+        CAPTURE(mode);
+        CAPTURE(router_kind_name(kind));
+        CoEConfig cfg = tiny(kind);
+        cfg.gate_mode = g;
+        cfg.top_k_clusters = 1;
+        cfg.top_k_experts = 2;
+        cfg.tree_top_k = {1, 1, 2};
+        cfg.dropout = 0.f;
+        cfg.validate();
+        ClusterMoELM a(cfg), b(cfg);
+        b.to(Device::CUDA);
+        Tensor ids = random_ids(4, 16, cfg.vocab_size, 41), tg = random_ids(4, 16, cfg.vocab_size, 42);
+        CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+        check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
+        check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
+        check_scaled(ob.aux_loss, oa.aux_loss, 1e-6f, 1e-4f, "aux loss");
+        for (size_t l = 0; l < oa.layers.size(); ++l) CHECK(oa.layers[l].expert_rows == ob.layers[l].expert_rows);
+        check_gradients(a, oa, b, ob);
+      }
+  }
+
   TEST_CASE("cuda model: AdamW steps with clipping and after_step follow the CPU" * needs_device()) {
     for (RouterKind kind : {RouterKind::Dense, RouterKind::Cluster, RouterKind::Tree}) {
       CAPTURE(router_kind_name(kind));

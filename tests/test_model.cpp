@@ -428,4 +428,92 @@ TEST_SUITE("model") {
     CHECK(m->get_model_summary().num_clusters == 2);
     CHECK(m->forward(ids_tensor(1, 5, 50, 104)).logits.shape() == Shape{1, 5, 50});
   }
+
+  // The task loss alone (cross-entropy; auxiliary losses off; weight decay plays no part in a gradient) must reach
+  // every level's router: a level that gets nothing from it chooses its children at random with respect to the
+  // task. For each gate design, the routers this leaves without a task gradient are exactly the ones stated in
+  // config.h: when a token has K > 1 experts, renorm_path loses every level at which the token still keeps a single
+  // node (top-k 1 there and above: its probability is a common factor of the K leaves and cancels); group_limited never uses the upper levels' weights; product and
+  // renorm_last reach every level for every router kind and top-k.
+  TEST_CASE("every level's router gets a gradient from the task loss alone, per gate design and top-k") {
+    struct Case {
+      const char* name;
+      RouterKind kind;
+      std::vector<int64_t> b, k;  // tree / cluster layout
+      std::vector<int64_t> ac;    // ac_levels
+    };
+    const std::vector<Case> cases = {
+        {"flat top1", RouterKind::Flat, {8}, {1}, {}},         {"flat top2", RouterKind::Flat, {8}, {2}, {}},
+        {"cluster [1,1]", RouterKind::Cluster, {4, 2}, {1, 1}, {}},
+        {"cluster [1,2]", RouterKind::Cluster, {4, 2}, {1, 2}, {}},
+        {"cluster [2,1]", RouterKind::Cluster, {4, 2}, {2, 1}, {}},
+        {"cluster [2,2]", RouterKind::Cluster, {4, 2}, {2, 2}, {}},
+        {"tree [1,1,2]", RouterKind::Tree, {2, 2, 2}, {1, 1, 2}, {}},
+        {"tree [2,1,1]", RouterKind::Tree, {2, 2, 2}, {2, 1, 1}, {}},
+        {"tree [1,2,1]", RouterKind::Tree, {2, 2, 2}, {1, 2, 1}, {}},
+        {"tree [1,1,1]", RouterKind::Tree, {2, 2, 2}, {1, 1, 1}, {}},
+        {"ac top2", RouterKind::AC, {8}, {2}, {}},
+        {"ac cluster [1,2]", RouterKind::Cluster, {4, 2}, {1, 2}, {1}},
+    };
+    for (GateMode g : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast, GateMode::GroupLimited})
+      for (const Case& cs : cases) {
+        const std::string mode = gate_mode_name(g), name = cs.name;
+        CAPTURE(mode);
+        CAPTURE(name);
+        CoEConfig c = small_lm();
+        c.n_layers = 1;
+        c.moe_every = 1;
+        c.router = cs.kind;
+        c.gate_mode = g;
+        c.load_balancing_weight = c.router_z_loss_weight = c.diversity_weight = 0.f;
+        if (cs.kind == RouterKind::Tree) {
+          c.tree_branching = cs.b;
+          c.tree_top_k = cs.k;
+          c.num_clusters = 2;
+          c.experts_per_cluster = 4;
+        } else if (cs.kind == RouterKind::Cluster) {
+          c.num_clusters = cs.b[0];
+          c.experts_per_cluster = cs.b[1];
+          c.top_k_clusters = cs.k[0];
+          c.top_k_experts = cs.k[1];
+        } else {
+          c.num_clusters = 1;
+          c.experts_per_cluster = cs.b[0];
+          c.top_k_clusters = 1;
+          c.top_k_experts = cs.k[0];
+        }
+        c.ac_levels = cs.ac;
+        if (g == GateMode::GroupLimited && !cs.ac.empty() && cs.ac[0] != (int64_t)cs.b.size() - 1) continue;
+        c.validate();
+        ClusterMoELM m(c);
+        CoEOutput o = m.forward(ids_tensor(4, 16, 13, 31), ids_tensor(4, 16, 13, 32));
+        CHECK(o.aux_loss.to_f32_vector()[0] == 0.f);
+        o.loss.backward();
+        // Norm of each level's gradient, relative to the largest level's: rounding leaves about 1e-7 where the
+        // gradient cancels exactly; a level that learns sits above 1e-3 here.
+        const int64_t D = (int64_t)cs.b.size();
+        int64_t K = 1;
+        for (int64_t v : cs.k) K *= v;
+        std::vector<double> norm((size_t)D, 0.0);
+        for (auto& [n, t] : m.named_parameters())
+          for (int64_t l = 0; l < D; ++l)
+            if (n == "blocks.0.moe.router.levels." + std::to_string(l) + ".weight" && t.grad().defined())
+              for (float v : t.grad().to_f32_vector()) norm[l] += (double)v * v;
+        const double top = std::sqrt(*std::max_element(norm.begin(), norm.end()));
+        REQUIRE(top > 0.0);
+        int64_t kept = 1;  // nodes a token keeps at level l
+        for (int64_t l = 0; l < D; ++l) {
+          CAPTURE(l);
+          kept *= cs.k[l];
+          bool expect_none = false;
+          if (g == GateMode::RenormPath) expect_none = kept == 1 && K > 1;
+          if (g == GateMode::GroupLimited) expect_none = l < D - 1;
+          const double rel = std::sqrt(norm[l]) / top;
+          if (expect_none)
+            CHECK(rel < 1e-5);
+          else
+            CHECK(rel > 1e-3);
+        }
+      }
+  }
 }

@@ -265,7 +265,7 @@ TEST_SUITE("reliability") {
     c.experts_per_cluster = 4;
     c.top_k_clusters = 1;
     c.top_k_experts = 4;  // every expert: the gates are the whole distribution
-    c.renormalize_gates = false;
+    c.gate_mode = GateMode::Product;
     c.init_std = 0.5f;
     Generator gen(85);
     MoELayer layer(c, 0, true, gen);
@@ -413,7 +413,9 @@ TEST_SUITE("reliability") {
         CHECK_FALSE(std::isfinite(end_off));
         CHECK_FALSE(std::isfinite(off.losses.back()));
       } else {
-        CHECK((!std::isfinite(hit_off) || hit_off > hit_on + 0.2f));
+        // Right after the fault the unguarded model is worse, by 0.023 here under the default gate design
+        // (renorm_last; 0.38 under renorm_path, whose gates a token's two clusters share); later, clearly worse.
+        CHECK((!std::isfinite(hit_off) || hit_off > hit_on + 0.01f));
         CHECK((!std::isfinite(end_off) || end_off > end_on[1] + 0.05f));
         CHECK((!std::isfinite(mean_off) || mean_off > mean_on + 0.03));
       }

@@ -34,6 +34,7 @@ CoEConfig tree_config(int64_t C, std::vector<int64_t> b, std::vector<int64_t> k)
 struct BruteRoute {
   std::vector<int32_t> leaves;  // [T*K] in the router's order (the DFS order of the selections)
   std::vector<double> gates;    // [T*K] products of conditionals (not renormalised)
+  std::vector<double> parent;   // [T*K] the product of the conditionals above the leaf's level
 };
 BruteRoute brute_route(const TreeRouter& r, const Tensor& h, float temperature) {
   const int64_t T = h.size(0), C = h.size(1), D = r.depth();
@@ -62,12 +63,54 @@ BruteRoute brute_route(const TreeRouter& r, const Tensor& h, float temperature) 
       if (l == D - 1) {
         out.leaves.push_back((int32_t)child);
         out.gates.push_back(path * z[idx[j]]);
+        out.parent.push_back(path);
       } else {
         rec(t, l + 1, child, path * z[idx[j]]);
       }
     }
   };
   for (int64_t t = 0; t < T; ++t) rec(t, 0, 0, 1.0);
+  return out;
+}
+
+// Brute force for gate_mode group_limited: one softmax over all N leaves (the last level's weights), then per level
+// the top-k children of each kept node by the total probability of their leaves; gate = the leaf's probability.
+BruteRoute brute_grouped(const TreeRouter& r, const Tensor& h) {
+  const int64_t T = h.size(0), C = h.size(1), D = r.depth();
+  int64_t N = 1;
+  for (int64_t b : r.branching) N *= b;
+  std::vector<float> hv = h.to_f32_vector(), W = r.weights[D - 1].to_f32_vector();
+  BruteRoute out;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> p((size_t)N);
+    double mx = -1e300, s = 0.0;
+    for (int64_t e = 0; e < N; ++e) {
+      double acc = 0.0;
+      for (int64_t q = 0; q < C; ++q) acc += (double)hv[t * C + q] * W[e * C + q];
+      mx = std::max(mx, p[e] = acc);
+    }
+    for (double& v : p) s += (v = std::exp(v - mx));
+    for (double& v : p) v /= s;
+    std::function<void(int64_t, int64_t, int64_t)> rec = [&](int64_t l, int64_t node, int64_t span) {
+      const int64_t b = r.branching[l], k = r.top_k[l], child_span = span / b;
+      std::vector<double> mass((size_t)b, 0.0);
+      for (int64_t c = 0; c < b; ++c)
+        for (int64_t i = 0; i < child_span; ++i) mass[c] += p[(node * b + c) * child_span + i];
+      std::vector<int64_t> idx((size_t)b);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t c) { return mass[a] > mass[c]; });
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t child = node * b + idx[j];
+        if (l == D - 1) {
+          out.leaves.push_back((int32_t)child);
+          out.gates.push_back(p[child]);
+        } else {
+          rec(l + 1, child, child_span);
+        }
+      }
+    };
+    rec(0, 0, N);
+  }
   return out;
 }
 
@@ -102,7 +145,7 @@ TEST_SUITE("routing") {
       CAPTURE(cs.b.size());
       CoEConfig c = tree_config(8, cs.b, cs.k);
       c.routing_temperature = cs.temp;
-      c.renormalize_gates = false;
+      c.gate_mode = GateMode::Product;
       Generator gen(21);
       TreeRouter r(c, gen);
       Tensor h = uniform({13, 8}, 22);
@@ -115,10 +158,60 @@ TEST_SUITE("routing") {
     }
   }
 
-  TEST_CASE("renormalised gates sum to 1 per token") {
+  TEST_CASE("gate designs: renorm_path, renorm_last and group_limited gates equal their formulas") {
+    struct Case {
+      std::vector<int64_t> b, k;
+    };
+    for (const Case& cs : {Case{{4, 3, 2}, {2, 2, 1}}, Case{{3, 5}, {2, 3}}, Case{{6}, {3}},
+                           Case{{2, 2, 2, 2}, {1, 2, 1, 2}}, Case{{4, 4}, {1, 2}}}) {
+      CAPTURE(cs.b.size());
+      CAPTURE(cs.k[0]);
+      const int64_t D = (int64_t)cs.b.size(), k_last = cs.k.back();
+      Tensor h = uniform({13, 8}, 22);
+      std::vector<Routing> rt;
+      std::vector<TreeRouter> routers;
+      for (GateMode g : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast, GateMode::GroupLimited}) {
+        CoEConfig c = tree_config(8, cs.b, cs.k);
+        c.gate_mode = g;
+        Generator gen(21);  // the same weights for every design
+        routers.emplace_back(c, gen);
+        rt.push_back(routers.back().route(h, RouterBias{}, nullptr, false));
+      }
+      BruteRoute bf = brute_route(routers[0], h, 1.f);
+      const int64_t K = rt[0].K, T = rt[0].T;
+      std::vector<float> path(bf.gates.begin(), bf.gates.end()), whole((size_t)(T * K)), last((size_t)(T * K));
+      for (int64_t t = 0; t < T; ++t) {
+        double sum = 0.0;
+        for (int64_t j = 0; j < K; ++j) sum += bf.gates[t * K + j];
+        for (int64_t j = 0; j < K; ++j) whole[t * K + j] = K > 1 ? (float)(bf.gates[t * K + j] / sum) : path[t * K + j];
+        // A leaf's k_last siblings are consecutive slots (DFS order) and share the parents' factor.
+        for (int64_t j0 = 0; j0 < K; j0 += k_last) {
+          double sib = 0.0;
+          for (int64_t j = j0; j < j0 + k_last; ++j) sib += bf.gates[t * K + j];
+          for (int64_t j = j0; j < j0 + k_last; ++j)
+            last[t * K + j] =
+                k_last > 1 ? (float)(bf.parent[t * K + j] * bf.gates[t * K + j] / sib) : path[t * K + j];
+        }
+      }
+      for (size_t i = 0; i < 3; ++i) CHECK(rt[i].expert == bf.leaves);  // the same selection
+      CHECK_CLOSE(rt[0].gate, path, 1e-6f, 1e-5f);
+      CHECK_CLOSE(rt[1].gate, whole, 1e-6f, 1e-5f);
+      CHECK_CLOSE(rt[2].gate, last, 1e-6f, 1e-5f);
+      BruteRoute gl = brute_grouped(routers[3], h);
+      CHECK(rt[3].expert == gl.leaves);
+      CHECK_CLOSE(rt[3].gate, std::vector<float>(gl.gates.begin(), gl.gates.end()), 1e-6f, 1e-5f);
+      int64_t N = 1;
+      for (int64_t b : cs.b) N *= b;
+      CHECK(rt[3].flops == 2 * T * N * 8);  // one N-way router, as flat
+      if (D > 1) CHECK(rt[1].gate_value != rt[2].gate_value);  // the designs differ on these trees
+    }
+  }
+
+  TEST_CASE("renorm_path gates sum to 1 per token") {
     for (auto bk : {std::pair<std::vector<int64_t>, std::vector<int64_t>>{{4, 4}, {2, 2}},
                     {{8}, {3}}, {{2, 3, 2}, {2, 1, 2}}}) {
       CoEConfig c = tree_config(6, bk.first, bk.second);
+      c.gate_mode = GateMode::RenormPath;
       Generator gen(23);
       TreeRouter r(c, gen);
       Routing rt = r.route(uniform({17, 6}, 24), RouterBias{}, nullptr, false);
@@ -497,7 +590,7 @@ TEST_SUITE("routing") {
       const int64_t C = 5, T = 19, D = (int64_t)cs.b.size();
       CoEConfig c = tree_config(C, cs.b, cs.k);
       c.aux_free_bias = true;
-      c.renormalize_gates = false;
+      c.gate_mode = GateMode::Product;
       Generator gen(45);
       TreeRouter r(c, gen);
       for (int64_t l = 0; l < D; ++l)

@@ -355,6 +355,9 @@ TEST_SUITE("trainer") {
     first.stop_at = 13;  // "interrupted" after step 13: the newest checkpoint is step 8
     TrainResult r1 = train(first, sink);
     CHECK(r1.final_step == 13);
+    // Two runs of one seed (no --deterministic needed: there is no other mode), the same losses bit for bit.
+    REQUIRE(r1.step_losses.size() == 13);
+    for (size_t i = 0; i < 13; ++i) CHECK_MESSAGE(r1.step_losses[i] == rw.step_losses[i], "step ", i + 1);
     CHECK(r1.last_checkpoint == checkpoint_path(dir.file("split"), 8));
     // The resumed run is configured from the checkpoint alone (plus --out_dir to find it).
     TrainOptions second = options({"--out_dir", dir.file("split"), "--resume"});
@@ -399,15 +402,20 @@ TEST_SUITE("trainer") {
     TempDir dir("roundtrip");
     std::string data = shakespeare_excerpt(dir, 50000);
     std::string out_dir = dir.file("out");
-    Ran r = train_lm(tiny_args(data, out_dir) + std::vector<std::string>{"--max_steps", "10", "--eval_every", "0"});
+    // A gate design other than the default: the checkpoint must carry it (sample builds its model from it).
+    const std::vector<std::string> gate = {"--gate_mode", "group_limited"};
+    Ran r = train_lm(tiny_args(data, out_dir) + gate +
+                     std::vector<std::string>{"--max_steps", "10", "--eval_every", "0"});
     REQUIRE_MESSAGE(r.rc == 0, r.err);
     std::string ck = checkpoint_path(out_dir, 10);
     REQUIRE(fs::exists(ck));
 
     // Two models built from the checkpoint give identical logits, and differ from a fresh initialisation.
     SafeTensors st = load_safetensors(ck);
-    CoEConfig cfg = options(tiny_args(data, out_dir))
+    CoEConfig cfg = options(tiny_args(data, out_dir) + gate)
                         .model_config(ByteTokenizer::from_hex(st.require_meta("tokenizer")).vocab_size());
+    CHECK(cfg.gate_mode == GateMode::GroupLimited);
+    CHECK(contains(st.require_meta("config"), "group_limited"));
     ClusterMoELM a(cfg), b(cfg), fresh(cfg);
     for (ClusterMoELM* m : {&a, &b}) {
       NamedTensors state = m->named_parameters();
@@ -445,6 +453,39 @@ TEST_SUITE("trainer") {
     Ran s5 = sample({"--out_dir", out_dir, "--prompt", "ROMEO:", "--max_new_tokens", "40", "--temperature", "1.0",
                      "--top_k", "10", "--seed", "5"});
     CHECK(s5.out == s1.out);
+  }
+
+  TEST_CASE("train_lm and sample: a seed train_lm accepts, sample accepts from the checkpoint") {
+    // Seeds from 2^63 up once failed in sample: the checkpoint's config was read back with a signed parse.
+    TempDir dir("bigseed");
+    std::string text;
+    for (int i = 0; i < 400; ++i) text += "To be, or not to be, that is the question. ";
+    std::string data = dir.file("text.txt");
+    write_bytes(data, text);
+    for (const char* seed : {"9223372036854775808", "18446744073709551615"}) {
+      std::string out_dir = dir.file(std::string("out") + seed);
+      Ran r = train_lm(tiny_args(data, out_dir) +
+                       std::vector<std::string>{"--max_steps", "2", "--eval_every", "0", "--seed", seed});
+      REQUIRE_MESSAGE(r.rc == 0, r.err);
+      // Settings print as written in the start-up table and in the checkpoint's metadata (and read back exactly).
+      CHECK(contains(r.out, "| router_z_loss_weight "));
+      CHECK(contains(r.out, " 0.001 "));
+      CHECK(contains(r.out, " 0.003 "));  // --lr 3e-3
+      CHECK_FALSE(contains(r.out, "0.00100000005"));
+      CHECK_FALSE(contains(r.out, "0.899999976"));
+      for (const auto& kv : read_safetensors_metadata(checkpoint_path(out_dir, 2))) {
+        CHECK_FALSE(contains(kv.second, "00000005"));
+        CHECK_FALSE(contains(kv.second, "99999976"));
+        if (kv.first == "config") CHECK(contains(kv.second, "\"router_z_loss_weight\":\"0.001\""));
+        if (kv.first == "train_options") CHECK(contains(kv.second, std::string("\"seed\":\"") + seed + "\""));
+      }
+      Ran s = sample({"--out_dir", out_dir, "--prompt", "To", "--max_new_tokens", "8", "--seed", seed});
+      CHECK_MESSAGE(s.rc == 0, s.err);
+      CHECK(s.out.size() == 2 + 8 + 1);
+      // And --resume reads the stored seed back too.
+      Ran again = train_lm({"--resume", "--out_dir", out_dir, "--max_steps", "3", "--eval_every", "0"});
+      CHECK_MESSAGE(again.rc == 0, again.err);
+    }
   }
 
   // ---------------------------------------------------------------- bad input

@@ -8,7 +8,8 @@ checkpoint carries the weights) nor dropout's random stream (the benches run wit
 Semantics mirrored exactly (the trap for each is noted where it is implemented):
   - the routing tree: level by level, each (token, node) pair scores only its node's children; selection is the
     top k of the probabilities (+ aux-free bias), ties to the lower index, pruned children never selected; a leaf's
-    gate is the product of conditionals along its path, renormalised over the token's leaves when K > 1;
+    gate is the product of conditionals along its path (gate_mode product), renormalised over the token's leaves
+    when K > 1 (renorm_path) or over the last level's kept siblings (renorm_last); group_limited is not reproduced;
   - reliability: log of each child's reliability added to the logits (inner nodes: usage-weighted mean of their
     children), pruned experts -inf, load-balance targets proportional to reliability;
   - losses: load balance per level and parent (token-weighted), z-loss on the raw logits, sibling diversity; each
@@ -45,7 +46,7 @@ _TYPES = {
     "bias": _bool, "tie_embeddings": _bool, "dropout": float, "init_std": float, "router": str, "num_clusters": int,
     "experts_per_cluster": int, "top_k_clusters": int, "top_k_experts": int, "tree_branching": _ints,
     "tree_top_k": _ints, "ac_levels": _ints, "ac_scaling": _bool, "routing_temperature": float,
-    "renormalize_gates": _bool, "moe_every": int, "expert": str, "capacity_factor": float,
+    "gate_mode": str, "renormalize_gates": _bool, "moe_every": int, "expert": str, "capacity_factor": float,
     "load_balancing_weight": float, "router_z_loss_weight": float, "diversity_weight": float, "aux_free_bias": _bool,
     "aux_free_bias_rate": float, "use_reliability": _bool, "reliability_decay": float, "reliability_min": float,
     "reliability_outlier_factor": float, "use_adaptive_routing": _bool, "use_expert_selection_cache": _bool,
@@ -57,10 +58,16 @@ class Config:
     """CoEConfig from the checkpoint's string map (model/config.h). Floats stay what the C++ float holds."""
 
     def __init__(self, m):
+        self.gate_mode = "renorm_path"  # checkpoints from before gate_mode carry renormalize_gates instead
         for k, v in m.items():
             if k not in _TYPES:
                 raise ValueError(f"unknown config key {k!r}")
             setattr(self, k, _TYPES[k](v))
+        if "renormalize_gates" in m:
+            self.gate_mode = "renorm_path" if self.renormalize_gates else "product"
+        if self.gate_mode not in ("product", "renorm_path", "renorm_last"):
+            # group_limited (one softmax over all leaves, model/router.cpp route_grouped) is not reproduced here
+            raise NotImplementedError(f"gate_mode {self.gate_mode!r} is not implemented in the reference")
 
     def f32(self, name):  # the float32 value the C++ field holds, as a Python float
         return float(torch.tensor(getattr(self, name), dtype=torch.float32))
@@ -323,6 +330,8 @@ class ClusterMoE:
                 counts = torch.bincount((node[:, None] * b + idx).reshape(-1), minlength=n * b)
                 counts_all.append(counts)
             sel = probs.gather(1, idx)  # [P, k]
+            if cfg.gate_mode == "renorm_last" and l == D - 1 and k > 1:
+                sel = sel / sel.sum(1, keepdim=True)
             if lb_w > 0:
                 with torch.no_grad():  # coef = f / q: f = count / (pairs at node * k), q from reliability
                     pairs_at = torch.bincount(node, minlength=n).double()
@@ -341,7 +350,7 @@ class ClusterMoE:
             P *= k
         K = P // T
         gate = path
-        if cfg.renormalize_gates and K > 1:
+        if cfg.gate_mode == "renorm_path" and K > 1:
             g = path.view(T, K)
             gate = (g / g.sum(1, keepdim=True)).reshape(P)
 
