@@ -137,7 +137,7 @@ clean:
 
 -include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
 
-# ---------------------------------------------------------------- fuzzing (clang + libFuzzer; fuzz/README.md)
+# ---------------------------------------------------------------- fuzzing (clang + libFuzzer; README "Fuzzing the inputs")
 #   make fuzz            build the libFuzzer targets fuzz/*.cpp into build-fuzz/ (ASan + UBSan)
 #   make fuzz-run        run each for FUZZ_SECONDS (default 30) on its committed corpus; a finding fails the run
 # A separate build dir and flags: nothing here touches build/. No OpenMP: a fuzz input runs on one thread.

@@ -1,4 +1,4 @@
-// Helpers shared by the libFuzzer targets in this folder (see fuzz/README.md).
+// Helpers shared by the libFuzzer targets in this folder (README: "Fuzzing the inputs").
 #pragma once
 #include <fcntl.h>
 #include <unistd.h>
