@@ -235,11 +235,12 @@ std::string Flags::usage() const {
                       "\n\nA bool flag alone means 1; its values are ", BOOL_WORDS,
                       ". Ranges: a..b integers, [a, b] numbers (a parenthesis excludes that end).\n\n"
                       "flags, accepted values, what they do (default):\n");
-  size_t width = 0;  // of the widest "--name range", so that the descriptions line up
-  for (const auto& s : specs_) width = std::max(width, s.name.size() + s.range.size() + 5);
+  // Descriptions line up after the widest "--name range" up to 44 columns; a longer one just takes a space.
+  size_t width = 0;
+  for (const auto& s : specs_) width = std::max(width, std::min<size_t>(44, s.name.size() + s.range.size() + 5));
   for (const auto& s : specs_) {
     std::string left = str("  --", s.name, " ", s.range);
-    left.resize(width, ' ');
+    if (left.size() < width) left.resize(width, ' ');
     if (s.name == "help") {  // its value is the request itself, not a default
       u += str(left, " ", s.help, "\n");
       continue;
