@@ -151,6 +151,7 @@ FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
 FUZZ_SRC     := $(wildcard fuzz/*.cpp)
 FUZZ_BIN     := $(FUZZ_SRC:fuzz/%.cpp=$(FUZZ_BUILD)/fuzz_%)
 .PHONY: fuzz fuzz-run
+.SECONDARY: $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
 fuzz: $(FUZZ_BIN)
 $(FUZZ_BUILD)/%.o: %.cpp
 	@mkdir -p $(dir $@)
