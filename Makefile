@@ -109,7 +109,7 @@ test: $(TEST_BIN)
 
 bench: $(BENCH_BIN) $(EXP_BIN)
 
-# The experiments harness (bench/experiments/README.md, docs/EXPERIMENTS.md): `make experiments` runs the sweep
+# The experiments harness (docs/EXPERIMENTS.md, bench/experiments/run.sh): `make experiments` runs the sweep
 # (resumable: finished runs are skipped), `make experiments QUICK=1` a few steps per run with its checks (CI).
 $(BUILD)/bench/experiments/%.o: bench/experiments/%.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
@@ -117,7 +117,7 @@ $(BUILD)/bench/experiments/%.o: bench/experiments/%.cpp $(FLAGS_STAMP)
 $(EXP_BIN): $(BUILD)/bench/experiments/experiments.o $(LIB)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 experiments: $(EXP_BIN) $(BUILD)/bench/routing_cost
-	bench/experiments/run.sh $(if $(QUICK),--quick)
+	bench/experiments/run.sh $(if $(filter 1,$(QUICK)),--quick)
 
 # OMP_WAIT_POLICY=passive: on a machine shared with other jobs, OpenMP's default spin-waiting at barriers made
 # steps 10-20x slower and erratic (measured); sleeping waiters cost nothing measurable when the cores are free.

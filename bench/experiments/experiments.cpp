@@ -735,6 +735,43 @@ int cmd_report(int argc, char** argv) {
   }
   md << "Steps to target: the first evaluation (every eval_every steps) with val loss <= " << t.rows[0]["target"]
      << "; runs that never reach it count as n/a.\n\n";
+  // Pairwise comparisons: B against A per measure, as the relative change of the mean, with the noise band
+  // 2 x sqrt(sA^2/nA + sB^2/nB) (about a 95% interval of the difference of two means); a change inside that band
+  // is "inside the noise".
+  const std::vector<std::pair<std::string, std::string>> pairs = {
+      {"flat", "cluster"},      {"flat", "tree"},           {"flat", "ac"},
+      {"cluster", "ac_cluster"}, {"ac_m1", "ac"},            {"dense", "flat"},
+      {"cluster", "cluster@renorm_path"}, {"cluster", "cluster@product"}, {"cluster", "cluster@group_limited"},
+      {"tree", "tree@renorm_path"}, {"flat64", "cluster64"}, {"flat64", "tree64"}};
+  const std::vector<std::pair<std::string, std::string>> cmp_measures = {
+      {"final_val_loss", "val loss"},          {"steps_to_target", "steps to target"},
+      {"corrupt_gap", "corruption gap"},       {"train_tok_per_s", "train tok/s"},
+      {"peak_rss_mib", "peak RSS MiB"},        {"infer_tok_per_s_cache", "gen tok/s cache"},
+      {"util_cv", "util CV"},                  {"share_cv_time", "share CV over time"},
+      {"specialization_mi", "MI byte-expert"}, {"router_entropy", "router entropy"},
+      {"routing_share", "routing share"},      {"loss_spikes", "loss spikes"},
+      {"grad_norm_var", "grad-norm variance"}};
+  md << "### Pairwise comparisons\n\nB against A: mean of B, mean of A, relative change (B - A) / A, and whether the "
+        "difference of the means is larger than its noise band 2 sqrt(sA²/nA + sB²/nB).\n\n";
+  for (auto& [a, b] : pairs) {
+    if (!by.count(a) || !by.count(b)) continue;
+    md << "**" << b << " against " << a << "** (n = " << by[b].size() << ", " << by[a].size() << ")\n\n"
+       << "| measure | " << a << " | " << b << " | change | noise band | verdict |\n|---|---|---|---|---|---|\n";
+    for (auto& [col, label] : cmp_measures) {
+      std::vector<double> va, vb;
+      for (auto& r : by[a]) if (std::isfinite(num(r[col]))) va.push_back(num(r[col]));
+      for (auto& r : by[b]) if (std::isfinite(num(r[col]))) vb.push_back(num(r[col]));
+      if (va.empty() || vb.empty()) continue;
+      const double ma = mean_of(va), mb = mean_of(vb);
+      const double sa = va.size() > 1 ? std_of(va) : NAN, sb = vb.size() > 1 ? std_of(vb) : NAN;
+      const double band = 2.0 * std::sqrt(sa * sa / (double)va.size() + sb * sb / (double)vb.size());
+      std::string verdict = !std::isfinite(band) ? "one seed" : std::fabs(mb - ma) > band ? "differs" : "inside the noise";
+      md << "| " << label << " | " << fmt(ma, 4) << " | " << fmt(mb, 4) << " | "
+         << (ma != 0 ? fmt(100.0 * (mb - ma) / std::fabs(ma), 3) + "%" : "-") << " | " << fmt(band, 2) << " | "
+         << verdict << " |\n";
+    }
+    md << "\n";
+  }
   write_text(f["md"], md.str());
 
   // Figures: val-loss curves with a band over seeds; utilisation CV over steps.
