@@ -37,6 +37,11 @@ void gemm_strided_batched(float* C,        // [batch][M, N]
                           int64_t ldb, int64_t stride_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                           bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f);
 
+// Multiply-adds (M * N * K per product) that the two functions above have been asked for since the program
+// started, from any thread. Tests read it before and after a piece of work to count the products it actually
+// issued (e.g. that a tree router evaluates only its kept nodes), rather than trusting a formula.
+int64_t gemm_multiply_adds();
+
 }  // namespace cm::cpu
 
 #if CM_CUDA

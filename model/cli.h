@@ -156,6 +156,11 @@ struct SampleOptions {
   uint64_t seed = 1337;
   std::string device = "auto";
   bool use_cache = true;  // the expert-selection cache (KV and routing); off recomputes the whole context
+  // Show the routing decisions the cache recorded: "" off; "last" (the bare flag) the last MoE layer; "all"
+  // every MoE layer; or a layer number.
+  std::string show_routing;
+  std::string routing_html = "routing.html";  // with --show_routing: the same as an HTML page here
+  std::string color = "auto";                 // auto (ANSI colours when stdout is a terminal) | always | never
 };
 void add_sample_flags(Flags& f, SampleOptions& o, bool* help);
 

@@ -19,10 +19,16 @@ struct Block {
   MoELayer ffn;  // dense FFN or MoE
 };
 
-// What incremental decoding keeps per layer: attention keys/values and the routing decisions of the prefix.
+// What incremental decoding keeps per layer: attention keys/values of the window, and the routing decisions of
+// every byte read so far (each recorded once, when the byte is first read: a learned-position re-prefill re-routes
+// bytes it already recorded, and those keep their first decision).
 struct DecodeCache {
   std::vector<KVCache> kv;                   // [L]
-  std::vector<std::vector<int32_t>> routes;  // [L] the K experts of each cached position, position-major
+  std::vector<std::vector<int32_t>> routes;  // [L] k[l] experts per byte from `first` on, highest gate first
+  std::vector<int64_t> k;                    // [L] slots per byte
+  int64_t first = 0;                         // sequence index of the first recorded byte
+  int64_t recorded = 0;                      // sequence index one past the last recorded byte
+  int64_t start = 0;                         // sequence index of ids[0] in the coming run()
 };
 
 static const CoEConfig& validated(const CoEConfig& c) {
@@ -34,7 +40,7 @@ ClusterMoELM::ClusterMoELM(const CoEConfig& cfg) : cfg_(validated(cfg)), rng_(cf
   const int64_t C = cfg.d_model, V = cfg.vocab_size;
   Generator gen(cfg.seed);
   tok_emb_ = normal_param({V, C}, cfg.init_std, gen);
-  pos_emb_ = normal_param({cfg.seq_len, C}, cfg.init_std, gen);
+  if (cfg.pos == PosKind::Learned) pos_emb_ = normal_param({cfg.seq_len, C}, cfg.init_std, gen);
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     auto b = std::make_unique<Block>();
     b->norm1 = Norm(cfg.norm, C);
@@ -66,7 +72,7 @@ std::unique_ptr<ClusterMoELM> create_coe_model(int64_t d_model, int64_t num_laye
 std::vector<std::pair<std::string, Tensor>> ClusterMoELM::named_parameters() const {
   NamedParams out;
   out.emplace_back("tok_emb.weight", tok_emb_);
-  out.emplace_back("pos_emb.weight", pos_emb_);
+  if (pos_emb_.defined()) out.emplace_back("pos_emb.weight", pos_emb_);
   for (size_t l = 0; l < blocks_.size(); ++l) {
     const Block& b = *blocks_[l];
     const std::string p = "blocks." + std::to_string(l);
@@ -111,6 +117,7 @@ void ClusterMoELM::to(Device device) {
     impl.grad.reset();
   }
   device_ = device;
+  rope_cos_ = rope_sin_ = Tensor();
 }
 
 int64_t ClusterMoELM::step() const { return step_.i32()[0]; }
@@ -123,6 +130,20 @@ void ClusterMoELM::after_step() {
 // ---------------------------------------------------------------- forward
 
 namespace {
+// The routing cache: appends layer l's decisions for the bytes of this run not yet recorded (sequence indices
+// cache.start + t >= cache.recorded), each byte's k experts ordered by gate, highest first (ties: slot order).
+void record_routes(DecodeCache& cache, size_t l, int64_t B, int64_t T, const MoELayer::Output& o) {
+  const int64_t k = cache.k[l];
+  CM_CHECK(B == 1 && (int64_t)o.expert.size() == T * k && o.gate.size() == o.expert.size(), "routing cache: ",
+           o.expert.size(), " slots for T ", T, " k ", k);
+  std::vector<int64_t> order((size_t)k);
+  for (int64_t t = std::max<int64_t>(0, cache.recorded - cache.start); t < T; ++t) {
+    std::iota(order.begin(), order.end(), t * k);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return o.gate[a] > o.gate[b]; });
+    for (int64_t s : order) cache.routes[l].push_back(o.expert[s]);
+  }
+}
+
 Tensor mean_terms(const std::vector<Tensor>& xs, Device dev) {
   if (xs.empty()) return Tensor::scalar(0.f, dev);
   Tensor acc = xs[0];
@@ -131,13 +152,26 @@ Tensor mean_terms(const std::vector<Tensor>& xs, Device dev) {
 }
 }  // namespace
 
-CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeCache* cache) {
+void ClusterMoELM::rope_rows_for(int64_t p0, int64_t T, Tensor& cos, Tensor& sin) {
+  if (!rope_cos_.defined() || rope_cos_.size(0) < p0 + T) {
+    int64_t P = std::max<int64_t>(cfg_.seq_len, 64);
+    while (P < p0 + T) P *= 2;  // generation far past the window rebuilds the tables a few times, not per byte
+    RopeRows r = rope_rows(0, P, cfg_.head_dim(), cfg_.rope_base, device_);
+    rope_cos_ = r.cos;
+    rope_sin_ = r.sin;
+  }
+  cos = rope_cos_.slice(0, p0, p0 + T);
+  sin = rope_sin_.slice(0, p0, p0 + T);
+}
+
+CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeCache* cache, int64_t pos0) {
   CM_REQUIRE(ids.defined() && ids.dtype() == DType::I32 && ids.dim() == 2,
              "forward: ids must be i32 [B, T], got ", ids.defined() ? shape_str(ids.shape()) : "undefined");
   const int64_t B = ids.size(0), T = ids.size(1), C = cfg_.d_model, V = cfg_.vocab_size;
-  const int64_t pos0 = cache ? cache->kv[0].len : 0;
+  const bool rope_pos = cfg_.pos == PosKind::Rope;
   CM_REQUIRE(B > 0 && T > 0, "forward: empty ids ", shape_str(ids.shape()));
-  CM_REQUIRE(pos0 + T <= cfg_.seq_len, "forward: sequence length ", pos0 + T, " exceeds seq_len ", cfg_.seq_len);
+  CM_REQUIRE(rope_pos || pos0 + T <= cfg_.seq_len, "forward: sequence length ", pos0 + T, " exceeds seq_len ",
+             cfg_.seq_len, " (learned positions; pos rope slides a window of seq_len instead)");
   std::vector<int32_t> idv = ids.to_i32_vector();
   for (int32_t v : idv) CM_REQUIRE(v >= 0 && v < V, "forward: token id ", v, " outside [0, ", V, ")");
   if (targets_in.defined())
@@ -149,7 +183,12 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
   const bool drop = training_ && cfg_.dropout > 0.f;
   auto dropout_ = [&](const Tensor& t) { return drop ? dropout(t, cfg_.dropout, true, rng_) : t; };
 
-  Tensor x = add(embedding(tok_emb_, ids_d), pos_emb_.slice(0, pos0, pos0 + T));  // [B, T, C]
+  Tensor x = embedding(tok_emb_, ids_d);  // [B, T, C]
+  RopeRows rr;                            // rope: [T, D] rows shared by every layer
+  if (rope_pos)
+    rope_rows_for(pos0, T, rr.cos, rr.sin);
+  else
+    x = add(x, pos_emb_.slice(0, pos0, pos0 + T));
   x = dropout_(x);
 
   CoEOutput out;
@@ -159,7 +198,7 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
   float rel_sum = 0.f;
   for (size_t l = 0; l < blocks_.size(); ++l) {
     Block& b = *blocks_[l];
-    x = add(x, dropout_(b.attn.forward(b.norm1.forward(x), cache ? &cache->kv[l] : nullptr)));
+    x = add(x, dropout_(b.attn.forward(b.norm1.forward(x), pos0, rr, cache ? &cache->kv[l] : nullptr)));
     Tensor h = b.norm2.forward(x).view({B * T, C});
     MoELayer::Output o = b.ffn.forward(h, &idv, have_labels ? &labels : nullptr, training_);
     x = add(x, dropout_(o.y.view({B, T, C})));
@@ -170,10 +209,11 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
       if (o.z_loss.defined()) z.push_back(o.z_loss);
       if (o.div_loss.defined()) dv.push_back(o.div_loss);
     }
-    if (cache) cache->routes[l].insert(cache->routes[l].end(), o.expert.begin(), o.expert.end());
+    if (cache) record_routes(*cache, l, B, T, o);
     rel_sum += o.stats.reliability;
     out.layers.push_back(std::move(o.stats));
   }
+  if (cache) cache->recorded = std::max(cache->recorded, cache->start + T);
   x = cfg_.norm == NormKind::LayerNorm ? layernorm(x, norm_f_w_, norm_f_b_) : rmsnorm(x, norm_f_w_);
   out.logits = linear(x, lm_head_.defined() ? lm_head_ : tok_emb_);  // [B, T, V]
 
@@ -190,7 +230,7 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
   return out;
 }
 
-CoEOutput ClusterMoELM::forward(const Tensor& ids, const Tensor& targets) { return run(ids, targets, nullptr); }
+CoEOutput ClusterMoELM::forward(const Tensor& ids, const Tensor& targets) { return run(ids, targets, nullptr, 0); }
 
 // ---------------------------------------------------------------- metrics
 
@@ -352,48 +392,78 @@ static int32_t sample_token(const std::vector<float>& row, float temperature, in
   return idx[k - 1];
 }
 
+// Learned: the last W bytes, re-encoded at positions 0 .. W - 1. Rope: each layer looks W - 1 positions further
+// back, so through L layers the last L * (W - 1) + 1 bytes, at their absolute positions: a forward of those gives
+// the last position exactly what the full sliding-window forward gives it.
+int64_t ClusterMoELM::generation_reach() const {
+  return cfg_.pos == PosKind::Rope ? cfg_.n_layers * (cfg_.seq_len - 1) + 1 : cfg_.seq_len;
+}
+
 std::vector<int32_t> ClusterMoELM::generate(const std::vector<int32_t>& prompt, int64_t n, float temperature,
-                                            int64_t top_k, uint64_t seed, bool use_cache) {
+                                            int64_t top_k, uint64_t seed, bool use_cache,
+                                            GenerationRouting* routing) {
   CM_REQUIRE(!prompt.empty(), "generate: empty prompt");
   CM_REQUIRE(n >= 0, "generate: n = ", n, " must be >= 0");
+  const bool cached = use_cache && cfg_.use_expert_selection_cache;
+  CM_REQUIRE(!routing || cached, "generate: the routing decisions are read from the expert-selection cache, which ",
+             use_cache ? "the model's config turns off (use_expert_selection_cache = false)" : "is off");
   NoGrad ng;
   const bool was_training = training_;
   training_ = false;
-  const int64_t L = cfg_.n_layers, H = cfg_.n_heads, D = cfg_.head_dim(), Tmax = cfg_.seq_len, V = cfg_.vocab_size;
-  const bool cached = use_cache && cfg_.use_expert_selection_cache;
+  const int64_t L = cfg_.n_layers, H = cfg_.n_heads, D = cfg_.head_dim(), W = cfg_.seq_len, V = cfg_.vocab_size;
+  const bool rope_pos = cfg_.pos == PosKind::Rope;
+  const int64_t reach = generation_reach();
   std::vector<int32_t> seq = prompt, out;
   Generator g(seed);
   DecodeCache cache;
+  cache.routes.assign((size_t)L, {});
+  for (const auto& b : blocks_) cache.k.push_back(b->ffn.moe ? b->ffn.K : 1);
   auto window = [&](int64_t len) {
     std::vector<int32_t> w(seq.end() - len, seq.end());
     return Tensor::from_vector(w, {1, len});
   };
-  auto fresh_cache = [&] {
+  auto fresh_kv = [&] {
     cache.kv.assign((size_t)L, KVCache{});
     for (auto& kv : cache.kv) {
-      kv.k = Tensor::zeros({1, H, Tmax, D}, DType::F32, device_);
-      kv.v = Tensor::zeros({1, H, Tmax, D}, DType::F32, device_);
+      kv.k = Tensor::zeros({1, H, W, D}, DType::F32, device_);
+      kv.v = Tensor::zeros({1, H, W, D}, DType::F32, device_);
     }
-    cache.routes.assign((size_t)L, {});
+  };
+  // One forward that reads the newest byte of seq; returns the logits of the next one [V].
+  auto step = [&](bool first) {
+    const int64_t len = (int64_t)seq.size(), ctx = std::min(len, reach);
+    const int64_t p0 = rope_pos ? len - ctx : 0;  // model position of the window's first byte
+    CoEOutput o;
+    if (!cached) {
+      o = run(window(ctx), Tensor(), nullptr, p0);
+    } else if (first || (cache.kv[0].next >= W && !rope_pos)) {
+      // Prefill. Learned positions also land here once the window is full: the kept bytes move to new positions.
+      fresh_kv();
+      cache.start = len - ctx;
+      if (first) cache.first = cache.recorded = cache.start;
+      o = run(window(ctx), Tensor(), &cache, p0);
+    } else {
+      cache.start = len - 1;
+      o = run(window(1), Tensor(), &cache, cache.kv[0].next);  // one position through every layer
+    }
+    const int64_t T = o.logits.size(1);
+    return o.logits.select(1, T - 1).reshape({V}).to_f32_vector();
   };
   try {
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t ctx = std::min<int64_t>((int64_t)seq.size(), Tmax);
-      CoEOutput o;
-      if (!cached) {
-        o = run(window(ctx), Tensor(), nullptr);
-      } else if (i == 0 || cache.kv[0].len >= Tmax) {
-        // Prefill; also when the window is full: learned absolute positions mean the kept suffix is re-encoded.
-        fresh_cache();
-        o = run(window(ctx), Tensor(), &cache);
-      } else {
-        o = run(window(1), Tensor(), &cache);  // the token sampled last: one position through every layer
-      }
-      const int64_t T = o.logits.size(1);
-      std::vector<float> row = o.logits.select(1, T - 1).reshape({V}).to_f32_vector();
-      int32_t next = sample_token(row, temperature, top_k, g);
+      int32_t next = sample_token(step(i == 0), temperature, top_k, g);
       seq.push_back(next);
       out.push_back(next);
+    }
+    if (routing) {
+      if (n > 0) step(false);  // read the last generated byte: its routing decision (logits unused)
+      routing->first = cache.first;
+      routing->k = cache.k;
+      routing->experts = cache.routes;
+      if (n == 0) {  // nothing generated, nothing read
+        routing->first = (int64_t)seq.size();
+        for (auto& r : routing->experts) r.clear();
+      }
     }
   } catch (...) {
     training_ = was_training;

@@ -26,6 +26,7 @@ const char* router_kind_name(RouterKind k) {
 }
 const char* expert_kind_name(ExpertKind k) { return k == ExpertKind::SwiGLU ? "swiglu" : "gelu"; }
 const char* norm_kind_name(NormKind k) { return k == NormKind::LayerNorm ? "layernorm" : "rmsnorm"; }
+const char* pos_kind_name(PosKind k) { return k == PosKind::Learned ? "learned" : "rope"; }
 const char* gate_mode_name(GateMode g) {
   switch (g) {
     case GateMode::Product: return "product";
@@ -55,6 +56,11 @@ NormKind parse_norm_kind(const std::string& s) {
   if (s == "layernorm") return NormKind::LayerNorm;
   if (s == "rmsnorm") return NormKind::RMSNorm;
   fail("norm kind '", s, "': expected layernorm or rmsnorm");
+}
+PosKind parse_pos_kind(const std::string& s) {
+  if (s == "learned") return PosKind::Learned;
+  if (s == "rope") return PosKind::Rope;
+  fail("position kind '", s, "': expected learned or rope");
 }
 
 // ---------------------------------------------------------------- derived
@@ -125,6 +131,12 @@ void CoEConfig::validate() const {
   CFG_REQUIRE(d_ff > 0, "d_ff", d_ff, "must be positive");
   CFG_REQUIRE(vocab_size > 0, "vocab_size", vocab_size, "must be positive");
   CFG_REQUIRE(seq_len > 0, "seq_len", seq_len, "must be positive");
+  if (pos == PosKind::Rope) {
+    // Rotary pairs dimension i with i + D/2 of each head.
+    CFG_REQUIRE(head_dim() % 2 == 0, "pos", "rope",
+                str("needs an even head size, got d_model / n_heads = ", d_model, " / ", n_heads, " = ", head_dim()));
+    CFG_REQUIRE(rope_base > 1.f && std::isfinite(rope_base), "rope_base", rope_base, "must be > 1 and finite");
+  }
   CFG_REQUIRE(dropout >= 0.f && dropout < 1.f, "dropout", dropout, "must be in [0, 1)");
   CFG_REQUIRE(init_std > 0.f && std::isfinite(init_std), "init_std", init_std, "must be positive and finite");
 
@@ -369,6 +381,9 @@ const std::vector<Field>& fields() {
             [](const CoEConfig& c) { return std::to_string(c.seq_len); },
             [](CoEConfig& c, const std::string& v) { c.seq_len = parse_int("seq_len", v); }},
       F_CHOICE(norm, "layernorm|rmsnorm", norm_kind_name, parse_norm_kind, "normalisation before each sublayer"),
+      F_CHOICE(pos, "learned|rope", pos_kind_name, parse_pos_kind,
+               "positions: a learned table, or rotary (rope: windows slide past seq_len)"),
+      F_FLOAT_OPEN(rope_base, true, 1, 1e30, false, "rope: pair i of a head turns by position * base^(-2i/D)"),
       F_BOOL(bias, "biases in the attention and FFN linears"),
       F_BOOL(tie_embeddings, "LM head shares the token embedding"),
       F_FLOAT_OPEN(dropout, false, 0, 0.95, false, "dropout probability (training only)"),

@@ -22,6 +22,9 @@ namespace cm {
 enum class RouterKind { Dense, Flat, Cluster, Tree, AC };
 enum class ExpertKind { SwiGLU, GELU };
 enum class NormKind { LayerNorm, RMSNorm };
+// Positions: a learned table [seq_len, C] added to the embeddings, or rotary (RoPE) rotations of each head's
+// queries and keys by absolute position (no parameters; windows past seq_len, see model/layers.h).
+enum class PosKind { Learned, Rope };
 // How a token's gates come from its routing path (DESIGN.md 4.2; router.h has the formulas):
 //   product        (b) the product of the levels' conditional probabilities (Shazeer et al. 2017's hierarchical MoE)
 //   renorm_path    (a) that product renormalised over the token's K leaves (K > 1). At a level where the token
@@ -35,10 +38,12 @@ enum class GateMode { Product, RenormPath, RenormLast, GroupLimited };
 const char* router_kind_name(RouterKind k);  // "dense", "flat", "cluster", "tree", "ac"
 const char* expert_kind_name(ExpertKind k);  // "swiglu", "gelu"
 const char* norm_kind_name(NormKind k);      // "layernorm", "rmsnorm"
+const char* pos_kind_name(PosKind k);        // "learned", "rope"
 const char* gate_mode_name(GateMode g);      // "product", "renorm_path", "renorm_last", "group_limited"
 RouterKind parse_router_kind(const std::string& s);  // throws cm::Error naming the value and the choices
 ExpertKind parse_expert_kind(const std::string& s);
 NormKind parse_norm_kind(const std::string& s);
+PosKind parse_pos_kind(const std::string& s);
 GateMode parse_gate_mode(const std::string& s);
 
 struct CoEConfig {
@@ -48,7 +53,9 @@ struct CoEConfig {
   int64_t n_heads = 4;       // H; d_model % n_heads == 0
   int64_t d_ff = 256;        // hidden width of each expert (and of a dense FFN)
   int64_t vocab_size = 256;  // V
-  int64_t seq_len = 128;     // maximum context (learned positions)
+  int64_t seq_len = 128;     // context window: the learned table's length; with rope, the attention window
+  PosKind pos = PosKind::Learned;
+  float rope_base = 10000.f;  // rope: pair i of a head turns by position * rope_base^(-2i/D)
   NormKind norm = NormKind::LayerNorm;
   bool bias = false;           // biases in attention and FFN linears
   bool tie_embeddings = true;  // LM head = token embedding

@@ -38,21 +38,48 @@ struct Norm {
   void collect(const std::string& prefix, NamedParams& out) const;
 };
 
-// Keys and values of one attention layer for incremental decoding (NoGrad only).
+// ---- rotary positions (RoPE)
+// Position p turns the pair (i, i + D/2) of every head's query and key by the angle p * base^(-2i/D), i < D/2
+// (the "rotate half" layout). A query-key product then depends on the positions only through their difference,
+// so cached keys stay valid as the context slides.
+// Rows [p0, p0 + T) of the tables: cos [T, D] (cos of the pair's angle, both halves) and sin [T, D] with the
+// rotation's sign folded in (-sin in the first half, +sin in the second). Angles are formed in double.
+struct RopeRows {
+  Tensor cos, sin;  // [T, D]
+};
+RopeRows rope_rows(int64_t p0, int64_t T, int64_t D, float base, Device dev);
+// x [..., T, D] -> x * cos + swap_halves(x) * sin, where swap_halves(x) = [x2, x1] for x = [x1, x2]: out1 =
+// x1 cos - x2 sin, out2 = x2 cos + x1 sin. Composed of split, concat, mul and add: the backward comes from them
+// (the inverse rotation), on any device.
+Tensor rope(const Tensor& x, const RopeRows& r);
+
+// Causal attention in which a query sees at most `window` keys, itself included (query i: keys i - window + 1 ..
+// i). q, k, v [B, H, T, D] -> [B, H, T, D]; composite (scores, band mask, softmax, times v). window >= T is
+// plain causal attention.
+Tensor windowed_causal_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window);
+
+// Keys and values of one attention layer for incremental decoding (NoGrad only). W slots; position p lives in slot
+// p % W. With learned positions the positions never pass W (generation past the window starts a new cache); with
+// rope the slots are a ring: position p overwrites p - W, the one key that left the window, and the keys keep the
+// rotation of their absolute position.
 struct KVCache {
-  Tensor k, v;      // [B, H, Tmax, D], filled up to len
-  int64_t len = 0;  // positions held
+  Tensor k, v;       // [B, H, W, D]
+  int64_t len = 0;   // slots filled: min(positions seen, W)
+  int64_t next = 0;  // position of the next token
 };
 
 struct Attention {
   int64_t H = 1;
+  int64_t window = 1;  // W = seq_len: the most keys a query sees
   Linear qkv;   // C -> 3C (q, k, v stacked)
   Linear proj;  // C -> C
   Attention() = default;
   Attention(const CoEConfig& cfg, Generator& gen);
-  // x [B, T, C] -> [B, T, C]. With a cache: appends this call's keys/values at cache->len; the queries attend to
-  // everything in the cache (T == 1 step, or a prefill of an empty cache).
-  Tensor forward(const Tensor& x, KVCache* cache = nullptr) const;
+  // x [B, T, C] -> [B, T, C] for positions p0 .. p0 + T - 1. rope: the rows of those positions (undefined tensors:
+  // learned positions, already in x). T > W (rope only) attends through a sliding window of W.
+  // With a cache: a prefill of an empty cache (any T; its last min(T, W) keys and values are kept), or one new
+  // token at cache->next that attends to every held slot.
+  Tensor forward(const Tensor& x, int64_t p0, const RopeRows& rope, KVCache* cache = nullptr) const;
   void collect(const std::string& prefix, NamedParams& out) const;
 };
 

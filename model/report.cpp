@@ -454,4 +454,161 @@ std::string render_svg(const std::vector<StepRecord>& steps, const std::vector<E
   return o.str();
 }
 
+// ---------------------------------------------------------------- generated text coloured by routing
+
+namespace {
+// Tableau's qualitative colours and the nearest xterm 256-colour entries.
+const char* ROUTE_HEX[kRoutingColours] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+                                         "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#000080", "#00d7af"};
+const int ROUTE_ANSI[kRoutingColours] = {31, 160, 34, 208, 97, 94, 170, 37, 142, 244, 18, 43};
+
+std::string path_of(int64_t e, const std::vector<int64_t>& b, size_t depth) {
+  std::vector<int64_t> digits(b.size());
+  for (size_t l = b.size(); l-- > 0;) {
+    digits[l] = e % b[l];
+    e /= b[l];
+  }
+  std::string s;
+  for (size_t l = 0; l < depth; ++l) s += (l ? "." : "") + std::to_string(digits[l]);
+  return s;
+}
+
+// Runs of bytes with one colour; a UTF-8 continuation byte (10xxxxxx) never starts a run. Calls
+// emit(colour or -1, begin, end).
+template <class Emit>
+void colour_runs(const std::string& text, const std::vector<int32_t>& colour_of_byte, Emit emit) {
+  size_t i = 0;
+  while (i < text.size()) {
+    const int32_t c = colour_of_byte[i];
+    size_t j = i + 1;
+    while (j < text.size() && ((unsigned char)text[j] & 0xC0) == 0x80) ++j;  // rest of this character
+    while (j < text.size() && colour_of_byte[j] == c && text[j] != '\n') {
+      ++j;
+      while (j < text.size() && ((unsigned char)text[j] & 0xC0) == 0x80) ++j;
+    }
+    if (text[i] == '\n') j = i + 1;  // a newline is its own run: colours never cross lines
+    emit(c, i, j);
+    i = j;
+  }
+}
+
+std::vector<int32_t> byte_colours(const std::string& text, const RoutedLayer& l, const RoutingColours& rc) {
+  CM_REQUIRE(l.expert.size() == text.size(), "routing of layer ", l.layer, ": ", l.expert.size(), " decisions for ",
+             text.size(), " bytes");
+  std::vector<int32_t> c(text.size(), -1);
+  for (size_t i = 0; i < text.size(); ++i) {
+    const int32_t e = l.expert[i];
+    CM_REQUIRE(e >= -1 && e < (int32_t)rc.colour.size(), "routing of layer ", l.layer, ": expert ", e,
+               " outside [0, ", rc.colour.size(), ")");
+    if (e >= 0) c[i] = rc.colour[e];
+  }
+  return c;
+}
+
+std::string html_escape(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    switch (ch) {
+      case '<': o += "&lt;"; break;
+      case '>': o += "&gt;"; break;
+      case '&': o += "&amp;"; break;
+      case '"': o += "&quot;"; break;
+      default: o += ch;
+    }
+  }
+  return o;
+}
+}  // namespace
+
+const char* routing_colour_hex(int c) { return ROUTE_HEX[((c % kRoutingColours) + kRoutingColours) % kRoutingColours]; }
+int routing_colour_ansi(int c) { return ROUTE_ANSI[((c % kRoutingColours) + kRoutingColours) % kRoutingColours]; }
+
+RoutingColours routing_colours(const std::vector<int64_t>& branching) {
+  CM_REQUIRE(!branching.empty(), "routing colours: empty tree");
+  RoutingColours rc;
+  int64_t N = 1, nodes = 1;
+  for (int64_t b : branching) N *= b;
+  // Deepest level whose prefixes fit in the palette (at least one level).
+  rc.depth = 1;
+  nodes = branching[0];
+  for (size_t d = 1; d < branching.size() && nodes * branching[d] <= kRoutingColours; ++d) {
+    nodes *= branching[d];
+    rc.depth = (int64_t)d + 1;
+  }
+  const int64_t per_node = N / nodes, used = std::min<int64_t>(nodes, kRoutingColours);
+  rc.colour.resize((size_t)N);
+  for (int64_t e = 0; e < N; ++e) rc.colour[(size_t)e] = (int32_t)((e / per_node) % kRoutingColours);
+  rc.label.assign((size_t)used, "");
+  const bool leaves = rc.depth == (int64_t)branching.size();
+  for (int64_t n = 0; n < nodes; ++n) {
+    std::string& lab = rc.label[(size_t)(n % kRoutingColours)];
+    const std::string path = path_of(n * per_node, branching, (size_t)rc.depth);
+    if (!lab.empty()) lab += ", ";
+    if (leaves)
+      lab += "expert " + std::to_string(n) + (branching.size() > 1 ? " (path " + path + ")" : "");
+    else
+      lab += "experts " + std::to_string(n * per_node) + "-" + std::to_string((n + 1) * per_node - 1) + " (path " +
+             path + ".*)";
+  }
+  return rc;
+}
+
+std::string render_routing_ansi(const std::string& text, const std::vector<RoutedLayer>& layers) {
+  std::ostringstream o;
+  const std::string reset = "\x1b[0m";
+  auto esc = [](int c) { return "\x1b[38;5;" + std::to_string(routing_colour_ansi(c)) + "m"; };
+  for (const RoutedLayer& l : layers) {
+    RoutingColours rc = routing_colours(l.branching);
+    std::vector<int32_t> bc = byte_colours(text, l, rc);
+    o << "routing of layer " << l.layer << " (each byte coloured by its highest-gate expert"
+      << (rc.depth < (int64_t)l.branching.size() ? "'s path to level " + std::to_string(rc.depth) : "") << "):\n";
+    for (size_t c = 0; c < rc.label.size(); ++c)
+      o << "  " << esc((int)c) << "\u2588\u2588" << reset << " " << rc.label[c] << "\n";
+    colour_runs(text, bc, [&](int32_t c, size_t a, size_t b) {
+      const bool paint = c >= 0 && text[a] != '\n';  // a coloured newline shows nothing and can tint the margin
+      if (paint) o << esc(c);
+      o.write(text.data() + a, (std::streamsize)(b - a));
+      if (paint) o << reset;
+    });
+    o << "\n";
+  }
+  return o.str();
+}
+
+std::string render_routing_html(const std::string& text, const std::vector<RoutedLayer>& layers,
+                                const std::string& title) {
+  std::ostringstream o;
+  o << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" << html_escape(title) << "</title>\n<style>\n"
+    << "body { font-family: sans-serif; margin: 2em; }\n"
+    << "pre { font-size: 15px; line-height: 1.4; white-space: pre-wrap; border: 1px solid #ddd; padding: 1em; }\n"
+    << "ul.legend { list-style: none; padding: 0; } ul.legend li { display: inline-block; margin-right: 1.5em; }\n"
+    << ".sw { display: inline-block; width: 1em; height: 1em; vertical-align: middle; margin-right: 0.3em; }\n";
+  for (int c = 0; c < kRoutingColours; ++c)
+    o << ".c" << c << " { color: " << routing_colour_hex(c) << "; } .sw.c" << c << " { background: "
+      << routing_colour_hex(c) << "; }\n";
+  o << "</style></head><body>\n<h1>" << html_escape(title) << "</h1>\n";
+  for (const RoutedLayer& l : layers) {
+    RoutingColours rc = routing_colours(l.branching);
+    std::vector<int32_t> bc = byte_colours(text, l, rc);
+    o << "<h2>layer " << l.layer << "</h2>\n<p>Each byte is coloured by the highest-gate expert it took"
+      << (rc.depth < (int64_t)l.branching.size() ? " (its path to level " + std::to_string(rc.depth) + ")" : "")
+      << "; uncoloured bytes were not read by the model.</p>\n<ul class=\"legend\">\n";
+    for (size_t c = 0; c < rc.label.size(); ++c)
+      o << "<li><span class=\"sw c" << c << "\"></span>" << html_escape(rc.label[c]) << "</li>\n";
+    o << "</ul>\n<pre>";
+    colour_runs(text, bc, [&](int32_t c, size_t a, size_t b) {
+      const std::string part = html_escape(text.substr(a, b - a));
+      if (c < 0)
+        o << part;
+      else
+        o << "<span class=\"c" << c << "\">" << part << "</span>";
+    });
+    o << "</pre>\n";
+  }
+  o << "</body></html>\n";
+  return o.str();
+}
+
+void write_text_file(const std::string& path, const std::string& text) { write_file_atomic(path, text); }
+
 }  // namespace cm

@@ -76,4 +76,40 @@ std::string render_svg(const std::vector<StepRecord>& steps, const std::vector<E
 // Console: per-layer routing summary at an evaluation.
 void print_routing_summary(std::ostream& os, const std::vector<LayerRouting>& layers);
 
+// ---------------------------------------------------------------- generated text coloured by routing
+// `sample --show_routing`: each byte of the text coloured by the expert path it took in an MoE layer, as terminal
+// text (ANSI 256-colour escapes) and as an HTML page, each with a legend. The decisions come from the model's
+// expert-selection cache (ClusterMoELM::generate's GenerationRouting); this code only draws them.
+//
+// Colours. A byte's expert is its highest-gate one; its path is the expert's digits in the tree [b1, ..., bD]
+// (expert 5 of [2, 4] is path 1.1: cluster 1, its expert 1). The colour is the path cut at the deepest level that
+// has at most 12 prefixes, so up to 12 experts get one colour each, and a bigger tree is coloured by cluster (or
+// by node of the deepest level that fits). A first level wider than 12 repeats colours: node i gets colour i % 12,
+// and the legend lists every node that shares a colour.
+struct RoutedLayer {
+  int64_t layer = 0;
+  std::vector<int64_t> branching;  // the layer's routing tree, product N
+  std::vector<int32_t> expert;     // [bytes] highest-gate expert of each byte; -1: not recorded (uncoloured)
+};
+struct RoutingColours {
+  int64_t depth = 1;                  // path levels that decide the colour
+  std::vector<int32_t> colour;        // [N] colour of each expert, in [0, 12)
+  std::vector<std::string> label;     // [colours used] what each colour stands for: "expert 5 (path 1.1)", ...
+};
+RoutingColours routing_colours(const std::vector<int64_t>& branching);
+constexpr int kRoutingColours = 12;
+const char* routing_colour_hex(int c);  // "#1f77b4", ...
+int routing_colour_ansi(int c);         // xterm 256-colour index
+
+// text [bytes]; layers: the ones to show (each expert vector as long as text). The terminal form prints, per
+// layer, a header, the legend, then the text; a byte without a decision is printed plain. UTF-8 sequences stay
+// whole (a continuation byte takes its lead byte's colour).
+std::string render_routing_ansi(const std::string& text, const std::vector<RoutedLayer>& layers);
+// The same as a standalone HTML page (CSS classes c0 .. c11, a legend list, a <pre> per layer; the title and
+// text are escaped).
+std::string render_routing_html(const std::string& text, const std::vector<RoutedLayer>& layers,
+                                const std::string& title);
+// Writes text to path atomically (temporary file, then rename).
+void write_text_file(const std::string& path, const std::string& text);
+
 }  // namespace cm

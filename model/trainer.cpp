@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <iostream>
 #include <map>
 
 #include "model/checkpoint.h"
@@ -563,6 +564,31 @@ int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::o
   }
 }
 
+// The layers --show_routing asks for (empty: off). Every bad value is a UsageError naming it.
+static std::vector<int64_t> routing_layers(const SampleOptions& o, const CoEConfig& cfg) {
+  if (o.show_routing.empty()) return {};
+  if (!o.use_cache)
+    throw UsageError("--show_routing reads the routing decisions from the expert-selection cache: drop --cache 0");
+  std::vector<int64_t> moe;
+  for (int64_t l = 0; l < cfg.n_layers; ++l)
+    if (cfg.is_moe_layer(l)) moe.push_back(l);
+  if (moe.empty())
+    throw UsageError(str("--show_routing: this model has no MoE layer (router ", router_kind_name(cfg.router), ")"));
+  std::string list;
+  for (int64_t l : moe) list += (list.empty() ? "" : ", ") + std::to_string(l);
+  if (o.show_routing == "last") return {moe.back()};
+  if (o.show_routing == "all") return moe;
+  int64_t l = -1;
+  try {
+    l = parse_int(o.show_routing, "--show_routing");
+  } catch (const Error&) {
+    throw UsageError(str("--show_routing must be last, all or an MoE layer (", list, "), got '", o.show_routing, "'"));
+  }
+  if (std::find(moe.begin(), moe.end(), l) == moe.end())
+    throw UsageError(str("--show_routing ", l, ": not an MoE layer of this model (MoE layers: ", list, ")"));
+  return {l};
+}
+
 int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   SampleOptions o;
   bool help = false;
@@ -607,12 +633,38 @@ int run_sample(const std::vector<std::string>& args, std::ostream& out, std::ost
     model.to(dev);
 
     CM_REQUIRE(!o.prompt.empty(), "--prompt: give at least one character to continue");
+    const std::vector<int64_t> shown = routing_layers(o, cfg);  // checked before the work
     std::vector<int32_t> prompt = tok.encode(o.prompt);
+    GenerationRouting routing;
     auto t0 = std::chrono::steady_clock::now();
-    std::vector<int32_t> ids = model.generate(prompt, o.max_new_tokens, o.temperature, o.top_k, o.seed, o.use_cache);
+    std::vector<int32_t> ids = model.generate(prompt, o.max_new_tokens, o.temperature, o.top_k, o.seed, o.use_cache,
+                                              shown.empty() ? nullptr : &routing);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (ids.size() > (size_t)o.max_new_tokens) ids.erase(ids.begin(), ids.begin() + (ids.size() - o.max_new_tokens));
-    out << o.prompt << tok.decode(ids) << std::endl;
+    const std::string text = o.prompt + tok.decode(ids);
+    if (shown.empty()) {
+      out << text << std::endl;
+    } else {
+      // Byte i of text was read with the decisions at routing index i - routing.first (bytes before were not read).
+      CM_CHECK(text.size() == prompt.size() + ids.size(), "one byte per token");
+      std::vector<RoutedLayer> layers;
+      for (int64_t l : shown) {
+        RoutedLayer rl{l, cfg.branching(), std::vector<int32_t>(text.size(), -1)};
+        const int64_t k = routing.k[(size_t)l];
+        for (int64_t i = routing.first; i < (int64_t)text.size(); ++i)
+          rl.expert[(size_t)i] = routing.experts[(size_t)l][(size_t)((i - routing.first) * k)];
+        layers.push_back(std::move(rl));
+      }
+      const bool colour = o.color == "always" || (o.color == "auto" && &out == &std::cout && isatty(STDOUT_FILENO));
+      if (colour)
+        out << render_routing_ansi(text, layers);
+      else
+        out << text << std::endl;
+      if (!o.routing_html.empty()) {
+        write_text_file(o.routing_html, render_routing_html(text, layers, "ClusterMoE routing: " + o.ckpt));
+        err << "routing page: " << o.routing_html << "\n";
+      }
+    }
     err << ids.size() << " tokens in " << fmt("%.3f", secs) << " s: " << fmt("%.1f", secs > 0 ? ids.size() / secs : 0.0)
         << " tokens/s (" << (o.use_cache ? "expert-selection cache on" : "cache off: full recompute per token")
         << ")\n";

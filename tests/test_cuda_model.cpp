@@ -440,15 +440,20 @@ TEST_SUITE("cuda") {
   }
 
   TEST_CASE("cuda model: greedy generation gives the CPU's tokens, with and without the cache" * needs_device()) {
-    CoEConfig cfg = tiny(RouterKind::Cluster);
-    cfg.dropout = 0.f;
-    ClusterMoELM a(cfg), b(cfg);
-    b.to(Device::CUDA);
-    std::vector<int32_t> prompt = {3, 1, 4, 1, 5};
-    std::vector<int32_t> ta = a.generate(prompt, 24, 0.f), tb = b.generate(prompt, 24, 0.f);
-    CHECK(ta == tb);
-    CHECK(b.generate(prompt, 24, 0.f, 0, 0, false) == tb);
-    CHECK(b.training());  // generate restores the mode
+    for (PosKind pk : {PosKind::Learned, PosKind::Rope}) {  // rope: the rolling cache, 24 + 5 bytes past seq_len 8
+      CAPTURE(pos_kind_name(pk));
+      CoEConfig cfg = tiny(RouterKind::Cluster);
+      cfg.dropout = 0.f;
+      cfg.pos = pk;
+      cfg.seq_len = 8;
+      ClusterMoELM a(cfg), b(cfg);
+      b.to(Device::CUDA);
+      std::vector<int32_t> prompt = {3, 1, 4, 1, 5};
+      std::vector<int32_t> ta = a.generate(prompt, 24, 0.f), tb = b.generate(prompt, 24, 0.f);
+      CHECK(ta == tb);
+      CHECK(b.generate(prompt, 24, 0.f, 0, 0, false) == tb);
+      CHECK(b.training());  // generate restores the mode
+    }
   }
 
   TEST_CASE("cuda trainer: train_lm --device cuda follows the CPU run and resumes bit for bit" * needs_device()) {

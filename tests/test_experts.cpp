@@ -213,4 +213,27 @@ TEST_SUITE("experts") {
     layer.collect("moe", names);
     CHECK(std::any_of(names.begin(), names.end(), [](const auto& p) { return p.first == "moe.gate.weight"; }));
   }
+
+  TEST_CASE("gradcheck of the adaptive gate: its weight and bias, the input through both paths, the experts") {
+    // Every expert selected (top_k = branching): no selection can flip under the check's perturbation.
+    CoEConfig c = small_moe(4, 5, {3}, {3});
+    c.use_adaptive_routing = true;
+    c.init_std = 0.8f;
+    Generator gen(69);
+    MoELayer layer(c, 0, true, gen);
+    layer.gate.w.copy_(uniform({1, 4}, 70));
+    layer.gate.b.fill_(0.3f);
+    Tensor x = uniform({5, 4}, 71);
+    x.requires_grad_(true);
+    std::vector<Tensor> inputs = {x, layer.gate.w, layer.gate.b, layer.router.weights[0]};
+    for (const ExpertFFN& e : layer.experts)
+      for (const Tensor& t : e.tensors()) inputs.push_back(t);
+    auto fn = [&](const std::vector<Tensor>& in) { return layer.forward(in[0], nullptr, nullptr, false).y; };
+    CHECK_GRAD(fn, inputs);
+    // The gate's gradient is not negligible (an error in it would show).
+    double gw = 0.0;
+    for (float v : layer.gate.w.grad().to_f32_vector()) gw = std::max(gw, (double)std::fabs(v));
+    CHECK(gw > 0.05);
+    CHECK(std::fabs(layer.gate.b.grad().item()) > 0.05);
+  }
 }

@@ -2,6 +2,8 @@
 // generation with and without the selection cache, pruning, specialization, every router kind end to end.
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <memory>
 #include <set>
 
 #include "model/coe.h"
@@ -418,6 +420,155 @@ TEST_SUITE("model") {
       CHECK(last < first);  // it learns the fixed batch
       m.eval();
       CHECK(std::isfinite(m.forward(ids_tensor(1, 16, 13, 102), ids_tensor(1, 16, 13, 103)).loss.item()));
+    }
+  }
+
+  TEST_CASE("each model option has the effect it names") {
+    Tensor ids = ids_tensor(2, 16, 13, 100), tg = ids_tensor(2, 16, 13, 101);
+    auto build = [](const std::function<void(CoEConfig&)>& edit) {
+      CoEConfig c = small_lm();
+      edit(c);
+      c.validate();
+      return std::make_unique<ClusterMoELM>(c);
+    };
+    auto find = [](const NamedTensors& ts, const std::string& name) {
+      for (auto& [n, t] : ts)
+        if (n == name) return t;
+      return Tensor();
+    };
+    auto max_abs = [](const Tensor& t) {
+      double m = 0.0;
+      if (t.defined())
+        for (float v : t.to_f32_vector()) m = std::max(m, (double)std::fabs(v));
+      return m;
+    };
+    auto one_step = [&](ClusterMoELM& m) {
+      m.forward(ids, tg).total_loss.backward();
+      m.after_step();
+    };
+
+    SUBCASE("capacity_factor drops slots in training only") {
+      auto m = build([](CoEConfig& c) { c.capacity_factor = 0.5f; });
+      CoEOutput o = m->forward(ids, tg);
+      for (int64_t l : {0, 2}) CHECK(o.layers[l].dropped_fraction >= 0.25f);  // at most half the slots fit
+      m->eval();
+      for (int64_t l : {0, 2}) CHECK(m->forward(ids, tg).layers[l].dropped_fraction == 0.f);
+      auto off = build([](CoEConfig&) {});
+      CHECK(off->forward(ids, tg).layers[0].dropped_fraction == 0.f);
+    }
+    SUBCASE("aux_free_bias moves the selection biases after a step; off, they stay 0") {
+      for (bool on : {true, false}) {
+        auto m = build([&](CoEConfig& c) { c.aux_free_bias = on; });
+        one_step(*m);
+        for (const char* n : {"blocks.0.moe.router.levels.0.aux_bias", "blocks.0.moe.router.levels.1.aux_bias"})
+          CHECK_MESSAGE((max_abs(find(m->named_buffers(), n)) == doctest::Approx(on ? 1e-3 : 0.0)), n);
+      }
+    }
+    SUBCASE("use_adaptive_routing adds a per-token gate that learns") {
+      auto m = build([](CoEConfig& c) { c.use_adaptive_routing = true; });
+      one_step(*m);
+      Tensor w = find(m->named_parameters(), "blocks.0.moe.gate.weight");
+      REQUIRE(w.defined());
+      CHECK(max_abs(w.grad()) > 1e-6);
+      CHECK_FALSE(find(build([](CoEConfig&) {})->named_parameters(), "blocks.0.moe.gate.weight").defined());
+    }
+    SUBCASE("expert = gelu: two matrices per expert, no w3") {
+      auto g = build([](CoEConfig& c) { c.expert = ExpertKind::GELU; });
+      auto s = build([](CoEConfig&) {});
+      CHECK_FALSE(find(g->named_parameters(), "blocks.0.moe.experts.0.w3").defined());
+      CHECK(find(s->named_parameters(), "blocks.0.moe.experts.0.w3").defined());
+      CHECK(g->num_parameters() < s->num_parameters());
+    }
+    SUBCASE("norm = rmsnorm: no bias, x / rms(x) * w, and other logits than layernorm's on the same weights") {
+      auto r = build([](CoEConfig& c) { c.norm = NormKind::RMSNorm; });
+      auto l = build([](CoEConfig&) {});
+      CHECK_FALSE(find(r->named_parameters(), "blocks.0.norm1.bias").defined());
+      CHECK(find(l->named_parameters(), "blocks.0.norm1.bias").defined());
+      for (auto& [n, t] : r->named_parameters()) {  // same seed: copy layernorm's weights over
+        Tensor dst = t;
+        dst.copy_(find(l->named_parameters(), n));
+      }
+      CHECK(r->forward(ids).logits.to_f32_vector() != l->forward(ids).logits.to_f32_vector());
+      // The blocks' norms: x / sqrt(mean x^2 + eps) * w, not centred (rows with a non-zero mean tell them apart).
+      Norm rms(NormKind::RMSNorm, 6), ln(NormKind::LayerNorm, 6);
+      Tensor x = uniform({3, 6}, 105, -0.5f, 1.5f);
+      std::vector<float> xv = x.to_f32_vector(), ref;
+      for (int64_t t = 0; t < 3; ++t) {
+        double ms = 0.0;
+        for (int64_t q = 0; q < 6; ++q) ms += (double)xv[t * 6 + q] * xv[t * 6 + q] / 6.0;
+        for (int64_t q = 0; q < 6; ++q) ref.push_back((float)(xv[t * 6 + q] / std::sqrt(ms + 1e-6)));
+      }
+      CHECK_CLOSE(rms.forward(x), ref, 1e-5f, 1e-4f);
+      CHECK(cm::test::first_mismatch(ln.forward(x).to_f32_vector(), ref, 1e-2f, 1e-2f) >= 0);
+    }
+    SUBCASE("dropout: two training forwards differ, evaluation is deterministic; without it training is too") {
+      auto d = build([](CoEConfig& c) { c.dropout = 0.1f; });
+      CHECK(d->forward(ids).logits.to_f32_vector() != d->forward(ids).logits.to_f32_vector());
+      d->eval();
+      CHECK(d->forward(ids).logits.to_f32_vector() == d->forward(ids).logits.to_f32_vector());
+      auto n = build([](CoEConfig&) {});
+      CHECK(n->forward(ids).logits.to_f32_vector() == n->forward(ids).logits.to_f32_vector());
+    }
+    SUBCASE("routing_temperature: lower is sharper (router entropy falls), higher is flatter") {
+      std::vector<float> h;
+      for (float temp : {0.5f, 1.f, 2.f}) {
+        auto m = build([&](CoEConfig& c) {
+          c.routing_temperature = temp;
+          c.init_std = 0.5f;  // logits far enough from 0 for the temperature to matter
+        });
+        h.push_back(m->forward(ids).layers[0].router_entropy);
+      }
+      MESSAGE("router entropy at temperature 0.5, 1, 2: ", h[0], " ", h[1], " ", h[2]);
+      CHECK(h[0] < h[1] - 0.05f);
+      CHECK(h[1] < h[2] - 0.05f);
+    }
+    SUBCASE("bias: every linear layer gets a bias that receives a gradient") {
+      auto m = build([](CoEConfig& c) { c.bias = true; });
+      one_step(*m);
+      for (const char* n :
+           {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.1.ffn.b1", "blocks.0.norm1.bias"}) {
+        Tensor b = find(m->named_parameters(), n);
+        REQUIRE_MESSAGE(b.defined(), n);
+        CHECK_MESSAGE(max_abs(b.grad()) > 0.0, n);
+      }
+      CHECK_FALSE(find(build([](CoEConfig&) {})->named_parameters(), "blocks.0.attn.qkv.bias").defined());
+    }
+    SUBCASE("tie_embeddings = false: a separate LM head decides the logits") {
+      auto m = build([](CoEConfig& c) { c.tie_embeddings = false; });
+      Tensor head = find(m->named_parameters(), "lm_head.weight");
+      REQUIRE(head.defined());
+      std::vector<float> before = m->forward(ids).logits.to_f32_vector();
+      head.fill_(0.f);  // a zero head: every logit 0, whatever the embedding
+      std::vector<float> after = m->forward(ids).logits.to_f32_vector();
+      CHECK(after != before);
+      CHECK(std::all_of(after.begin(), after.end(), [](float v) { return v == 0.f; }));
+    }
+    SUBCASE("router kinds: the experts per token and clusters each kind implies") {
+      auto dense = build([](CoEConfig& c) { c.router = RouterKind::Dense; });
+      CoEOutput od = dense->forward(ids);
+      for (const auto& l : od.layers) CHECK(l.num_experts == 1);
+      auto tree = build([](CoEConfig& c) {
+        c.router = RouterKind::Tree;
+        c.tree_branching = {2, 2, 4};
+        c.tree_top_k = {2, 1, 2};
+      });
+      CoEOutput ot = tree->forward(ids);
+      int64_t rows = 0;
+      for (int64_t r : ot.layers[0].expert_rows) rows += r;
+      CHECK(rows == 32 * 4);  // B*T tokens x K = 2*1*2
+      CHECK(tree->get_model_summary().num_clusters == 2);
+      auto flat = build([](CoEConfig& c) { c.router = RouterKind::Flat; });
+      CHECK(flat->get_model_summary().num_clusters == 1);
+      // AC: the running scale of layer 1 (labelled by layer 0) moves from 1 in a training forward.
+      auto ac = build([](CoEConfig& c) {
+        c.router = RouterKind::AC;
+        c.moe_every = 1;
+      });
+      Tensor scale = find(ac->named_buffers(), "blocks.1.moe.router.ac_scale");
+      REQUIRE(scale.defined());
+      CHECK(max_abs(add(scale, -1.f)) == 0.0);
+      ac->forward(ids);
+      CHECK(max_abs(add(scale, -1.f)) > 1e-3);
     }
   }
 

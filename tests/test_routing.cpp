@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <set>
 
+#include "kernels/gemm.h"
 #include "model/moe.h"
 #include "model/router.h"
 #include "tests/helpers.h"
@@ -130,6 +132,39 @@ std::vector<double> expert_ref(const ExpertFFN& e, const float* x, int64_t C) {
   for (int64_t q = 0; q < C; ++q)
     for (int64_t f = 0; f < F; ++f) y[q] += (double)w2[q * F + f] * hdn[f];
   return y;
+}
+
+// The smallest gap, over every token and every node it reaches, between the k-th and (k+1)-th largest logit
+// (plus the logit bias rb, log r): a finite-difference step that moves no logit by more than half of it cannot
+// flip a selection (nor the counts f of the load-balance loss). Only levels with k < b have a gap.
+double min_selection_gap(const TreeRouter& r, const Tensor& h, const RouterBias& rb = RouterBias{}) {
+  const int64_t T = h.size(0), C = h.size(1);
+  std::vector<float> hv = h.to_f32_vector();
+  double gap = 1e300;
+  std::function<void(int64_t, int64_t, int64_t)> rec = [&](int64_t t, int64_t l, int64_t node) {
+    if (l == r.depth()) return;
+    std::vector<float> W = r.weights[l].to_f32_vector();
+    const int64_t b = r.branching[l], k = r.top_k[l];
+    std::vector<std::pair<double, int64_t>> z((size_t)b);
+    for (int64_t j = 0; j < b; ++j) {
+      double v = l < (int64_t)rb.logit_bias.size() && !rb.logit_bias[l].empty() ? rb.logit_bias[l][node * b + j] : 0.0;
+      for (int64_t q = 0; q < C; ++q) v += (double)hv[t * C + q] * W[(node * b + j) * C + q];
+      z[j] = {v, j};
+    }
+    std::sort(z.begin(), z.end(), std::greater<std::pair<double, int64_t>>());
+    if (k < b) gap = std::min(gap, z[k - 1].first - z[k].first);
+    for (int64_t j = 0; j < k; ++j) rec(t, l + 1, node * b + z[j].second);
+  };
+  for (int64_t t = 0; t < T; ++t) rec(t, 0, 0);
+  return gap;
+}
+
+// Largest |element| of a gradient (0 when undefined).
+double max_abs_grad(const Tensor& t) {
+  if (!t.grad().defined()) return 0.0;
+  double m = 0.0;
+  for (float v : t.grad().to_f32_vector()) m = std::max(m, (double)std::fabs(v));
+  return m;
 }
 
 }  // namespace
@@ -301,6 +336,94 @@ TEST_SUITE("routing") {
     // top-k > 1 multiplies the nodes evaluated below: 4 + 2*4 + 2*2*4 router columns per token.
     CHECK(counted({4, 4, 4}, {2, 2, 1}) == (4 + 8 + 16) * 2 * C);
     CHECK(routing_flops_per_token(C, {16, 16}, {1, 2}) == 32 * 2 * C);
+  }
+
+  TEST_CASE("router work: the products issued are the kept nodes' routers only, counted in the GEMM kernel") {
+    // The multiply-adds the CPU GEMM kernel was asked for while route() ran: not a formula the router reports.
+    // Only the kept nodes' routers may be evaluated: T * C * sum_l K_{l-1} * b_l multiply-adds. Evaluating every
+    // node of a level would cost T * C * nodes_l * b_l there. With one child kept per level of branching 4, the
+    // work grows like log N: 4 C per level, for N = 4^D experts.
+    const int64_t C = 16, T = 9;
+    auto issued = [&](std::vector<int64_t> b, std::vector<int64_t> k) {
+      CoEConfig c = tree_config(C, b, k);
+      c.load_balancing_weight = 0.f;  // the losses' own products (diversity) are not routing
+      c.router_z_loss_weight = 0.f;
+      c.diversity_weight = 0.f;
+      Generator gen(29);
+      TreeRouter r(c, gen);
+      Tensor h = uniform({T, C}, 30);
+      const int64_t before = cpu::gemm_multiply_adds();
+      Routing rt = r.route(h, RouterBias{}, nullptr, true);
+      const int64_t macs = cpu::gemm_multiply_adds() - before;
+      CHECK(rt.flops == 2 * macs);  // the reported statistic is the work done
+      int64_t every_node = 0;
+      for (int64_t l = 0; l < r.depth(); ++l) every_node += T * C * r.nodes[l] * b[l];
+      CAPTURE(every_node);
+      return macs;
+    };
+    CHECK(issued({4}, {1}) == T * C * 4);
+    CHECK(issued({4, 4}, {1, 1}) == T * C * 4 * 2);            // every node: 4 + 16 columns
+    CHECK(issued({4, 4, 4}, {1, 1, 1}) == T * C * 4 * 3);      // every node: 4 + 16 + 64
+    CHECK(issued({4, 4, 4, 4}, {1, 1, 1, 1}) == T * C * 4 * 4);  // every node: 340
+    CHECK(issued({256}, {1}) == T * C * 256);                  // flat: linear in N
+    CHECK(issued({4, 4, 4}, {2, 2, 1}) == T * C * (4 + 2 * 4 + 4 * 4));
+    CHECK(issued({2, 3, 2}, {2, 1, 2}) == T * C * (2 + 2 * 3 + 2 * 2));  // every node: 2 + 6 + 12
+  }
+
+  TEST_CASE("auxiliary losses' gradients, each in isolation, with top-k below the branching at every level") {
+    // Each term is checked alone (weight 1, load balance 10, the others 0): its gradient is O(1e-2..1), an error in it
+    // is far above the check's tolerance. Level l's terms depend on W_l only (the selection has no gradient), so
+    // the gradient with respect to W_0 is the level-0 term's and the one with respect to W_1 the level-1 term's.
+    // Both levels keep fewer children than they have (k < b): the level-0 term is not a constant.
+    enum Term { LB, Z, DIV, LB_RELIABILITY };
+    for (Term term : {LB, Z, DIV, LB_RELIABILITY}) {
+      CAPTURE((int)term);
+      CoEConfig c = tree_config(5, {3, 4}, {2, 2});
+      c.init_std = 0.7f;
+      c.load_balancing_weight = term == LB || term == LB_RELIABILITY ? 10.f : 0.f;  // f near uniform: small
+      c.router_z_loss_weight = term == Z ? 1.f : 0.f;
+      c.diversity_weight = term == DIV ? 1.f : 0.f;
+      const int64_t T = 10, C = 5;
+      // The first seed whose selections have a margin: the check perturbs one element by 1e-2, which moves a
+      // logit gap by at most 2e-2 max(|h|, |W|) (|h| < 1, |W| < 3 here).
+      RouterBias rb;
+      if (term == LB_RELIABILITY)  // targets q proportional to the children's reliability
+        rb.logit_bias = {{0.f, std::log(0.3f), 0.f},
+                         {0.f, std::log(0.5f), 0.f, 0.f, 0.f, 0.f, std::log(0.2f), 0.f, 0.f, 0.f, 0.f, 0.f}};
+      std::unique_ptr<TreeRouter> r;
+      Tensor h;
+      for (uint64_t seed = 1; seed < 200 && !r; ++seed) {
+        Generator gen(100 + seed);
+        auto cand = std::make_unique<TreeRouter>(c, gen);
+        Tensor hc = uniform({T, C}, 300 + seed);
+        if (min_selection_gap(*cand, hc, rb) > 0.08) r = std::move(cand), h = hc;
+      }
+      REQUIRE(r);
+      h.requires_grad_(true);
+      auto fn = [&](const std::vector<Tensor>& in) {
+        Routing rt = r->route(in[0], rb, nullptr, true);
+        Tensor loss = term == Z ? rt.z_loss : term == DIV ? rt.div_loss : rt.lb_loss;
+        return loss.view({1});
+      };
+      std::vector<Tensor> inputs = {h, r->weights[0], r->weights[1]};
+      // Both levels' selections matter: each keeps 2 of its children, and more than one cluster is reached.
+      Routing rt = r->route(h, rb, nullptr, true);
+      std::set<int32_t> clusters;
+      for (int32_t e : rt.expert) clusters.insert(e / 4);
+      REQUIRE(clusters.size() == 3);
+      GradcheckResult g = gradcheck(fn, inputs, 1e-2f, 1e-4f, 1e-2f);
+      CHECK_MESSAGE(g.ok, g.message);
+      // The gradients are large enough for an error to show: per level, and for h unless the term ignores it.
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        CAPTURE(i);
+        if (i == 0 && term == DIV) {
+          CHECK(max_abs_grad(inputs[i]) == 0.0);
+          continue;
+        }
+        CHECK(max_abs_grad(inputs[i]) > 5e-3);
+      }
+      for (const Tensor& t : inputs) t.zero_grad();
+    }
   }
 
   TEST_CASE("capacity drops exactly the overflow, lowest gate first, and reports the dropped fraction") {
@@ -649,6 +772,32 @@ TEST_SUITE("routing") {
       for (int64_t ch = 1; ch < b; ++ch) last[node * b + ch] = ninf;
       CHECK_THROWS_AS(r.route(h, too_few, nullptr, false), Error);
     }
+  }
+
+  TEST_CASE("AC scales on a hand-computed example: mean absolute deviation, the 10x clip, per-feature normalisation") {
+    // 3 experts, 6 features, 4 tokens; expert 2 has no tokens. Labels 0, 0, 1, 1.
+    //   expert 0: (0,1,0,0,0,0), (2,1,2,2,2,2): mean 1 everywhere; s = 1, except feature 1: s = 0
+    //   expert 1: (0,0,0,0,0,0), (4,2,2,2,2,2): mean (2,1,1,1,1,1);   s = (2,1,1,1,1,1)
+    // w = 1/(s + 1e-4): a = 1/1.0001 (s = 1), 1/2.0001 (s = 2), 1e4 (s = 0). Over the 12 labelled entries
+    // sum w = 10a + 1/2.0001 + 1e4, so the clip 10 * mean w = (10a + 1/2.0001 + 1e4) / 1.2 = 8342.08 < 1e4: it
+    // fires on expert 0's feature 1. m = w / (mean of w over the two labelled experts), per feature:
+    //   feature 0: w = (a, 1/2.0001) -> m = 2 * 2.0001 / 3.0002 and 2 * 1.0001 / 3.0002
+    //   feature 1: w = (clip, a)     -> m = 2 clip / (clip + a) and 2 a / (clip + a)   (1.99976 and 2.397e-4;
+    //              without the clip 1.99980 and 2.000e-4)
+    //   features 2..5: w = (a, a)    -> m = 1 and 1
+    // Expert 2 (no tokens) keeps m = 1.
+    std::vector<float> hv = {0, 1, 0, 0, 0, 0, 2, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 4, 2, 2, 2, 2, 2};
+    std::vector<int32_t> labels = {0, 0, 1, 1};
+    std::vector<bool> has;
+    std::vector<float> m = ac_scales(Tensor::from_vector(hv, {4, 6}), labels, 3, &has);
+    const double a = 1.0 / 1.0001, half = 1.0 / 2.0001, clip = (10 * a + half + 1e4) / 1.2;
+    std::vector<double> ref = {2 * 2.0001 / 3.0002, 2 * clip / (clip + a), 1, 1, 1, 1,
+                               2 * 1.0001 / 3.0002, 2 * a / (clip + a),    1, 1, 1, 1,
+                               1,                   1,                     1, 1, 1, 1};
+    REQUIRE(m.size() == ref.size());
+    for (size_t i = 0; i < m.size(); ++i) CHECK_MESSAGE(m[i] == doctest::Approx(ref[i]).epsilon(1e-5), "m[", i, "]");
+    CHECK(m[7] == doctest::Approx(2.397e-4).epsilon(1e-3));  // the clip fired (unclipped: 2.000e-4)
+    CHECK(has == std::vector<bool>{true, true, false});
   }
 
   TEST_CASE("AC router on a Gaussian mixture: up-weights the separating features, misassigns fewer points") {

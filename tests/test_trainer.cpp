@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "tests/corpus.h"
 #include "tests/files.h"
 #include "model/checkpoint.h"
 #include "model/coe.h"
@@ -28,19 +29,11 @@ namespace {
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
-// tinyshakespeare: the shared copy beside the checkout (CI), or the one `make data` puts in data/.
-std::string shakespeare_path() {
-  for (const char* p : {"../shared/data/tinyshakespeare.txt", "data/tinyshakespeare.txt"})
-    if (fs::exists(p)) return p;
-  return "";
-}
-
-// The first `n` bytes of tinyshakespeare in a temp file (the whole file is not needed for a few steps).
+// The first `n` bytes of the test text (tinyshakespeare, or the generated play offline; tests/corpus.h) in a
+// temp file: the whole file is not needed for a few steps.
 std::string shakespeare_excerpt(const TempDir& dir, size_t n) {
-  std::string src = shakespeare_path();
-  REQUIRE_MESSAGE(!src.empty(), "tinyshakespeare not found: run `make data` (or place shared/ beside the checkout)");
   std::string path = dir.file("shakespeare.txt");
-  write_bytes(path, read_bytes(src).substr(0, n));
+  write_bytes(path, cm::test::test_text().bytes.substr(0, n));
   return path;
 }
 
@@ -261,6 +254,69 @@ TEST_SUITE("trainer") {
     CHECK(svg.rfind("<svg", 0) == 0);
     CHECK(contains(svg, "</svg>"));
     CHECK(contains(svg, "expert utilisation at step 4"));
+    // Titles, axis labels and the legend, with the last val loss.
+    for (const char* t : {">loss<", ">step<", ">cross-entropy (nats)<", ">busiest expert's share of routed slots<",
+                          ">share<", ">val (eval) (2.7000)<", ">layer 0<", ">balanced 1/N<"})
+      CHECK_MESSAGE(contains(svg, t), t);
+    // The curves are the data: every polyline of the loss panel maps (step, loss) by one affine map per axis,
+    // x increasing with the step and y (pixels, downwards) decreasing with the loss.
+    auto points = [&](const std::string& color) {  // the points of the first polyline drawn in `color`
+      std::vector<std::pair<double, double>> pts;
+      size_t at = svg.find("<polyline clip-path=\"url(#clip1)\" fill=\"none\" stroke=\"" + color + "\"");
+      REQUIRE_MESSAGE(at != std::string::npos, color);
+      size_t p = svg.find("points=\"", at) + 8, e = svg.find('"', p);
+      std::istringstream in(svg.substr(p, e - p));
+      double x, y;
+      char comma;
+      while (in >> x >> comma >> y) pts.push_back({x, y});
+      return pts;
+    };
+    auto steps = points("#9ecae1"), ev_train = points("#1f77b4"), ev_val = points("#d62728");
+    REQUIRE(steps.size() == 4);  // steps 1..4, loss 2.9 .. 2.6
+    REQUIRE(ev_train.size() == 2);
+    REQUIRE(ev_val.size() == 2);
+    const double sx = (steps[3].first - steps[0].first) / 3.0, sy = (steps[3].second - steps[0].second) / (2.6 - 2.9);
+    CHECK(sx > 10);
+    CHECK(sy < -10);
+    auto at = [&](double step, double loss) {  // the pixel the map sends (step, loss) to
+      return std::make_pair(steps[0].first + sx * (step - 1), steps[0].second + sy * (loss - 2.9));
+    };
+    auto near = [](std::pair<double, double> a, std::pair<double, double> b) {
+      return std::fabs(a.first - b.first) <= 0.11 && std::fabs(a.second - b.second) <= 0.11;  // %.1f pixels
+    };
+    for (int i = 0; i < 4; ++i) CHECK(near(steps[i], at(i + 1, 2.9 - 0.1 * i)));
+    CHECK(near(ev_train[0], at(2, 2.8)));
+    CHECK(near(ev_train[1], at(4, 2.6)));
+    CHECK(near(ev_val[0], at(2, 2.9)));
+    CHECK(near(ev_val[1], at(4, 2.7)));
+    // Routing panel: layer 0's busiest share (0.6) at both evaluations, the balanced share 1/4 dashed; the share
+    // axis starts at 0 at the panel's bottom edge, so the heights above it are in the ratio 0.6 : 0.25.
+    size_t p2 = svg.find("<polyline clip-path=\"url(#clip2)\"");
+    REQUIRE(p2 != std::string::npos);
+    std::string panel2 = svg.substr(p2);
+    auto first_y = [](const std::string& s, const std::string& key) {
+      size_t k = s.find(key);
+      REQUIRE(k != std::string::npos);
+      size_t p = s.find("points=\"", k) + 8;
+      std::istringstream in(s.substr(p, s.find('"', p) - p));
+      double x, y;
+      char comma;
+      in >> x >> comma >> y;
+      return y;
+    };
+    const double y_busy = first_y(panel2, "stroke=\"#1f77b4\""), y_bal = first_y(panel2, "stroke=\"#555\"");
+    size_t r2 = svg.find("<rect x=\"490.0\"");  // the routing panel's frame
+    REQUIRE(r2 != std::string::npos);
+    double rx, ry, rw, rh;
+    REQUIRE(std::sscanf(svg.c_str() + r2, "<rect x=\"%lf\" y=\"%lf\" width=\"%lf\" height=\"%lf\"", &rx, &ry, &rw,
+                        &rh) == 4);
+    CHECK((ry + rh - y_busy) / (ry + rh - y_bal) == doctest::Approx(0.6 / 0.25).epsilon(0.01));
+    // Heat map: one cell per expert, its opacity the share over the busiest share, its title the share.
+    for (const char* cell : {"fill-opacity=\"0.500\" stroke=\"#ccc\"><title>layer 0 expert 0: 30.0%</title>",
+                             "fill-opacity=\"0.167\" stroke=\"#ccc\"><title>layer 0 expert 1: 10.0%</title>",
+                             "fill-opacity=\"0.000\" stroke=\"#ccc\"><title>layer 0 expert 2: 0.0%</title>",
+                             "fill-opacity=\"1.000\" stroke=\"#ccc\"><title>layer 0 expert 3: 60.0%</title>"})
+      CHECK_MESSAGE(contains(svg, cell), cell);
     // Resumed from step 2: rows of steps 3 and 4 are gone from both files and from the history.
     RunReport r(d, 2);
     CHECK(r.steps().size() == 2);
@@ -292,7 +348,7 @@ TEST_SUITE("trainer") {
     TrainResult r = train(o, out);
     REQUIRE(r.evals.size() == 3);  // steps 0, 60, 120
     double v0 = r.evals.front().val_loss, v1 = r.evals.back().val_loss;
-    MESSAGE("val loss ", v0, " -> ", v1);
+    MESSAGE("val loss ", v0, " -> ", v1, " on ", cm::test::test_text().name);
     CHECK(v0 > 3.5);       // about ln(vocab): nothing learned yet
     CHECK(v1 < v0 - 0.8);  // character frequencies and common pairs are learned within a hundred steps
     CHECK(r.final_step == 120);

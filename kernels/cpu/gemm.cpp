@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -332,12 +333,17 @@ int max_threads() {
 #endif
 }
 
+std::atomic<int64_t> multiply_adds{0};  // see gemm_multiply_adds()
+
 }  // namespace
+
+int64_t gemm_multiply_adds() { return multiply_adds.load(std::memory_order_relaxed); }
 
 void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* A, int64_t lda, int64_t stride_a,
                           const float* B, int64_t ldb, int64_t stride_b, int64_t batch, int64_t M, int64_t N,
                           int64_t K, bool trans_a, bool trans_b, float alpha, float beta) {
   if (batch <= 0 || M <= 0 || N <= 0) return;
+  multiply_adds.fetch_add(batch * M * N * std::max<int64_t>(K, 0), std::memory_order_relaxed);
   if (K <= 0 || alpha == 0.0f) {
     for (int64_t b = 0; b < batch; ++b) scale_c(C + b * stride_c, ldc, M, N, beta);
     return;
