@@ -75,6 +75,9 @@ Tensor log_softmax(const Tensor& a);  // over the last axis
 // Mean cross-entropy of logits [N, V] against i32 targets [N]; targets equal to ignore_index are skipped
 // (and the mean is over the rest). Fused with log-softmax.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100);
+// Router z-loss of logits [R, E]: weight * mean_r logsumexp(logits[r])^2, a 0-d tensor; one fused kernel each way
+// (kernels/losses.h z_loss_forward/backward), the gradient read where it is.
+Tensor router_z_loss(const Tensor& logits, float weight);
 // weight [V, C], ids i32 of any shape -> [..., C]. Backward scatters into weight rows.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 // Normalise over the last axis. weight/bias [C]; bias may be undefined.

@@ -36,12 +36,14 @@ ODI odi(const Shape& s, int64_t dim) {
   return r;
 }
 
-// Throws naming the first index outside [0, D).
+// Throws naming the first index outside [0, D) (index contiguous). CPU only: the CUDA kernels check each index
+// themselves and record a bad one, reported at the next read-out (engine/cuda.h), so no op waits for a check.
 void check_indices(const char* op, const Tensor& index, int64_t dim, int64_t D, const Shape& a_shape) {
   const int64_t n = index.numel();
-  const int64_t bad = n > 0 ? CM_KERNEL(index.device(), index_first_bad, index.i32(), n, D) : -1;
-  CM_REQUIRE(bad < 0, op, ": index ", (bad < 0 ? 0 : index.flatten().slice(0, bad, bad + 1).to_i32_vector()[0]),
-             " (at position ", bad, ") is out of range [0, ", D, ") for dimension ", dim, " of ", shape_str(a_shape));
+  if (index.device() != Device::CPU || n == 0) return;
+  const int64_t bad = cpu::index_first_bad(index.i32(), n, D);
+  CM_REQUIRE(bad < 0, op, ": index ", (bad < 0 ? 0 : index.i32()[bad]), " (at position ", bad,
+             ") is out of range [0, ", D, ") for dimension ", dim, " of ", shape_str(a_shape));
 }
 
 void require_dtype(const char* op, const char* what, const Tensor& t, DType want) {

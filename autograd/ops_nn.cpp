@@ -88,9 +88,29 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
   const Device dev = common_device("cross_entropy", {&logits, &targets});
   Tensor x = logits.contiguous().detach();
   Tensor t = targets.contiguous();
-  // Targets are checked and counted on the host (a GPU run copies them over once: N ints).
-  Tensor th = t.device() == Device::CPU ? t : t.to(Device::CPU);
-  const int32_t* tp = th.i32();
+  Tensor losses = Tensor::empty({N}, DType::F32, dev), lse = Tensor::empty({N}, DType::F32, dev);  // [N], [N]
+#if CM_CUDA
+  if (dev == Device::CUDA) {
+    // On the device the targets never come to the host: the kernels check them (a bad one is reported at the next
+    // read-out, engine/cuda.h) and count the valid ones into inv_valid [1] = 1 / valid, read by the sum and by
+    // the backward there. The loss is the deterministic device sum times that scale: the same bits as a host scale.
+    Tensor inv_valid = Tensor::empty({1}, DType::F32, dev);
+    cuda::cross_entropy_inv_valid(inv_valid.f32(), t.i32(), N, V, ignore_index);
+    if (N > 0) cuda::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, ignore_index);
+    Tensor loss = Tensor::empty({}, DType::F32, dev);
+    cuda::sum_all(loss.f32(), losses.f32(), N, 1.0f, inv_valid.f32());
+    return record("cross_entropy", loss, {logits}, [x, t, lse, inv_valid, ignore_index](const Tensor& gy) {
+      const int64_t N = x.size(0), V = x.size(1);
+      Tensor dx = Tensor::empty({N, V}, DType::F32, x.device());
+      if (N == 0) return grads{dx};
+      Tensor g = mul(gy.reshape({1}), inv_valid);  // [1] gout / valid: the float product the host formed before
+      cuda::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), g.f32(), 1.0f, N, V, ignore_index);
+      return grads{dx};
+    });
+  }
+#endif
+  // On the CPU the targets are checked and counted here, before any work: an error names the first bad one.
+  const int32_t* tp = t.i32();
   int64_t valid = 0;
   for (int64_t n = 0; n < N; ++n) {
     if (tp[n] == ignore_index) continue;
@@ -98,34 +118,40 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
                " is out of range for V = ", V, " (and is not ignore_index ", ignore_index, ")");
     ++valid;
   }
-  Tensor losses = Tensor::empty({N}, DType::F32, dev), lse = Tensor::empty({N}, DType::F32, dev);  // [N], [N]
-  if (N > 0) CM_KERNEL(dev, cross_entropy_forward, losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, ignore_index);
-  // Mean over valid rows, summed in double in a fixed order, so the loss does not depend on thread count (on the
-  // GPU: the deterministic device sum, and the loss stays there). No valid rows: loss 0 and gradient 0 (not 0/0).
-  Tensor loss;
-  if (dev == Device::CPU) {
-    double total = 0.0;
-    const float* lp = losses.f32();
-    for (int64_t n = 0; n < N; ++n) total += lp[n];
-    loss = Tensor::scalar(valid > 0 ? (float)(total / (double)valid) : 0.0f);
-  } else {
-    loss = Tensor::empty({}, DType::F32, dev);
-    CM_KERNEL(dev, sum_all, loss.f32(), losses.f32(), N, valid > 0 ? 1.0f / (float)valid : 0.0f);
-  }
+  if (N > 0) cpu::cross_entropy_forward(losses.f32(), lse.f32(), x.f32(), t.i32(), N, V, ignore_index);
+  // Mean over valid rows, summed in double in a fixed order, so the loss does not depend on thread count. No valid
+  // rows: loss 0 and gradient 0 (not 0/0).
+  double total = 0.0;
+  const float* lp = losses.f32();
+  for (int64_t n = 0; n < N; ++n) total += lp[n];
+  Tensor loss = Tensor::scalar(valid > 0 ? (float)(total / (double)valid) : 0.0f);
   return record("cross_entropy", loss, {logits}, [x, t, lse, valid, ignore_index](const Tensor& gy) {
     const int64_t N = x.size(0), V = x.size(1);
     Tensor dx = Tensor::empty({N, V}, DType::F32, x.device());
     if (N == 0) return grads{dx};
-#if CM_CUDA
-    if (x.device() == Device::CUDA) {  // scale = gy / valid, read on the device: no host round trip
-      Tensor g = gy.contiguous();
-      cuda::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), g.f32(),
-                                   valid > 0 ? 1.0f / (float)valid : 0.0f, N, V, ignore_index);
-      return grads{dx};
-    }
-#endif
-    const float scale = valid > 0 ? gy.item() / (float)valid : 0.0f;
+    const float scale = valid > 0 ? gy.contiguous().f32()[0] / (float)valid : 0.0f;  // read as a kernel would
     cpu::cross_entropy_backward(dx.f32(), x.f32(), lse.f32(), t.i32(), scale, N, V, ignore_index);
+    return grads{dx};
+  });
+}
+
+// ---------------------------------------------------------------- router z-loss
+
+Tensor router_z_loss(const Tensor& logits, float weight) {
+  require_f32("router_z_loss", "logits", logits);
+  CM_REQUIRE(logits.dim() == 2 && logits.size(1) > 0, "router_z_loss: logits must be [R, E] with E > 0, got ",
+             shape_str(logits.shape()));
+  const int64_t R = logits.size(0), E = logits.size(1);
+  const Device dev = logits.device();
+  Tensor x = logits.contiguous().detach();
+  Tensor lse = Tensor::empty({R}, DType::F32, dev), loss = Tensor::empty({}, DType::F32, dev);  // [R], 0-d
+  CM_KERNEL(dev, z_loss_forward, loss.f32(), lse.f32(), x.f32(), R, E, weight);
+  return record("router_z_loss", loss, {logits}, [x, lse, weight](const Tensor& gy) {
+    const int64_t R = x.size(0), E = x.size(1);
+    Tensor dx = Tensor::empty({R, E}, DType::F32, x.device());
+    if (R == 0) return grads{dx};
+    Tensor g = gy.contiguous();
+    CM_KERNEL(x.device(), z_loss_backward, dx.f32(), g.f32(), x.f32(), lse.f32(), R, E, weight);
     return grads{dx};
   });
 }
@@ -139,9 +165,10 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   const Device dev = common_device("embedding", {&weight, &ids});
   const int64_t V = weight.size(0), C = weight.size(1), N = ids.numel();
   Tensor id = ids.contiguous();
-  const int64_t bad = N > 0 ? CM_KERNEL(dev, index_first_bad, id.i32(), N, V) : -1;
-  CM_REQUIRE(bad < 0, "embedding: id ", bad < 0 ? 0 : id.flatten().slice(0, bad, bad + 1).to_i32_vector()[0],
-             " at position ", bad,
+  // On the CPU the ids are checked here; the CUDA kernels check each id themselves (engine/cuda.h: a bad one is
+  // reported at the next read-out, without a wait here).
+  const int64_t bad = dev == Device::CPU && N > 0 ? cpu::index_first_bad(id.i32(), N, V) : -1;
+  CM_REQUIRE(bad < 0, "embedding: id ", bad < 0 ? 0 : id.i32()[bad], " at position ", bad,
              " is out of range for V = ", V, " (weight ", shape_str(weight.shape()), ")");
   Tensor w = weight.contiguous();
   Shape out_shape = ids.shape();

@@ -3,6 +3,9 @@
 #include "engine/cuda.h"
 
 #include <atomic>
+#include <cstring>
+#include <deque>
+#include <vector>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -11,6 +14,7 @@
 
 #include "engine/check.h"
 #include "engine/device.h"
+#include "engine/host_sync.h"
 
 namespace cm {
 
@@ -41,16 +45,20 @@ bool sync_after_launch() {
 }
 }  // namespace
 
+bool sync_each_launch() { return sync_after_launch(); }
+
 void check_launch(const char* kernel, const char* file, int line) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) fail("CUDA error ", (int)err, " (", cudaGetErrorString(err), ") launching ", kernel, " at ",
                                file, ":", line);
   if (sync_after_launch()) {
+    note_stream_sync();
     err = cudaStreamSynchronize(stream());
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
       fail("CUDA error ", (int)err, " (", cudaGetErrorString(err), ") running ", kernel, " at ", file, ":", line);
     }
+    check_index_errors();  // names the op of this very launch
   }
 }
 
@@ -62,6 +70,7 @@ struct Context {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   cudaDeviceProp props{};
+  int64_t* index_error = nullptr;  // [4] on the device (see index_error_record)
 };
 
 // Created once, on first use, and never destroyed: tensors held by static objects may be freed after main()
@@ -81,6 +90,8 @@ Context& context() {
     // Host pointers for alpha/beta; no atomics (results reproduce bit for bit, DESIGN.md section 6).
     cublasCheck(cublasSetPointerMode(c->cublas, CUBLAS_POINTER_MODE_HOST));
     cublasCheck(cublasSetAtomicsMode(c->cublas, CUBLAS_ATOMICS_NOT_ALLOWED));
+    cudaCheck(cudaMalloc(&c->index_error, 4 * sizeof(int64_t)));
+    cudaCheck(cudaMemsetAsync(c->index_error, 0, 4 * sizeof(int64_t), c->stream));
     ctx = c;
   });
   return *ctx;
@@ -93,7 +104,47 @@ std::atomic<int> g_precision{(int)MatmulPrecision::FP32};
 cudaStream_t stream() { return context().stream; }
 cublasHandle_t cublas() { return context().cublas; }
 const cudaDeviceProp& props() { return context().props; }
-void sync() { cudaCheck(cudaStreamSynchronize(stream())); }
+void sync() {
+  note_stream_sync();
+  cudaCheck(cudaStreamSynchronize(stream()));
+}
+
+namespace {
+// The record read back: throws naming what a kernel found, after clearing it (the next error is reported anew).
+void raise_index_error(const int64_t rec[4]) {
+  if (rec[0] == 0) return;
+  cudaCheck(cudaMemsetAsync(context().index_error, 0, 4 * sizeof(int64_t), context().stream));
+  static const char* const names[] = {"?", "index_select", "index_add", "gather", "scatter_add", "embedding",
+                                      "cross_entropy"};
+  const int64_t op = rec[0] >= 1 && rec[0] <= 6 ? rec[0] : 0;
+  const char* what = op == (int64_t)IndexOp::Embedding ? "id" : op == (int64_t)IndexOp::CrossEntropy ? "target" : "index";
+  fail(names[op], ": ", what, " ", rec[1], " (at position ", rec[2], ") is out of range [0, ", rec[3],
+       ") (found on the device; the first bad index since the last read-out, CM_CUDA_SYNC=1 stops at its op)");
+}
+}  // namespace
+
+int64_t* index_error_record() { return context().index_error; }
+
+void check_index_errors() {
+  int64_t rec[4] = {0, 0, 0, 0};
+  note_d2h_copy();
+  note_stream_sync();
+  cudaCheck(cudaMemcpyAsync(rec, context().index_error, sizeof rec, cudaMemcpyDeviceToHost, stream()));
+  cudaCheck(cudaStreamSynchronize(stream()));
+  raise_index_error(rec);
+}
+
+void copy_to_host(void* dst, const void* src, size_t nbytes) {
+  note_d2h_copy();
+  note_stream_sync();
+  // The index-error record comes back with the data, in the same wait: a bad index is reported at the first
+  // read-out after it, whatever reads.
+  int64_t rec[4] = {0, 0, 0, 0};
+  cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, stream()));
+  cudaCheck(cudaMemcpyAsync(rec, context().index_error, sizeof rec, cudaMemcpyDeviceToHost, stream()));
+  cudaCheck(cudaStreamSynchronize(stream()));
+  raise_index_error(rec);
+}
 
 void set_matmul_precision(MatmulPrecision p) { g_precision.store((int)p); }
 MatmulPrecision matmul_precision() { return (MatmulPrecision)g_precision.load(); }
@@ -127,6 +178,7 @@ size_t round_size(size_t n) {
 // before a block was freed may still be reading it.
 void release_cached(Allocator& a) {
   if (a.cached.empty()) return;
+  note_stream_sync();
   cudaCheck(cudaStreamSynchronize(stream()));
   for (auto& [size, p] : a.cached) {
     cudaCheck(cudaFree(p));
@@ -221,6 +273,84 @@ void empty_cache() {
   release_cached(a);
 }
 
+// ---------------------------------------------------------------- uploads through a pinned staging ring
+
+namespace {
+
+// Uploads (batches, routing plans, small tables) are copied on the host into a pinned ring buffer, and the copy to
+// the device is queued from there: the host does not wait for the stream. The caller's buffer is free as soon as
+// upload() returns (its bytes are in the ring). A region of the ring is written again only after the copy that read
+// it has run: each upload records an event, and a new upload first waits for the events of the regions it
+// overwrites - normally long finished, since the ring holds many steps' uploads; that wait is counted as a stream
+// synchronisation (engine/host_sync.h). An upload larger than a quarter of the ring waits for its own copy instead.
+// (Pageable memory cannot be used this way: CUDA only promises that an async copy from it "might be synchronous".)
+constexpr size_t kRingBytes = size_t(8) << 20;
+
+struct Ring {
+  std::mutex mu;
+  char* host = nullptr;  // [kRingBytes] pinned
+  size_t head = 0;       // next free byte
+  struct Use {
+    size_t begin, end;
+    cudaEvent_t done;
+  };
+  std::deque<Use> uses;             // regions read by queued copies, oldest first
+  std::vector<cudaEvent_t> spare;  // recycled events
+};
+
+Ring& ring() {
+  static Ring* r = [] {
+    auto* x = new Ring;  // never destroyed, for the reason given at context()
+#if defined(CM_CUDA_EMU)
+    x->host = static_cast<char*>(std::malloc(kRingBytes));  // the emulator's copies are synchronous
+    CM_CHECK(x->host, "no memory for the upload ring");
+#else
+    cudaCheck(cudaHostAlloc(reinterpret_cast<void**>(&x->host), kRingBytes, cudaHostAllocDefault));
+#endif
+    return x;
+  }();
+  return *r;
+}
+
+}  // namespace
+
+void upload(void* dst, const void* src, size_t nbytes) {
+  if (nbytes == 0) return;
+  cudaStream_t s = stream();
+  if (nbytes > kRingBytes / 4) {  // large (initialisation, checkpoints): a plain copy that waits
+    note_stream_sync();
+    cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s));
+    cudaCheck(cudaStreamSynchronize(s));
+    return;
+  }
+  Ring& r = ring();
+  std::lock_guard<std::mutex> lock(r.mu);
+  const size_t n = (nbytes + 255) / 256 * 256;
+  if (r.head + n > kRingBytes) r.head = 0;  // wrap
+  const size_t begin = r.head, end = begin + n;
+  // Wait for the copies that still read [begin, end). Regions are handed out in ring order, so they are the oldest.
+  bool waited = false;
+  while (!r.uses.empty() && r.uses.front().begin < end && begin < r.uses.front().end) {
+    if (!waited) note_stream_sync();
+    waited = true;
+    cudaCheck(cudaEventSynchronize(r.uses.front().done));
+    r.spare.push_back(r.uses.front().done);
+    r.uses.pop_front();
+  }
+  std::memcpy(r.host + begin, src, nbytes);
+  cudaCheck(cudaMemcpyAsync(dst, r.host + begin, nbytes, cudaMemcpyHostToDevice, s));
+  cudaEvent_t ev;
+  if (r.spare.empty()) {
+    cudaCheck(cudaEventCreate(&ev));
+  } else {
+    ev = r.spare.back();
+    r.spare.pop_back();
+  }
+  cudaCheck(cudaEventRecord(ev, s));
+  r.uses.push_back({begin, end, ev});
+  r.head = end;
+}
+
 // ---------------------------------------------------------------- helpers
 
 void axpy(float* y, const float* x, float alpha, int64_t n) {
@@ -255,18 +385,10 @@ void cuda_copy(void* dst, const void* src, size_t nbytes, CopyKind kind) {
   cudaStream_t s = cuda::stream();
   switch (kind) {
     case CopyKind::HostToDevice:
-      // The source is pageable host memory that the caller frees right after (Tensor::from_vector and to() upload
-      // a temporary CPU tensor). CUDA documents only that an async copy from pageable memory "might be
-      // synchronous"; that the buffer has been staged when the call returns is not promised (and need not hold
-      // where the driver reads pageable memory directly, e.g. with HMM). Waiting here makes the free safe. The
-      // cost is a stall of the host until earlier work on the stream is done: uploads are batches, routing
-      // plans and initialisation, and those mostly follow a device-to-host read that waited already.
-      cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s));
-      cudaCheck(cudaStreamSynchronize(s));
+      cuda::upload(dst, src, nbytes);
       break;
     case CopyKind::DeviceToHost:
-      cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, s));
-      cudaCheck(cudaStreamSynchronize(s));  // the host reads dst next
+      cuda::copy_to_host(dst, src, nbytes);  // waits: the host reads dst next
       break;
     case CopyKind::DeviceToDevice:
       cudaCheck(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToDevice, s));

@@ -7,7 +7,8 @@
 // order. That is what makes the caching allocator safe without events: a block freed by the host is only reused
 // by work issued later on the same stream, which runs after every earlier use of the block has finished.
 // Device-to-host copies synchronise the stream (the host reads the result right after), and so does sync().
-// Host-to-device copies (cuda_copy) synchronise too: the host buffer may be freed as soon as the call returns.
+// Host-to-device copies (cuda_copy, upload) do not: the bytes go through a pinned staging ring (see upload), so the
+// host buffer may still be freed as soon as the call returns. engine/host_sync.h counts every wait.
 //
 // Traps:
 //   - Kernel launches report configuration errors at once, but faults inside a kernel (a bad address) only at the
@@ -42,7 +43,20 @@ namespace cm::cuda {
   } while (0)
 // After every kernel launch: launch-configuration errors now; with CM_CUDA_SYNC=1, execution errors too.
 void check_launch(const char* kernel, const char* file, int line);
+bool sync_each_launch();  // CM_CUDA_SYNC is set (and not 0)
 #define cudaCheckLaunch(kernel) ::cm::cuda::check_launch(kernel, __FILE__, __LINE__)
+
+// ---------------------------------------------------------------- bad indices found on the device
+// Kernels that take indices (index_select, index_add, gather, scatter_add, embedding, cross-entropy targets) check
+// each one against its bound themselves, so no op waits for a check before launching. A bad index is never used
+// (a gather writes 0, an add skips it, a target adds no loss), and the first one is recorded in a small device
+// record. The host learns of it at the next read-out of device values (copy_to_host brings the record back in the
+// same wait), or right after the kernel with CM_CUDA_SYNC=1: either throws cm::Error naming the op, the index, its
+// position and the bound, and clears the record. Results computed since then are not to be trusted: the
+// exception stops whatever was going on (train_lm reads its losses at every logged step).
+enum class IndexOp : int32_t { None = 0, IndexSelect, IndexAdd, Gather, ScatterAdd, Embedding, CrossEntropy };
+int64_t* index_error_record();  // [4] on the device: op (IndexOp), index, position, bound; all 0 when clean
+void check_index_errors();      // one copy and one wait; throws if a kernel recorded a bad index
 
 // ---------------------------------------------------------------- device, stream, handles
 // Created on first use (device 0 of those CUDA_VISIBLE_DEVICES shows); each throws cm::Error when no device.
@@ -50,6 +64,9 @@ cudaStream_t stream();
 cublasHandle_t cublas();
 const cudaDeviceProp& props();
 void sync();  // waits for all work on stream(); reports any pending kernel fault
+// dst (host) <- src (device), nbytes, on stream(); returns when dst holds the values. Every device-to-host copy of
+// the engine and the kernels goes through here or cuda_copy, so that engine/host_sync.h counts it.
+void copy_to_host(void* dst, const void* src, size_t nbytes);
 
 // Matrix-product precision for cuda::gemm*. FP32 (the default) is IEEE fp32 throughout. TF32 rounds the inputs to
 // 10-bit mantissas on the tensor cores (fp32 accumulation); BF16 rounds them to bf16 (8-bit mantissas). Both are
@@ -78,6 +95,10 @@ void empty_cache();  // returns every cached (unused) block to the driver
 
 void* allocate(size_t nbytes);  // nbytes > 0; 256-byte aligned
 void deallocate(void* p);       // p from allocate, or nullptr
+
+// dst (device) <- src (host), nbytes, queued on stream() without waiting for it: src is copied into a pinned
+// staging ring first, so the caller may free it at once. Uploads over 2 MiB wait for their copy instead.
+void upload(void* dst, const void* src, size_t nbytes);
 
 // ---------------------------------------------------------------- small device helpers used by the engine
 // y [n] += alpha * x [n] (cuBLAS axpy: elementwise, deterministic). Gradient accumulation on the device.

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "engine/device.h"
+#include "engine/host_sync.h"
 #include "kernels/copy.h"
 #if CM_CUDA
 #include "engine/cuda.h"
@@ -180,14 +181,21 @@ static Tensor cpu_contiguous(const Tensor& t) {
   return c;
 }
 
+// The same, for a read-out of values by the host. A read-out counts one copy and one wait (engine/host_sync.h):
+// here for a CPU tensor, where a device build would copy; in cuda_copy for a CUDA tensor.
+static Tensor read_out(const Tensor& t) {
+  if (t.device() == Device::CPU) note_host_read();
+  return cpu_contiguous(t);
+}
+
 float Tensor::item() const {
   CM_REQUIRE(numel() == 1, "item() needs a one-element tensor, got shape ", shape_str(shape()));
-  Tensor c = cpu_contiguous(*this);
+  Tensor c = read_out(*this);
   return dtype() == DType::F32 ? c.f32()[0] : (float)c.i32()[0];
 }
 
 std::vector<float> Tensor::to_f32_vector() const {
-  Tensor c = cpu_contiguous(*this);
+  Tensor c = read_out(*this);
   std::vector<float> v((size_t)numel());
   if (dtype() == DType::F32)
     std::memcpy(v.data(), c.raw(), v.size() * 4);
@@ -197,7 +205,7 @@ std::vector<float> Tensor::to_f32_vector() const {
 }
 
 std::vector<int32_t> Tensor::to_i32_vector() const {
-  Tensor c = cpu_contiguous(*this);
+  Tensor c = read_out(*this);
   std::vector<int32_t> v((size_t)numel());
   if (dtype() == DType::I32)
     std::memcpy(v.data(), c.raw(), v.size() * 4);

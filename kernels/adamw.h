@@ -11,9 +11,15 @@
 
 namespace cm::cpu {
 
-// param [n], m [n], v [n] updated in place; grad [n].
+// param [n], m [n], v [n] updated in place; grad [n]. skip_if_nonfinite [1] or null: when it points at a NaN or an
+// Inf (the gradient norm of a step whose gradients overflowed), nothing is updated. The flag is read where the
+// kernel runs, so a device step never waits for the host to decide.
 void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, float lr, float beta1, float beta2,
-                float eps, float weight_decay, int64_t t);
+                float eps, float weight_decay, int64_t t, const float* skip_if_nonfinite = nullptr);
+
+// Gradient clipping with the norm read where the kernel runs: g [n] *= max_norm / (norm + 1e-6) when *norm is
+// finite and above max_norm > 0 (the scale in float, as the host formula); otherwise g is left as it is.
+void clip_scale(float* g, int64_t n, const float* norm, float max_norm);
 
 }  // namespace cm::cpu
 
@@ -22,7 +28,11 @@ void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, 
 namespace cm::cuda {
 
 void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, float lr, float beta1, float beta2,
-                float eps, float weight_decay, int64_t t);
+                float eps, float weight_decay, int64_t t, const float* skip_if_nonfinite = nullptr);
+void clip_scale(float* g, int64_t n, const float* norm, float max_norm);
+// norm [1] = sqrt(sum_i sums[i]), summed in double in index order by one thread (sums [n]: per-tensor sums of
+// squares made on the device): the global gradient norm without a copy to the host.
+void norm_from_sums(float* norm, const float* sums, int64_t n);
 
 // One parameter tensor of a fused step: param/m/v [n] updated in place from grad [n], with its own weight decay
 // (0 for norms and biases, typically).
@@ -37,7 +47,7 @@ struct AdamWSlice {
 // The same update over every slice (slices is a host array), in one launch per 48 slices: the fused optimizer
 // step over all parameters. Each element gets exactly adamw_step's arithmetic.
 void adamw_step_multi(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
-                      int64_t t);
+                      int64_t t, const float* skip_if_nonfinite = nullptr);
 
 }  // namespace cm::cuda
 #endif

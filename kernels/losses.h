@@ -2,8 +2,9 @@
 // probabilities are never stored; backward recomputes them from the logits and the saved per-row logsumexp.
 // Letters: N rows (tokens), V classes (vocabulary).
 //
-// Preconditions (checked by the op, not here, so that a device twin has the same contract): every target is
-// ignore_index or in [0, V). Rows whose target is ignore_index get loss 0 and a zero gradient row.
+// Targets: ignore_index or in [0, V). On the CPU the op checks them before (an error names the first bad one); the
+// CUDA kernels check each one themselves and record a bad one (engine/cuda.h), treating its row as ignored, so no
+// step waits for the check. Rows whose target is ignore_index get loss 0 and a zero gradient row.
 #pragma once
 #include <cstdint>
 
@@ -21,6 +22,17 @@ void cross_entropy_forward(float* losses, float* lse, const float* logits, const
 void cross_entropy_backward(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                             float scale, int64_t N, int64_t V, int32_t ignore_index);
 
+// inv_valid [1] = 1 / (number of targets [N] in [0, V) that are not ignore_index), 0 when there is none: the
+// scale of the mean loss, formed where the targets are (a device step does not copy them to the host).
+void cross_entropy_inv_valid(float* inv_valid, const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index);
+
+// Router z-loss on logits [R, E]: loss [1] = weight * mean_r logsumexp(logits[r])^2 (the squares summed in double
+// in row order); lse [R] saved for backward. R = 0 gives 0.
+void z_loss_forward(float* loss, float* lse, const float* logits, int64_t R, int64_t E, float weight);
+// dlogits [R, E] = dloss[0] * weight * 2 lse[r] / R * softmax(logits[r]) (overwritten); dloss [1] is read here.
+void z_loss_backward(float* dlogits, const float* dloss, const float* logits, const float* lse, int64_t R,
+                     int64_t E, float weight);
+
 }  // namespace cm::cpu
 
 #if CM_CUDA
@@ -32,6 +44,7 @@ void cross_entropy_forward(float* losses, float* lse, const float* logits, const
                            int64_t V, int32_t ignore_index);
 void cross_entropy_backward(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                             float scale, int64_t N, int64_t V, int32_t ignore_index);
+void cross_entropy_inv_valid(float* inv_valid, const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index);
 // The same with scale = gout[0] * scale: gout [1] is the upstream gradient, on the device (no host round trip).
 void cross_entropy_backward(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                             const float* gout, float scale, int64_t N, int64_t V, int32_t ignore_index);

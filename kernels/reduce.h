@@ -9,7 +9,8 @@
 namespace cm::cpu {
 
 // out [1] = scale * sum of a [n]. n == 0 gives 0 (times scale; scale = 1/0 makes the mean of nothing NaN).
-void sum_all(float* out, const float* a, int64_t n, float scale);
+// scale_at [1] or null: when given, the scale is read from there (on the device for the CUDA twin), not `scale`.
+void sum_all(float* out, const float* a, int64_t n, float scale, const float* scale_at = nullptr);
 // out [O, I] = scale * sum over r of a [O, R, I].
 void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float scale);
 // Sum of a[i]^2 over a [n], in double, returned (CPU only: the norms of gradient clipping and of the experts'
@@ -36,7 +37,7 @@ void max_axis_backward(float* dx, const float* dy, const int32_t* idx, int64_t O
 // host), launched on the engine's stream. Deterministic: sums split by the sizes alone, in double.
 namespace cm::cuda {
 
-void sum_all(float* out, const float* a, int64_t n, float scale);
+void sum_all(float* out, const float* a, int64_t n, float scale, const float* scale_at = nullptr);
 void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float scale);
 void sum_to(float* out, const float* a, int64_t D, const int64_t* a_shape, const int64_t* out_shape);
 void max_all(float* out, int64_t* idx, const float* a, int64_t n);

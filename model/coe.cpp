@@ -25,6 +25,7 @@ struct Block {
 struct DecodeCache {
   std::vector<KVCache> kv;                   // [L]
   std::vector<std::vector<int32_t>> routes;  // [L] k[l] experts per byte from `first` on, highest gate first
+  std::vector<std::vector<float>> gates;     // [L] their gates, same layout
   std::vector<int64_t> k;                    // [L] slots per byte
   int64_t first = 0;                         // sequence index of the first recorded byte
   int64_t recorded = 0;                      // sequence index one past the last recorded byte
@@ -140,7 +141,10 @@ void record_routes(DecodeCache& cache, size_t l, int64_t B, int64_t T, const MoE
   for (int64_t t = std::max<int64_t>(0, cache.recorded - cache.start); t < T; ++t) {
     std::iota(order.begin(), order.end(), t * k);
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return o.gate[a] > o.gate[b]; });
-    for (int64_t s : order) cache.routes[l].push_back(o.expert[s]);
+    for (int64_t s : order) {
+      cache.routes[l].push_back(o.expert[s]);
+      cache.gates[l].push_back(o.gate[s]);
+    }
   }
 }
 
@@ -417,6 +421,7 @@ std::vector<int32_t> ClusterMoELM::generate(const std::vector<int32_t>& prompt, 
   Generator g(seed);
   DecodeCache cache;
   cache.routes.assign((size_t)L, {});
+  cache.gates.assign((size_t)L, {});
   for (const auto& b : blocks_) cache.k.push_back(b->ffn.moe ? b->ffn.K : 1);
   auto window = [&](int64_t len) {
     std::vector<int32_t> w(seq.end() - len, seq.end());
@@ -460,9 +465,11 @@ std::vector<int32_t> ClusterMoELM::generate(const std::vector<int32_t>& prompt, 
       routing->first = cache.first;
       routing->k = cache.k;
       routing->experts = cache.routes;
+      routing->gates = cache.gates;
       if (n == 0) {  // nothing generated, nothing read
         routing->first = (int64_t)seq.size();
         for (auto& r : routing->experts) r.clear();
+        for (auto& r : routing->gates) r.clear();
       }
     }
   } catch (...) {

@@ -67,6 +67,7 @@ struct GenerationRouting {
   int64_t first = 0;                          // sequence index of the first recorded byte
   std::vector<int64_t> k;                     // [L] slots per byte (K for an MoE layer, 1 for a dense one)
   std::vector<std::vector<int32_t>> experts;  // [L][bytes * k[l]] each byte's experts, highest gate first
+  std::vector<std::vector<float>> gates;      // [L][bytes * k[l]] their gates, in the same order
   int64_t bytes() const { return k.empty() || k[0] == 0 ? 0 : (int64_t)experts[0].size() / k[0]; }
 };
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/host_sync.h"
 #include "model/optim.h"
 
 namespace cm {
@@ -95,10 +96,17 @@ void MoELayer::collect_buffers(const std::string& prefix, NamedParams& out) cons
 
 // ---------------------------------------------------------------- reliability hierarchy
 
-std::vector<float> MoELayer::expert_reliability() const { return reliability_.to_f32_vector(); }
+// The layer's buffers (reliability, EMAs, ...) live on the host in every build: reading them is no read-out of
+// device values (engine/host_sync.h), so they are read through their pointers rather than to_f32_vector().
+static std::vector<float> host_buffer(const Tensor& t) {
+  CM_CHECK(t.device() == Device::CPU && t.is_contiguous(), "buffers live on the host, contiguous");
+  return std::vector<float>(t.f32(), t.f32() + t.numel());
+}
+
+std::vector<float> MoELayer::expert_reliability() const { return host_buffer(reliability_); }
 
 std::vector<std::vector<float>> MoELayer::node_reliability() const {
-  std::vector<float> r = reliability_.to_f32_vector(), u = usage_ema_.to_f32_vector();
+  std::vector<float> r = host_buffer(reliability_), u = host_buffer(usage_ema_);
   if (!moe) return {r};
   const int64_t D = router.depth();
   std::vector<std::vector<float>> rel((size_t)D), use((size_t)D);
@@ -131,7 +139,7 @@ std::vector<float> MoELayer::cluster_reliability() const {
   std::vector<std::vector<float>> rel = node_reliability();
   if (moe && router.depth() >= 2) return rel[0];
   // One cluster holding every expert: usage-weighted mean of the experts.
-  std::vector<float> r = reliability_.to_f32_vector(), u = usage_ema_.to_f32_vector();
+  std::vector<float> r = host_buffer(reliability_), u = host_buffer(usage_ema_);
   double su = 0.0, sur = 0.0;
   for (int64_t e = 0; e < N; ++e) {
     su += u[e];
@@ -178,10 +186,11 @@ static std::vector<std::vector<double>> row_sums_of_squares(const std::vector<Te
   std::vector<std::vector<double>> sq(ys.size());
   if (ys.empty()) return sq;
   if (ys[0].device() == Device::CPU) {
+    note_host_read();  // one read-out for the layer, as the device path's one copy (engine/host_sync.h)
     for (size_t k = 0; k < ys.size(); ++k) {
       const int64_t n = ys[k].size(0), C = ys[k].size(1);
-      std::vector<float> tmp;
-      const float* v = host_f32(ys[k], tmp);
+      const Tensor yc = ys[k].detach().contiguous();
+      const float* v = yc.f32();
       sq[k].assign((size_t)n, 0.0);
       for (int64_t i = 0; i < n; ++i) {
         double ss = 0.0;

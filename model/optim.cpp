@@ -7,6 +7,7 @@
 
 #include "autograd/ops.h"
 #include "engine/dispatch.h"
+#include "engine/host_sync.h"
 #include "kernels/adamw.h"
 #include "kernels/elementwise.h"
 #include "kernels/reduce.h"
@@ -52,8 +53,20 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
   }
 }
 
-void AdamW::step(float lr) {
+void AdamW::step(float lr) { step(lr, Tensor()); }
+
+void AdamW::step(float lr, const Tensor& skip_if_nonfinite) {
   NoGrad ng;
+  const float* skip = nullptr;
+  if (skip_if_nonfinite.defined()) {
+    CM_REQUIRE(skip_if_nonfinite.numel() == 1 && skip_if_nonfinite.dtype() == DType::F32 &&
+                   skip_if_nonfinite.is_contiguous(),
+               "AdamW: the skip flag must be one f32 value, got ", shape_str(skip_if_nonfinite.shape()));
+    for (const auto& [name, p] : params_)
+      CM_REQUIRE(p.device() == skip_if_nonfinite.device(), "AdamW: the skip flag is on ",
+                 device_name(skip_if_nonfinite.device()), ", parameter '", name, "' on ", device_name(p.device()));
+    skip = skip_if_nonfinite.f32();
+  }
   // Every parameter is checked before any is updated: a refusal leaves parameters, moments and the step count as
   // they were (the CPU updates happen inside the loop below, the CUDA ones after it).
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -85,7 +98,7 @@ void AdamW::step(float lr) {
       // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
       Tensor gc = g.contiguous();
       cpu::adamw_step(p.f32(), m_[i].f32(), v_[i].f32(), gc.f32(), p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      wd, t_);
+                      wd, t_, skip);
       continue;
     }
 #if CM_CUDA
@@ -97,7 +110,7 @@ void AdamW::step(float lr) {
   // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel. The slices
   // never share memory (checked by the constructor): the kernel updates them concurrently.
   if (!slices.empty())
-    cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_);
+    cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_, skip);
 #endif
 }
 
@@ -114,9 +127,11 @@ NamedTensors AdamW::state() const {
   return s;
 }
 
-std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
-  NoGrad ng;
-  std::vector<double> out(ts.size(), 0.0);
+// Each CPU tensor's sum of squares in double, into out at its index (one parallel region over the tensors rather
+// than one per tensor: an expert layer has dozens of them, and each region's start costs more than a small tensor's
+// sum). Each sum is the same whatever thread computes it. Returns the CUDA tensors' [1] float sums, in order.
+static std::vector<Tensor> sums_on_host_or_device(const std::vector<Tensor>& ts, std::vector<double>& out) {
+  out.assign(ts.size(), 0.0);
   std::vector<Tensor> on_device;  // [1] sums, one per CUDA tensor, in order
   std::vector<std::pair<size_t, Tensor>> on_host;
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -126,14 +141,20 @@ std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
     else
       on_device.push_back(sum(square(ts[i])).view({1}));
   }
-  // One parallel region over the tensors rather than one per tensor (an expert layer has dozens of them, and each
-  // region's start costs more than a small tensor's sum). Each sum is the same whatever thread computes it.
   const int64_t nh = (int64_t)on_host.size();
 #pragma omp parallel for schedule(dynamic, 1) if (nh > 1)
   for (int64_t j = 0; j < nh; ++j) {
     const Tensor& t = on_host[(size_t)j].second;
     out[on_host[(size_t)j].first] = cpu::sum_squares(t.f32(), t.numel());
   }
+  return on_device;
+}
+
+std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
+  NoGrad ng;
+  std::vector<double> out;
+  std::vector<Tensor> on_device = sums_on_host_or_device(ts, out);
+  if (on_device.size() < ts.size()) note_host_read();  // the host reads CPU values here (engine/host_sync.h)
   if (!on_device.empty()) {
     std::vector<float> v = (on_device.size() == 1 ? on_device[0] : concat(on_device, 0)).to_f32_vector();
     size_t j = 0;
@@ -143,26 +164,48 @@ std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
   return out;
 }
 
-float clip_grad_norm(const NamedTensors& params, float max_norm) {
+Tensor clip_grad_norm_tensor(const NamedTensors& params, float max_norm) {
   NoGrad ng;
   std::vector<Tensor> grads;
+  Device dev = Device::CPU;
   for (const auto& [name, p] : params)
-    if (p.grad().defined()) grads.push_back(p.grad());
-  double ss = 0.0;
-  for (double s : sums_of_squares(grads)) ss += s;  // parameter order: deterministic
-  float norm = (float)std::sqrt(ss);
-  if (max_norm > 0.f && std::isfinite(norm) && norm > max_norm) {
-    const float scale = max_norm / (norm + 1e-6f);
+    if (p.grad().defined()) {
+      if (grads.empty()) dev = p.device();
+      CM_REQUIRE(p.device() == dev, "clip_grad_norm: parameter '", name, "' is on ", device_name(p.device()),
+                 ", others on ", device_name(dev));
+      grads.push_back(p.grad());
+    }
+  // The norm [1]: the per-tensor sums added in double in parameter order (deterministic), then sqrt. On the CPU
+  // the host adds them (they are its own memory: no read-out); on a device one thread does, there.
+  std::vector<double> host;
+  std::vector<Tensor> dsums = sums_on_host_or_device(grads, host);
+  Tensor norm = Tensor::empty({1}, DType::F32, dev);
+  if (dev == Device::CPU) {
+    double ss = 0.0;
+    for (double s : host) ss += s;
+    norm.f32()[0] = (float)std::sqrt(ss);
+  } else {
+#if CM_CUDA
+    Tensor all = dsums.size() == 1 ? dsums[0] : concat(dsums, 0);
+    cuda::norm_from_sums(norm.f32(), all.f32(), all.numel());
+#endif
+  }
+  if (max_norm > 0.f) {
     for (const auto& [name, p] : params) {
       Tensor g = p.grad();
       if (!g.defined()) continue;
-      if (g.is_contiguous())
-        CM_KERNEL(g.device(), scalar, cpu::Scalar::Mul, g.f32(), g.f32(), scale, g.numel());  // in place
-      else
-        p.set_grad(mul(g, scale));
+      if (!g.is_contiguous()) {
+        g = g.contiguous();
+        p.set_grad(g);
+      }
+      CM_KERNEL(dev, clip_scale, g.f32(), g.numel(), norm.f32(), max_norm);  // in place; reads the norm there
     }
   }
   return norm;
+}
+
+float clip_grad_norm(const NamedTensors& params, float max_norm) {
+  return clip_grad_norm_tensor(params, max_norm).item();
 }
 
 float lr_at(int64_t step, const LRSchedule& s) {

@@ -38,6 +38,10 @@ class AdamW {
   // One update of every parameter that has a gradient (parameters without one are left alone, moments too).
   // PyTorch's AdamW: p -= lr*wd*p; m,v EMAs; p -= lr * mhat / (sqrt(vhat) + eps), t = step_count() after += 1.
   void step(float lr);
+  // The same, skipped by the kernels themselves when skip_if_nonfinite ([1], on the parameters' device: the
+  // norm from clip_grad_norm_tensor) holds a NaN or an Inf, so that the host need not read it first. The step
+  // count advances either way: it lives on the host, which does not know.
+  void step(float lr, const Tensor& skip_if_nonfinite);
   void step() { step(opt_.lr); }
   void zero_grad();  // drops every parameter's gradient
 
@@ -62,6 +66,9 @@ class AdamW {
 // the L2 norm over all gradients, accumulated in double in parameter order (deterministic). Non-finite norms are
 // returned as they are and nothing is scaled (the caller decides to skip the step). max_norm <= 0: only measures.
 float clip_grad_norm(const NamedTensors& params, float max_norm);
+// The same without a read-out: returns the norm as a [1] tensor on the gradients' device, and the scaling reads it
+// there (kernels/adamw.h clip_scale). The same bits as clip_grad_norm, which is this plus item().
+Tensor clip_grad_norm_tensor(const NamedTensors& params, float max_norm);
 
 // Sum of squares of each tensor's elements, in double, on the host: the norms of gradient clipping and of the
 // experts' health checks. Non-finite exactly when the tensor holds a NaN or an Inf. CPU tensors: one pass in

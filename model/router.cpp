@@ -6,12 +6,16 @@
 #include <limits>
 #include <numeric>
 
+#include "engine/host_sync.h"
 #include "kernels/topk.h"
 
 namespace cm {
 
 const float* host_f32(const Tensor& t, std::vector<float>& tmp) {
-  if (t.device() == Device::CPU && t.is_contiguous()) return t.f32();
+  if (t.device() == Device::CPU && t.is_contiguous()) {
+    note_host_read();  // read in place here; a device build copies (engine/host_sync.h)
+    return t.f32();
+  }
   tmp = t.to_f32_vector();
   return tmp.data();
 }
@@ -272,7 +276,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
         if (has[k])
           for (int64_t q = 0; q < C_; ++q) run[k * C_ + q] = 0.9f * run[k * C_ + q] + 0.1f * m[k * C_ + q];
     } else {
-      m = ac_scale.to_f32_vector();
+      m.assign(ac_scale.f32(), ac_scale.f32() + ac_scale.numel());  // a host buffer in every build: no read-out
     }
     Tensor mt = Tensor::from_vector(m, {N_, C_}, dev);
     h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T}, dev)));  // [T, C]

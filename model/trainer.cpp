@@ -12,6 +12,7 @@
 #include <iostream>
 #include <map>
 
+#include "engine/host_sync.h"
 #include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/data.h"
@@ -457,6 +458,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (ids.size() > (size_t)o.sample_len) ids.erase(ids.begin(), ids.begin() + (ids.size() - o.sample_len));
     out << "---- sample at step " << s << " ----\n" << tok.decode(ids) << "\n----\n";
   };
+  auto is_boundary = [&](int64_t s) {
+    const bool last = s == o.max_steps;
+    return (o.eval_every > 0 && (s % o.eval_every == 0 || last)) ||
+           (o.sample_every > 0 && s > 0 && (s % o.sample_every == 0 || last)) ||
+           (o.save_every > 0 && s > 0 && (s % o.save_every == 0 || last));
+  };
   auto at_boundary = [&](int64_t s) {
     bool last = s == o.max_steps;
     if (o.eval_every > 0 && (s % o.eval_every == 0 || last)) do_eval(s);
@@ -473,41 +480,83 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   const double flops_per_step =
       train_flops_per_token(summary.active_params_per_token, cfg.n_layers, o.seq_len, cfg.d_model) * tokens_per_step;
   double ema_ms = -1;
+  // A step's loss, aux loss and gradient norm stay where they were computed until a step logs or reaches a
+  // boundary: then every pending step's values come back in one read-out (a device step does not wait for the
+  // host otherwise; at most 64 steps wait). The checks on them (a non-finite loss stops training, naming its step; a non-finite norm
+  // skipped the update, which AdamW decided on the device) run at that point.
+  struct Pending {
+    int64_t step;
+    float lr;
+    double ms;
+    std::vector<Tensor> losses, auxes;  // [1] per micro-batch (aux: undefined when the model has none)
+    Tensor norm;                        // [1]
+  };
+  std::vector<Pending> pending;
+  StepRecord last{};
+  auto flush = [&] {
+    if (pending.empty()) return;
+    std::vector<Tensor> parts;
+    for (const Pending& p : pending) {
+      for (const Tensor& t : p.losses) parts.push_back(t);
+      for (const Tensor& t : p.auxes)
+        if (t.defined()) parts.push_back(t);
+      parts.push_back(p.norm);
+    }
+    const std::vector<float> v = (parts.size() == 1 ? parts[0] : concat(parts, 0)).to_f32_vector();
+    size_t at = 0;
+    for (const Pending& p : pending) {
+      double loss = 0, aux = 0;
+      for (size_t i = 0; i < p.losses.size(); ++i) loss += v[at++] / (double)o.grad_accum;
+      for (const Tensor& t : p.auxes) aux += (t.defined() ? v[at++] : 0.0) / (double)o.grad_accum;
+      const float norm = v[at++];
+      CM_REQUIRE(std::isfinite(loss) && std::isfinite(aux), "loss is ", loss, " (aux ", aux, ") at step ", p.step,
+                 ": training stopped",
+                 res.last_checkpoint.empty() ? std::string() : ". Last checkpoint: " + res.last_checkpoint,
+                 ". A lower --lr or a --grad_clip may help.");
+      if (!std::isfinite(norm)) out << "step " << p.step << ": gradient norm is " << norm << ", update skipped\n";
+      res.step_losses.push_back(loss);
+      last = {p.step, loss, aux, p.lr, norm, p.ms, tokens_per_step / (p.ms / 1000.0)};
+      report.add_step(last);
+    }
+    pending.clear();
+  };
   while (step < o.max_steps) {
     auto t0 = std::chrono::steady_clock::now();
+    const int64_t syncs0 = host_sync_stats().stream_syncs;
     const float lr = lr_at(step, sched);
-    double loss = 0, aux = 0;
+    Pending pd{step + 1, lr, 0.0, {}, {}, Tensor()};
     for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
       auto xy = ds.batch(Split::Train, o.batch_size, data_gen, dev);
       CoEOutput fw = model.forward(xy.first, xy.second);
       // Scale before backward: accumulated gradients are then the mean over micro-batches, as one big batch.
       Tensor l = o.grad_accum > 1 ? mul(fw.total_loss, 1.0f / (float)o.grad_accum) : fw.total_loss;
       l.backward();
-      loss += fw.loss.item() / (double)o.grad_accum;
-      aux += (fw.aux_loss.defined() ? fw.aux_loss.item() : 0.0) / (double)o.grad_accum;
+      pd.losses.push_back(fw.loss.detach().reshape({1}));
+      pd.auxes.push_back(fw.aux_loss.defined() ? fw.aux_loss.detach().reshape({1}) : Tensor());
       tally.add(fw, o.batch_size * o.seq_len, K);
     }
-    CM_REQUIRE(std::isfinite(loss) && std::isfinite(aux), "loss is ", loss, " (aux ", aux, ") at step ", step + 1,
-               ": training stopped",
-               res.last_checkpoint.empty() ? std::string() : ". Last checkpoint: " + res.last_checkpoint,
-               ". A lower --lr or a --grad_clip may help.");
-    const float norm = clip_grad_norm(params, o.grad_clip);
-    if (std::isfinite(norm)) {
-      opt.step(lr);
-    } else {
-      out << "step " << step + 1 << ": gradient norm is " << norm << ", update skipped\n";
-    }
+    // The norm stays where the gradients are; a non-finite one makes AdamW skip the update there.
+    pd.norm = clip_grad_norm_tensor(params, o.grad_clip);
+    opt.step(lr, pd.norm);
     model.after_step();
     opt.zero_grad();
     ++step;
     res.final_step = step;
-    res.step_losses.push_back(loss);
 
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     ema_ms = ema_ms < 0 ? ms : 0.9 * ema_ms + 0.1 * ms;
-    const double tok_s = tokens_per_step / (ms / 1000.0);
-    report.add_step({step, loss, aux, lr, norm, ms, tok_s});
-    if (o.log_every > 0 && (step % o.log_every == 0 || step == o.max_steps)) {
+    pd.ms = ms;
+    pending.push_back(std::move(pd));
+    const bool logs = o.log_every > 0 && (step % o.log_every == 0 || step == o.max_steps);
+    // At most 64 steps stay pending (a run that never logs still stops soon after a non-finite loss).
+    const bool quiet = !logs && !is_boundary(step) && !(o.stop_at > 0 && step >= o.stop_at) && pending.size() < 64;
+    if (quiet) {  // what a quiet step waited for is the step's own cost
+      res.quiet_steps++;
+      res.quiet_step_syncs += host_sync_stats().stream_syncs - syncs0;
+      continue;
+    }
+    flush();
+    if (logs) {
       std::string mfu;
       if (dev == Device::CUDA) {
         // H100 SXM dense peaks: 67 TFLOP/s fp32, 495 TFLOP/s TF32.
@@ -517,13 +566,15 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
       char line[256];
       std::snprintf(line, sizeof line,
                     "step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s%s | ETA %s\n",
-                    (long long)step, (long long)o.max_steps, loss, aux, lr, norm, ms, tok_s, mfu.c_str(),
+                    (long long)step, (long long)o.max_steps, last.loss, last.aux, lr, last.grad_norm, ms,
+                    last.tok_per_s, mfu.c_str(),
                     format_duration(ema_ms / 1000.0 * (double)(o.max_steps - step)).c_str());
       out << line;
     }
     at_boundary(step);
     if (o.stop_at > 0 && step >= o.stop_at) break;
   }
+  flush();  // nothing is pending here (the last step always flushes); kept for safety
   return res;
 }
 
@@ -550,7 +601,8 @@ int run_train_lm(const std::vector<std::string>& args, std::ostream& out, std::o
     }
     TrainResult r = train(o, out);
     if (!r.evals.empty())
-      out << "done: step " << r.final_step << " | val loss " << fmt("%.4f", r.evals.back().val_loss) << "\n";
+      out << "done: step " << r.final_step << " | val loss " << fmt("%.4f", r.evals.back().val_loss)
+          << " | host syncs/step " << fmt("%.4g", r.host_syncs_per_step()) << "\n";
     return 0;
   } catch (const UsageError& e) {
     err << "train_lm: " << e.what() << "\n\n" << usage;

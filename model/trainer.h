@@ -29,6 +29,11 @@ struct TrainResult {
   std::vector<EvalRecord> evals;    // evaluations this call ran
   std::string last_checkpoint;      // "" when none was written
   std::string device;               // "cpu" or "cuda"
+  // Host synchronisations (engine/host_sync.h: stream waits, real on CUDA, would-be on the CPU) of the steps that
+  // neither logged nor reached an eval/sample/save boundary, and how many such steps there were.
+  int64_t quiet_steps = 0;
+  int64_t quiet_step_syncs = 0;
+  double host_syncs_per_step() const { return quiet_steps ? (double)quiet_step_syncs / (double)quiet_steps : 0.0; }
 };
 
 // From argv (without the program name) to options: flag syntax, the device's default preset, a resumed run's

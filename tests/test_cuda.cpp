@@ -15,6 +15,7 @@
 
 #if CM_CUDA
 #include "engine/cuda.h"
+#include "engine/host_sync.h"
 #include "kernels/activation.h"
 #include "kernels/adamw.h"
 #include "kernels/copy.h"
@@ -805,6 +806,34 @@ TEST_CASE("cuda kernels: dropout drops exactly the CPU's elements" * needs_devic
       cuda::dropout_backward(gdx.f32(), dev(x).f32(), n, p, s, off + 1);
       same(gdx, dx, "backward " + what);
     }
+}
+
+TEST_CASE("cuda kernels: clip scale and the norm from sums read their values on the device; AdamW skip flag" *
+          needs_device()) {
+  uint64_t seed = 1400;
+  const int64_t n = 5003;
+  for (float nv : {0.5f, 3.f, NAN, INFINITY}) {
+    Tensor g = uniform({n}, ++seed), norm = Tensor::from_vector(std::vector<float>{nv}, {1});
+    Tensor dg = dev(g);
+    cpu::clip_scale(g.f32(), n, norm.f32(), 1.f);
+    cuda::clip_scale(dg.f32(), n, dev(norm).f32(), 1.f);
+    CHECK(dg.to_f32_vector() == g.to_f32_vector());  // one IEEE multiply by the same float scale
+  }
+  Tensor sums = uniform({300}, ++seed, 0.f, 5.f);
+  double ss = 0.0;
+  for (float v : sums.to_f32_vector()) ss += (double)v;
+  Tensor dn = Tensor::empty({1}, DType::F32, Device::CUDA);
+  cuda::norm_from_sums(dn.f32(), dev(sums).f32(), 300);
+  CHECK(dn.item() == (float)std::sqrt(ss));
+  // A non-finite flag: parameters and moments stay as they were.
+  Tensor p = uniform({n}, ++seed), m = uniform({n}, ++seed), v = uniform({n}, ++seed, 0.f, 0.01f);
+  Tensor dp = dev(p), dm = dev(m), dv = dev(v), dgr = dev(uniform({n}, ++seed));
+  Tensor flag = dev(Tensor::from_vector(std::vector<float>{NAN}, {1}));
+  cuda::adamw_step(dp.f32(), dm.f32(), dv.f32(), dgr.f32(), n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1, flag.f32());
+  cuda::AdamWSlice sl{dp.f32(), dm.f32(), dv.f32(), dgr.f32(), n, 0.1f};
+  cuda::adamw_step_multi(&sl, 1, 1e-2f, 0.9f, 0.95f, 1e-8f, 1, flag.f32());
+  CHECK(dp.to_f32_vector() == p.to_f32_vector());
+  CHECK(dm.to_f32_vector() == m.to_f32_vector());
 }
 
 TEST_CASE("cuda kernels: AdamW step, single tensor and fused over many tensors" * needs_device()) {
@@ -1601,7 +1630,7 @@ TEST_CASE("cuda ops: neural-net ops (softmax, cross-entropy, embedding, norms, d
             {P({2, 37}, 5), all_ignored});
   Tensor ids = i32s({3, 1, 3, 0, 9, 3}, {2, 3});
   op_parity("embedding", [](const V& x) { return embedding(x[0], x[1]); }, {P({10, 8}, 6), ids});
-  CHECK_THROWS_AS(embedding(uniform({10, 8}, 1).to(Device::CUDA), i32s({1, 10}, {2}).to(Device::CUDA)), Error);
+  op_parity("router_z_loss", [](const V& x) { return router_z_loss(x[0], 0.3f); }, {P({40, 16}, 21, -3.f, 3.f)});
   op_parity("layernorm", [](const V& x) { return layernorm(x[0], x[1], x[2]); },
             {P({4, 6, 32}, 7, -2.f, 2.f), P({32}, 8, 0.5f, 1.5f), P({32}, 9)});
   op_parity("rmsnorm", [](const V& x) { return rmsnorm(x[0], x[1]); }, {P({24, 32}, 10, -2.f, 2.f), P({32}, 11)});
@@ -1631,7 +1660,71 @@ TEST_CASE("cuda ops: indexing (concat, split, index_select/add, gather/scatter_a
   Tensor mask = i32s({1, 0, 0, 1, 1, 0}, {2, 3});
   op_parity("where", [](const V& x) { return where(x[0], x[1], x[2]); }, {mask, P({2, 3}, 12), P({3}, 13)});
   op_parity("masked_fill", [](const V& x) { return masked_fill(x[0], x[1], -5.f); }, {P({2, 3}, 14), mask});
-  CHECK_THROWS_AS(index_select(uniform({3, 4}, 1).to(Device::CUDA), 1, i32s({0, 4}, {2}).to(Device::CUDA)), Error);
+}
+
+TEST_CASE("cuda ops: the kernels find bad indices without a wait; the next read-out names the op, index and bound" *
+          needs_device()) {
+  // engine/cuda.h: no op waits for an index check; a bad index is recorded on the device, never used, and the
+  // first read-out after it throws. Each case: the op's launch counts no stream wait, the read-out throws with
+  // the op, the index and its bound, and the record is clear afterwards (the next read-out is fine).
+  Tensor a = dev(uniform({3, 4}, 1)), w = dev(uniform({10, 8}, 2)), logits = dev(uniform({2, 5}, 3));
+  struct Case {
+    const char* what;
+    std::function<Tensor()> op;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {"index_select", [&] { return index_select(a, 1, dev(i32s({0, 4}, {2}))); },
+       "index_select: index 4 (at position 1) is out of range [0, 4)"},
+      {"index_add", [&] { return index_add(a, 0, dev(i32s({1, -1}, {2})), dev(uniform({2, 4}, 4))); },
+       "index_add: index -1 (at position 1) is out of range [0, 3)"},
+      {"index_add, sorted path", [&] {
+         std::vector<int32_t> ix(100, 2);
+         ix[57] = 3;
+         return index_add(a, 0, dev(i32s(ix, {100})), dev(uniform({100, 4}, 5)));
+       },
+       "index_add: index 3 (at position 57) is out of range [0, 3)"},
+      {"gather", [&] { return gather(a, 1, dev(i32s({0, 1, 7}, {1, 3}))); },
+       "gather: index 7 (at position 2) is out of range [0, 4)"},
+      {"scatter_add", [&] { return scatter_add(a, 1, dev(i32s({5, 1}, {1, 2})), dev(uniform({1, 2}, 6))); },
+       "scatter_add: index 5 (at position 0) is out of range [0, 4)"},
+      {"embedding", [&] { return embedding(w, dev(i32s({1, 10}, {2}))); },
+       "embedding: id 10 (at position 1) is out of range [0, 10)"},
+      {"cross_entropy", [&] { return cross_entropy(logits, dev(i32s({1, 6}, {2}))); },
+       "cross_entropy: target 6 (at position 1) is out of range [0, 5)"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(std::string(c.what));
+    if (cuda::sync_each_launch()) {  // CM_CUDA_SYNC=1: the launch itself reports it
+      CHECK_THROWS_WITH_AS(c.op(), doctest::Contains(c.message), Error);
+      continue;
+    }
+    cuda::sync();
+    const int64_t before = host_sync_stats().stream_syncs;
+    Tensor out = c.op();
+    CHECK(host_sync_stats().stream_syncs == before);  // the op itself never waited
+    CHECK_THROWS_WITH_AS(out.to_f32_vector(), doctest::Contains(c.message), Error);
+    CHECK_NOTHROW(out.to_f32_vector());  // reported once: the record was cleared
+  }
+  // A good index after a bad one is unaffected, and check_index_errors() reports without a read-out.
+  if (!cuda::sync_each_launch()) {
+    Tensor bad = index_select(a, 1, dev(i32s({9}, {1})));
+    CHECK_THROWS_WITH_AS(cuda::check_index_errors(), doctest::Contains("index_select: index 9"), Error);
+  }
+  CHECK_NOTHROW(cuda::check_index_errors());
+  CHECK(index_select(a, 1, dev(i32s({3}, {1}))).to_f32_vector() == index_select(uniform({3, 4}, 1), 1,
+                                                                                 i32s({3}, {1})).to_f32_vector());
+}
+
+TEST_CASE("cuda kernels: cross_entropy_inv_valid counts the valid targets as the CPU twin does" * needs_device()) {
+  for (int64_t N : {0, 1, 37, 5000}) {
+    std::vector<int32_t> t((size_t)N);
+    for (int64_t n = 0; n < N; ++n) t[n] = n % 7 == 3 ? -100 : (int32_t)((n * 13) % 11);
+    Tensor ht = i32s(t, {N}), inv = Tensor::empty({1}), dinv = Tensor::empty({1}, DType::F32, Device::CUDA);
+    cpu::cross_entropy_inv_valid(inv.f32(), ht.i32(), N, 11, -100);
+    cuda::cross_entropy_inv_valid(dinv.f32(), dev(ht).i32(), N, 11, -100);
+    CHECK(dinv.item() == inv.f32()[0]);
+  }
 }
 
 TEST_CASE("cuda ops: empty tensors (zero rows, zero inner size) give the CPU's values and gradients" *

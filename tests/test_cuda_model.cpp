@@ -484,6 +484,10 @@ TEST_SUITE("cuda") {
       CHECK_MESSAGE(std::fabs(gpu.step_losses[i] - cpu.step_losses[i]) <= 1e-3 * cpu.step_losses[i], "step ", i + 1);
     CHECK(std::fabs(gpu.evals.back().val_loss - cpu.evals.back().val_loss) <= 0.05);
     CHECK(gpu.evals.back().val_loss < gpu.evals.front().val_loss);
+    // engine/host_sync.h: the CPU build counts the read-outs where a device build waits; the device build counts
+    // its real waits. They agree: nothing else waits on the device (index checks and uploads do not).
+    CHECK(gpu.quiet_steps == cpu.quiet_steps);
+    CHECK(gpu.quiet_step_syncs == cpu.quiet_step_syncs);
 
     // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.
     REQUIRE(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);

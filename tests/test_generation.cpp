@@ -334,8 +334,8 @@ TEST_SUITE("generation") {
     c.moe_every = 1;
     c.num_clusters = 2;
     c.experts_per_cluster = 3;
-    c.top_k_clusters = 1;
-    c.top_k_experts = 2;  // K = 2: the colour is the highest-gate expert
+    c.top_k_clusters = 2;  // K = 2, one expert from each cluster: the router gives them in cluster order, which
+    c.top_k_experts = 1;   // need not be gate order; the colour is the highest-gate expert
     c.validate();
     ClusterMoELM m(c);
     std::vector<int32_t> prompt = seq_ids(4, c.vocab_size, 31);
@@ -345,6 +345,18 @@ TEST_SUITE("generation") {
     REQUIRE(r.first == 0);
     REQUIRE(r.bytes() == (int64_t)(prompt.size() + gen.size()));
     CHECK(r.k == std::vector<int64_t>({2, 2}));
+    // Each byte's two experts are distinct, with gates in (0, 1], highest gate first.
+    int64_t unordered = 0;
+    for (size_t l = 0; l < 2; ++l) {
+      REQUIRE(r.gates[l].size() == r.experts[l].size());
+      for (int64_t i = 0; i < r.bytes(); ++i) {
+        const float g0 = r.gates[l][(size_t)(2 * i)], g1 = r.gates[l][(size_t)(2 * i + 1)];
+        CHECK(r.experts[l][(size_t)(2 * i)] != r.experts[l][(size_t)(2 * i + 1)]);
+        CHECK((g1 > 0.f && g0 <= 1.f));
+        unordered += g0 < g1;
+      }
+    }
+    CHECK(unordered == 0);
     {
       // Inside the window the recorded decisions are the ones a forward of the whole text makes: per layer, the
       // same rows per expert (K = 2 slots per byte, so both recorded experts of each byte count).

@@ -409,6 +409,35 @@ TEST_CASE("cross_entropy op: mean over non-ignored rows, gradient, all ignored, 
   CHECK_THROWS_AS(cross_entropy(x.reshape({12}), ign), Error);            // not [N, V]
 }
 
+TEST_CASE("router_z_loss op: weight * mean logsumexp^2 against a double reference, gradients, empty, bad shapes") {
+  for (auto [R, E] : {std::pair<int64_t, int64_t>{7, 4}, {1, 1}, {33, 16}}) {
+    CAPTURE(R);
+    CAPTURE(E);
+    Tensor x = param({R, E}, 40 + (uint64_t)R, -4.f, 4.f);
+    const std::vector<float> xv = x.to_f32_vector();
+    double ref = 0.0;
+    for (int64_t r = 0; r < R; ++r) {
+      double m = -INFINITY, s = 0.0;
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, (double)xv[r * E + e]);
+      for (int64_t e = 0; e < E; ++e) s += std::exp((double)xv[r * E + e] - m);
+      ref += (m + std::log(s)) * (m + std::log(s));
+    }
+    ref = 0.3 * ref / (double)R;
+    Tensor z = router_z_loss(x, 0.3f);
+    CHECK(z.dim() == 0);
+    CHECK(z.item() == doctest::Approx(ref).epsilon(1e-5));
+    CHECK_GRAD([&](const std::vector<Tensor>& in) { return router_z_loss(in[0], 0.3f); }, {x});
+  }
+  // No rows: 0 and an empty gradient.
+  Tensor none = param({0, 5}, 50);
+  Tensor z0 = router_z_loss(none, 1.f);
+  CHECK(z0.item() == 0.f);
+  z0.backward();
+  CHECK(none.grad().numel() == 0);
+  CHECK_THROWS_AS(router_z_loss(param({6}, 51), 1.f), Error);
+  CHECK_THROWS_AS(router_z_loss(param({2, 0}, 52), 1.f), Error);
+}
+
 TEST_CASE("embedding op: rows gathered for any id shape, repeated ids accumulate, bad ids throw") {
   const int64_t V = 11, C = 5;
   Tensor w = param({V, C}, 12);

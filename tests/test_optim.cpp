@@ -1,6 +1,7 @@
 // AdamW against a double-precision reference, no-decay groups, state for checkpoints, clipping, LR schedule.
 #include <cmath>
 
+#include "engine/host_sync.h"
 #include "model/optim.h"
 #include "tests/helpers.h"
 
@@ -124,6 +125,42 @@ TEST_SUITE("optim") {
     std::vector<float> before = a.grad().to_f32_vector();
     CHECK_FALSE(std::isfinite(clip_grad_norm(ps, 0.5f)));
     CHECK(a.grad().to_f32_vector() == before);  // non-finite norm: nothing scaled
+  }
+
+  TEST_CASE("clip_grad_norm_tensor: the same bits as clip_grad_norm, no read-out; AdamW skips on a non-finite flag") {
+    Tensor a = uniform({3, 4}, 21), b = uniform({5}, 22);
+    Tensor a2 = a.clone().detach(), b2 = b.clone().detach();
+    for (Tensor* t : {&a, &b, &a2, &b2}) t->requires_grad_(true);
+    Tensor ga = uniform({3, 4}, 23, -2.f, 2.f), gb = uniform({5}, 24, -2.f, 2.f);
+    a.set_grad(ga.clone());
+    b.set_grad(gb.clone());
+    a2.set_grad(ga.clone());
+    b2.set_grad(gb.clone());
+    NamedTensors ps = {{"a", a}, {"b", b}}, ps2 = {{"a", a2}, {"b", b2}};
+    const float host_norm = clip_grad_norm(ps2, 0.7f);
+    reset_host_sync_stats();
+    Tensor norm = clip_grad_norm_tensor(ps, 0.7f);
+    CHECK(host_sync_stats().stream_syncs == 0);  // the norm and the scaling stay where the gradients are
+    REQUIRE(norm.numel() == 1);
+    CHECK(norm.f32()[0] == host_norm);
+    CHECK(a.grad().to_f32_vector() == a2.grad().to_f32_vector());  // scaled alike, bit for bit
+    CHECK(b.grad().to_f32_vector() == b2.grad().to_f32_vector());
+
+    // The skip flag: finite, the update is step(lr)'s; non-finite, nothing moves (moments neither).
+    AdamW o1(ps), o2(ps2);
+    o1.step(1e-2f, norm);
+    o2.step(1e-2f);
+    CHECK(a.to_f32_vector() == a2.to_f32_vector());
+    const std::vector<float> before = a.to_f32_vector();
+    const std::vector<float> m_before = o1.state()[0].second.to_f32_vector();
+    Tensor bad = Tensor::from_vector(std::vector<float>{NAN}, {1});
+    o1.step(1e-2f, bad);
+    CHECK(a.to_f32_vector() == before);
+    CHECK(o1.state()[0].second.to_f32_vector() == m_before);
+    bad.f32()[0] = INFINITY;
+    o1.step(1e-2f, bad);
+    CHECK(a.to_f32_vector() == before);
+    CHECK_THROWS_AS(o1.step(1e-2f, Tensor::zeros({2})), Error);  // one value
   }
 
   TEST_CASE("LR schedule: linear warmup, cosine to min_lr, then flat") {

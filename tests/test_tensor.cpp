@@ -1,5 +1,7 @@
 // Tensor: creation, views, copies, RNG, printing, error messages.
 #include "helpers.h"
+#include "engine/host_sync.h"
+#include "model/optim.h"
 
 using namespace cm;
 using cm::test::uniform;
@@ -146,6 +148,33 @@ TEST_CASE("devices: CUDA is refused clearly when absent") {
   if (cuda_available()) return;
   CHECK_THROWS_AS(Tensor::zeros({2}, DType::F32, Device::CUDA), Error);
   CHECK_THROWS_AS(Tensor::zeros({2}).to(Device::CUDA), Error);
+}
+
+TEST_CASE("host syncs: each read-out counts one copy and one wait; ops, backward and AdamW count none") {
+  // engine/host_sync.h: on the CPU a read-out is where a device build would wait, so it counts there too.
+  Tensor w = cm::test::param({4, 3}, 1);
+  Tensor x = cm::test::uniform({5, 4}, 2);
+  Tensor ids = Tensor::from_vector(std::vector<int32_t>{0, 2, 1, 2, 0}, {5});
+  reset_host_sync_stats();
+  // A small training step: matmul, index ops, cross-entropy, backward, AdamW. Kernels read memory; the host reads
+  // no value, so nothing counts.
+  Tensor h = index_select(matmul(x, w), 0, ids);  // [5, 3]
+  Tensor loss = cross_entropy(h, ids);
+  loss.backward();
+  AdamW opt({{"w", w}}, AdamWOptions{});
+  opt.step(1e-2f);
+  HostSyncStats s = host_sync_stats();
+  CHECK(s.d2h_copies == 0);
+  CHECK(s.stream_syncs == 0);
+  // Read-outs: one copy and one wait each.
+  (void)loss.item();
+  (void)h.to_f32_vector();
+  (void)ids.to_i32_vector();
+  s = host_sync_stats();
+  CHECK(s.d2h_copies == 3);
+  CHECK(s.stream_syncs == 3);
+  reset_host_sync_stats();
+  CHECK(host_sync_stats().stream_syncs == 0);
 }
 
 }  // TEST_SUITE

@@ -11,6 +11,7 @@
 
 #include "tests/corpus.h"
 #include "tests/files.h"
+#include "engine/host_sync.h"
 #include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/data.h"
@@ -359,6 +360,42 @@ TEST_SUITE("trainer") {
     CHECK(r.last_checkpoint == checkpoint_path(dir.file("out"), 120));
     CHECK(contains(out.str(), "eval step 120"));
     CHECK(contains(out.str(), "routing layer 0 | max share"));
+  }
+
+  TEST_CASE("trainer: a quiet step waits only for the model's own bookkeeping; done: prints host syncs/step") {
+    // engine/host_sync.h counts read-outs on the CPU too. The loop itself (loss, aux, clipping, AdamW, the update
+    // skip) must add none to a step that neither logs nor reaches a boundary: its values are read when a step logs.
+    TempDir dir("syncs");
+    std::string data = shakespeare_excerpt(dir, 20000);
+    for (const char* router : {"dense", "cluster"}) {
+      CAPTURE(router);
+      std::vector<std::string> args = tiny_args(data, dir.file(std::string("out_") + router)) +
+                                      std::vector<std::string>{"--router", router, "--max_steps", "6", "--eval_every",
+                                                               "6", "--save_every", "0", "--eval_iters", "1"};
+      std::ostringstream out;
+      TrainResult r = train(options(args), out);
+      CHECK(r.quiet_steps == 5);  // steps 1..5; step 6 is the last (evaluation)
+
+      // The model's own read-outs in one training step, outside the loop: forward, backward, after_step.
+      TrainOptions o = options(args);
+      Corpus corpus = read_corpus(data);
+      ByteTokenizer tok = ByteTokenizer::from_corpus(corpus.bytes);
+      TextDataset ds(corpus.bytes, tok, o.seq_len);
+      ClusterMoELM model(o.model_config(tok.vocab_size()));
+      model.train();
+      Generator g(7);
+      auto xy = ds.batch(Split::Train, o.batch_size, g);
+      reset_host_sync_stats();
+      model.forward(xy.first, xy.second).total_loss.backward();
+      model.after_step();
+      const int64_t own = host_sync_stats().stream_syncs;
+      MESSAGE(std::string(router), ": ", own, " host syncs per step, all in the model's bookkeeping");
+      CHECK(r.quiet_step_syncs == 5 * own);
+
+      Ran ran = train_lm(args);
+      REQUIRE(ran.rc == 0);
+      CHECK(contains(ran.out, "| host syncs/step " + std::to_string(own) + "\n"));
+    }
   }
 
   TEST_CASE("trainer: overfitting one batch drives its loss near zero") {

@@ -10,7 +10,8 @@ namespace cm::cpu {
 static constexpr int64_t kParallelMin = 1 << 14;
 
 void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, float lr, float beta1, float beta2,
-                float eps, float weight_decay, int64_t t) {
+                float eps, float weight_decay, int64_t t, const float* skip_if_nonfinite) {
+  if (skip_if_nonfinite && !std::isfinite(*skip_if_nonfinite)) return;
   // Bias corrections in double: 1 - beta^t cancels, and float pow would add its own error on top.
   const float bc1 = (float)(1.0 - std::pow((double)beta1, (double)t));
   const float bc2 = (float)(1.0 - std::pow((double)beta2, (double)t));
@@ -29,6 +30,14 @@ void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, 
     float pi = p[i] - decay * p[i];  // decoupled decay on the pre-step value
     p[i] = pi - lr * (mi / bc1) / (std::sqrt(vi / bc2) + eps);
   }
+}
+
+void clip_scale(float* g, int64_t n, const float* norm, float max_norm) {
+  const float nv = *norm;
+  if (!(max_norm > 0.f && std::isfinite(nv) && nv > max_norm)) return;
+  const float scale = max_norm / (nv + 1e-6f);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) g[i] *= scale;
 }
 
 }  // namespace cm::cpu

@@ -93,7 +93,8 @@ inline int64_t row_argmax(const float* a, int64_t R) {
 }  // namespace
 
 // ---------------------------------------------------------------- sums
-void sum_all(float* out, const float* a, int64_t n, float scale) {
+void sum_all(float* out, const float* a, int64_t n, float scale, const float* scale_at) {
+  if (scale_at) scale = *scale_at;
   out[0] = (float)((double)scale * long_sum(a, n, true));
 }
 

@@ -82,6 +82,17 @@ Strided<K> collapse_strided(int64_t D, const int64_t* shape, const int64_t* cons
 
 #if defined(__CUDACC__)
 
+// Records a bad index in the device record of engine/cuda.h (index_error_record): the first one wins, later ones
+// are dropped. Only the thread whose compare-and-swap claimed the record writes the other fields.
+__device__ __forceinline__ void record_bad_index(int64_t* rec, IndexOp op, int64_t index, int64_t pos,
+                                                 int64_t bound) {
+  if (atomicCAS((unsigned long long*)rec, 0ull, (unsigned long long)op) == 0ull) {
+    rec[1] = index;
+    rec[2] = pos;
+    rec[3] = bound;
+  }
+}
+
 // Element offsets of every operand for output element i (row-major over L.shape).
 template <int K>
 __device__ __forceinline__ void strided_offsets(const Strided<K>& L, int64_t i, int64_t (&off)[K]) {

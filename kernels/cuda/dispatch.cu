@@ -231,8 +231,7 @@ void check_dispatch_sizes(const char* what, int64_t A, int64_t N) {
 
 int64_t read_back(const int64_t* dev) {
   int64_t h = 0;
-  cudaCheck(cudaMemcpyAsync(&h, dev, sizeof h, cudaMemcpyDeviceToHost, stream()));
-  cudaCheck(cudaStreamSynchronize(stream()));
+  copy_to_host(&h, dev, sizeof h);
   return h;
 }
 

@@ -17,12 +17,19 @@ namespace {
 
 template <class V>
 __global__ void embedding_forward_kernel(V* __restrict__ out, const V* __restrict__ weight,
-                                         const int32_t* __restrict__ ids, int64_t N, int64_t Cv) {
+                                         const int32_t* __restrict__ ids, int64_t N, int64_t Vocab, int64_t Cv,
+                                         int64_t* rec) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t n = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; n < N;
        n += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
-    const V* src = weight + (int64_t)ids[n] * Cv;
+    const int32_t id = ids[n];
     V* dst = out + n * Cv;
+    if (id < 0 || id >= Vocab) {  // recorded (engine/cuda.h), never read: the row is 0
+      if (lane == 0) record_bad_index(rec, IndexOp::Embedding, id, n, Vocab);
+      for (int64_t c = lane; c < Cv; c += kWarp) dst[c] = V{};
+      continue;
+    }
+    const V* src = weight + (int64_t)id * Cv;
     for (int64_t c = lane; c < Cv; c += kWarp) dst[c] = src[c];
   }
 }
@@ -30,12 +37,13 @@ __global__ void embedding_forward_kernel(V* __restrict__ out, const V* __restric
 // Warp i looks at sorted position i; only the first position of each id's run works: it walks the run in order.
 __global__ void embedding_backward_kernel(float* __restrict__ dweight, const float* __restrict__ dout,
                                           const int32_t* __restrict__ sorted_ids, const int32_t* __restrict__ pos,
-                                          int64_t N, int64_t C) {
+                                          int64_t N, int64_t Vocab, int64_t C) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; i < N;
        i += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
     const int32_t v = sorted_ids[i];
     if (i > 0 && sorted_ids[i - 1] == v) continue;  // not the head of its run (uniform across the warp)
+    if (v < 0 || v >= Vocab) continue;              // a bad id: the forward recorded it; never written
     int64_t end = i + 1;
     while (end < N && sorted_ids[end] == v) ++end;
     float* dw = dweight + (int64_t)v * C;
@@ -58,10 +66,10 @@ void embedding_forward(float* out, const float* weight, const int32_t* ids, int6
   if (N == 0 || C == 0) return;
   const unsigned g = grid_for(N, kRowThreads / kWarp);
   if (C % 4 == 0 && aligned16(out) && aligned16(weight))
-    embedding_forward_kernel<float4><<<g, kRowThreads, 0, stream()>>>((float4*)out, (const float4*)weight, ids, N,
-                                                                      C / 4);
+    embedding_forward_kernel<float4><<<g, kRowThreads, 0, stream()>>>((float4*)out, (const float4*)weight, ids, N, V,
+                                                                      C / 4, index_error_record());
   else
-    embedding_forward_kernel<float><<<g, kRowThreads, 0, stream()>>>(out, weight, ids, N, C);
+    embedding_forward_kernel<float><<<g, kRowThreads, 0, stream()>>>(out, weight, ids, N, V, C, index_error_record());
   cudaCheckLaunch("embedding_forward_kernel");
 }
 
@@ -77,7 +85,7 @@ void embedding_backward(float* dweight, const float* dout, const int32_t* ids, i
   int32_t* pos = s.at<int32_t>(bytes);
   detail::stable_sort_pairs(sorted_ids, pos, ids, nullptr, N, bits);
   embedding_backward_kernel<<<grid_for(N, kRowThreads / kWarp), kRowThreads, 0, stream()>>>(dweight, dout, sorted_ids,
-                                                                                          pos, N, C);
+                                                                                          pos, N, V, C);
   cudaCheckLaunch("embedding_backward_kernel");
 }
 

@@ -38,22 +38,34 @@ __global__ void box_copy_kernel(T* __restrict__ dst, const T* __restrict__ src, 
   }
 }
 
+// A bad index (outside [0, D)) is recorded (engine/cuda.h) and never used: its outputs are 0, its additions skipped.
+__device__ __forceinline__ bool index_ok(int64_t* rec, IndexOp op, int32_t d, int64_t pos, int64_t D) {
+  if (d >= 0 && d < D) return true;
+  record_bad_index(rec, op, d, pos, D);
+  return false;
+}
+
 template <class T>
 __global__ void index_select_kernel(T* __restrict__ out, const T* __restrict__ a, const int32_t* __restrict__ index,
-                                    int64_t O, int64_t D, int64_t n, int64_t I) {
+                                    int64_t O, int64_t D, int64_t n, int64_t I, int64_t* rec) {
   const int64_t total = O * n * I;
   for (int64_t e = gtid(); e < total; e += gstride()) {
     const int64_t i = e % I, oj = e / I, j = oj % n, o = oj / n;
-    out[e] = a[(o * D + index[j]) * I + i];
+    const int32_t d = index[j];
+    out[e] = index_ok(rec, IndexOp::IndexSelect, d, j, D) ? a[(o * D + d) * I + i] : T(0);
   }
 }
 
 __global__ void index_add_kernel(float* __restrict__ out, const float* __restrict__ src,
-                                 const int32_t* __restrict__ index, int64_t O, int64_t D, int64_t n, int64_t I) {
+                                 const int32_t* __restrict__ index, int64_t O, int64_t D, int64_t n, int64_t I,
+                                 int64_t* rec) {
   const int64_t cols = O * I;
   for (int64_t c = gtid(); c < cols; c += gstride()) {
     const int64_t o = c / I, i = c - o * I;
-    for (int64_t j = 0; j < n; ++j) out[(o * D + index[j]) * I + i] += src[(o * n + j) * I + i];
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t d = index[j];
+      if (index_ok(rec, IndexOp::IndexAdd, d, j, D)) out[(o * D + d) * I + i] += src[(o * n + j) * I + i];
+    }
   }
 }
 
@@ -61,7 +73,7 @@ __global__ void index_add_kernel(float* __restrict__ out, const float* __restric
 // task (o, p); only the first p of each run of equal indices works, adding the run into out[o, index] lane-wise.
 __global__ void index_add_sorted_kernel(float* __restrict__ out, const float* __restrict__ src,
                                         const int32_t* __restrict__ sorted, const int32_t* __restrict__ pos,
-                                        int64_t O, int64_t D, int64_t n, int64_t I) {
+                                        int64_t O, int64_t D, int64_t n, int64_t I, int64_t* rec) {
   const int lane = threadIdx.x % kWarp;
   const int64_t tasks = O * n;
   for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks;
@@ -69,6 +81,9 @@ __global__ void index_add_sorted_kernel(float* __restrict__ out, const float* __
     const int64_t o = w / n, p = w - o * n;
     const int32_t d = sorted[p];
     if (p > 0 && sorted[p - 1] == d) continue;  // not the head of its run (the same for the whole warp)
+    // A bad index: skipped (the sort only looked at the bits of [0, D), so such a step's sums are not to be
+    // trusted, which the recorded error says).
+    if (!index_ok(rec, IndexOp::IndexAdd, d, pos[p], D)) continue;
     int64_t end = p + 1;
     while (end < n && sorted[end] == d) ++end;
     float* row = out + (o * D + d) * I;
@@ -82,22 +97,25 @@ __global__ void index_add_sorted_kernel(float* __restrict__ out, const float* __
 
 template <class T>
 __global__ void gather_kernel(T* __restrict__ out, const T* __restrict__ a, const int32_t* __restrict__ index,
-                              int64_t O, int64_t D, int64_t m, int64_t I) {
+                              int64_t O, int64_t D, int64_t m, int64_t I, int64_t* rec) {
   const int64_t total = O * m * I;
   for (int64_t e = gtid(); e < total; e += gstride()) {
     const int64_t i = e % I, o = e / I / m;
-    out[e] = a[(o * D + index[e]) * I + i];
+    const int32_t d = index[e];
+    out[e] = index_ok(rec, IndexOp::Gather, d, e, D) ? a[(o * D + d) * I + i] : T(0);
   }
 }
 
 __global__ void scatter_add_kernel(float* __restrict__ out, const float* __restrict__ src,
-                                   const int32_t* __restrict__ index, int64_t O, int64_t D, int64_t m, int64_t I) {
+                                   const int32_t* __restrict__ index, int64_t O, int64_t D, int64_t m, int64_t I,
+                                   int64_t* rec) {
   const int64_t cols = O * I;
   for (int64_t c = gtid(); c < cols; c += gstride()) {
     const int64_t o = c / I, i = c - o * I;
     for (int64_t j = 0; j < m; ++j) {
       const int64_t s = (o * m + j) * I + i;
-      out[(o * D + index[s]) * I + i] += src[s];
+      const int32_t d = index[s];
+      if (index_ok(rec, IndexOp::ScatterAdd, d, s, D)) out[(o * D + d) * I + i] += src[s];
     }
   }
 }
@@ -137,7 +155,8 @@ void index_select_impl(T* out, const T* a, const int32_t* index, int64_t O, int6
   CM_CHECK(O >= 0 && D >= 0 && n >= 0 && I >= 0, "cuda::index_select: bad sizes");
   const int64_t total = O * n * I;
   if (total == 0) return;
-  index_select_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(out, a, index, O, D, n, I);
+  index_select_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(out, a, index, O, D, n, I,
+                                                                             index_error_record());
   cudaCheckLaunch("index_select_kernel");
 }
 
@@ -146,7 +165,8 @@ void gather_impl(T* out, const T* a, const int32_t* index, int64_t O, int64_t D,
   CM_CHECK(O >= 0 && D >= 0 && m >= 0 && I >= 0, "cuda::gather: bad sizes");
   const int64_t total = O * m * I;
   if (total == 0) return;
-  gather_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(out, a, index, O, D, m, I);
+  gather_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(out, a, index, O, D, m, I,
+                                                                       index_error_record());
   cudaCheckLaunch("gather_kernel");
 }
 
@@ -164,8 +184,7 @@ int64_t index_first_bad(const int32_t* index, int64_t n, int64_t D) {
   first_bad_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(first, index, n, D);
   cudaCheckLaunch("first_bad_kernel");
   unsigned long long h = 0;
-  cudaCheck(cudaMemcpyAsync(&h, first, sizeof h, cudaMemcpyDeviceToHost, stream()));
-  cudaCheck(cudaStreamSynchronize(stream()));
+  copy_to_host(&h, first, sizeof h);
   return h == none ? -1 : (int64_t)h;
 }
 
@@ -193,7 +212,8 @@ void index_add(float* out, const float* src, const int32_t* index, int64_t O, in
   CM_CHECK(O >= 0 && D >= 0 && n >= 0 && I >= 0, "cuda::index_add: bad sizes");
   if (O * I == 0 || n == 0) return;
   if (n < 64 || n >= INT32_MAX || D > INT32_MAX) {  // short lists: the column walk
-    index_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, n, I);
+    index_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, n, I,
+                                                                         index_error_record());
     cudaCheckLaunch("index_add_kernel");
     return;
   }
@@ -205,7 +225,7 @@ void index_add(float* out, const float* src, const int32_t* index, int64_t O, in
   int32_t* pos = s.at<int32_t>(bytes);
   detail::stable_sort_pairs(sorted, pos, index, nullptr, n, bits);
   index_add_sorted_kernel<<<grid_for(O * n, kThreads / kWarp), kThreads, 0, stream()>>>(out, src, sorted, pos, O, D,
-                                                                                       n, I);
+                                                                                       n, I, index_error_record());
   cudaCheckLaunch("index_add_sorted_kernel");
 }
 
@@ -219,7 +239,8 @@ void gather(int32_t* out, const int32_t* a, const int32_t* index, int64_t O, int
 void scatter_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
   CM_CHECK(O >= 0 && D >= 0 && m >= 0 && I >= 0, "cuda::scatter_add: bad sizes");
   if (O * I == 0 || m == 0) return;
-  scatter_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, m, I);
+  scatter_add_kernel<<<grid_for(O * I, kThreads), kThreads, 0, stream()>>>(out, src, index, O, D, m, I,
+                                                                           index_error_record());
   cudaCheckLaunch("scatter_add_kernel");
 }
 

@@ -18,7 +18,7 @@ namespace {
 template <bool WARP>
 __global__ void cross_entropy_forward_kernel(float* __restrict__ losses, float* __restrict__ lse,
                                              const float* __restrict__ logits, const int32_t* __restrict__ targets,
-                                             int64_t N, int64_t V, int32_t ignore_index) {
+                                             int64_t N, int64_t V, int32_t ignore_index, int64_t* rec) {
   using G = Group<WARP>;
   __shared__ float sh[kWarp];
   for (int64_t n = G::first_row(); n < N; n += G::row_stride()) {
@@ -33,8 +33,10 @@ __global__ void cross_entropy_forward_kernel(float* __restrict__ losses, float* 
       const float ls = logf(s);
       lse[n] = m + ls;
       const int32_t t = targets[n];
+      const bool bad = t != ignore_index && (t < 0 || t >= V);  // recorded (engine/cuda.h), never read
+      if (bad) record_bad_index(rec, IndexOp::CrossEntropy, t, n, V);
       // lse - x[t] written as (m - x[t]) + log s: keeps the low bits when logits are large.
-      losses[n] = t == ignore_index ? 0.0f : (m - x[t]) + ls;
+      losses[n] = t == ignore_index || bad ? 0.0f : (m - x[t]) + ls;
     }
   }
 }
@@ -51,7 +53,7 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits, const
     const float* x = logits + n * V;
     float* dx = dlogits + n * V;
     const int32_t t = targets[n];
-    if (t == ignore_index) {
+    if (t == ignore_index || t < 0 || t >= V) {  // ignored, or bad (the forward recorded it): a zero row
       for (int64_t v = G::rank(); v < V; v += G::size()) dx[v] = 0.f;
       continue;
     }
@@ -61,6 +63,27 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits, const
       dx[v] = v == t ? d - scale : d;
     }
   }
+}
+
+// inv_valid[0] = 1 / (targets in [0, V) that are not ignore_index), 0 when there is none; bad targets are
+// recorded. One block: integer counts, so the order of the additions does not matter.
+__global__ void cross_entropy_inv_valid_kernel(float* __restrict__ inv_valid, const int32_t* __restrict__ targets,
+                                               int64_t N, int64_t V, int32_t ignore_index, int64_t* rec) {
+  __shared__ unsigned long long count;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  unsigned long long mine = 0;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    const int32_t t = targets[n];
+    if (t == ignore_index) continue;
+    if (t >= 0 && t < V)
+      ++mine;
+    else
+      record_bad_index(rec, IndexOp::CrossEntropy, t, n, V);
+  }
+  atomicAdd(&count, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) inv_valid[0] = count > 0 ? 1.0f / (float)count : 0.0f;  // the host's formula
 }
 
 // ---------------------------------------------------------------- z-loss kernels
@@ -220,7 +243,15 @@ void cross_entropy_forward(float* losses, float* lse, const float* logits, const
                            int64_t V, int32_t ignore_index) {
   CM_CHECK(N >= 0 && V >= 1, "cuda::cross_entropy_forward: N=", N, " V=", V);
   if (N == 0) return;
-  CM_ROW_LAUNCH(cross_entropy_forward_kernel, N, V, losses, lse, logits, targets, N, V, ignore_index);
+  CM_ROW_LAUNCH(cross_entropy_forward_kernel, N, V, losses, lse, logits, targets, N, V, ignore_index,
+                index_error_record());
+}
+
+void cross_entropy_inv_valid(float* inv_valid, const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index) {
+  CM_CHECK(N >= 0 && V >= 0, "cuda::cross_entropy_inv_valid: N=", N, " V=", V);
+  cross_entropy_inv_valid_kernel<<<1, 1024, 0, stream()>>>(inv_valid, targets, N, V, ignore_index,
+                                                           index_error_record());
+  cudaCheckLaunch("cross_entropy_inv_valid_kernel");
 }
 
 void cross_entropy_backward(float* dlogits, const float* logits, const float* lse, const int32_t* targets,

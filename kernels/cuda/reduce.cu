@@ -32,8 +32,9 @@ __global__ void block_sums_kernel(double* __restrict__ part, const float* __rest
 
 // out[0] = scale * sum of part[nb] (one block).
 __global__ void finish_sum_kernel(float* __restrict__ out, const double* __restrict__ part, int64_t nb,
-                                  float scale) {
+                                  float scale, const float* __restrict__ scale_at) {
   __shared__ double sh[kWarp];
+  if (scale_at) scale = *scale_at;
   double acc = 0.0;
   for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) acc += part[b];
   acc = block_sum(acc, sh);
@@ -177,7 +178,7 @@ __global__ void max_backward_kernel(float* __restrict__ dx, const float* __restr
 
 // ---------------------------------------------------------------- launchers
 
-void sum_all(float* out, const float* a, int64_t n, float scale) {
+void sum_all(float* out, const float* a, int64_t n, float scale, const float* scale_at) {
   CM_CHECK(n >= 0, "cuda::sum_all: n=", n);
   const int64_t nb = ceil_div(n, kBlock);
   CM_CHECK(nb < (int64_t(1) << 31), "cuda::sum_all: n=", n, " too large");
@@ -187,7 +188,7 @@ void sum_all(float* out, const float* a, int64_t n, float scale) {
     block_sums_kernel<<<(unsigned)nb, kThreads, 0, stream()>>>(part, a, n);
     cudaCheckLaunch("block_sums_kernel");
   }
-  finish_sum_kernel<<<1, 1024, 0, stream()>>>(out, part, nb, scale);  // nb == 0: writes 0 * scale
+  finish_sum_kernel<<<1, 1024, 0, stream()>>>(out, part, nb, scale, scale_at);  // nb == 0: writes 0 * scale
   cudaCheckLaunch("finish_sum_kernel");
 }
 
