@@ -59,10 +59,11 @@ ifeq ($(USE_CUDA),1)
   BENCH_CU  := $(wildcard bench/*.cu)
   BENCH_BIN += $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
 endif
+EXP_BIN  := $(BUILD)/bench/experiments/experiments
 APPS     := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
 
-.PHONY: all test bench bench-cpu data clean
-all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN)
+.PHONY: all test bench bench-cpu data clean experiments
+all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN) $(EXP_BIN)
 
 # Every object depends on the flags it was built with: switching USE_CUDA (or the compiler, or CUDA_ARCH) rebuilds
 # everything instead of linking objects of two configurations into one binary.
@@ -107,7 +108,17 @@ test: $(TEST_BIN) $(APPS)
 	  awk '/test cases:/ {for(i=1;i<=NF;i++){if($$i=="passed")p=$$(i-1); if($$i=="failed")f=$$(i-1)}} END {if(p!="") print "tests: " p " passed, " f " failed"}' $(BUILD)/test.log; \
 	  exit $$rc
 
-bench: $(BENCH_BIN)
+bench: $(BENCH_BIN) $(EXP_BIN)
+
+# The experiments harness (docs/EXPERIMENTS.md, bench/experiments/run.sh): `make experiments` runs the sweep
+# (resumable: finished runs are skipped), `make experiments QUICK=1` a few steps per run with its checks (CI).
+$(BUILD)/bench/experiments/%.o: bench/experiments/%.cpp $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(EXP_BIN): $(BUILD)/bench/experiments/experiments.o $(LIB)
+	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+experiments: $(EXP_BIN) $(BUILD)/bench/routing_cost
+	bench/experiments/run.sh $(if $(filter 1,$(QUICK)),--quick)
 
 # OMP_WAIT_POLICY=passive: on a machine shared with other jobs, OpenMP's default spin-waiting at barriers made
 # steps 10-20x slower and erratic (measured); sleeping waiters cost nothing measurable when the cores are free.
@@ -135,7 +146,7 @@ data/tinyshakespeare.txt:
 clean:
 	rm -rf $(BUILD) $(APPS)
 
--include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(BUILD)/bench/experiments/experiments.d
 
 # ---------------------------------------------------------------- fuzzing (clang + libFuzzer; README "Fuzzing the inputs")
 #   make fuzz            build the libFuzzer targets fuzz/*.cpp into build-fuzz/ (ASan + UBSan)
