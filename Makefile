@@ -84,6 +84,7 @@ ifeq ($(USE_CUDA),1)
   BENCH_CU  := $(wildcard bench/*.cu)
   BENCH_BIN += $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
 endif
+EXP_BIN  := $(BUILD)/bench/experiments/experiments
 APP_NAMES := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
 ifeq ($(CUDA_EMU),1)
   APP_PAT := $(BUILD)/bin/%
@@ -92,8 +93,8 @@ else
 endif
 APPS     := $(APP_NAMES:%=$(APP_PAT))
 
-.PHONY: all test bench bench-cpu data clean
-all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN)
+.PHONY: all test bench bench-cpu data clean experiments
+all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN) $(EXP_BIN)
 
 # Every object depends on the flags it was built with: switching USE_CUDA (or the compiler, or CUDA_ARCH) rebuilds
 # everything instead of linking objects of two configurations into one binary.
@@ -148,13 +149,24 @@ $(BUILD)/bench/%.o: bench/%.cu $(FLAGS_STAMP)
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(BENCH_LIBS)
 
-# doctest's own summary, then the same counts as one plain line ("N passed, N failed").
-test: $(TEST_BIN) $(if $(filter 1,$(CUDA_EMU)),$(APPS))
+# doctest's own summary, then the same counts as one plain line ("N passed, N failed"). The crash suite runs the
+# built ./train_lm (build-emu/bin/train_lm under CUDA_EMU=1) as a child process, hence $(APPS).
+test: $(TEST_BIN) $(APPS)
 	@set -o pipefail; ./$(TEST_BIN) $(if $(T),-ts=$(T)) 2>&1 | tee $(BUILD)/test.log; rc=$$?; \
 	  awk '/test cases:/ {for(i=1;i<=NF;i++){if($$i=="passed")p=$$(i-1); if($$i=="failed")f=$$(i-1)}} END {if(p!="") print "tests: " p " passed, " f " failed"}' $(BUILD)/test.log; \
 	  exit $$rc
 
-bench: $(BENCH_BIN)
+bench: $(BENCH_BIN) $(EXP_BIN)
+
+# The experiments harness (docs/EXPERIMENTS.md, bench/experiments/run.sh): `make experiments` runs the sweep
+# (resumable: finished runs are skipped), `make experiments QUICK=1` a few steps per run with its checks (CI).
+$(BUILD)/bench/experiments/%.o: bench/experiments/%.cpp $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(EXP_BIN): $(BUILD)/bench/experiments/experiments.o $(LIB)
+	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+experiments: $(EXP_BIN) $(BUILD)/bench/routing_cost
+	bench/experiments/run.sh $(if $(filter 1,$(QUICK)),--quick)
 
 # OMP_WAIT_POLICY=passive: on a machine shared with other jobs, OpenMP's default spin-waiting at barriers made
 # steps 10-20x slower and erratic (measured); sleeping waiters cost nothing measurable when the cores are free.
@@ -182,4 +194,38 @@ data/tinyshakespeare.txt:
 clean:
 	rm -rf build build-emu $(APP_NAMES)
 
--include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(BUILD)/bench/experiments/experiments.d
+
+# ---------------------------------------------------------------- fuzzing (clang + libFuzzer; README "Fuzzing the inputs")
+#   make fuzz            build the libFuzzer targets fuzz/*.cpp into build-fuzz/ (ASan + UBSan)
+#   make fuzz-run        run each for FUZZ_SECONDS (default 30) on its committed corpus; a finding fails the run
+# A separate build dir and flags: nothing here touches build/. No OpenMP: a fuzz input runs on one thread.
+FUZZ_CXX     ?= clang++
+FUZZ_BUILD   := build-fuzz
+FUZZ_SECONDS ?= 30
+FUZZ_FLAGS   := -std=c++17 -O1 -g -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
+                -fno-sanitize-recover=undefined -MMD -MP
+FUZZ_LIB_SRC := $(wildcard engine/*.cpp autograd/*.cpp kernels/cpu/*.cpp model/*.cpp)
+FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
+FUZZ_SRC     := $(wildcard fuzz/*.cpp)
+FUZZ_BIN     := $(FUZZ_SRC:fuzz/%.cpp=$(FUZZ_BUILD)/fuzz_%)
+.PHONY: fuzz fuzz-run
+.SECONDARY: $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
+fuzz: $(FUZZ_BIN)
+$(FUZZ_BUILD)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+$(FUZZ_BUILD)/libcm_fuzz.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/fuzz/%.o $(FUZZ_BUILD)/libcm_fuzz.a
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer $^ -o $@ -lpthread
+fuzz-run: $(FUZZ_BIN)
+	@for b in $(FUZZ_BIN); do t=$${b#$(FUZZ_BUILD)/fuzz_}; mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
+	  echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
+	  ./$$b -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t \
+	    > $(FUZZ_BUILD)/$$t.log 2>&1 || { tail -n 60 $(FUZZ_BUILD)/$$t.log; exit 1; }; \
+	  grep -E 'stat::number_of_executed_units' $(FUZZ_BUILD)/$$t.log; done
+
+-include $(FUZZ_LIB_OBJ:.o=.d)

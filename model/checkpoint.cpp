@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -49,6 +50,14 @@ using File = std::unique_ptr<FILE, FileCloser>;
 }  // namespace
 
 // ---------------------------------------------------------------- save
+// Test hook for the crash tests (tests/crash_test.sh, the "crash" test case): CM_TEST_SAVE_PAUSE_MS=<ms> makes
+// every save pause that long with half of its tensors written to `<path>.tmp`, so that a SIGKILL can be aimed at
+// the write window. Unset (or 0) in normal use: nothing changes.
+static int save_pause_ms() {
+  const char* v = std::getenv("CM_TEST_SAVE_PAUSE_MS");
+  return v ? std::max(0, std::min(60000, std::atoi(v))) : 0;
+}
+
 void save_safetensors(const std::string& path, const NamedTensors& tensors, const Metadata& metadata) {
   CM_CHECK(little_endian(), "safetensors writer assumes a little-endian host");
   Json header = Json::object();
@@ -88,9 +97,15 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors, cons
     unsigned char len[8];
     for (int i = 0; i < 8; ++i) len[i] = (unsigned char)(n >> (8 * i));
     bool ok = std::fwrite(len, 1, 8, f.get()) == 8 && std::fwrite(h.data(), 1, h.size(), f.get()) == h.size();
-    for (const Tensor& t : host) {
+    const int pause_ms = save_pause_ms();
+    for (size_t i = 0; i < host.size(); ++i) {
+      const Tensor& t = host[i];
       size_t nb = (size_t)t.numel() * dtype_size(t.dtype());
       if (ok && nb) ok = std::fwrite(t.raw(), 1, nb, f.get()) == nb;
+      if (pause_ms > 0 && i == host.size() / 2) {  // test hook: hold a half-written file on disk
+        ok = ok && std::fflush(f.get()) == 0;
+        ::usleep((useconds_t)pause_ms * 1000);
+      }
     }
     // fflush moves our buffer to the kernel; fsync moves the kernel's to the disk. Only then is a rename safe.
     ok = ok && std::fflush(f.get()) == 0 && ::fsync(fileno(f.get())) == 0;

@@ -286,6 +286,14 @@ void TrainOptions::validate() const {
     bad("--router tree needs --tree, e.g. --tree 4x4x4");
   if (model.router != RouterKind::Tree && (!model.tree_branching.empty() || !model.tree_top_k.empty()))
     bad("--tree and --tree_top_k are only used with --router tree");
+  // Each factor is at most 4096 (parse_factors) and the product at most 2^24 experts (CoEConfig's limit), checked
+  // level by level: model_config() multiplies the factors, and 7 levels of 4096 overflow int64.
+  int64_t experts = 1;
+  for (int64_t b : model.tree_branching) {
+    experts *= b;
+    if (experts > ((int64_t)1 << 24))
+      bad(str("--tree ", join_factors(model.tree_branching), ": more than 2^24 experts"));
+  }
   if (!model.tree_top_k.empty() && model.tree_top_k.size() != model.tree_branching.size())
     bad(str("--tree_top_k ", join_factors(model.tree_top_k), " needs one factor per level of --tree ",
             join_factors(model.tree_branching)));

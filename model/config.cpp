@@ -144,6 +144,13 @@ void CoEConfig::validate() const {
   CFG_REQUIRE(experts_per_cluster > 0, "experts_per_cluster", experts_per_cluster, "must be positive");
   CFG_REQUIRE(top_k_clusters > 0, "top_k_clusters", top_k_clusters, "must be positive");
   CFG_REQUIRE(top_k_experts > 0, "top_k_experts", top_k_experts, "must be positive");
+  // Bounded before any product below: a stored config may hold any int64, and products of two of them overflow.
+  const int64_t MAX_EXPERTS = (int64_t)1 << 24;
+  CFG_REQUIRE(num_clusters <= MAX_EXPERTS, "num_clusters", num_clusters, "too many clusters (at most 2^24)");
+  CFG_REQUIRE(experts_per_cluster <= MAX_EXPERTS, "experts_per_cluster", experts_per_cluster,
+              "too many experts (at most 2^24)");
+  CFG_REQUIRE(top_k_clusters <= MAX_EXPERTS, "top_k_clusters", top_k_clusters, "must be at most 2^24");
+  CFG_REQUIRE(top_k_experts <= MAX_EXPERTS, "top_k_experts", top_k_experts, "must be at most 2^24");
   if (router == RouterKind::Cluster) {
     CFG_REQUIRE(top_k_clusters <= num_clusters, "top_k_clusters", top_k_clusters,
                 str("must not exceed num_clusters = ", num_clusters));
@@ -162,12 +169,12 @@ void CoEConfig::validate() const {
                 str("needs one entry per level of tree_branching = ", vec_str(tree_branching)));
     int64_t prod = 1;
     for (size_t l = 0; l < tree_branching.size(); ++l) {
-      CFG_REQUIRE(tree_branching[l] > 0, "tree_branching", vec_str(tree_branching),
-                  str("level ", l, " must be positive"));
+      CFG_REQUIRE(tree_branching[l] > 0 && tree_branching[l] <= MAX_EXPERTS, "tree_branching",
+                  vec_str(tree_branching), str("level ", l, " must be in [1, 2^24]"));
       CFG_REQUIRE(tree_top_k[l] > 0 && tree_top_k[l] <= tree_branching[l], "tree_top_k", vec_str(tree_top_k),
                   str("level ", l, " must be in [1, ", tree_branching[l], "]"));
       prod *= tree_branching[l];
-      CFG_REQUIRE(prod <= (int64_t)1 << 24, "tree_branching", vec_str(tree_branching), "too many experts");
+      CFG_REQUIRE(prod <= MAX_EXPERTS, "tree_branching", vec_str(tree_branching), "too many experts");
     }
     // A tree whose leaves do not match the cluster layout is a mistake when the user set both: the product
     // of the branching is the number of experts, so it must equal num_clusters * experts_per_cluster.

@@ -121,24 +121,39 @@ static Device resolve_device(const std::string& name, std::string* note) {
   return Device::CPU;
 }
 
+static TrainOptions resolve_train_flags(const std::vector<std::string>& args, bool* help);
+
+// The usage text; formatted only when it is shown (--help, a flag error): with every model key it costs more than
+// the rest of the flag parsing. It shows what a run here gets: the defaults under this device's default preset.
+static std::string train_usage() {
+  TrainOptions shown;
+  std::string note;
+  const char* preset = resolve_device("auto", &note) == Device::CUDA ? "shakespeare" : "cpu";
+  apply_preset(shown, preset);
+  shown.preset.clear();
+  bool unused = false;
+  Flags fs("train_lm", str("Trains a ClusterMoE byte-level language model. Defaults below: the ", preset,
+                           " preset, the default on this machine (", preset == std::string("cpu") ? "no " : "a ",
+                           "CUDA device)."));
+  add_train_flags(fs, shown, &unused);
+  return fs.usage();
+}
+
 TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help, std::string* usage) {
+  try {
+    TrainOptions o = resolve_train_flags(args, help);
+    if (*help && usage) *usage = train_usage();
+    return o;
+  } catch (const UsageError&) {
+    if (usage) *usage = train_usage();
+    throw;
+  }
+}
+
+static TrainOptions resolve_train_flags(const std::vector<std::string>& args, bool* help) {
   TrainOptions o;
   Flags f("train_lm", "Trains a ClusterMoE byte-level language model.");
   add_train_flags(f, o, help);
-  {
-    // The usage shows what a run here gets: the defaults under this device's default preset.
-    TrainOptions shown;
-    std::string note;
-    const char* preset = resolve_device("auto", &note) == Device::CUDA ? "shakespeare" : "cpu";
-    apply_preset(shown, preset);
-    shown.preset.clear();
-    bool unused = false;
-    Flags fs("train_lm", str("Trains a ClusterMoE byte-level language model. Defaults below: the ", preset,
-                             " preset, the default on this machine (", preset == std::string("cpu") ? "no " : "a ",
-                             "CUDA device)."));
-    add_train_flags(fs, shown, &unused);
-    *usage = fs.usage();
-  }
   std::vector<FlagArg> given = f.split(args);
   std::map<std::string, std::string> last;  // the last value of each flag given
   for (const auto& a : given) last[a.name] = a.value;
@@ -218,6 +233,65 @@ struct RoutingTally {
     for (auto& s : slots) std::fill(s.begin(), s.end(), 0.0);
     std::fill(dropped.begin(), dropped.end(), 0.0);
     std::fill(total.begin(), total.end(), 0.0);
+  }
+
+  // Checkpoint metadata "routing_tally": the counts since the last evaluation travel with the checkpoint, so that
+  // a run resumed between two evaluations writes the same routing.csv rows as the uninterrupted run.
+  // {"layers": ["1", ...], "slots": [["12", ...], ...], "dropped": [...], "total": [...]}; numbers as "%.17g"
+  // strings (exact round trip of the doubles).
+  std::string to_json() const {
+    auto num = [](double v) {
+      char b[40];
+      std::snprintf(b, sizeof b, "%.17g", v);
+      return Json::string(b);
+    };
+    auto list = [&](const std::vector<double>& v) {
+      Json a = Json::array();
+      for (double x : v) a.push(num(x));
+      return a;
+    };
+    Json j = Json::object(), l = Json::array(), s = Json::array();
+    for (int64_t x : layers) l.push(Json::string(std::to_string(x)));
+    for (const auto& v : slots) s.push(list(v));
+    j.set("layers", l);
+    j.set("slots", s);
+    j.set("dropped", list(dropped));
+    j.set("total", list(total));
+    return json_dump(j);
+  }
+  static RoutingTally from_json(const std::string& text, const std::string& what) {
+    Json j;
+    try {
+      j = json_parse(text);
+    } catch (const Error& e) {
+      fail(what, ": ", e.what());
+    }
+    auto arr = [&](const Json* v, const char* k) -> const std::vector<Json>& {
+      CM_REQUIRE(v && v->is(Json::Kind::Array), what, ": '", k, "' must be a list");
+      return v->arr;
+    };
+    auto num = [&](const Json& v) {
+      const std::string& t = v.as_string(what);
+      char* end = nullptr;
+      double x = std::strtod(t.c_str(), &end);
+      CM_REQUIRE(!t.empty() && *end == '\0' && std::isfinite(x) && x >= 0, what, ": expected a count, got '", t, "'");
+      return x;
+    };
+    RoutingTally r;
+    const auto& l = arr(j.find("layers"), "layers");
+    const auto& s = arr(j.find("slots"), "slots");
+    const auto& d = arr(j.find("dropped"), "dropped");
+    const auto& t = arr(j.find("total"), "total");
+    CM_REQUIRE(s.size() == l.size() && d.size() == l.size() && t.size() == l.size(), what,
+               ": layers, slots, dropped and total must have one entry per layer");
+    for (size_t i = 0; i < l.size(); ++i) {
+      r.layers.push_back((int64_t)num(l[i]));
+      r.slots.emplace_back();
+      for (const Json& x : arr(&s[i], "slots")) r.slots.back().push_back(num(x));
+      r.dropped.push_back(num(d[i]));
+      r.total.push_back(num(t[i]));
+    }
+    return r;
   }
 };
 
@@ -325,8 +399,11 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   LRSchedule sched{o.lr, o.min_lr, o.warmup_steps, o.max_steps};
   Generator data_gen(stream_seed(o.seed, Stream::TrainData), 0);
 
+  RoutingTally tally;
   int64_t step = 0;
   if (resuming) {
+    if (const std::string* t = ck.meta("routing_tally"))  // absent in checkpoints of older builds: start empty
+      tally = RoutingTally::from_json(*t, ck.path + ": routing_tally");
     restore_tensors(ck, checkpoint_tensors(model, opt));
     step = meta_int(ck, "step");
     opt.set_step_count(meta_int(ck, "adamw_step"));
@@ -402,6 +479,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
         {"dropout_rng", json_dump(generator_json(model.rng()))},
         {"schedule", json_dump(sched_json)},
         {"corpus", corpus.source},
+        {"routing_tally", tally.to_json()},
     };
     fs::create_directories(o.out_dir);
     std::string path = checkpoint_path(o.out_dir, s);
@@ -411,7 +489,6 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     out << "saved " << path << "\n";
   };
 
-  RoutingTally tally;
   const int64_t K = cfg.router == RouterKind::Dense ? 1 : cfg.experts_per_token();
   const int64_t N = cfg.router == RouterKind::Dense ? 1 : cfg.num_experts();
   const int64_t per_cluster = N / std::max<int64_t>(1, cfg.branching().front());

@@ -38,7 +38,8 @@ struct TrainResult {
 
 // From argv (without the program name) to options: flag syntax, the device's default preset, a resumed run's
 // stored settings, explicit flags last. *help is set when --help was given (options are then defaults).
-// Throws UsageError for bad flags and cm::Error for an unreadable checkpoint named by --resume.
+// Throws UsageError for bad flags and cm::Error for an unreadable checkpoint named by --resume. The usage text
+// (for --help and flag errors) is formatted only when `usage` is not null.
 TrainOptions resolve_train_args(const std::vector<std::string>& args, bool* help, std::string* usage);
 
 // Runs (or, with o.resume set, continues) a training run. Console output goes to `out`.

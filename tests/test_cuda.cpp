@@ -1697,7 +1697,7 @@ TEST_CASE("cuda ops: the kernels find bad indices without a wait; the next read-
        "index_add: index 3 (at position 57) is out of range [0, 3)"},
       {"gather", [&] { return gather(a, 1, dev(i32s({0, 1, 7}, {3, 1}))); },  // index [3, 1]: a's other dims
        "gather: index 7 (at position 2) is out of range [0, 4)"},
-      {"scatter_add", [&] { return scatter_add(a, 1, dev(i32s({5, 1}, {1, 2})), dev(uniform({1, 2}, 6))); },
+      {"scatter_add", [&] { return scatter_add(a, 1, dev(i32s({5, 1, 0}, {3, 1})), dev(uniform({3, 1}, 6))); },
        "scatter_add: index 5 (at position 0) is out of range [0, 4)"},
       {"embedding", [&] { return embedding(w, dev(i32s({1, 10}, {2}))); },
        "embedding: id 10 (at position 1) is out of range [0, 10)"},
