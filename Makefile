@@ -15,10 +15,19 @@ NVCC      ?= nvcc
 CUDA_ARCH ?= 90
 SHELL     := /bin/bash
 CUDA_EMU  ?= 0
-BUILD     := build$(if $(filter 1,$(CUDA_EMU)),-emu)
-CXXFLAGS  := -std=c++17 -O3 -march=native -fno-math-errno -Wall -Wextra -I. -MMD -MP
+BUILD     := build$(if $(filter 1,$(CUDA_EMU)),-emu)$(if $(SANITIZE),-san)
+OPT       := $(if $(SANITIZE),-O1,-O3)
+CXXFLAGS  := -std=c++17 $(OPT) -march=native -fno-math-errno -Wall -Wextra -I. -MMD -MP
 LDFLAGS   :=
 LDLIBS    := -lm -lpthread
+
+# SANITIZE=address,undefined: every object and the link get the sanitizers, findings abort the run (no recovery),
+# so `make test SANITIZE=...` fails on the first one. -O1 keeps the sanitized build short (CI builds it on 2 cores).
+ifneq ($(SANITIZE),)
+  SANFLAGS := -fsanitize=$(SANITIZE) -fno-sanitize-recover=all -fno-omit-frame-pointer -g
+  CXXFLAGS += $(SANFLAGS)
+  LDFLAGS  += $(SANFLAGS)
+endif
 
 # ---------------------------------------------------------------- optional parts
 HAVE_OPENMP := $(shell echo 'int main(){return 0;}' | $(CXX) -fopenmp -x c++ - -o /dev/null 2>/dev/null && echo 1 || echo 0)
@@ -192,7 +201,7 @@ data/tinyshakespeare.txt:
 	@mv $@.tmp $@ && echo "data/tinyshakespeare.txt ready (1,115,394 bytes)"
 
 clean:
-	rm -rf build build-emu $(APP_NAMES)
+	rm -rf build build-emu build-san build-emu-san $(APP_NAMES)
 
 -include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(BUILD)/bench/experiments/experiments.d
 
