@@ -159,7 +159,17 @@ TEST_SUITE("crash") {
         for (int i = 0; i < 20000 && fresh_temps(out, marker).empty(); ++i)
           std::this_thread::sleep_for(std::chrono::milliseconds(1));
       } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(40 + rng() % 120));
+        // Between writes: once this process has completed a checkpoint (so every kill leaves progress, however
+        // slowly the binary starts: a CUDA build probes for a device first), then a random moment.
+        auto completed = [&] {
+          std::error_code ec;
+          const auto t0 = fs::last_write_time(marker, ec);
+          for (const auto& c : files_matching(out, "ckpt_", ".safetensors"))
+            if (fs::last_write_time(c, ec) >= t0 && !ec) return true;
+          return false;
+        };
+        for (int i = 0; i < 20000 && !completed(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 60));
       }
       ::kill(pid, SIGKILL);
       const int rc = wait_exit(pid);
@@ -175,7 +185,8 @@ TEST_SUITE("crash") {
         CHECK(st.meta("step") != nullptr);
       }
     }
-    REQUIRE(wait_exit(spawn(bin, {"--out_dir", "out", "--resume"}, crash)) == 0);
+    const bool resume = !latest_checkpoint(out).empty();  // a kill inside the very first write leaves none
+    REQUIRE(wait_exit(spawn(bin, resume ? std::vector<std::string>{"--out_dir", "out", "--resume"} : args, crash)) == 0);
     CHECK(in_write >= 2);
 
     // Same end: every byte of the final checkpoint (weights, AdamW moments, buffers, RNG streams, settings), the
