@@ -85,6 +85,7 @@ void MoELayer::collect(const std::string& prefix, NamedParams& out) const {
 }
 
 void MoELayer::collect_buffers(const std::string& prefix, NamedParams& out) const {
+  health_.pull(health_buffers());  // the caller may read them (a checkpoint): the host holds the state now
   out.emplace_back(prefix + ".reliability", reliability_);
   out.emplace_back(prefix + ".norm_ema", norm_ema_);
   out.emplace_back(prefix + ".wnorm_ema", wnorm_ema_);
@@ -103,9 +104,13 @@ static std::vector<float> host_buffer(const Tensor& t) {
   return std::vector<float>(t.f32(), t.f32() + t.numel());
 }
 
-std::vector<float> MoELayer::expert_reliability() const { return host_buffer(reliability_); }
+std::vector<float> MoELayer::expert_reliability() const {
+  health_.pull(health_buffers());
+  return host_buffer(reliability_);
+}
 
 std::vector<std::vector<float>> MoELayer::node_reliability() const {
+  health_.pull(health_buffers());
   std::vector<float> r = host_buffer(reliability_), u = host_buffer(usage_ema_);
   if (!moe) return {r};
   const int64_t D = router.depth();
@@ -263,12 +268,22 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   st.num_experts = N;
   st.expert_share.assign(N, 0.f);
   st.expert_rows.assign(N, 0);
-  st.reliability = layer_reliability();
+  // A dense layer's host buffer may lag its device state by the steps since the last pull (model/health.h).
+  st.reliability = moe ? layer_reliability() : reliability_.f32()[0];
   if (ids) CM_CHECK((int64_t)ids->size() == T, "ids ", ids->size(), " for ", T, " rows");
 
-  if (!moe) {  // dense FFN: one expert, every token, gate 1
-    Tensor y = experts[0].forward(x);
-    out.y = guard(0, y, row_sums_of_squares({y})[0], training, st);
+  if (!moe) {  // dense FFN: one expert, every token, gate 1; guarded on its device (no host round trip)
+    Tensor y;
+    if (cfg_.use_reliability) {  // the FFN on gated input and weights: a bad output cuts it from the backward
+      health_.begin(x.device());
+      ExpertFFN gated = experts[0];
+      for (Tensor* t : {&gated.w1.w, &gated.w1.b, &gated.w2.w, &gated.w2.b, &gated.w3.w, &gated.w3.b})
+        if (t->defined()) *t = health_.gate(*t);
+      y = gated.forward(health_.gate(x));
+    } else {
+      y = experts[0].forward(x);
+    }
+    out.y = health_.guard(y, training, cfg_.use_reliability, cfg_.reliability_outlier_factor, health_buffers());
     st.expert_share[0] = T ? 1.f : 0.f;
     st.expert_rows[0] = T;
     out.expert.assign((size_t)T, 0);
@@ -276,7 +291,6 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     out.keep.assign((size_t)T, 1);
     out.top1.assign((size_t)T, 0);
     util_[0] += (double)T;
-    if (training) pend_routed_[0] += T;
     if (ids)
       for (int64_t t = 0; t < T; ++t) spec_[(*ids)[t]] += 1.0;
     return out;
@@ -373,6 +387,14 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
 
 void MoELayer::after_step() {
   const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
+  if (!moe) {  // the dense layer's health update runs on its device (model/health.h)
+    std::vector<Tensor> w = experts[0].tensors(), g;
+    if (cfg_.use_reliability)
+      for (const Tensor& p : w)
+        if (p.grad().defined()) g.push_back(p.grad());
+    health_.after_step(w, g, decay, factor, cfg_.reliability_min, cfg_.use_reliability);
+    return;
+  }
   float* rel = reliability_.f32();
   float* ema = norm_ema_.f32();
   float* wema = wnorm_ema_.f32();

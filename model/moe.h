@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "model/health.h"
 #include "model/layers.h"
 #include "model/router.h"
 #include "model/stats.h"
@@ -116,6 +117,10 @@ class MoELayer {
   // Metrics since reset.
   std::vector<double> util_;  // [N]
   std::vector<double> spec_;  // [N * V] routed slots per (expert, input token)
+  // A dense layer (moe == false) guards and judges its expert on its device instead (model/health.h): the
+  // buffers above hold that state at rest, pulled back when the host reads them.
+  FfnHealth health_;
+  FfnHealthBuffers health_buffers() const { return {reliability_, norm_ema_, wnorm_ema_, usage_ema_}; }
 };
 
 }  // namespace cm

@@ -164,6 +164,21 @@ std::vector<double> sums_of_squares(const std::vector<Tensor>& ts) {
   return out;
 }
 
+Tensor sums_of_squares_tensor(const std::vector<Tensor>& ts) {
+  NoGrad ng;
+  CM_REQUIRE(!ts.empty(), "sums_of_squares_tensor: no tensors");
+  const Device dev = ts[0].device();
+  for (const Tensor& t : ts)
+    CM_REQUIRE(t.device() == dev, "sums_of_squares_tensor: tensors on ", device_name(dev), " and ",
+               device_name(t.device()));
+  std::vector<double> host;
+  std::vector<Tensor> on_device = sums_on_host_or_device(ts, host);
+  if (dev != Device::CPU) return on_device.size() == 1 ? on_device[0] : concat(on_device, 0);
+  Tensor out = Tensor::empty({(int64_t)ts.size()}, DType::F32, dev);
+  for (size_t i = 0; i < ts.size(); ++i) out.f32()[i] = (float)host[i];
+  return out;
+}
+
 Tensor clip_grad_norm_tensor(const NamedTensors& params, float max_norm) {
   NoGrad ng;
   std::vector<Tensor> grads;

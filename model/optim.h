@@ -76,6 +76,10 @@ Tensor clip_grad_norm_tensor(const NamedTensors& params, float max_norm);
 // finite tensor whose squares overflow float reads as Inf there).
 std::vector<double> sums_of_squares(const std::vector<Tensor>& ts);
 
+// The same sums as a float tensor [ts.size()] where the tensors live (one device), without a read-out: on the CPU
+// the double sums rounded to float, on a device the float sums made there.
+Tensor sums_of_squares_tensor(const std::vector<Tensor>& ts);
+
 struct LRSchedule {
   float max_lr = 1e-3f;
   float min_lr = 1e-4f;

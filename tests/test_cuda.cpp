@@ -18,6 +18,7 @@
 #include "engine/host_sync.h"
 #include "kernels/activation.h"
 #include "kernels/adamw.h"
+#include "kernels/health.h"
 #include "kernels/copy.h"
 #include "kernels/cuda/sort.cuh"
 #include "kernels/dispatch.h"
@@ -841,6 +842,44 @@ TEST_CASE("cuda kernels: clip scale and the norm from sums read their values on 
   cuda::adamw_step_multi(&sl, 1, 1e-2f, 0.9f, 0.95f, 1e-8f, 1, flag.f32());
   CHECK(dp.to_f32_vector() == p.to_f32_vector());
   CHECK(dm.to_f32_vector() == m.to_f32_vector());
+}
+
+TEST_CASE("cuda kernels: the dense FFN's guard and health update match their CPU twins" * needs_device()) {
+  uint64_t seed = 1500;
+  for (int64_t n : {int64_t(1), int64_t(37), int64_t(300)})
+    for (int64_t C : {int64_t(1), int64_t(33)})
+      for (float ema : {0.f, 1.5f}) {
+        CAPTURE(n);
+        CAPTURE(C);
+        CAPTURE(ema);
+        Tensor y = uniform({n, C}, ++seed);
+        float* p = y.f32();
+        p[(n / 2) * C] = NAN;                                // a non-finite row
+        if (n > 2) p[(n - 1) * C + C - 1] = 1e4f;            // an outlier once there are statistics
+        Tensor state = Tensor::from_vector(std::vector<float>{1.f, ema, 0.f, 1.f}, {4});
+        Tensor pend = uniform({8}, ++seed, 0.f, 0.f);        // zeros: four doubles 0.0
+        Tensor norms = Tensor::empty({2 * n}), out = Tensor::empty({n, C}), ok = Tensor::empty({1}, DType::I32);
+        Tensor dstate = dev(state), dpend = dev(pend), dnorms = poisoned({2 * n}), dout = poisoned({n, C}),
+               dok = poisoned({1}, DType::I32);
+        for (bool zero : {false, true}) {
+          cpu::ffn_guard_forward(out.f32(), ok.i32(), (double*)pend.raw(), (double*)norms.raw(), y.f32(), n, C,
+                                 state.f32(), 20.f, zero, true);
+          cuda::ffn_guard_forward(dout.f32(), dok.i32(), (double*)dpend.raw(), (double*)dnorms.raw(), dev(y).f32(), n,
+                                  C, dstate.f32(), 20.f, zero, true);
+          same(dout, out, "guard output");
+          same_i32(dok, ok, "all-ok flag");
+          same(dpend, pend, "pending counters (as bits)");
+        }
+        Tensor g = uniform({n * C}, ++seed), dx = Tensor::empty({n * C}), gdx = poisoned({n * C});
+        cpu::ffn_guard_backward(dx.f32(), g.f32(), ok.i32(), n * C);
+        cuda::ffn_guard_backward(gdx.f32(), dev(g).f32(), dok.i32(), n * C);
+        same(gdx, dx, "guard backward");
+        Tensor sums = uniform({5}, ++seed, 0.f, 3.f);
+        cpu::ffn_health_update(state.f32(), (double*)pend.raw(), sums.f32(), 3, 2, 0.9f, 20.f, 1e-3f, true);
+        cuda::ffn_health_update(dstate.f32(), (double*)dpend.raw(), dev(sums).f32(), 3, 2, 0.9f, 20.f, 1e-3f, true);
+        check_near(dstate, state, 1e-6f, 1e-6f, "state after the update");  // EMAs: nvcc may fuse a multiply-add
+        same(dpend, pend, "counters cleared");
+      }
 }
 
 TEST_CASE("cuda kernels: AdamW step, single tensor and fused over many tensors" * needs_device()) {

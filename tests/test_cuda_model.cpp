@@ -488,6 +488,12 @@ TEST_SUITE("cuda") {
     // its real waits. They agree: nothing else waits on the device (index checks and uploads do not).
     CHECK(gpu.quiet_steps == cpu.quiet_steps);
     CHECK(gpu.quiet_step_syncs == cpu.quiet_step_syncs);
+    // The dense model's quiet steps wait for nothing on the device either (real waits, counted by engine/cuda.cu):
+    // ids, dropout, the fault guard, clipping, AdamW and the health update stay there.
+    TrainResult dense = train(options("cuda", "dense", {"--router", "dense", "--max_steps", "6", "--save_every", "0"}),
+                              sink);
+    REQUIRE(dense.quiet_steps == 5);  // steps 1 to 5; step 6, the last, evaluates
+    CHECK(dense.quiet_step_syncs == 0);
 
     // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.
     REQUIRE(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);

@@ -391,11 +391,36 @@ TEST_SUITE("trainer") {
       const int64_t own = host_sync_stats().stream_syncs;
       MESSAGE(std::string(router), ": ", own, " host syncs per step, all in the model's bookkeeping");
       CHECK(r.quiet_step_syncs == 5 * own);
+      // The dense model waits for nothing: no id read-back, the fault guard and the health update on the device
+      // (model/health.h). The MoE routers still read their routing on the host (their own count, above).
+      if (std::string(router) == "dense") {
+        CHECK(own == 0);
+        CHECK(r.quiet_step_syncs == 0);
+      }
 
       Ran ran = train_lm(args);
       REQUIRE(ran.rc == 0);
       CHECK(contains(ran.out, "| host syncs/step " + std::to_string(own) + "\n"));
     }
+  }
+
+  TEST_CASE("trainer: a dense step never waits for the host, with micro-batches, dropout and reliability on") {
+    // engine/host_sync.h's bookkeeping count: forward (ids, dropout, the fault guard), backward, clipping, AdamW and
+    // after_step (the dense layers' health update) add no read-out; evaluation and logging still read.
+    TempDir dir("dense_syncs");
+    std::string data = shakespeare_excerpt(dir, 20000);
+    std::vector<std::string> args = tiny_args(data, dir.file("out")) +
+                                    std::vector<std::string>{"--router", "dense", "--max_steps", "8", "--eval_every",
+                                                             "8", "--log_every", "4", "--save_every", "4",
+                                                             "--eval_iters", "1", "--grad_accum", "2", "--dropout",
+                                                             "0.1"};
+    std::ostringstream out;
+    TrainResult r = train(options(args), out);
+    CHECK(r.quiet_steps == 6);  // steps 4 and 8 log
+    CHECK(r.quiet_step_syncs == 0);
+    Ran ran = train_lm(args + std::vector<std::string>{"--out_dir", dir.file("out2")});
+    REQUIRE(ran.rc == 0);
+    CHECK(contains(ran.out, "| host syncs/step 0\n"));
   }
 
   TEST_CASE("trainer: overfitting one batch drives its loss near zero") {

@@ -1,0 +1,178 @@
+// The dense FFN's fault guard and health update on the layer's device (model/health.h, kernels/health.h): the
+// kernels' contract on the CPU twin, the layer's behaviour (bad rows zeroed, the FFN cut from the backward, the
+// reliability falling), and that the device-resident state reaches the host buffers and checkpoints.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/health.h"
+#include "model/coe.h"
+#include "model/moe.h"
+#include "model/optim.h"
+#include "tests/helpers.h"
+
+using namespace cm;
+using cm::test::uniform;
+
+namespace {
+
+CoEConfig dense_config() {
+  CoEConfig c = make_coe_config(16, 2, 2, 2, 20, 2, 32, 8);
+  c.router = RouterKind::Dense;
+  c.validate();
+  return c;
+}
+
+float buffer_value(const ClusterMoELM& m, const std::string& name) {
+  for (auto& [n, t] : m.named_buffers())
+    if (n == name) return t.f32()[0];
+  FAIL("no buffer ", name);
+  return 0.f;
+}
+
+}  // namespace
+
+TEST_SUITE("health") {
+  TEST_CASE("health kernels: rows judged against the running norm, counted in order, bad rows zeroed") {
+    const int64_t n = 6, C = 4;
+    Tensor y = uniform({n, C}, 11);
+    float* p = y.f32();
+    p[1 * C + 2] = std::numeric_limits<float>::quiet_NaN();  // row 1: non-finite
+    for (int64_t c = 0; c < C; ++c) p[4 * C + c] *= 1000.f;  // row 4: an outlier against the running norm
+    float state[4] = {1.f, 1.0f, 0.f, 1.f};                  // running row norm 1: factor 20 allows up to 20
+    double pend[4] = {0, 0, 0, 0}, norms[n];
+    std::vector<float> out((size_t)(n * C), -7.f);
+    int32_t ok = -1;
+    cpu::ffn_guard_forward(out.data(), &ok, pend, norms, p, n, C, state, 20.f, true, true);
+    CHECK(ok == 0);
+    CHECK(pend[0] == 6.0);
+    CHECK(pend[1] == 2.0);
+    CHECK(pend[2] == 4.0);
+    double good_sum = 0.0;
+    for (int64_t i : {0, 2, 3, 5}) {
+      double ss = 0.0;
+      for (int64_t c = 0; c < C; ++c) ss += (double)p[i * C + c] * p[i * C + c];
+      good_sum += std::sqrt(ss);
+      for (int64_t c = 0; c < C; ++c) CHECK(out[i * C + c] == p[i * C + c]);
+    }
+    CHECK(pend[3] == good_sum);
+    for (int64_t i : {1, 4})
+      for (int64_t c = 0; c < C; ++c) CHECK(out[i * C + c] == 0.f);
+    // No statistics yet (state[1] = 0): only the NaN row is bad; not counting leaves pend alone; no zeroing.
+    state[1] = 0.f;
+    cpu::ffn_guard_forward(out.data(), &ok, pend, norms, p, n, C, state, 20.f, false, false);
+    CHECK(ok == 0);
+    CHECK(pend[0] == 6.0);
+    CHECK(out[4 * C] == p[4 * C]);
+    CHECK(std::isnan(out[1 * C + 2]));
+
+    // Backward: the gradient passes when every row was healthy, else nothing does (selected, not multiplied).
+    std::vector<float> g = {1.f, std::numeric_limits<float>::quiet_NaN(), 3.f}, dx(3, -1.f);
+    int32_t pass = 1, cut = 0;
+    cpu::ffn_guard_backward(dx.data(), g.data(), &pass, 3);
+    CHECK(dx[0] == 1.f);
+    CHECK(std::isnan(dx[1]));
+    cpu::ffn_guard_backward(dx.data(), g.data(), &cut, 3);
+    CHECK(dx == std::vector<float>{0.f, 0.f, 0.f});
+
+    // The update: healthy weights start their running norm; 4 good of 6 rows -> health 2/3.
+    float st[4] = {1.f, 0.f, 0.f, 0.5f};
+    double pd[4] = {6, 2, 4, 8.0};
+    const float sums[3] = {9.f, 16.f, 1.f};  // two weights (norm 5), one gradient
+    cpu::ffn_health_update(st, pd, sums, 2, 1, 0.9f, 20.f, 1e-3f, true);
+    CHECK(st[2] == 5.f);
+    CHECK(st[1] == 0.f);  // a step with bad rows does not move the output statistics
+    CHECK(st[0] == std::clamp(0.9f * 1.f + (1.f - 0.9f) * (1.f - 2.f / 6.f), 1e-3f, 1.f));
+    CHECK(st[3] == 0.9f * 0.5f + (1.f - 0.9f) * 6.f / 6.f);
+    CHECK((pd[0] == 0.0 && pd[1] == 0.0 && pd[2] == 0.0 && pd[3] == 0.0));
+    // Non-finite gradient: health 0. A weight norm 100x its running value: health 0, the norm not followed.
+    const float bad_grad[3] = {9.f, 16.f, std::numeric_limits<float>::infinity()};
+    double pd2[4] = {6, 0, 6, 6.0};
+    const float rel0 = st[0];
+    cpu::ffn_health_update(st, pd2, bad_grad, 2, 1, 0.9f, 20.f, 1e-3f, true);
+    CHECK(st[0] == std::clamp(0.9f * rel0, 1e-3f, 1.f));
+    CHECK(st[1] == 1.f);  // mean norm of 6 healthy rows summing to 6
+    const float huge[2] = {9e6f, 16e6f};  // weight norm 5000: 1000x the running 5
+    double pd3[4] = {6, 0, 6, 6.0};
+    const float rel1 = st[0];
+    cpu::ffn_health_update(st, pd3, huge, 2, 0, 0.9f, 20.f, 1e-3f, true);
+    CHECK(st[2] == 5.f);
+    CHECK(st[0] == std::clamp(0.9f * rel1, 1e-3f, 1.f));
+  }
+
+  TEST_CASE("dense layer: a healthy forward and backward are the FFN's own, bit for bit") {
+    CoEConfig c = dense_config();
+    Generator g1(3), g2(3);
+    MoELayer guarded(c, 0, false, g1);
+    CoEConfig off = c;
+    off.use_reliability = false;
+    MoELayer plain(off, 0, false, g2);
+    Tensor x = uniform({10, 16}, 5);
+    Tensor xa = x.detach(), xb = x.detach();
+    xa.requires_grad_(true);
+    xb.requires_grad_(true);
+    Tensor ya = guarded.forward(xa, nullptr, nullptr, true).y, yb = plain.forward(xb, nullptr, nullptr, true).y;
+    CHECK(ya.to_f32_vector() == yb.to_f32_vector());
+    sum(square(ya)).backward();
+    sum(square(yb)).backward();
+    CHECK(xa.grad().to_f32_vector() == xb.grad().to_f32_vector());
+    auto ta = guarded.experts[0].tensors(), tb = plain.experts[0].tensors();
+    for (size_t i = 0; i < ta.size(); ++i) CHECK(ta[i].grad().to_f32_vector() == tb[i].grad().to_f32_vector());
+  }
+
+  TEST_CASE("dense layer: NaN weights are zeroed out of the output, cut from the backward, and lose reliability") {
+    CoEConfig c = dense_config();
+    Generator gen(4);
+    MoELayer layer(c, 0, false, gen);
+    layer.experts[0].w2.w.fill_(std::numeric_limits<float>::quiet_NaN());
+    Tensor x = uniform({8, 16}, 6);
+    x.requires_grad_(true);
+    MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
+    for (float v : o.y.to_f32_vector()) CHECK(v == 0.f);
+    sum(o.y).backward();
+    for (float v : x.grad().to_f32_vector()) CHECK(v == 0.f);  // not NaN: the cut selects
+    for (const Tensor& t : layer.experts[0].tensors())
+      for (float v : t.grad().to_f32_vector()) CHECK(v == 0.f);
+    layer.after_step();
+    const float r1 = layer.expert_reliability()[0];  // pulled from the layer's state
+    CHECK(r1 == doctest::Approx(0.9f));
+    for (int i = 0; i < 5; ++i) {
+      layer.forward(x, nullptr, nullptr, true);
+      layer.after_step();
+    }
+    CHECK(layer.layer_reliability() < 0.6f);
+  }
+
+  TEST_CASE("dense model: the device-resident health reaches the buffers, checkpoints and a reloaded model") {
+    CoEConfig c = dense_config();
+    ClusterMoELM a(c);
+    AdamW opt(a.named_parameters());
+    std::vector<int32_t> ids(2 * 8);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = (int32_t)(i * 7 % 20);
+    Tensor x = Tensor::from_vector(ids, {2, 8}), y = x;
+    for (int s = 0; s < 3; ++s) {
+      a.forward(x, y).total_loss.backward();
+      opt.step(1e-3f);
+      a.after_step();
+      opt.zero_grad();
+    }
+    // Three healthy steps: the weight and output statistics exist, and reliability stays 1.
+    const float wn = buffer_value(a, "blocks.0.ffn.wnorm_ema"), on = buffer_value(a, "blocks.0.ffn.norm_ema");
+    CHECK(wn > 0.f);
+    CHECK(on > 0.f);
+    CHECK(buffer_value(a, "blocks.0.ffn.reliability") == 1.f);
+    // A second model loaded with these buffers and parameters continues with the same losses.
+    ClusterMoELM b(c);
+    auto pa = a.named_parameters(), pb = b.named_parameters();
+    for (size_t i = 0; i < pa.size(); ++i) pb[i].second.copy_(pa[i].second);
+    auto ba = a.named_buffers(), bb = b.named_buffers();
+    for (size_t i = 0; i < ba.size(); ++i) bb[i].second.copy_(ba[i].second);
+    CHECK(a.forward(x, y).loss.item() == b.forward(x, y).loss.item());
+    // A corrupted FFN (x100 weights, finite) is judged against the running statistics carried over.
+    for (auto& [n, t] : b.expert_parameters(0, 0)) t.copy_(mul(t, 100.f));
+    b.forward(x, y).total_loss.backward();
+    b.after_step();
+    CHECK(b.get_reliability_stats()["layer_0_reliability"] < 1.f);
+    CHECK(buffer_value(b, "blocks.0.ffn.wnorm_ema") == wn);  // a jump is not followed
+  }
+}
