@@ -15,6 +15,10 @@
 #include "kernels/reduce.h"
 #include "kernels/softmax.h"
 
+#if CM_CUDA
+#include "engine/cuda.h"
+#endif
+
 namespace cm {
 
 namespace {
@@ -245,15 +249,22 @@ Tensor dropout(const Tensor& x, float p, bool training, Generator& gen) {
   // Identity: returns x itself and draws nothing, so evaluation does not move the generator.
   if (!training || p == 0.0f) return x;
   const int64_t n = x.numel();
-  const uint64_t seed = gen.seed, offset = gen.take((uint64_t)n);
+  const uint64_t seed = gen.seed;
+  uint64_t offset = gen.take((uint64_t)n);
+  // In a captured CUDA graph the offset is relative to the generator's offset on the device, written before each
+  // replay (engine/cuda.h, Graph::bind_generator): otherwise every replay would drop the same elements.
+  const uint64_t* base = nullptr;
+#if CM_CUDA
+  if (x.device() == Device::CUDA) cuda::Graph::draw_base(gen, offset, &base, &offset);
+#endif
   Tensor xc = x.contiguous();
   Tensor y = Tensor::empty(x.shape(), DType::F32, x.device());
-  CM_KERNEL(x.device(), dropout_forward, y.f32(), xc.f32(), n, p, seed, offset);
+  CM_KERNEL(x.device(), dropout_forward, y.f32(), xc.f32(), n, p, seed, offset, base);
   // The mask is regenerated from (seed, offset) in backward rather than stored.
-  return record("dropout", y, {x}, [n, p, seed, offset, shape = x.shape()](const Tensor& gy) {
+  return record("dropout", y, {x}, [n, p, seed, offset, base, shape = x.shape()](const Tensor& gy) {
     Tensor g = gy.contiguous();
     Tensor dx = Tensor::empty(shape, DType::F32, g.device());
-    CM_KERNEL(g.device(), dropout_backward, dx.f32(), g.f32(), n, p, seed, offset);
+    CM_KERNEL(g.device(), dropout_backward, dx.f32(), g.f32(), n, p, seed, offset, base);
     return grads{dx};
   });
 }

@@ -134,6 +134,42 @@ cublasStatus_t gemm_batched(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             const void* beta_p, void* C, cudaDataType_t ct, int64_t ldc, long long sc, int64_t batch,
                             cublasComputeType_t compute, cublasGemmAlgo_t algo, const char* call) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (cm_emu::capturing(h->stream)) {
+    // Stream capture: recorded, run at each replay. Host-mode alpha and beta are read now, as cuBLAS reads them at
+    // the call; the arguments are checked when the replay runs (a failure is printed there).
+    struct Rec {
+      cublasHandle_t h;
+      cublasOperation_t ta, tb;
+      int64_t m, n, k;
+      float alpha, beta;
+      const void *alpha_p, *beta_p, *A, *B;
+      cudaDataType_t at, bt, ct;
+      int64_t lda, ldb, ldc;
+      long long sa, sb, sc;
+      void* C;
+      int64_t batch;
+      cublasComputeType_t compute;
+      cublasGemmAlgo_t algo;
+      const char* call;
+      static void replay(void* p) {
+        Rec* r = static_cast<Rec*>(p);
+        const bool host = r->h->pointer_mode == CUBLAS_POINTER_MODE_HOST;
+        gemm_batched(r->h, r->ta, r->tb, r->m, r->n, r->k, host ? &r->alpha : r->alpha_p, r->A, r->at, r->lda, r->sa,
+                     r->B, r->bt, r->ldb, r->sb, host ? &r->beta : r->beta_p, r->C, r->ct, r->ldc, r->sc, r->batch,
+                     r->compute, r->algo, r->call);
+      }
+      static void destroy(void* p) { delete static_cast<Rec*>(p); }
+    };
+    if (!alpha_p || !beta_p) return CUBLAS_STATUS_INVALID_VALUE;
+    auto* r = new Rec{h,  ta,  tb,  m,  n,  k,  0.f, 0.f,   alpha_p, beta_p, A,    B,   at,
+                      bt, ct,  lda, ldb, ldc, sa, sb, sc,  C,     batch,   compute, algo, call};
+    if (h->pointer_mode == CUBLAS_POINTER_MODE_HOST) {
+      std::memcpy(&r->alpha, alpha_p, 4);
+      std::memcpy(&r->beta, beta_p, 4);
+    }
+    cm_emu::record_launch(h->stream, &Rec::replay, &Rec::destroy, r);
+    return CUBLAS_STATUS_SUCCESS;
+  }
   auto op_ok = [](cublasOperation_t o) { return o == CUBLAS_OP_N || o == CUBLAS_OP_T || o == CUBLAS_OP_C; };
   if (!op_ok(ta) || !op_ok(tb)) return CUBLAS_STATUS_INVALID_VALUE;
   if (m < 0 || n < 0 || k < 0 || batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
@@ -224,6 +260,28 @@ cublasStatus_t cublasSaxpy_64(cublasHandle_t h, int64_t n, const float* alpha, c
                               int64_t incy) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (!alpha) return CUBLAS_STATUS_INVALID_VALUE;
+  if (cm_emu::capturing(h->stream)) {  // recorded, as gemm_batched does
+    struct Rec {
+      cublasHandle_t h;
+      int64_t n;
+      float a;
+      const float* alpha_p;
+      const float* x;
+      int64_t incx;
+      float* y;
+      int64_t incy;
+      static void replay(void* p) {
+        Rec* r = static_cast<Rec*>(p);
+        cublasSaxpy_64(r->h, r->n, r->h->pointer_mode == CUBLAS_POINTER_MODE_HOST ? &r->a : r->alpha_p, r->x,
+                       r->incx, r->y, r->incy);
+      }
+      static void destroy(void* p) { delete static_cast<Rec*>(p); }
+    };
+    auto* r = new Rec{h, n, 0.f, alpha, x, incx, y, incy};
+    if (h->pointer_mode == CUBLAS_POINTER_MODE_HOST) std::memcpy(&r->a, alpha, 4);
+    cm_emu::record_launch(h->stream, &Rec::replay, &Rec::destroy, r);
+    return CUBLAS_STATUS_SUCCESS;
+  }
   if (n <= 0) return CUBLAS_STATUS_SUCCESS;
   if (incx == 0 || incy == 0) return CUBLAS_STATUS_INVALID_VALUE;
   float a;

@@ -51,7 +51,7 @@ void check_launch(const char* kernel, const char* file, int line) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) fail("CUDA error ", (int)err, " (", cudaGetErrorString(err), ") launching ", kernel, " at ",
                                file, ":", line);
-  if (sync_after_launch()) {
+  if (sync_after_launch() && !capturing()) {  // a captured launch runs at replay: nothing to wait for now
     note_stream_sync();
     err = cudaStreamSynchronize(stream());
     if (err != cudaSuccess) {
@@ -98,13 +98,24 @@ Context& context() {
 }
 
 std::atomic<int> g_precision{(int)MatmulPrecision::FP32};
+std::atomic<bool> g_capturing{false};  // a Graph is recording stream()
+
+// Nothing may wait for the stream or read host memory into it while it is recorded (engine/cuda.h, Graph).
+void refuse_while_capturing(const char* what) {
+  if (g_capturing.load(std::memory_order_relaxed))
+    fail(what, " while a CUDA graph is being captured: a captured step must not wait for the device or read host "
+               "memory (train_lm --cuda_graph needs a step with 0 host syncs)");
+}
 
 }  // namespace
+
+bool capturing() { return g_capturing.load(std::memory_order_relaxed); }
 
 cudaStream_t stream() { return context().stream; }
 cublasHandle_t cublas() { return context().cublas; }
 const cudaDeviceProp& props() { return context().props; }
 void sync() {
+  refuse_while_capturing("cuda::sync()");
   note_stream_sync();
   cudaCheck(cudaStreamSynchronize(stream()));
 }
@@ -126,6 +137,7 @@ void raise_index_error(const int64_t rec[4]) {
 int64_t* index_error_record() { return context().index_error; }
 
 void check_index_errors() {
+  refuse_while_capturing("an index check (a read-out)");
   int64_t rec[4] = {0, 0, 0, 0};
   note_d2h_copy();
   note_stream_sync();
@@ -135,6 +147,7 @@ void check_index_errors() {
 }
 
 void copy_to_host(void* dst, const void* src, size_t nbytes) {
+  refuse_while_capturing("a device-to-host copy (a read-out of tensor values)");
   note_d2h_copy();
   note_stream_sync();
   // The index-error record comes back with the data, in the same wait: a bad index is reported at the first
@@ -156,7 +169,16 @@ namespace {
 struct Allocator {
   std::mutex mu;
   std::multimap<size_t, void*> cached;        // free blocks by size
-  std::unordered_map<void*, size_t> live;     // blocks held by tensors -> size
+  struct Live {
+    size_t size;
+    int pool;  // 0: the general cache; else the graph pool it returns to
+  };
+  std::unordered_map<void*, Live> live;       // blocks held by tensors
+  // Graph pools (engine/cuda.h, Graph): free blocks of each live graph, by size. A block of a pool whose graph is
+  // gone returns to the general cache.
+  std::map<int, std::multimap<size_t, void*>> pools;
+  int capture_pool = 0;  // while a capture runs, every request is served from this pool
+  int next_pool = 1;
   MemStats st;
 };
 
@@ -200,15 +222,16 @@ void* allocate(size_t nbytes) {
   void* p = nullptr;
   size_t got = 0;
   // Best fit among cached blocks, but never a block more than twice the request: a tiny tensor must not pin a
-  // huge block that a later large request would have reused.
-  auto it = a.cached.lower_bound(size);
-  if (it != a.cached.end() && it->first <= 2 * size) {
+  // huge block that a later large request would have reused. While a graph is captured, its own pool's blocks.
+  std::multimap<size_t, void*>& free_list = a.capture_pool ? a.pools[a.capture_pool] : a.cached;
+  auto it = free_list.lower_bound(size);
+  if (it != free_list.end() && it->first <= 2 * size) {
     p = it->second;
     got = it->first;
-    a.cached.erase(it);
+    free_list.erase(it);
   } else {
     cudaError_t err = cudaMalloc(&p, size);
-    if (err == cudaErrorMemoryAllocation) {
+    if (err == cudaErrorMemoryAllocation && !a.capture_pool) {  // releasing waits for the stream: not in a capture
       (void)cudaGetLastError();
       release_cached(a);
       err = cudaMalloc(&p, size);
@@ -233,9 +256,11 @@ void* allocate(size_t nbytes) {
     a.st.reserved += size;
     a.st.mallocs++;
   }
-  a.live[p] = got;
+  a.live[p] = {got, a.capture_pool};
 #if defined(CM_CUDA_EMU)
-  cudaEmuSetValidRange(p, nbytes, got);  // the rounded tail is poisoned: a read past the tensor is reported
+  // The rounded tail is poisoned: a read past the tensor is reported. Not in a graph's block: its replays use it
+  // for every tensor the capture put there, of whatever size.
+  cudaEmuSetValidRange(p, a.capture_pool ? got : nbytes, got);
 #endif
   a.st.in_use += got;
   if (a.st.in_use > a.st.peak) a.st.peak = a.st.in_use;
@@ -252,11 +277,17 @@ void deallocate(void* p) {
     std::fprintf(stderr, "cm::cuda::deallocate: pointer %p was not allocated here; ignored\n", p);
     return;
   }
-  a.st.in_use -= it->second;
+  const size_t size = it->second.size;
+  a.st.in_use -= size;
+  auto pool = it->second.pool ? a.pools.find(it->second.pool) : a.pools.end();
 #if defined(CM_CUDA_EMU)
-  cudaEmuSetValidRange(p, 0, it->second);  // a cached block: any use of it is reported until it is handed out again
+  // A cached block: any use of it is reported until it is handed out again. Not a graph's: its replays write it.
+  cudaEmuSetValidRange(p, pool != a.pools.end() ? size : 0, size);
 #endif
-  a.cached.emplace(it->second, p);
+  if (pool != a.pools.end())
+    pool->second.emplace(size, p);  // its graph's replays still write it: kept for that graph
+  else
+    a.cached.emplace(size, p);
   a.live.erase(it);
 }
 
@@ -322,6 +353,7 @@ Ring& ring() {
 
 void upload(void* dst, const void* src, size_t nbytes) {
   if (nbytes == 0) return;
+  refuse_while_capturing("an upload from host memory");
   cudaStream_t s = stream();
   if (nbytes > kRingBytes / 4) {  // large (initialisation, checkpoints): a plain copy that waits
     note_stream_sync();
@@ -355,6 +387,120 @@ void upload(void* dst, const void* src, size_t nbytes) {
   cudaCheck(cudaEventRecord(ev, s));
   r.uses.push_back({begin, end, ev});
   r.head = end;
+}
+
+// ---------------------------------------------------------------- graphs
+
+namespace {
+Graph* g_capturing_graph = nullptr;  // the graph capture_begin() started (g_capturing)
+}  // namespace
+
+void Graph::bind_generator(Generator* g) {
+  CM_REQUIRE(!capturing_ && !exec_, "cuda::Graph: bind the generator before the capture");
+  gen_ = g;
+  if (!gen_base_) gen_base_ = static_cast<uint64_t*>(allocate(sizeof(uint64_t)));
+}
+
+bool Graph::draw_base(const Generator& g, uint64_t offset, const uint64_t** base, uint64_t* rel) {
+  if (!capturing()) return false;
+  Graph* cg = g_capturing_graph;
+  CM_REQUIRE(cg && cg->gen_ == &g, "a random draw from a generator not bound to the CUDA graph being captured: its "
+                                   "values would repeat at every replay (cuda::Graph::bind_generator)");
+  *base = cg->gen_base_;
+  *rel = offset - cg->gen_start_;
+  return true;
+}
+
+void Graph::capture_begin() {
+  CM_REQUIRE(!exec_ && !capturing_, "cuda::Graph: already captured (one capture per graph)");
+  CM_REQUIRE(!capturing(), "cuda::Graph: another graph is being captured");
+  cudaStream_t s = stream();
+  if (gen_) gen_start_ = gen_->offset;
+  {
+    Allocator& a = allocator();
+    std::lock_guard<std::mutex> lock(a.mu);
+    pool_ = a.next_pool++;
+    a.pools[pool_];
+    a.capture_pool = pool_;
+  }
+  // Relaxed: the allocator may call cudaMalloc while the capture runs (it never frees or waits then).
+  cudaError_t err = cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed);
+  if (err != cudaSuccess) {
+    allocator().capture_pool = 0;
+    cudaCheck(err);
+  }
+  capturing_ = true;
+  g_capturing_graph = this;
+  g_capturing.store(true);
+}
+
+namespace {
+void stop_pool_capture() {
+  Allocator& a = allocator();
+  std::lock_guard<std::mutex> lock(a.mu);
+  a.capture_pool = 0;
+}
+}  // namespace
+
+void Graph::capture_end() {
+  CM_REQUIRE(capturing_, "cuda::Graph: capture_end without capture_begin");
+  capturing_ = false;
+  g_capturing.store(false);
+  g_capturing_graph = nullptr;
+  stop_pool_capture();
+  if (gen_) {  // nothing was drawn for real: each replay draws
+    gen_draws_ = gen_->offset - gen_start_;
+    gen_->offset = gen_start_;
+  }
+  cudaCheck(cudaStreamEndCapture(stream(), &graph_));
+  cudaCheck(cudaGraphInstantiate(&exec_, graph_, 0));
+}
+
+void Graph::capture_abort() {
+  if (!capturing_) return;
+  capturing_ = false;
+  g_capturing.store(false);
+  g_capturing_graph = nullptr;
+  stop_pool_capture();
+  if (gen_) gen_->offset = gen_start_;
+  cudaGraph_t g = nullptr;
+  (void)cudaStreamEndCapture(stream(), &g);  // an invalidated capture reports an error here: nothing to keep
+  if (g) (void)cudaGraphDestroy(g);
+  (void)cudaGetLastError();
+}
+
+void Graph::replay() {
+  CM_REQUIRE(exec_, "cuda::Graph: replay before a capture");
+  if (gen_) {
+    upload(gen_base_, &gen_->offset, sizeof(uint64_t));  // stream-ordered before the launch: no wait
+    gen_->offset += gen_draws_;
+  }
+  cudaCheck(cudaGraphLaunch(exec_, stream()));
+}
+
+Graph::~Graph() {
+  capture_abort();
+  if (exec_ || graph_) {
+    (void)cudaStreamSynchronize(stream());  // no replay may still run on what is released below
+    if (exec_) (void)cudaGraphExecDestroy(exec_);
+    if (graph_) (void)cudaGraphDestroy(graph_);
+    (void)cudaGetLastError();
+  }
+  deallocate(gen_base_);
+  if (pool_) {  // the pool's free blocks go to the general cache; its live ones will when freed
+    Allocator& a = allocator();
+    std::lock_guard<std::mutex> lock(a.mu);
+    auto it = a.pools.find(pool_);
+    if (it != a.pools.end()) {
+      for (auto& kv : it->second) {
+#if defined(CM_CUDA_EMU)
+        cudaEmuSetValidRange(kv.second, 0, kv.first);
+#endif
+        a.cached.insert(kv);
+      }
+      a.pools.erase(it);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- helpers

@@ -24,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "engine/rng.h"
+
 namespace cm::cuda {
 
 // ---------------------------------------------------------------- checked calls
@@ -117,6 +119,52 @@ void deallocate(void* p);       // p from allocate, or nullptr
 // dst (device) <- src (host), nbytes, queued on stream() without waiting for it: src is copied into a pinned
 // staging ring first, so the caller may free it at once. Uploads over 2 MiB wait for their copy instead.
 void upload(void* dst, const void* src, size_t nbytes);
+
+// ---------------------------------------------------------------- CUDA graphs
+// A Graph records the work a piece of host code issues on stream() once (capture) and replays it (replay), without
+// the host code: one launch for a whole training step (train_lm --cuda_graph). What the replay computes is what
+// the capture recorded: the same kernels, with the same arguments, on the same addresses. So:
+//   - Memory: while capturing, the caching allocator serves every request from a pool of the graph's own (fresh
+//     cudaMalloc blocks, handed out and reused in stream order as usual). Those blocks never go back to the
+//     general cache while the graph lives, not even when their tensors are freed: a replay writes into them.
+//     Tensors made before the capture (parameters, optimizer moments, input buffers) keep their addresses.
+//   - Values that change between replays (the batch, the learning rate, the step count) must live in device
+//     memory made before the capture and be written there before each replay (upload() is stream-ordered).
+//   - Nothing may wait for the host or read from it while capturing: a device-to-host copy, sync() and upload()
+//     throw cm::Error naming what was attempted; the capture is then abandoned (capture_abort, or ~Graph).
+class Graph {
+ public:
+  Graph() = default;
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  void capture_begin();  // stream() records from here
+  void capture_end();    // stops recording and instantiates the graph
+  void capture_abort();  // stops recording, drops what was recorded (after an error during the capture)
+  void replay();         // launches the recorded work on stream(); returns without waiting
+  bool ready() const { return exec_ != nullptr; }
+
+  // Random draws in a captured step (dropout): bind the generator before capture_begin. Draws from it while
+  // capturing take their offsets relative to a device copy of its offset at the start of the step, which replay()
+  // writes from the host generator and then advances the host generator by what the capture drew: each replay
+  // draws what the uncaptured step would have drawn. capture_end() puts the generator back where the capture found
+  // it (the capture ran nothing). A draw from another generator while capturing is refused (its masks would repeat).
+  void bind_generator(Generator* g);
+  // For an op drawing `offset` from g: not capturing, false (use offset as it is); capturing, true with *base (device
+  // u64 [1]) and *rel so that the kernel uses *base + rel. Throws for a generator not bound to the capturing graph.
+  static bool draw_base(const Generator& g, uint64_t offset, const uint64_t** base, uint64_t* rel);
+
+ private:
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  int pool_ = 0;  // the allocator pool of this graph (0: none yet)
+  bool capturing_ = false;
+  Generator* gen_ = nullptr;      // bound generator, or null
+  uint64_t* gen_base_ = nullptr;  // [1] on the device: the generator's offset at the start of the step
+  uint64_t gen_start_ = 0;        // the generator's offset when the capture began
+  uint64_t gen_draws_ = 0;        // counters the captured step draws
+};
+bool capturing();  // stream() is being captured
 
 // ---------------------------------------------------------------- small device helpers used by the engine
 // y [n] += alpha * x [n] (cuBLAS axpy: elementwise, deterministic). Gradient accumulation on the device.

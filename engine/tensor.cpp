@@ -138,7 +138,8 @@ Tensor Tensor::from_vector(const std::vector<float>& v, const Shape& shape, Devi
 Tensor Tensor::from_vector(const std::vector<int32_t>& v, const Shape& shape, Device device) {
   return from_vec(v, shape, DType::I32, device);
 }
-Tensor Tensor::scalar(float v, Device device) { return from_vector(std::vector<float>{v}, {}, device); }
+// A fill, not an upload: no host memory is read (a captured CUDA graph may make scalars, engine/cuda.h).
+Tensor Tensor::scalar(float v, Device device) { return full({}, v, DType::F32, device); }
 
 // ---------------------------------------------------------------- metadata and access
 

@@ -17,6 +17,10 @@ namespace cm::cpu {
 void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, float lr, float beta1, float beta2,
                 float eps, float weight_decay, int64_t t, const float* skip_if_nonfinite = nullptr);
 
+// The values a step reads besides its tensors: hyper [3] = lr, 1 - beta1^t, 1 - beta2^t (bias corrections in double,
+// then float: the twins' arithmetic). Written into device memory, they let a captured step run at any t.
+void adamw_hyper(float* hyper, float lr, float beta1, float beta2, int64_t t);
+
 // Gradient clipping with the norm read where the kernel runs: g [n] *= max_norm / (norm + 1e-6) when *norm is
 // finite and above max_norm > 0 (the scale in float, as the host formula); otherwise g is left as it is.
 void clip_scale(float* g, int64_t n, const float* norm, float max_norm);
@@ -45,9 +49,11 @@ struct AdamWSlice {
   float weight_decay;
 };
 // The same update over every slice (slices is a host array), in one launch per 48 slices: the fused optimizer
-// step over all parameters. Each element gets exactly adamw_step's arithmetic.
+// step over all parameters. Each element gets exactly adamw_step's arithmetic. hyper [3] on the device (adamw_hyper's
+// values) or null: when given, the kernels read lr and the bias corrections there, and lr and t are ignored; what a
+// CUDA graph captures is then a step for any lr and t (engine/cuda.h, Graph).
 void adamw_step_multi(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
-                      int64_t t, const float* skip_if_nonfinite = nullptr);
+                      int64_t t, const float* skip_if_nonfinite = nullptr, const float* hyper = nullptr);
 
 }  // namespace cm::cuda
 #endif

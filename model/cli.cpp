@@ -432,6 +432,8 @@ void add_train_flags(Flags& f, TrainOptions& o, bool* help) {
   f.add_optional("resume", &o.resume, "latest", "continue from the newest checkpoint in out_dir, or a path");
   f.add_u64("seed", &o.seed, "seed for initialisation, data order and dropout");
   f.add_bool("tf32", &o.tf32, "TF32 matrix products on CUDA");
+  f.add_bool("cuda_graph", &o.cuda_graph,
+             "capture the whole training step once as a CUDA graph and replay it (CUDA; --router dense so far)");
   // ---- optimisation
   f.add_int("max_steps", &o.max_steps, 1, BIG, "optimizer steps");
   f.add_int("batch_size", &o.batch_size, 1, 1 << 20, "B, sequences per micro-batch");

@@ -107,6 +107,7 @@ struct TrainOptions {
   // bit; no floating-point atomics, cuBLAS with atomics off), so there is nothing to switch. The flag is retired:
   // using it is an error that says so (README "Training").
   bool tf32 = false;            // TF32 matrix products on CUDA (opt-in, DESIGN.md section 6)
+  bool cuda_graph = false;      // capture the training step once as a CUDA graph and replay it (engine/cuda.h)
   // schedule and optimisation
   int64_t max_steps = 2000;
   int64_t batch_size = 12;  // B: sequences per micro-batch

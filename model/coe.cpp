@@ -128,6 +128,11 @@ void ClusterMoELM::after_step() {
   step_.i32()[0] += 1;
 }
 
+void ClusterMoELM::after_replayed_step() {
+  for (auto& b : blocks_) CM_REQUIRE(!b->ffn.moe, "after_replayed_step: MoE layers keep host bookkeeping");
+  step_.i32()[0] += 1;
+}
+
 // ---------------------------------------------------------------- forward
 
 namespace {

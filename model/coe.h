@@ -110,6 +110,9 @@ class ClusterMoELM {
   // forwards, weights and gradients; after zero_grad there are no gradients to judge), aux-free bias, pruning
   // bookkeeping, step += 1.
   void after_step();
+  // The host's share of after_step() when its device work ran in a replayed CUDA graph (train_lm --cuda_graph):
+  // step += 1. A dense model only: an MoE layer's after_step is host bookkeeping, which a graph cannot replay.
+  void after_replayed_step();
   int64_t step() const;
 
   // Dropout's random stream (for checkpoints).

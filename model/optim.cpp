@@ -56,8 +56,25 @@ AdamW::AdamW(const NamedTensors& params, const AdamWOptions& opt) : opt_(opt), p
 void AdamW::step(float lr) { step(lr, Tensor()); }
 
 void AdamW::step(float lr, const Tensor& skip_if_nonfinite) {
-  NoGrad ng;
-  const float* skip = nullptr;
+  check_step(skip_if_nonfinite);  // a refusal leaves the step count as it was
+  prepare(lr);
+  step_prepared(skip_if_nonfinite);
+}
+
+void AdamW::prepare(float lr) {
+  ++t_;
+  lr_ = lr;
+  Device dev = Device::CPU;
+  for (const auto& kv : params_)
+    if (kv.second.device() != Device::CPU) dev = kv.second.device();
+  if (dev == Device::CPU) return;
+  float h[3];
+  cpu::adamw_hyper(h, lr, opt_.beta1, opt_.beta2, t_);
+  if (!hyper_.defined() || hyper_.device() != dev) hyper_ = Tensor::empty({3}, DType::F32, dev);
+  hyper_.copy_(Tensor::from_vector(std::vector<float>(h, h + 3), {3}));  // an upload: no wait
+}
+
+void AdamW::check_step(const Tensor& skip_if_nonfinite) const {
   if (skip_if_nonfinite.defined()) {
     CM_REQUIRE(skip_if_nonfinite.numel() == 1 && skip_if_nonfinite.dtype() == DType::F32 &&
                    skip_if_nonfinite.is_contiguous(),
@@ -65,10 +82,9 @@ void AdamW::step(float lr, const Tensor& skip_if_nonfinite) {
     for (const auto& [name, p] : params_)
       CM_REQUIRE(p.device() == skip_if_nonfinite.device(), "AdamW: the skip flag is on ",
                  device_name(skip_if_nonfinite.device()), ", parameter '", name, "' on ", device_name(p.device()));
-    skip = skip_if_nonfinite.f32();
   }
   // Every parameter is checked before any is updated: a refusal leaves parameters, moments and the step count as
-  // they were (the CPU updates happen inside the loop below, the CUDA ones after it).
+  // they were (the CPU updates happen in step_prepared's loop, the CUDA ones after it).
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
     Tensor g = p.grad();
@@ -84,7 +100,14 @@ void AdamW::step(float lr, const Tensor& skip_if_nonfinite) {
                params_[i].first, "' is on ", device_name(p.device()), " but its moments are on ",
                device_name(m_[i].device()), ": build the optimizer after moving the model (ClusterMoELM::to)");
   }
-  ++t_;
+}
+
+void AdamW::step_prepared(const Tensor& skip_if_nonfinite) {
+  NoGrad ng;
+  check_step(skip_if_nonfinite);
+  CM_REQUIRE(t_ >= 1, "AdamW: step_prepared() before prepare()");
+  const float* skip = skip_if_nonfinite.defined() ? skip_if_nonfinite.f32() : nullptr;
+  const float lr = lr_;
 #if CM_CUDA
   std::vector<cuda::AdamWSlice> slices;
   std::vector<Tensor> keep;  // contiguous gradients the slices point into, alive until the launch below
@@ -110,7 +133,8 @@ void AdamW::step(float lr, const Tensor& skip_if_nonfinite) {
   // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel. The slices
   // never share memory (checked by the constructor): the kernel updates them concurrently.
   if (!slices.empty())
-    cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_, skip);
+    cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_, skip,
+                           hyper_.f32());
 #endif
 }
 

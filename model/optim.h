@@ -43,6 +43,12 @@ class AdamW {
   // count advances either way: it lives on the host, which does not know.
   void step(float lr, const Tensor& skip_if_nonfinite);
   void step() { step(opt_.lr); }
+  // step(lr, skip) in two halves, for a step captured in a CUDA graph and replayed (engine/cuda.h, Graph):
+  // prepare(lr) is the host's share (the step count, and on a device the learning rate and bias corrections
+  // written into device memory, kernels/adamw.h adamw_hyper); step_prepared(skip) is the update, which reads them
+  // there. A replay of a captured step_prepared() needs only prepare() on the host: the same bits as step().
+  void prepare(float lr);
+  void step_prepared(const Tensor& skip_if_nonfinite);
   void zero_grad();  // drops every parameter's gradient
 
   int64_t step_count() const { return t_; }
@@ -55,11 +61,15 @@ class AdamW {
   NamedTensors state() const;
 
  private:
+  void check_step(const Tensor& skip_if_nonfinite) const;  // throws before anything is updated
+
   AdamWOptions opt_;
   NamedTensors params_;
   std::vector<Tensor> m_, v_;  // same shapes as the parameters
   std::vector<bool> decay_;
   int64_t t_ = 0;
+  float lr_ = 0.f;  // of the prepared step
+  Tensor hyper_;    // [3] on the parameters' device (CUDA): adamw_hyper of the prepared step
 };
 
 // Scales every gradient by max_norm / total_norm when total_norm > max_norm. Returns total_norm (before clipping),

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <memory>
 
 #include "engine/host_sync.h"
 #include "model/checkpoint.h"
@@ -352,6 +353,14 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   std::string device_note;
   const Device dev = resolve_device(o.device, &device_note);
   res.device = device_name(dev);
+  if (o.cuda_graph) {
+    CM_REQUIRE(dev == Device::CUDA, "--cuda_graph captures the training step's CUDA work: it needs --device cuda ",
+               "(this run is on the ", device_name(dev), ")");
+    // The capture checks it again: a step that waits for the host cannot be recorded (engine/cuda.h, Graph).
+    CM_REQUIRE(o.model.router == RouterKind::Dense, "--cuda_graph: the ", router_kind_name(o.model.router),
+               " router's step still reads its routing decisions on the host (host syncs/step > 0), so it cannot "
+               "be captured; only --router dense can be so far");
+  }
 
   // ---- checkpoint to resume (read and checked in full before anything in out_dir is touched)
   SafeTensors ck;
@@ -597,26 +606,85 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     }
     pending.clear();
   };
-  while (step < o.max_steps) {
-    auto t0 = std::chrono::steady_clock::now();
-    const int64_t syncs0 = host_sync_stats().stream_syncs;
-    const float lr = lr_at(step, sched);
-    Pending pd{step + 1, lr, 0.0, {}, {}, Tensor()};
+  // One training step's work, from batches on the model's device to the gradients dropped: what --cuda_graph
+  // captures. The batches' values are read where `inputs` point (the captured input buffers, with a graph).
+  auto run_step = [&](const std::vector<std::pair<Tensor, Tensor>>& inputs, Pending& pd, std::vector<CoEOutput>& fws) {
     for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
-      auto xy = ds.batch(Split::Train, o.batch_size, data_gen, dev);
-      CoEOutput fw = model.forward(xy.first, xy.second);
+      CoEOutput fw = model.forward(inputs[(size_t)micro].first, inputs[(size_t)micro].second);
       // Scale before backward: accumulated gradients are then the mean over micro-batches, as one big batch.
       Tensor l = o.grad_accum > 1 ? mul(fw.total_loss, 1.0f / (float)o.grad_accum) : fw.total_loss;
       l.backward();
       pd.losses.push_back(fw.loss.detach().reshape({1}));
       pd.auxes.push_back(fw.aux_loss.defined() ? fw.aux_loss.detach().reshape({1}) : Tensor());
-      tally.add(fw, o.batch_size * o.seq_len, K);
+      fws.push_back(std::move(fw));
     }
     // The norm stays where the gradients are; a non-finite one makes AdamW skip the update there.
     pd.norm = clip_grad_norm_tensor(params, o.grad_clip);
-    opt.step(lr, pd.norm);
+    opt.step_prepared(pd.norm);  // after opt.prepare(lr): the learning rate and step count are read on the device
     model.after_step();
     opt.zero_grad();
+  };
+#if CM_CUDA
+  // --cuda_graph: the first step runs as usual (it makes what the model creates on first use: the health copies,
+  // rope tables, the optimizer's device values); the second is captured, then launched; every later step writes
+  // its batches into the captured input buffers, its learning rate and step count where AdamW reads them
+  // (AdamW::prepare), and replays it. The host's share of after_step() (the step count) runs beside each replay.
+  // What the capture computed stays in its buffers and is overwritten by each replay: copied out per step.
+  std::unique_ptr<cuda::Graph> graph;
+  std::vector<std::pair<Tensor, Tensor>> graph_inputs;  // [grad_accum] (x, y) i32 [B, T] on the device
+  Pending graph_out;                                    // the captured step's losses, aux losses and norm
+  std::vector<CoEOutput> graph_fws;                     // its forwards (routing statistics for the tally)
+  auto copy_out = [](const Tensor& t) {
+    if (!t.defined()) return t;
+    Tensor c = Tensor::empty(t.shape(), t.dtype(), t.device());
+    c.copy_(t);  // device to device, queued after the replay: no wait
+    return c;
+  };
+#endif
+  while (step < o.max_steps) {
+    auto t0 = std::chrono::steady_clock::now();
+    const int64_t syncs0 = host_sync_stats().stream_syncs;
+    const float lr = lr_at(step, sched);
+    Pending pd{step + 1, lr, 0.0, {}, {}, Tensor()};
+    std::vector<std::pair<Tensor, Tensor>> batches;
+    for (int64_t micro = 0; micro < o.grad_accum; ++micro)
+      batches.push_back(ds.batch(Split::Train, o.batch_size, data_gen, dev));
+    opt.prepare(lr);
+    const bool replay = o.cuda_graph && step > res.start_step;  // the run's first step runs eagerly
+    if (!replay) {
+      std::vector<CoEOutput> fws;
+      run_step(batches, pd, fws);
+      for (const CoEOutput& fw : fws) tally.add(fw, o.batch_size * o.seq_len, K);
+    } else {
+#if CM_CUDA
+      if (!graph) {
+        for (const auto& b : batches) graph_inputs.push_back({b.first.clone(), b.second.clone()});
+        graph = std::make_unique<cuda::Graph>();
+        graph->bind_generator(&model.rng());  // dropout draws fresh masks at every replay
+        graph->capture_begin();
+        try {
+          run_step(graph_inputs, graph_out, graph_fws);
+          graph->capture_end();
+        } catch (const Error& e) {
+          graph->capture_abort();
+          fail("--cuda_graph: the training step cannot be captured as a CUDA graph: ", e.what());
+        }
+      } else {
+        for (size_t i = 0; i < batches.size(); ++i) {
+          graph_inputs[i].first.copy_(batches[i].first);  // device to device, before the replay in stream order
+          graph_inputs[i].second.copy_(batches[i].second);
+        }
+        model.after_replayed_step();
+      }
+      graph->replay();
+      for (size_t i = 0; i < graph_out.losses.size(); ++i) {
+        pd.losses.push_back(copy_out(graph_out.losses[i]));
+        pd.auxes.push_back(copy_out(graph_out.auxes[i]));
+      }
+      pd.norm = copy_out(graph_out.norm);
+      for (const CoEOutput& fw : graph_fws) tally.add(fw, o.batch_size * o.seq_len, K);
+#endif
+    }
     ++step;
     res.final_step = step;
 

@@ -196,6 +196,51 @@ TEST_CASE("cuda: caching allocator reuses blocks and keeps statistics" * needs_d
   CHECK(s4.frees > s3.frees);
 }
 
+TEST_CASE("cuda: a graph replays its capture on new input values; its memory is its own; nothing waits" *
+          needs_device()) {
+  Tensor x = dev(uniform({257}, 1)), w = dev(uniform({257, 8}, 2));
+  Tensor y;
+  void* scratch = nullptr;  // a block freed during the capture, which each replay still writes
+  {
+    cuda::Graph g;
+    g.capture_begin();
+    {
+      Tensor t = exp(mul(x, 2.f));  // made and freed while capturing: a block of the graph's pool
+      scratch = t.raw();
+      y = sum(matmul(t.view({1, 257}), w));  // cuBLAS is captured too
+    }
+    CHECK(cuda::capturing());
+    g.capture_end();
+    CHECK_FALSE(cuda::capturing());
+    // Nothing ran yet: replays compute, each on the values x holds when it is launched.
+    for (uint64_t seed : {3, 4}) {
+      Tensor xv = uniform({257}, seed);
+      x.copy_(dev(xv));
+      // A tensor made after the capture never gets a block of the graph (the replay would overwrite it).
+      Tensor other = Tensor::empty({257}, DType::F32, Device::CUDA);
+      CHECK(other.raw() != scratch);
+      other.fill_(7.f);
+      g.replay();
+      Tensor ref = sum(matmul(exp(mul(xv, 2.f)).view({1, 257}), w.to(Device::CPU)));
+      CHECK(y.item() == doctest::Approx(ref.item()).epsilon(1e-5));
+      CHECK(other.to_f32_vector() == std::vector<float>(257, 7.f));
+    }
+  }
+  // Waiting or reading the host while capturing is refused with a message; the engine goes on afterwards.
+  {
+    cuda::Graph g;
+    g.capture_begin();
+    CHECK_THROWS_WITH_AS(x.to_f32_vector(), doctest::Contains("while a CUDA graph is being captured"), Error);
+    CHECK_THROWS_WITH_AS(Tensor::from_vector(std::vector<float>{1.f}, {1}, Device::CUDA),
+                         doctest::Contains("an upload from host memory while a CUDA graph is being captured"), Error);
+    CHECK_THROWS_AS(cuda::sync(), Error);
+    g.capture_abort();
+    CHECK_FALSE(g.ready());
+  }
+  CHECK_FALSE(cuda::capturing());
+  CHECK(dev(uniform({5}, 9)).to_f32_vector() == uniform({5}, 9).to_f32_vector());
+}
+
 TEST_CASE("cuda: round trips, fills and dtype conversion" * needs_device()) {
   Tensor x = uniform({37, 19}, 1);
   Tensor d = dev(x);
@@ -880,6 +925,37 @@ TEST_CASE("cuda kernels: the dense FFN's guard and health update match their CPU
         check_near(dstate, state, 1e-6f, 1e-6f, "state after the update");  // EMAs: nvcc may fuse a multiply-add
         same(dpend, pend, "counters cleared");
       }
+}
+
+TEST_CASE("cuda kernels: step values read from device memory (AdamW's lr and bias corrections, dropout's offset "
+          "base) give the bits of their argument forms" * needs_device()) {
+  uint64_t seed = 1600;
+  const int64_t n = 3001;
+  for (int64_t t : {int64_t(1), int64_t(7), int64_t(1000)}) {
+    CAPTURE(t);
+    Tensor p = uniform({n}, ++seed), m = uniform({n}, ++seed), v = uniform({n}, ++seed, 0.f, 0.01f);
+    Tensor g = dev(uniform({n}, ++seed));
+    Tensor p1 = dev(p), m1 = dev(m), v1 = dev(v), p2 = dev(p), m2 = dev(m), v2 = dev(v);
+    const float lr = 3e-3f / (float)t;
+    cuda::AdamWSlice a{p1.f32(), m1.f32(), v1.f32(), g.f32(), n, 0.1f};
+    cuda::AdamWSlice b{p2.f32(), m2.f32(), v2.f32(), g.f32(), n, 0.1f};
+    cuda::adamw_step_multi(&a, 1, lr, 0.9f, 0.95f, 1e-8f, t);
+    float h[3];
+    cpu::adamw_hyper(h, lr, 0.9f, 0.95f, t);
+    Tensor hyper = dev(Tensor::from_vector(std::vector<float>(h, h + 3), {3}));
+    cuda::adamw_step_multi(&b, 1, 99.f, 0.9f, 0.95f, 1e-8f, 12345, nullptr, hyper.f32());  // lr and t ignored
+    same(p2, p1, "parameters");
+    same(m2, m1, "first moments");
+    same(v2, v1, "second moments");
+  }
+  Tensor x = uniform({n}, ++seed), base = Tensor::empty({2}, DType::F32);  // one u64 in 8 bytes
+  *static_cast<uint64_t*>(base.raw()) = 977;
+  Tensor ref = Tensor::empty({n}), cpu_based = Tensor::empty({n}), got = poisoned({n});
+  cpu::dropout_forward(ref.f32(), x.f32(), n, 0.3f, 42, 977 + 5);
+  cpu::dropout_forward(cpu_based.f32(), x.f32(), n, 0.3f, 42, 5, static_cast<const uint64_t*>(base.raw()));
+  cuda::dropout_forward(got.f32(), dev(x).f32(), n, 0.3f, 42, 5, static_cast<const uint64_t*>(dev(base).raw()));
+  same(cpu_based, ref, "CPU twin, offset from memory");
+  same(got, ref, "CUDA, offset from device memory");
 }
 
 TEST_CASE("cuda kernels: AdamW step, single tensor and fused over many tensors" * needs_device()) {

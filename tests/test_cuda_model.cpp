@@ -456,6 +456,65 @@ TEST_SUITE("cuda") {
     }
   }
 
+  TEST_CASE("cuda trainer: --cuda_graph replays the step with the eager run's losses, bit for bit" * needs_device()) {
+    test::TempDir dir("cuda_graph");
+    std::string text;
+    for (int i = 0; i < 300; ++i) text += "Now is the winter of our discontent. " + std::to_string(i) + "\n";
+    const std::string data = dir.file("text.txt");
+    test::write_bytes(data, text);
+    // Warm-up then cosine: the learning rate changes at every step, and so does AdamW's bias correction; dropout
+    // draws new masks at every step; two micro-batches per step; checkpoints and evaluations between replays.
+    auto args = [&](const std::string& out, std::vector<std::string> extra) {
+      std::vector<std::string> a = {"--data", data, "--device", "cuda", "--preset", "cpu", "--out_dir", dir.file(out),
+                                    "--router", "dense", "--d_model", "32", "--n_layers", "2", "--n_heads", "2",
+                                    "--d_ff", "64", "--seq_len", "16", "--batch_size", "4", "--grad_accum", "2",
+                                    "--eval_iters", "1", "--sample_every", "0", "--log_every", "3",
+                                    "--warmup_steps", "3", "--lr", "3e-3", "--max_steps", "9", "--eval_every", "4",
+                                    "--save_every", "4", "--keep_last", "0", "--dropout", "0.1"};
+      a.insert(a.end(), extra.begin(), extra.end());
+      return a;
+    };
+    auto options = [&](std::vector<std::string> a) {
+      bool help = false;
+      std::string usage;
+      return resolve_train_args(a, &help, &usage);
+    };
+    std::ostringstream sink;
+    TrainResult eager = train(options(args("eager", {})), sink);
+    TrainResult graph = train(options(args("graph", {"--cuda_graph"})), sink);
+    REQUIRE(eager.step_losses.size() == 9);
+    REQUIRE(graph.step_losses.size() == 9);
+    for (size_t i = 0; i < 9; ++i) CHECK_MESSAGE(graph.step_losses[i] == eager.step_losses[i], "step ", i + 1);
+    REQUIRE(graph.evals.size() == eager.evals.size());
+    for (size_t i = 0; i < eager.evals.size(); ++i) CHECK(graph.evals[i].val_loss == eager.evals[i].val_loss);
+    CHECK(graph.quiet_step_syncs == 0);
+    // The checkpoints hold the same parameters, moments, health buffers and step count.
+    SafeTensors a = load_safetensors(checkpoint_path(dir.file("eager"), 8));
+    SafeTensors b = load_safetensors(checkpoint_path(dir.file("graph"), 8));
+    REQUIRE(a.tensors.size() == b.tensors.size());
+    for (size_t i = 0; i < a.tensors.size(); ++i) {
+      CAPTURE(a.tensors[i].first);
+      CHECK(a.tensors[i].second.to_f32_vector() == b.tensors[i].second.to_f32_vector());
+    }
+    CHECK(*a.meta("adamw_step") == *b.meta("adamw_step"));
+    // Resumed with --cuda_graph from step 4: the first step runs eagerly, then it captures again.
+    std::filesystem::create_directories(dir.file("resumed"));
+    std::filesystem::copy_file(checkpoint_path(dir.file("eager"), 4), checkpoint_path(dir.file("resumed"), 4));
+    TrainResult rest = train(options({"--out_dir", dir.file("resumed"), "--resume", "--cuda_graph", "1"}), sink);
+    REQUIRE(rest.step_losses.size() == 5);
+    for (size_t i = 0; i < 5; ++i) CHECK_MESSAGE(rest.step_losses[i] == eager.step_losses[4 + i], "step ", 5 + i);
+
+    // What cannot be captured is refused with a message naming the reason, before any step.
+    std::ostringstream out, err;
+    CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster"}), out, err) == 2);
+    CHECK(err.str().find("--cuda_graph: the cluster router's step still reads its routing decisions on the host") !=
+          std::string::npos);
+    std::ostringstream out2, err2;
+    CHECK(run_train_lm(args("cpu", {"--cuda_graph", "--device", "cpu"}), out2, err2) == 2);
+    CHECK(err2.str().find("--cuda_graph captures the training step's CUDA work: it needs --device cuda") !=
+          std::string::npos);
+  }
+
   TEST_CASE("cuda trainer: train_lm --device cuda follows the CPU run and resumes bit for bit" * needs_device()) {
     test::TempDir dir("cuda_train");
     std::string text;

@@ -9,6 +9,12 @@ namespace cm::cpu {
 
 static constexpr int64_t kParallelMin = 1 << 14;
 
+void adamw_hyper(float* hyper, float lr, float beta1, float beta2, int64_t t) {
+  hyper[0] = lr;
+  hyper[1] = (float)(1.0 - std::pow((double)beta1, (double)t));
+  hyper[2] = (float)(1.0 - std::pow((double)beta2, (double)t));
+}
+
 void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, float lr, float beta1, float beta2,
                 float eps, float weight_decay, int64_t t, const float* skip_if_nonfinite) {
   if (skip_if_nonfinite && !std::isfinite(*skip_if_nonfinite)) return;

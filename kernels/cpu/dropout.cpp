@@ -24,12 +24,14 @@ static void dropout_apply(float* out, const float* inp, int64_t n, float p, uint
   }
 }
 
-void dropout_forward(float* out, const float* inp, int64_t n, float p, uint64_t seed, uint64_t offset) {
-  dropout_apply(out, inp, n, p, seed, offset);
+void dropout_forward(float* out, const float* inp, int64_t n, float p, uint64_t seed, uint64_t offset,
+                     const uint64_t* offset_base) {
+  dropout_apply(out, inp, n, p, seed, offset + (offset_base ? *offset_base : 0));
 }
 
-void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64_t seed, uint64_t offset) {
-  dropout_apply(dinp, dout, n, p, seed, offset);
+void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64_t seed, uint64_t offset,
+                      const uint64_t* offset_base) {
+  dropout_apply(dinp, dout, n, p, seed, offset + (offset_base ? *offset_base : 0));
 }
 
 }  // namespace cm::cpu

@@ -46,8 +46,13 @@ __global__ void adamw_kernel(float* __restrict__ p, float* __restrict__ m, float
   for (int64_t i = gtid(); i < n; i += gstride()) adamw_one(p, m, v, g, i, h, decay);
 }
 
-__global__ void adamw_multi_kernel(Batch b, Hyper h, const float* skip) {
+__global__ void adamw_multi_kernel(Batch b, Hyper h, const float* skip, const float* hyper) {
   if (skipped(skip)) return;
+  if (hyper) {  // device-resident lr and bias corrections (a captured step: written before each replay)
+    h.lr = hyper[0];
+    h.bc1 = hyper[1];
+    h.bc2 = hyper[2];
+  }
   // Which slice owns this block: a short linear search (at most 48 entries, the same for the whole block).
   int s = 0;
   while (s + 1 < b.count && (int64_t)blockIdx.x >= b.first_block[s + 1]) ++s;
@@ -114,16 +119,16 @@ void norm_from_sums(float* norm, const float* sums, int64_t n) {
 }
 
 void adamw_step_multi(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
-                      int64_t t, const float* skip_if_nonfinite) {
+                      int64_t t, const float* skip_if_nonfinite, const float* hyper) {
   CM_CHECK(count >= 0, "cuda::adamw_step_multi: count=", count);
-  const Hyper h = make_hyper(lr, beta1, beta2, eps, t);
+  const Hyper h = make_hyper(lr, beta1, beta2, eps, hyper ? 1 : t);
   Batch b{};
   auto flush = [&] {
     if (b.count == 0) return;
     const int64_t blocks = b.first_block[b.count];
     CM_CHECK(blocks < (int64_t(1) << 31), "cuda::adamw_step_multi: ", blocks, " blocks");
     if (blocks > 0) {
-      adamw_multi_kernel<<<(unsigned)blocks, kThreads, 0, stream()>>>(b, h, skip_if_nonfinite);
+      adamw_multi_kernel<<<(unsigned)blocks, kThreads, 0, stream()>>>(b, h, skip_if_nonfinite, hyper);
       cudaCheckLaunch("adamw_multi_kernel");
     }
     b.count = 0;

@@ -1,6 +1,7 @@
 // CUDA twin of the dense FFN's fault guard and health update (contract in kernels/health.h). Row norms: one thread
-// per row walks the row in column order, so the double sum has the CPU's order and bits. The classification and the counters are one thread's loop in row order
-// (deterministic sums, as on the CPU): O(n) on one thread, which is small next to the FFN's GEMMs that made y.
+// per row walks the row in column order, so the double sum has the CPU's order and bits. The classification and the
+// counters are one thread's loop in row order (deterministic sums, as on the CPU): O(n) on one thread, small next to
+// the FFN's GEMMs that made y.
 #include "kernels/health.h"
 #include "kernels/cuda/common.cuh"
 
