@@ -307,6 +307,8 @@ TEST_SUITE("cuda") {
       Tensor nt = node.empty() ? Tensor() : Tensor::from_vector(node, {P});
       Tensor lb = opt_tensor(case_lbias(cs, 61)), ab = opt_tensor(case_abias(cs, 62));
       Tensor logits = uniform({P, cs.b}, 63, -3.f, 3.f), par = uniform({P}, 64, 0.1f, 1.f);
+      for (int64_t p = 0; p < P; p += 4)  // exact ties (equal logits give equal probabilities on both devices)
+        for (int64_t c = 0; c < cs.b; ++c) logits.f32()[p * cs.b + c] = -0.5f;
       Tensor ld = logits.to(Device::CUDA), pd = par.to(Device::CUDA);
       for (Tensor* t : {&logits, &par, &ld, &pd}) t->requires_grad_(true);
       auto on = [](const Tensor& t) { return t.defined() ? t.to(Device::CUDA) : Tensor(); };
