@@ -2,6 +2,7 @@
 // token row with its node's b rows. Each element runs the CPU GEMM's sequence (acc = 0; acc = fma(h_q, w_q, acc)
 // for q in a K block in increasing q; out = acc for the first block, out + acc after), so a pair's logits equal
 // those that matmul would give on its node's segment: the router's decisions do not move when the grouping does.
+// The K blocks are cpu::gemm's own (gemm_k_block, kernels/gemm.h).
 // The chains are vectorised across the b children (W of the node packed as [C][b]), not along q, to keep that
 // order.
 #include <algorithm>
@@ -21,12 +22,6 @@ namespace cm::cpu {
 namespace {
 
 std::atomic<int64_t> logit_macs{0};
-
-// cpu::gemm's K blocks (kernels/cpu/gemm.cpp, k_block): ceil(K / 384) blocks of near-equal size.
-int64_t gemm_k_block(int64_t K) {
-  const int64_t nblocks = (K + 383) / 384;
-  return nblocks ? (K + nblocks - 1) / nblocks : 1;
-}
 
 constexpr int64_t kParallelMin = 1 << 15;  // multiply-adds below which a parallel region costs more than it saves
 
