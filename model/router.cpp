@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 
+#include "autograd/ops_route.h"
 #include "engine/host_sync.h"
 #include "kernels/topk.h"
 
@@ -287,29 +288,9 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     Tensor W = ac_level_[l] ? unit_rows(weights[l]) : weights[l];  // [n_nodes * b, C]
     Tensor hin = ac_level_[l] ? h_ac : h;                         // [T, C]
 
-    // ---- logits [P, b]: each pair against its own node's router only.
-    Tensor logits;
-    if (n_nodes == 1) {
-      CM_CHECK(P == T, "one node at level ", l, " but ", P, " pairs");
-      logits = matmul(hin, W, false, true);
-    } else {
-      // Group pairs by node (counting sort), one matmul per node's contiguous segment, then back to pair order.
-      Segments seg = counting_sort(node, n_nodes);
-      std::vector<int32_t> tok_sorted((size_t)P), inv((size_t)P);
-      for (int64_t i = 0; i < P; ++i) {
-        tok_sorted[i] = tok[seg.order[i]];
-        inv[seg.order[i]] = (int32_t)i;
-      }
-      Tensor hs = index_select(hin, 0, Tensor::from_vector(tok_sorted, {P}, dev));  // [P, C] node-major
-      std::vector<Tensor> parts;
-      for (int64_t j = 0; j < n_nodes; ++j) {
-        const int64_t a = seg.offsets[j], e = seg.offsets[j + 1];
-        if (a == e) continue;
-        parts.push_back(matmul(hs.slice(0, a, e), W.slice(0, j * b, j * b + b), false, true));  // [n_j, b]
-      }
-      Tensor ls = parts.size() == 1 ? parts[0] : concat(parts, 0);           // [P, b] node-major
-      logits = index_select(ls, 0, Tensor::from_vector(inv, {P}, dev));           // [P, b] pair order
-    }
+    // ---- logits [P, b]: each pair against its own node's router only, one kernel (autograd/ops_route.h).
+    CM_CHECK(n_nodes > 1 || P == T, "one node at level ", l, " but ", P, " pairs");
+    Tensor logits = routed_logits(hin, W, n_nodes == 1 ? Tensor() : Tensor::from_vector(node, {P}, dev), b);
     r.flops += 2 * P * b * C_;
     if (z_w_ > 0.f) z_terms.push_back(router_z_loss(logits, 1.f));
 
