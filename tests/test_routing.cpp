@@ -6,6 +6,7 @@
 #include <set>
 
 #include "kernels/gemm.h"
+#include "engine/host_sync.h"
 #include "kernels/route.h"
 #include "model/moe.h"
 #include "model/router.h"
@@ -370,6 +371,30 @@ TEST_SUITE("routing") {
     CHECK(issued({256}, {1}) == T * C * 256);                  // flat: linear in N
     CHECK(issued({4, 4, 4}, {2, 2, 1}) == T * C * (4 + 2 * 4 + 4 * 4));
     CHECK(issued({2, 3, 2}, {2, 1, 2}) == T * C * (2 + 2 * 3 + 2 * 2));  // every node: 2 + 6 + 12
+  }
+
+  TEST_CASE("route() waits for the host once per call: one packed read-out of leaves, gates, counts, entropy") {
+    // Per level the selection, the counts and the path stay on h's device (engine/host_sync.h counts the CPU
+    // build's would-be waits too). What moe.cpp still reads on the host comes back in one copy; the device
+    // tensors hold the same values.
+    for (GateMode gm : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast}) {
+      CoEConfig c = tree_config(8, {3, 2, 2}, {2, 1, 2});
+      c.gate_mode = gm;
+      c.aux_free_bias = true;
+      Generator gen(61);
+      TreeRouter r(c, gen);
+      Tensor h = uniform({11, 8}, 62);
+      reset_host_sync_stats();
+      Routing rt = r.route(h, RouterBias{}, nullptr, true);
+      CHECK(host_sync_stats().stream_syncs == 1);
+      CHECK(rt.expert_ids.to_i32_vector() == rt.expert);
+      CHECK(rt.gate.to_f32_vector() == rt.gate_value);
+      CHECK(rt.entropy_dev.item() == rt.entropy);
+      for (int64_t l = 0; l < r.depth(); ++l) {
+        std::vector<int32_t> counts = rt.level_counts_dev[l].to_i32_vector();
+        CHECK(std::vector<int64_t>(counts.begin(), counts.end()) == rt.level_counts[l]);
+      }
+    }
   }
 
   TEST_CASE("auxiliary losses' gradients, each in isolation, with top-k below the branching at every level") {
