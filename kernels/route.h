@@ -8,17 +8,17 @@
 // its children are rows node[p] * b .. node[p] * b + b - 1 of the level's router matrix W [n * b, C].
 //
 // Determinism: every output element is written by one thread in a fixed order; no floating-point atomics. The
-// weight gradient walks the pairs of each node in increasing p (a stable sort by node), one row of dW per thread
-// (CPU) or warp (CUDA).
+// weight gradient walks the pairs of each node in increasing p (a stable sort by node): per node one GEMM (CPU),
+// one warp per row of dW (CUDA).
 #pragma once
 #include <cstdint>
 
 namespace cm::cpu {
 
 // logits [P, b]: logits[p, c] = dot(h[p / Kp], W[node[p] * b + c]). node == nullptr: one node (n = 1, Kp = 1), a
-// plain product h W^T by cpu::gemm. Otherwise each element is the CPU GEMM's arithmetic (kernels/cpu/gemm.cpp:
-// fma chains in increasing channel order over the GEMM's K blocks), so the logits equal, bit for bit, those of a
-// matmul of the pair's token row against its node's rows: grouping pairs by node changes no bit.
+// plain product h W^T. Otherwise the pairs are grouped by node (stable), and each node's token rows meet its b
+// rows in one cpu::gemm: the logits equal, bit for bit, those of the composite this replaced (sort, gather,
+// per-node matmul, concat, unsort), and the GEMM's multiply-adds are counted by cpu::gemm_multiply_adds.
 // node values must lie in [0, n) (the op checks them).
 void route_logits_forward(float* logits,        // [P, b]
                           const float* h,       // [T, C]
@@ -27,24 +27,20 @@ void route_logits_forward(float* logits,        // [P, b]
                           int64_t P, int64_t Kp, int64_t n, int64_t b, int64_t C);
 
 // dh [T, C] = sum over the token's pairs, in increasing node order, of dlogits[p] W[node[p] * b .. + b) (each
-// pair's row a fma chain over c = 0..b-1, added to a zeroed row). Overwrites dh.
+// pair's row one GEMM row, added to a zeroed row, as index_add did). Overwrites dh.
 void route_logits_backward_h(float* dh,             // [T, C]
                              const float* dlogits,  // [P, b]
                              const float* W,        // [n * b, C]
                              const int32_t* node,   // [P] or nullptr
                              int64_t T, int64_t Kp, int64_t n, int64_t b, int64_t C);
 
-// dW [n * b, C]: row node * b + c = sum over the node's pairs p, in increasing p, of dlogits[p, c] h[p / Kp] (the
-// GEMM's K blocks over the node's pair count). Rows of nodes no pair reached are 0. Overwrites dW.
+// dW [n * b, C]: node j's rows = its pairs' dlogits^T times their token rows, one GEMM per node over its pairs in
+// increasing p. Rows of nodes no pair reached are 0. Overwrites dW.
 void route_logits_backward_w(float* dW,             // [n * b, C]
                              const float* dlogits,  // [P, b]
                              const float* h,        // [T, C]
                              const int32_t* node,   // [P] or nullptr (then n = 1)
                              int64_t P, int64_t Kp, int64_t n, int64_t b, int64_t C);
-
-// Multiply-adds route_logits_forward has done outside cpu::gemm since the program started (its node == nullptr
-// form is counted by cpu::gemm_multiply_adds). The two together are the router's logit work (tests count it).
-int64_t route_logits_multiply_adds();
 
 // counts [n] (+)= #{i : ids[i] == j}; ids outside [0, n) are not counted. accumulate = false overwrites.
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
