@@ -150,14 +150,6 @@ void TreeRouter::update_aux_bias(const std::vector<std::vector<int64_t>>& level_
   }
 }
 
-// logsumexp over the last axis of [P, b] -> [P], stable: the max is subtracted (and detached: the gradient of
-// logsumexp does not depend on the shift).
-static Tensor logsumexp_rows(const Tensor& x) {
-  const int64_t P = x.size(0);
-  Tensor m = max(x, -1, true).detach();  // [P, 1]
-  return add(log(sum(exp(sub(x, m)), -1)), m.view({P}));
-}
-
 // Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
 static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W), -1, true), 1e-12f))); }
 
@@ -197,34 +189,32 @@ static void select_children(int32_t* idx, const float* probs, const float* abias
                k, " selectable children");
 }
 
-// Load balance at one level. Per parent: sum_c f_c P_c / q_c over the pairs that reached it, q the target share of
-// each child; token-weighted mean over parents = 1/P * sum_{node, c} coef * Psum with coef = f / q (no gradient),
-// f = count / (pairs_at_node * k). Targets are proportional to the children's reliability (exp of the logit bias;
-// pruned children: 0), so a degraded child is balanced towards a share in proportion to its reliability instead
-// of being pushed back to 1/b. All healthy: q = 1/b and this is b * sum f P, the Switch loss, whose balanced value
-// is 1. probs [P, b]; node [P]; counts, lbias (or null) [n_nodes * b]; pairs_at [n_nodes].
-static Tensor balance_term(const Tensor& probs, const std::vector<int32_t>& node, int64_t n_nodes, int64_t b,
-                           int64_t k, const std::vector<int64_t>& counts, const std::vector<int64_t>& pairs_at,
+// Load balance at one level (DESIGN.md 4.3), unweighted: router_balance_loss (kernels/losses.h) over the pairs
+// [P] grouped by their node, each parent's term b' * sum_c f_c P_c with b' = 1 / q_c, q the target share of each
+// child, token-weighted over parents. The counts f come from the selection idx [P, k] where it lives (on the
+// device in a CUDA build), not from host bookkeeping. Targets are proportional to the children's reliability (exp of
+// the logit bias; pruned children: 0, and they take no part), so a degraded child is balanced towards a share in
+// proportion to its reliability instead of being pushed back to 1/b. All healthy (no bias, or all zero): q = 1/b,
+// the kernel's default, and this is b * sum f P, the Switch loss, whose balanced value is 1.
+// probs [P, b]; idx i32 [P, k]; node i32 [P] (undefined when n_nodes == 1); lbias [n_nodes * b] or null.
+static Tensor balance_term(const Tensor& probs, const Tensor& idx, const Tensor& node, int64_t n_nodes, int64_t b,
                            const std::vector<float>* lbias, Device dev) {
-  const int64_t P = probs.size(0);
-  std::vector<float> coef((size_t)(n_nodes * b), 0.f);
-  std::vector<double> rho((size_t)b);
-  for (int64_t j = 0; j < n_nodes; ++j) {
-    if (!pairs_at[j]) continue;
-    std::fill(rho.begin(), rho.end(), 1.0);
-    double rsum = 0.0;
-    for (int64_t c = 0; c < b; ++c) {
-      if (lbias) rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
-      rsum += rho[c];
+  Tensor inv_share;  // [n_nodes, b], 1 / q; undefined: b everywhere
+  if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
+    std::vector<float> inv((size_t)(n_nodes * b), 0.f);
+    std::vector<double> rho((size_t)b);
+    for (int64_t j = 0; j < n_nodes; ++j) {
+      double rsum = 0.0;
+      for (int64_t c = 0; c < b; ++c) {
+        rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
+        rsum += rho[c];
+      }
+      for (int64_t c = 0; c < b; ++c)
+        if (rho[c] > 0.0) inv[j * b + c] = (float)(rsum / rho[c]);
     }
-    for (int64_t c = 0; c < b; ++c)
-      if (rho[c] > 0.0)
-        coef[j * b + c] = (float)((double)counts[j * b + c] / (double)(pairs_at[j] * k) * (rsum / rho[c]));
+    inv_share = Tensor::from_vector(inv, {n_nodes, b}, dev);
   }
-  Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
-                             : index_add(Tensor::zeros({n_nodes, b}, DType::F32, dev), 0,
-                                         Tensor::from_vector(node, {P}, dev), probs);
-  return mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}, dev))), 1.f / (float)P);
+  return router_balance_loss(probs, idx, node, n_nodes, inv_share, 1.f);
 }
 
 // The host's read-out of several device tensors (f32 or i32, 4 bytes an element) in one copy and one wait: they are
@@ -286,8 +276,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   Tensor node;  // [P] i32, the pair's node at this level (undefined at the root: one node)
   Tensor path;  // [P] product of conditionals so far (undefined at the root)
   int64_t P = T;
-  std::vector<Tensor> z_terms;
-  std::vector<Tensor> level_probs((size_t)D), level_nodes((size_t)D);  // for the load balance (see below)
+  std::vector<Tensor> lb_terms, z_terms;
   r.level_counts_dev.resize((size_t)D);
 
   for (int64_t l = 0; l < D; ++l) {
@@ -299,7 +288,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     CM_CHECK(n_nodes > 1 || P == T, "one node at level ", l, " but ", P, " pairs");
     Tensor logits = routed_logits(hin, W, node, b);
     r.flops += 2 * P * b * C_;
-    if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
+    if (z_w_ > 0.f) z_terms.push_back(router_z_loss(logits, 1.f));
 
     // ---- one fused selection: probs [P, b] = softmax(logits / temperature + log r (-inf: pruned)); the k best
     // of probs + aux-free bias per pair (no gradient); path [P * k] = path * gate; the next level's nodes.
@@ -317,8 +306,8 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     // How often each child was selected: a histogram of the child ids, on the device.
     r.level_counts_dev[l] = Tensor::empty({n_nodes * b}, DType::I32, dev);
     CM_KERNEL(dev, route_histogram, r.level_counts_dev[l].i32(), sel.child.i32(), P * k, n_nodes * b, false);
-    level_probs[l] = sel.probs;
-    level_nodes[l] = node;
+    // ---- load balance at this level (balance_term), on the selection where it is.
+    if (lb_w_ > 0.f) lb_terms.push_back(balance_term(sel.probs, sel.idx, node, n_nodes, b, lbias, dev));
 
     // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.
     path = sel.path;
@@ -333,12 +322,10 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
 
   // ---- the host read-out, one copy and one wait for the whole call. moe.cpp still reads the leaves, the gates'
-  // values, the counts and the entropy on the host (Routing's host fields); the load balance below needs the nodes
-  // and counts on the host until it runs on the loss kernels. Both are to go: then route() reads nothing.
+  // values, the counts and the entropy on the host (Routing's host fields); that is to go: then route() reads
+  // nothing. (The routing losses need no host values: they run on the loss kernels.)
   std::vector<Tensor> want = {r.expert_ids, r.gate, r.entropy_dev};
   for (int64_t l = 0; l < D; ++l) want.push_back(r.level_counts_dev[l]);
-  if (lb_w_ > 0.f)
-    for (int64_t l = 1; l < D; ++l) want.push_back(level_nodes[l]);
   std::vector<std::vector<int32_t>> got = read_out_words(want, dev);
   r.expert = got[0];
   r.gate_value.resize(got[1].size());
@@ -347,21 +334,6 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   r.level_counts.resize((size_t)D);
   for (int64_t l = 0; l < D; ++l) r.level_counts[l].assign(got[(size_t)(3 + l)].begin(), got[(size_t)(3 + l)].end());
 
-  // ---- load balance per level (balance_term), from the read-out nodes and counts.
-  std::vector<Tensor> lb_terms;
-  if (lb_w_ > 0.f) {
-    for (int64_t l = 0; l < D; ++l) {
-      const int64_t b = branching[l], k = top_k[l], n_nodes = nodes[l];
-      const std::vector<float>* lbias = l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty()
-                                            ? &bias.logit_bias[l]
-                                            : nullptr;
-      std::vector<int32_t> node_h = l == 0 ? std::vector<int32_t>((size_t)T, 0) : got[(size_t)(3 + D + l - 1)];
-      std::vector<int64_t> pairs_at((size_t)n_nodes, 0);
-      for (int32_t j : node_h) ++pairs_at[(size_t)j];
-      const std::vector<int64_t>& counts = r.level_counts[l];
-      lb_terms.push_back(balance_term(level_probs[l], node_h, n_nodes, b, k, counts, pairs_at, lbias, dev));
-    }
-  }
   finish(r, lb_terms, z_terms, dev);
   return r;
 }
@@ -383,7 +355,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   Tensor W = ac_level_[L] ? unit_rows(weights[L]) : weights[L];  // [N, C]
   Tensor logits = matmul(h, W, false, true);                     // [T, N]
   r.flops = 2 * T * N_ * C_;
-  if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
+  if (z_w_ > 0.f) z_terms.push_back(router_z_loss(logits, 1.f));
   Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
   const auto level_bias = [&](int64_t l) -> const std::vector<float>* {
     return l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty() ? &bias.logit_bias[l] : nullptr;
@@ -439,8 +411,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
         dev));
   // Load balance over the leaves as one flat level (the upper levels have no probabilities of their own).
   if (lb_w_ > 0.f)
-    lb_terms.push_back(balance_term(probs, std::vector<int32_t>((size_t)T, 0), 1, N_, r.K, r.level_counts[L],
-                                    {T}, leaf_bias, dev));
+    lb_terms.push_back(balance_term(probs, r.expert_ids.view({T, r.K}), Tensor(), 1, N_, leaf_bias, dev));
   finish(r, lb_terms, z_terms, dev);
   return r;
 }
@@ -464,9 +435,13 @@ void TreeRouter::finish(Routing& r, const std::vector<Tensor>& lb_terms, const s
       if (b < 2) continue;
       Tensor Wn = unit_rows(weights[l]).view({n, b, C_});
       Tensor G = matmul(Wn, Wn, false, true);  // [n, b, b] cosine similarities of siblings
-      std::vector<float> off((size_t)(b * b), 1.f);
-      for (int64_t i = 0; i < b; ++i) off[i * b + i] = 0.f;
-      terms.push_back(mul(sum(mul(square(G), Tensor::from_vector(off, {b, b}, dev))), 1.f / (float)(n * b * (b - 1))));
+      // The off-diagonal mask [b, b] made on the device, no upload: rows [0, 1, .., 1] of [b, b + 1], read flat,
+      // put the zeros at i * (b + 1) = i * b + i, the diagonal of the first b * b entries.
+      Tensor off = concat({Tensor::zeros({b, 1}, DType::F32, dev), Tensor::ones({b, b}, DType::F32, dev)}, 1)
+                       .view({b * (b + 1)})
+                       .slice(0, 0, b * b)
+                       .view({b, b});
+      terms.push_back(mul(sum(mul(square(G), off)), 1.f / (float)(n * b * (b - 1))));
     }
     if (!terms.empty()) r.div_loss = mean_of(terms, div_w_);
   }

@@ -618,6 +618,81 @@ TEST_SUITE("routing") {
     CHECK(std::isfinite(empty_parent.lb_loss.item()));
   }
 
+  TEST_CASE("load-balance term: router_balance_loss equals the composite the router used before, value and "
+            "gradient, within float rounding") {
+    // The router's per-level load balance used to be a composite (counts and coefficients on the host, an
+    // index_add of probs per node); it is now router_balance_loss. Random routing: pairs at random nodes, softmax
+    // probabilities with the node's logit bias (reliabilities, a pruned child), top-k selection.
+    uint64_t seed = 4000;
+    double worst = 0.0, worst_grad = 0.0;
+    for (int64_t n_nodes : {1, 4, 16})
+      for (int64_t b : {2, 4, 16})
+        for (int64_t k : {1, 2})
+          for (int64_t P : {40, 1000})
+            for (int bias = 0; bias < 3; ++bias) {  // none, reliabilities, reliabilities and a pruned child
+              if (k >= b) continue;
+              CAPTURE(n_nodes);
+              CAPTURE(b);
+              CAPTURE(k);
+              CAPTURE(P);
+              CAPTURE(bias);
+              std::vector<float> lb((size_t)(n_nodes * b), 0.f);
+              for (size_t i = 0; bias && i < lb.size(); ++i)
+                lb[i] = std::log(0.05f + 0.95f * philox_uniform(++seed, 0, i));
+              if (bias == 2) lb[1] = -INFINITY;
+              std::vector<int32_t> node((size_t)P);
+              for (int64_t p = 0; p < P; ++p)
+                node[(size_t)p] = (int32_t)(philox_uniform(seed, 1, (uint64_t)p) * (float)n_nodes) % (int32_t)n_nodes;
+              Tensor node_t = Tensor::from_vector(node, {P});
+              Tensor logits = add(uniform({P, b}, ++seed, -2.f, 2.f),
+                                  index_select(Tensor::from_vector(lb, {n_nodes, b}), 0, node_t));
+              Tensor probs = softmax(logits).detach();
+              Tensor idx = topk(probs, k).second;  // [P, k]
+              const std::vector<int32_t> iv = idx.to_i32_vector();
+              // Before: coef = f / q per (node, child) on the host, then (1/P) sum_{node, c} coef * Psum.
+              std::vector<int64_t> counts((size_t)(n_nodes * b), 0), pairs_at((size_t)n_nodes, 0);
+              for (int64_t p = 0; p < P; ++p) {
+                ++pairs_at[(size_t)node[(size_t)p]];
+                for (int64_t j = 0; j < k; ++j) ++counts[(size_t)(node[(size_t)p] * b + iv[(size_t)(p * k + j)])];
+              }
+              std::vector<float> coef((size_t)(n_nodes * b), 0.f), inv((size_t)(n_nodes * b), 0.f);
+              for (int64_t j = 0; j < n_nodes; ++j) {
+                double rsum = 0.0;
+                for (int64_t c2 = 0; c2 < b; ++c2) rsum += std::exp((double)lb[(size_t)(j * b + c2)]);
+                for (int64_t c2 = 0; c2 < b; ++c2) {
+                  const double rho = std::exp((double)lb[(size_t)(j * b + c2)]);
+                  if (rho == 0.0) continue;
+                  inv[(size_t)(j * b + c2)] = (float)(rsum / rho);
+                  if (pairs_at[(size_t)j])
+                    coef[(size_t)(j * b + c2)] = (float)((double)counts[(size_t)(j * b + c2)] /
+                                                         (double)(pairs_at[(size_t)j] * k) * (rsum / rho));
+                }
+              }
+              Tensor x_old = probs.detach(), x_new = probs.detach();
+              x_old.requires_grad_();
+              x_new.requires_grad_();
+              Tensor psum = n_nodes == 1 ? sum(x_old, 0).view({1, b})
+                                         : index_add(Tensor::zeros({n_nodes, b}), 0, node_t, x_old);
+              Tensor before = mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}))), 1.f / (float)P);
+              // After: the op, with the router's inputs (no target shares when there is no bias).
+              Tensor after = router_balance_loss(x_new, idx, n_nodes == 1 ? Tensor() : node_t, n_nodes,
+                                                 bias ? Tensor::from_vector(inv, {n_nodes, b}) : Tensor(), 1.f);
+              const double rel = std::fabs((double)after.item() - before.item()) / std::fabs(before.item());
+              worst = std::max(worst, rel);
+              CHECK(rel <= 1e-6);
+              before.backward();
+              after.backward();
+              const std::vector<float> go = x_old.grad().to_f32_vector(), gn = x_new.grad().to_f32_vector();
+              for (size_t i = 0; i < go.size(); ++i) {
+                const double d = std::fabs((double)gn[i] - go[i]);
+                worst_grad = std::max(worst_grad, d / std::max(1e-30, std::fabs((double)go[i])));
+                REQUIRE(d <= 4e-7 * std::fabs(go[i]));
+              }
+            }
+    MESSAGE("load balance, op vs the former composite: largest relative difference ", worst, " (value), ",
+            worst_grad, " (gradient)");
+  }
+
   TEST_CASE("z-loss is weight * mean logsumexp(logits)^2, averaged over levels") {
     CoEConfig c = tree_config(5, {3, 2}, {2, 1});
     c.router_z_loss_weight = 0.01f;
