@@ -939,6 +939,10 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
   e->recorded = true;
   return cudaSuccess;
 }
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+  if (!e) return ret(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (!e) return ret(cudaErrorInvalidResourceHandle);
   std::lock_guard<std::recursive_mutex> lock(g_mu);

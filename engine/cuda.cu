@@ -318,8 +318,8 @@ namespace {
 // the device is queued from there: the host does not wait for the stream. The caller's buffer is free as soon as
 // upload() returns (its bytes are in the ring). A region of the ring is written again only after the copy that read
 // it has run: each upload records an event, and a new upload first waits for the events of the regions it
-// overwrites - normally long finished, since the ring holds many steps' uploads; that wait is counted as a stream
-// synchronisation (engine/host_sync.h). An upload larger than a quarter of the ring waits for its own copy instead.
+// overwrites - normally long finished, since the ring holds many steps' uploads; a wait for a copy that has not
+// run yet is counted as a stream synchronisation (engine/host_sync.h), one that has run costs and counts nothing. An upload larger than a quarter of the ring waits for its own copy instead.
 // (Pageable memory cannot be used this way: CUDA only promises that an async copy from it "might be synchronous".)
 constexpr size_t kRingBytes = size_t(8) << 20;
 
@@ -367,11 +367,18 @@ void upload(void* dst, const void* src, size_t nbytes) {
   if (r.head + n > kRingBytes) r.head = 0;  // wrap
   const size_t begin = r.head, end = begin + n;
   // Wait for the copies that still read [begin, end). Regions are handed out in ring order, so they are the oldest.
+  // A copy that has already run costs no wait (and counts none): usually all of them, the ring holding many steps.
   bool waited = false;
   while (!r.uses.empty() && r.uses.front().begin < end && begin < r.uses.front().end) {
-    if (!waited) note_stream_sync();
-    waited = true;
-    cudaCheck(cudaEventSynchronize(r.uses.front().done));
+    const cudaError_t q = cudaEventQuery(r.uses.front().done);
+    if (q == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // "not ready" is an answer, not an error
+      if (!waited) note_stream_sync();
+      waited = true;
+      cudaCheck(cudaEventSynchronize(r.uses.front().done));
+    } else {
+      cudaCheck(q);
+    }
     r.spare.push_back(r.uses.front().done);
     r.uses.pop_front();
   }
