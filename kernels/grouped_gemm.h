@@ -103,11 +103,13 @@ void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const floa
                                   bool accumulate, RowGather gather = {});
 
 // A device copy of a host list of G device pointers, uploaded again only when the list changes: keep one per
-// pointer set (e.g. per MoE layer and weight matrix, one for their gradients) and call get() before each launch.
-// A parameter's storage does not move between steps, so after the first step get() uploads nothing. The upload
-// goes through cuda::upload (pinned staging, no wait). The array returned stays valid until a get() with another
-// list, or the destruction; a captured CUDA graph keeps using the array it saw, so refresh before capturing.
-// Not for static storage (its destructor frees device memory).
+// pointer set (e.g. per MoE layer and weight matrix) and call get() before each launch. Parameters keep their
+// storage from step to step, so after the first step their lists upload nothing; a list of buffers allocated
+// anew each step (gradients the graph creates) uploads each time it changes. An upload goes through cuda::upload:
+// no wait, except when it recycles the pinned staging ring, which waits once for the copies still reading it; a
+// get() that finds its list unchanged never waits. The array stays valid until a get() with another list, or the
+// destruction; a captured CUDA graph keeps the array it saw, so refresh the lists before capturing. Not for
+// static storage (its destructor frees device memory).
 class DevicePointers {
  public:
   DevicePointers() = default;
