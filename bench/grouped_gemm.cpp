@@ -4,8 +4,8 @@
 // each), 16 and 64 experts, uneven segment sizes from a fixed seed (skewed expert popularity, empty experts too).
 //
 // Both sides compute the same bits (the header's contract; checked before timing). Times are medians over rounds
-// in which the two sides alternate, so a load change on a shared machine hits both; the ratio loop / grouped is
-// taken within the run.
+// in which the two sides take turns (a block of runs each), so a load change on a shared machine hits both; the
+// ratio loop / grouped is taken within the run.
 //
 //   make -j2 build/bench/grouped_gemm
 //   OMP_WAIT_POLICY=passive OMP_NUM_THREADS=2 ./build/bench/grouped_gemm [--rounds N] [--quick] [--cpu-time]
@@ -142,7 +142,11 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Medians of the two sides over `rounds` alternating runs (after one warm-up run each), in milliseconds.
+// Medians of the two sides, in milliseconds, over `rounds` rounds in which each side runs kBlock times in a row
+// (after one warm-up run each). Blocks rather than single alternating runs: a parallel region that follows a
+// stretch of single-threaded work (the loop's small experts) waits for its sleeping worker threads, several ms on
+// a loaded machine, and that wait belongs to neither side; within a block each side follows itself.
+constexpr int kBlock = 5;
 struct Timing {
   double loop_ms, grouped_ms;
 };
@@ -150,12 +154,16 @@ Timing time_pair(const std::function<void()>& loop, const std::function<void()>&
   loop(), grouped();
   std::vector<double> a, b;
   for (int r = 0; r < rounds; ++r) {
-    double t0 = now();
-    loop();
-    double t1 = now();
-    grouped();
-    double t2 = now();
-    a.push_back(t1 - t0), b.push_back(t2 - t1);
+    for (int i = 0; i < kBlock; ++i) {
+      const double t0 = now();
+      loop();
+      a.push_back(now() - t0);
+    }
+    for (int i = 0; i < kBlock; ++i) {
+      const double t0 = now();
+      grouped();
+      b.push_back(now() - t0);
+    }
   }
   return {1e3 * median(a), 1e3 * median(b)};
 }
@@ -167,11 +175,11 @@ bool same(const std::vector<float>& a, const std::vector<float>& b) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int rounds = 31;
+  int rounds = 9;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") {
-      rounds = 5;
+      rounds = 2;
     } else if (a == "--cpu-time") {
       g_cpu_time = true;
     } else if (a == "--rounds" && i + 1 < argc) {
@@ -191,8 +199,9 @@ int main(int argc, char** argv) {
   threads = omp_get_max_threads();
 #endif
   const int64_t T = 768, K = 2, C = 128, F = 256;
-  std::printf("grouped_gemm: %d threads, T*K = %lld rows, C = %lld, F = %lld, medians of %d alternating rounds, %s\n",
-              threads, (long long)(T * K), (long long)C, (long long)F, rounds,
+  std::printf("grouped_gemm: %d threads, T*K = %lld rows, C = %lld, F = %lld, medians of %d runs (%d rounds of %d in "
+              "a row per side), %s\n",
+              threads, (long long)(T * K), (long long)C, (long long)F, rounds * kBlock, rounds, kBlock,
               g_cpu_time ? "process CPU time" : "wall time");
 
   for (int64_t E : {16, 64}) {
