@@ -31,13 +31,14 @@
 //   backward_weight  = gemm(dW_g, dY_g, X_g, trans_a); dB_g = linear's bias gradient (the ones-vector gemm)
 // because every tile runs cpu::gemm's own tile routine (kernels/cpu/gemm_tile.h), whose arithmetic per element
 // depends only on the inner size. So the results are bit-identical for any OMP_NUM_THREADS, and a model that
-// switches from per-expert linear() to these keeps its losses bit for bit.
+// switches its experts from per-segment linear() calls to these gets the same products, bit for bit.
 //
 // Bits (CUDA): every output element follows the CPU's sequence of operations (fused multiply-adds in increasing
 // k from 0 per K block of gemm_k_block, each block's sum added to C in order, the bias added first), and one
 // thread owns each output element (no atomics, dW walked in row order by one block). So the CUDA twin gives the
-// CPU's bits on every run, on a CPU whose GEMM uses fused multiply-adds (AVX2 or AVX-512: any x86-64 of the
-// last decade; the plain C++ fallback rounds twice and only agrees within tolerance).
+// CPU's bits on every run, against a CPU build whose GEMM uses fused multiply-adds (the AVX2 and AVX-512 paths;
+// the plain C++ fallback rounds twice and agrees within tolerance only). Checked under the emulator (emu/); no
+// GPU run yet.
 //
 // Threads (CPU): one OpenMP region over (group, tile) work items for the whole call, dynamically scheduled; the
 // tiling is cut from the total work and the thread count (it never changes a bit, see above). Calls under
