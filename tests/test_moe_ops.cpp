@@ -103,6 +103,18 @@ TEST_SUITE("moe_ops") {
     }
   }
 
+  TEST_CASE("moe ops: combine adds a token's slots in slot order (not expert order), exactly") {
+    // One token, K = 3, gates 1 (products exact): rows 1, 1e8, -1e8 in slot order sum to (1 + 1e8) - 1e8 = 0 in
+    // float; in expert order (experts 2, 0, 1: 1e8, -1e8, 1) or reversed they sum to 1.
+    const std::vector<int32_t> ex = {2, 0, 1};
+    DispatchPlan p = make_dispatch_plan(Tensor::from_vector(ex, {3}), 3, 3);
+    const std::vector<int32_t> ro = p.row_of.to_i32_vector();
+    const float slot_value[3] = {1.f, 1e8f, -1e8f};
+    std::vector<float> ye(3);
+    for (int a = 0; a < 3; ++a) ye[ro[a]] = slot_value[a];
+    CHECK(moe_combine(Tensor::from_vector(ye, {3, 1}), Tensor::ones({3}), p).item() == 0.f);
+  }
+
   TEST_CASE("moe ops: gradcheck of permute and of combine (to the expert rows and the gates)") {
     const int64_t T = 9, C = 5, N = 4;
     for (int64_t K : {1, 2, 3}) {
@@ -248,6 +260,16 @@ TEST_SUITE("cuda") {
           std::vector<int32_t> kc = capacity_filter(ecpu, gh, pc, cap).to_i32_vector();
           std::vector<int32_t> kd = capacity_filter(edev, gh.to(Device::CUDA), pd, cap).to_i32_vector();
           CHECK_MESSAGE(kd == kc, what, " cap=", cap);
+        }
+        if (T == 1 && K == 3) {  // slot order on the device too (the CPU case's exact sum above)
+          const std::vector<int32_t> e3 = {2, 0, 1};
+          DispatchPlan p3 = make_dispatch_plan(Tensor::from_vector(e3, {3}).to(Device::CUDA), 3, 3);
+          const std::vector<int32_t> ro = p3.row_of.to_i32_vector();
+          const float slot_value[3] = {1.f, 1e8f, -1e8f};
+          std::vector<float> ye(3);
+          for (int a = 0; a < 3; ++a) ye[ro[a]] = slot_value[a];
+          CHECK(moe_combine(Tensor::from_vector(ye, {3, 1}, Device::CUDA), Tensor::ones({3}, DType::F32, Device::CUDA),
+                            p3).item() == 0.f);
         }
         // forward and gradients of permute -> grouped SwiGLU-like chain -> combine
         Tensor x = cm::test::param({T, C}, 1200 + A), gate = cm::test::param({A}, 1300 + A, 0.1f, 1.f);
