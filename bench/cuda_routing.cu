@@ -390,7 +390,8 @@ void lab_load_balance(int64_t R, int64_t E, int64_t K) {
   Tensor loss = dev_empty({1}), frac = dev_empty({E}), mp = dev_empty({E}), tok = dev_empty({1});
   Tensor nloss = dev_empty({1}), nfrac = dev_empty({E}), nmp = dev_empty({E});
   auto ours = [&] {
-    cuda::load_balance_forward(loss.f32(), frac.f32(), mp.f32(), tok.f32(), dp.f32(), di.i32(), nullptr, R, E, K, 1, w);
+    cuda::load_balance_forward(loss.f32(), frac.f32(), mp.f32(), tok.f32(), dp.f32(), di.i32(), nullptr, nullptr, R, E,
+                               K, 1, w);
   };
   auto naive = [&] {
     naive_lb_columns<<<(unsigned)E, 256, 0, cuda::stream()>>>(nfrac.f32(), nmp.f32(), dp.f32(), di.i32(), R, E, K);

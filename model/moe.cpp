@@ -336,9 +336,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
 
   // 2. The dispatch plan on the layer's device: a stable counting sort of the slots by expert.
   const Device dev = x.device();
-  // The router's choices reach the device here, from its host list (the one upload of the path; a router that
-  // selects on the device hands this tensor over directly).
-  Tensor expert = Tensor::from_vector(rt.expert, {S0}, dev);  // i32 [T*K]
+  // The router's choices, i32 [T*K] on x's device (the group_limited gate selects on the host: one upload).
+  Tensor expert = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, dev);
   DispatchPlan plan = make_dispatch_plan(expert, K, N);
 
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
