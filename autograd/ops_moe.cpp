@@ -10,6 +10,7 @@
 #include "kernels/dispatch.h"
 #include "kernels/elementwise.h"
 #include "kernels/gemm.h"
+#include "kernels/grouped_gemm.h"
 
 namespace cm {
 
@@ -52,7 +53,10 @@ DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N) {
   CM_CHECK(bad == 0, "make_dispatch_plan: ", bad, " expert ids outside [-1, ", N, ")");
   p.offsets.resize((size_t)(N + 1));
   if (dev == Device::CPU) {
-    note_host_read();  // the would-be wait of a device build (engine/host_sync.h): the offsets size the experts' GEMMs
+    // A device build waits twice here (engine/host_sync.h counts both on the CPU too): for the kernels'
+    // out-of-range count, and for the offsets, which size the experts' GEMMs and the guard's loop.
+    note_host_read();
+    note_host_read();
     std::memcpy(p.offsets.data(), off, (size_t)(N + 1) * sizeof(int64_t));
   } else {
     const Tensor h = p.offsets_dev.to(Device::CPU);
@@ -124,8 +128,9 @@ Tensor moe_combine(const Tensor& ye_in, const Tensor& gate_in, const DispatchPla
 
 // ---------------------------------------------------------------- grouped linear
 
-// The one place that turns "every expert's Linear on its rows" into kernel calls: today one GEMM per non-empty
-// expert with linear()'s exact arguments (hence its bits); a grouped GEMM kernel replaces the loops below.
+// The one place that turns "every expert's Linear on its rows" into kernel calls. CPU: the grouped GEMM
+// (kernels/grouped_gemm.h), one call per product, bit-identical to linear() on each expert's rows. CUDA: one GEMM
+// per non-empty expert with linear()'s arguments, until the grouped kernel's CUDA twin replaces the loops.
 Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const std::vector<Tensor>& b_in,
                       const std::vector<int64_t>& offsets, const ExpertCut& cut) {
   const int64_t G = (int64_t)w_in.size();
@@ -157,7 +162,17 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
     w.push_back(dense(w_in[e]).detach());
     if (has_b) b.push_back(dense(b_in[e]).detach());
   }
-  Tensor y = Tensor::empty({x.size(0), out}, DType::F32, dev);
+  const int64_t R = x.size(0);
+  Tensor y = Tensor::empty({R, out}, DType::F32, dev);
+  std::vector<const float*> wp((size_t)G), bp((size_t)G);
+  for (int64_t e = 0; e < G; ++e) {
+    wp[e] = w[e].f32();
+    if (has_b) bp[e] = b[e].f32();
+  }
+  if (dev == Device::CPU) {  // one call, one parallel region over every expert's tiles
+    cpu::grouped_gemm_forward(y.f32(), x.f32(), wp.data(), offsets.data(), G, R, out, in,
+                              has_b ? bp.data() : nullptr, false);
+  } else  // CUDA: one cuBLAS product per non-empty expert (cuda::grouped_gemm_* replaces this loop)
   for (int64_t e = 0; e < G; ++e) {
     const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
     if (n == 0 || out == 0) continue;
@@ -193,6 +208,34 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
                   if (need[0])  // cut experts' rows stay 0
                     gs[0] = any_cut ? Tensor::zeros({R, in}, DType::F32, dev)
                                     : Tensor::empty({R, in}, DType::F32, dev);
+                  if (dev == Device::CPU) {  // grouped: every expert at once, then drop what must not flow
+                    std::vector<const float*> wp((size_t)G);
+                    std::vector<float*> dwp((size_t)G), dbp((size_t)G);
+                    std::vector<Tensor> dw((size_t)G), db((size_t)G);
+                    for (int64_t e = 0; e < G; ++e) {
+                      wp[e] = w[e].f32();
+                      dw[e] = Tensor::empty({out, in}, DType::F32, dev);
+                      dwp[e] = dw[e].f32();
+                      if (has_b) {
+                        db[e] = Tensor::empty({out}, DType::F32, dev);
+                        dbp[e] = db[e].f32();
+                      }
+                    }
+                    if (need[0]) {
+                      float* dx = gs[0].f32();
+                      cpu::grouped_gemm_backward_input(dx, g.f32(), wp.data(), offsets.data(), G, R, out, in, false);
+                      for (int64_t e = 0; e < G; ++e)  // a cut expert's rows (NaN weights give NaN here) pass 0
+                        if (is_cut(e)) std::fill(dx + offsets[e] * in, dx + offsets[e + 1] * in, 0.f);
+                    }
+                    cpu::grouped_gemm_backward_weight(dwp.data(), has_b ? dbp.data() : nullptr, g.f32(), x.f32(),
+                                                      offsets.data(), G, R, out, in, false);
+                    for (int64_t e = 0; e < G; ++e) {
+                      if (offsets[e + 1] == offsets[e] || is_cut(e)) continue;  // no rows, or cut: no gradient
+                      if (need[1 + e]) gs[1 + e] = dw[e];
+                      if (has_b && need[1 + G + e]) gs[1 + G + e] = db[e];
+                    }
+                    return gs;
+                  }
                   for (int64_t e = 0; e < G; ++e) {
                     const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
                     if (n == 0 || is_cut(e)) continue;  // no rows, or cut by the fault guard: no gradient
