@@ -12,6 +12,7 @@
 #include <numeric>
 
 #include "helpers.h"
+#include "sorted_add.h"
 
 #if CM_CUDA
 #include "engine/cuda.h"
@@ -153,6 +154,33 @@ Tensor distinct_rows(int64_t R, int64_t n, uint64_t seed, float lo, float step) 
     for (int64_t i = 0; i < n; ++i) v[(size_t)(r * n + i)] = lo + step * (float)p[(size_t)i];
   }
   return Tensor::from_vector(v, {R, n});
+}
+// The sorted add behind index_add (64 or more indices) and the embedding backward: got (device) must be the chunked
+// order of kernels/index.h bit for bit, and within its bound of the CPU twin's serial result (the same bits where no
+// index value occurs more than kRunChunk times). Returns the largest |got - cpu| seen, as a fraction of the bound.
+double check_sorted_add(const Tensor& got, const std::vector<float>& cpu_result, const std::vector<float>& out0,
+                        const std::vector<float>& src, const std::vector<int32_t>& index, int64_t O, int64_t D,
+                        int64_t n, int64_t I, const std::string& what) {
+  CAPTURE(what);
+  const int64_t L = cuda::kRunChunk;
+  const std::vector<float> g = got.to_f32_vector(), chunked = cm::test::chunked_add(out0, src, index, O, D, n, I, L);
+  const std::vector<double> bound = cm::test::chunked_add_bound(out0, src, index, O, D, n, I, L);
+  REQUIRE(g.size() == chunked.size());
+  REQUIRE(cpu_result.size() == chunked.size());
+  size_t i = 0;
+  while (i < g.size() && std::memcmp(&g[i], &chunked[i], 4) == 0) ++i;
+  CHECK_MESSAGE(i == g.size(), "chunked order: element ", i, " got ", (i < g.size() ? g[i] : 0.f), " expected ",
+                (i < g.size() ? chunked[i] : 0.f));
+  double worst = 0.0;
+  size_t bad = g.size();
+  for (size_t e = 0; e < g.size(); ++e) {
+    const double diff = std::fabs((double)g[e] - (double)cpu_result[e]);
+    if (!(diff <= bound[e]) && bad == g.size()) bad = e;
+    if (bound[e] > 0) worst = std::max(worst, diff / bound[e]);
+  }
+  CHECK_MESSAGE(bad == g.size(), "against the CPU: element ", bad, " got ", (bad < g.size() ? g[bad] : 0.f),
+                " CPU ", (bad < g.size() ? cpu_result[bad] : 0.f), " bound ", (bad < g.size() ? bound[bad] : 0.0));
+  return worst;
 }
 #endif
 
@@ -589,7 +617,8 @@ TEST_CASE("cuda kernels: dispatch permute, combine and their backward against th
 
 // ---------------------------------------------------------------- kernels: embedding, losses, norms, dropout, AdamW
 
-TEST_CASE("cuda kernels: embedding forward and (sorted, deterministic) backward equal the CPU" * needs_device()) {
+TEST_CASE("cuda kernels: embedding forward equals the CPU; the (sorted, deterministic) backward its chunked order, "
+          "within the bound of the CPU" * needs_device()) {
   uint64_t seed = 700;
   for (int64_t V : {1, 50, 300, 70000})
     for (int64_t N : {0, 1, 100, 5000})
@@ -606,12 +635,77 @@ TEST_CASE("cuda kernels: embedding forward and (sorted, deterministic) backward 
         Tensor dIds = dev(ids);
         cuda::embedding_forward(gout.f32(), dev(w).f32(), dIds.i32(), N, V, C);
         same(gout, out, "forward " + what);
-        // Backward accumulates: start both from the same nonzero gradient.
+        // Backward accumulates: start both from the same nonzero gradient. Frequent ids (more than kRunChunk) are
+        // summed in chunks: the chunked order exactly, the CPU within the bound (kernels/index.h).
         Tensor dw = uniform({V, C}, ++seed), gdw = dev(dw);
+        const std::vector<float> dw0 = dw.to_f32_vector();
         cpu::embedding_backward(dw.f32(), dout.f32(), ids.i32(), N, V, C);
         cuda::embedding_backward(gdw.f32(), dev(dout).f32(), dIds.i32(), N, V, C);
-        same(gdw, dw, "backward " + what);
+        check_sorted_add(gdw, dw.to_f32_vector(), dw0, dout.to_f32_vector(), idv, 1, V, N, C, "backward " + what);
       }
+}
+
+TEST_CASE("cuda kernels: sorted adds with long runs of equal keys (index_add, embedding backward): the chunked "
+          "order bit for bit, the same bits twice, within the stated bound of the CPU" * needs_device()) {
+  const int64_t L = cuda::kRunChunk, D = 50;
+  uint64_t seed = 1700;
+  // Index lists: fixed counts for some keys, the rest uniform over [0, D), then shuffled (positions matter: each
+  // run is summed in increasing position).
+  auto keyed = [&](const std::vector<std::pair<int32_t, int64_t>>& fixed, int64_t n) {
+    std::vector<int32_t> v;
+    for (auto [k, c] : fixed) v.insert(v.end(), (size_t)c, k);
+    const std::vector<float> u = uniform({n}, ++seed, 0.f, 1.f).to_f32_vector();
+    for (int64_t j = (int64_t)v.size(); j < n; ++j) v.push_back((int32_t)std::min<int64_t>(D - 1, (int64_t)(u[(size_t)j] * D)));
+    for (int64_t i = n - 1; i > 0; --i) {  // Fisher-Yates from the counter-based stream
+      const int64_t j = (int64_t)(philox_uniform(seed, 1, (uint64_t)i) * (float)(i + 1)) % (i + 1);
+      std::swap(v[(size_t)i], v[(size_t)j]);
+    }
+    return v;
+  };
+  struct Keys {
+    std::string name;
+    std::vector<int32_t> index;
+  };
+  const std::vector<Keys> lists = {
+      {"one key 20%", keyed({{7, 400}}, 2000)},
+      {"one key 90%", keyed({{3, 1800}}, 2000)},
+      // Runs around the chunk length, long ones adjacent in sorted order (the chunk-sum slots of neighbours), and
+      // a short run first so that the long ones start off the chunk grid.
+      {"runs L-1 .. 3L+1", keyed({{0, 5}, {1, L - 1}, {2, L}, {3, L + 1}, {4, 2 * L - 1}, {5, 2 * L}, {6, 2 * L + 1},
+                                  {7, 3 * L + 1}, {8, L + 1}, {9, 130}, {10, 1}},
+                                 5 + (L - 1) + L + (L + 1) + (2 * L - 1) + 2 * L + (2 * L + 1) + (3 * L + 1) + (L + 1) +
+                                     130 + 1)},
+  };
+  double worst = 0.0;
+  for (const Keys& k : lists) {
+    const int64_t n = (int64_t)k.index.size();
+    Tensor idx = i32s(k.index, {n}), dIdx = dev(idx);
+    for (int64_t O : {1, 2})
+      for (int64_t I : {1, 33}) {
+        const std::string what = k.name + " index_add O=" + std::to_string(O) + " I=" + std::to_string(I);
+        Tensor src = uniform({O, n, I}, ++seed), acc = uniform({O, D, I}, ++seed);
+        const std::vector<float> out0 = acc.to_f32_vector(), sv = src.to_f32_vector();
+        Tensor g1 = dev(acc), g2 = dev(acc), dSrc = dev(src);
+        cpu::index_add(acc.f32(), src.f32(), idx.i32(), O, D, n, I);
+        cuda::index_add(g1.f32(), dSrc.f32(), dIdx.i32(), O, D, n, I);
+        cuda::index_add(g2.f32(), dSrc.f32(), dIdx.i32(), O, D, n, I);
+        worst = std::max(worst, check_sorted_add(g1, acc.to_f32_vector(), out0, sv, k.index, O, D, n, I, what));
+        same(g2, g1, "run twice: " + what);
+      }
+    for (int64_t C : {8, 33}) {
+      const std::string what = k.name + " embedding backward C=" + std::to_string(C);
+      Tensor dout = uniform({n, C}, ++seed), dw = uniform({D, C}, ++seed);  // accumulates into a nonzero gradient
+      const std::vector<float> out0 = dw.to_f32_vector(), sv = dout.to_f32_vector();
+      Tensor g1 = dev(dw), g2 = dev(dw), dDout = dev(dout);
+      cpu::embedding_backward(dw.f32(), dout.f32(), idx.i32(), n, D, C);
+      cuda::embedding_backward(g1.f32(), dDout.f32(), dIdx.i32(), n, D, C);
+      cuda::embedding_backward(g2.f32(), dDout.f32(), dIdx.i32(), n, D, C);
+      worst = std::max(worst, check_sorted_add(g1, dw.to_f32_vector(), out0, sv, k.index, 1, D, n, C, what));
+      same(g2, g1, "run twice: " + what);
+    }
+  }
+  MESSAGE("sorted adds against the CPU's serial order: largest difference ", worst, " of the stated bound");
+  CHECK(worst > 0.0);  // the long runs did take the chunked order (the CPU's bits would give 0)
 }
 
 TEST_CASE("cuda kernels: cross-entropy forward and backward, ignored rows, device-side scale" * needs_device()) {
@@ -1211,7 +1305,7 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
   cpu::index_add(acc.f32(), src.f32(), index.i32(), O, D, n, I);
   cuda::index_add(gacc.f32(), dev(src).f32(), dIndex.i32(), O, D, n, I);
   same(gacc, acc, "index_add");
-  // Long index lists take the sorted path: the same additions in the same order, so still bit for bit.
+  // Long index lists take the sorted path: the CPU's bits for runs up to kRunChunk, the chunked order beyond.
   for (int64_t LO : {1, 2})
     for (int64_t LI : {3, 70}) {
       const int64_t LD = 37, Ln = 500;
@@ -1221,9 +1315,11 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
         lv[(size_t)j] = (int32_t)std::min<int64_t>(LD - 1, (int64_t)(u[(size_t)j] * u[(size_t)j] * LD));
       Tensor lidx = i32s(lv, {Ln}), lsrc = uniform({LO, Ln, LI}, ++seed), lacc = uniform({LO, LD, LI}, ++seed);
       Tensor glacc = dev(lacc);
+      const std::vector<float> lacc0 = lacc.to_f32_vector();
       cpu::index_add(lacc.f32(), lsrc.f32(), lidx.i32(), LO, LD, Ln, LI);
       cuda::index_add(glacc.f32(), dev(lsrc).f32(), dev(lidx).i32(), LO, LD, Ln, LI);
-      same(glacc, lacc, "index_add, long index list, O=" + std::to_string(LO) + " I=" + std::to_string(LI));
+      check_sorted_add(glacc, lacc.to_f32_vector(), lacc0, lsrc.to_f32_vector(), lv, LO, LD, Ln, LI,
+                       "index_add, long index list, O=" + std::to_string(LO) + " I=" + std::to_string(LI));
     }
   // gather / scatter_add along the middle axis, index [O, m, I]
   const int64_t m = 9;
