@@ -32,7 +32,7 @@ void require(const char* op, const char* what, const Tensor& t, DType dt, int64_
 
 // ---------------------------------------------------------------- plan and capacity
 
-DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N) {
+DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N, const std::vector<int32_t>* host_ids) {
   require("make_dispatch_plan", "expert", expert_in, DType::I32, 1);
   CM_REQUIRE(K >= 1 && N >= 1 && expert_in.numel() % K == 0, "make_dispatch_plan: ", expert_in.numel(),
              " slots for K = ", K, ", N = ", N);
@@ -43,24 +43,42 @@ DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N) {
   p.T = A / K;
   p.K = K;
   p.N = N;
-  Tensor counts = Tensor::empty({2 * N}, DType::I32, dev);  // int64 [N] in i32 storage
-  p.offsets_dev = Tensor::empty({2 * (N + 1)}, DType::I32, dev);
   p.row_of = Tensor::empty({A}, DType::I32, dev);
-  Tensor assign_of = Tensor::empty({A}, DType::I32, dev);  // A' <= A rows, known after the plan
-  int64_t* off = (int64_t*)p.offsets_dev.raw();
-  const int64_t bad = CM_KERNEL(dev, dispatch_plan, (int64_t*)counts.raw(), off, p.row_of.i32(), assign_of.i32(),
-                                expert.i32(), A, N);
-  CM_CHECK(bad == 0, "make_dispatch_plan: ", bad, " expert ids outside [-1, ", N, ")");
+  Tensor assign_of = Tensor::empty({A}, DType::I32, dev);  // A' <= A rows, known once the offsets are
   p.offsets.resize((size_t)(N + 1));
-  if (dev == Device::CPU) {
-    // A device build waits twice here (engine/host_sync.h counts both on the CPU too): for the kernels'
-    // out-of-range count, and for the offsets, which size the experts' GEMMs and the guard's loop.
-    note_host_read();
-    note_host_read();
-    std::memcpy(p.offsets.data(), off, (size_t)(N + 1) * sizeof(int64_t));
+  if (host_ids) {
+    // The host already holds the ids: count them here (the histogram and scan of dispatch_plan, on integers: the
+    // same offsets), upload the offsets (no wait), scatter on the device. Nothing is read back.
+    CM_CHECK((int64_t)host_ids->size() == A, "make_dispatch_plan: ", host_ids->size(), " host ids for ", A, " slots");
+    std::vector<int64_t> counts((size_t)N, 0);
+    int64_t bad = 0;
+    for (int32_t e : *host_ids) {
+      if (e >= 0 && e < N) ++counts[e];
+      else bad += e != -1;
+    }
+    CM_CHECK(bad == 0, "make_dispatch_plan: ", bad, " expert ids outside [-1, ", N, ")");
+    cpu::dispatch_offsets(p.offsets.data(), counts.data(), N);
+    std::vector<int32_t> words((size_t)(2 * (N + 1)));  // the int64 offsets as i32 words (tensors are f32/i32)
+    std::memcpy(words.data(), p.offsets.data(), (size_t)(N + 1) * sizeof(int64_t));
+    p.offsets_dev = Tensor::from_vector(words, {2 * (N + 1)}, dev);
+    CM_KERNEL(dev, dispatch_scatter, p.row_of.i32(), assign_of.i32(), expert.i32(), p.offsets_ptr(), A, N);
   } else {
-    const Tensor h = p.offsets_dev.to(Device::CPU);
-    std::memcpy(p.offsets.data(), h.raw(), (size_t)(N + 1) * sizeof(int64_t));
+    Tensor counts = Tensor::empty({2 * N}, DType::I32, dev);  // int64 [N] in i32 storage
+    p.offsets_dev = Tensor::empty({2 * (N + 1)}, DType::I32, dev);
+    int64_t* off = (int64_t*)p.offsets_dev.raw();
+    const int64_t bad = CM_KERNEL(dev, dispatch_plan, (int64_t*)counts.raw(), off, p.row_of.i32(), assign_of.i32(),
+                                  expert.i32(), A, N);
+    CM_CHECK(bad == 0, "make_dispatch_plan: ", bad, " expert ids outside [-1, ", N, ")");
+    if (dev == Device::CPU) {
+      // A device build waits twice here (engine/host_sync.h counts both on the CPU too): for the kernels'
+      // out-of-range count, and for the offsets, which size the experts' GEMMs and the guard's loop.
+      note_host_read();
+      note_host_read();
+      std::memcpy(p.offsets.data(), off, (size_t)(N + 1) * sizeof(int64_t));
+    } else {
+      const Tensor h = p.offsets_dev.to(Device::CPU);
+      std::memcpy(p.offsets.data(), h.raw(), (size_t)(N + 1) * sizeof(int64_t));
+    }
   }
   p.rows = p.offsets[N];
   p.assign_of = assign_of.slice(0, 0, p.rows);  // a prefix: still contiguous

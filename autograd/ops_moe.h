@@ -30,8 +30,11 @@ struct DispatchPlan {
   const int64_t* offsets_ptr() const { return (const int64_t*)offsets_dev.raw(); }
 };
 
-// expert i32 [T*K], ids in [-1, N) (-1: dropped). On CUDA the offsets are read back once (one wait).
-DispatchPlan make_dispatch_plan(const Tensor& expert, int64_t K, int64_t N);
+// expert i32 [T*K], ids in [-1, N) (-1: dropped). host_ids: the same ids on the host, when the caller has them
+// (the router's read-out): the offsets are counted there and uploaded, and nothing waits. Without them, the
+// kernels' plan runs on expert's device and a device build waits twice (out-of-range count, offsets).
+DispatchPlan make_dispatch_plan(const Tensor& expert, int64_t K, int64_t N,
+                                const std::vector<int32_t>* host_ids = nullptr);
 
 // Capacity filter (kernels/capacity.h): expert i32 [T*K] with -1 for the slots past each expert's cap, lowest gate
 // dropped first (ties: the later slot). plan must be make_dispatch_plan(expert, K, N); gate [T*K] (values only).

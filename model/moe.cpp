@@ -338,7 +338,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   const Device dev = x.device();
   // The router's choices, i32 [T*K] on x's device (the group_limited gate selects on the host: one upload).
   Tensor expert = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, dev);
-  DispatchPlan plan = make_dispatch_plan(expert, K, N);
+  DispatchPlan plan = make_dispatch_plan(expert, K, N, &rt.expert);  // rt.expert: the router's host copy
 
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
   //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot
@@ -351,9 +351,9 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     for (int64_t e = 0; e < N; ++e) over = over || plan.offsets[e + 1] - plan.offsets[e] > cap;
     if (over) {
       expert = capacity_filter(expert, rt.gate, plan, cap);
-      plan = make_dispatch_plan(expert, K, N);
+      const std::vector<int32_t> kept = expert.to_i32_vector();  // one read-out: the keep list, the new offsets
+      plan = make_dispatch_plan(expert, K, N, &kept);
       dropped = S0 - plan.rows;
-      const std::vector<int32_t> kept = expert.to_i32_vector();  // the host's keep list (stats, routing cache)
       for (int64_t s = 0; s < S0; ++s) out.keep[s] = kept[s] >= 0;
     }
   }

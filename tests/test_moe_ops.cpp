@@ -81,6 +81,11 @@ TEST_SUITE("moe_ops") {
           if (r > p.offsets[e]) CHECK(ao[r - 1] < ao[r]);  // stable
         }
       for (int64_t a = 0; a < T * K; ++a) CHECK(ro[a] == (ex[a] < 0 ? -1 : (int32_t)std::distance(ao.begin(), std::find(ao.begin(), ao.end(), (int32_t)a))));
+      // The plan from host ids (offsets counted on the host, scatter by the kernel) is the same plan.
+      DispatchPlan ph = make_dispatch_plan(Tensor::from_vector(ex, {T * K}), K, N, &ex);
+      CHECK(ph.offsets == p.offsets);
+      CHECK(ph.row_of.to_i32_vector() == ro);
+      CHECK(ph.assign_of.to_i32_vector() == ao);
 
       Tensor x = uniform({T, C}, 200 + K), gate = uniform({T * K}, 300 + K, 0.1f, 1.f);
       std::vector<float> xv = x.to_f32_vector(), gv = gate.to_f32_vector();
@@ -250,6 +255,10 @@ TEST_SUITE("cuda") {
         CHECK_MESSAGE(pd.offsets == pc.offsets, what);
         CHECK_MESSAGE(pd.row_of.to_i32_vector() == pc.row_of.to_i32_vector(), what);
         CHECK_MESSAGE(pd.assign_of.to_i32_vector() == pc.assign_of.to_i32_vector(), what);
+        DispatchPlan ph = make_dispatch_plan(edev, K, N, &ex);  // offsets from the host, scatter on the device
+        CHECK_MESSAGE(ph.offsets == pc.offsets, what);
+        CHECK_MESSAGE(ph.row_of.to_i32_vector() == pc.row_of.to_i32_vector(), what);
+        CHECK_MESSAGE(ph.assign_of.to_i32_vector() == pc.assign_of.to_i32_vector(), what);
         // capacity with ties and a NaN
         Tensor r = uniform({A}, 1100 + A, 0.f, 1.f);
         std::vector<float> gv((size_t)A);
