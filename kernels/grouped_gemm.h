@@ -31,7 +31,14 @@
 //   backward_weight  = gemm(dW_g, dY_g, X_g, trans_a); dB_g = linear's bias gradient (the ones-vector gemm)
 // because every tile runs cpu::gemm's own tile routine (kernels/cpu/gemm_tile.h), whose arithmetic per element
 // depends only on the inner size. So the results are bit-identical for any OMP_NUM_THREADS, and a model that
-// switches from per-expert linear() to these keeps its losses bit for bit.
+// switches its experts from per-segment linear() calls to these gets the same products, bit for bit.
+//
+// Bits (CUDA): every output element follows the CPU's sequence of operations (fused multiply-adds in increasing
+// k from 0 per K block of gemm_k_block, each block's sum added to C in order, the bias added first), and one
+// thread owns each output element (no atomics, dW walked in row order by one block). So the CUDA twin gives the
+// CPU's bits on every run, against a CPU build whose GEMM uses fused multiply-adds (the AVX2 and AVX-512 paths;
+// the plain C++ fallback rounds twice and agrees within tolerance only). Checked under the emulator (emu/); no
+// GPU run yet.
 //
 // Threads (CPU): one OpenMP region over (group, tile) work items for the whole call, dynamically scheduled; the
 // tiling is cut from the total work and the thread count (it never changes a bit, see above). Calls under
@@ -74,3 +81,52 @@ void grouped_gemm_backward_weight(float* const* dW,        // [G] -> each [N, Kd
                                   RowGather gather = {});
 
 }  // namespace cm::cpu
+
+#if CM_CUDA
+#include <vector>
+
+// CUDA twins (kernels/cuda/grouped_gemm.cu): the same arguments, every one in device memory: the data, offsets,
+// gather.index, and the pointer arrays themselves (W, bias, dW, dB: device arrays of G device pointers, see
+// DevicePointers). Nothing is read back and nothing waits: the blocks find their group from the device offsets (a
+// grid sized for the worst case, ceil(M / 64) + G row tiles; blocks past the last tile exit), so there is no host
+// synchronisation. The offsets must satisfy the contract above; they are not checked (that would need a read-back).
+// The pointer arrays belong to the caller and must stay alive until the kernels have run (stream order: until
+// later work on the stream frees them, as for any tensor).
+namespace cm::cuda {
+
+void grouped_gemm_forward(float* Y, const float* X, const float* const* W, const int64_t* offsets, int64_t G,
+                          int64_t M, int64_t N, int64_t Kd, const float* const* bias, bool accumulate,
+                          RowGather gather = {});
+void grouped_gemm_backward_input(float* dX, const float* dY, const float* const* W, const int64_t* offsets,
+                                 int64_t G, int64_t M, int64_t N, int64_t Kd, bool accumulate);
+void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const float* dY, const float* X,
+                                  const int64_t* offsets, int64_t G, int64_t M, int64_t N, int64_t Kd,
+                                  bool accumulate, RowGather gather = {});
+
+// A device copy of a host list of G device pointers, uploaded again only when the list changes: keep one per
+// pointer set (e.g. per MoE layer and weight matrix) and call get() before each launch. Parameters keep their
+// storage from step to step, so after the first step their lists upload nothing; a list of buffers allocated
+// anew each step (gradients the graph creates) uploads each time it changes. An upload goes through cuda::upload:
+// no wait, except when it recycles the pinned staging ring, which waits once for the copies still reading it; a
+// get() that finds its list unchanged never waits. The array stays valid until a get() with another list, or the
+// destruction; a captured CUDA graph keeps the array it saw, so refresh the lists before capturing. Not for
+// static storage (its destructor frees device memory).
+class DevicePointers {
+ public:
+  DevicePointers() = default;
+  DevicePointers(const DevicePointers&) = delete;
+  DevicePointers& operator=(const DevicePointers&) = delete;
+  ~DevicePointers();
+  template <class T>
+  T* const* get(const std::vector<T*>& host) {  // T = float or const float
+    return static_cast<T* const*>(upload_if_changed(std::vector<const void*>(host.begin(), host.end())));
+  }
+
+ private:
+  void* upload_if_changed(const std::vector<const void*>& host);  // the device array
+  std::vector<const void*> host_;  // the list last uploaded
+  void* dev_ = nullptr;            // its device copy
+};
+
+}  // namespace cm::cuda
+#endif

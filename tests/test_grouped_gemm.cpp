@@ -1,5 +1,6 @@
 // The grouped GEMM (kernels/grouped_gemm.h): the CPU kernel against a naive double-precision reference and, bit
-// for bit, against cm::cpu::gemm on each segment alone and across thread counts (kernels suite).
+// for bit, against cm::cpu::gemm on each segment alone and across thread counts (kernels suite); the CUDA twin
+// against the CPU, bit for bit as the header promises, without a host synchronisation (cuda suite).
 //
 // Every case runs all three products (forward, backward_input, backward_weight) with and without bias,
 // accumulate and row gather, on random non-zero inputs; outputs that must be overwritten start as NaN, outputs
@@ -17,6 +18,12 @@
 #include "helpers.h"
 #include "kernels/gemm.h"
 #include "kernels/grouped_gemm.h"
+#if CM_CUDA
+#include <memory>
+
+#include "engine/cuda.h"
+#include "engine/host_sync.h"
+#endif
 
 using namespace cm;
 
@@ -348,3 +355,125 @@ TEST_CASE("grouped gemm: counts its multiply-adds; bad offsets are errors that s
 }
 
 }  // TEST_SUITE("kernels")
+
+#if CM_CUDA
+namespace {
+
+// Device memory holding a copy of a host vector (cuda::upload: no wait); host() reads it back.
+template <class T>
+struct DeviceVec {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DeviceVec(const std::vector<T>& v) : n(v.size()) {
+    p = static_cast<T*>(cuda::allocate(std::max<size_t>(n, 1) * sizeof(T)));
+    if (n > 0) cuda::upload(p, v.data(), n * sizeof(T));
+  }
+  DeviceVec(const DeviceVec&) = delete;
+  DeviceVec& operator=(const DeviceVec&) = delete;
+  ~DeviceVec() { cuda::deallocate(p); }
+  std::vector<T> host() const {
+    std::vector<T> v(n);
+    if (n > 0) cuda::copy_to_host(v.data(), p, n * sizeof(T));
+    return v;
+  }
+};
+using DeviceList = std::vector<std::unique_ptr<DeviceVec<float>>>;
+
+// The three products on the device, from the same starting values as run_cpu. `syncs`: the host waits (stream
+// synchronisations and device-to-host copies) counted from just before the first launch to just after the last.
+Outputs run_cuda(const Problem& p, int64_t& syncs) {
+  const Outputs init = initial(p);
+  DeviceVec<float> X(p.gather ? p.Xsrc : p.X), dY(p.dY), Y(init.Y), dX(init.dX);
+  DeviceVec<int64_t> off(p.off);
+  DeviceVec<int32_t> index(p.index);
+  DeviceList W, b, dW, dB;
+  std::vector<const float*> hW, hb;
+  std::vector<float*> hdW, hdB;
+  for (int64_t g = 0; g < p.G; ++g) {
+    W.push_back(std::make_unique<DeviceVec<float>>(p.W[g]));
+    b.push_back(std::make_unique<DeviceVec<float>>(p.b[g]));
+    dW.push_back(std::make_unique<DeviceVec<float>>(init.dW[g]));
+    dB.push_back(std::make_unique<DeviceVec<float>>(init.dB[g]));
+    hW.push_back(W.back()->p), hb.push_back(b.back()->p), hdW.push_back(dW.back()->p), hdB.push_back(dB.back()->p);
+  }
+  // The pointer arrays are uploaded once, before the window (an upload may wait when it recycles the staging
+  // ring); inside it, get() finds them unchanged and uploads nothing: a training step's steady state.
+  cuda::DevicePointers pW, pb, pdW, pdB;
+  pW.get(hW), pb.get(hb), pdW.get(hdW), pdB.get(hdB);
+  const RowGather gather = p.gather ? RowGather{index.p, p.div} : RowGather{};
+  const HostSyncStats before = host_sync_stats();
+  cuda::grouped_gemm_forward(Y.p, X.p, pW.get(hW), off.p, p.G, p.M, p.N, p.Kd, p.bias ? pb.get(hb) : nullptr,
+                             p.accumulate, gather);
+  cuda::grouped_gemm_backward_input(dX.p, dY.p, pW.get(hW), off.p, p.G, p.M, p.N, p.Kd, p.accumulate);
+  cuda::grouped_gemm_backward_weight(pdW.get(hdW), p.bias ? pdB.get(hdB) : nullptr, dY.p, X.p, off.p, p.G, p.M, p.N,
+                                     p.Kd, p.accumulate, gather);
+  const HostSyncStats after = host_sync_stats();
+  syncs = (after.stream_syncs - before.stream_syncs) + (after.d2h_copies - before.d2h_copies);
+  Outputs o;
+  o.Y = Y.host();
+  o.dX = dX.host();
+  for (int64_t g = 0; g < p.G; ++g) o.dW.push_back(dW[g]->host()), o.dB.push_back(dB[g]->host());
+  return o;
+}
+
+// The CUDA twin against the CPU for the given flag combinations (bit 0 bias, 1 accumulate, 2 gather): bit for bit
+// where the CPU GEMM uses fused multiply-adds (the header's promise), within the reference tolerance always, and
+// no host wait.
+void check_cuda(Problem p, std::vector<int> flags = {0, 1, 2, 3, 4, 5, 6, 7}) {
+  for (int f : flags) {
+    p.bias = f & 1, p.accumulate = f & 2, p.gather = f & 4;
+    CAPTURE(p.name());
+    int64_t syncs = -1;
+    const Outputs got = run_cuda(p, syncs);
+    CHECK(syncs == 0);
+    const std::string err = check_reference(p, got);
+    CHECK_MESSAGE(err.empty(), err);
+#if defined(__FMA__) || defined(__AVX512F__)
+    const std::string bits = compare_bits(got, run_cpu(p), "CUDA against the CPU");
+    CHECK_MESSAGE(bits.empty(), bits);
+#endif
+  }
+}
+
+}  // namespace
+
+TEST_SUITE("cuda") {
+using cm::test::needs_device;
+
+TEST_CASE("cuda kernels: grouped gemm equals the CPU bit for bit, every flag, groups of 0, 1, odd and > 64 rows,"
+          " no host sync" * needs_device()) {
+  check_cuda(make_problem({0, 1, 70, 0, 5, 130, 2}, 33, 19, 21));
+  check_cuda(make_problem({131}, 65, 17, 22), {0, 7});  // G = 1, two column tiles
+}
+
+TEST_CASE("cuda kernels: grouped gemm over several K blocks and column tiles" * needs_device()) {
+  // Kd = 390 and a group of 400 rows: two K blocks of gemm_k_block (195, 200) in every product, 7 column tiles.
+  check_cuda(make_problem({3, 400, 0}, 20, 390, 23), {0, 7});
+}
+
+TEST_CASE("cuda kernels: grouped gemm with 64 and 300 groups (the tile search's second step), empty sizes" *
+          needs_device()) {
+  check_cuda(make_problem(random_sizes(64, 20, 24), 9, 7, 25), {1, 6});
+  check_cuda(make_problem(random_sizes(300, 3, 26), 5, 4, 27), {3, 4});  // G > 256 groups per search step
+  check_cuda(make_problem({4, 0, 3}, 6, 0, 28), {1, 3});                 // Kd = 0: Y = bias, dB only
+  check_cuda(make_problem({4, 0, 3}, 0, 5, 29), {0, 2});                 // N = 0
+  check_cuda(make_problem({0, 0}, 6, 5, 30), {1, 3});                    // M = 0: empty groups only
+}
+
+TEST_CASE("cuda kernels: DevicePointers uploads a pointer list once and again only when it changes" *
+          needs_device()) {
+  DeviceVec<float> a(std::vector<float>{1.f}), b(std::vector<float>{2.f}), c(std::vector<float>{3.f});
+  cuda::DevicePointers ptrs;
+  const std::vector<const float*> ab = {a.p, b.p}, ac = {a.p, c.p};
+  const float* const* d1 = ptrs.get(ab);
+  const int64_t syncs = host_sync_stats().stream_syncs;
+  CHECK(ptrs.get(ab) == d1);  // unchanged: the same array, nothing uploaded, nothing waited for
+  CHECK(host_sync_stats().stream_syncs == syncs);
+  const float* const* d2 = ptrs.get(ac);
+  std::vector<const float*> back(2);
+  cuda::copy_to_host(back.data(), d2, 2 * sizeof(float*));
+  CHECK(back == ac);
+}
+
+}  // TEST_SUITE("cuda")
+#endif  // CM_CUDA
