@@ -610,7 +610,7 @@ void run_block() {
 #endif
     cm_emu_switch(&g_sched_sp, t.fiber.sp);
 #if CM_EMU_ASAN
-    __sanitizer_finish_switch_fiber(g_sched_fake, &g_main_lo, &g_main_size);
+    __sanitizer_finish_switch_fiber(g_sched_fake, nullptr, nullptr);  // "from" is the fiber: keep g_main_* as is
 #endif
     r.cur = nullptr;
     if (r.failed) return;
