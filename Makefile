@@ -10,6 +10,7 @@
 #                   (its own build folder, build-emu); the cuda suite then runs every case (README, "Testing CUDA
 #                   without a GPU")
 #   make clean
+#   SANITIZE=address,undefined  builds into build-san/ with those sanitizers (-O1, every finding fatal)
 CXX       ?= g++
 NVCC      ?= nvcc
 CUDA_ARCH ?= 90
