@@ -78,6 +78,13 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
 // Router z-loss of logits [R, E]: weight * mean_r logsumexp(logits[r])^2, a 0-d tensor; one fused kernel each way
 // (kernels/losses.h z_loss_forward/backward), the gradient read where it is.
 Tensor router_z_loss(const Tensor& logits, float weight);
+// Load balance of one routing level, a 0-d tensor (kernels/losses.h load_balance_forward has the formula):
+// probs [R, E] (the only differentiable input), indices i32 [R, K] the chosen children (outside [0, E): not
+// counted), group i32 [R] each row's parent (outside [0, G): the row is skipped) or undefined for one group,
+// inv_share [G, E] f32 = 1 / target share (0: the child takes no part) or undefined for E everywhere.
+// Balanced flat usage gives `weight`. One kernel each way; nothing is read on the host.
+Tensor router_balance_loss(const Tensor& probs, const Tensor& indices, const Tensor& group, int64_t G,
+                           const Tensor& inv_share, float weight);
 // weight [V, C], ids i32 of any shape -> [..., C]. Backward scatters into weight rows.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 // Normalise over the last axis. weight/bias [C]; bias may be undefined.

@@ -156,6 +156,50 @@ Tensor router_z_loss(const Tensor& logits, float weight) {
   });
 }
 
+// Load balance of one routing level (kernels/losses.h load_balance_forward/backward). Only probs is
+// differentiable: frac and the token counts come from indices and group, which carry no gradient.
+Tensor router_balance_loss(const Tensor& probs, const Tensor& indices, const Tensor& group, int64_t G,
+                           const Tensor& inv_share, float weight) {
+  require_f32("router_balance_loss", "probs", probs);
+  require_i32("router_balance_loss", "indices", indices);
+  CM_REQUIRE(probs.dim() == 2 && probs.size(1) > 0, "router_balance_loss: probs must be [R, E] with E > 0, got ",
+             shape_str(probs.shape()));
+  const int64_t R = probs.size(0), E = probs.size(1);
+  CM_REQUIRE(indices.dim() == 2 && indices.size(0) == R && indices.size(1) > 0, "router_balance_loss: indices must be [",
+             R, ", K] with K > 0 for probs ", shape_str(probs.shape()), ", got ", shape_str(indices.shape()));
+  const int64_t K = indices.size(1);
+  CM_REQUIRE(G >= 1, "router_balance_loss: G must be >= 1, got ", G);
+  if (group.defined()) {
+    require_i32("router_balance_loss", "group", group);
+    CM_REQUIRE(group.dim() == 1 && group.size(0) == R, "router_balance_loss: group must be [", R, "], got ",
+               shape_str(group.shape()));
+  } else {
+    CM_REQUIRE(G == 1, "router_balance_loss: G = ", G, " groups need a group tensor");
+  }
+  if (inv_share.defined()) {
+    require_f32("router_balance_loss", "inv_share", inv_share);
+    CM_REQUIRE(inv_share.dim() == 2 && inv_share.size(0) == G && inv_share.size(1) == E,
+               "router_balance_loss: inv_share must be [", G, ", ", E, "], got ", shape_str(inv_share.shape()));
+  }
+  const Device dev = common_device("router_balance_loss", {&probs, &indices, &group, &inv_share});
+  Tensor p = probs.contiguous().detach(), idx = indices.contiguous();
+  Tensor grp = group.defined() ? group.contiguous() : Tensor();
+  Tensor q = inv_share.defined() ? inv_share.contiguous().detach() : Tensor();
+  Tensor loss = Tensor::empty({}, DType::F32, dev);                                      // 0-d
+  Tensor frac = Tensor::empty({G, E}, DType::F32, dev), mp = Tensor::empty({G, E}, DType::F32, dev);  // [G, E]
+  Tensor tokens = Tensor::empty({G}, DType::F32, dev);                                    // [G]
+  CM_KERNEL(dev, load_balance_forward, loss.f32(), frac.f32(), mp.f32(), tokens.f32(), p.f32(), idx.i32(),
+            grp.defined() ? grp.i32() : nullptr, q.defined() ? q.f32() : nullptr, R, E, K, G, weight);
+  return record("router_balance_loss", loss, {probs}, [frac, tokens, grp, q, R, E, G, weight](const Tensor& gy) {
+    Tensor dp = Tensor::empty({R, E}, DType::F32, frac.device());
+    if (R == 0) return grads{dp};
+    Tensor g = gy.contiguous();
+    CM_KERNEL(frac.device(), load_balance_backward, dp.f32(), g.f32(), frac.f32(), tokens.f32(),
+              grp.defined() ? grp.i32() : nullptr, q.defined() ? q.f32() : nullptr, R, E, G, weight);
+    return grads{dp};
+  });
+}
+
 // ---------------------------------------------------------------- embedding
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {

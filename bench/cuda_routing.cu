@@ -1,9 +1,12 @@
 // Routing kernels on the GPU lab: the fused router softmax + top-k, the dispatch plan (histogram, scan, stable
 // scatter), permute (gather rows to experts), unpermute (permute backward: rows back to tokens), combine (the
-// gate-weighted sum per token) and the load-balance loss. Each stage runs two versions:
+// gate-weighted sum per token), the load-balance loss, and the sorted add of the embedding backward (and of
+// index_add with long index lists) on skewed ids. Each stage runs two versions:
 //   naive: the straightforward CUDA code (a thread per row or per element, a single thread for the counting sort,
 //          a block per expert column for the loss) - what one writes first;
-//   ours:  the kernels of kernels/cuda/ (topk.cu, dispatch.cu, losses.cu), as the engine calls them.
+//   ours:  the kernels of kernels/cuda/ (topk.cu, dispatch.cu, losses.cu, embedding.cu), as the engine calls them.
+//   For the sorted add, "naive" is the kernel it replaced: after the same sort, one warp walks each id's whole run
+//   (the space byte, 15-20% of the tokens of text, is one long run); ours cuts runs into chunks of kRunChunk.
 // Validation first, against the CPU kernels (kernels/cpu/): integer outputs exactly, floats within abs + rel
 // tolerances; a stage that fails validation prints FAIL and is not timed. Then timing with CUDA events: 3
 // warm-up runs, the median of 20. GB/s counts the bytes a stage must move at least once (inputs read once,
@@ -26,7 +29,10 @@
 #include "engine/cuda.h"
 #include "engine/rng.h"
 #include "engine/tensor.h"
+#include "kernels/copy.h"
+#include "kernels/cuda/sort.cuh"
 #include "kernels/dispatch.h"
+#include "kernels/embedding.h"
 #include "kernels/losses.h"
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
@@ -153,6 +159,26 @@ __global__ void naive_lb_loss(float* loss, const float* frac, const float* mean_
   float s = 0.f;
   for (int64_t e = 0; e < E; ++e) s += frac[e] * mean_prob[e];
   *loss = w * (float)E * s;
+}
+
+// The embedding backward before chunking: warp i looks at sorted position i; the first of each id's run walks the
+// whole run in order.
+__global__ void serial_run_backward(float* dweight, const float* dout, const int32_t* sorted_ids, const int32_t* pos,
+                                    int64_t N, int64_t C) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < N;
+       i += (int64_t)gridDim.x * (blockDim.x / 32)) {
+    const int32_t v = sorted_ids[i];
+    if (i > 0 && sorted_ids[i - 1] == v) continue;
+    int64_t end = i + 1;
+    while (end < N && sorted_ids[end] == v) ++end;
+    float* dw = dweight + (int64_t)v * C;
+    for (int64_t c = lane; c < C; c += 32) {
+      float acc = dw[c];
+      for (int64_t j = i; j < end; ++j) acc += dout[(int64_t)pos[j] * C + c];
+      dw[c] = acc;
+    }
+  }
 }
 
 // ---------------------------------------------------------------- timing and checks
@@ -390,7 +416,8 @@ void lab_load_balance(int64_t R, int64_t E, int64_t K) {
   Tensor loss = dev_empty({1}), frac = dev_empty({E}), mp = dev_empty({E}), tok = dev_empty({1});
   Tensor nloss = dev_empty({1}), nfrac = dev_empty({E}), nmp = dev_empty({E});
   auto ours = [&] {
-    cuda::load_balance_forward(loss.f32(), frac.f32(), mp.f32(), tok.f32(), dp.f32(), di.i32(), nullptr, R, E, K, 1, w);
+    cuda::load_balance_forward(loss.f32(), frac.f32(), mp.f32(), tok.f32(), dp.f32(), di.i32(), nullptr, nullptr, R, E,
+                               K, 1, w);
   };
   auto naive = [&] {
     naive_lb_columns<<<(unsigned)E, 256, 0, cuda::stream()>>>(nfrac.f32(), nmp.f32(), dp.f32(), di.i32(), R, E, K);
@@ -406,6 +433,41 @@ void lab_load_balance(int64_t R, int64_t E, int64_t K) {
     return;
   const double bytes = 4.0 * (double)(R * E) + 4.0 * (double)(R * K);
   report("load balance", shape, bytes, median_ms(ours), median_ms(naive));
+}
+
+// Embedding backward over N byte ids (V = 256), one id (the space, 32) holding `share` of them, the rest uniform.
+void lab_embedding_backward(int64_t N, int64_t C, double share) {
+  const int64_t V = 256;
+  char shape_buf[64];
+  std::snprintf(shape_buf, sizeof shape_buf, "N=%lld C=%lld space %.0f%%", (long long)N, (long long)C, 100 * share);
+  const std::string shape = shape_buf;
+  const std::vector<float> u = randoms(N, 41, 0.f, 1.f), w = randoms(N, 47, 0.f, 1.f),
+                           dout = randoms(N * C, 43, -1.f, 1.f);
+  std::vector<int32_t> ids((size_t)N);
+  for (int64_t n = 0; n < N; ++n)
+    ids[(size_t)n] = u[(size_t)n] < share ? 32 : (int32_t)std::min<int64_t>(V - 1, (int64_t)(w[(size_t)n] * V));
+  std::vector<float> ref((size_t)(V * C), 0.f);
+  cpu::embedding_backward(ref.data(), dout.data(), ids.data(), N, V, C);
+  Tensor dDout = dev_f32(dout, {N, C}), dIds = dev_i32(ids, {N}), dw = dev_empty({V, C}), ndw = dev_empty({V, C});
+  Tensor sorted = dev_empty({N}, DType::I32), pos = dev_empty({N}, DType::I32);
+  auto ours = [&] {
+    cuda::fill32(dw.raw(), 0u, V * C);
+    cuda::embedding_backward(dw.f32(), dDout.f32(), dIds.i32(), N, V, C);
+  };
+  auto naive = [&] {
+    cuda::fill32(ndw.raw(), 0u, V * C);
+    cuda::detail::stable_sort_pairs(sorted.i32(), pos.i32(), dIds.i32(), nullptr, N, 8);
+    serial_run_backward<<<blocks(N, 4), 128, 0, cuda::stream()>>>(ndw.f32(), dDout.f32(), sorted.i32(), pos.i32(), N, C);
+    cudaCheckLaunch("serial_run_backward");
+  };
+  ours();
+  naive();
+  // Sums of up to 0.9 N terms of [-1, 1] in two orders: within float rounding of each other and of the CPU.
+  if (!close_all(dw.to_f32_vector(), ref, 1e-2f, 1e-4f, "embedding backward") ||
+      !close_all(ndw.to_f32_vector(), ref, 1e-2f, 1e-4f, "serial-run embedding backward"))
+    return;
+  const double bytes = 4.0 * (double)(N * C) + 4.0 * (double)N + 8.0 * (double)(V * C);
+  report("emb backward", shape, bytes, median_ms(ours), median_ms(naive));
 }
 
 double copy_bandwidth() {
@@ -444,6 +506,7 @@ int main(int argc, char** argv) {
     for (int64_t E : {8, 64, 256})
       for (int64_t K : {1, 2})
         if (K <= E) lab_load_balance(T, E, K);
+    for (double share : {0.0, 0.2, 0.9}) lab_embedding_backward(T, g_quick ? 256 : 768, share);
     return 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "cuda_routing: %s\n", e.what());

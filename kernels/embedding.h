@@ -21,7 +21,10 @@ void embedding_backward(float* dweight, const float* dout, const int32_t* ids, i
 
 #if CM_CUDA
 // CUDA twins (kernels/cuda/embedding.cu), launched on the engine's stream. Backward sorts positions by id on the
-// device (stable radix sort) and sums each id's rows in increasing position: bit-identical to the CPU.
+// device (stable radix sort) and adds each id's rows with the sorted add of kernels/index.h (cuda::index_add_sorted):
+// bit-identical to the CPU for ids that occur at most cuda::kRunChunk (64) times; a more frequent id (the space
+// byte) is summed in chunks of 64 whose sums are added in chunk order: deterministic, and within
+// (m + 64 + m / 64) * 2^-24 * (|dweight| + sum |dout|) of the CPU's serial sum for an id seen m times.
 namespace cm::cuda {
 
 void embedding_forward(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C);

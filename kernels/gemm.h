@@ -18,6 +18,15 @@
 
 namespace cm::cpu {
 
+// The K blocks of the CPU GEMM: K is cut into ceil(K / 384) blocks of this size (the last one shorter), a function
+// of K alone. Every C element accumulates each block from 0 in increasing k with fused multiply-adds, then adds
+// the block's sum to C (the first block: alpha * sum + beta * C). Kernels that promise the CPU GEMM's bits (the
+// grouped GEMM's CUDA twin) follow the same blocks.
+constexpr int64_t kGemmKC = 384;
+constexpr int64_t gemm_k_block(int64_t K) {
+  return K <= 0 ? 0 : (K + (K + kGemmKC - 1) / kGemmKC - 1) / ((K + kGemmKC - 1) / kGemmKC);
+}
+
 void gemm(float* C,        // [M, N], ldc
           int64_t ldc,
           const float* A,  // [M, K] or [K, M] (trans_a), lda

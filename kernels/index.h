@@ -79,9 +79,33 @@ void masked_fill(float* out,           // [shape]
 
 #if CM_CUDA
 // CUDA twins (kernels/cuda/index.cu): the same contracts on device pointers (shape and stride arrays stay on the
-// host), launched on the engine's stream. index_first_bad waits for its answer. The adding kernels keep the CPU's
-// per-element order (bit-identical); broadcasts take up to 8 dims after merging.
+// host), launched on the engine's stream. index_first_bad waits for its answer. scatter_add, and index_add of
+// fewer than 64 indices, keep the CPU's per-element order (bit-identical); index_add of 64 or more indices is the
+// sorted add below. Broadcasts take up to 8 dims after merging.
 namespace cm::cuda {
+
+enum class IndexOp : int32_t;  // engine/cuda.h
+
+// The sorted add (index_add of 64 or more indices, and embedding_backward): the positions are stably sorted by
+// index, so each index value's sources form a run in increasing source position. A run is cut into chunks of
+// kRunChunk sorted positions, counted from its first; one warp per chunk, lanes over I:
+//   - a run of at most kRunChunk: one chunk that adds its sources to the output row in order, exactly the CPU's
+//     serial order: bit-identical to the CPU twin;
+//   - a longer run: chunk 0 adds its sources to the row's value, each later chunk sums its own sources (from
+//     -0.0, the additive identity, so the sum starts at its first source exactly), and a second kernel sets the
+//     row to chunk 0 + chunk 1 + ... in chunk order. Deterministic (the chunking depends on the run lengths only:
+//     the same bits on every run and every GPU), but not the CPU's order: for a run of m sources into a row of
+//     value r the two differ by at most (m + kRunChunk + m / kRunChunk) * 2^-24 * (|r| + sum |src|), the error
+//     bounds of the two summation orders added (tests/test_cuda.cpp, "sorted adds", checks that bound and the
+//     exact chunked order, and reports the largest difference seen).
+// A run of 1000 equal keys (the space byte of a batch) is 16 warps of 64 additions and one of 16, instead of one
+// warp walking 1000.
+constexpr int64_t kRunChunk = 64;
+// out [O, D, I] += src [O, n, I] along sorted [n] (index values in sort order) and pos [n] (the source position of
+// each), as stable_sort_pairs (kernels/cuda/sort.cuh) leaves them for keys of key_bits bits. A value outside
+// [0, D) is recorded under `op` and skipped.
+void index_add_sorted(float* out, const float* src, const int32_t* sorted, const int32_t* pos, int64_t O, int64_t D,
+                      int64_t n, int64_t I, int key_bits, IndexOp op);
 
 int64_t index_first_bad(const int32_t* index, int64_t n, int64_t D);
 void concat_piece(float* dst, const float* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I);

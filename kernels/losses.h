@@ -33,11 +33,34 @@ void z_loss_forward(float* loss, float* lse, const float* logits, int64_t R, int
 void z_loss_backward(float* dlogits, const float* dloss, const float* logits, const float* lse, int64_t R,
                      int64_t E, float weight);
 
+// Load-balance loss of one routing level (DESIGN.md 4.3), the model's: one call per router level. Letters: R rows
+// (a token at a parent node: a (token, node) pair), E children per parent, K chosen per row, G parents (groups).
+// Row r belongs to group g = group[r] (its parent; group == nullptr means one group, G = 1; a g outside [0, G),
+// e.g. -1, skips the row) and chose K of the E children: indices [R, K] (entries outside [0, E), e.g. dropped
+// slots, are not counted). Per group:
+//   T_g = rows in g,  frac[g, e] = (slots of g that chose e) / (T_g K),  mean_prob[g, e] = mean over g's rows of
+//   probs[r, e];
+//   loss [1] = weight * sum_g (T_g / T_all) * sum_e inv_share[g, e] frac[g, e] mean_prob[g, e],  T_all = sum_g T_g.
+// inv_share [G, E] is 1 / (the target share of child e in group g), 0 for a child that takes no part (a pruned
+// one); inv_share == nullptr means E everywhere (the balanced target 1/E): flat routing (G = 1) then gives the
+// Switch loss, whose balanced value is `weight`. Empty groups contribute 0 and T_all = 0 gives 0: never inf or NaN
+// for finite probabilities. tokens [G] = T_g (as floats) is saved for backward.
+// The CPU sums run in double in row order, one thread per block of columns: the same bits for any thread count.
+void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
+                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          int64_t K, int64_t G, float weight);
+// frac carries no gradient: dprobs [R, E] = k * frac[g, e] for rows of group g, 0 for skipped rows (overwritten),
+// with k = (float)(dloss[0] * weight * E / T_all) when inv_share == nullptr, else
+// dprobs = (k * inv_share[g, e]) * frac[g, e] with k = (float)(dloss[0] * weight / T_all) (T_all summed in double in
+// group order). The CUDA twin evaluates the same float expressions: given the same frac and tokens, the same bits.
+void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
+                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           float weight);
+
 }  // namespace cm::cpu
 
 #if CM_CUDA
-// CUDA twins (kernels/cuda/losses.cu), launched on the engine's stream, and the router losses, which only the
-// GPU has as kernels (on the CPU the model composes them from ops; the CUDA tests hold double-precision references).
+// CUDA twins (kernels/cuda/losses.cu), launched on the engine's stream.
 namespace cm::cuda {
 
 void cross_entropy_forward(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
@@ -55,21 +78,17 @@ void z_loss_forward(float* loss, float* lse, const float* logits, int64_t R, int
 void z_loss_backward(float* dlogits, const float* dloss, const float* logits, const float* lse, int64_t R,
                      int64_t E, float weight);
 
-// Load-balance loss of one routing level (DESIGN.md 4.3). Row r (a token at a parent node) belongs to group
-// g = group[r] (its parent; group == nullptr means one group, G = 1; g = -1 skips the row) and chose K of the E
-// children: indices [R, K] (entries outside [0, E), e.g. dropped slots, are not counted). Per group:
-//   T_g = rows in g,  frac[g, e] = (slots of g that chose e) / (T_g K),  mean_prob[g, e] = mean over g's rows of
-//   probs[r, e];  loss [1] = weight * E * sum_g (T_g / T_all) * sum_e frac[g, e] mean_prob[g, e],
-// T_all = sum_g T_g. Flat routing (G = 1) gives the Switch loss, whose balanced value is `weight`. Empty groups
-// contribute 0 and T_all = 0 gives 0: never inf or NaN. tokens [G] = T_g (as floats) is saved for backward.
-// Limits: G * E <= 4096. Deterministic: fixed chunking, partials added in chunk order.
+// Load balance: the contract of cpu::load_balance_forward/backward. The sums over rows are cut into at most 256
+// chunks (a function of R, and of G * E above 4096) whose float partials are added in chunk order: deterministic,
+// and within float rounding of the CPU's double sums (tests/test_cuda.cpp: loss and mean_prob to 1e-5 relative;
+// frac, tokens and the backward bit for bit). G * E <= 4096 keeps a chunk's sums in shared memory; larger levels
+// keep them in global scratch, with fewer chunks: about 2^22 (g, e) partials (32 MiB), at least one chunk.
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
-                          const int32_t* indices, const int32_t* group, int64_t R, int64_t E, int64_t K, int64_t G,
-                          float weight);
-// frac carries no gradient: dprobs [R, E] = dloss[0] * weight * E * frac[g, e] / T_all for rows of group g,
-// 0 for skipped rows (overwritten).
+                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          int64_t K, int64_t G, float weight);
 void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
-                           const int32_t* group, int64_t R, int64_t E, int64_t G, float weight);
+                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           float weight);
 
 }  // namespace cm::cuda
 #endif

@@ -1,4 +1,4 @@
-// The FFN / MoE layer: routing, capacity, dispatch by counting sort, per-expert GEMMs, fault guard, combine;
+// The FFN / MoE layer: routing, capacity, dispatch by counting sort, grouped expert GEMMs, fault guard, combine;
 // and the layer's no-gradient state (reliability, statistics, pruning).
 #include "model/moe.h"
 
@@ -11,45 +11,6 @@
 #include "model/optim.h"
 
 namespace cm {
-
-// ---------------------------------------------------------------- dispatch and combine
-
-DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,
-                                int64_t N) {
-  CM_CHECK(K > 0 && expert.size() % (size_t)K == 0, "slots ", expert.size(), " not a multiple of K = ", K);
-  CM_CHECK(keep.empty() || keep.size() == expert.size(), "keep ", keep.size(), " for ", expert.size(), " slots");
-  DispatchPlan p;
-  p.T = (int64_t)expert.size() / K;
-  p.K = K;
-  p.N = N;
-  std::vector<int32_t> kept, kept_e;
-  for (size_t s = 0; s < expert.size(); ++s)
-    if (keep.empty() || keep[s]) {
-      kept.push_back((int32_t)s);
-      kept_e.push_back(expert[s]);
-    }
-  Segments seg = counting_sort(kept_e, N);  // histogram -> exclusive scan -> scatter
-  p.offsets = std::move(seg.offsets);
-  p.slot.resize(kept.size());
-  p.token.resize(kept.size());
-  for (size_t i = 0; i < kept.size(); ++i) {
-    p.slot[i] = kept[seg.order[i]];
-    p.token[i] = p.slot[i] / (int32_t)K;
-  }
-  return p;
-}
-
-Tensor dispatch(const Tensor& x, const DispatchPlan& plan) {
-  return index_select(x, 0, Tensor::from_vector(plan.token, {plan.rows()}, x.device()));
-}
-
-Tensor combine(const Tensor& ys, const Tensor& gate, const DispatchPlan& plan) {
-  const int64_t S = plan.rows(), C = ys.size(1);
-  CM_CHECK(ys.size(0) == S, "combine: ", ys.size(0), " rows for a plan of ", S);
-  Tensor gs = index_select(gate, 0, Tensor::from_vector(plan.slot, {S}, ys.device()));  // [S]
-  return index_add(Tensor::zeros({plan.T, C}, DType::F32, ys.device()), 0,
-                   Tensor::from_vector(plan.token, {S}, ys.device()), mul(ys, gs.view({S, 1})));
-}
 
 // ---------------------------------------------------------------- the layer
 
@@ -213,19 +174,19 @@ static std::vector<std::vector<double>> row_sums_of_squares(const std::vector<Te
   return sq;
 }
 
-// Fault guard on one expert's output y [n, C]: counts non-finite rows and rows whose norm exceeds
-// outlier_factor x the expert's running mean; when reliability is on and any row is bad, the segment is replaced by
-// a constant copy with the bad rows zeroed. Cutting the whole segment from the graph is deliberate: with NaN or
-// huge weights even the good rows' backward (through those weights) would poison every other gradient.
-Tensor MoELayer::guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training,
-                       LayerRoutingStats& st) {
-  const int64_t n = y.size(0);
+// Fault guard (DESIGN.md 4.5) on the rows of one expert: a row is bad when its norm is non-finite or exceeds
+// outlier_factor x the expert's running mean. When reliability is on and any row is bad, the expert's rows are
+// replaced by a constant copy with the bad rows zeroed: the whole expert is cut from the graph. Cutting it whole is
+// deliberate: with NaN or huge weights even the good rows' backward (through those weights) would poison every
+// other gradient.
+int64_t MoELayer::guard_rows(int64_t e, const double* sq, int64_t n, bool training, LayerRoutingStats& st,
+                             char* bad) {
   const float ema = norm_ema_.f32()[e], factor = cfg_.reliability_outlier_factor;
   int64_t nonfinite = 0, outlier = 0, good = 0;
   double norm_sum = 0.0;
-  std::vector<char> bad((size_t)n, 0);
   for (int64_t i = 0; i < n; ++i) {
     double norm = std::sqrt(sq[i]);
+    bad[i] = 0;
     if (!std::isfinite(norm)) {
       bad[i] = 1;
       ++nonfinite;
@@ -245,11 +206,65 @@ Tensor MoELayer::guard(int64_t e, const Tensor& y, const std::vector<double>& sq
     pend_good_[e] += good;
     pend_norm_[e] += norm_sum;
   }
-  if (!cfg_.use_reliability || nonfinite + outlier == 0) return y;
+  return nonfinite + outlier;
+}
+
+Tensor MoELayer::guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training,
+                       LayerRoutingStats& st) {
+  const int64_t n = y.size(0);
+  std::vector<char> bad((size_t)n, 0);
+  if (guard_rows(e, sq.data(), n, training, st, bad.data()) == 0 || !cfg_.use_reliability) return y;
   std::vector<float> clean = y.to_f32_vector();
   for (int64_t i = 0; i < n; ++i)
     if (bad[i]) std::fill(clean.begin() + i * C, clean.begin() + (i + 1) * C, 0.f);
   return Tensor::from_vector(clean, {n, C}, y.device());
+}
+
+Tensor MoELayer::guard_experts(const Tensor& ys, const std::vector<int64_t>& offsets, bool training,
+                               LayerRoutingStats& st, const ExpertCut& cut) {
+  const int64_t S = ys.size(0);
+  const std::vector<double> sq = row_sums_of_squares({ys})[0];  // one device round trip per layer
+  std::vector<char> bad((size_t)S, 0);
+  bool any_cut = false;
+  for (int64_t e = 0; e < N; ++e) {
+    const int64_t a = offsets[e], n = offsets[e + 1] - a;
+    if (n == 0) continue;  // no rows (pruned experts always): nothing to judge
+    const int64_t nbad = guard_rows(e, sq.data() + a, n, training, st, bad.data() + a);
+    if (nbad > 0 && cfg_.use_reliability) (*cut)[e] = 1, any_cut = true;
+  }
+  if (!any_cut) return ys;
+  // Rows of cut experts: a constant (bad rows zeroed, good rows their values) chosen by `where`, so no gradient
+  // reaches them; grouped_linear's backward reads *cut and skips those experts entirely.
+  std::vector<float> clean = ys.to_f32_vector();
+  std::vector<int32_t> in_cut((size_t)S, 0);
+  for (int64_t e = 0; e < N; ++e)
+    if ((*cut)[e])
+      for (int64_t i = offsets[e]; i < offsets[e + 1]; ++i) {
+        in_cut[i] = 1;
+        if (bad[i]) std::fill(clean.begin() + i * C, clean.begin() + (i + 1) * C, 0.f);
+      }
+  const Device dev = ys.device();
+  return where(Tensor::from_vector(in_cut, {S, 1}, dev), Tensor::from_vector(clean, {S, C}, dev), ys);
+}
+
+Tensor MoELayer::experts_forward(const Tensor& xs, const std::vector<int64_t>& offsets, const ExpertCut& cut) const {
+  // Each weight family of all experts side by side (the parameters stay per expert: names and checkpoints as
+  // before). One grouped op per family; the same arithmetic as ExpertFFN::forward on each expert's rows.
+  std::vector<Tensor> w1, b1, w2, b2, w3, b3;
+  for (const ExpertFFN& f : experts) {
+    w1.push_back(f.w1.w);
+    w2.push_back(f.w2.w);
+    if (f.w1.b.defined()) b1.push_back(f.w1.b);
+    if (f.w2.b.defined()) b2.push_back(f.w2.b);
+    if (f.kind == ExpertKind::SwiGLU) {
+      w3.push_back(f.w3.w);
+      if (f.w3.b.defined()) b3.push_back(f.w3.b);
+    }
+  }
+  Tensor h = grouped_linear(xs, w1, b1, offsets, cut);  // [S, F]
+  if (experts[0].kind == ExpertKind::SwiGLU) h = mul(silu(h), grouped_linear(xs, w3, b3, offsets, cut));
+  else h = gelu(h);
+  return grouped_linear(h, w2, b2, offsets, cut);  // [S, C]
 }
 
 MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* ids,
@@ -319,51 +334,45 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
         for (size_t i = 0; i < rt.level_counts[l].size(); ++i) pend_level_counts_[l][i] += rt.level_counts[l][i];
   }
 
-  // 2. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
-  //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot.
-  std::vector<char> keep((size_t)S0, 1);
+  // 2. The dispatch plan on the layer's device: a stable counting sort of the slots by expert.
+  const Device dev = x.device();
+  // The router's choices, i32 [T*K] on x's device (the group_limited gate selects on the host: one upload).
+  Tensor expert = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, dev);
+  DispatchPlan plan = make_dispatch_plan(expert, K, N, &rt.expert);  // rt.expert: the router's host copy
+
+  // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
+  //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot
+  //    (kernels/capacity.h). Only when some expert is over capacity: filter, then plan the kept slots again.
   int64_t dropped = 0;
+  out.keep.assign((size_t)S0, 1);
   if (training && cfg_.capacity_factor > 0.f) {
     const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
-    Segments by_e = counting_sort(rt.expert, N);
-    for (int64_t e = 0; e < N; ++e) {
-      const int64_t a = by_e.offsets[e], b = by_e.offsets[e + 1];
-      if (b - a <= cap) continue;
-      std::vector<int32_t> slots(by_e.order.begin() + a, by_e.order.begin() + b);
-      std::stable_sort(slots.begin(), slots.end(),
-                       [&](int32_t i, int32_t j) { return rt.gate_value[i] > rt.gate_value[j]; });
-      for (size_t i = (size_t)cap; i < slots.size(); ++i) keep[slots[i]] = 0;
-      dropped += (b - a) - cap;
+    bool over = false;
+    for (int64_t e = 0; e < N; ++e) over = over || plan.offsets[e + 1] - plan.offsets[e] > cap;
+    if (over) {
+      expert = capacity_filter(expert, rt.gate, plan, cap);
+      const std::vector<int32_t> kept = expert.to_i32_vector();  // one read-out: the keep list, the new offsets
+      plan = make_dispatch_plan(expert, K, N, &kept);
+      dropped = S0 - plan.rows;
+      for (int64_t s = 0; s < S0; ++s) out.keep[s] = kept[s] >= 0;
     }
   }
   st.dropped_fraction = S0 ? (float)dropped / (float)S0 : 0.f;
   out.gate = rt.gate_value;
-  out.keep = keep;
-
-  // 3. Counting sort of the kept slots by expert: the permutation that makes each expert's rows contiguous.
-  DispatchPlan plan = make_dispatch_plan(rt.expert, keep, K, N);
-  if (plan.rows() == 0) {
-    out.y = Tensor::zeros({T, C}, DType::F32, x.device());
+  for (int64_t e = 0; e < N; ++e) st.expert_rows[e] = plan.offsets[e + 1] - plan.offsets[e];
+  if (plan.rows == 0) {
+    out.y = Tensor::zeros({T, C}, DType::F32, dev);
     return out;
   }
 
-  // 4. Gather rows, run each non-empty expert on its segment, guard its output.
-  Tensor xs = dispatch(x, plan);  // [S, C] expert-contiguous
-  std::vector<Tensor> parts;
-  std::vector<int64_t> part_expert;
-  for (int64_t e = 0; e < N; ++e) {
-    const int64_t a = plan.offsets[e], b = plan.offsets[e + 1];
-    st.expert_rows[e] = b - a;
-    if (a == b) continue;  // no rows (pruned experts always): no compute
-    parts.push_back(experts[e].forward(xs.slice(0, a, b)));
-    part_expert.push_back(e);
-  }
-  const std::vector<std::vector<double>> sq = row_sums_of_squares(parts);  // one device round trip per layer
-  for (size_t k = 0; k < parts.size(); ++k) parts[k] = guard(part_expert[k], parts[k], sq[k], training, st);
-  Tensor ys = parts.size() == 1 ? parts[0] : concat(parts, 0);  // [S, C]
+  // 4. Gather rows, run every expert on its rows (grouped), guard the outputs.
+  Tensor xs = moe_permute(x, plan);  // [S, C] expert-contiguous
+  ExpertCut cut = std::make_shared<std::vector<char>>((size_t)N, 0);
+  Tensor ys = experts_forward(xs, plan.offsets, cut);  // [S, C]
+  ys = guard_experts(ys, plan.offsets, training, st, cut);
 
-  // 5. Combine in permutation order.
-  Tensor y = combine(ys, rt.gate, plan);  // [T, C]
+  // 5. Combine: each token adds its slots' gated rows in slot order.
+  Tensor y = moe_combine(ys, rt.gate, plan);  // [T, C]
   if (gate.w.defined()) y = mul(y, sigmoid(gate.forward(x)));  // adaptive gate [T, 1]
   out.y = y;
   return out;

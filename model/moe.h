@@ -1,14 +1,15 @@
 // The FFN layer of a block: a dense FFN (one expert, no router) or a Mixture of Experts, with the data flow of
 // DESIGN.md section 3:
 //
-//   x [T, C] -> router -> slots (token, expert, gate) [T*K]          (model/router.h)
-//            -> capacity filter (training, cf > 0): overflow dropped lowest gate first
-//            -> counting sort of kept slots by expert: order [S], offsets [N + 1]   (the permutation)
-//            -> xs = index_select(x, tok[order]) [S, C]: each expert's rows contiguous
-//            -> y_e = expert_e(xs[offsets[e] : offsets[e+1]])         (one GEMM chain per non-empty segment)
+//   x [T, C] -> router -> slots (expert, gate) [T*K]                  (model/router.h)
+//            -> dispatch plan: stable counting sort of the slots by expert (row_of, assign_of, offsets [N + 1])
+//            -> capacity filter (training, cf > 0): overflow dropped lowest gate first (expert = -1), new plan
+//            -> xs = moe_permute(x) [S, C]: each expert's rows contiguous
+//            -> ys = every expert's FFN on its rows at once: grouped_linear for w1 (w3), w2   [S, C]
 //            -> fault guard: non-finite / outlier rows counted; zeroed and cut from the graph when reliability is on
-//            -> out = index_add(0 [T, C], tok[order], y * gate[order])  (sequential: deterministic)
-//   backward: index_add's and index_select's rules reuse the same permutation; no atomics anywhere.
+//            -> out = moe_combine(ys, gate) [T, C]: each token adds its slots in slot order (deterministic)
+//   The ops and their kernels: autograd/ops_moe.h (kernels/dispatch.h, kernels/capacity.h, kernels/gemm.h).
+//   backward: the same plan in reverse; no atomics anywhere.
 //
 // The layer also owns the reliability state of its experts (DESIGN.md 4.5), usage and specialization counters,
 // the pruning state, and (through its router) the aux-free biases and the AC running scale.
@@ -17,29 +18,12 @@
 #include <string>
 #include <vector>
 
+#include "autograd/ops_moe.h"
 #include "model/layers.h"
 #include "model/router.h"
 #include "model/stats.h"
 
 namespace cm {
-
-// The dispatch plan of one forward: the kept slots sorted by expert (stable counting sort), i.e. the permutation
-// that makes each expert's rows contiguous. Forward and backward both use it.
-struct DispatchPlan {
-  int64_t T = 0, K = 1, N = 1;
-  std::vector<int32_t> slot;     // [S] slot (t * K + j) of each expert-sorted row
-  std::vector<int32_t> token;    // [S] token of each expert-sorted row
-  std::vector<int64_t> offsets;  // [N + 1] expert e's rows are offsets[e] .. offsets[e + 1]
-  int64_t rows() const { return (int64_t)slot.size(); }
-};
-// expert [T*K] per slot; keep [T*K] (empty: keep all).
-DispatchPlan make_dispatch_plan(const std::vector<int32_t>& expert, const std::vector<char>& keep, int64_t K,
-                                int64_t N);
-// x [T, C] -> xs [S, C]: row i is x[token[i]] (index_select; its backward is index_add with the same index).
-Tensor dispatch(const Tensor& x, const DispatchPlan& plan);
-// ys [S, C], gate [T*K] -> [T, C]: out[t] = sum over t's kept slots of gate[slot] * ys[row], added in
-// permutation order by one sequential index_add (deterministic, no atomics).
-Tensor combine(const Tensor& ys, const Tensor& gate, const DispatchPlan& plan);
 
 class MoELayer {
  public:
@@ -98,8 +82,16 @@ class MoELayer {
 
  private:
   RouterBias routing_bias() const;
-  // sq [n]: each row's sum of squares (row_sums_of_squares in moe.cpp).
+  // Fault guard, counting part: rows [n] of expert e with sums of squares sq [n]; marks bad rows in bad [n],
+  // updates the stats and (training) the pending counters; returns the number of bad rows.
+  int64_t guard_rows(int64_t e, const double* sq, int64_t n, bool training, LayerRoutingStats& st, char* bad);
+  // Dense layer: y [n, C] with bad rows zeroed and cut from the graph (when reliability is on and any is bad).
   Tensor guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training, LayerRoutingStats& st);
+  // MoE: ys [S, C] expert-contiguous (plan offsets [N + 1]); cut experts are flagged in *cut for the backward.
+  Tensor guard_experts(const Tensor& ys, const std::vector<int64_t>& offsets, bool training, LayerRoutingStats& st,
+                       const ExpertCut& cut);
+  // Every expert's FFN on its rows of xs [S, C] -> [S, C] (the grouped form of ExpertFFN::forward).
+  Tensor experts_forward(const Tensor& xs, const std::vector<int64_t>& offsets, const ExpertCut& cut) const;
 
   CoEConfig cfg_;
   // Buffers (checkpointed), each [N].

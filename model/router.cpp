@@ -3,10 +3,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
+#include "autograd/ops_route.h"
+#include "engine/dispatch.h"
 #include "engine/host_sync.h"
+#include "kernels/copy.h"
+#include "kernels/route.h"
 #include "kernels/topk.h"
 
 namespace cm {
@@ -145,50 +150,8 @@ void TreeRouter::update_aux_bias(const std::vector<std::vector<int64_t>>& level_
   }
 }
 
-// logsumexp over the last axis of [P, b] -> [P], stable: the max is subtracted (and detached: the gradient of
-// logsumexp does not depend on the shift).
-static Tensor logsumexp_rows(const Tensor& x) {
-  const int64_t P = x.size(0);
-  Tensor m = max(x, -1, true).detach();  // [P, 1]
-  return add(log(sum(exp(sub(x, m)), -1)), m.view({P}));
-}
-
 // Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
 static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W), -1, true), 1e-12f))); }
-
-// Mean entropy (nats) of the rows of p = softmax(s), p and s [P, b], without a log per element. In a row,
-// log p_c = s_c - max(s) - log Z and the largest probability is 1/Z, so
-//   H = -sum_c p_c log p_c = -log(max p) * sum_c p_c - sum_c p_c (s_c - max s)
-// (one log per row; equal to the per-element form up to float rounding of p). Only p_c > 0 count, as in
-// -sum p log p: a pruned child (s = -inf, p = 0) adds nothing, and neither does a NaN row. Rows run in parallel;
-// their entropies are summed in row order afterwards, so the result does not depend on the thread count.
-static float mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
-  std::vector<double> row((size_t)P);
-#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
-  for (int64_t r = 0; r < P; ++r) {
-    const float* pr = p + r * b;
-    const float* sr = s + r * b;
-    float pmax = 0.f, smax = -INFINITY;
-#pragma omp simd reduction(max : pmax, smax)
-    for (int64_t c = 0; c < b; ++c) {
-      pmax = pr[c] > pmax ? pr[c] : pmax;
-      smax = sr[c] > smax ? sr[c] : smax;
-    }
-    // Float sums within a row (half the time of double here; a row's entropy is good to about 1e-6 relative),
-    // double across rows. The lane split of the reductions is fixed at compile time: still deterministic.
-    float psum = 0.f, ps = 0.f;
-#pragma omp simd reduction(+ : psum, ps)
-    for (int64_t c = 0; c < b; ++c) {
-      const bool live = pr[c] > 0.f;  // selects, not ifs: 0 * (-inf - smax) would be NaN
-      psum += live ? pr[c] : 0.f;
-      ps += live ? pr[c] * (sr[c] - smax) : 0.f;
-    }
-    row[r] = pmax > 0.f ? -std::log((double)pmax) * psum - ps : 0.0;  // pmax = 0: a NaN row
-  }
-  double ent = 0.0;
-  for (double h : row) ent += h;
-  return (float)(ent / (double)std::max<int64_t>(P, 1));
-}
 
 // Selection (no gradient): for each (token, node) pair p, the k children of node[p] with the highest
 // probs + aux-free bias, in cpu::topk_forward's order (larger first, ties to the lower index). A pruned child
@@ -226,34 +189,58 @@ static void select_children(int32_t* idx, const float* probs, const float* abias
                k, " selectable children");
 }
 
-// Load balance at one level. Per parent: sum_c f_c P_c / q_c over the pairs that reached it, q the target share of
-// each child; token-weighted mean over parents = 1/P * sum_{node, c} coef * Psum with coef = f / q (no gradient),
-// f = count / (pairs_at_node * k). Targets are proportional to the children's reliability (exp of the logit bias;
-// pruned children: 0), so a degraded child is balanced towards a share in proportion to its reliability instead
-// of being pushed back to 1/b. All healthy: q = 1/b and this is b * sum f P, the Switch loss, whose balanced value
-// is 1. probs [P, b]; node [P]; counts, lbias (or null) [n_nodes * b]; pairs_at [n_nodes].
-static Tensor balance_term(const Tensor& probs, const std::vector<int32_t>& node, int64_t n_nodes, int64_t b,
-                           int64_t k, const std::vector<int64_t>& counts, const std::vector<int64_t>& pairs_at,
+// Load balance at one level (DESIGN.md 4.3), unweighted: router_balance_loss (kernels/losses.h) over the pairs
+// [P] grouped by their node, each parent's term b' * sum_c f_c P_c with b' = 1 / q_c, q the target share of each
+// child, token-weighted over parents. The counts f come from the selection idx [P, k] where it lives (on the
+// device in a CUDA build), not from host bookkeeping. Targets are proportional to the children's reliability (exp of
+// the logit bias; pruned children: 0, and they take no part), so a degraded child is balanced towards a share in
+// proportion to its reliability instead of being pushed back to 1/b. All healthy (no bias, or all zero): q = 1/b,
+// the kernel's default, and this is b * sum f P, the Switch loss, whose balanced value is 1.
+// probs [P, b]; idx i32 [P, k]; node i32 [P] (undefined when n_nodes == 1); lbias [n_nodes * b] or null.
+static Tensor balance_term(const Tensor& probs, const Tensor& idx, const Tensor& node, int64_t n_nodes, int64_t b,
                            const std::vector<float>* lbias, Device dev) {
-  const int64_t P = probs.size(0);
-  std::vector<float> coef((size_t)(n_nodes * b), 0.f);
-  std::vector<double> rho((size_t)b);
-  for (int64_t j = 0; j < n_nodes; ++j) {
-    if (!pairs_at[j]) continue;
-    std::fill(rho.begin(), rho.end(), 1.0);
-    double rsum = 0.0;
-    for (int64_t c = 0; c < b; ++c) {
-      if (lbias) rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
-      rsum += rho[c];
+  Tensor inv_share;  // [n_nodes, b], 1 / q; undefined: b everywhere
+  if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
+    std::vector<float> inv((size_t)(n_nodes * b), 0.f);
+    std::vector<double> rho((size_t)b);
+    for (int64_t j = 0; j < n_nodes; ++j) {
+      double rsum = 0.0;
+      for (int64_t c = 0; c < b; ++c) {
+        rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
+        rsum += rho[c];
+      }
+      for (int64_t c = 0; c < b; ++c)
+        if (rho[c] > 0.0) inv[j * b + c] = (float)(rsum / rho[c]);
     }
-    for (int64_t c = 0; c < b; ++c)
-      if (rho[c] > 0.0)
-        coef[j * b + c] = (float)((double)counts[j * b + c] / (double)(pairs_at[j] * k) * (rsum / rho[c]));
+    inv_share = Tensor::from_vector(inv, {n_nodes, b}, dev);
   }
-  Tensor psum = n_nodes == 1 ? sum(probs, 0).view({1, b})
-                             : index_add(Tensor::zeros({n_nodes, b}, DType::F32, dev), 0,
-                                         Tensor::from_vector(node, {P}, dev), probs);
-  return mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}, dev))), 1.f / (float)P);
+  return router_balance_loss(probs, idx, node, n_nodes, inv_share, 1.f);
+}
+
+// The host's read-out of several device tensors (f32 or i32, 4 bytes an element) in one copy and one wait: they are
+// packed bit for bit into one i32 buffer on their device, which is read once. Returns each tensor's words in order
+// (an f32 tensor's are its floats' bits). Undefined tensors give no words.
+static std::vector<std::vector<int32_t>> read_out_words(const std::vector<Tensor>& ts, Device dev) {
+  int64_t total = 0;
+  for (const Tensor& t : ts) total += t.defined() ? t.numel() : 0;
+  Tensor pack = Tensor::empty({total}, DType::I32, dev);
+  int64_t off = 0;
+  for (const Tensor& t : ts) {
+    if (!t.defined() || t.numel() == 0) continue;
+    Tensor c = t.contiguous();
+    const int64_t n = c.numel(), one = 1;
+    CM_KERNEL(dev, strided_copy, pack.i32() + off, &one, c.raw(), &one, &n, 1, 4);
+    off += n;
+  }
+  std::vector<int32_t> all = pack.to_i32_vector();  // the one read-out
+  std::vector<std::vector<int32_t>> out;
+  off = 0;
+  for (const Tensor& t : ts) {
+    const int64_t n = t.defined() ? t.numel() : 0;
+    out.emplace_back(all.begin() + off, all.begin() + off + n);
+    off += n;
+  }
+  return out;
 }
 
 Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
@@ -284,98 +271,69 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
 
   if (gate_mode_ == GateMode::GroupLimited) return route_grouped(ac_level_[D - 1] ? h_ac : h, bias);
 
-  // The (token, node) pairs alive at the current level, token-major.
-  std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
-  std::iota(tok.begin(), tok.end(), 0);
+  // The (token, node) pairs alive at the current level, token-major with a fixed fan-out: pair p is token p / (P / T).
+  // Everything per pair stays on h's device; the host reads the results once, at the end (read_out below).
+  Tensor node;  // [P] i32, the pair's node at this level (undefined at the root: one node)
   Tensor path;  // [P] product of conditionals so far (undefined at the root)
   int64_t P = T;
   std::vector<Tensor> lb_terms, z_terms;
-  r.level_counts.resize((size_t)D);
+  r.level_counts_dev.resize((size_t)D);
 
   for (int64_t l = 0; l < D; ++l) {
     const int64_t b = branching[l], k = top_k[l], n_nodes = nodes[l];
     Tensor W = ac_level_[l] ? unit_rows(weights[l]) : weights[l];  // [n_nodes * b, C]
     Tensor hin = ac_level_[l] ? h_ac : h;                         // [T, C]
 
-    // ---- logits [P, b]: each pair against its own node's router only.
-    Tensor logits;
-    if (n_nodes == 1) {
-      CM_CHECK(P == T, "one node at level ", l, " but ", P, " pairs");
-      logits = matmul(hin, W, false, true);
-    } else {
-      // Group pairs by node (counting sort), one matmul per node's contiguous segment, then back to pair order.
-      Segments seg = counting_sort(node, n_nodes);
-      std::vector<int32_t> tok_sorted((size_t)P), inv((size_t)P);
-      for (int64_t i = 0; i < P; ++i) {
-        tok_sorted[i] = tok[seg.order[i]];
-        inv[seg.order[i]] = (int32_t)i;
-      }
-      Tensor hs = index_select(hin, 0, Tensor::from_vector(tok_sorted, {P}, dev));  // [P, C] node-major
-      std::vector<Tensor> parts;
-      for (int64_t j = 0; j < n_nodes; ++j) {
-        const int64_t a = seg.offsets[j], e = seg.offsets[j + 1];
-        if (a == e) continue;
-        parts.push_back(matmul(hs.slice(0, a, e), W.slice(0, j * b, j * b + b), false, true));  // [n_j, b]
-      }
-      Tensor ls = parts.size() == 1 ? parts[0] : concat(parts, 0);           // [P, b] node-major
-      logits = index_select(ls, 0, Tensor::from_vector(inv, {P}, dev));           // [P, b] pair order
-    }
+    // ---- logits [P, b]: each pair against its own node's router only, one kernel (autograd/ops_route.h).
+    CM_CHECK(n_nodes > 1 || P == T, "one node at level ", l, " but ", P, " pairs");
+    Tensor logits = routed_logits(hin, W, node, b);
     r.flops += 2 * P * b * C_;
-    if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
+    if (z_w_ > 0.f) z_terms.push_back(router_z_loss(logits, 1.f));
 
-    // ---- probabilities [P, b]
-    Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
+    // ---- one fused selection: probs [P, b] = softmax(logits / temperature + log r (-inf: pruned)); the k best
+    // of probs + aux-free bias per pair (no gradient); path [P * k] = path * gate; the next level's nodes.
     const std::vector<float>* lbias = l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty()
                                           ? &bias.logit_bias[l]
                                           : nullptr;
-    if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
-      // Each pair gets its node's row of the bias: the level's single row broadcast, or rows picked by node.
-      Tensor bt = Tensor::from_vector(*lbias, {n_nodes, b}, dev);
-      s = add(s, n_nodes == 1 ? bt : index_select(bt, 0, Tensor::from_vector(node, {P}, dev)));
-    }
-    Tensor probs = softmax(s);  // [P, b]
-    std::vector<float> p_copy;  // the bookkeeping reads probs on the host: in place on the CPU, else this copy
-    const float* pv = host_f32(probs, p_copy);
-    if (l == 0) {  // the entropy statistic (on a device: one more copy, of the level-0 logits)
-      std::vector<float> s_copy;
-      r.entropy = mean_entropy(pv, host_f32(s, s_copy), P, b);
-    }
-
-    // ---- selection (no gradient), and how often each child was selected.
-    std::vector<int32_t> idx((size_t)(P * k));
-    select_children(idx.data(), pv, aux_free_ ? aux_bias[l].f32() : nullptr, lbias, node, P, b, k, l);
-    std::vector<int64_t>& counts = r.level_counts[l];
-    counts.assign((size_t)(n_nodes * b), 0);
-    std::vector<int64_t> pairs_at((size_t)n_nodes, 0);
-    for (int64_t p = 0; p < P; ++p) {
-      ++pairs_at[node[p]];
-      for (int64_t j = 0; j < k; ++j) ++counts[(int64_t)node[p] * b + idx[p * k + j]];
-    }
-    Tensor sel = gather(probs, 1, Tensor::from_vector(idx, {P, k}, dev));  // [P, k]
+    Tensor lb_t, ab_t;  // [n_nodes * b] on the device (a small upload, no wait)
+    if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; }))
+      lb_t = Tensor::from_vector(*lbias, {n_nodes * b}, dev);
+    if (aux_free_) ab_t = aux_bias[l].device() == dev ? aux_bias[l] : aux_bias[l].to(dev);
     // renorm_last: the last level's kept siblings share 1 (only when k > 1: a lone child's share would be 1).
-    if (gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1) sel = div(sel, sum(sel, 1, true));
-
-    // ---- load balance at this level (balance_term).
-    if (lb_w_ > 0.f) lb_terms.push_back(balance_term(probs, node, n_nodes, b, k, counts, pairs_at, lbias, dev));
+    const bool renorm = gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1;
+    LevelSelection sel = route_select(logits, node, path, lb_t, ab_t, n_nodes, temperature_, k, renorm, l == 0);
+    if (l == 0) r.entropy_dev = sel.entropy;
+    // How often each child was selected: a histogram of the child ids, on the device.
+    r.level_counts_dev[l] = Tensor::empty({n_nodes * b}, DType::I32, dev);
+    CM_KERNEL(dev, route_histogram, r.level_counts_dev[l].i32(), sel.child.i32(), P * k, n_nodes * b, false);
+    // ---- load balance at this level (balance_term), on the selection where it is.
+    if (lb_w_ > 0.f) lb_terms.push_back(balance_term(sel.probs, sel.idx, node, n_nodes, b, lbias, dev));
 
     // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.
-    path = l == 0 ? sel.view({P * k}) : mul(path.view({P, 1}), sel).view({P * k});
-    std::vector<int32_t> node2((size_t)(P * k)), tok2((size_t)(P * k));
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t j = 0; j < k; ++j) {
-        node2[p * k + j] = (int32_t)(node[p] * b + idx[p * k + j]);
-        tok2[p * k + j] = tok[p];
-      }
-    node.swap(node2);
-    tok.swap(tok2);
+    path = sel.path;
+    node = sel.child;
     P *= k;
   }
 
   r.K = P / T;
-  r.expert = node;
+  r.expert_ids = node;
   r.gate = path;
   if (gate_mode_ == GateMode::RenormPath && r.K > 1)
     r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
+
+  // ---- the host read-out, one copy and one wait for the whole call. moe.cpp still reads the leaves, the gates'
+  // values, the counts and the entropy on the host (Routing's host fields); that is to go: then route() reads
+  // nothing. (The routing losses need no host values: they run on the loss kernels.)
+  std::vector<Tensor> want = {r.expert_ids, r.gate, r.entropy_dev};
+  for (int64_t l = 0; l < D; ++l) want.push_back(r.level_counts_dev[l]);
+  std::vector<std::vector<int32_t>> got = read_out_words(want, dev);
+  r.expert = got[0];
+  r.gate_value.resize(got[1].size());
+  std::memcpy(r.gate_value.data(), got[1].data(), got[1].size() * 4);
+  std::memcpy(&r.entropy, got[2].data(), 4);
+  r.level_counts.resize((size_t)D);
+  for (int64_t l = 0; l < D; ++l) r.level_counts[l].assign(got[(size_t)(3 + l)].begin(), got[(size_t)(3 + l)].end());
+
   finish(r, lb_terms, z_terms, dev);
   return r;
 }
@@ -397,7 +355,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   Tensor W = ac_level_[L] ? unit_rows(weights[L]) : weights[L];  // [N, C]
   Tensor logits = matmul(h, W, false, true);                     // [T, N]
   r.flops = 2 * T * N_ * C_;
-  if (z_w_ > 0.f) z_terms.push_back(mean(square(logsumexp_rows(logits))));
+  if (z_w_ > 0.f) z_terms.push_back(router_z_loss(logits, 1.f));
   Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
   const auto level_bias = [&](int64_t l) -> const std::vector<float>* {
     return l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty() ? &bias.logit_bias[l] : nullptr;
@@ -408,7 +366,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   Tensor probs = softmax(s);  // [T, N]
   std::vector<float> p_copy, s_copy;
   const float* pv = host_f32(probs, p_copy);
-  r.entropy = mean_entropy(pv, host_f32(s, s_copy), T, N_);  // of the one N-way distribution
+  r.entropy = cpu::route_mean_entropy(pv, host_f32(s, s_copy), T, N_);  // of the one N-way distribution
 
   // Selection, level by level, on the leaves' probability mass (no gradient).
   std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
@@ -443,20 +401,25 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   }
   r.K = P / T;
   r.expert = node;  // token-major: slot t*K + j
-  r.gate = gather(probs, 1, Tensor::from_vector(node, {T, r.K}, dev)).view({P});
+  r.expert_ids = Tensor::from_vector(node, {P}, dev);
+  r.gate = gather(probs, 1, r.expert_ids.view({T, r.K})).view({P});
+  r.gate_value = r.gate.to_f32_vector();
+  r.entropy_dev = Tensor::scalar(r.entropy, dev);
+  for (int64_t l = 0; l < D; ++l)
+    r.level_counts_dev.push_back(Tensor::from_vector(
+        std::vector<int32_t>(r.level_counts[l].begin(), r.level_counts[l].end()), {(int64_t)r.level_counts[l].size()},
+        dev));
   // Load balance over the leaves as one flat level (the upper levels have no probabilities of their own).
   if (lb_w_ > 0.f)
-    lb_terms.push_back(balance_term(probs, std::vector<int32_t>((size_t)T, 0), 1, N_, r.K, r.level_counts[L],
-                                    {T}, leaf_bias, dev));
+    lb_terms.push_back(balance_term(probs, r.expert_ids.view({T, r.K}), Tensor(), 1, N_, leaf_bias, dev));
   finish(r, lb_terms, z_terms, dev);
   return r;
 }
 
-// The gates' host values and the weighted routing losses (diversity: siblings at each level whose router is used).
+// The weighted routing losses (diversity: siblings at each level whose router is used).
 void TreeRouter::finish(Routing& r, const std::vector<Tensor>& lb_terms, const std::vector<Tensor>& z_terms,
                         Device dev) const {
   const int64_t D = depth();
-  r.gate_value = r.gate.to_f32_vector();
 
   auto mean_of = [](const std::vector<Tensor>& xs, float w) {
     Tensor acc = xs[0];
@@ -472,9 +435,13 @@ void TreeRouter::finish(Routing& r, const std::vector<Tensor>& lb_terms, const s
       if (b < 2) continue;
       Tensor Wn = unit_rows(weights[l]).view({n, b, C_});
       Tensor G = matmul(Wn, Wn, false, true);  // [n, b, b] cosine similarities of siblings
-      std::vector<float> off((size_t)(b * b), 1.f);
-      for (int64_t i = 0; i < b; ++i) off[i * b + i] = 0.f;
-      terms.push_back(mul(sum(mul(square(G), Tensor::from_vector(off, {b, b}, dev))), 1.f / (float)(n * b * (b - 1))));
+      // The off-diagonal mask [b, b] made on the device, no upload: rows [0, 1, .., 1] of [b, b + 1], read flat,
+      // put the zeros at i * (b + 1) = i * b + i, the diagonal of the first b * b entries.
+      Tensor off = concat({Tensor::zeros({b, 1}, DType::F32, dev), Tensor::ones({b, b}, DType::F32, dev)}, 1)
+                       .view({b * (b + 1)})
+                       .slice(0, 0, b * b)
+                       .view({b, b});
+      terms.push_back(mul(sum(mul(square(G), off)), 1.f / (float)(n * b * (b - 1))));
     }
     if (!terms.empty()) r.div_loss = mean_of(terms, div_w_);
   }

@@ -50,13 +50,20 @@ struct RouterBias {
 
 struct Routing {
   int64_t T = 0, K = 0;
-  std::vector<int32_t> expert;    // [T*K] leaf of slot s = t*K + j
-  std::vector<float> gate_value;  // [T*K] the gates' values (capacity ordering, stats)
-  Tensor gate;                    // [T*K] differentiable gates
-  std::vector<std::vector<int64_t>> level_counts;  // per level [n_nodes * b]: times each child was selected
-  Tensor lb_loss, z_loss, div_loss;  // weighted scalars; undefined when the weight is 0
-  int64_t flops = 0;                 // 2 * multiply-adds spent on logits
-  float entropy = 0.f;               // mean entropy (nats) of the level-0 distribution
+  Tensor expert_ids;  // [T*K] i32 on h's device: the leaf of slot s = t*K + j
+  Tensor gate;        // [T*K] differentiable gates, on h's device
+  std::vector<Tensor> level_counts_dev;  // per level [n_nodes * b] i32 on h's device: times each child was selected
+  Tensor entropy_dev;                    // 0-d on h's device: mean entropy (nats) of the level-0 distribution
+  Tensor lb_loss, z_loss, div_loss;      // weighted scalars; undefined when the weight is 0
+  int64_t flops = 0;                     // 2 * multiply-adds spent on logits
+
+  // Host read-outs of the tensors above, made by route() in one copy and one wait (model/router.cpp read_out_words):
+  // moe.cpp still reads these on the host. They are to be removed once it takes expert_ids, gate, level_counts_dev
+  // and entropy_dev; then a training step's routing waits for nothing.
+  std::vector<int32_t> expert;                     // [T*K] = expert_ids
+  std::vector<float> gate_value;                   // [T*K] the gates' values (capacity ordering, stats)
+  std::vector<std::vector<int64_t>> level_counts;  // = level_counts_dev
+  float entropy = 0.f;                             // = entropy_dev
 };
 
 class TreeRouter {

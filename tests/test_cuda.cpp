@@ -12,6 +12,7 @@
 #include <numeric>
 
 #include "helpers.h"
+#include "sorted_add.h"
 
 #if CM_CUDA
 #include "engine/cuda.h"
@@ -153,6 +154,33 @@ Tensor distinct_rows(int64_t R, int64_t n, uint64_t seed, float lo, float step) 
     for (int64_t i = 0; i < n; ++i) v[(size_t)(r * n + i)] = lo + step * (float)p[(size_t)i];
   }
   return Tensor::from_vector(v, {R, n});
+}
+// The sorted add behind index_add (64 or more indices) and the embedding backward: got (device) must be the chunked
+// order of kernels/index.h bit for bit, and within its bound of the CPU twin's serial result (the same bits where no
+// index value occurs more than kRunChunk times). Returns the largest |got - cpu| seen, as a fraction of the bound.
+double check_sorted_add(const Tensor& got, const std::vector<float>& cpu_result, const std::vector<float>& out0,
+                        const std::vector<float>& src, const std::vector<int32_t>& index, int64_t O, int64_t D,
+                        int64_t n, int64_t I, const std::string& what) {
+  CAPTURE(what);
+  const int64_t L = cuda::kRunChunk;
+  const std::vector<float> g = got.to_f32_vector(), chunked = cm::test::chunked_add(out0, src, index, O, D, n, I, L);
+  const std::vector<double> bound = cm::test::chunked_add_bound(out0, src, index, O, D, n, I, L);
+  REQUIRE(g.size() == chunked.size());
+  REQUIRE(cpu_result.size() == chunked.size());
+  size_t i = 0;
+  while (i < g.size() && std::memcmp(&g[i], &chunked[i], 4) == 0) ++i;
+  CHECK_MESSAGE(i == g.size(), "chunked order: element ", i, " got ", (i < g.size() ? g[i] : 0.f), " expected ",
+                (i < g.size() ? chunked[i] : 0.f));
+  double worst = 0.0;
+  size_t bad = g.size();
+  for (size_t e = 0; e < g.size(); ++e) {
+    const double diff = std::fabs((double)g[e] - (double)cpu_result[e]);
+    if (!(diff <= bound[e]) && bad == g.size()) bad = e;
+    if (bound[e] > 0) worst = std::max(worst, diff / bound[e]);
+  }
+  CHECK_MESSAGE(bad == g.size(), "against the CPU: element ", bad, " got ", (bad < g.size() ? g[bad] : 0.f),
+                " CPU ", (bad < g.size() ? cpu_result[bad] : 0.f), " bound ", (bad < g.size() ? bound[bad] : 0.0));
+  return worst;
 }
 #endif
 
@@ -589,7 +617,8 @@ TEST_CASE("cuda kernels: dispatch permute, combine and their backward against th
 
 // ---------------------------------------------------------------- kernels: embedding, losses, norms, dropout, AdamW
 
-TEST_CASE("cuda kernels: embedding forward and (sorted, deterministic) backward equal the CPU" * needs_device()) {
+TEST_CASE("cuda kernels: embedding forward equals the CPU; the (sorted, deterministic) backward its chunked order, "
+          "within the bound of the CPU" * needs_device()) {
   uint64_t seed = 700;
   for (int64_t V : {1, 50, 300, 70000})
     for (int64_t N : {0, 1, 100, 5000})
@@ -606,12 +635,77 @@ TEST_CASE("cuda kernels: embedding forward and (sorted, deterministic) backward 
         Tensor dIds = dev(ids);
         cuda::embedding_forward(gout.f32(), dev(w).f32(), dIds.i32(), N, V, C);
         same(gout, out, "forward " + what);
-        // Backward accumulates: start both from the same nonzero gradient.
+        // Backward accumulates: start both from the same nonzero gradient. Frequent ids (more than kRunChunk) are
+        // summed in chunks: the chunked order exactly, the CPU within the bound (kernels/index.h).
         Tensor dw = uniform({V, C}, ++seed), gdw = dev(dw);
+        const std::vector<float> dw0 = dw.to_f32_vector();
         cpu::embedding_backward(dw.f32(), dout.f32(), ids.i32(), N, V, C);
         cuda::embedding_backward(gdw.f32(), dev(dout).f32(), dIds.i32(), N, V, C);
-        same(gdw, dw, "backward " + what);
+        check_sorted_add(gdw, dw.to_f32_vector(), dw0, dout.to_f32_vector(), idv, 1, V, N, C, "backward " + what);
       }
+}
+
+TEST_CASE("cuda kernels: sorted adds with long runs of equal keys (index_add, embedding backward): the chunked "
+          "order bit for bit, the same bits twice, within the stated bound of the CPU" * needs_device()) {
+  const int64_t L = cuda::kRunChunk, D = 50;
+  uint64_t seed = 1700;
+  // Index lists: fixed counts for some keys, the rest uniform over [0, D), then shuffled (positions matter: each
+  // run is summed in increasing position).
+  auto keyed = [&](const std::vector<std::pair<int32_t, int64_t>>& fixed, int64_t n) {
+    std::vector<int32_t> v;
+    for (auto [k, c] : fixed) v.insert(v.end(), (size_t)c, k);
+    const std::vector<float> u = uniform({n}, ++seed, 0.f, 1.f).to_f32_vector();
+    for (int64_t j = (int64_t)v.size(); j < n; ++j) v.push_back((int32_t)std::min<int64_t>(D - 1, (int64_t)(u[(size_t)j] * D)));
+    for (int64_t i = n - 1; i > 0; --i) {  // Fisher-Yates from the counter-based stream
+      const int64_t j = (int64_t)(philox_uniform(seed, 1, (uint64_t)i) * (float)(i + 1)) % (i + 1);
+      std::swap(v[(size_t)i], v[(size_t)j]);
+    }
+    return v;
+  };
+  struct Keys {
+    std::string name;
+    std::vector<int32_t> index;
+  };
+  const std::vector<Keys> lists = {
+      {"one key 20%", keyed({{7, 400}}, 2000)},
+      {"one key 90%", keyed({{3, 1800}}, 2000)},
+      // Runs around the chunk length, long ones adjacent in sorted order (the chunk-sum slots of neighbours), and
+      // a short run first so that the long ones start off the chunk grid.
+      {"runs L-1 .. 3L+1", keyed({{0, 5}, {1, L - 1}, {2, L}, {3, L + 1}, {4, 2 * L - 1}, {5, 2 * L}, {6, 2 * L + 1},
+                                  {7, 3 * L + 1}, {8, L + 1}, {9, 130}, {10, 1}},
+                                 5 + (L - 1) + L + (L + 1) + (2 * L - 1) + 2 * L + (2 * L + 1) + (3 * L + 1) + (L + 1) +
+                                     130 + 1)},
+  };
+  double worst = 0.0;
+  for (const Keys& k : lists) {
+    const int64_t n = (int64_t)k.index.size();
+    Tensor idx = i32s(k.index, {n}), dIdx = dev(idx);
+    for (int64_t O : {1, 2})
+      for (int64_t I : {1, 33}) {
+        const std::string what = k.name + " index_add O=" + std::to_string(O) + " I=" + std::to_string(I);
+        Tensor src = uniform({O, n, I}, ++seed), acc = uniform({O, D, I}, ++seed);
+        const std::vector<float> out0 = acc.to_f32_vector(), sv = src.to_f32_vector();
+        Tensor g1 = dev(acc), g2 = dev(acc), dSrc = dev(src);
+        cpu::index_add(acc.f32(), src.f32(), idx.i32(), O, D, n, I);
+        cuda::index_add(g1.f32(), dSrc.f32(), dIdx.i32(), O, D, n, I);
+        cuda::index_add(g2.f32(), dSrc.f32(), dIdx.i32(), O, D, n, I);
+        worst = std::max(worst, check_sorted_add(g1, acc.to_f32_vector(), out0, sv, k.index, O, D, n, I, what));
+        same(g2, g1, "run twice: " + what);
+      }
+    for (int64_t C : {8, 33}) {
+      const std::string what = k.name + " embedding backward C=" + std::to_string(C);
+      Tensor dout = uniform({n, C}, ++seed), dw = uniform({D, C}, ++seed);  // accumulates into a nonzero gradient
+      const std::vector<float> out0 = dw.to_f32_vector(), sv = dout.to_f32_vector();
+      Tensor g1 = dev(dw), g2 = dev(dw), dDout = dev(dout);
+      cpu::embedding_backward(dw.f32(), dout.f32(), idx.i32(), n, D, C);
+      cuda::embedding_backward(g1.f32(), dDout.f32(), dIdx.i32(), n, D, C);
+      cuda::embedding_backward(g2.f32(), dDout.f32(), dIdx.i32(), n, D, C);
+      worst = std::max(worst, check_sorted_add(g1, dw.to_f32_vector(), out0, sv, k.index, 1, D, n, C, what));
+      same(g2, g1, "run twice: " + what);
+    }
+  }
+  MESSAGE("sorted adds against the CPU's serial order: largest difference ", worst, " of the stated bound");
+  CHECK(worst > 0.0);  // the long runs did take the chunked order (the CPU's bits would give 0)
 }
 
 TEST_CASE("cuda kernels: cross-entropy forward and backward, ignored rows, device-side scale" * needs_device()) {
@@ -678,70 +772,102 @@ TEST_CASE("cuda kernels: router z-loss against a double reference" * needs_devic
     }
 }
 
-TEST_CASE("cuda kernels: load-balance loss (flat and grouped) against a double reference" * needs_device()) {
+TEST_CASE("cuda kernels: load-balance loss (flat, grouped, target shares, shared and global partials) against a "
+          "double reference and the CPU twin" * needs_device()) {
   uint64_t seed = 1000;
+  struct Case {
+    int64_t R, E, K, G;
+  };
+  std::vector<Case> cases;
   for (int64_t R : {1, 64, 5000})
     for (int64_t E : {4, 16, 256})
       for (int64_t K : {1, 2})
-        for (int64_t G : {1, 3}) {
-          if (K > E) continue;
-          const std::string what = "R=" + std::to_string(R) + " E=" + std::to_string(E) + " K=" +
-                                   std::to_string(K) + " G=" + std::to_string(G);
-          const float w = 0.02f;
-          // Router probabilities (softmax of random logits) and their top-K; groups with some skipped rows.
-          Tensor logits = uniform({R, E}, ++seed, -2.f, 2.f);
-          Tensor p = Tensor::empty({R, E}), v = Tensor::empty({R, K}), ix = Tensor::empty({R, K}, DType::I32);
-          cpu::softmax_forward(p.f32(), logits.f32(), R, E);
-          cpu::topk_forward(v.f32(), ix.i32(), p.f32(), R, E, K);
-          std::vector<int32_t> iv = ix.to_i32_vector(), gv((size_t)R);
-          for (int64_t r = 0; r < R; ++r) gv[(size_t)r] = G == 1 ? 0 : (r % 11 == 4 ? -1 : (int32_t)(r % G));
-          if (R > 3) iv[3] = -1;  // a dropped slot is not counted
-          Tensor idx = i32s(iv, {R, K}), grp = i32s(gv, {R});
-          // Reference.
-          std::vector<float> pv = p.to_f32_vector();
-          std::vector<double> T((size_t)G, 0), S((size_t)(G * E), 0), cnt((size_t)(G * E), 0);
-          for (int64_t r = 0; r < R; ++r) {
-            const int32_t g = gv[(size_t)r];
-            if (g < 0) continue;
-            T[(size_t)g] += 1;
-            for (int64_t e = 0; e < E; ++e) S[(size_t)(g * E + e)] += pv[(size_t)(r * E + e)];
-            for (int64_t j = 0; j < K; ++j) {
-              const int32_t e = iv[(size_t)(r * K + j)];
-              if (e >= 0 && e < E) cnt[(size_t)(g * E + e)] += 1;
-            }
-          }
-          double tall = 0, loss = 0;
-          for (double t : T) tall += t;
-          std::vector<double> frac((size_t)(G * E), 0), mp((size_t)(G * E), 0);
-          for (int64_t g = 0; g < G; ++g)
-            for (int64_t e = 0; e < E; ++e) {
-              const double t = T[(size_t)g];
-              frac[(size_t)(g * E + e)] = t > 0 ? cnt[(size_t)(g * E + e)] / (t * (double)K) : 0;
-              mp[(size_t)(g * E + e)] = t > 0 ? S[(size_t)(g * E + e)] / t : 0;
-              loss += tall > 0 ? (t / tall) * frac[(size_t)(g * E + e)] * mp[(size_t)(g * E + e)] : 0;
-            }
-          loss *= (double)w * (double)E;
-          const double gup = 0.6;
-          std::vector<double> dp((size_t)(R * E), 0);
-          for (int64_t r = 0; r < R; ++r) {
-            const int32_t g = gv[(size_t)r];
-            if (g < 0) continue;
-            for (int64_t e = 0; e < E; ++e) dp[(size_t)(r * E + e)] = gup * w * E * frac[(size_t)(g * E + e)] / tall;
-          }
-          Tensor gloss = poisoned({1}), gfrac = poisoned({G, E}), gmp = poisoned({G, E}), gtok = poisoned({G});
-          Tensor dP = dev(p), dIdx = dev(idx), dGrp = dev(grp);
-          const int32_t* gptr = G == 1 ? nullptr : dGrp.i32();
-          cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dP.f32(), dIdx.i32(), gptr, R, E,
-                                     K, G, w);
-          check_near(gloss, std::vector<double>{loss}, 1e-7f, 1e-5f, "loss " + what);
-          check_near(gfrac, frac, 1e-7f, 1e-6f, "frac " + what);
-          check_near(gmp, mp, 1e-7f, 1e-5f, "mean_prob " + what);
-          check_near(gtok, T, 0.f, 0.f, "tokens " + what);
-          Tensor gdp = poisoned({R, E});
-          cuda::load_balance_backward(gdp.f32(), Tensor::scalar((float)gup, Device::CUDA).f32(), gfrac.f32(),
-                                      gtok.f32(), gptr, R, E, G, w);
-          check_near(gdp, dp, 1e-9f, 1e-5f, "backward " + what);
+        for (int64_t G : {1, 3})
+          if (K <= E) cases.push_back({R, E, K, G});
+  cases.push_back({3000, 128, 2, 40});  // G * E = 5120: partials in global scratch, 256 chunks
+  cases.push_back({700, 512, 1, 64});   // G * E = 32768: global scratch, 128 chunks of 6 rows
+  for (const Case& cs : cases)
+    for (int shares = 0; shares < 2; ++shares) {
+      const int64_t R = cs.R, E = cs.E, K = cs.K, G = cs.G;
+      const std::string what = "R=" + std::to_string(R) + " E=" + std::to_string(E) + " K=" + std::to_string(K) +
+                               " G=" + std::to_string(G) + (shares ? " shares" : "");
+      const float w = 0.02f;
+      // Router probabilities (softmax of random logits) and their top-K; groups with some skipped rows.
+      Tensor logits = uniform({R, E}, ++seed, -2.f, 2.f);
+      Tensor p = Tensor::empty({R, E}), v = Tensor::empty({R, K}), ix = Tensor::empty({R, K}, DType::I32);
+      cpu::softmax_forward(p.f32(), logits.f32(), R, E);
+      cpu::topk_forward(v.f32(), ix.i32(), p.f32(), R, E, K);
+      std::vector<int32_t> iv = ix.to_i32_vector(), gv((size_t)R);
+      for (int64_t r = 0; r < R; ++r) gv[(size_t)r] = G == 1 ? 0 : (r % 11 == 4 ? -1 : (int32_t)(r % G));
+      if (R > 3) iv[3] = -1;  // a dropped slot is not counted
+      // Target shares: 1 / q around E, 0 for one child per group (a pruned one takes no part).
+      std::vector<float> qv((size_t)(G * E));
+      for (int64_t i = 0; i < G * E; ++i)
+        qv[(size_t)i] = i % E == 2 ? 0.f : (float)E * (0.5f + philox_uniform(seed, 7, (uint64_t)i));
+      Tensor idx = i32s(iv, {R, K}), grp = i32s(gv, {R}), q = Tensor::from_vector(qv, {G, E});
+      // Reference.
+      std::vector<float> pv = p.to_f32_vector();
+      std::vector<double> T((size_t)G, 0), S((size_t)(G * E), 0), cnt((size_t)(G * E), 0);
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t g = gv[(size_t)r];
+        if (g < 0) continue;
+        T[(size_t)g] += 1;
+        for (int64_t e = 0; e < E; ++e) S[(size_t)(g * E + e)] += pv[(size_t)(r * E + e)];
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t e = iv[(size_t)(r * K + j)];
+          if (e >= 0 && e < E) cnt[(size_t)(g * E + e)] += 1;
         }
+      }
+      double tall = 0, loss = 0;
+      for (double t : T) tall += t;
+      std::vector<double> frac((size_t)(G * E), 0), mp((size_t)(G * E), 0);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t e = 0; e < E; ++e) {
+          const double t = T[(size_t)g], inv = shares ? qv[(size_t)(g * E + e)] : (double)E;
+          frac[(size_t)(g * E + e)] = t > 0 ? cnt[(size_t)(g * E + e)] / (t * (double)K) : 0;
+          mp[(size_t)(g * E + e)] = t > 0 ? S[(size_t)(g * E + e)] / t : 0;
+          loss += tall > 0 ? inv * (t / tall) * frac[(size_t)(g * E + e)] * mp[(size_t)(g * E + e)] : 0;
+        }
+      loss *= (double)w;
+      const double gup = 0.6;
+      std::vector<double> dp((size_t)(R * E), 0);
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t g = gv[(size_t)r];
+        if (g < 0) continue;
+        for (int64_t e = 0; e < E; ++e)
+          dp[(size_t)(r * E + e)] =
+              gup * w * (shares ? qv[(size_t)(g * E + e)] : (double)E) * frac[(size_t)(g * E + e)] / tall;
+      }
+      // CUDA against the reference.
+      Tensor gloss = poisoned({1}), gfrac = poisoned({G, E}), gmp = poisoned({G, E}), gtok = poisoned({G});
+      Tensor dP = dev(p), dIdx = dev(idx), dGrp = dev(grp), dQ = dev(q);
+      const int32_t* gptr = G == 1 ? nullptr : dGrp.i32();
+      const float* qptr = shares ? dQ.f32() : nullptr;
+      cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dP.f32(), dIdx.i32(), gptr, qptr, R,
+                                 E, K, G, w);
+      check_near(gloss, std::vector<double>{loss}, 1e-7f, 1e-5f, "loss " + what);
+      check_near(gfrac, frac, 1e-7f, 1e-6f, "frac " + what);
+      check_near(gmp, mp, 1e-7f, 1e-5f, "mean_prob " + what);
+      check_near(gtok, T, 0.f, 0.f, "tokens " + what);
+      Tensor gdp = poisoned({R, E});
+      cuda::load_balance_backward(gdp.f32(), Tensor::scalar((float)gup, Device::CUDA).f32(), gfrac.f32(), gtok.f32(),
+                                  gptr, qptr, R, E, G, w);
+      check_near(gdp, dp, 1e-9f, 1e-5f, "backward " + what);
+      // The CPU twin: the same loss and mean_prob within float rounding (float chunk partials on the GPU, double
+      // sums on the CPU); frac, tokens and the backward bit for bit (integer counts, the same float expressions).
+      Tensor closs = Tensor::empty({1}), cfrac = Tensor::empty({G, E}), cmp = Tensor::empty({G, E}),
+             ctok = Tensor::empty({G}), cdp = Tensor::empty({R, E});
+      cpu::load_balance_forward(closs.f32(), cfrac.f32(), cmp.f32(), ctok.f32(), p.f32(), idx.i32(),
+                                G == 1 ? nullptr : grp.i32(), shares ? q.f32() : nullptr, R, E, K, G, w);
+      const float gupf = (float)gup;
+      cpu::load_balance_backward(cdp.f32(), &gupf, cfrac.f32(), ctok.f32(), G == 1 ? nullptr : grp.i32(),
+                                 shares ? q.f32() : nullptr, R, E, G, w);
+      check_near(gloss, closs, 1e-7f, 1e-5f, "loss, CPU twin " + what);
+      check_near(gmp, cmp, 1e-7f, 1e-5f, "mean_prob, CPU twin " + what);
+      same(gfrac, cfrac, "frac, CPU twin " + what);
+      same(gtok, ctok, "tokens, CPU twin " + what);
+      same(gdp, cdp, "backward, CPU twin " + what);
+    }
   // Balanced usage gives exactly the weight (the Switch loss's floor): uniform probabilities, round-robin choice.
   const int64_t R = 64, E = 8;
   Tensor p = Tensor::full({R, E}, 1.f / E);
@@ -749,7 +875,7 @@ TEST_CASE("cuda kernels: load-balance loss (flat and grouped) against a double r
   for (int64_t r = 0; r < R; ++r) iv[(size_t)r] = (int32_t)(r % E);
   Tensor gloss = poisoned({1}), gfrac = poisoned({1, E}), gmp = poisoned({1, E}), gtok = poisoned({1});
   cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dev(p).f32(), dev(i32s(iv, {R, 1})).i32(),
-                             nullptr, R, E, 1, 1, 0.5f);
+                             nullptr, nullptr, R, E, 1, 1, 0.5f);
   CHECK(std::fabs(gloss.item() - 0.5f) < 1e-6f);
 }
 
@@ -1179,7 +1305,7 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
   cpu::index_add(acc.f32(), src.f32(), index.i32(), O, D, n, I);
   cuda::index_add(gacc.f32(), dev(src).f32(), dIndex.i32(), O, D, n, I);
   same(gacc, acc, "index_add");
-  // Long index lists take the sorted path: the same additions in the same order, so still bit for bit.
+  // Long index lists take the sorted path: the CPU's bits for runs up to kRunChunk, the chunked order beyond.
   for (int64_t LO : {1, 2})
     for (int64_t LI : {3, 70}) {
       const int64_t LD = 37, Ln = 500;
@@ -1189,9 +1315,11 @@ TEST_CASE("cuda kernels: index family against the CPU" * needs_device()) {
         lv[(size_t)j] = (int32_t)std::min<int64_t>(LD - 1, (int64_t)(u[(size_t)j] * u[(size_t)j] * LD));
       Tensor lidx = i32s(lv, {Ln}), lsrc = uniform({LO, Ln, LI}, ++seed), lacc = uniform({LO, LD, LI}, ++seed);
       Tensor glacc = dev(lacc);
+      const std::vector<float> lacc0 = lacc.to_f32_vector();
       cpu::index_add(lacc.f32(), lsrc.f32(), lidx.i32(), LO, LD, Ln, LI);
       cuda::index_add(glacc.f32(), dev(lsrc).f32(), dev(lidx).i32(), LO, LD, Ln, LI);
-      same(glacc, lacc, "index_add, long index list, O=" + std::to_string(LO) + " I=" + std::to_string(LI));
+      check_sorted_add(glacc, lacc.to_f32_vector(), lacc0, lsrc.to_f32_vector(), lv, LO, LD, Ln, LI,
+                       "index_add, long index list, O=" + std::to_string(LO) + " I=" + std::to_string(LI));
     }
   // gather / scatter_add along the middle axis, index [O, m, I]
   const int64_t m = 9;
@@ -1306,8 +1434,8 @@ TEST_CASE("cuda kernels: empty problems launch nothing and write what the contra
   CHECK(zl.item() == 0.f);
   Tensor ll = poisoned({1}), fr = poisoned({2, 4}), mp = poisoned({2, 4}), tk = poisoned({2});
   Tensor grp = poisoned({1}, DType::I32);  // two groups need a group array, even of no rows
-  cuda::load_balance_forward(ll.f32(), fr.f32(), mp.f32(), tk.f32(), nf, ni, grp.i32(), 0, 4, 1, 2, 0.1f);
-  cuda::load_balance_backward(nf, ll.f32(), fr.f32(), tk.f32(), grp.i32(), 0, 4, 2, 0.1f);
+  cuda::load_balance_forward(ll.f32(), fr.f32(), mp.f32(), tk.f32(), nf, ni, grp.i32(), nullptr, 0, 4, 1, 2, 0.1f);
+  cuda::load_balance_backward(nf, ll.f32(), fr.f32(), tk.f32(), grp.i32(), nullptr, 0, 4, 2, 0.1f);
   CHECK(ll.item() == 0.f);
   CHECK(fr.to_f32_vector() == std::vector<float>(8, 0.f));
   CHECK(mp.to_f32_vector() == std::vector<float>(8, 0.f));
@@ -1642,6 +1770,19 @@ TEST_CASE("cuda ops: neural-net ops (softmax, cross-entropy, embedding, norms, d
   Tensor ids = i32s({3, 1, 3, 0, 9, 3}, {2, 3});
   op_parity("embedding", [](const V& x) { return embedding(x[0], x[1]); }, {P({10, 8}, 6), ids});
   op_parity("router_z_loss", [](const V& x) { return router_z_loss(x[0], 0.3f); }, {P({40, 16}, 21, -3.f, 3.f)});
+  {  // the load balance of a two-level router's second level: 3 parents, 4 children each, top-2, target shares
+    std::vector<int32_t> sel, par;
+    for (int32_t r = 0; r < 40; ++r) {
+      sel.push_back(r % 4), sel.push_back((r % 4 + 1 + r / 4 % 3) % 4);  // two distinct children
+      par.push_back(r % 7 == 3 ? -1 : r % 3);
+    }
+    Tensor sel_t = i32s(sel, {40, 2}), par_t = i32s(par, {40}), shares = P({3, 4}, 23, 2.f, 6.f);
+    op_parity("router_balance_loss", [&](const V& x) { return router_balance_loss(x[0], x[1], x[2], 3, x[3], 0.1f); },
+              {P({40, 4}, 22, 0.f, 1.f), sel_t, par_t, shares.detach()});
+    op_parity("router_balance_loss flat", [&](const V& x) {
+      return router_balance_loss(x[0], x[1], Tensor(), 1, Tensor(), 0.1f);
+    }, {P({40, 4}, 24, 0.f, 1.f), sel_t});
+  }
   op_parity("layernorm", [](const V& x) { return layernorm(x[0], x[1], x[2]); },
             {P({4, 6, 32}, 7, -2.f, 2.f), P({32}, 8, 0.5f, 1.5f), P({32}, 9)});
   op_parity("rmsnorm", [](const V& x) { return rmsnorm(x[0], x[1]); }, {P({24, 32}, 10, -2.f, 2.f), P({32}, 11)});

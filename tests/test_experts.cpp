@@ -59,13 +59,14 @@ TEST_SUITE("experts") {
     for (int64_t K : {1, 3}) {
       std::vector<int32_t> expert((size_t)(T * K));
       for (size_t i = 0; i < expert.size(); ++i) expert[i] = (int32_t)((i * 7 + 3) % N);
-      DispatchPlan plan = make_dispatch_plan(expert, {}, K, N);
-      REQUIRE(plan.rows() == T * K);
-      for (int64_t i = 1; i < plan.rows(); ++i) CHECK(expert[plan.slot[i - 1]] <= expert[plan.slot[i]]);  // sorted
+      DispatchPlan plan = make_dispatch_plan(Tensor::from_vector(expert, {T * K}), K, N);
+      REQUIRE(plan.rows == T * K);
+      std::vector<int32_t> slot = plan.assign_of.to_i32_vector();
+      for (int64_t i = 1; i < plan.rows; ++i) CHECK(expert[slot[i - 1]] <= expert[slot[i]]);  // sorted
       for (int64_t e = 0; e < N; ++e)
-        for (int64_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i) CHECK(expert[plan.slot[i]] == e);
-      Tensor xs = dispatch(x, plan);
-      Tensor y = combine(xs, Tensor::full({T * K}, 1.f / (float)K), plan);
+        for (int64_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i) CHECK(expert[slot[i]] == e);
+      Tensor xs = moe_permute(x, plan);
+      Tensor y = moe_combine(xs, Tensor::full({T * K}, 1.f / (float)K), plan);
       CHECK_CLOSE(y, x.to_f32_vector(), 1e-6f, 1e-6f);
       if (K == 1) {
         CHECK(y.to_f32_vector() == x.to_f32_vector());
@@ -77,14 +78,13 @@ TEST_SUITE("experts") {
       }
     }
     // Dropped slots contribute nothing.
-    std::vector<int32_t> expert = {0, 1, 2, 3, 0, 1};
-    std::vector<char> keep = {1, 0, 1, 1, 0, 1};
-    DispatchPlan plan = make_dispatch_plan(expert, keep, 1, N);
-    CHECK(plan.rows() == 4);
+    std::vector<int32_t> expert = {0, -1, 2, 3, -1, 1};  // -1: dropped by capacity
+    DispatchPlan plan = make_dispatch_plan(Tensor::from_vector(expert, {6}), 1, N);
+    CHECK(plan.rows == 4);
     Tensor x6 = uniform({6, C}, 56);
     std::vector<float> ref = x6.to_f32_vector();
     for (int64_t t : {1, 4}) std::fill(ref.begin() + t * C, ref.begin() + (t + 1) * C, 0.f);
-    CHECK_CLOSE(combine(dispatch(x6, plan), Tensor::ones({6}), plan), ref, 0.f, 0.f);
+    CHECK_CLOSE(moe_combine(moe_permute(x6, plan), Tensor::ones({6}), plan), ref, 0.f, 0.f);
   }
 
   TEST_CASE("gradcheck of a whole small MoE layer, routing weights included") {

@@ -438,6 +438,128 @@ TEST_CASE("router_z_loss op: weight * mean logsumexp^2 against a double referenc
   CHECK_THROWS_AS(router_z_loss(param({2, 0}, 52), 1.f), Error);
 }
 
+// Double-precision reference of the load-balance loss (kernels/losses.h): value and d loss / d probs.
+static double balance_ref(const std::vector<float>& p, const std::vector<int32_t>& idx, const std::vector<int32_t>* grp,
+                          const std::vector<float>* inv, int64_t R, int64_t E, int64_t K, int64_t G, double w,
+                          std::vector<double>* dp) {
+  std::vector<double> T((size_t)G, 0), S((size_t)(G * E), 0), cnt((size_t)(G * E), 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = grp ? (*grp)[(size_t)r] : 0;
+    if (g < 0 || g >= G) continue;
+    T[(size_t)g] += 1;
+    for (int64_t e = 0; e < E; ++e) S[(size_t)(g * E + e)] += p[(size_t)(r * E + e)];
+    for (int64_t j = 0; j < K; ++j) {
+      const int32_t e = idx[(size_t)(r * K + j)];
+      if (e >= 0 && e < E) cnt[(size_t)(g * E + e)] += 1;
+    }
+  }
+  double tall = 0, loss = 0;
+  for (double t : T) tall += t;
+  std::vector<double> coef((size_t)(G * E), 0);  // d loss / d probs[r, e] for a row of group g
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = 0; e < E; ++e) {
+      const size_t i = (size_t)(g * E + e);
+      if (T[(size_t)g] == 0 || tall == 0) continue;
+      const double q = inv ? (*inv)[i] : (double)E, f = cnt[i] / (T[(size_t)g] * (double)K);
+      loss += w * q * (T[(size_t)g] / tall) * f * S[i] / T[(size_t)g];
+      coef[i] = w * q * f / tall;
+    }
+  if (dp) {
+    dp->assign((size_t)(R * E), 0.0);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = grp ? (*grp)[(size_t)r] : 0;
+      if (g >= 0 && g < G)
+        for (int64_t e = 0; e < E; ++e) (*dp)[(size_t)(r * E + e)] = coef[(size_t)(g * E + e)];
+    }
+  }
+  return loss;
+}
+
+TEST_CASE("router_balance_loss op: double reference (flat, grouped, target shares, skipped rows and slots), "
+          "gradients, balanced value, empty, bad shapes") {
+  uint64_t seed = 70;
+  for (int64_t R : {1, 9, 257})
+    for (int64_t E : {2, 5, 64})
+      for (int64_t K : {1, 2})
+        for (int64_t G : {1, 3})
+          for (int shares = 0; shares < 2; ++shares) {
+            if (K > E) continue;
+            CAPTURE(R);
+            CAPTURE(E);
+            CAPTURE(K);
+            CAPTURE(G);
+            CAPTURE(shares);
+            // Softmax rows and their top-K; groups with a skipped row (-1) and an out-of-range one (G).
+            Tensor logits = uniform({R, E}, ++seed, -2.f, 2.f);
+            Tensor p = softmax(logits).detach();
+            std::vector<int32_t> iv = topk(p, K).second.to_i32_vector(), gv((size_t)R);
+            for (int64_t r = 0; r < R; ++r) gv[(size_t)r] = G == 1 ? 0 : (int32_t)(r % G);
+            if (R > 5 && G > 1) gv[4] = -1, gv[5] = (int32_t)G;
+            if (R > 3) iv[3] = -1;                 // a dropped slot is not counted
+            if (R > 2) iv[2 * K - 1] = (int32_t)E;  // nor one outside [0, E)
+            std::vector<float> inv((size_t)(G * E));
+            for (int64_t i = 0; i < G * E; ++i)  // 1 / share: E around 1, one excluded child per group
+              inv[(size_t)i] = i % E == 1 ? 0.f : (float)E * (0.5f + philox_uniform(seed, 1, (uint64_t)i));
+            Tensor idx = Tensor::from_vector(iv, {R, K}), grp = Tensor::from_vector(gv, {R});
+            Tensor q = shares ? Tensor::from_vector(inv, {G, E}) : Tensor();
+            const std::vector<float> pv = p.to_f32_vector();
+            std::vector<double> dref;
+            const double ref = balance_ref(pv, iv, G == 1 ? nullptr : &gv, shares ? &inv : nullptr, R, E, K, G,
+                                           0.02, &dref);
+            Tensor x = p.detach();
+            x.requires_grad_();
+            Tensor l = router_balance_loss(x, idx, G == 1 ? Tensor() : grp, G, q, 0.02f);
+            CHECK(l.dim() == 0);
+            CHECK(std::fabs(l.item() - ref) <= 1e-9 + 1e-6 * std::fabs(ref));
+            l.backward(Tensor::scalar(1.5f));
+            const std::vector<float> gx = x.grad().to_f32_vector();
+            for (int64_t i = 0; i < R * E; ++i)
+              REQUIRE(std::fabs(gx[(size_t)i] - 1.5 * dref[(size_t)i]) <= 1e-10 + 1e-6 * std::fabs(1.5 * dref[(size_t)i]));
+            if (R <= 9)
+              CHECK_GRAD([&](const std::vector<Tensor>& in) {
+                return router_balance_loss(in[0], idx, G == 1 ? Tensor() : grp, G, q, 0.02f);
+              }, {param({R, E}, seed, 0.f, 1.f)});
+          }
+  // Balanced flat usage (uniform probabilities, round-robin choice) gives exactly the weight, the Switch floor;
+  // the same with every target share 1/E given explicitly.
+  const int64_t R = 64, E = 8;
+  std::vector<int32_t> rr((size_t)R);
+  for (int64_t r = 0; r < R; ++r) rr[(size_t)r] = (int32_t)(r % E);
+  Tensor uni = Tensor::full({R, E}, 1.f / E), rrt = Tensor::from_vector(rr, {R, 1});
+  CHECK(router_balance_loss(uni, rrt, Tensor(), 1, Tensor(), 0.5f).item() == doctest::Approx(0.5).epsilon(1e-6));
+  CHECK(router_balance_loss(uni, rrt, Tensor(), 1, Tensor::full({1, E}, (float)E), 0.5f).item() ==
+        doctest::Approx(0.5).epsilon(1e-6));
+  // All traffic on one child with all its probability: E times the weight.
+  Tensor one = Tensor::zeros({R, E});
+  for (int64_t r = 0; r < R; ++r) one.f32()[r * E] = 1.f;
+  CHECK(router_balance_loss(one, Tensor::zeros({R, 1}, DType::I32), Tensor(), 1, Tensor(), 0.5f).item() ==
+        doctest::Approx(0.5 * E).epsilon(1e-6));
+  // No rows, or every row skipped: 0, never NaN, and a zero gradient.
+  Tensor none = param({0, 4}, 80);
+  Tensor z0 = router_balance_loss(none, Tensor::zeros({0, 1}, DType::I32), Tensor(), 1, Tensor(), 1.f);
+  CHECK(z0.item() == 0.f);
+  z0.backward();
+  CHECK(none.grad().numel() == 0);
+  Tensor some = param({3, 4}, 81);
+  Tensor skipped = router_balance_loss(some, Tensor::zeros({3, 1}, DType::I32),
+                                       Tensor::from_vector(std::vector<int32_t>{-1, -1, -1}, {3}), 2, Tensor(), 1.f);
+  CHECK(skipped.item() == 0.f);
+  skipped.backward();
+  for (float g : some.grad().to_f32_vector()) CHECK(g == 0.f);
+  // Bad shapes and dtypes are refused by name.
+  Tensor i31 = Tensor::zeros({3, 1}, DType::I32);
+  CHECK_THROWS_WITH_AS(router_balance_loss(some, Tensor::zeros({2, 1}, DType::I32), Tensor(), 1, Tensor(), 1.f),
+                       doctest::Contains("indices must be [3, K]"), Error);
+  CHECK_THROWS_AS(router_balance_loss(some, Tensor::zeros({3, 1}), Tensor(), 1, Tensor(), 1.f), Error);  // f32
+  CHECK_THROWS_AS(router_balance_loss(some.view({12}), i31, Tensor(), 1, Tensor(), 1.f), Error);
+  CHECK_THROWS_WITH_AS(router_balance_loss(some, i31, Tensor(), 2, Tensor(), 1.f),
+                       doctest::Contains("groups need a group tensor"), Error);
+  CHECK_THROWS_AS(router_balance_loss(some, i31, Tensor::zeros({2}, DType::I32), 2, Tensor(), 1.f), Error);
+  CHECK_THROWS_WITH_AS(router_balance_loss(some, i31, Tensor(), 1, Tensor::ones({1, 3}), 1.f),
+                       doctest::Contains("inv_share must be [1, 4]"), Error);
+  CHECK_THROWS_AS(router_balance_loss(some, i31, Tensor(), 0, Tensor(), 1.f), Error);
+}
+
 TEST_CASE("embedding op: rows gathered for any id shape, repeated ids accumulate, bad ids throw") {
   const int64_t V = 11, C = 5;
   Tensor w = param({V, C}, 12);

@@ -511,9 +511,12 @@ TEST_SUITE("reliability") {
         CHECK_FALSE(std::isfinite(end_off));
         CHECK_FALSE(std::isfinite(off.losses.back()));
       } else {
-        // Right after the fault the unguarded model is worse, by 0.023 on tinyshakespeare under the default gate
-        // design (renorm_last; 0.38 under renorm_path, whose gates a token's two clusters share); later, clearly
-        // worse. The same margins hold on the generated play (tests/corpus.h).
+        // Right after the fault the unguarded model is worse, by 0.025 on tinyshakespeare under the default gate
+        // design (renorm_last; 0.38 under renorm_path, whose gates a token's two clusters share). This margin
+        // follows the 120-step trajectory's rounding: 0.024 before the fused z-loss op, 0.012 after it, 0.005 with
+        // the MoE path on the dispatch kernels alone (their combine fuses each slot's multiply-add and sums the gate
+        // gradient in another order), 0.025 with both. Later, clearly worse. The same margins hold on the generated
+        // play (tests/corpus.h).
         CHECK((!std::isfinite(hit_off) || hit_off > hit_on + 0.01f));
         CHECK((!std::isfinite(end_off) || end_off > end_on[1] + 0.05f));
         CHECK((!std::isfinite(mean_off) || mean_off > mean_on + 0.03));

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "kernels/gemm.h"
+#include "engine/host_sync.h"
 #include "model/moe.h"
 #include "model/router.h"
 #include "tests/helpers.h"
@@ -339,7 +340,8 @@ TEST_SUITE("routing") {
   }
 
   TEST_CASE("router work: the products issued are the kept nodes' routers only, counted in the GEMM kernel") {
-    // The multiply-adds the CPU GEMM kernel was asked for while route() ran: not a formula the router reports.
+    // The multiply-adds the CPU GEMM kernel was asked for while route() ran (the routed-logits kernel issues one GEMM
+    // per node): not a formula the router reports.
     // Only the kept nodes' routers may be evaluated: T * C * sum_l K_{l-1} * b_l multiply-adds. Evaluating every
     // node of a level would cost T * C * nodes_l * b_l there. With one child kept per level of branching 4, the
     // work grows like log N: 4 C per level, for N = 4^D experts.
@@ -368,6 +370,30 @@ TEST_SUITE("routing") {
     CHECK(issued({256}, {1}) == T * C * 256);                  // flat: linear in N
     CHECK(issued({4, 4, 4}, {2, 2, 1}) == T * C * (4 + 2 * 4 + 4 * 4));
     CHECK(issued({2, 3, 2}, {2, 1, 2}) == T * C * (2 + 2 * 3 + 2 * 2));  // every node: 2 + 6 + 12
+  }
+
+  TEST_CASE("route() waits for the host once per call: one packed read-out of leaves, gates, counts, entropy") {
+    // Per level the selection, the counts and the path stay on h's device (engine/host_sync.h counts the CPU
+    // build's would-be waits too). What moe.cpp still reads on the host comes back in one copy; the device
+    // tensors hold the same values.
+    for (GateMode gm : {GateMode::Product, GateMode::RenormPath, GateMode::RenormLast}) {
+      CoEConfig c = tree_config(8, {3, 2, 2}, {2, 1, 2});
+      c.gate_mode = gm;
+      c.aux_free_bias = true;
+      Generator gen(61);
+      TreeRouter r(c, gen);
+      Tensor h = uniform({11, 8}, 62);
+      reset_host_sync_stats();
+      Routing rt = r.route(h, RouterBias{}, nullptr, true);
+      CHECK(host_sync_stats().stream_syncs == 1);
+      CHECK(rt.expert_ids.to_i32_vector() == rt.expert);
+      CHECK(rt.gate.to_f32_vector() == rt.gate_value);
+      CHECK(rt.entropy_dev.item() == rt.entropy);
+      for (int64_t l = 0; l < r.depth(); ++l) {
+        std::vector<int32_t> counts = rt.level_counts_dev[l].to_i32_vector();
+        CHECK(std::vector<int64_t>(counts.begin(), counts.end()) == rt.level_counts[l]);
+      }
+    }
   }
 
   TEST_CASE("auxiliary losses' gradients, each in isolation, with top-k below the branching at every level") {
@@ -590,6 +616,81 @@ TEST_SUITE("routing") {
     Routing empty_parent = two.route(hp, RouterBias{}, nullptr, false);
     for (int32_t e : empty_parent.expert) CHECK(e < 2);
     CHECK(std::isfinite(empty_parent.lb_loss.item()));
+  }
+
+  TEST_CASE("load-balance term: router_balance_loss equals the composite the router used before, value and "
+            "gradient, within float rounding") {
+    // The router's per-level load balance used to be a composite (counts and coefficients on the host, an
+    // index_add of probs per node); it is now router_balance_loss. Random routing: pairs at random nodes, softmax
+    // probabilities with the node's logit bias (reliabilities, a pruned child), top-k selection.
+    uint64_t seed = 4000;
+    double worst = 0.0, worst_grad = 0.0;
+    for (int64_t n_nodes : {1, 4, 16})
+      for (int64_t b : {2, 4, 16})
+        for (int64_t k : {1, 2})
+          for (int64_t P : {40, 1000})
+            for (int bias = 0; bias < 3; ++bias) {  // none, reliabilities, reliabilities and a pruned child
+              if (k >= b) continue;
+              CAPTURE(n_nodes);
+              CAPTURE(b);
+              CAPTURE(k);
+              CAPTURE(P);
+              CAPTURE(bias);
+              std::vector<float> lb((size_t)(n_nodes * b), 0.f);
+              for (size_t i = 0; bias && i < lb.size(); ++i)
+                lb[i] = std::log(0.05f + 0.95f * philox_uniform(++seed, 0, i));
+              if (bias == 2) lb[1] = -INFINITY;
+              std::vector<int32_t> node((size_t)P);
+              for (int64_t p = 0; p < P; ++p)
+                node[(size_t)p] = (int32_t)(philox_uniform(seed, 1, (uint64_t)p) * (float)n_nodes) % (int32_t)n_nodes;
+              Tensor node_t = Tensor::from_vector(node, {P});
+              Tensor logits = add(uniform({P, b}, ++seed, -2.f, 2.f),
+                                  index_select(Tensor::from_vector(lb, {n_nodes, b}), 0, node_t));
+              Tensor probs = softmax(logits).detach();
+              Tensor idx = topk(probs, k).second;  // [P, k]
+              const std::vector<int32_t> iv = idx.to_i32_vector();
+              // Before: coef = f / q per (node, child) on the host, then (1/P) sum_{node, c} coef * Psum.
+              std::vector<int64_t> counts((size_t)(n_nodes * b), 0), pairs_at((size_t)n_nodes, 0);
+              for (int64_t p = 0; p < P; ++p) {
+                ++pairs_at[(size_t)node[(size_t)p]];
+                for (int64_t j = 0; j < k; ++j) ++counts[(size_t)(node[(size_t)p] * b + iv[(size_t)(p * k + j)])];
+              }
+              std::vector<float> coef((size_t)(n_nodes * b), 0.f), inv((size_t)(n_nodes * b), 0.f);
+              for (int64_t j = 0; j < n_nodes; ++j) {
+                double rsum = 0.0;
+                for (int64_t c2 = 0; c2 < b; ++c2) rsum += std::exp((double)lb[(size_t)(j * b + c2)]);
+                for (int64_t c2 = 0; c2 < b; ++c2) {
+                  const double rho = std::exp((double)lb[(size_t)(j * b + c2)]);
+                  if (rho == 0.0) continue;
+                  inv[(size_t)(j * b + c2)] = (float)(rsum / rho);
+                  if (pairs_at[(size_t)j])
+                    coef[(size_t)(j * b + c2)] = (float)((double)counts[(size_t)(j * b + c2)] /
+                                                         (double)(pairs_at[(size_t)j] * k) * (rsum / rho));
+                }
+              }
+              Tensor x_old = probs.detach(), x_new = probs.detach();
+              x_old.requires_grad_();
+              x_new.requires_grad_();
+              Tensor psum = n_nodes == 1 ? sum(x_old, 0).view({1, b})
+                                         : index_add(Tensor::zeros({n_nodes, b}), 0, node_t, x_old);
+              Tensor before = mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}))), 1.f / (float)P);
+              // After: the op, with the router's inputs (no target shares when there is no bias).
+              Tensor after = router_balance_loss(x_new, idx, n_nodes == 1 ? Tensor() : node_t, n_nodes,
+                                                 bias ? Tensor::from_vector(inv, {n_nodes, b}) : Tensor(), 1.f);
+              const double rel = std::fabs((double)after.item() - before.item()) / std::fabs(before.item());
+              worst = std::max(worst, rel);
+              CHECK(rel <= 1e-6);
+              before.backward();
+              after.backward();
+              const std::vector<float> go = x_old.grad().to_f32_vector(), gn = x_new.grad().to_f32_vector();
+              for (size_t i = 0; i < go.size(); ++i) {
+                const double d = std::fabs((double)gn[i] - go[i]);
+                worst_grad = std::max(worst_grad, d / std::max(1e-30, std::fabs((double)go[i])));
+                REQUIRE(d <= 4e-7 * std::fabs(go[i]));
+              }
+            }
+    MESSAGE("load balance, op vs the former composite: largest relative difference ", worst, " (value), ",
+            worst_grad, " (gradient)");
   }
 
   TEST_CASE("z-loss is weight * mean logsumexp(logits)^2, averaged over levels") {

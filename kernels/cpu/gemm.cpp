@@ -24,6 +24,7 @@
 // on K, and every micro-kernel shape (full or edge) runs this same sequence, so how C is cut into tiles and
 // tiles into threads cannot change a bit. Threads own disjoint tiles of C.
 #include "kernels/gemm.h"
+#include "kernels/cpu/gemm_tile.h"
 
 #include <algorithm>
 #include <array>
@@ -47,6 +48,7 @@
 #endif
 
 namespace cm::cpu {
+using gemm_detail::Operands;
 namespace {
 
 // ---------------------------------------------------------------- a 16-float vector, three ways
@@ -116,7 +118,7 @@ constexpr int MR = 4, NVMAX = 1;
 #endif
 
 constexpr int NR = 16 * NVMAX;  // register tile width (floats)
-constexpr int64_t KC = 384;     // K block: Ap (MR*KC*4 = 18 KiB) stays in L1 while Bp panels stream past it
+constexpr int64_t KC = kGemmKC; // K block: Ap (MR*KC*4 = 18 KiB) stays in L1 while Bp panels stream past it
 constexpr int64_t NC = 512;     // N block: Bp (KC*NC*4 = 768 KiB) stays in L2 while every Ap meets it
 
 // ---------------------------------------------------------------- micro-kernel
@@ -173,14 +175,13 @@ constexpr auto kernel_table(std::integer_sequence<int, V1...>) {
 constexpr auto kKernels = kernel_table(std::make_integer_sequence<int, NVMAX>{});
 
 // ---------------------------------------------------------------- packing
-struct Operands {
-  const float* A;
-  const float* B;
-  float* C;
-  int64_t lda, ldb, ldc, M, N, K;
-  bool ta, tb;
-  float alpha, beta;
-};
+// Row r of a non-transposed operand, through the optional gather (gemm_tile.h).
+inline const float* a_row(const Operands& p, int64_t i) {
+  return p.A + (p.a_rows ? (int64_t)p.a_rows[i] / p.a_div : i) * p.lda;
+}
+inline const float* b_row(const Operands& p, int64_t k) {
+  return p.B + (p.b_rows ? (int64_t)p.b_rows[k] / p.b_div : k) * p.ldb;
+}
 
 #if defined(__AVX512F__)
 // In-register transpose of a 16x16 block: r[i] lane j <- r[j] lane i (unpack, then 128-bit lane shuffles).
@@ -207,15 +208,15 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[t*dst_stride + i] = src[i*src_stride + t] for i < rows, t < cols <= 16: one strip of a transpose, the
-// inner step of both transposing packs. Lanes rows..store_lanes-1 of each written row are written as 0.
-__attribute__((always_inline)) inline void transpose_strip(float* __restrict dst, int64_t dst_stride,
-                                                           const float* __restrict src, int64_t src_stride, int rows,
-                                                           int cols, int store_lanes) {
+// dst[t*dst_stride + i] = row(i)[t] for i < rows, t < cols <= 16: one strip of a transpose, the inner step of both
+// transposing packs (row(i) points at source row i's first element of the strip). Lanes rows..store_lanes-1 of
+// each written row are written as 0.
+template <class Row>
+__attribute__((always_inline)) inline void transpose_strip(float* __restrict dst, int64_t dst_stride, Row row,
+                                                           int rows, int cols, int store_lanes) {
   const __mmask16 in = (__mmask16)((1u << cols) - 1), out = (__mmask16)((1u << store_lanes) - 1);
   __m512 r[16];
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < rows ? _mm512_maskz_loadu_ps(in, src + i * src_stride) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(in, row(i)) : _mm512_setzero_ps();
   transpose16(r);
   for (int t = 0; t < cols; ++t) _mm512_mask_storeu_ps(dst + t * dst_stride, out, r[t]);
 }
@@ -228,14 +229,15 @@ void pack_a(float* __restrict ap, const Operands& p, int64_t i0, int mi, int64_t
     for (int64_t k = 0; k < kc; ++k) vstore(ap + k * MR, vload(src + k * p.lda, mi), mi);  // mi <= MR < 16
     return;
   }
-  // op(A)[i][k] = A[i*lda + k]: a transpose of the mi x kc block
-  const float* src = p.A + i0 * p.lda + k0;
+  // op(A)[i][k] = A[i*lda + k] (or the gathered row's): a transpose of the mi x kc block
+  const float* src[MR];
+  for (int i = 0; i < mi; ++i) src[i] = a_row(p, i0 + i) + k0;
 #if defined(__AVX512F__)
   for (int64_t k = 0; k < kc; k += 16)
-    transpose_strip(ap + k * MR, MR, src + k, p.lda, mi, (int)std::min<int64_t>(16, kc - k), MR);
+    transpose_strip(ap + k * MR, MR, [&](int i) { return src[i] + k; }, mi, (int)std::min<int64_t>(16, kc - k), MR);
 #else
   for (int64_t k = 0; k < kc; ++k)
-    for (int i = 0; i < mi; ++i) ap[k * MR + i] = src[i * p.lda + k];
+    for (int i = 0; i < mi; ++i) ap[k * MR + i] = src[i][k];
 #endif
 }
 
@@ -245,13 +247,14 @@ void pack_b(float* __restrict bp, const Operands& p, int64_t k0, int64_t kc, int
     const int cols = (int)std::min<int64_t>(NR, nc - jp);
     const int w = (cols + 15) / 16 * 16;
     float* __restrict dst = bp + jp * kc;
-    if (!p.tb) {  // op(B)[k][j] = B[k*ldb + j]: rows of the panel are contiguous runs
-      const float* src = p.B + k0 * p.ldb + j0 + jp;
-      for (int64_t k = 0; k < kc; ++k)
+    if (!p.tb) {  // op(B)[k][j] = B[k*ldb + j] (or the gathered row's): rows of the panel are contiguous runs
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = b_row(p, k0 + k) + j0 + jp;
         for (int v = 0; v < w; v += 16) {
           const int n = cols - v;  // loads past the edge read 0: the zero padding
-          vstore(dst + k * w + v, n >= 16 ? vload(src + k * p.ldb + v) : vload(src + k * p.ldb + v, n));
+          vstore(dst + k * w + v, n >= 16 ? vload(src + v) : vload(src + v, n));
         }
+      }
       continue;
     }
     // op(B)[k][j] = B[j*ldb + k]: a transpose, 16 columns by 16 k at a time
@@ -259,8 +262,8 @@ void pack_b(float* __restrict bp, const Operands& p, int64_t k0, int64_t kc, int
 #if defined(__AVX512F__)
     for (int64_t k = 0; k < kc; k += 16)
       for (int v = 0; v < w; v += 16)
-        transpose_strip(dst + k * w + v, w, src + v * p.ldb + k, p.ldb, std::min(16, cols - v),
-                        (int)std::min<int64_t>(16, kc - k), 16);
+        transpose_strip(dst + k * w + v, w, [&](int i) { return src + (v + i) * p.ldb + k; },
+                        std::min(16, cols - v), (int)std::min<int64_t>(16, kc - k), 16);
 #else
     for (int64_t k = 0; k < kc; ++k)
       for (int j = 0; j < w; ++j) dst[k * w + j] = j < cols ? src[j * p.ldb + k] : 0.0f;
@@ -287,16 +290,13 @@ PackBuffers& pack_buffers() {
   return bufs;
 }
 
-// The K blocks: ceil(K/KC) blocks of near-equal size (a function of K alone: part of the determinism contract).
-int64_t k_block(int64_t K) {
-  const int64_t nblocks = (K + KC - 1) / KC;
-  return (K + nblocks - 1) / nblocks;
-}
+}  // namespace
 
-// C[m0:m1, n0:n1] of one product (n1 - n0 <= NC).
-void gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+// C[m0:m1, n0:n1] of one product (n1 - n0 <= NC). The K blocks come from gemm_k_block (kernels/gemm.h): a
+// function of K alone, part of the determinism contract.
+void gemm_detail::gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   PackBuffers& buf = pack_buffers();
-  const int64_t kb = k_block(p.K);
+  const int64_t kb = gemm_k_block(p.K);
   const int64_t nc = n1 - n0;
   for (int64_t pc = 0; pc < p.K; pc += kb) {
     const int64_t kc = std::min(kb, p.K - pc);
@@ -314,6 +314,8 @@ void gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   }
 }
 
+namespace {
+
 // C = beta * C for the degenerate products (K == 0 or alpha == 0).
 void scale_c(float* C, int64_t ldc, int64_t M, int64_t N, float beta) {
   for (int64_t i = 0; i < M; ++i) {
@@ -325,17 +327,21 @@ void scale_c(float* C, int64_t ldc, int64_t M, int64_t N, float beta) {
   }
 }
 
-int max_threads() {
+std::atomic<int64_t> multiply_adds{0};  // see gemm_multiply_adds()
+
+}  // namespace
+
+int gemm_detail::max_threads() {
 #ifdef _OPENMP
   return omp_in_parallel() ? 1 : omp_get_max_threads();
 #else
   return 1;
 #endif
 }
-
-std::atomic<int64_t> multiply_adds{0};  // see gemm_multiply_adds()
-
-}  // namespace
+int gemm_detail::tile_mr() { return MR; }
+int gemm_detail::tile_nr() { return NR; }
+int64_t gemm_detail::tile_nc() { return NC; }
+void gemm_detail::count_multiply_adds(int64_t n) { multiply_adds.fetch_add(n, std::memory_order_relaxed); }
 
 int64_t gemm_multiply_adds() { return multiply_adds.load(std::memory_order_relaxed); }
 
@@ -353,7 +359,7 @@ void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* 
   // task packs its own panels, so more tiles cost more packing; dynamic scheduling absorbs uneven edge tiles
   // and neighbours on the same cores. Small products stay on the calling thread.
   const double flops = 2.0 * (double)M * (double)N * (double)K * (double)batch;
-  const int threads = flops < 4e6 ? 1 : max_threads();
+  const int threads = flops < 4e6 ? 1 : gemm_detail::max_threads();
   const int64_t ncb = (N + NC - 1) / NC;
   const int64_t nb = ((N + ncb - 1) / ncb + NR - 1) / NR * NR;  // tile width, a multiple of NR, <= NC
   const int64_t ncols = (N + nb - 1) / nb;
@@ -373,7 +379,7 @@ void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* 
     const int64_t b = t / tiles, r = (t % tiles) / ncols, q = t % ncols;
     Operands p{A + b * stride_a, B + b * stride_b, C + b * stride_c, lda, ldb, ldc, M, N, K,
                trans_a,          trans_b,          alpha,            beta};
-    gemm_tile(p, r * mb, std::min(M, (r + 1) * mb), q * nb, std::min(N, (q + 1) * nb));
+    gemm_detail::gemm_tile(p, r * mb, std::min(M, (r + 1) * mb), q * nb, std::min(N, (q + 1) * nb));
   }
 }
 

@@ -1,8 +1,11 @@
-// CPU cross-entropy. One row per iteration of a static OpenMP loop; each row is two vectorised passes over V
-// (max, then sum of exp) forward and one pass backward. Deterministic: a row belongs to one thread.
+// CPU losses. Cross-entropy: one row per iteration of a static OpenMP loop; each row is two vectorised passes over
+// V (max, then sum of exp) forward and one pass backward. Deterministic: a row belongs to one thread.
+// Router z-loss and load balance (DESIGN.md 4.3): the CPU twins of kernels/cuda/losses.cu.
 #include "kernels/losses.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels/cpu/fastmath.h"
 
@@ -76,6 +79,84 @@ void cross_entropy_backward(float* dlogits, const float* logits, const float* ls
     float l = lse[n];
     for (int64_t v = 0; v < V; ++v) dx[v] = fast_exp(x[v] - l) * scale;
     dx[t] -= scale;
+  }
+}
+
+// Load balance. Per (g, e): S = sum of probs over g's rows in double, in row order (a block of columns belongs to
+// one thread, which walks every row); counts are integers. Then frac, mean_prob and the loss, summed in double in
+// (g, e) order.
+void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
+                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          int64_t K, int64_t G, float weight) {
+  const int64_t GE = G * E;
+  auto group_of = [&](int64_t r) -> int64_t {  // -1: skipped
+    const int64_t g = group ? group[r] : 0;
+    return g >= 0 && g < G ? g : -1;
+  };
+  std::vector<double> S((size_t)GE, 0.0);
+  std::vector<int64_t> cnt((size_t)GE, 0), T((size_t)G, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = group_of(r);
+    if (g < 0) continue;
+    ++T[(size_t)g];
+    for (int64_t j = 0; j < K; ++j) {
+      const int32_t e = indices[r * K + j];
+      if (e >= 0 && e < E) ++cnt[(size_t)(g * E + e)];
+    }
+  }
+  constexpr int64_t kCols = 64;  // columns per task: a cache line or more of each row
+  const int64_t blocks = (E + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) if (R * E >= kParallelMin)
+  for (int64_t cb = 0; cb < blocks; ++cb) {
+    const int64_t e0 = cb * kCols, e1 = std::min(E, e0 + kCols);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = group_of(r);
+      if (g < 0) continue;
+      double* __restrict s = S.data() + g * E;
+      const float* __restrict p = probs + r * E;
+      for (int64_t e = e0; e < e1; ++e) s[e] += (double)p[e];
+    }
+  }
+  double acc = 0.0, tall = 0.0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t t = T[(size_t)g];
+    tokens[g] = (float)t;
+    tall += (double)t;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = g * E + e;
+      // frac: the CUDA twin's float expression (the backward reads it: the same bits on both backends).
+      const float f = t > 0 ? (float)cnt[(size_t)i] / (float)(t * K) : 0.f;
+      const float p = t > 0 ? (float)(S[(size_t)i] / (double)t) : 0.f;
+      frac[i] = f;
+      mean_prob[i] = p;
+      acc += (double)t * (double)f * (double)p * (inv_share ? (double)inv_share[i] : 1.0);
+    }
+  }
+  loss[0] = tall > 0 ? (float)((double)weight * (inv_share ? 1.0 : (double)E) * acc / tall) : 0.f;
+}
+
+void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
+                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           float weight) {
+  double tall = 0.0;
+  for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
+  const float k =
+      tall > 0 ? (float)((double)dloss[0] * (double)weight * (inv_share ? 1.0 : (double)E) / tall) : 0.f;
+#pragma omp parallel for schedule(static) if (R * E >= kParallelMin)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = group ? group[r] : 0;
+    float* __restrict d = dprobs + r * E;
+    if (g < 0 || g >= G) {
+      for (int64_t e = 0; e < E; ++e) d[e] = 0.f;
+      continue;
+    }
+    const float* f = frac + g * E;
+    if (inv_share) {
+      const float* q = inv_share + g * E;
+      for (int64_t e = 0; e < E; ++e) d[e] = (k * q[e]) * f[e];
+    } else {
+      for (int64_t e = 0; e < E; ++e) d[e] = k * f[e];
+    }
   }
 }
 

@@ -1,13 +1,14 @@
 // CUDA embedding (contracts in kernels/embedding.h). Forward: a warp per looked-up row, 16-byte copies when the
-// rows allow. Backward, deterministic as on the CPU: positions are stably sorted by id (the LSD radix sort of
-// kernels/cuda/sort.cuh), then one warp per distinct id adds that id's dout rows into its dweight row in
-// increasing position: the same additions in the same order as the CPU's serial loop, so the results match it
-// bit for bit, and no two warps touch one row (no atomics).
+// rows allow. Backward, deterministic: positions are stably sorted by id (the LSD radix sort of
+// kernels/cuda/sort.cuh), then the sorted add of kernels/index.h (index_add_sorted) adds each id's dout rows into
+// its dweight row in increasing position, in chunks of kRunChunk for a frequent id, the chunk sums in chunk order:
+// the CPU's bits for ids seen at most kRunChunk times, within the header's rounding bound beyond; no atomics.
 #include <climits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/sort.cuh"
 #include "kernels/embedding.h"
+#include "kernels/index.h"
 
 namespace cm::cuda {
 
@@ -31,27 +32,6 @@ __global__ void embedding_forward_kernel(V* __restrict__ out, const V* __restric
     }
     const V* src = weight + (int64_t)id * Cv;
     for (int64_t c = lane; c < Cv; c += kWarp) dst[c] = src[c];
-  }
-}
-
-// Warp i looks at sorted position i; only the first position of each id's run works: it walks the run in order.
-__global__ void embedding_backward_kernel(float* __restrict__ dweight, const float* __restrict__ dout,
-                                          const int32_t* __restrict__ sorted_ids, const int32_t* __restrict__ pos,
-                                          int64_t N, int64_t Vocab, int64_t C) {
-  const int lane = threadIdx.x % kWarp;
-  for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; i < N;
-       i += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
-    const int32_t v = sorted_ids[i];
-    if (i > 0 && sorted_ids[i - 1] == v) continue;  // not the head of its run (uniform across the warp)
-    if (v < 0 || v >= Vocab) continue;              // a bad id: the forward recorded it; never written
-    int64_t end = i + 1;
-    while (end < N && sorted_ids[end] == v) ++end;
-    float* dw = dweight + (int64_t)v * C;
-    for (int64_t c = lane; c < C; c += kWarp) {
-      float acc = dw[c];
-      for (int64_t j = i; j < end; ++j) acc += dout[(int64_t)pos[j] * C + c];
-      dw[c] = acc;
-    }
   }
 }
 
@@ -84,9 +64,7 @@ void embedding_backward(float* dweight, const float* dout, const int32_t* ids, i
   int32_t* sorted_ids = s.at<int32_t>();
   int32_t* pos = s.at<int32_t>(bytes);
   detail::stable_sort_pairs(sorted_ids, pos, ids, nullptr, N, bits);
-  embedding_backward_kernel<<<grid_for(N, kRowThreads / kWarp), kRowThreads, 0, stream()>>>(dweight, dout, sorted_ids,
-                                                                                          pos, N, V, C);
-  cudaCheckLaunch("embedding_backward_kernel");
+  index_add_sorted(dweight, dout, sorted_ids, pos, 1, V, N, C, bits, IndexOp::Embedding);  // dweight [V, C] += ...
 }
 
 }  // namespace cm::cuda

@@ -4,8 +4,10 @@
 // output element, no two threads write one element, and no atomics; results match the CPU bit for bit.
 // The column walk has O * I threads, each a chain of n dependent read-modify-writes (the compiler cannot overlap
 // them: two j may hit one row). That is fine for short index lists; index_add with a long one (the backward of
-// index_select over many rows) first sorts the positions by index (a stable radix sort), then gives each distinct
-// (o, index) row one warp that adds its run of sources in increasing j: the same additions in the same order.
+// index_select over many rows) first sorts the positions by index (a stable radix sort), then adds each run of
+// equal indices in chunks of kRunChunk, one warp per chunk, the chunk sums in chunk order (kernels/index.h:
+// bit-identical to the CPU for runs up to kRunChunk, deterministic and within rounding beyond). The embedding
+// backward uses the same sorted add (index_add_sorted).
 #include <climits>
 
 #include "kernels/cuda/common.cuh"
@@ -69,27 +71,92 @@ __global__ void index_add_kernel(float* __restrict__ out, const float* __restric
   }
 }
 
-// Sorted index_add: sorted[p] = index value of the p-th source in index order, pos[p] = that source's j. Warp
-// task (o, p); only the first p of each run of equal indices works, adding the run into out[o, index] lane-wise.
-__global__ void index_add_sorted_kernel(float* __restrict__ out, const float* __restrict__ src,
-                                        const int32_t* __restrict__ sorted, const int32_t* __restrict__ pos,
-                                        int64_t O, int64_t D, int64_t n, int64_t I, int64_t* rec) {
+// ---------------------------------------------------------------- the sorted add
+// sorted [n]: index values in the order stable_sort_pairs leaves them, pos [n]: each one's source position. A run
+// is a maximal range of equal sort keys; chunk c of the run starting at s covers [s + c L, min(s + (c + 1) L, e)),
+// L = kRunChunk, e the run's end. Warp task (o, p): only chunk heads work.
+
+// The order stable_sort_pairs sorts by (kernels/cuda/dispatch.cu): 8-bit digits from the lowest, ceil(key_bits / 8)
+// of them, unsigned. Values in [0, 2^key_bits) keep their order; a bad one (recorded, skipped) lands where its low
+// bits put it, so runs are found by this key, and a value that differs from its run's first is skipped too.
+__device__ __forceinline__ uint32_t order_key(int32_t v, uint32_t mask) { return (uint32_t)v & mask; }
+
+// First position in [lo, hi) whose key is >= key (below: > key); the keys are sorted.
+__device__ __forceinline__ int64_t first_key_at_least(const int32_t* sorted, int64_t lo, int64_t hi, uint32_t key,
+                                                      uint32_t mask, bool strictly_above) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const uint32_t k = order_key(sorted[mid], mask);
+    if (k < key || (strictly_above && k == key))
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Where a chunk's sum waits for the combine (runs longer than L only), per (o, column i): slot 2 w + (p is the run's
+// first position), w = p / L. Unique: in one window [w L, (w + 1) L) of positions at most one long run starts (it
+// then covers the rest of the window), and at most one later chunk of a long run begins (a run's chunk heads are L
+// apart, and a long run starting inside the window cannot have a second head there).
+__device__ __forceinline__ int64_t chunk_slot(int64_t p, bool run_start) { return 2 * (p / kRunChunk) + run_start; }
+
+// Pass 1: each chunk adds its sources in increasing sorted position. A whole run (m <= L) goes straight into the row,
+// the CPU's serial order; chunk 0 of a long run starts from the row's value, a later chunk from -0.0 (x + -0.0 == x
+// for every x, -0.0 included), and their sums go to slots part [slots, O, I].
+__global__ void run_chunk_kernel(float* __restrict__ out, float* __restrict__ part, const float* __restrict__ src,
+                                 const int32_t* __restrict__ sorted, const int32_t* __restrict__ pos, int64_t O,
+                                 int64_t D, int64_t n, int64_t I, uint32_t mask, IndexOp op, int64_t* rec) {
   const int lane = threadIdx.x % kWarp;
   const int64_t tasks = O * n;
   for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks;
        w += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
     const int64_t o = w / n, p = w - o * n;
+    const uint32_t key = order_key(sorted[p], mask);
+    const int64_t s = first_key_at_least(sorted, 0, p, key, mask, false);  // the run's first position
+    if ((p - s) % kRunChunk != 0) continue;                                 // not a chunk head (uniform in the warp)
+    const int64_t e = first_key_at_least(sorted, p + 1, n, key, mask, true);  // the run's end
+    const int32_t d = sorted[s];
+    if (d < 0 || d >= D) {  // a bad value: the run is skipped (sums of such a step are not to be trusted)
+      if (lane == 0) record_bad_index(rec, op, d, pos[p], D);
+      continue;
+    }
+    const int64_t q1 = p + kRunChunk < e ? p + kRunChunk : e;
+    const bool whole = e - s <= kRunChunk;
+    float* row = out + (o * D + d) * I;
+    float* dst = whole ? row : part + (chunk_slot(p, p == s) * O + o) * I;
+    for (int64_t i = lane; i < I; i += kWarp) {
+      float acc = p == s ? row[i] : -0.0f;
+      for (int64_t q = p; q < q1; ++q) {
+        const int32_t v = sorted[q];
+        if (v == d)
+          acc += src[(o * n + pos[q]) * I + i];
+        else if (i == 0)  // another value with the same low bits: a bad one, recorded once per chunk lane 0 sees it
+          record_bad_index(rec, op, v, pos[q], D);
+      }
+      dst[i] = acc;
+    }
+  }
+}
+
+// Pass 2: the row of each long run becomes chunk 0's sum + chunk 1's + ... in chunk order.
+__global__ void run_combine_kernel(float* __restrict__ out, const float* __restrict__ part,
+                                   const int32_t* __restrict__ sorted, int64_t O, int64_t D, int64_t n, int64_t I,
+                                   uint32_t mask) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t tasks = O * n;
+  for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks;
+       w += (int64_t)gridDim.x * (blockDim.x / kWarp)) {
+    const int64_t o = w / n, p = w - o * n;
+    const uint32_t key = order_key(sorted[p], mask);
+    if (p > 0 && order_key(sorted[p - 1], mask) == key) continue;  // not a run's first position
+    const int64_t e = first_key_at_least(sorted, p + 1, n, key, mask, true);
     const int32_t d = sorted[p];
-    if (p > 0 && sorted[p - 1] == d) continue;  // not the head of its run (the same for the whole warp)
-    // A bad index: skipped (the sort only looked at the bits of [0, D), so such a step's sums are not to be
-    // trusted, which the recorded error says).
-    if (!index_ok(rec, IndexOp::IndexAdd, d, pos[p], D)) continue;
-    int64_t end = p + 1;
-    while (end < n && sorted[end] == d) ++end;
+    if (e - p <= kRunChunk || d < 0 || d >= D) continue;  // a whole run is in its row already; a bad one skipped
     float* row = out + (o * D + d) * I;
     for (int64_t i = lane; i < I; i += kWarp) {
-      float acc = row[i];
-      for (int64_t q = p; q < end; ++q) acc += src[(o * n + pos[q]) * I + i];
+      float acc = part[(chunk_slot(p, true) * O + o) * I + i];
+      for (int64_t c = p + kRunChunk; c < e; c += kRunChunk) acc += part[(chunk_slot(c, false) * O + o) * I + i];
       row[i] = acc;
     }
   }
@@ -224,9 +291,26 @@ void index_add(float* out, const float* src, const int32_t* index, int64_t O, in
   int32_t* sorted = s.at<int32_t>();
   int32_t* pos = s.at<int32_t>(bytes);
   detail::stable_sort_pairs(sorted, pos, index, nullptr, n, bits);
-  index_add_sorted_kernel<<<grid_for(O * n, kThreads / kWarp), kThreads, 0, stream()>>>(out, src, sorted, pos, O, D,
-                                                                                       n, I, index_error_record());
-  cudaCheckLaunch("index_add_sorted_kernel");
+  index_add_sorted(out, src, sorted, pos, O, D, n, I, bits, IndexOp::IndexAdd);
+}
+
+void index_add_sorted(float* out, const float* src, const int32_t* sorted, const int32_t* pos, int64_t O, int64_t D,
+                      int64_t n, int64_t I, int key_bits, IndexOp op) {
+  CM_CHECK(O >= 0 && D >= 0 && n >= 0 && n < INT32_MAX && I >= 0 && key_bits >= 1 && key_bits <= 31,
+           "cuda::index_add_sorted: O=", O, " D=", D, " n=", n, " I=", I, " key_bits=", key_bits);
+  if (O * I == 0 || n == 0) return;
+  const int digits = (key_bits + 7) / 8;  // stable_sort_pairs' passes
+  const uint32_t mask = digits >= 4 ? 0xffffffffu : (1u << (8 * digits)) - 1u;
+  // Chunk sums of long runs: two slots per window of kRunChunk positions (chunk_slot), each [O, I].
+  const int64_t slots = 2 * ceil_div(n, kRunChunk);
+  Scratch s((size_t)(slots * O * I) * 4);
+  float* part = s.at<float>();
+  const unsigned grid = grid_for(O * n, kThreads / kWarp);
+  run_chunk_kernel<<<grid, kThreads, 0, stream()>>>(out, part, src, sorted, pos, O, D, n, I, mask, op,
+                                                    index_error_record());
+  cudaCheckLaunch("run_chunk_kernel");
+  run_combine_kernel<<<grid, kThreads, 0, stream()>>>(out, part, sorted, O, D, n, I, mask);
+  cudaCheckLaunch("run_combine_kernel");
 }
 
 void gather(float* out, const float* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {

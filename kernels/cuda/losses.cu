@@ -6,6 +6,8 @@
 // integer atomics are exact, so their order does not matter). No floating-point atomics anywhere.
 // Scalar results (the losses) stay on the device; backward kernels read the upstream gradient from the device
 // too (`dloss` [1]), so a training step needs no host round trip for them.
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/losses.h"
 
@@ -134,7 +136,10 @@ __global__ void z_loss_backward_kernel(float* __restrict__ dlogits, const float*
 // slots for e, S[g, e] = sum of probs[r, e] over its rows. Stage 1 writes per-chunk partials; stage 2 adds them
 // in chunk order per (g, e); stage 3 the loss.
 
-// Stage 1: block b takes rows [b * RC, (b + 1) * RC). Shared: S [G*E] f32, cnt [G*E] i32, T [G] i32.
+// Stage 1: block b takes rows [b * RC, (b + 1) * RC) and writes its partials S [G*E] f32, cnt [G*E] i32, T [G] i32
+// to s_part, c_part, t_part at offset b. SHARED: accumulated in shared memory first (G * E <= kLbMaxGE), else
+// straight into the block's own slice of the partials (no other block writes it: no race, integer atomics exact).
+template <bool SHARED>
 __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restrict__ c_part,
                                   int32_t* __restrict__ t_part,
                                   const float* __restrict__ probs, const int32_t* __restrict__ indices,
@@ -142,9 +147,9 @@ __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restric
                                   int64_t RC) {
   extern __shared__ float lb_smem[];
   const int64_t GE = G * E;
-  float* S = lb_smem;
-  int32_t* cnt = (int32_t*)(S + GE);
-  int32_t* T = cnt + GE;
+  float* S = SHARED ? lb_smem : s_part + blockIdx.x * GE;
+  int32_t* cnt = SHARED ? (int32_t*)(S + GE) : c_part + blockIdx.x * GE;
+  int32_t* T = SHARED ? cnt + GE : t_part + blockIdx.x * G;
   for (int64_t i = threadIdx.x; i < GE; i += blockDim.x) {
     S[i] = 0.f;
     cnt[i] = 0;
@@ -167,6 +172,7 @@ __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restric
     if (e >= 0 && e < E) atomicAdd(&cnt[g * E + e], 1);
     if (i % K == 0) atomicAdd(&T[g], 1);
   }
+  if (!SHARED) return;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < GE; i += blockDim.x) {
     s_part[blockIdx.x * GE + i] = S[i];
@@ -175,11 +181,12 @@ __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restric
   for (int64_t i = threadIdx.x; i < G; i += blockDim.x) t_part[blockIdx.x * G + i] = T[i];
 }
 
-// Stage 2: one thread per (g, e): frac, mean_prob, tokens, and term[g, e] = T_g * frac * mean_prob.
+// Stage 2: one thread per (g, e): frac, mean_prob, tokens, and term[g, e] = T_g * frac * mean_prob (* inv_share).
 __global__ void lb_columns_kernel(float* __restrict__ frac, float* __restrict__ mean_prob, float* __restrict__ tokens,
                                   float* __restrict__ term, const float* __restrict__ s_part,
-                                  const int32_t* __restrict__ c_part, const int32_t* __restrict__ t_part, int64_t E,
-                                  int64_t K, int64_t G, int64_t chunks) {
+                                  const int32_t* __restrict__ c_part, const int32_t* __restrict__ t_part,
+                                  const float* __restrict__ inv_share, int64_t E, int64_t K, int64_t G,
+                                  int64_t chunks) {
   const int64_t GE = G * E;
   for (int64_t i = gtid(); i < GE; i += gstride()) {
     const int64_t g = i / E;
@@ -194,33 +201,35 @@ __global__ void lb_columns_kernel(float* __restrict__ frac, float* __restrict__ 
     const float p = t > 0 ? s / (float)t : 0.f;
     frac[i] = f;
     mean_prob[i] = p;
-    term[i] = (float)t * f * p;
+    term[i] = (float)t * f * p * (inv_share ? inv_share[i] : 1.f);
     if (i % E == 0) tokens[g] = (float)t;
   }
 }
 
-// Stage 3, one block: loss = weight * E * sum(term) / T_all (0 when no row counted). Never inf or NaN for finite
-// probabilities: an empty group contributes 0 and T_all = 0 gives 0.
+// Stage 3, one block: loss = weight * scale * sum(term) / T_all (0 when no row counted), scale = E without
+// inv_share, else 1. Never inf or NaN for finite probabilities: an empty group contributes 0, T_all = 0 gives 0.
 __global__ void lb_loss_kernel(float* __restrict__ loss, const float* __restrict__ term,
-                               const float* __restrict__ tokens, int64_t E, int64_t G, float weight) {
+                               const float* __restrict__ tokens, int64_t E, int64_t G, double scale, float weight) {
   __shared__ double sh[kWarp];
   double acc = 0.0, tall = 0.0;
   for (int64_t i = threadIdx.x; i < G * E; i += blockDim.x) acc += (double)term[i];
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x) tall += (double)tokens[g];
   acc = block_sum(acc, sh);
   tall = block_sum(tall, sh);
-  if (threadIdx.x == 0) *loss = tall > 0 ? (float)((double)weight * (double)E * acc / tall) : 0.f;
+  if (threadIdx.x == 0) *loss = tall > 0 ? (float)((double)weight * scale * acc / tall) : 0.f;
 }
 
-// dprobs[r, e] = dloss * weight * E * frac[g, e] / T_all for rows of group g >= 0, else 0.
+// dprobs[r, e] = k * frac[g, e] (k * inv_share[g, e] * frac[g, e] with inv_share) for rows of group g in [0, G),
+// else 0; k = dloss * weight * scale / T_all: the CPU twin's float expressions.
 __global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __restrict__ dloss,
                                    const float* __restrict__ frac, const float* __restrict__ tokens,
-                                   const int32_t* __restrict__ group, int64_t R, int64_t E, int64_t G, float weight) {
+                                   const int32_t* __restrict__ group, const float* __restrict__ inv_share, int64_t R,
+                                   int64_t E, int64_t G, double scale, float weight) {
   __shared__ float k_sh;
   if (threadIdx.x == 0) {
-    double tall = 0.0;  // G is small (parents of one level): every block adds it up, in the same order
+    double tall = 0.0;  // every block adds it up, in group order (the CPU's order)
     for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
-    k_sh = tall > 0 ? (float)((double)dloss[0] * (double)weight * (double)E / tall) : 0.f;
+    k_sh = tall > 0 ? (float)((double)dloss[0] * (double)weight * scale / tall) : 0.f;
   }
   __syncthreads();
   const float k = k_sh;
@@ -228,14 +237,16 @@ __global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __re
   for (int64_t i = gtid(); i < total; i += gstride()) {
     const int64_t r = i / E, e = i - r * E;
     const int32_t g = group ? group[r] : 0;
-    dprobs[i] = g >= 0 && g < G ? k * frac[g * E + e] : 0.f;
+    const int64_t at = (int64_t)g * E + e;
+    dprobs[i] = g < 0 || g >= G ? 0.f : inv_share ? (k * inv_share[at]) * frac[at] : k * frac[at];
   }
 }
 
 // ---------------------------------------------------------------- launchers
 
 
-constexpr int64_t kLbMaxGE = 4096;  // stage 1's shared memory: 12 bytes per (g, e) + 4 per g, under 48 KB
+constexpr int64_t kLbMaxGE = 4096;  // stage 1's shared memory: 8 bytes per (g, e) + 4 per g, under 48 KB
+constexpr int64_t kLbMaxScratch = int64_t(1) << 22;  // (g, e) partials in global scratch above kLbMaxGE
 
 }  // namespace
 
@@ -282,17 +293,18 @@ void z_loss_backward(float* dlogits, const float* dloss, const float* logits, co
 }
 
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
-                          const int32_t* indices, const int32_t* group, int64_t R, int64_t E, int64_t K, int64_t G,
-                          float weight) {
+                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          int64_t K, int64_t G, float weight) {
   CM_CHECK(R >= 0 && E >= 1 && K >= 1 && G >= 1, "cuda::load_balance_forward: R=", R, " E=", E, " K=", K, " G=", G);
-  CM_CHECK(G * E <= kLbMaxGE, "cuda::load_balance_forward: G*E = ", G * E, " exceeds ", kLbMaxGE);
   CM_CHECK(group || G == 1, "cuda::load_balance_forward: G=", G, " groups need a group array");
+  const int64_t GE = G * E;
   // Chunks: a constant target (about two per SM of an H100), so the chunking, and with it the rounding of the
-  // probability sums, is a function of R only: the same bits on every GPU model, not only on the same one.
-  const int64_t chunks_target = 256;
+  // probability sums, is a function of the sizes only: the same bits on every GPU model, not only on the same one.
+  // Above kLbMaxGE the partials live in global scratch, capped at kLbMaxScratch (g, e) entries.
+  const bool shared = GE <= kLbMaxGE;
+  const int64_t chunks_target = shared ? 256 : std::max<int64_t>(1, std::min<int64_t>(256, kLbMaxScratch / GE));
   const int64_t RC = R > 0 ? ceil_div(R, chunks_target) : 1;
   const int64_t chunks = R > 0 ? ceil_div(R, RC) : 0;
-  const int64_t GE = G * E;
   const size_t s_bytes = align256((size_t)(chunks * GE) * 4), c_bytes = s_bytes,
                t_bytes = align256((size_t)(chunks * G) * 4), term_bytes = align256((size_t)GE * 4);
   Scratch s(s_bytes + c_bytes + t_bytes + term_bytes);
@@ -300,24 +312,30 @@ void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tok
   int32_t* c_part = s.at<int32_t>(s_bytes);
   int32_t* t_part = s.at<int32_t>(s_bytes + c_bytes);
   float* term = s.at<float>(s_bytes + c_bytes + t_bytes);
-  if (chunks > 0) {
+  if (chunks > 0 && shared) {
     const size_t smem = (size_t)GE * 8 + (size_t)G * 4;
-    lb_partial_kernel<<<(unsigned)chunks, 256, smem, stream()>>>(s_part, c_part, t_part, probs, indices, group, R, E,
-                                                                  K, G, RC);
-    cudaCheckLaunch("lb_partial_kernel");
+    lb_partial_kernel<true><<<(unsigned)chunks, 256, smem, stream()>>>(s_part, c_part, t_part, probs, indices, group,
+                                                                        R, E, K, G, RC);
+    cudaCheckLaunch("lb_partial_kernel<shared>");
+  } else if (chunks > 0) {
+    lb_partial_kernel<false><<<(unsigned)chunks, 256, 0, stream()>>>(s_part, c_part, t_part, probs, indices, group,
+                                                                      R, E, K, G, RC);
+    cudaCheckLaunch("lb_partial_kernel<global>");
   }
   lb_columns_kernel<<<grid_for(GE, 256), 256, 0, stream()>>>(frac, mean_prob, tokens, term, s_part, c_part, t_part,
-                                                             E, K, G, chunks);
+                                                             inv_share, E, K, G, chunks);
   cudaCheckLaunch("lb_columns_kernel");
-  lb_loss_kernel<<<1, 1024, 0, stream()>>>(loss, term, tokens, E, G, weight);
+  lb_loss_kernel<<<1, 1024, 0, stream()>>>(loss, term, tokens, E, G, inv_share ? 1.0 : (double)E, weight);
   cudaCheckLaunch("lb_loss_kernel");
 }
 
 void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
-                           const int32_t* group, int64_t R, int64_t E, int64_t G, float weight) {
+                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           float weight) {
   CM_CHECK(R >= 0 && E >= 1 && G >= 1, "cuda::load_balance_backward: R=", R, " E=", E, " G=", G);
   if (R == 0) return;
-  lb_backward_kernel<<<grid_for(R * E, 256), 256, 0, stream()>>>(dprobs, dloss, frac, tokens, group, R, E, G, weight);
+  lb_backward_kernel<<<grid_for(R * E, 256), 256, 0, stream()>>>(dprobs, dloss, frac, tokens, group, inv_share, R, E,
+                                                                 G, inv_share ? 1.0 : (double)E, weight);
   cudaCheckLaunch("lb_backward_kernel");
 }
 

@@ -1,0 +1,63 @@
+// Differentiable MoE dispatch (DESIGN.md section 3) on the kernels of kernels/dispatch.h, kernels/capacity.h and
+// kernels/gemm.h, on the device of their inputs:
+//
+//   expert [T*K] i32 (router's choices) --capacity_filter--> expert with -1 for dropped slots
+//                                       --make_dispatch_plan--> DispatchPlan (row_of, assign_of, offsets)
+//   x [T, C]                            --moe_permute-->        xe [A', C]   each expert's rows contiguous
+//   xe                                  --grouped_linear x3-->  ye [A', C]   every expert's FFN, all at once
+//   ye, gate [T*K]                      --moe_combine-->        out [T, C]   gate-weighted, slots in slot order
+//
+// Backward reuses the plan: combine -> (d_ye, d_gate), permute -> index-free sums per token. Every output element
+// has one writer adding in a fixed order: no atomics, the same bits for any thread count.
+// Letters: T tokens, K slots per token, C channels, N experts, A' kept slots (rows), in/out a Linear's features.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "autograd/ops.h"
+
+namespace cm {
+
+// The permutation of one MoE forward: a stable counting sort of the kept slots by expert (kernels/dispatch.h).
+struct DispatchPlan {
+  int64_t T = 0, K = 1, N = 1;
+  int64_t rows = 0;               // A' kept slots
+  Tensor row_of;                  // i32 [T*K] row of slot a in the expert-contiguous buffer, -1 if dropped
+  Tensor assign_of;               // i32 [A'] slot of each row (increasing within an expert)
+  Tensor offsets_dev;             // the kernels' int64 [N+1] offsets, held in an i32 tensor [2(N+1)] on the
+                                  // plan's device (tensors have f32/i32 dtypes only)
+  std::vector<int64_t> offsets;   // [N+1] host copy: expert e's rows are offsets[e] .. offsets[e+1]
+  const int64_t* offsets_ptr() const { return (const int64_t*)offsets_dev.raw(); }
+};
+
+// expert i32 [T*K], ids in [-1, N) (-1: dropped). host_ids: the same ids on the host, when the caller has them
+// (the router's read-out): the offsets are counted there and uploaded, and nothing waits. Without them, the
+// kernels' plan runs on expert's device and a device build waits twice (out-of-range count, offsets).
+DispatchPlan make_dispatch_plan(const Tensor& expert, int64_t K, int64_t N,
+                                const std::vector<int32_t>* host_ids = nullptr);
+
+// Capacity filter (kernels/capacity.h): expert i32 [T*K] with -1 for the slots past each expert's cap, lowest gate
+// dropped first (ties: the later slot). plan must be make_dispatch_plan(expert, K, N); gate [T*K] (values only).
+Tensor capacity_filter(const Tensor& expert, const Tensor& gate, const DispatchPlan& plan, int64_t cap);
+
+// x [T, C] -> xe [A', C]: xe[r] = x[assign_of[r] / K]. Backward: dx[t] = sum of t's rows' gradients, slot order.
+Tensor moe_permute(const Tensor& x, const DispatchPlan& plan);
+
+// ye [A', C], gate [T*K] -> out [T, C]: out[t] = sum over t's kept slots j, in slot order, of gate[tK+j] *
+// ye[row_of[tK+j]] (0 for a token whose slots were all dropped). Gradient to ye and gate.
+Tensor moe_combine(const Tensor& ye, const Tensor& gate, const DispatchPlan& plan);
+
+// Experts the fault guard cut from the graph ([N] flags, 1 = cut), set after the forward, read by the backward of
+// grouped_linear: a cut expert's rows get a zero input gradient and its weights no gradient (with NaN weights, even
+// a zero output gradient would give NaN through them).
+using ExpertCut = std::shared_ptr<std::vector<char>>;
+
+// All experts' Linear layers at once: for each expert e with rows r in [offsets[e], offsets[e+1]),
+//   y[r] = x[r] w[e]^T + b[e]                x [A', in], w[e] [out, in], b[e] [out] (or all undefined), y [A', out]
+// Backward: dx[r] = g[r] w[e]; dw[e] = g[rows]^T x[rows]; db[e] = column sums of g[rows]. An expert with no rows
+// (or cut) gets no gradient at all (undefined, as if it had not run). offsets: host [N+1] (plan.offsets).
+// Per expert it is the same arithmetic as linear() on the expert's rows, so the result is bit-identical to it.
+Tensor grouped_linear(const Tensor& x, const std::vector<Tensor>& w, const std::vector<Tensor>& b,
+                      const std::vector<int64_t>& offsets, const ExpertCut& cut = nullptr);
+
+}  // namespace cm

@@ -1,0 +1,41 @@
+// The CPU SGEMM's unit of work, shared by cm::cpu::gemm (kernels/cpu/gemm.cpp) and the grouped GEMM
+// (kernels/cpu/grouped_gemm.cpp): one tile of C computed start to finish (packing, every K block, write-back) by
+// the calling thread. Internal to kernels/cpu: not a kernel API of its own.
+//
+// The determinism argument of kernels/cpu/gemm.cpp holds for every caller: the arithmetic of a C element depends
+// only on K (its K blocks, gemm_k_block in kernels/gemm.h), alpha and beta, never on the tile that holds it. So a
+// product cut into tiles in any way, by any thread, gives the bits of cm::cpu::gemm on the same operands.
+#pragma once
+#include <cstdint>
+
+namespace cm::cpu::gemm_detail {
+
+// One product C = alpha * op(A) op(B) + beta * C, with the shapes and leading dimensions of kernels/gemm.h.
+struct Operands {
+  const float* A;
+  const float* B;
+  float* C;
+  int64_t lda, ldb, ldc, M, N, K;
+  bool ta, tb;
+  float alpha, beta;
+  // Optional row gathers, folded into the packing (nothing is copied beforehand). Only for a non-transposed
+  // operand, whose rows are what a gather picks:
+  //   a_rows: row i of A (op(A) = A, [M, K]) is A + (a_rows[i] / a_div) * lda      [M]
+  //   b_rows: row k of B (op(B) = B, [K, N]) is B + (b_rows[k] / b_div) * ldb      [K]
+  // nullptr: row i is A + i * lda (resp. B + k * ldb). The indices are not checked.
+  const int32_t* a_rows = nullptr;
+  int64_t a_div = 1;
+  const int32_t* b_rows = nullptr;
+  int64_t b_div = 1;
+};
+
+// C[m0:m1, n0:n1] of the product (rows and columns of op(A) op(B)); n1 - n0 <= tile_nc(); K > 0.
+void gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+int tile_mr();       // rows of the register tile: tile heights are multiples of it
+int tile_nr();       // columns of the register tile: tile widths are multiples of it
+int64_t tile_nc();   // the widest tile
+int max_threads();   // OpenMP threads available here (1 inside a parallel region)
+void count_multiply_adds(int64_t n);  // adds to cm::cpu::gemm_multiply_adds()
+
+}  // namespace cm::cpu::gemm_detail

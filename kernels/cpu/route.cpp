@@ -1,0 +1,274 @@
+// CPU router level kernels (kernels/route.h). The logits of a level with several nodes: the pairs are grouped by
+// node (a stable counting sort), each node's token rows gathered, and one cpu::gemm per node's segment against its
+// b router rows; the results go back to pair order. This is the arithmetic of the composite the op replaced (sort,
+// index_select, per-node matmul, concat, index_select), so logits and gradients keep its bits, and it runs at the
+// GEMM's speed. The backward passes are the same products' gradients, in the same order.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/check.h"
+#include "kernels/gemm.h"
+#include "kernels/reduce.h"
+#include "kernels/route.h"
+#include "kernels/softmax.h"
+#include "kernels/topk.h"
+
+namespace cm::cpu {
+
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 15;  // elements below which a parallel region costs more than it saves
+
+// Pairs grouped by node: node j's pairs are order[offsets[j] .. offsets[j+1]), increasing p (stable).
+struct ByNode {
+  std::vector<int64_t> offsets, order, pos;  // pos[p]: p's row in the node-major order
+  ByNode(const int32_t* node, int64_t P) {
+    int64_t n = 0;
+    for (int64_t p = 0; p < P; ++p) n = std::max<int64_t>(n, (int64_t)node[p] + 1);
+    offsets.assign((size_t)n + 1, 0);
+    for (int64_t p = 0; p < P; ++p) ++offsets[(size_t)node[p] + 1];
+    for (int64_t j = 0; j < n; ++j) offsets[j + 1] += offsets[j];
+    std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+    order.resize((size_t)P);
+    pos.resize((size_t)P);
+    for (int64_t p = 0; p < P; ++p) {
+      pos[(size_t)p] = next[node[p]]++;
+      order[(size_t)pos[(size_t)p]] = p;
+    }
+  }
+  int64_t nodes() const { return (int64_t)offsets.size() - 1; }
+};
+
+// rows [P, w] in node-major order: rows[i] = src[order[i] / div] (div = Kp: token rows; 1: pair rows).
+std::vector<float> gather_rows(const float* src, const ByNode& g, int64_t div, int64_t w) {
+  const int64_t P = (int64_t)g.order.size();
+  std::vector<float> rows((size_t)(P * w));
+#pragma omp parallel for schedule(static) if (P * w >= kParallelMin)
+  for (int64_t i = 0; i < P; ++i) std::copy_n(src + (g.order[(size_t)i] / div) * w, w, rows.data() + i * w);
+  return rows;
+}
+
+}  // namespace
+
+void route_logits_forward(float* logits, const float* h, const float* W, const int32_t* node, int64_t P, int64_t Kp,
+                          int64_t /*n*/, int64_t b, int64_t C) {
+  if (P == 0 || b == 0) return;
+  if (!node) {  // one node: every pair is token p (Kp = 1)
+    gemm(logits, b, h, C, W, C, P, b, C, false, true);
+    return;
+  }
+  const ByNode g(node, P);
+  const std::vector<float> hs = gather_rows(h, g, Kp, C);  // [P, C] node-major
+  std::vector<float> ls((size_t)(P * b));                  // [P, b] node-major
+  for (int64_t j = 0; j < g.nodes(); ++j) {
+    const int64_t a = g.offsets[j], e = g.offsets[j + 1];
+    if (a < e) gemm(ls.data() + a * b, b, hs.data() + a * C, C, W + j * b * C, C, e - a, b, C, false, true);
+  }
+  for (int64_t p = 0; p < P; ++p) std::copy_n(ls.data() + g.pos[(size_t)p] * b, b, logits + p * b);
+}
+
+void route_logits_backward_h(float* dh, const float* dlogits, const float* W, const int32_t* node, int64_t T,
+                             int64_t Kp, int64_t /*n*/, int64_t b, int64_t C) {
+  if (T == 0 || C == 0) return;
+  if (!node) {  // one node: dh = dlogits W, as matmul's backward computes it
+    gemm(dh, C, dlogits, b, W, C, T, C, b, false, false);
+    return;
+  }
+  const int64_t P = T * Kp;
+  const ByNode g(node, P);
+  const std::vector<float> dls = gather_rows(dlogits, g, 1, b);  // [P, b] node-major
+  std::vector<float> dhs((size_t)(P * C));                        // [P, C] node-major: dls_j W_j
+  for (int64_t j = 0; j < g.nodes(); ++j) {
+    const int64_t a = g.offsets[j], e = g.offsets[j + 1];
+    if (a < e) gemm(dhs.data() + a * C, C, dls.data() + a * b, b, W + j * b * C, C, e - a, C, b, false, false);
+  }
+  // dh[t] = 0 + its pairs' rows in node-major order (index_add of the rows into zeros), token-parallel.
+#pragma omp parallel if (P * C >= kParallelMin)
+  {
+    std::vector<int64_t> rows((size_t)Kp);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < Kp; ++i) rows[(size_t)i] = g.pos[(size_t)(t * Kp + i)];
+      std::sort(rows.begin(), rows.end());
+      float* out = dh + t * C;
+      std::fill(out, out + C, 0.f);
+      for (int64_t r : rows) {
+        const float* src = dhs.data() + r * C;
+#pragma omp simd
+        for (int64_t q = 0; q < C; ++q) out[q] += src[q];
+      }
+    }
+  }
+}
+
+void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
+                             int64_t Kp, int64_t n, int64_t b, int64_t C) {
+  if (n * b == 0 || C == 0) return;
+  if (!node) {  // one node: dW = dlogits^T h, as matmul's backward computes it
+    gemm(dW, C, dlogits, b, h, C, b, C, P, true, false);
+    return;
+  }
+  const ByNode g(node, P);
+  const std::vector<float> hs = gather_rows(h, g, Kp, C);         // [P, C] node-major
+  const std::vector<float> dls = gather_rows(dlogits, g, 1, b);   // [P, b] node-major
+  for (int64_t j = 0; j < n; ++j) {  // dW_j = dls_j^T hs_j; nodes no pair reached: 0
+    const int64_t a = j < g.nodes() ? g.offsets[j] : P, e = j < g.nodes() ? g.offsets[j + 1] : P;
+    if (a < e)
+      gemm(dW + j * b * C, C, dls.data() + a * b, b, hs.data() + a * C, C, b, C, e - a, true, false);
+    else
+      std::fill(dW + j * b * C, dW + (j + 1) * b * C, 0.f);
+  }
+}
+
+void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate) {
+  if (!accumulate) std::fill(counts, counts + n, 0);
+  for (int64_t i = 0; i < A; ++i)
+    if (ids[i] >= 0 && ids[i] < n) ++counts[ids[i]];
+}
+
+// Mean entropy (nats) of the rows of p = softmax(s), p and s [P, b], without a log per element. In a row,
+// log p_c = s_c - max(s) - log Z and the largest probability is 1/Z, so
+//   H = -sum_c p_c log p_c = -log(max p) * sum_c p_c - sum_c p_c (s_c - max s)
+// (one log per row; equal to the per-element form up to float rounding of p). Only p_c > 0 count, as in
+// -sum p log p: a pruned child (s = -inf, p = 0) adds nothing, and neither does a NaN row. Rows run in parallel;
+// their entropies are summed in row order afterwards, so the result does not depend on the thread count.
+float route_mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
+  std::vector<double> row((size_t)P);
+#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
+  for (int64_t r = 0; r < P; ++r) {
+    const float* pr = p + r * b;
+    const float* sr = s + r * b;
+    float pmax = 0.f, smax = -INFINITY;
+#pragma omp simd reduction(max : pmax, smax)
+    for (int64_t c = 0; c < b; ++c) {
+      pmax = pr[c] > pmax ? pr[c] : pmax;
+      smax = sr[c] > smax ? sr[c] : smax;
+    }
+    // Float sums within a row (a row's entropy is good to about 1e-6 relative), double across rows. The lane
+    // split of the reductions is fixed at compile time: still deterministic.
+    float psum = 0.f, ps = 0.f;
+#pragma omp simd reduction(+ : psum, ps)
+    for (int64_t c = 0; c < b; ++c) {
+      const bool live = pr[c] > 0.f;  // selects, not ifs: 0 * (-inf - smax) would be NaN
+      psum += live ? pr[c] : 0.f;
+      ps += live ? pr[c] * (sr[c] - smax) : 0.f;
+    }
+    row[r] = pmax > 0.f ? -std::log((double)pmax) * psum - ps : 0.0;  // pmax = 0: a NaN row
+  }
+  double ent = 0.0;
+  for (double h : row) ent += h;
+  return (float)(ent / (double)std::max<int64_t>(P, 1));
+}
+
+void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
+                          const float* logits, const int32_t* node, const float* path_parent, const float* lbias,
+                          const float* abias, float inv_temp, int64_t P, int64_t n, int64_t b, int64_t k,
+                          bool renorm) {
+  if (P == 0) {
+    if (entropy) entropy[0] = 0.f;
+    return;
+  }
+  auto at = [&](int64_t p) { return (node ? (int64_t)node[p] : 0) * b; };  // the pair's node's first child
+  // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
+  // expression would let the compiler fuse them into an fma, which rounds once: not the ops' bits).
+  const float* sp = logits;
+  std::vector<float> s;
+  if (inv_temp != 1.f || lbias) {
+    s.assign(logits, logits + P * b);
+    if (inv_temp != 1.f)
+      for (float& v : s) v = v * inv_temp;
+    if (lbias)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t a = at(p);
+        for (int64_t c = 0; c < b; ++c) s[(size_t)(p * b + c)] = s[(size_t)(p * b + c)] + lbias[a + c];
+      }
+    sp = s.data();
+  }
+  softmax_forward(probs, sp, P, b);
+  if (entropy) entropy[0] = route_mean_entropy(probs, sp, P, b);
+
+  // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every selectable
+  // child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an all-NaN row this
+  // still takes the first k selectable children).
+  bool any_pruned = false;
+  if (lbias)
+    for (int64_t i = 0; i < n * b && !any_pruned; ++i) any_pruned = std::isinf(lbias[i]) && lbias[i] < 0;
+  const float* scores = probs;
+  std::vector<float> biased;
+  if (abias || any_pruned) {
+    biased.resize((size_t)(P * b));
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t a = at(p);
+      for (int64_t c = 0; c < b; ++c) {
+        const float v = probs[p * b + c] + (abias ? abias[a + c] : 0.f);
+        const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
+        biased[(size_t)(p * b + c)] = pruned ? -INFINITY : v;
+      }
+    }
+    scores = biased.data();
+  }
+  std::vector<float> top((size_t)(P * k));  // the selected scores (unused: the gates come from probs)
+  std::vector<int32_t> own;
+  int32_t* ix = idx;
+  if (!ix) {
+    own.resize((size_t)(P * k));
+    ix = own.data();
+  }
+  topk_forward(top.data(), ix, scores, P, b, k);
+  if (any_pruned)
+    for (int64_t i = 0; i < P * k; ++i) {
+      const float lb = lbias[at(i / k) + ix[i]];
+      CM_CHECK(!(std::isinf(lb) && lb < 0), "node ", at(i / k) / b, " has fewer than ", k, " selectable children");
+    }
+
+  // gates, renormalised over the k kept siblings as div(sel, sum(sel, 1)) did; path; next nodes.
+  std::vector<float> sel((size_t)(P * k));
+  for (int64_t i = 0; i < P * k; ++i) sel[(size_t)i] = probs[(i / k) * b + ix[i]];
+  if (renorm) {
+    std::vector<float> S((size_t)P);
+    sum_axis(S.data(), sel.data(), P, k, 1, 1.f);
+    for (int64_t i = 0; i < P * k; ++i) sel[(size_t)i] = sel[(size_t)i] / S[(size_t)(i / k)];
+  }
+  for (int64_t i = 0; i < P * k; ++i) {
+    path[i] = path_parent ? path_parent[i / k] * sel[(size_t)i] : sel[(size_t)i];
+    child[i] = (int32_t)(at(i / k) + ix[i]);
+  }
+}
+
+void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
+                           const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
+                           bool renorm) {
+  if (P == 0) return;
+  const int64_t A = P * k;
+  // The composite's rules, in its order: path = parent * gate (mul), gate = sel / sum(sel) (div, sum), sel =
+  // gather(probs). Sums over the k siblings go through cpu::sum_axis, as sum and sum_to did.
+  std::vector<float> sel((size_t)A), gate((size_t)A), S;
+  for (int64_t i = 0; i < A; ++i) sel[(size_t)i] = probs[(i / k) * b + child[i] % b];
+  gate = sel;
+  if (renorm) {
+    S.resize((size_t)P);
+    sum_axis(S.data(), sel.data(), P, k, 1, 1.f);
+    for (int64_t i = 0; i < A; ++i) gate[(size_t)i] = sel[(size_t)i] / S[(size_t)(i / k)];
+  }
+  std::vector<float> dgate((size_t)A), tmp((size_t)A);
+  for (int64_t i = 0; i < A; ++i) dgate[(size_t)i] = path_parent ? dpath[i] * path_parent[i / k] : dpath[i];
+  if (path_parent && dparent) {
+    for (int64_t i = 0; i < A; ++i) tmp[(size_t)i] = dpath[i] * gate[(size_t)i];
+    sum_axis(dparent, tmp.data(), P, k, 1, 1.f);
+  }
+  std::vector<float> dsel = dgate;
+  if (renorm) {  // d(a/S)/da = 1/S; d/dS = -sum(g/S * a / S), broadcast back over the k siblings
+    std::vector<float> db((size_t)P);
+    for (int64_t i = 0; i < A; ++i) {
+      dsel[(size_t)i] = dgate[(size_t)i] / S[(size_t)(i / k)];
+      tmp[(size_t)i] = (dsel[(size_t)i] * sel[(size_t)i]) / S[(size_t)(i / k)];
+    }
+    sum_axis(db.data(), tmp.data(), P, k, 1, 1.f);
+    for (int64_t i = 0; i < A; ++i) dsel[(size_t)i] = dsel[(size_t)i] + -db[(size_t)(i / k)];
+  }
+  std::fill(dprobs, dprobs + P * b, 0.f);
+  for (int64_t i = 0; i < A; ++i) dprobs[(i / k) * b + child[i] % b] += dsel[(size_t)i];
+}
+
+}  // namespace cm::cpu

@@ -1,0 +1,324 @@
+// CUDA router level kernels (kernels/route.h). Nothing here waits for the stream.
+//   logits forward:  one warp per logit (pair p, child c): lanes stride over the channels, a warp_sum adds them in
+//                    a fixed tree.
+//   dh:              one warp per token; each lane owns channels q, q+32, ... and adds, in pair order, child by
+//                    child, dlogits[p, c] W[node * b + c, q]: one thread per output element, a fixed order.
+//   dW:              the pairs are sorted by node (integer histogram, dispatch_offsets, the stable dispatch_scatter);
+//                    then one warp per row (node, child) walks its node's pairs in increasing p, lanes over q.
+//   selection:       one warp per pair: softmax of the scaled, biased logits (warp max and sum), the probabilities
+//                    written, then k rounds of warp arg-best over probs + aux-free bias (pruned children -inf) in
+//                    kernels/topk.h's order; lanes 0..k-1 write the gates, path and child ids.
+// All floating-point sums have a fixed order: the same bits on every run. Only the integer counts use atomics.
+#include <climits>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/dispatch.h"
+#include "kernels/gemm.h"
+#include "kernels/route.h"
+
+namespace cm::cuda {
+
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps per block
+
+__global__ void logits_kernel(float* __restrict__ logits, const float* __restrict__ h, const float* __restrict__ W,
+                              const int32_t* __restrict__ node, int64_t P, int64_t Kp, int64_t b, int64_t C,
+                              int64_t n) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t o = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; o < P * b; o += warps) {
+    const int64_t p = o / b, c = o % b;
+    const int64_t j = node ? (int64_t)node[p] : 0;
+    const bool ok = j >= 0 && j < n;
+    const float* hr = h + (p / Kp) * C;
+    const float* wr = W + (ok ? (j * b + c) * C : 0);
+    float acc = 0.f;
+    if (ok)
+      for (int64_t q = lane; q < C; q += kWarp) acc = fmaf(hr[q], wr[q], acc);
+    acc = warp_sum(acc);
+    if (lane == 0) logits[o] = ok ? acc : NAN;
+  }
+}
+
+__global__ void backward_h_kernel(float* __restrict__ dh, const float* __restrict__ dlogits,
+                                  const float* __restrict__ W, const int32_t* __restrict__ node, int64_t T,
+                                  int64_t Kp, int64_t b, int64_t C, int64_t n) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t t = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; t < T; t += warps) {
+    for (int64_t q = lane; q < C; q += kWarp) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < Kp; ++i) {
+        const int64_t p = t * Kp + i;
+        const int64_t j = node ? (int64_t)node[p] : 0;
+        if (j < 0 || j >= n) continue;
+        const float* g = dlogits + p * b;
+        const float* w = W + j * b * C + q;
+        for (int64_t c = 0; c < b; ++c) acc = fmaf(g[c], w[c * C], acc);
+      }
+      dh[t * C + q] = acc;
+    }
+  }
+}
+
+__global__ void count_kernel(unsigned long long* __restrict__ counts, const int32_t* __restrict__ ids, int64_t A,
+                             int64_t n) {
+  for (int64_t i = gtid(); i < A; i += gstride()) {
+    const int32_t j = ids[i];
+    if (j >= 0 && j < n) atomicAdd(counts + j, 1ull);
+  }
+}
+
+__global__ void histogram_kernel(int32_t* __restrict__ counts, const int32_t* __restrict__ ids, int64_t A, int64_t n) {
+  for (int64_t i = gtid(); i < A; i += gstride()) {
+    const int32_t j = ids[i];
+    if (j >= 0 && j < n) atomicAdd(counts + j, 1);
+  }
+}
+
+// One warp per dW row (node j, child c); order/offsets: the pairs sorted by node (stable: increasing p).
+__global__ void backward_w_kernel(float* __restrict__ dW, const float* __restrict__ dlogits,
+                                  const float* __restrict__ h, const int32_t* __restrict__ order,
+                                  const int64_t* __restrict__ offsets, int64_t Kp, int64_t n, int64_t b, int64_t C) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t row = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; row < n * b; row += warps) {
+    const int64_t j = row / b, c = row % b;
+    const int64_t a0 = offsets[j], a1 = offsets[j + 1];
+    for (int64_t q = lane; q < C; q += kWarp) {
+      float acc = 0.f;
+      for (int64_t s = a0; s < a1; ++s) {
+        const int64_t p = order[s];
+        acc = fmaf(dlogits[p * b + c], h[(p / Kp) * C + q], acc);
+      }
+      dW[row * C + q] = acc;
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------- the fused selection, one warp per pair
+
+__global__ void select_kernel(float* __restrict__ probs, float* __restrict__ path, int32_t* __restrict__ child,
+                              int32_t* __restrict__ idx, float* __restrict__ ent_rows, const float* __restrict__ logits,
+                              const int32_t* __restrict__ node, const float* __restrict__ path_parent,
+                              const float* __restrict__ lbias, const float* __restrict__ abias, float inv_temp,
+                              int64_t P, int64_t n, int b, int k, bool renorm) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t p = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
+    const int64_t j = node ? (int64_t)node[p] : 0;
+    const bool ok = j >= 0 && j < n;
+    const int64_t a = (ok ? j : 0) * b;
+    const float* lr = logits + p * b;
+    float* pr = probs + p * b;
+    auto s_of = [&](int c) {
+      float v = lr[c];
+      if (inv_temp != 1.f) v = v * inv_temp;
+      if (lbias) v = v + lbias[a + c];
+      return ok ? v : NAN;
+    };
+    float m = -INFINITY;
+    for (int c = lane; c < b; c += kWarp) m = fmaxf(m, s_of(c));
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int c = lane; c < b; c += kWarp) sum += expf(s_of(c) - m);
+    const float inv = 1.0f / warp_sum(sum);
+    float pmax = 0.f, psum = 0.f, ps = 0.f;
+    for (int c = lane; c < b; c += kWarp) {
+      const float sc = s_of(c), pc = expf(sc - m) * inv;
+      pr[c] = pc;
+      if (pc > 0.f) {  // the entropy terms of the CPU's mean_entropy (pruned children and NaN rows add nothing)
+        pmax = fmaxf(pmax, pc);
+        psum += pc;
+        ps += pc * (sc - m);
+      }
+    }
+    __syncwarp();  // the selection below reads probabilities other lanes wrote
+    if (ent_rows) {
+      pmax = warp_max(pmax);
+      psum = warp_sum(psum);
+      ps = warp_sum(ps);
+      if (lane == 0) ent_rows[p] = pmax > 0.f ? -logf(pmax) * psum - ps : 0.f;
+    }
+    // k rounds of arg-best over the scores; round i takes the best that ranks below winner i-1 (a strict order:
+    // "below the previous winner" is "not taken yet"). Each lane rereads only the probabilities it wrote.
+    float pv = 0.f, sel = 0.f, total = 0.f;
+    int pi = -1, mine = 0;
+    bool bad = false;
+    for (int i = 0; i < k; ++i) {
+      float v = -INFINITY;
+      int vi = INT_MAX;
+      for (int c = lane; c < b; c += kWarp) {
+        float sc = pr[c] + (abias ? abias[a + c] : 0.f);
+        if (lbias && isinf(lbias[a + c]) && lbias[a + c] < 0) sc = -INFINITY;
+        if ((i == 0 || beats(pv, pi, sc, c)) && beats(sc, c, v, vi)) {
+          v = sc;
+          vi = c;
+        }
+      }
+      warp_best(v, vi);
+      const float g = pr[vi];  // every lane reads the winner's probability (written by its lane: sync first)
+      total += g;              // renorm's sum, in selection order (the CPU sums in double: within rounding)
+      if (lane == i) {
+        mine = vi;
+        sel = g;
+        bad = lbias && isinf(lbias[a + vi]) && lbias[a + vi] < 0;
+      }
+      pv = v;
+      pi = vi;
+      __syncwarp();
+    }
+    if (lane < k) {
+      float gate = renorm ? sel / total : sel;
+      float out = path_parent ? path_parent[p] * gate : gate;
+      path[p * k + lane] = bad || !ok ? NAN : out;
+      child[p * k + lane] = (int32_t)(a + mine);
+      if (idx) idx[p * k + lane] = mine;
+    }
+  }
+}
+
+// Mean of the row entropies, one block: each thread sums a fixed stride of rows in double, then a fixed tree.
+__global__ void mean_rows_kernel(float* __restrict__ out, const float* __restrict__ rows, int64_t P) {
+  __shared__ double sh[kWarp];
+  double acc = 0.0;
+  for (int64_t r = threadIdx.x; r < P; r += blockDim.x) acc += (double)rows[r];
+  acc = block_sum(acc, sh);
+  if (threadIdx.x == 0) out[0] = (float)(acc / (double)(P > 0 ? P : 1));
+}
+
+__global__ void select_backward_kernel(float* __restrict__ dprobs, float* __restrict__ dparent,
+                                       const float* __restrict__ dpath, const float* __restrict__ probs,
+                                       const int32_t* __restrict__ child, const float* __restrict__ path_parent,
+                                       int64_t P, int b, int k, bool renorm) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t p = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
+    float* dr = dprobs + p * b;
+    for (int c = lane; c < b; c += kWarp) dr[c] = 0.f;
+    __syncwarp();
+    if (lane == 0) {
+      const float* pr = probs + p * b;
+      const float par = path_parent ? path_parent[p] : 1.f;
+      float S = 0.f, dot = 0.f, dp = 0.f;
+      for (int i = 0; i < k; ++i) S += pr[child[p * k + i] % b];
+      for (int i = 0; i < k; ++i) {
+        const float sel = pr[child[p * k + i] % b], gate = renorm ? sel / S : sel;
+        const float dg = path_parent ? dpath[p * k + i] * par : dpath[p * k + i];
+        dp += dpath[p * k + i] * gate;
+        dot += dg * sel;
+      }
+      for (int i = 0; i < k; ++i) {
+        const float dg = path_parent ? dpath[p * k + i] * par : dpath[p * k + i];
+        // renorm: d(sel_i / S) = dg_i / S - sum_j dg_j sel_j / S^2
+        dr[child[p * k + i] % b] = renorm ? dg / S - dot / (S * S) : dg;
+      }
+      if (dparent) dparent[p] = dp;
+    }
+    __syncwarp();
+  }
+}
+
+void check_sizes(const char* what, int64_t P, int64_t Kp, int64_t b, int64_t C) {
+  CM_CHECK(P >= 0 && Kp >= 1 && b >= 0 && C >= 0 && P % Kp == 0, what, ": P=", P, " Kp=", Kp, " b=", b, " C=", C);
+}
+
+}  // namespace
+
+void route_logits_forward(float* logits, const float* h, const float* W, const int32_t* node, int64_t P, int64_t Kp,
+                          int64_t n, int64_t b, int64_t C) {
+  check_sizes("cuda::route_logits_forward", P, Kp, b, C);
+  if (P * b == 0) return;
+  if (!node) {  // one node: h W^T by cuBLAS
+    gemm(logits, b, h, C, W, C, P, b, C, false, true);
+    return;
+  }
+  logits_kernel<<<grid_for(P * b, kThreads / kWarp), kThreads, 0, stream()>>>(logits, h, W, node, P, Kp, b, C, n);
+  cudaCheckLaunch("route logits_kernel");
+}
+
+void route_logits_backward_h(float* dh, const float* dlogits, const float* W, const int32_t* node, int64_t T,
+                             int64_t Kp, int64_t n, int64_t b, int64_t C) {
+  check_sizes("cuda::route_logits_backward_h", T * Kp, Kp, b, C);
+  if (T * C == 0) return;
+  if (!node) {  // one node: dlogits W by cuBLAS
+    gemm(dh, C, dlogits, b, W, C, T, C, b, false, false);
+    return;
+  }
+  backward_h_kernel<<<grid_for(T, kThreads / kWarp), kThreads, 0, stream()>>>(dh, dlogits, W, node, T, Kp, b, C, n);
+  cudaCheckLaunch("route backward_h_kernel");
+}
+
+void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
+                             int64_t Kp, int64_t n, int64_t b, int64_t C) {
+  check_sizes("cuda::route_logits_backward_w", P, Kp, b, C);
+  CM_CHECK(n >= 1 && n <= 12288, "cuda::route_logits_backward_w: n=", n, " nodes (the dispatch sort takes 1..12288)");
+  if (n * b * C == 0) return;
+  if (!node) {  // one node: dlogits^T h by cuBLAS
+    gemm(dW, C, dlogits, b, h, C, b, C, P, true, false);
+    return;
+  }
+  // Scratch: counts [n] (u64), offsets [n+1] (i64), row_of [P], order [P] (i32).
+  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
+  Scratch s(cb + ob + 2 * pb);
+  unsigned long long* counts = s.at<unsigned long long>();
+  int64_t* offsets = s.at<int64_t>(cb);
+  int32_t* row_of = s.at<int32_t>(cb + ob);
+  int32_t* order = s.at<int32_t>(cb + ob + pb);
+  cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
+  if (P > 0) {
+    count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
+    cudaCheckLaunch("route count_kernel");
+  }
+  dispatch_offsets(offsets, (const int64_t*)counts, n);
+  if (P > 0) dispatch_scatter(row_of, order, node, offsets, P, n);
+  backward_w_kernel<<<grid_for(n * b, kThreads / kWarp), kThreads, 0, stream()>>>(dW, dlogits, h, order, offsets, Kp,
+                                                                                  n, b, C);
+  cudaCheckLaunch("route backward_w_kernel");
+}
+
+void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate) {
+  CM_CHECK(A >= 0 && n >= 0, "cuda::route_histogram: A=", A, " n=", n);
+  if (n == 0) return;
+  if (!accumulate) cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 4, stream()));
+  if (A == 0) return;
+  histogram_kernel<<<grid_for(A, kThreads), kThreads, 0, stream()>>>(counts, ids, A, n);
+  cudaCheckLaunch("route histogram_kernel");
+}
+
+
+void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
+                          const float* logits, const int32_t* node, const float* path_parent, const float* lbias,
+                          const float* abias, float inv_temp, int64_t P, int64_t n, int64_t b, int64_t k,
+                          bool renorm) {
+  CM_CHECK(P >= 0 && n >= 1 && b >= 1 && k >= 1 && k <= b && b <= INT32_MAX, "cuda::route_select_forward: P=", P,
+           " n=", n, " b=", b, " k=", k);
+  if (P == 0) {
+    if (entropy) cudaCheck(cudaMemsetAsync(entropy, 0, 4, stream()));
+    return;
+  }
+  Scratch s(entropy ? (size_t)P * 4 : 0);
+  select_kernel<<<grid_for(P, kThreads / kWarp), kThreads, 0, stream()>>>(
+      probs, path, child, idx, entropy ? s.at<float>() : nullptr, logits, node, path_parent, lbias, abias, inv_temp, P,
+      n, (int)b, (int)k, renorm);
+  cudaCheckLaunch("route select_kernel");
+  if (entropy) {
+    mean_rows_kernel<<<1, 256, 0, stream()>>>(entropy, s.at<float>(), P);
+    cudaCheckLaunch("route mean_rows_kernel");
+  }
+}
+
+void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
+                           const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
+                           bool renorm) {
+  CM_CHECK(P >= 0 && b >= 1 && k >= 1 && k <= b, "cuda::route_select_backward: P=", P, " b=", b, " k=", k);
+  if (P == 0) return;
+  select_backward_kernel<<<grid_for(P, kThreads / kWarp), kThreads, 0, stream()>>>(dprobs, dparent, dpath, probs,
+                                                                                   child, path_parent, P, (int)b,
+                                                                                   (int)k, renorm);
+  cudaCheckLaunch("route select_backward_kernel");
+}
+
+}  // namespace cm::cuda

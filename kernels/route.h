@@ -1,0 +1,115 @@
+// Router level kernels (DESIGN.md 4.2): the work of one level of the tree router on the (token, node) pairs that
+// are alive there, without leaving the device: the routed logits, the fused selection (softmax, biases, top-k,
+// gates, path) and the integer histogram of the chosen children.
+//
+// Letters: T tokens, C channels (d_model), P pairs alive at the level, b branching (children per node), k children
+// kept per pair, n nodes at the level. Pairs are token-major with a fixed fan-out Kp = P / T (the product of the
+// top-k above): pair p belongs to token p / Kp, so no token array is needed. node[p] in [0, n) is the pair's node;
+// its children are rows node[p] * b .. node[p] * b + b - 1 of the level's router matrix W [n * b, C].
+//
+// Determinism: every output element is written by one thread in a fixed order; no floating-point atomics. The
+// weight gradient walks the pairs of each node in increasing p (a stable sort by node): per node one GEMM (CPU),
+// one warp per row of dW (CUDA).
+#pragma once
+#include <cstdint>
+
+namespace cm::cpu {
+
+// logits [P, b]: logits[p, c] = dot(h[p / Kp], W[node[p] * b + c]). node == nullptr: one node (n = 1, Kp = 1), a
+// plain product h W^T. Otherwise the pairs are grouped by node (stable), and each node's token rows meet its b
+// rows in one cpu::gemm: the logits equal, bit for bit, those of the composite this replaced (sort, gather,
+// per-node matmul, concat, unsort), and the GEMM's multiply-adds are counted by cpu::gemm_multiply_adds.
+// node values must lie in [0, n) (the op checks them).
+void route_logits_forward(float* logits,        // [P, b]
+                          const float* h,       // [T, C]
+                          const float* W,       // [n * b, C]
+                          const int32_t* node,  // [P] or nullptr
+                          int64_t P, int64_t Kp, int64_t n, int64_t b, int64_t C);
+
+// dh [T, C] = sum over the token's pairs, in increasing node order, of dlogits[p] W[node[p] * b .. + b) (each
+// pair's row one GEMM row, added to a zeroed row, as index_add did). Overwrites dh.
+void route_logits_backward_h(float* dh,             // [T, C]
+                             const float* dlogits,  // [P, b]
+                             const float* W,        // [n * b, C]
+                             const int32_t* node,   // [P] or nullptr
+                             int64_t T, int64_t Kp, int64_t n, int64_t b, int64_t C);
+
+// dW [n * b, C]: node j's rows = its pairs' dlogits^T times their token rows, one GEMM per node over its pairs in
+// increasing p. Rows of nodes no pair reached are 0. Overwrites dW.
+void route_logits_backward_w(float* dW,             // [n * b, C]
+                             const float* dlogits,  // [P, b]
+                             const float* h,        // [T, C]
+                             const int32_t* node,   // [P] or nullptr (then n = 1)
+                             int64_t P, int64_t Kp, int64_t n, int64_t b, int64_t C);
+
+// counts [n] (+)= #{i : ids[i] == j}; ids outside [0, n) are not counted. accumulate = false overwrites.
+void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
+
+
+// The fused selection of one level. Per pair p at node j = node[p] (0 when node == nullptr):
+//   s[p, c]         = logits[p, c] * inv_temp (skipped when inv_temp == 1) + lbias[j * b + c] (when lbias)
+//   probs[p, :]     = softmax(s[p, :])                                  (cpu::softmax_forward's arithmetic)
+//   score[p, c]     = probs[p, c] + abias[j * b + c] (when abias); -inf where lbias is -inf (a pruned child)
+//   idx[p, 0..k)    = the k best scores in kernels/topk.h's order (larger first, ties to the lower index, NaN
+//                     first), no gradient: the aux-free bias and the pruning only select
+//   gate[p, i]      = probs[p, idx[p, i]], divided by sum_i probs[p, idx[p, i]] when renorm
+//   path[p * k + i] = path_parent[p] * gate[p, i]  (path_parent == nullptr: gate)
+//   child[p*k + i]  = j * b + idx[p, i]            (the pair's node at the next level, or the leaf)
+// entropy [1] (when not null) = mean over pairs of -sum_c p log p, from s and probs (one log per row; rows summed in
+// double in row order). A pruned child can only be picked when its node has fewer than k selectable children: the
+// CPU kernel fails a CM_CHECK naming the node; the CUDA kernel writes NaN into that slot's path (the fault shows
+// in the gates, nothing waits). idx [P, k] (when not null) receives idx.
+void route_select_forward(float* probs,              // [P, b]
+                          float* path,               // [P * k]
+                          int32_t* child,            // [P * k]
+                          int32_t* idx,              // [P, k] or nullptr
+                          float* entropy,            // [1] or nullptr
+                          const float* logits,       // [P, b]
+                          const int32_t* node,       // [P] or nullptr
+                          const float* path_parent,  // [P] or nullptr
+                          const float* lbias,        // [n * b] or nullptr
+                          const float* abias,        // [n * b] or nullptr
+                          float inv_temp, int64_t P, int64_t n, int64_t b, int64_t k, bool renorm);
+
+// The entropy statistic of route_select_forward: mean over the P rows of -sum_c p log p, from p = softmax(s) and s
+// [P, b] (one log per row; rows summed in double in row order). Also used by the group-limited router.
+float route_mean_entropy(const float* probs, const float* s, int64_t P, int64_t b);
+
+// Backward of path with respect to probs and path_parent, from dpath [P * k]: dprobs [P, b] is 0 off the selected
+// children (overwritten), dparent [P] (overwritten; skipped when nullptr) = sum_i dpath[p * k + i] gate[p, i].
+// The CPU twin runs the arithmetic of the composite it replaces (gather, sum, div, mul and their backward rules), so
+// gradients are the same bits. child from the forward gives idx = child % b.
+void route_select_backward(float* dprobs,             // [P, b]
+                           float* dparent,            // [P] or nullptr
+                           const float* dpath,        // [P * k]
+                           const float* probs,        // [P, b]
+                           const int32_t* child,      // [P * k]
+                           const float* path_parent,  // [P] or nullptr
+                           int64_t P, int64_t b, int64_t k, bool renorm);
+
+}  // namespace cm::cpu
+
+#if CM_CUDA
+// CUDA twins (kernels/cuda/route.cu), on device pointers, on the engine's stream, without waiting for it; node ==
+// nullptr goes to cuBLAS. A node outside [0, n) gives NaN logits (forward) and is skipped (backward). The histogram adds integer counts with
+// atomics: the counts are exact, so the result does not depend on the order.
+namespace cm::cuda {
+
+void route_logits_forward(float* logits, const float* h, const float* W, const int32_t* node, int64_t P, int64_t Kp,
+                          int64_t n, int64_t b, int64_t C);
+void route_logits_backward_h(float* dh, const float* dlogits, const float* W, const int32_t* node, int64_t T,
+                             int64_t Kp, int64_t n, int64_t b, int64_t C);
+void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
+                             int64_t Kp, int64_t n, int64_t b, int64_t C);
+void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
+// One warp per pair; the probabilities use expf (within float rounding of the CPU's), the selection the same order.
+void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
+                          const float* logits, const int32_t* node, const float* path_parent, const float* lbias,
+                          const float* abias, float inv_temp, int64_t P, int64_t n, int64_t b, int64_t k,
+                          bool renorm);
+void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
+                           const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
+                           bool renorm);
+
+}  // namespace cm::cuda
+#endif

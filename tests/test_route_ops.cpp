@@ -1,0 +1,333 @@
+// The router level ops (autograd/ops_route.h, kernels/route.h): against the composite they replace (bit for bit on
+// the CPU), finite-difference gradients, bad input, and the CUDA twins against the CPU (suite "cuda").
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "autograd/ops_route.h"
+#include "helpers.h"
+#include "kernels/gemm.h"
+#include "kernels/route.h"
+#include "kernels/topk.h"
+#include "model/router.h"
+
+#if CM_CUDA
+#include "engine/cuda.h"
+#include "kernels/copy.h"
+#endif
+
+using namespace cm;
+using cm::test::uniform;
+
+namespace {
+
+// Node ids for P = T * Kp token-major pairs: each token's Kp pairs at distinct nodes of [0, n), drawn at random
+// with a skew (node 0 takes about `skew` of the pairs) so that one node can hold several GEMM K blocks of pairs.
+std::vector<int32_t> random_nodes(int64_t T, int64_t Kp, int64_t n, uint64_t seed, double skew = 0.0) {
+  Generator g(seed);
+  std::vector<float> u = Tensor::rand({T * n + T}, g).to_f32_vector();
+  std::vector<int32_t> node((size_t)(T * Kp));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> ids((size_t)n);
+    std::iota(ids.begin(), ids.end(), 0);
+    for (int64_t i = n - 1; i > 0; --i) std::swap(ids[(size_t)i], ids[(size_t)(u[t * n + i] * (float)(i + 1)) % (i + 1)]);
+    if (u[T * n + t] < skew) std::swap(ids[0], *std::find(ids.begin(), ids.end(), 0));
+    for (int64_t i = 0; i < Kp; ++i) node[(size_t)(t * Kp + i)] = ids[(size_t)i];
+  }
+  return node;
+}
+
+// The level-loop composite that routed_logits replaces (model/router.cpp before it): counting sort of the pairs
+// by node, index_select of their token rows, one matmul per node's segment, concat, index_select back.
+Tensor old_logits(const Tensor& h, const Tensor& W, const std::vector<int32_t>& node, int64_t n, int64_t b) {
+  const int64_t T = h.size(0), P = (int64_t)node.size(), Kp = P / T;
+  std::vector<int32_t> tok((size_t)P);
+  for (int64_t p = 0; p < P; ++p) tok[(size_t)p] = (int32_t)(p / Kp);
+  Segments seg = counting_sort(node, n);
+  std::vector<int32_t> tok_sorted((size_t)P), inv((size_t)P);
+  for (int64_t i = 0; i < P; ++i) {
+    tok_sorted[(size_t)i] = tok[(size_t)seg.order[(size_t)i]];
+    inv[(size_t)seg.order[(size_t)i]] = (int32_t)i;
+  }
+  Tensor hs = index_select(h, 0, Tensor::from_vector(tok_sorted, {P}));
+  std::vector<Tensor> parts;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t a = seg.offsets[(size_t)j], e = seg.offsets[(size_t)j + 1];
+    if (a == e) continue;
+    parts.push_back(matmul(hs.slice(0, a, e), W.slice(0, j * b, j * b + b), false, true));
+  }
+  Tensor ls = parts.size() == 1 ? parts[0] : concat(parts, 0);
+  return index_select(ls, 0, Tensor::from_vector(inv, {P}));
+}
+
+
+// The selection composite that route_select replaces (model/router.cpp before it): scale, bias rows, softmax, the
+// scores (probs + aux-free bias, -inf for pruned children) through cpu::topk_forward, gather, renormalise, path.
+struct OldSelection {
+  Tensor probs, path;
+  std::vector<int32_t> child;
+};
+OldSelection old_select(const Tensor& logits, const std::vector<int32_t>& node, const Tensor& parent,
+                        const std::vector<float>& lbias, const std::vector<float>& abias, int64_t n, float temperature,
+                        int64_t k, bool renorm) {
+  const int64_t P = logits.size(0), b = logits.size(1);
+  std::vector<int32_t> nd = node.empty() ? std::vector<int32_t>((size_t)P, 0) : node;
+  Tensor s = temperature != 1.f ? mul(logits, 1.f / temperature) : logits;
+  if (!lbias.empty()) s = add(s, index_select(Tensor::from_vector(lbias, {n, b}), 0, Tensor::from_vector(nd, {P})));
+  OldSelection o;
+  o.probs = softmax(s);
+  std::vector<float> pv = o.probs.to_f32_vector(), score = pv;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < b; ++c) {
+      const int64_t at = (int64_t)nd[(size_t)p] * b + c;
+      if (!abias.empty()) score[(size_t)(p * b + c)] = pv[(size_t)(p * b + c)] + abias[(size_t)at];
+      if (!lbias.empty() && std::isinf(lbias[(size_t)at])) score[(size_t)(p * b + c)] = -INFINITY;
+    }
+  std::vector<float> top((size_t)(P * k));
+  std::vector<int32_t> idx((size_t)(P * k));
+  cpu::topk_forward(top.data(), idx.data(), score.data(), P, b, k);
+  Tensor sel = gather(o.probs, 1, Tensor::from_vector(idx, {P, k}));
+  if (renorm) sel = div(sel, sum(sel, 1, true));
+  o.path = parent.defined() ? mul(parent.view({P, 1}), sel).view({P * k}) : sel.view({P * k});
+  for (int64_t i = 0; i < P * k; ++i) o.child.push_back(nd[(size_t)(i / k)] * (int32_t)b + idx[(size_t)i]);
+  return o;
+}
+
+// Mean entropy of softmax rows in double.
+double entropy_ref(const std::vector<float>& probs, int64_t P, int64_t b) {
+  double e = 0.0;
+  for (int64_t i = 0; i < P * b; ++i)
+    if (probs[(size_t)i] > 0.f) e -= (double)probs[(size_t)i] * std::log((double)probs[(size_t)i]);
+  return e / (double)P;
+}
+
+struct SelCase {
+  int64_t T, Kp, n, b, k;
+  float temperature;
+  bool lbias, abias, renorm, parent;
+};
+const SelCase kSelCases[] = {
+    {17, 1, 1, 6, 2, 1.f, false, false, false, false},  // the root: one node, no path yet
+    {11, 2, 3, 5, 2, 0.7f, true, false, true, true},    // renorm_last with reliability and pruned children
+    {9, 3, 4, 4, 3, 1.f, true, true, false, true},      // aux-free bias and pruning, k = 3
+    {13, 2, 2, 7, 1, 2.f, false, true, false, true},    // k = 1
+};
+
+// Biases for a case: log reliabilities in (log 0.5, 0], one pruned child per node (never enough to leave fewer
+// than k), aux-free biases of the size of probability gaps.
+std::vector<float> case_lbias(const SelCase& cs, uint64_t seed) {
+  if (!cs.lbias) return {};
+  std::vector<float> v = uniform({cs.n * cs.b}, seed, std::log(0.5f), 0.f).to_f32_vector();
+  if (cs.b - 1 >= cs.k)
+    for (int64_t j = 0; j < cs.n; ++j) v[(size_t)(j * cs.b + (j % cs.b))] = -INFINITY;
+  return v;
+}
+std::vector<float> case_abias(const SelCase& cs, uint64_t seed) {
+  return cs.abias ? uniform({cs.n * cs.b}, seed, -0.1f, 0.1f).to_f32_vector() : std::vector<float>{};
+}
+Tensor opt_tensor(const std::vector<float>& v) {
+  return v.empty() ? Tensor() : Tensor::from_vector(v, {(int64_t)v.size()});
+}
+
+}  // namespace
+
+TEST_SUITE("routing") {
+  TEST_CASE("routed logits: bit-identical to the sort + per-node matmul composite, forward and gradients") {
+    struct Case {
+      int64_t T, Kp, n, b, C;
+      double skew;
+    };
+    // C = 800: the GEMM's K blocks (two of 400) in the logits; skew: node 0 holds several K blocks of pairs (dW).
+    for (Case cs : {Case{13, 2, 4, 3, 20, 0.0}, Case{40, 3, 5, 4, 800, 0.0}, Case{900, 1, 3, 4, 24, 0.9},
+                    Case{7, 1, 1, 6, 9, 0.0}}) {
+      CAPTURE(cs.T);
+      CAPTURE(cs.C);
+      const std::vector<int32_t> node = random_nodes(cs.T, cs.Kp, cs.n, 11 + cs.T, cs.skew);
+      const int64_t P = cs.T * cs.Kp;
+      Tensor h1 = uniform({cs.T, cs.C}, 1), W1 = uniform({cs.n * cs.b, cs.C}, 2);
+      Tensor h2 = h1.clone().detach(), W2 = W1.clone().detach();
+      for (Tensor* t : {&h1, &W1, &h2, &W2}) t->requires_grad_(true);
+      Tensor gy = uniform({P, cs.b}, 3);
+      Tensor a = routed_logits(h1, W1, Tensor::from_vector(node, {P}), cs.b);
+      Tensor r = old_logits(h2, W2, node, cs.n, cs.b);
+      CHECK(a.to_f32_vector() == r.to_f32_vector());
+      sum(mul(a, gy)).backward();
+      sum(mul(r, gy)).backward();
+      CHECK(h1.grad().to_f32_vector() == h2.grad().to_f32_vector());
+      CHECK(W1.grad().to_f32_vector() == W2.grad().to_f32_vector());
+      if (cs.n == 1) {  // no node ids: the plain product
+        Tensor c = routed_logits(h1.detach(), W1.detach(), Tensor(), cs.b);
+        CHECK(c.to_f32_vector() == matmul(h1.detach(), W1.detach(), false, true).to_f32_vector());
+      }
+    }
+  }
+
+  TEST_CASE("routed logits: finite-difference gradients; nodes no pair reached get zero rows") {
+    const int64_t T = 5, Kp = 2, n = 4, b = 3, C = 6;
+    const std::vector<int32_t> node = {0, 1, 1, 2, 2, 0, 0, 1, 2, 1};  // node 3: no pair
+    Tensor nt = Tensor::from_vector(node, {T * Kp});
+    Tensor h = cm::test::param({T, C}, 7), W = cm::test::param({n * b, C}, 8);
+    GradcheckResult g = gradcheck([&](const std::vector<Tensor>& x) { return routed_logits(x[0], x[1], nt, b); },
+                                  {h, W});
+    CHECK_MESSAGE(g.ok, g.message);
+    h.zero_grad();
+    W.zero_grad();
+    sum(routed_logits(h, W, nt, b)).backward();
+    std::vector<float> dW = W.grad().to_f32_vector();
+    for (int64_t i = 3 * b * C; i < 4 * b * C; ++i) CHECK(dW[(size_t)i] == 0.f);
+  }
+
+  TEST_CASE("routed logits: bad shapes and node ids are refused with a message naming them") {
+    Tensor h = uniform({4, 3}, 1), W = uniform({6, 3}, 2);
+    CHECK_THROWS_WITH(routed_logits(h, W, Tensor::from_vector(std::vector<int32_t>{0, 1, 2, 0}, {4}), 3),
+                      doctest::Contains("node 2 of pair 2 outside [0, 2)"));
+    CHECK_THROWS_WITH(routed_logits(h, W, Tensor::from_vector(std::vector<int32_t>{0, 1, 0}, {3}), 3),
+                      doctest::Contains("not a multiple of T = 4"));
+    CHECK_THROWS_WITH(routed_logits(h, W, Tensor(), 3), doctest::Contains("no node ids, but W holds 2 nodes"));
+    CHECK_THROWS_WITH(routed_logits(h, W, Tensor(), 4), doctest::Contains("not a multiple of b = 4"));
+  }
+  TEST_CASE("route select: bit-identical to the softmax + top-k + gather + path composite, forward and gradients") {
+    for (const SelCase& cs : kSelCases) {
+      CAPTURE(cs.k);
+      CAPTURE(cs.n);
+      const int64_t P = cs.T * cs.Kp;
+      std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 40 + cs.k);
+      std::vector<float> lb = case_lbias(cs, 41), ab = case_abias(cs, 42);
+      Tensor l1 = uniform({P, cs.b}, 43, -3.f, 3.f), par1 = uniform({P}, 44, 0.1f, 1.f);
+      for (int64_t p = 0; p < P; p += 5)  // exact ties: equal logits in a row
+        for (int64_t c = 0; c < cs.b; ++c) l1.f32()[p * cs.b + c] = 0.25f;
+      Tensor l2 = l1.clone().detach(), par2 = par1.clone().detach();
+      for (Tensor* t : {&l1, &par1, &l2, &par2}) t->requires_grad_(true);
+      LevelSelection a = route_select(l1, node.empty() ? Tensor() : Tensor::from_vector(node, {P}),
+                                      cs.parent ? par1 : Tensor(), opt_tensor(lb), opt_tensor(ab), cs.n, cs.temperature,
+                                      cs.k, cs.renorm, true);
+      OldSelection r = old_select(l2, node, cs.parent ? par2 : Tensor(), lb, ab, cs.n, cs.temperature, cs.k, cs.renorm);
+      CHECK(a.child.to_i32_vector() == r.child);
+      CHECK(a.probs.to_f32_vector() == r.probs.to_f32_vector());
+      CHECK(a.path.to_f32_vector() == r.path.to_f32_vector());
+      std::vector<int32_t> idx = a.idx.to_i32_vector();
+      for (int64_t i = 0; i < P * cs.k; ++i) CHECK(idx[(size_t)i] == r.child[(size_t)i] % cs.b);
+      CHECK(a.entropy.item() == doctest::Approx(entropy_ref(r.probs.to_f32_vector(), P, cs.b)).epsilon(1e-5));
+      // Both outputs feed the loss, as in the router (load balance on probs, the task loss on the path).
+      Tensor wp = uniform({P, cs.b}, 45), wg = uniform({P * cs.k}, 46);
+      (sum(mul(a.probs, wp)) + sum(mul(a.path, wg))).backward();
+      (sum(mul(r.probs, wp)) + sum(mul(r.path, wg))).backward();
+      CHECK(l1.grad().to_f32_vector() == l2.grad().to_f32_vector());
+      if (cs.parent) CHECK(par1.grad().to_f32_vector() == par2.grad().to_f32_vector());
+    }
+  }
+
+  TEST_CASE("route select: finite-difference gradients through the probabilities, the gates and the parent path") {
+    for (const SelCase& cs : kSelCases) {
+      CAPTURE(cs.k);
+      const int64_t P = cs.T * cs.Kp;
+      std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 50 + cs.k);
+      Tensor nt = node.empty() ? Tensor() : Tensor::from_vector(node, {P});
+      Tensor lb = opt_tensor(case_lbias(cs, 51)), ab = opt_tensor(case_abias(cs, 52));
+      Tensor logits = cm::test::param({P, cs.b}, 53, -3.f, 3.f), par = cm::test::param({P}, 54, 0.1f, 1.f);
+      Tensor wp = uniform({P, cs.b}, 55);
+      // The selection is piecewise constant: eps small against the gaps between random probabilities.
+      GradcheckResult g = gradcheck(
+          [&](const std::vector<Tensor>& x) {
+            LevelSelection s = route_select(x[0], nt, cs.parent ? x[1] : Tensor(), lb, ab, cs.n, cs.temperature, cs.k,
+                                            cs.renorm, false);
+            return concat({mul(s.probs, wp).view({P * cs.b}), s.path}, 0);
+          },
+          {logits, par}, 1e-3f, 2e-3f, 2e-2f);
+      CHECK_MESSAGE(g.ok, g.message);
+    }
+  }
+
+  TEST_CASE("route select: bad arguments and a node with fewer than k selectable children are refused") {
+    Tensor logits = uniform({4, 3}, 1);
+    CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 4, false, false),
+                      doctest::Contains("k = 4 outside [1, b = 3]"));
+    CHECK_THROWS_WITH(route_select(logits, Tensor::from_vector(std::vector<int32_t>{0, 1, 2, 0}, {4}), Tensor(),
+                                   Tensor(), Tensor(), 2, 1.f, 1, false, false),
+                      doctest::Contains("node 2 of pair 2 outside [0, 2)"));
+    CHECK_THROWS_WITH(route_select(logits, Tensor(), uniform({3}, 2), Tensor(), Tensor(), 1, 1.f, 1, false, false),
+                      doctest::Contains("path_parent must be f32 [4]"));
+    Tensor pruned = Tensor::from_vector(std::vector<float>{0.f, -INFINITY, -INFINITY}, {3});
+    CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), pruned, Tensor(), 1, 1.f, 2, false, false),
+                      doctest::Contains("node 0 has fewer than 2 selectable children"));
+  }
+}
+
+#if CM_CUDA
+TEST_SUITE("cuda") {
+  TEST_CASE("cuda kernels: routed logits forward and both gradients against the CPU" * cm::test::needs_device()) {
+    struct Case {
+      int64_t T, Kp, n, b, C;
+    };
+    // Odd sizes: C not a multiple of 32 (lane tails), one node, many pairs on one node.
+    for (Case cs : {Case{9, 2, 5, 3, 37, }, Case{33, 1, 1, 7, 40}, Case{70, 4, 4, 2, 16}, Case{3, 1, 2, 5, 65}}) {
+      CAPTURE(cs.T);
+      CAPTURE(cs.C);
+      const int64_t P = cs.T * cs.Kp;
+      std::vector<int32_t> node = random_nodes(cs.T, cs.Kp, cs.n, 21 + cs.C, 0.5);
+      Tensor nt = cs.n == 1 ? Tensor() : Tensor::from_vector(node, {P});
+      Tensor h = uniform({cs.T, cs.C}, 31), W = uniform({cs.n * cs.b, cs.C}, 32), gy = uniform({P, cs.b}, 33);
+      Tensor hd = h.to(Device::CUDA), Wd = W.to(Device::CUDA);
+      for (Tensor* t : {&h, &W, &hd, &Wd}) t->requires_grad_(true);
+      Tensor ref = routed_logits(h, W, nt, cs.b);
+      Tensor got = routed_logits(hd, Wd, nt.defined() ? nt.to(Device::CUDA) : Tensor(), cs.b);
+      CHECK(got.device() == Device::CUDA);
+      CHECK_CLOSE(got, ref.to_f32_vector(), 1e-5f, 1e-5f);
+      sum(mul(ref, gy)).backward();
+      sum(mul(got, gy.to(Device::CUDA))).backward();
+      CHECK_CLOSE(hd.grad(), h.grad().to_f32_vector(), 1e-5f, 1e-5f);
+      CHECK_CLOSE(Wd.grad(), W.grad().to_f32_vector(), 1e-5f, 1e-5f);
+      // The same bits on a second run (fixed summation orders, no float atomics).
+      Tensor again = routed_logits(hd.detach(), Wd.detach(), nt.defined() ? nt.to(Device::CUDA) : Tensor(), cs.b);
+      CHECK(again.to_f32_vector() == got.to_f32_vector());
+    }
+  }
+
+  TEST_CASE("cuda kernels: route histogram counts, overwrite and accumulate, ids out of range skipped" *
+            cm::test::needs_device()) {
+    std::vector<int32_t> ids;
+    Generator g(3);
+    std::vector<float> u = Tensor::rand({3001}, g).to_f32_vector();
+    for (float x : u) ids.push_back((int32_t)(x * 19.f) - 1);  // -1 .. 17 over n = 17: -1 and 17 are skipped
+    std::vector<int32_t> ref((size_t)17, 5);
+    cpu::route_histogram(ref.data(), ids.data(), (int64_t)ids.size(), 17, false);
+    Tensor idt = Tensor::from_vector(ids, {(int64_t)ids.size()}).to(Device::CUDA);
+    Tensor counts = Tensor::full({17}, 3.f, DType::I32, Device::CUDA);
+    cuda::route_histogram(counts.i32(), idt.i32(), (int64_t)ids.size(), 17, false);
+    CHECK(counts.to_i32_vector() == ref);
+    cuda::route_histogram(counts.i32(), idt.i32(), (int64_t)ids.size(), 17, true);
+    for (int32_t& c : ref) c *= 2;
+    CHECK(counts.to_i32_vector() == ref);
+  }
+  TEST_CASE("cuda kernels: route select forward and backward against the CPU" * cm::test::needs_device()) {
+    for (const SelCase& cs : kSelCases) {
+      CAPTURE(cs.k);
+      const int64_t P = cs.T * cs.Kp;
+      std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 60 + cs.k);
+      Tensor nt = node.empty() ? Tensor() : Tensor::from_vector(node, {P});
+      Tensor lb = opt_tensor(case_lbias(cs, 61)), ab = opt_tensor(case_abias(cs, 62));
+      Tensor logits = uniform({P, cs.b}, 63, -3.f, 3.f), par = uniform({P}, 64, 0.1f, 1.f);
+      for (int64_t p = 0; p < P; p += 4)  // exact ties (equal logits give equal probabilities on both devices)
+        for (int64_t c = 0; c < cs.b; ++c) logits.f32()[p * cs.b + c] = -0.5f;
+      Tensor ld = logits.to(Device::CUDA), pd = par.to(Device::CUDA);
+      for (Tensor* t : {&logits, &par, &ld, &pd}) t->requires_grad_(true);
+      auto on = [](const Tensor& t) { return t.defined() ? t.to(Device::CUDA) : Tensor(); };
+      LevelSelection r = route_select(logits, nt, cs.parent ? par : Tensor(), lb, ab, cs.n, cs.temperature, cs.k,
+                                      cs.renorm, true);
+      LevelSelection g = route_select(ld, on(nt), cs.parent ? pd : Tensor(), on(lb), on(ab), cs.n, cs.temperature,
+                                      cs.k, cs.renorm, true);
+      CHECK(g.child.device() == Device::CUDA);
+      CHECK(g.child.to_i32_vector() == r.child.to_i32_vector());
+      CHECK(g.idx.to_i32_vector() == r.idx.to_i32_vector());
+      CHECK_CLOSE(g.probs, r.probs.to_f32_vector(), 1e-6f, 1e-5f);
+      CHECK_CLOSE(g.path, r.path.to_f32_vector(), 1e-6f, 1e-5f);
+      CHECK(g.entropy.item() == doctest::Approx(r.entropy.item()).epsilon(1e-5));
+      Tensor wp = uniform({P, cs.b}, 65), wg = uniform({P * cs.k}, 66);
+      (sum(mul(r.probs, wp)) + sum(mul(r.path, wg))).backward();
+      (sum(mul(g.probs, wp.to(Device::CUDA))) + sum(mul(g.path, wg.to(Device::CUDA)))).backward();
+      CHECK_CLOSE(ld.grad(), logits.grad().to_f32_vector(), 1e-6f, 1e-4f);
+      if (cs.parent) CHECK_CLOSE(pd.grad(), par.grad().to_f32_vector(), 1e-6f, 1e-5f);
+    }
+  }
+}
+#endif
