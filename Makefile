@@ -10,6 +10,7 @@
 #                   (its own build folder, build-emu); the cuda suite then runs every case (README, "Testing CUDA
 #                   without a GPU")
 #   make clean
+#   SANITIZE=address,undefined  builds into build-san/ with those sanitizers (-O1, every finding fatal)
 CXX       ?= g++
 NVCC      ?= nvcc
 CUDA_ARCH ?= 90
@@ -95,15 +96,18 @@ ifeq ($(USE_CUDA),1)
 endif
 EXP_BIN  := $(BUILD)/bench/experiments/experiments
 APP_NAMES := $(patsubst %.cpp,%,$(wildcard train_lm.cpp sample.cpp))
-ifeq ($(CUDA_EMU),1)
-  APP_PAT := $(BUILD)/bin/%
-else
+ifeq ($(BUILD),build)
   APP_PAT := %
+else  # CUDA_EMU or SANITIZE: the programs stay in their build folder, next to the tests that run them
+  APP_PAT := $(BUILD)/bin/%
 endif
 APPS     := $(APP_NAMES:%=$(APP_PAT))
 
-.PHONY: all test bench bench-cpu data clean experiments
+.PHONY: all test tests bench bench-cpu data clean experiments
 all: $(LIB) $(APPS) $(TEST_BIN) $(BENCH_BIN) $(EXP_BIN)
+
+# What `make test` runs, built and not run (CI builds once, then runs suites of it side by side).
+tests: $(TEST_BIN) $(APPS)
 
 # Every object depends on the flags it was built with: switching USE_CUDA (or the compiler, or CUDA_ARCH) rebuilds
 # everything instead of linking objects of two configurations into one binary.
@@ -159,7 +163,7 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIB)
 	$(CXX) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(BENCH_LIBS)
 
 # doctest's own summary, then the same counts as one plain line ("N passed, N failed"). The crash suite runs the
-# built ./train_lm (build-emu/bin/train_lm under CUDA_EMU=1) as a child process, hence $(APPS).
+# built ./train_lm (<build>/bin/train_lm under CUDA_EMU=1 or SANITIZE) as a child process, hence $(APPS).
 test: $(TEST_BIN) $(APPS)
 	@set -o pipefail; ./$(TEST_BIN) $(if $(T),-ts=$(T)) 2>&1 | tee $(BUILD)/test.log; rc=$$?; \
 	  awk '/test cases:/ {for(i=1;i<=NF;i++){if($$i=="passed")p=$$(i-1); if($$i=="failed")f=$$(i-1)}} END {if(p!="") print "tests: " p " passed, " f " failed"}' $(BUILD)/test.log; \

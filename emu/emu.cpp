@@ -317,12 +317,18 @@ void fail_here(const std::string& msg) {
   }
 }
 
-// Called from a fiber: report and never come back.
-[[noreturn]] void fail_fiber(const std::string& msg) {
-  fail_here(msg);
+// Called from a fiber after fail_here: never come back. The scheduler abandons a failed block's fibers, stacks and
+// all, so nothing that owns heap memory may still be alive on this fiber's stack when it leaves: FAIL_FIBER builds
+// and stores the message in one full expression, whose temporaries are destroyed before the switch.
+[[noreturn]] void abandon_fiber() {
   yield_to_scheduler(true);
   std::abort();  // unreachable: the scheduler abandons a failed block
 }
+#define FAIL_FIBER(...)     \
+  do {                      \
+    fail_here(__VA_ARGS__); \
+    abandon_fiber();        \
+  } while (0)
 
 std::string site(const char* f, int l) { return std::string(f ? f : "?") + ":" + std::to_string(l); }
 
@@ -462,7 +468,7 @@ void syncthreads(const char* file, int line) {
     r.bar_file = file;
     r.bar_line = line;
   } else if (settings().strict && (r.bar_line != line || std::strcmp(r.bar_file, file) != 0)) {
-    fail_fiber("threads of one block wait at different barriers: " + where(t) + " at __syncthreads " +
+    FAIL_FIBER("threads of one block wait at different barriers: " + where(t) + " at __syncthreads " +
                site(file, line) + ", others at " + site(r.bar_file, r.bar_line) +
                " (CM_EMU_STRICT=0 counts them as one barrier, as the hardware does)");
   }
@@ -470,7 +476,7 @@ void syncthreads(const char* file, int line) {
   t.file = file;
   t.line = line;
   if (++r.bar_count == r.live) release_barrier();
-  if (r.failed) fail_fiber(r.error);
+  if (r.failed) FAIL_FIBER(r.error);
   yield_to_scheduler(false);
 }
 
@@ -481,17 +487,17 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, in
   Warp& w = r.warps[(size_t)t.warp];
   const bool strict = settings().strict;
   if (!(mask >> t.lane & 1))
-    fail_fiber(std::string(op_name(op)) + " at " + site(file, line) + ": " + where(t) + " calls it with mask " +
+    FAIL_FIBER(std::string(op_name(op)) + " at " + site(file, line) + ": " + where(t) + " calls it with mask " +
                hex(mask) + ", which does not name the calling lane");
   if (width < 1 || width > 32 || (width & (width - 1)))
-    fail_fiber(std::string(op_name(op)) + " at " + site(file, line) + ": width " + std::to_string(width) +
+    FAIL_FIBER(std::string(op_name(op)) + " at " + site(file, line) + ": width " + std::to_string(width) +
                " is not a power of two in [1, 32]");
   if (strict && (mask & ~w.exists))
-    fail_fiber(std::string(op_name(op)) + " at " + site(file, line) + ": mask " + hex(mask) +
+    FAIL_FIBER(std::string(op_name(op)) + " at " + site(file, line) + ": mask " + hex(mask) +
                " names lanes that do not exist (block of " + std::to_string(r.n) + " threads)");
   if (strict && (mask & w.exited)) {
     int l = __builtin_ctz(mask & w.exited);
-    fail_fiber(std::string(op_name(op)) + " at " + site(file, line) + " (" + where(t) + "): mask " + hex(mask) +
+    FAIL_FIBER(std::string(op_name(op)) + " at " + site(file, line) + " (" + where(t) + "): mask " + hex(mask) +
                " names lane " + std::to_string(l) + ", which has exited");
   }
   size_t gi = 0;
@@ -500,7 +506,7 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, in
   if (strict)
     for (const Group& o : w.groups)
       if (o.mask != mask && (o.mask & mask))
-        fail_fiber(std::string(op_name(op)) + " at " + site(file, line) + " (" + where(t) + ") with mask " +
+        FAIL_FIBER(std::string(op_name(op)) + " at " + site(file, line) + " (" + where(t) + ") with mask " +
                    hex(mask) + " meets lanes waiting at " + op_name(o.op) + " " + site(o.file, o.line) +
                    " with the overlapping mask " + hex(o.mask));
   if (gi == w.groups.size()) {
@@ -514,11 +520,11 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, in
   } else {
     Group& g = w.groups[gi];
     if (g.op != op || g.bytes != bytes)
-      fail_fiber(std::string("lanes of one warp meet at different collectives: ") + where(t) + " at " +
+      FAIL_FIBER(std::string("lanes of one warp meet at different collectives: ") + where(t) + " at " +
                  op_name(op) + " " + site(file, line) + ", lanes " + hex(g.arrived) + " at " + op_name(g.op) + " " +
                  site(g.file, g.line));
     if (strict && (g.line != line || std::strcmp(g.file, file) != 0))
-      fail_fiber(std::string("lanes of one warp reach ") + op_name(op) + " from different call sites: " + where(t) +
+      FAIL_FIBER(std::string("lanes of one warp reach ") + op_name(op) + " from different call sites: " + where(t) +
                  " at " + site(file, line) + ", lanes " + hex(g.arrived) + " at " + site(g.file, g.line) +
                  " (divergent collective; CM_EMU_STRICT=0 accepts it as sm_70+ hardware does)");
   }
@@ -531,12 +537,12 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, in
   t.file = file;
   t.line = line;
   if (group_complete(w, g)) resolve(w, gi);
-  if (r.failed) fail_fiber(r.error);
+  if (r.failed) FAIL_FIBER(r.error);
   yield_to_scheduler(false);
   return t.result;
 }
 
-[[noreturn]] void kernel_error(const char* what) { fail_fiber(what); }
+[[noreturn]] void kernel_error(const char* what) { FAIL_FIBER(what); }
 
 void* dynamic_smem_raw() { return g_run.dyn.empty() ? nullptr : g_run.dyn.data(); }
 
@@ -551,11 +557,13 @@ extern "C" void cm_emu_fiber_main() {
   __sanitizer_finish_switch_fiber(nullptr, &g_main_lo, &g_main_size);
 #endif
   Run& r = g_run;
+  bool escaped = false;
   try {
     r.body(r.ctx);
   } catch (...) {
-    fail_fiber("a C++ exception escaped a kernel thread (" + where(*r.cur) + ")");
+    escaped = true;  // fail outside the handler, so the exception is freed before the fiber is abandoned
   }
+  if (escaped) FAIL_FIBER("a C++ exception escaped a kernel thread (" + where(*r.cur) + ")");
   on_exit(*r.cur);
   yield_to_scheduler(true);
   std::abort();  // an exited fiber is never resumed
@@ -610,7 +618,7 @@ void run_block() {
 #endif
     cm_emu_switch(&g_sched_sp, t.fiber.sp);
 #if CM_EMU_ASAN
-    __sanitizer_finish_switch_fiber(g_sched_fake, &g_main_lo, &g_main_size);
+    __sanitizer_finish_switch_fiber(g_sched_fake, nullptr, nullptr);  // "from" is the fiber: keep g_main_* as is
 #endif
     r.cur = nullptr;
     if (r.failed) return;

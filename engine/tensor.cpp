@@ -198,6 +198,7 @@ float Tensor::item() const {
 std::vector<float> Tensor::to_f32_vector() const {
   Tensor c = read_out(*this);
   std::vector<float> v((size_t)numel());
+  if (v.empty()) return v;  // an empty tensor's data pointer may be null, which memcpy must not get
   if (dtype() == DType::F32)
     std::memcpy(v.data(), c.raw(), v.size() * 4);
   else
@@ -208,6 +209,7 @@ std::vector<float> Tensor::to_f32_vector() const {
 std::vector<int32_t> Tensor::to_i32_vector() const {
   Tensor c = read_out(*this);
   std::vector<int32_t> v((size_t)numel());
+  if (v.empty()) return v;
   if (dtype() == DType::I32)
     std::memcpy(v.data(), c.raw(), v.size() * 4);
   else

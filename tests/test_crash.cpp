@@ -28,7 +28,7 @@ namespace fs = std::filesystem;
 namespace {
 
 // ./train_lm of this build: the test binary is build/tests/run_tests, train_lm sits in the repository root
-// (build-emu/bin/train_lm in the emulator's build, CUDA_EMU=1).
+// (<build>/bin/train_lm in the emulator's and the sanitized builds).
 std::string train_lm_binary() {
   std::error_code ec;
   fs::path exe = fs::read_symlink("/proc/self/exe", ec);

@@ -134,7 +134,8 @@ TEST_SUITE("trainer") {
     CHECK_THROWS_AS(t.decode({10}), Error);
     CHECK_THROWS_AS(t.decode({-1}), Error);
     CHECK_THROWS_AS(ByteTokenizer::from_corpus(""), Error);
-    for (const char* bad : {"", "0", "zz", "0a0a", "0b0a", std::string(514, 'a').c_str()})
+    // std::string elements: a c_str() of a temporary in the list would dangle before the loop body runs.
+    for (const std::string& bad : std::vector<std::string>{"", "0", "zz", "0a0a", "0b0a", std::string(514, 'a')})
       CHECK_THROWS_AS(ByteTokenizer::from_hex(bad), Error);
   }
 

@@ -14,6 +14,7 @@ constexpr int64_t IB = 256;
 template <class T>
 void concat_piece_t(T* dst, const T* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I) {
   const int64_t row = Ds * I;  // one outer slice of src is contiguous, and lands contiguously in dst
+  if (row == 0) return;        // an empty piece: its pointers may be null, which memcpy must not get
 #pragma omp parallel for schedule(static) if (O * row > 32768)
   for (int64_t o = 0; o < O; ++o) std::memcpy(dst + (o * Dd + at) * I, src + o * row, (size_t)row * sizeof(T));
 }
@@ -21,12 +22,14 @@ void concat_piece_t(T* dst, const T* src, int64_t O, int64_t Dd, int64_t at, int
 template <class T>
 void split_piece_t(T* dst, const T* src, int64_t O, int64_t Ds, int64_t at, int64_t Dd, int64_t I) {
   const int64_t row = Dd * I;
+  if (row == 0) return;  // as in concat_piece_t
 #pragma omp parallel for schedule(static) if (O * row > 32768)
   for (int64_t o = 0; o < O; ++o) std::memcpy(dst + o * row, src + (o * Ds + at) * I, (size_t)row * sizeof(T));
 }
 
 template <class T>
 void index_select_t(T* out, const T* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
+  if (I == 0) return;  // rows of no elements: `a` and `out` may be null
 #pragma omp parallel for schedule(static) if (O * n * I > 32768)
   for (int64_t oj = 0; oj < O * n; ++oj) {
     int64_t o = oj / n, j = oj % n;

@@ -145,7 +145,8 @@ __global__ void topk_block_kernel(float* __restrict__ values, int32_t* __restric
       pv = v;
       pi = i;
     }
-    __syncthreads();  // the shared scratch is reused by the next row
+    // No barrier needed before the next row reuses the shared scratch: block_max, block_sum and block_best each
+    // begin with __syncthreads, which orders their writes after every thread's reads of the previous call.
   }
 }
 
