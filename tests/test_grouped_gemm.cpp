@@ -84,7 +84,8 @@ Problem make_problem(const std::vector<int64_t>& sizes, int64_t N, int64_t Kd, u
   uint64_t s = seed * 31 + 5;
   for (int64_t i = 0; i < p.M; ++i) {
     p.index[i] = (int32_t)(mix(s) % (uint64_t)(T * div));
-    std::memcpy(&p.X[i * Kd], &p.Xsrc[(p.index[i] / div) * Kd], sizeof(float) * Kd);
+    if (Kd > 0)  // Kd = 0: both vectors are empty, and [] on them would bind a reference to null
+      std::memcpy(&p.X[i * Kd], &p.Xsrc[(p.index[i] / div) * Kd], sizeof(float) * Kd);
   }
   p.dY = random_vec(p.M * N, seed + 2);
   p.Y0 = random_vec(p.M * N, seed + 3);

@@ -516,8 +516,10 @@ TEST_SUITE("reliability") {
         // follows the 120-step trajectory's rounding: 0.024 before the fused z-loss op, 0.012 after it, 0.005 with
         // the MoE path on the dispatch kernels alone (their combine fuses each slot's multiply-add and sums the gate
         // gradient in another order), 0.025 with both. Later, clearly worse. The same margins hold on the generated
-        // play (tests/corpus.h).
-        CHECK((!std::isfinite(hit_off) || hit_off > hit_on + 0.01f));
+        // play (tests/corpus.h). The -O1 sanitized build (different summation orders) gives 0.005 on
+        // tinyshakespeare, so the check asks only for "worse": a guard that did not act leaves the two models
+        // identical and the two losses equal, which fails it.
+        CHECK((!std::isfinite(hit_off) || hit_off > hit_on));
         CHECK((!std::isfinite(end_off) || end_off > end_on[1] + 0.05f));
         CHECK((!std::isfinite(mean_off) || mean_off > mean_on + 0.03));
       }
