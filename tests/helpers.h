@@ -6,10 +6,32 @@
 #include <string>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "autograd/gradcheck.h"
 #include "autograd/ops.h"
 
 namespace cm::test {
+
+// Sets the OpenMP thread count for a scope (the thread-count invariance checks).
+struct ThreadCount {
+  int prev = 1;
+  explicit ThreadCount(int n) {
+#ifdef _OPENMP
+    prev = omp_get_max_threads();
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+  }
+  ~ThreadCount() {
+#ifdef _OPENMP
+    omp_set_num_threads(prev);
+#endif
+  }
+};
 
 // Uniform in [lo, hi) from a fixed seed: never all zeros.
 inline Tensor uniform(const Shape& s, uint64_t seed, float lo = -1.f, float hi = 1.f) {

@@ -6,14 +6,11 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "helpers.h"
 #include "kernels/gemm.h"
 
 using namespace cm;
+using cm::test::ThreadCount;
 using cm::test::param;
 using cm::test::uniform;
 
@@ -90,23 +87,6 @@ struct GemmCase {
   std::string name() const {
     return str(M, "x", N, "x", K, (ta ? " T" : " N"), (tb ? "T" : "N"), " alpha ", alpha, " beta ", beta,
                " batch ", batch);
-  }
-};
-
-struct ThreadCount {  // sets the OpenMP thread count for a scope
-  int prev = 1;
-  explicit ThreadCount(int n) {
-#ifdef _OPENMP
-    prev = omp_get_max_threads();
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-  }
-  ~ThreadCount() {
-#ifdef _OPENMP
-    omp_set_num_threads(prev);
-#endif
   }
 };
 

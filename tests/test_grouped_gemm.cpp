@@ -11,10 +11,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "helpers.h"
 #include "kernels/gemm.h"
 #include "kernels/grouped_gemm.h"
@@ -26,6 +22,7 @@
 #endif
 
 using namespace cm;
+using cm::test::ThreadCount;
 
 namespace {
 
@@ -239,23 +236,6 @@ Outputs run_segment_gemms(const Problem& p) {
   }
   return o;
 }
-
-struct ThreadCount {  // sets the OpenMP thread count for a scope
-  int prev = 1;
-  explicit ThreadCount(int n) {
-#ifdef _OPENMP
-    prev = omp_get_max_threads();
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-  }
-  ~ThreadCount() {
-#ifdef _OPENMP
-    omp_set_num_threads(prev);
-#endif
-  }
-};
 
 // Every combination of the flags on one shape: reference within tolerance, segment gemms bit for bit.
 void check_all_flags(Problem p) {
