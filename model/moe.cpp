@@ -320,10 +320,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   out.z_loss = rt.z_loss;
   out.div_loss = rt.div_loss;
   st.routing_flops = rt.flops;
-  st.router_entropy = rt.entropy;
-  if (rt.lb_loss.defined()) st.load_balance_loss = rt.lb_loss.item();
-  if (rt.z_loss.defined()) st.z_loss = rt.z_loss.item();
-  if (rt.div_loss.defined()) st.diversity_loss = rt.div_loss.item();
+  st.router_entropy = rt.entropy;  // (the layer's aux terms stay on the device: out.lb_loss, z_loss, div_loss)
   out.expert = rt.expert;
   out.top1.resize((size_t)T);
   for (int64_t t = 0; t < T; ++t) {
