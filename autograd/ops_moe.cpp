@@ -11,6 +11,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/gemm.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/pointers.h"
 
 namespace cm {
 
@@ -146,11 +147,94 @@ Tensor moe_combine(const Tensor& ye_in, const Tensor& gate_in, const DispatchPla
 
 // ---------------------------------------------------------------- grouped linear
 
-// The one place that turns "every expert's Linear on its rows" into kernel calls. CPU: the grouped GEMM
-// (kernels/grouped_gemm.h), one call per product, bit-identical to linear() on each expert's rows. CUDA: one GEMM
-// per non-empty expert with linear()'s arguments, until the grouped kernel's CUDA twin replaces the loops.
+// The pointer lists of one call site (autograd/ops_moe.h): the weights' and the biases' device addresses, as the
+// CUDA kernels read them (in device memory). Parameters keep their storage from step to step, so each list is
+// uploaded once (cuda::DevicePointers: again only when it changes). The CPU kernels read host arrays: nothing here.
+struct GroupedLinearCache {
+#if CM_CUDA
+  cuda::DevicePointers w, b;
+#endif
+};
+
+std::shared_ptr<GroupedLinearCache> make_grouped_linear_cache() { return std::make_shared<GroupedLinearCache>(); }
+
+namespace {
+
+// The grouped GEMM calls of kernels/grouped_gemm.h on the tensors' backend, with the lists where the kernels read
+// them: host arrays on the CPU; on CUDA the cache's device copies of the weight and bias lists, and the device
+// offsets (the plan's). Nothing is uploaded per call once the cache holds the lists, and nothing waits.
+struct GroupedGemm {
+  Device dev;
+  const int64_t* off_host;  // [G+1]
+  const int64_t* off_dev;   // [G+1] on dev (CUDA only)
+  int64_t G;
+  GroupedLinearCache* lists;
+  const float* const* weights(const std::vector<const float*>& w) const {
+#if CM_CUDA
+    if (dev == Device::CUDA) return lists->w.get(w);
+#endif
+    return w.data();
+  }
+  const float* const* biases(const std::vector<const float*>& b) const {
+#if CM_CUDA
+    if (dev == Device::CUDA) return lists->b.get(b);
+#endif
+    return b.data();
+  }
+  void forward(float* Y, const float* X, const std::vector<const float*>& W, const std::vector<const float*>* B,
+               int64_t M, int64_t N, int64_t Kd) const {
+    CM_KERNEL(dev, grouped_gemm_forward, Y, X, weights(W), dev == Device::CPU ? off_host : off_dev, G, M, N, Kd,
+              B ? biases(*B) : nullptr, false);
+  }
+  void backward_input(float* dX, const float* dY, const std::vector<const float*>& W, int64_t M, int64_t N,
+                      int64_t Kd) const {
+    CM_KERNEL(dev, grouped_gemm_backward_input, dX, dY, weights(W), dev == Device::CPU ? off_host : off_dev, G, M, N,
+              Kd, false);
+  }
+  // dW, dB: tables of G pointers in dev's memory (pointer_table).
+  void backward_weight(float* const* dW, float* const* dB, const float* dY, const float* X, int64_t M, int64_t N,
+                       int64_t Kd) const {
+    CM_KERNEL(dev, grouped_gemm_backward_weight, dW, dB, dY, X, dev == Device::CPU ? off_host : off_dev, G, M, N, Kd,
+              false);
+  }
+};
+
+// The offsets as the kernels read them on dev: int64 [G+1] (in i32 words). Given by the plan, or uploaded here.
+Tensor device_offsets(const std::vector<int64_t>& offsets, const Tensor& given, Device dev) {
+  if (given.defined()) {
+    CM_CHECK(given.device() == dev && given.numel() == 2 * (int64_t)offsets.size(), "grouped_linear: device offsets ",
+             shape_str(given.shape()), " for ", offsets.size(), " offsets");
+    return given;
+  }
+  std::vector<int32_t> words(2 * offsets.size());
+  std::memcpy(words.data(), offsets.data(), offsets.size() * sizeof(int64_t));
+  return Tensor::from_vector(words, {(int64_t)words.size()}, dev);
+}
+
+// G gradient blocks of one shape, consecutive in one buffer on dev, and the table of their addresses in dev's memory,
+// made there (kernels/pointers.h): a buffer allocated anew at every backward costs no upload. views[e] is block e.
+struct GradBlocks {
+  Tensor all, table;  // f32 [G * numel(shape)]; G pointers (8 bytes each, in i32 storage)
+  std::vector<Tensor> views;
+  GradBlocks(int64_t G, const Shape& shape, Device dev) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    all = Tensor::empty({G * n}, DType::F32, dev);
+    table = Tensor::empty({2 * G}, DType::I32, dev);
+    CM_KERNEL(dev, pointer_table, (float**)table.raw(), all.f32(), n, G);
+    for (int64_t e = 0; e < G; ++e) views.push_back(all.slice(0, e * n, (e + 1) * n).view(shape));
+  }
+  float* const* ptrs() const { return (float* const*)table.raw(); }
+};
+
+}  // namespace
+
+// The one place that turns "every expert's Linear on its rows" into kernel calls: the grouped GEMM
+// (kernels/grouped_gemm.h), one call per product on either backend, bit-identical on the CPU to linear() on each
+// expert's rows.
 Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const std::vector<Tensor>& b_in,
-                      const std::vector<int64_t>& offsets, const ExpertCut& cut) {
+                      const std::vector<int64_t>& offsets, const ExpertCut& cut, const Tensor& offsets_dev,
+                      const std::shared_ptr<GroupedLinearCache>& cache) {
   const int64_t G = (int64_t)w_in.size();
   require("grouped_linear", "x", x_in, DType::F32, 2);
   CM_REQUIRE(G >= 1 && (int64_t)offsets.size() == G + 1 && offsets[0] == 0 && offsets[G] == x_in.size(0),
@@ -175,33 +259,24 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
   }
   const Device dev = x_in.device();
   const Tensor x = dense(x_in);
-  std::vector<Tensor> w, b;
-  for (int64_t e = 0; e < G; ++e) {
-    w.push_back(dense(w_in[e]).detach());
-    if (has_b) b.push_back(dense(b_in[e]).detach());
-  }
-  const int64_t R = x.size(0);
-  Tensor y = Tensor::empty({R, out}, DType::F32, dev);
+  std::vector<Tensor> w, b;  // contiguous, detached: kept alive by the backward closure
   std::vector<const float*> wp((size_t)G), bp((size_t)G);
   for (int64_t e = 0; e < G; ++e) {
+    w.push_back(dense(w_in[e]).detach());
     wp[e] = w[e].f32();
-    if (has_b) bp[e] = b[e].f32();
-  }
-  if (dev == Device::CPU) {  // one call, one parallel region over every expert's tiles
-    cpu::grouped_gemm_forward(y.f32(), x.f32(), wp.data(), offsets.data(), G, R, out, in,
-                              has_b ? bp.data() : nullptr, false);
-  } else  // CUDA: one cuBLAS product per non-empty expert (cuda::grouped_gemm_* replaces this loop)
-  for (int64_t e = 0; e < G; ++e) {
-    const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-    if (n == 0 || out == 0) continue;
-    float* ye = y.f32() + r0 * out;
-    if (has_b) {  // rows start as b, the product accumulates onto them (as linear() does)
-      const int64_t shape[2] = {n, out}, strides[2] = {0, 1};
-      CM_KERNEL(dev, broadcast_to, ye, b[e].f32(), 2, shape, strides);
+    if (has_b) {
+      b.push_back(dense(b_in[e]).detach());
+      bp[e] = b[e].f32();
     }
-    CM_KERNEL(dev, gemm, ye, out, x.f32() + r0 * in, in, w[e].f32(), in, n, out, in, false, true, 1.0f,
-              has_b ? 1.0f : 0.0f);
   }
+  const Tensor off_dev = dev == Device::CPU ? Tensor() : device_offsets(offsets, offsets_dev, dev);
+  // Without a caller's cache, this call's own (its lists are uploaded; the backward reuses them).
+  const std::shared_ptr<GroupedLinearCache> lists = cache ? cache : make_grouped_linear_cache();
+  const int64_t R = x.size(0);
+  Tensor y = Tensor::empty({R, out}, DType::F32, dev);
+  const GroupedGemm gg{dev, offsets.data(), off_dev.defined() ? (const int64_t*)off_dev.raw() : nullptr, G,
+                       lists.get()};
+  gg.forward(y.f32(), x.f32(), wp, has_b ? &bp : nullptr, R, out, in);
 
   std::vector<Tensor> inputs = {x_in};
   inputs.insert(inputs.end(), w_in.begin(), w_in.end());
@@ -209,69 +284,30 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
   std::vector<char> need((size_t)inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) need[i] = inputs[i].requires_grad();
   return record("grouped_linear", y, inputs,
-                [x = x.detach(), w, offsets, cut, has_b, need, G, in, out](const Tensor& g_in) {
+                [x = x.detach(), w, wp, offsets, off_dev, lists, cut, has_b, need, G, in, out](const Tensor& g_in) {
                   const Tensor g = g_in.contiguous();  // [A', out]
                   const Device dev = g.device();
                   const int64_t R = x.size(0);
+                  const GroupedGemm gg{dev, offsets.data(),
+                                       off_dev.defined() ? (const int64_t*)off_dev.raw() : nullptr, G, lists.get()};
                   auto is_cut = [&](int64_t e) { return cut && (*cut)[e]; };
-                  bool any_cut = false;
-                  int64_t max_rows = 0;
-                  for (int64_t e = 0; e < G; ++e) {
-                    any_cut = any_cut || is_cut(e);
-                    max_rows = std::max(max_rows, offsets[e + 1] - offsets[e]);
-                  }
                   grads gs(1 + (size_t)G * (has_b ? 2 : 1));
-                  Tensor ones;  // [max_rows]: the bias gradient is ones^T g, by the GEMM (as in linear())
-                  if (has_b) ones = Tensor::ones({max_rows}, DType::F32, dev);
-                  if (need[0])  // cut experts' rows stay 0
-                    gs[0] = any_cut ? Tensor::zeros({R, in}, DType::F32, dev)
-                                    : Tensor::empty({R, in}, DType::F32, dev);
-                  if (dev == Device::CPU) {  // grouped: every expert at once, then drop what must not flow
-                    std::vector<const float*> wp((size_t)G);
-                    std::vector<float*> dwp((size_t)G), dbp((size_t)G);
-                    std::vector<Tensor> dw((size_t)G), db((size_t)G);
-                    for (int64_t e = 0; e < G; ++e) {
-                      wp[e] = w[e].f32();
-                      dw[e] = Tensor::empty({out, in}, DType::F32, dev);
-                      dwp[e] = dw[e].f32();
-                      if (has_b) {
-                        db[e] = Tensor::empty({out}, DType::F32, dev);
-                        dbp[e] = db[e].f32();
-                      }
-                    }
-                    if (need[0]) {
-                      float* dx = gs[0].f32();
-                      cpu::grouped_gemm_backward_input(dx, g.f32(), wp.data(), offsets.data(), G, R, out, in, false);
-                      for (int64_t e = 0; e < G; ++e)  // a cut expert's rows (NaN weights give NaN here) pass 0
-                        if (is_cut(e)) std::fill(dx + offsets[e] * in, dx + offsets[e + 1] * in, 0.f);
-                    }
-                    cpu::grouped_gemm_backward_weight(dwp.data(), has_b ? dbp.data() : nullptr, g.f32(), x.f32(),
-                                                      offsets.data(), G, R, out, in, false);
-                    for (int64_t e = 0; e < G; ++e) {
-                      if (offsets[e + 1] == offsets[e] || is_cut(e)) continue;  // no rows, or cut: no gradient
-                      if (need[1 + e]) gs[1 + e] = dw[e];
-                      if (has_b && need[1 + G + e]) gs[1 + G + e] = db[e];
-                    }
-                    return gs;
+                  if (need[0]) {  // dx [A', in] = g w per expert; a cut expert's rows (NaN weights give NaN) pass 0
+                    gs[0] = Tensor::empty({R, in}, DType::F32, dev);
+                    gg.backward_input(gs[0].f32(), g.f32(), wp, R, out, in);
+                    for (int64_t e = 0; e < G; ++e)
+                      if (is_cut(e) && offsets[e + 1] > offsets[e])
+                        gs[0].slice(0, offsets[e], offsets[e + 1]).fill_(0.f);
                   }
+                  // dw[e] [out, in] = g^T x over its rows, db[e] = column sums of g (every expert at once; an empty
+                  // or cut expert's are dropped: no gradient, as if it had not run)
+                  const GradBlocks dw(G, {out, in}, dev);
+                  const GradBlocks db(has_b ? G : 0, {out}, dev);
+                  gg.backward_weight(dw.ptrs(), has_b ? db.ptrs() : nullptr, g.f32(), x.f32(), R, out, in);
                   for (int64_t e = 0; e < G; ++e) {
-                    const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-                    if (n == 0 || is_cut(e)) continue;  // no rows, or cut by the fault guard: no gradient
-                    const float* ge = g.f32() + r0 * out;
-                    if (need[0])  // dx [n, in] = g [n, out] w [out, in]
-                      CM_KERNEL(dev, gemm, gs[0].f32() + r0 * in, in, ge, out, w[e].f32(), in, n, in, out, false,
-                                false, 1.0f, 0.0f);
-                    if (need[1 + e]) {  // dw [out, in] = g^T [out, n] x [n, in]
-                      Tensor dw = Tensor::empty({out, in}, DType::F32, dev);
-                      CM_KERNEL(dev, gemm, dw.f32(), in, ge, out, x.f32() + r0 * in, in, out, in, n, true, false,
-                                1.0f, 0.0f);
-                      gs[1 + e] = dw;
-                    }
-                    if (has_b && need[1 + G + e]) {  // db [1, out] = ones [1, n] g [n, out]
-                      Tensor db = Tensor::empty({out}, DType::F32, dev);
-                      CM_KERNEL(dev, gemm, db.f32(), out, ones.f32(), n, ge, out, 1, out, n, false, false, 1.0f, 0.0f);
-                      gs[1 + G + e] = db;
-                    }
+                    if (offsets[e + 1] == offsets[e] || is_cut(e)) continue;
+                    if (need[1 + e]) gs[1 + e] = dw.views[e];
+                    if (has_b && need[1 + G + e]) gs[1 + G + e] = db.views[e];
                   }
                   return gs;
                 });

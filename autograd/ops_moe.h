@@ -1,5 +1,5 @@
 // Differentiable MoE dispatch (DESIGN.md section 3) on the kernels of kernels/dispatch.h, kernels/capacity.h and
-// kernels/gemm.h, on the device of their inputs:
+// kernels/grouped_gemm.h, on the device of their inputs:
 //
 //   expert [T*K] i32 (router's choices) --capacity_filter--> expert with -1 for dropped slots
 //                                       --make_dispatch_plan--> DispatchPlan (row_of, assign_of, offsets)
@@ -57,7 +57,16 @@ using ExpertCut = std::shared_ptr<std::vector<char>>;
 // Backward: dx[r] = g[r] w[e]; dw[e] = g[rows]^T x[rows]; db[e] = column sums of g[rows]. An expert with no rows
 // (or cut) gets no gradient at all (undefined, as if it had not run). offsets: host [N+1] (plan.offsets).
 // Per expert it is the same arithmetic as linear() on the expert's rows, so the result is bit-identical to it.
+// offsets_dev: the same offsets as the kernels read them on x's device (DispatchPlan::offsets_dev); uploaded from
+// `offsets` when undefined (a CPU x needs none). The weight gradients of all experts are views of one buffer.
+// cache: the call site's pointer lists (one per MoE layer and weight family, make_grouped_linear_cache): on CUDA the
+// kernels read the weight and bias lists from device memory, uploaded once into the cache and reused while the
+// parameters keep their storage; null: each call uploads its own. The weight-gradient lists are made on the device.
+struct GroupedLinearCache;
+std::shared_ptr<GroupedLinearCache> make_grouped_linear_cache();
 Tensor grouped_linear(const Tensor& x, const std::vector<Tensor>& w, const std::vector<Tensor>& b,
-                      const std::vector<int64_t>& offsets, const ExpertCut& cut = nullptr);
+                      const std::vector<int64_t>& offsets, const ExpertCut& cut = nullptr,
+                      const Tensor& offsets_dev = Tensor(),
+                      const std::shared_ptr<GroupedLinearCache>& cache = nullptr);
 
 }  // namespace cm

@@ -19,6 +19,7 @@ MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& g
   N = moe ? cfg.num_experts() : 1;
   K = moe ? cfg.experts_per_token() : 1;
   if (moe) router = TreeRouter(cfg, gen);
+  for (auto& l : gemm_lists_) l = make_grouped_linear_cache();
   for (int64_t e = 0; e < N; ++e) experts.emplace_back(cfg, gen);
   if (moe && cfg.use_adaptive_routing) {
     gate = Linear(C, 1, true, cfg.init_std, gen);
@@ -252,7 +253,7 @@ Tensor MoELayer::guard_experts(const Tensor& ys, const std::vector<int64_t>& off
   return where(Tensor::from_vector(in_cut, {S, 1}, dev), Tensor::from_vector(clean, {S, C}, dev), ys);
 }
 
-Tensor MoELayer::experts_forward(const Tensor& xs, const std::vector<int64_t>& offsets, const ExpertCut& cut) const {
+Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, const ExpertCut& cut) const {
   // Each weight family of all experts side by side (the parameters stay per expert: names and checkpoints as
   // before). One grouped op per family; the same arithmetic as ExpertFFN::forward on each expert's rows.
   std::vector<Tensor> w1, b1, w2, b2, w3, b3;
@@ -266,10 +267,13 @@ Tensor MoELayer::experts_forward(const Tensor& xs, const std::vector<int64_t>& o
       if (f.w3.b.defined()) b3.push_back(f.w3.b);
     }
   }
-  Tensor h = grouped_linear(xs, w1, b1, offsets, cut);  // [S, F]
-  if (experts[0].kind == ExpertKind::SwiGLU) h = mul(silu(h), grouped_linear(xs, w3, b3, offsets, cut));
-  else h = gelu(h);
-  return grouped_linear(h, w2, b2, offsets, cut);  // [S, C]
+  const std::vector<int64_t>& offsets = plan.offsets;
+  Tensor h = grouped_linear(xs, w1, b1, offsets, cut, plan.offsets_dev, gemm_lists_[0]);  // [S, F]
+  if (experts[0].kind == ExpertKind::SwiGLU)
+    h = mul(silu(h), grouped_linear(xs, w3, b3, offsets, cut, plan.offsets_dev, gemm_lists_[2]));
+  else
+    h = gelu(h);
+  return grouped_linear(h, w2, b2, offsets, cut, plan.offsets_dev, gemm_lists_[1]);  // [S, C]
 }
 
 MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* ids,
@@ -320,10 +324,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   out.z_loss = rt.z_loss;
   out.div_loss = rt.div_loss;
   st.routing_flops = rt.flops;
-  st.router_entropy = rt.entropy;
-  if (rt.lb_loss.defined()) st.load_balance_loss = rt.lb_loss.item();
-  if (rt.z_loss.defined()) st.z_loss = rt.z_loss.item();
-  if (rt.div_loss.defined()) st.diversity_loss = rt.div_loss.item();
+  st.router_entropy = rt.entropy;  // (the layer's aux terms stay on the device: out.lb_loss, z_loss, div_loss)
   out.expert = rt.expert;
   out.top1.resize((size_t)T);
   for (int64_t t = 0; t < T; ++t) {
@@ -382,7 +383,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   // 4. Gather rows, run every expert on its rows (grouped), guard the outputs.
   Tensor xs = moe_permute(x, plan);  // [S, C] expert-contiguous
   ExpertCut cut = std::make_shared<std::vector<char>>((size_t)N, 0);
-  Tensor ys = experts_forward(xs, plan.offsets, cut);  // [S, C]
+  Tensor ys = experts_forward(xs, plan, cut);  // [S, C]
   ys = guard_experts(ys, plan.offsets, training, st, cut);
 
   // 5. Combine: each token adds its slots' gated rows in slot order.

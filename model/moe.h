@@ -92,9 +92,12 @@ class MoELayer {
   Tensor guard_experts(const Tensor& ys, const std::vector<int64_t>& offsets, bool training, LayerRoutingStats& st,
                        const ExpertCut& cut);
   // Every expert's FFN on its rows of xs [S, C] -> [S, C] (the grouped form of ExpertFFN::forward).
-  Tensor experts_forward(const Tensor& xs, const std::vector<int64_t>& offsets, const ExpertCut& cut) const;
+  Tensor experts_forward(const Tensor& xs, const DispatchPlan& plan, const ExpertCut& cut) const;
 
   CoEConfig cfg_;
+  // The grouped GEMM's pointer lists of the expert weights w1, w2, w3 (autograd/ops_moe.h): uploaded once on CUDA.
+  // Shared by copies of the layer (a copy's parameters are the same tensors).
+  std::shared_ptr<GroupedLinearCache> gemm_lists_[3];
   // Buffers (checkpointed), each [N].
   Tensor reliability_;  // in [reliability_min, 1]
   Tensor norm_ema_;     // running mean of healthy output-row norms (0 = no statistics yet)

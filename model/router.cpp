@@ -16,15 +16,6 @@
 
 namespace cm {
 
-const float* host_f32(const Tensor& t, std::vector<float>& tmp) {
-  if (t.device() == Device::CPU && t.is_contiguous()) {
-    note_host_read();  // read in place here; a device build copies (engine/host_sync.h)
-    return t.f32();
-  }
-  tmp = t.to_f32_vector();
-  return tmp.data();
-}
-
 Segments counting_sort(const std::vector<int32_t>& ids, int64_t n) {
   Segments s;
   s.offsets.assign((size_t)n + 1, 0);
@@ -364,9 +355,13 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   if (leaf_bias && std::any_of(leaf_bias->begin(), leaf_bias->end(), [](float v) { return v != 0.f; }))
     s = add(s, Tensor::from_vector(*leaf_bias, {1, N_}, dev));
   Tensor probs = softmax(s);  // [T, N]
-  std::vector<float> p_copy, s_copy;
-  const float* pv = host_f32(probs, p_copy);
-  r.entropy = cpu::route_mean_entropy(pv, host_f32(s, s_copy), T, N_);  // of the one N-way distribution
+  // The selection below runs on the host: probs and s come back in one read-out (s only for the entropy).
+  const std::vector<std::vector<int32_t>> words = read_out_words({probs, s}, dev);
+  std::vector<float> p_host(words[0].size()), s_host(words[1].size());  // [T, N] each
+  std::memcpy(p_host.data(), words[0].data(), p_host.size() * 4);
+  std::memcpy(s_host.data(), words[1].data(), s_host.size() * 4);
+  const float* pv = p_host.data();
+  r.entropy = cpu::route_mean_entropy(pv, s_host.data(), T, N_);  // of the one N-way distribution
 
   // Selection, level by level, on the leaves' probability mass (no gradient).
   std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
@@ -403,7 +398,8 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   r.expert = node;  // token-major: slot t*K + j
   r.expert_ids = Tensor::from_vector(node, {P}, dev);
   r.gate = gather(probs, 1, r.expert_ids.view({T, r.K})).view({P});
-  r.gate_value = r.gate.to_f32_vector();
+  r.gate_value.resize((size_t)P);  // the gathered values, from the host's copy of probs (a gather copies bits)
+  for (int64_t q = 0; q < P; ++q) r.gate_value[q] = pv[(q / r.K) * N_ + node[q]];
   r.entropy_dev = Tensor::scalar(r.entropy, dev);
   for (int64_t l = 0; l < D; ++l)
     r.level_counts_dev.push_back(Tensor::from_vector(

@@ -38,10 +38,6 @@ struct Segments {
 };
 Segments counting_sort(const std::vector<int32_t>& ids, int64_t n);
 
-// Read-only host view of an f32 tensor: its own memory when it is a contiguous CPU tensor (no copy), else a copy
-// in tmp (a device tensor or a strided view). Valid while both t and tmp live.
-const float* host_f32(const Tensor& t, std::vector<float>& tmp);
-
 // No-gradient terms the owner (the MoE layer) adds to the router's logits, per level [n_nodes * b]:
 // log reliability of each child, and -inf for pruned children. Empty vectors mean zeros.
 struct RouterBias {

@@ -16,9 +16,8 @@ struct LayerRoutingStats {
   int64_t nonfinite_rows = 0;         // expert output rows that were not finite
   int64_t outlier_rows = 0;           // rows whose norm was far outside the expert's running statistics
   int64_t routing_flops = 0;          // multiply-adds x 2 spent on router logits (counted, not estimated)
-  float load_balance_loss = 0.f;      // weighted, this layer
-  float z_loss = 0.f;
-  float diversity_loss = 0.f;
+  // (The layer's weighted aux terms are tensors, MoELayer::Output::lb_loss, z_loss, div_loss: copying them here
+  // made the host wait three times per layer and step.)
   float router_entropy = 0.f;         // mean entropy (nats) of the first level's routing distribution
   float routing_ms = 0.f;             // wall time of the router's forward (host clock, its device reads included)
   float reliability = 1.f;            // layer reliability at the time of the forward

@@ -4,10 +4,13 @@
 // the CPU, values and gradients.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "autograd/ops_moe.h"
+#include "engine/host_sync.h"
 #include "kernels/capacity.h"
+#include "kernels/pointers.h"
 #include "tests/helpers.h"
 
 using namespace cm;
@@ -227,6 +230,16 @@ TEST_SUITE("moe_ops") {
     }
   }
 
+  TEST_CASE("moe ops: pointer_table lists G consecutive blocks of one buffer") {
+    std::vector<float> buf(40);
+    for (int64_t G : {0, 1, 5}) {
+      std::vector<float*> table((size_t)G + 1, nullptr);
+      cpu::pointer_table(table.data(), buf.data() + 2, 7, G);
+      for (int64_t e = 0; e < G; ++e) CHECK(table[e] == buf.data() + 2 + 7 * e);
+      CHECK(table[G] == nullptr);  // nothing past G
+    }
+  }
+
   TEST_CASE("moe ops: bad arguments are named") {
     Tensor e = Tensor::from_vector(std::vector<int32_t>{0, 5, 1}, {3});
     CHECK_THROWS_WITH(make_dispatch_plan(e, 1, 4), doctest::Contains("outside [-1, 4)"));
@@ -241,6 +254,71 @@ TEST_SUITE("moe_ops") {
 #if CM_CUDA
 TEST_SUITE("cuda") {
   using cm::test::needs_device;
+
+  TEST_CASE("cuda kernels: pointer_table equals the CPU twin on random sizes" * needs_device()) {
+    Generator g(31);
+    for (int rep = 0; rep < 6; ++rep) {
+      Tensor r = Tensor::rand({2}, g);
+      const int64_t G = 1 + (int64_t)(r.f32()[0] * 300.f), stride = (int64_t)(r.f32()[1] * 5000.f);
+      Tensor buf = Tensor::empty({G * stride + 1}, DType::F32, Device::CUDA);
+      Tensor table = Tensor::empty({2 * G}, DType::I32, Device::CUDA);
+      cuda::pointer_table((float**)table.raw(), buf.f32(), stride, G);
+      std::vector<int32_t> words = table.to_i32_vector();
+      std::vector<float*> got((size_t)G), want((size_t)G);
+      std::memcpy(got.data(), words.data(), (size_t)G * sizeof(float*));
+      cpu::pointer_table(want.data(), buf.f32(), stride, G);  // the same addresses, computed on the host
+      CHECK_MESSAGE(got == want, "G=", G, " stride=", stride);
+    }
+  }
+
+  TEST_CASE("cuda ops: grouped_linear with a call-site cache reuses its lists: equal results, nothing waits" *
+            needs_device()) {
+    const int64_t in = 6, out = 4, G = 4;
+    const std::vector<int64_t> off = offsets_of({3, 0, 5, 2});
+    Experts E = random_experts_linear(G, in, out, true, 1700);
+    std::vector<Tensor> w, b;
+    for (int64_t e = 0; e < G; ++e) {
+      w.push_back(E.w[e].detach().to(Device::CUDA).requires_grad_(true));
+      b.push_back(E.b[e].detach().to(Device::CUDA).requires_grad_(true));
+    }
+    Tensor x = cm::test::param({off.back(), in}, 1710).detach().to(Device::CUDA);
+    auto cache = make_grouped_linear_cache();
+    std::vector<std::vector<float>> first;
+    for (int call = 0; call < 3; ++call) {
+      CAPTURE(call);
+      for (Tensor& t : w) t.zero_grad();
+      for (Tensor& t : b) t.zero_grad();
+      const int64_t syncs = host_sync_stats().stream_syncs;
+      Tensor y = grouped_linear(x, w, b, off, nullptr, Tensor(), cache);
+      sum(square(y)).backward();
+      if (call > 0) CHECK(host_sync_stats().stream_syncs == syncs);  // the lists are on the device already
+      std::vector<std::vector<float>> got = {y.to_f32_vector()};
+      for (int64_t e = 0; e < G; ++e) {
+        CHECK(w[e].grad().defined() == (off[e + 1] > off[e]));  // an expert without rows: no gradient
+        if (!w[e].grad().defined()) continue;
+        got.push_back(w[e].grad().to_f32_vector());
+        got.push_back(b[e].grad().to_f32_vector());
+      }
+      if (call == 0) first = got;
+      else CHECK(got == first);
+    }
+    // The CPU's values (the uncached call), within the parity tolerance.
+    std::vector<Tensor> wc, bc;
+    for (int64_t e = 0; e < G; ++e) {
+      wc.push_back(E.w[e].detach().requires_grad_(true));
+      bc.push_back(E.b[e].detach().requires_grad_(true));
+    }
+    Tensor yc = grouped_linear(x.to(Device::CPU), wc, bc, off);
+    sum(square(yc)).backward();
+    std::vector<std::vector<float>> want = {yc.to_f32_vector()};
+    for (int64_t e = 0; e < G; ++e)
+      if (wc[e].grad().defined()) {
+        want.push_back(wc[e].grad().to_f32_vector());
+        want.push_back(bc[e].grad().to_f32_vector());
+      }
+    REQUIRE(want.size() == first.size());
+    for (size_t i = 0; i < want.size(); ++i) CHECK(cm::test::first_mismatch(first[i], want[i], 1e-5f, 1e-4f) < 0);
+  }
 
   TEST_CASE("cuda ops: MoE dispatch ops (plan, capacity, permute, combine, grouped_linear) equal the CPU" *
             needs_device()) {
