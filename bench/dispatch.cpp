@@ -232,16 +232,30 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
   Tensor x = Tensor::randn({T, C}, g).requires_grad_(true);
   Tensor d_out = Tensor::randn({T, C}, g);
   Tensor out;
+  // The forward's stages, each timed on its own (stage[]) besides the whole.
+  std::vector<std::vector<double>> stage(5);
+  const char* stage_name[5] = {"select", "read-out + histogram", "plan", "permute", "combine"};
   auto forward = [&] {
+    auto t = std::chrono::steady_clock::now();
+    auto lap = [&](int i) {
+      const auto now = std::chrono::steady_clock::now();
+      stage[(size_t)i].push_back(std::chrono::duration<double>(now - t).count());
+      t = now;
+    };
     // model/router.cpp, a flat [N] top-2 level with renorm_last gates and the entropy statistic
     LevelSelection sel = route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.0f, K, true, true);
+    lap(0);
     Tensor counts = Tensor::empty({N}, DType::I32);
     const std::vector<int32_t> host_ids = sel.child.to_i32_vector();  // the router's read-out (a copy on the CPU)
     cpu::route_histogram(counts.i32(), sel.child.i32(), T * K, N, false);
+    lap(1);
     // model/moe.cpp: plan from the host ids, permute, (experts), combine
     DispatchPlan plan = make_dispatch_plan(sel.child, K, N, &host_ids);
+    lap(2);
     Tensor xs = moe_permute(x, plan);
+    lap(3);
     out = moe_combine(xs, sel.path, plan);  // identity experts
+    lap(4);
   };
   auto backward = [&] {
     out.backward(d_out);
@@ -306,6 +320,14 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
   };
   row("forward", med(tf), ff, lb.forward, med(cf1), med(cfa));
   row("backward", med(tb), fb, lb.backward, med(cb1), med(cba));
+  std::string stages;
+  for (int i = 0; i < 5; ++i) {
+    std::vector<double> v(stage[(size_t)i].end() - rounds, stage[(size_t)i].end());  // the timed rounds
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%s%s %.2f", i ? ", " : "", stage_name[i], 1e3 * med(v));
+    stages += buf;
+  }
+  std::printf("|  | forward stages, ms | %s | | | |\n", stages.c_str());
   std::fflush(stdout);
   return true;
 }
