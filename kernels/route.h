@@ -45,6 +45,12 @@ void route_logits_backward_w(float* dW,             // [n * b, C]
 // counts [n] (+)= #{i : ids[i] == j}; ids outside [0, n) are not counted. accumulate = false overwrites.
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
 
+// The (expert, input token) pair of each routed slot as one key for route_histogram over [N * V]:
+// keys[a] = expert[a] * V + tokens[a / K] for expert[a] in [0, N) (else -1: not counted). tokens [A / K] in [0, V)
+// (a token outside gives -1 too). The MoE layer's specialization counters (model/moe.h).
+void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
+                     int64_t V);
+
 
 // The fused selection of one level. Per pair p at node j = node[p] (0 when node == nullptr):
 //   s[p, c]         = logits[p, c] * inv_temp (skipped when inv_temp == 1) + lbias[j * b + c] (when lbias)
@@ -102,6 +108,8 @@ void route_logits_backward_h(float* dh, const float* dlogits, const float* W, co
 void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
                              int64_t Kp, int64_t n, int64_t b, int64_t C);
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
+void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
+                     int64_t V);
 // One warp per pair; the probabilities use expf (within float rounding of the CPU's), the selection the same order.
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
                           const float* logits, const int32_t* node, const float* path_parent, const float* lbias,

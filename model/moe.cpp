@@ -7,7 +7,9 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/dispatch.h"
 #include "engine/host_sync.h"
+#include "kernels/route.h"
 #include "model/optim.h"
 
 namespace cm {
@@ -37,7 +39,6 @@ MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& g
   pend_good_.assign(N, 0);
   pend_norm_.assign(N, 0.0);
   util_.assign(N, 0.0);
-  spec_.assign((size_t)(N * V), 0.0);
 }
 
 void MoELayer::collect(const std::string& prefix, NamedParams& out) const {
@@ -276,7 +277,7 @@ Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, con
   return grouped_linear(h, w2, b2, offsets, cut, plan.offsets_dev, gemm_lists_[1]);  // [S, C]
 }
 
-MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* ids,
+MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
                                    const std::vector<int32_t>* labels, bool training) {
   CM_REQUIRE(x.dim() == 2 && x.size(1) == C, "FFN layer input must be [T, ", C, "], got ", shape_str(x.shape()));
   const int64_t T = x.size(0);
@@ -289,7 +290,9 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   st.expert_rows.assign(N, 0);
   // A dense layer's host buffer may lag its device state by the steps since the last pull (model/health.h).
   st.reliability = moe ? layer_reliability() : reliability_.f32()[0];
-  if (ids) CM_CHECK((int64_t)ids->size() == T, "ids ", ids->size(), " for ", T, " rows");
+  if (ids)
+    CM_CHECK(ids->dtype() == DType::I32 && ids->numel() == T && ids->device() == x.device(), "ids ",
+             shape_str(ids->shape()), " for ", T, " rows");
 
   if (!moe) {  // dense FFN: one expert, every token, gate 1; guarded on its device (no host round trip)
     Tensor y;
@@ -310,8 +313,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     out.keep.assign((size_t)T, 1);
     out.top1.assign((size_t)T, 0);
     util_[0] += (double)T;
-    if (ids)
-      for (int64_t t = 0; t < T; ++t) spec_[(*ids)[t]] += 1.0;
+    if (ids) count_specialization(Tensor(), *ids);
     return out;
   }
 
@@ -339,8 +341,6 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
     st.expert_share[e] = S0 ? (float)routed[e] / (float)S0 : 0.f;
     util_[e] += (double)routed[e];
   }
-  if (ids)
-    for (int64_t s = 0; s < S0; ++s) spec_[(size_t)rt.expert[s] * V + (*ids)[s / K]] += 1.0;
   if (training) {
     for (int64_t e = 0; e < N; ++e) pend_routed_[e] += routed[e];
     if (pend_level_counts_.empty()) pend_level_counts_ = rt.level_counts;
@@ -353,6 +353,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const std::vector<int32_t>* 
   const Device dev = x.device();
   // The router's choices, i32 [T*K] on x's device (the group_limited gate selects on the host: one upload).
   Tensor expert = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, dev);
+  if (ids) count_specialization(expert, *ids);  // the routed slots, before capacity
   DispatchPlan plan = make_dispatch_plan(expert, K, N, &rt.expert);  // rt.expert: the router's host copy
 
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
@@ -491,21 +492,52 @@ std::vector<double> MoELayer::utilization() const {
   return r;
 }
 
+// spec_ += one count per (expert, input token) pair of the slots: expert i32 [T*K] (undefined: a dense layer, every
+// token to expert 0), tokens i32 [T], on the layer's device. Counted there (kernels/route.h): nothing is read.
+void MoELayer::count_specialization(const Tensor& expert, const Tensor& tokens) {
+  const Device dev = tokens.device();
+  if (spec_.defined() && spec_.device() != dev) spec_ = spec_.to(dev);
+  if (!spec_.defined()) spec_ = Tensor::zeros({N * V}, DType::I32, dev);
+  const Tensor tk = tokens.contiguous();
+  if (!expert.defined()) {  // expert 0: the key is the token
+    CM_KERNEL(dev, route_histogram, spec_.i32(), tk.i32(), tk.numel(), N * V, true);
+    return;
+  }
+  const Tensor ex = expert.contiguous();
+  const int64_t A = ex.numel();
+  Tensor keys = Tensor::empty({A}, DType::I32, dev);
+  CM_KERNEL(dev, route_pair_keys, keys.i32(), ex.i32(), tk.i32(), A, A / std::max<int64_t>(tk.numel(), 1), N, V);
+  CM_KERNEL(dev, route_histogram, spec_.i32(), keys.i32(), A, N * V, true);
+}
+
+// The counts as doubles [N * V] (one read-out: a metric, read at evaluation time).
+std::vector<double> MoELayer::specialization_counts() const {
+  std::vector<double> c((size_t)(N * V), 0.0);
+  if (!spec_.defined()) return c;
+  const std::vector<int32_t> v = spec_.to_i32_vector();
+  for (size_t i = 0; i < c.size(); ++i) c[i] = (double)v[i];
+  return c;
+}
+
 std::vector<float> MoELayer::specialization() const {
+  return specialization_of(specialization_counts());
+}
+
+std::vector<float> MoELayer::specialization_of(const std::vector<double>& spec) const {
   // p(v) over all routed slots; per expert KL(p(v | e) || p(v)).
   std::vector<double> pv((size_t)V, 0.0);
   double total = 0.0;
   for (int64_t e = 0; e < N; ++e)
-    for (int64_t v = 0; v < V; ++v) pv[v] += spec_[e * V + v];
+    for (int64_t v = 0; v < V; ++v) pv[v] += spec[e * V + v];
   for (double x : pv) total += x;
   std::vector<float> kl((size_t)N, 0.f);
   if (total <= 0.0) return kl;
   for (int64_t e = 0; e < N; ++e) {
     double ne = 0.0, acc = 0.0;
-    for (int64_t v = 0; v < V; ++v) ne += spec_[e * V + v];
+    for (int64_t v = 0; v < V; ++v) ne += spec[e * V + v];
     if (ne <= 0.0) continue;
     for (int64_t v = 0; v < V; ++v) {
-      double c = spec_[e * V + v];
+      double c = spec[e * V + v];
       if (c > 0.0) acc += (c / ne) * std::log((c / ne) / (pv[v] / total));
     }
     kl[e] = (float)acc;
@@ -515,11 +547,12 @@ std::vector<float> MoELayer::specialization() const {
 
 float MoELayer::mutual_information() const {
   // I(E; V) = sum_e p(e) KL(p(v | e) || p(v)).
-  std::vector<float> kl = specialization();
+  const std::vector<double> spec = specialization_counts();
+  std::vector<float> kl = specialization_of(spec);
   double total = 0.0, mi = 0.0;
   std::vector<double> ne((size_t)N, 0.0);
   for (int64_t e = 0; e < N; ++e) {
-    for (int64_t v = 0; v < V; ++v) ne[e] += spec_[e * V + v];
+    for (int64_t v = 0; v < V; ++v) ne[e] += spec[e * V + v];
     total += ne[e];
   }
   if (total <= 0.0) return 0.f;
@@ -529,7 +562,7 @@ float MoELayer::mutual_information() const {
 
 void MoELayer::reset_metrics() {
   std::fill(util_.begin(), util_.end(), 0.0);
-  std::fill(spec_.begin(), spec_.end(), 0.0);
+  spec_ = Tensor();  // zeros again at the next count
 }
 
 // ---------------------------------------------------------------- pruning

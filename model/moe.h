@@ -40,10 +40,11 @@ class MoELayer {
     std::vector<int32_t> top1;    // [T] highest-gate expert per token (the next AC layer's labels)
     LayerRoutingStats stats;
   };
-  // x [T, C] (normalised input). ids [T]: the input token of each row (specialization counters), or null.
+  // x [T, C] (normalised input). ids i32 [T] on x's device: the input token of each row (specialization counters,
+  // counted on the device), or null.
   // labels [T]: the previous MoE layer's top-1 experts (AC), or null. training: capacity, pending health
   // counters and AC batch statistics.
-  Output forward(const Tensor& x, const std::vector<int32_t>* ids, const std::vector<int32_t>* labels,
+  Output forward(const Tensor& x, const Tensor* ids, const std::vector<int32_t>* labels,
                  bool training);
 
   // After an optimizer step: health -> reliability, output-norm statistics, usage EMA, aux-free bias, pruning.
@@ -83,6 +84,9 @@ class MoELayer {
 
  private:
   RouterBias routing_bias() const;
+  void count_specialization(const Tensor& expert, const Tensor& tokens);
+  std::vector<double> specialization_counts() const;
+  std::vector<float> specialization_of(const std::vector<double>& spec) const;
   // Fault guard, counting part: rows [n] of expert e with sums of squares sq [n]; marks bad rows in bad [n],
   // updates the stats and (training) the pending counters; returns the number of bad rows.
   int64_t guard_rows(int64_t e, const double* sq, int64_t n, bool training, LayerRoutingStats& st, char* bad);
@@ -111,7 +115,7 @@ class MoELayer {
   std::vector<std::vector<int64_t>> pend_level_counts_;
   // Metrics since reset.
   std::vector<double> util_;  // [N]
-  std::vector<double> spec_;  // [N * V] routed slots per (expert, input token)
+  Tensor spec_;  // i32 [N * V] routed slots per (expert, input token), on the layer's device; undefined: all 0
   // A dense layer (moe == false) guards and judges its expert on its device instead (model/health.h): the
   // buffers above hold that state at rest, pulled back when the host reads them.
   FfnHealth health_;

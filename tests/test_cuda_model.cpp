@@ -183,6 +183,8 @@ TEST_SUITE("cuda") {
     REQUIRE(oa.layers.size() == 3);
     CHECK(oa.layers[0].expert_rows[3] == 0);  // pruned: no rows, no compute
     for (size_t l = 0; l < oa.layers.size(); ++l) CHECK(ob.layers[l].expert_rows == oa.layers[l].expert_rows);
+    // The specialization counters, counted on each model's device from the same routing: the same statistic.
+    CHECK(b.get_expert_specialization() == a.get_expert_specialization());
     check_gradients(a, oa, b, ob);
     const std::vector<int32_t> prompt = {7, 3, 9};
     CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));

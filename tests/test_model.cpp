@@ -352,9 +352,10 @@ TEST_SUITE("model") {
     Generator gen(91);
     MoELayer layer(c, 0, true, gen);
     layer.router.weights[0].copy_(Tensor::from_vector(std::vector<float>{5, 0, 0, 5}, {2, 2}));
-    std::vector<int32_t> ids = {0, 1, 2, 3, 0, 1, 2, 3};
+    std::vector<int32_t> idv = {0, 1, 2, 3, 0, 1, 2, 3};
+    const Tensor ids = Tensor::from_vector(idv, {8});
     std::vector<float> x;
-    for (int32_t v : ids) x.push_back(v % 2 == 0 ? 1.f : 0.f), x.push_back(v % 2 == 1 ? 1.f : 0.f);
+    for (int32_t v : idv) x.push_back(v % 2 == 0 ? 1.f : 0.f), x.push_back(v % 2 == 1 ? 1.f : 0.f);
     layer.forward(Tensor::from_vector(x, {8, 2}), &ids, nullptr, false);
     CHECK(layer.mutual_information() == doctest::Approx(std::log(2.0)).epsilon(1e-5));
     for (float kl : layer.specialization()) CHECK(kl == doctest::Approx(std::log(2.0)).epsilon(1e-5));

@@ -275,6 +275,13 @@ TEST_SUITE("routing") {
     }
   }
 
+  TEST_CASE("route pair keys: expert * V + token of each slot; a dropped slot or an id out of range gives -1") {
+    const std::vector<int32_t> expert = {0, 2, -1, 1, 2, 3, 1, 0}, tokens = {4, 0, 3, 9};  // K = 2, N = 3, V = 5
+    std::vector<int32_t> keys(8, 7);
+    cpu::route_pair_keys(keys.data(), expert.data(), tokens.data(), 8, 2, 3, 5);
+    CHECK(keys == std::vector<int32_t>{4, 14, -1, 5, 13, -1, -1, -1});  // expert 3 >= N; token 9 >= V
+  }
+
   TEST_CASE("route select: bad arguments and a node with fewer than k selectable children are refused") {
     Tensor logits = uniform({4, 3}, 1);
     CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 4, false, false),
@@ -336,6 +343,23 @@ TEST_SUITE("cuda") {
     for (int32_t& c : ref) c *= 2;
     CHECK(counts.to_i32_vector() == ref);
   }
+  TEST_CASE("cuda kernels: route pair keys equal the CPU twin on random slots" * cm::test::needs_device()) {
+    Generator g(5);
+    for (int64_t K : {1, 3}) {
+      const int64_t T = 257, A = T * K, N = 6, V = 11;
+      std::vector<float> u = Tensor::rand({A + T}, g).to_f32_vector();
+      std::vector<int32_t> expert((size_t)A), tokens((size_t)T);
+      for (int64_t a = 0; a < A; ++a) expert[a] = (int32_t)(u[a] * (N + 2)) - 1;  // -1 .. N: both ends invalid
+      for (int64_t t = 0; t < T; ++t) tokens[t] = (int32_t)(u[A + t] * (V + 1));  // 0 .. V
+      std::vector<int32_t> ref((size_t)A);
+      cpu::route_pair_keys(ref.data(), expert.data(), tokens.data(), A, K, N, V);
+      Tensor ed = Tensor::from_vector(expert, {A}).to(Device::CUDA), td = Tensor::from_vector(tokens, {T}).to(Device::CUDA);
+      Tensor keys = Tensor::empty({A}, DType::I32, Device::CUDA);
+      cuda::route_pair_keys(keys.i32(), ed.i32(), td.i32(), A, K, N, V);
+      CHECK_MESSAGE(keys.to_i32_vector() == ref, "K=", K);
+    }
+  }
+
   TEST_CASE("cuda kernels: route select forward and backward against the CPU" * cm::test::needs_device()) {
     for (const SelCase& cs : kSelCases) {
       CAPTURE(cs.k);

@@ -127,6 +127,14 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
     if (ids[i] >= 0 && ids[i] < n) ++counts[ids[i]];
 }
 
+void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
+                     int64_t V) {
+  for (int64_t a = 0; a < A; ++a) {
+    const int64_t e = expert[a], v = tokens[a / K];
+    keys[a] = e >= 0 && e < N && v >= 0 && v < V ? (int32_t)(e * V + v) : -1;
+  }
+}
+
 // Mean entropy (nats) of the rows of p = softmax(s), p and s [P, b], without a log per element. In a row,
 // log p_c = s_c - max(s) - log Z and the largest probability is 1/Z, so
 //   H = -sum_c p_c log p_c = -log(max p) * sum_c p_c - sum_c p_c (s_c - max s)

@@ -288,6 +288,24 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
   cudaCheckLaunch("route histogram_kernel");
 }
 
+namespace {
+__global__ void pair_keys_kernel(int32_t* __restrict__ keys, const int32_t* __restrict__ expert,
+                                 const int32_t* __restrict__ tokens, int64_t A, int64_t K, int64_t N, int64_t V) {
+  for (int64_t a = gtid(); a < A; a += gstride()) {
+    const int64_t e = expert[a], v = tokens[a / K];
+    keys[a] = e >= 0 && e < N && v >= 0 && v < V ? (int32_t)(e * V + v) : -1;
+  }
+}
+}  // namespace
+
+void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
+                     int64_t V) {
+  CM_CHECK(A >= 0 && K >= 1 && N * V <= INT32_MAX, "cuda::route_pair_keys: A=", A, " K=", K, " N=", N, " V=", V);
+  if (A == 0) return;
+  pair_keys_kernel<<<grid_for(A, kThreads), kThreads, 0, stream()>>>(keys, expert, tokens, A, K, N, V);
+  cudaCheckLaunch("route pair_keys_kernel");
+}
+
 
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
                           const float* logits, const int32_t* node, const float* path_parent, const float* lbias,
