@@ -17,7 +17,8 @@
 // selection's softmax) from a random output gradient. The floor of each is the bytes it must read and write at
 // least once (listed in layer_bytes) at this machine's copy bandwidth, measured in the same run: a copy of half
 // as many bytes (it reads and writes them), by one thread (memcpy) and by all (an OpenMP split), the faster taken.
-// The rounds alternate path and copies; medians over the rounds. A ratio of 1 is the floor.
+// The rounds alternate path and copies; medians over the rounds, in wall time and in process CPU time (the steadier
+// on a shared machine). A ratio of 1 is the floor.
 //
 //   make -j2 USE_CUDA=0 build/bench/dispatch
 //   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer]
@@ -26,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -289,37 +291,50 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
       std::memcpy(dst.data() + lo, src.data() + lo, hi - lo);
     }
   };
-  auto secs = [](auto&& f) {
+  // Wall time and process CPU time (all threads, system time included: page faults are work too). On a shared
+  // machine the CPU-time ratio is the steadier one: it counts the work, not the time the scheduler gave to others.
+  struct Times {
+    std::vector<double> wall, cpu;
+  };
+  auto cpu_now = [] {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+  };
+  auto timed = [&](Times& t, auto&& f) {
+    const double c0 = cpu_now();
     const auto t0 = std::chrono::steady_clock::now();
     f();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    t.wall.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t.cpu.push_back(cpu_now() - c0);
   };
-  std::vector<double> tf, tb, cf1, cfa, cb1, cba;
+  Times tf, tb, cf1, cfa, cb1, cba;
   for (int r = 0; r < rounds; ++r) {  // interleaved: path, then the copies of its bytes
-    tf.push_back(secs(forward));
-    tb.push_back(secs(backward));
-    cf1.push_back(secs([&] { copy_one((size_t)(lb.forward / 2)); }));
-    cfa.push_back(secs([&] { copy_all((size_t)(lb.forward / 2)); }));
-    cb1.push_back(secs([&] { copy_one((size_t)(lb.backward / 2)); }));
-    cba.push_back(secs([&] { copy_all((size_t)(lb.backward / 2)); }));
+    timed(tf, forward);
+    timed(tb, backward);
+    timed(cf1, [&] { copy_one((size_t)(lb.forward / 2)); });
+    timed(cfa, [&] { copy_all((size_t)(lb.forward / 2)); });
+    timed(cb1, [&] { copy_one((size_t)(lb.backward / 2)); });
+    timed(cba, [&] { copy_all((size_t)(lb.backward / 2)); });
   }
   auto med = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  const double ff = std::min(med(cf1), med(cfa)), fb = std::min(med(cb1), med(cba));
-  auto row = [&](const char* what, double t, double floor, double bytes, double one, double all) {
-    std::printf("| %lld | %s | %.1f | %.2f | %.2f (%.1f GB/s; memcpy %.2f, %d threads %.2f) | **%.2f** |\n",
-                (long long)N, what, bytes / 1e6, 1e3 * t, 1e3 * floor, bytes / floor / 1e9, 1e3 * one,
+  auto row = [&](const char* what, const Times& t, const Times& one, const Times& all, double bytes) {
+    const double fw = std::min(med(one.wall), med(all.wall)), fc = std::min(med(one.cpu), med(all.cpu));
+    std::printf("| %lld | %s | %.1f | %.2f | %.2f (%.1f GB/s; memcpy %.2f, %d threads %.2f) | **%.2f** | %.2f | %.2f "
+                "| **%.2f** |\n",
+                (long long)N, what, bytes / 1e6, 1e3 * med(t.wall), 1e3 * fw, bytes / fw / 1e9, 1e3 * med(one.wall),
 #ifdef _OPENMP
                 omp_get_max_threads(),
 #else
                 1,
 #endif
-                1e3 * all, t / floor);
+                1e3 * med(all.wall), med(t.wall) / fw, 1e3 * med(t.cpu), 1e3 * fc, med(t.cpu) / fc);
   };
-  row("forward", med(tf), ff, lb.forward, med(cf1), med(cfa));
-  row("backward", med(tb), fb, lb.backward, med(cb1), med(cba));
+  row("forward", tf, cf1, cfa, lb.forward);
+  row("backward", tb, cb1, cba, lb.backward);
   std::string stages;
   for (int i = 0; i < 5; ++i) {
     std::vector<double> v(stage[(size_t)i].end() - rounds, stage[(size_t)i].end());  // the timed rounds
@@ -327,7 +342,7 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
     std::snprintf(buf, sizeof buf, "%s%s %.2f", i ? ", " : "", stage_name[i], 1e3 * med(v));
     stages += buf;
   }
-  std::printf("|  | forward stages, ms | %s | | | |\n", stages.c_str());
+  std::printf("|  | forward stages, wall ms | %s | | | | | | |\n", stages.c_str());
   std::fflush(stdout);
   return true;
 }
@@ -338,8 +353,9 @@ bool run_layer_paths() {
   std::printf("\nMoE layer routing + dispatch path against its memory-traffic floor: T=%lld tokens, C=%lld, flat "
               "top-2 router, identity experts; medians of %d interleaved rounds\n\n",
               (long long)T, (long long)C, rounds);
-  std::printf("| N | pass | MB moved (floor) | path ms | floor ms (copy bandwidth) | path / floor |\n"
-              "|---|---|---|---|---|---|\n");
+  std::printf("| N | pass | MB moved (floor) | path ms | floor ms (copy bandwidth) | path / floor | path CPU ms | "
+              "floor CPU ms | path / floor (CPU) |\n"
+              "|---|---|---|---|---|---|---|---|---|\n");
   bool ok = true;
   for (int64_t N : {256, 1024}) ok = run_layer(T, N, C, rounds) && ok;
   return ok;
