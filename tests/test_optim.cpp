@@ -30,6 +30,22 @@ struct RefAdam {
 };
 std::vector<float> to_f(const std::vector<double>& d) { return std::vector<float>(d.begin(), d.end()); }
 
+CoEConfig tiny_moe() {
+  CoEConfig c;
+  c.d_model = 16;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.d_ff = 24;
+  c.vocab_size = 13;
+  c.seq_len = 8;
+  c.num_clusters = 2;
+  c.experts_per_cluster = 2;
+  c.top_k_clusters = 1;
+  c.top_k_experts = 2;
+  c.validate();
+  return c;
+}
+
 bool same_bits(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && std::memcmp(a.f32(), b.f32(), sizeof(float) * (size_t)a.numel()) == 0;
 }
@@ -323,18 +339,7 @@ TEST_SUITE("optim") {
   }
 
   TEST_CASE("a ClusterMoE trained with the step's sums (FreshSums) gives the same losses and health, a fault included") {
-    CoEConfig c;
-    c.d_model = 16;
-    c.n_layers = 2;
-    c.n_heads = 2;
-    c.d_ff = 24;
-    c.vocab_size = 13;
-    c.seq_len = 8;
-    c.num_clusters = 2;
-    c.experts_per_cluster = 2;
-    c.top_k_clusters = 1;
-    c.top_k_experts = 2;
-    c.validate();
+    const CoEConfig c = tiny_moe();
     std::vector<int32_t> xs, ys;
     for (int i = 0; i < 4 * 8; ++i) xs.push_back((i * 5) % 13), ys.push_back((i * 5 + 3) % 13);
     const Tensor X = Tensor::from_vector(xs, {4, 8}), Y = Tensor::from_vector(ys, {4, 8});
@@ -380,6 +385,46 @@ TEST_SUITE("optim") {
         for (float r : p.to_f32_vector()) health_moved |= r < 0.999f;
     }
     CHECK(health_moved);  // the fault lowered a reliability: the sums were used for something
+  }
+
+  TEST_CASE("MoELayer::after_step takes the experts' weight norms from the step inside FreshSums") {
+    // Shown by a fault made inside the scope, after the step (what the scope's contract forbids): after_step then
+    // judges the weights the step left, and the expert stays healthy; without the scope it sees the fault.
+    std::vector<int32_t> xs;
+    for (int i = 0; i < 4 * 8; ++i) xs.push_back((i * 7) % 13);
+    const Tensor X = Tensor::from_vector(xs, {4, 8});
+    auto reliability_after_fault = [&](bool scope) {
+      ClusterMoELM m(tiny_moe());
+      NamedTensors ps = m.named_parameters();
+      AdamWOptions o;
+      o.step_sums = true;
+      AdamW opt(ps, o);
+      for (int s = 0; s < 3; ++s) {
+        m.forward(X, X).total_loss.backward();
+        opt.step(1e-3f);
+        auto fault = [&] {
+          if (s < 2) return;
+          for (auto& kv : m.expert_parameters(0, 0))
+            for (int64_t i = 0; i < kv.second.numel(); ++i) kv.second.f32()[i] *= 100.f;
+        };
+        if (scope) {
+          FreshSums f(opt);
+          fault();
+          m.after_step();
+        } else {
+          fault();
+          m.after_step();
+        }
+        opt.zero_grad();
+      }
+      for (auto& kv : m.named_buffers())
+        if (kv.first == "blocks.0.moe.reliability") return kv.second.to_f32_vector()[0];
+      FAIL("no reliability buffer for layer 0");
+      return 0.f;
+    };
+    const float with_scope = reliability_after_fault(true), without = reliability_after_fault(false);
+    CHECK(with_scope > 0.999f);
+    CHECK(without < 0.99f);
   }
 
   TEST_CASE("LR schedule: linear warmup, cosine to min_lr, then flat") {
