@@ -8,19 +8,36 @@
 // the same terms in a different order). Time: median of REPEATS runs after one warm-up run.
 // GB/s counts the bytes a stage must move at least once (rows of C floats, plus ids/gates/rows as 4 bytes each).
 //
+// Second part (--layer runs it alone): the MoE layer's routing + dispatch path as the model calls it
+// (model/router.cpp, model/moe.cpp) at N = 256 and 1024 experts, against its memory-traffic floor. From the router
+// logits [T, N] of a flat top-2 router to the combined output [T, C], with an identity standing in for the experts:
+//   route_select (softmax, top 2, renormalised gates, entropy) -> the router's host copy of the ids ->
+//   route_histogram -> make_dispatch_plan -> moe_permute -> moe_combine,
+// the autograd ops recording their graph as in training; then the backward of that graph (combine, permute, the
+// selection's softmax) from a random output gradient. The floor of each is the bytes it must read and write at
+// least once (listed in layer_bytes) at this machine's copy bandwidth, measured in the same run: a copy of half
+// as many bytes (it reads and writes them), by one thread (memcpy) and by all (an OpenMP split), the faster taken.
+// The rounds alternate path and copies; medians over the rounds, in wall time and in process CPU time (the steadier
+// on a shared machine). A ratio of 1 is the floor.
+//
 //   make -j2 USE_CUDA=0 build/bench/dispatch
-//   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick]
+//   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
+#include "autograd/ops.h"
+#include "autograd/ops_moe.h"
+#include "autograd/ops_route.h"
 #include "bench/timing.h"
 #include "engine/rng.h"
 #include "kernels/dispatch.h"
+#include "kernels/route.h"
 #include "kernels/topk.h"
 
 #ifdef _OPENMP
@@ -182,16 +199,186 @@ bool run(int64_t T, int64_t N, int64_t K, int64_t C, float drop) {
   return true;
 }
 
+// ---------------------------------------------------------------- the layer's path against its floor
+
+// The bytes the layer's routing + dispatch path must read and write at least once, forward and backward, for T
+// tokens, N experts, K = 2 slots per token, C channels; f32 and i32 values are 4 bytes, offsets 8.
+struct LayerBytes {
+  double forward = 0, backward = 0;
+};
+LayerBytes layer_bytes(int64_t T, int64_t N, int64_t K, int64_t C) {
+  const double TN = (double)T * N, TK = (double)T * K, TC = (double)T * C, TKC = TK * C;
+  LayerBytes b;
+  b.forward = 4 * (TN + TN + 3 * TK)   // route_select: logits in; probs, gates (path), child ids, idx out
+              + 4 * (2 * TK)           // the router's host copy of the ids
+              + 4 * (TK + N)           // route_histogram: ids in, counts out
+              + 4 * (3 * TK) + 8 * (N + 1)  // plan: ids in; row_of, assign_of, offsets out
+              + 4 * (TK + TC + TKC)    // permute: assign_of, x in; rows out
+              + 4 * (TKC + 2 * TK + TC);  // combine: rows, gates, row_of in; out
+  b.backward = 4 * (TC + TKC + 2 * TK + TKC + TK)  // combine backward: d_out, rows, gates, row_of in; d_rows, d_gates out
+               + 4 * (TKC + TK + TC)               // permute backward: d_rows, row_of in; dx out
+               + 4 * (TN + 2 * TK + TN);           // selection backward: probs, idx, d_gates in; d_logits out
+  return b;
+}
+
+// Seconds to copy `bytes` (it reads and writes them: 2 x bytes of traffic), by memcpy and by an OpenMP split.
+struct CopyTimes {
+  double one = 0, all = 0;
+};
+
+bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
+  using namespace cm;
+  const int64_t K = 2;
+  Generator g(1234 + N);
+  Tensor logits = Tensor::randn({T, N}, g).requires_grad_(true);
+  Tensor x = Tensor::randn({T, C}, g).requires_grad_(true);
+  Tensor d_out = Tensor::randn({T, C}, g);
+  Tensor out;
+  // The forward's stages, each timed on its own (stage[]) besides the whole.
+  std::vector<std::vector<double>> stage(5);
+  const char* stage_name[5] = {"select", "read-out + histogram", "plan", "permute", "combine"};
+  auto forward = [&] {
+    auto t = std::chrono::steady_clock::now();
+    auto lap = [&](int i) {
+      const auto now = std::chrono::steady_clock::now();
+      stage[(size_t)i].push_back(std::chrono::duration<double>(now - t).count());
+      t = now;
+    };
+    // model/router.cpp, a flat [N] top-2 level with renorm_last gates and the entropy statistic
+    LevelSelection sel = route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.0f, K, true, true);
+    lap(0);
+    Tensor counts = Tensor::empty({N}, DType::I32);
+    const std::vector<int32_t> host_ids = sel.child.to_i32_vector();  // the router's read-out (a copy on the CPU)
+    cpu::route_histogram(counts.i32(), sel.child.i32(), T * K, N, false);
+    lap(1);
+    // model/moe.cpp: plan from the host ids, permute, (experts), combine
+    DispatchPlan plan = make_dispatch_plan(sel.child, K, N, &host_ids);
+    lap(2);
+    Tensor xs = moe_permute(x, plan);
+    lap(3);
+    out = moe_combine(xs, sel.path, plan);  // identity experts
+    lap(4);
+  };
+  auto backward = [&] {
+    out.backward(d_out);
+    logits.zero_grad();
+    x.zero_grad();
+  };
+  // Validation: with identity experts and gates that sum to 1 per token, out = x.
+  forward();
+  {
+    const std::vector<float> o = out.to_f32_vector(), xv = x.to_f32_vector();
+    for (size_t i = 0; i < o.size(); ++i)
+      if (!(std::fabs(o[i] - xv[i]) <= 1e-5f + 1e-5f * std::fabs(xv[i]))) {
+        std::printf("MISMATCH: the identity layer's output differs from its input at %zu\n", i);
+        return false;
+      }
+  }
+  backward();
+
+  const LayerBytes lb = layer_bytes(T, N, K, C);
+  const size_t copy_bytes = (size_t)(std::max(lb.forward, lb.backward) / 2);
+  std::vector<char> src(copy_bytes, 1), dst(copy_bytes, 0);
+  auto copy_one = [&](size_t n) { std::memcpy(dst.data(), src.data(), n); };
+  auto copy_all = [&](size_t n) {
+#pragma omp parallel
+    {
+      int th = 0, nth = 1;
+#ifdef _OPENMP
+      th = omp_get_thread_num(), nth = omp_get_num_threads();
+#endif
+      const size_t lo = n * (size_t)th / (size_t)nth, hi = n * (size_t)(th + 1) / (size_t)nth;
+      std::memcpy(dst.data() + lo, src.data() + lo, hi - lo);
+    }
+  };
+  // Wall time and process CPU time (all threads, system time included: page faults are work too). On a shared
+  // machine the CPU-time ratio is the steadier one: it counts the work, not the time the scheduler gave to others.
+  struct Times {
+    std::vector<double> wall, cpu;
+  };
+  auto cpu_now = [] {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+  };
+  auto timed = [&](Times& t, auto&& f) {
+    const double c0 = cpu_now();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.wall.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t.cpu.push_back(cpu_now() - c0);
+  };
+  Times tf, tb, cf1, cfa, cb1, cba;
+  for (int r = 0; r < rounds; ++r) {  // interleaved: path, then the copies of its bytes
+    timed(tf, forward);
+    timed(tb, backward);
+    timed(cf1, [&] { copy_one((size_t)(lb.forward / 2)); });
+    timed(cfa, [&] { copy_all((size_t)(lb.forward / 2)); });
+    timed(cb1, [&] { copy_one((size_t)(lb.backward / 2)); });
+    timed(cba, [&] { copy_all((size_t)(lb.backward / 2)); });
+  }
+  auto med = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  auto row = [&](const char* what, const Times& t, const Times& one, const Times& all, double bytes) {
+    const double fw = std::min(med(one.wall), med(all.wall)), fc = std::min(med(one.cpu), med(all.cpu));
+    std::printf("| %lld | %s | %.1f | %.2f | %.2f (%.1f GB/s; memcpy %.2f, %d threads %.2f) | **%.2f** | %.2f | %.2f "
+                "| **%.2f** |\n",
+                (long long)N, what, bytes / 1e6, 1e3 * med(t.wall), 1e3 * fw, bytes / fw / 1e9, 1e3 * med(one.wall),
+#ifdef _OPENMP
+                omp_get_max_threads(),
+#else
+                1,
+#endif
+                1e3 * med(all.wall), med(t.wall) / fw, 1e3 * med(t.cpu), 1e3 * fc, med(t.cpu) / fc);
+  };
+  row("forward", tf, cf1, cfa, lb.forward);
+  row("backward", tb, cb1, cba, lb.backward);
+  std::string stages;
+  for (int i = 0; i < 5; ++i) {
+    std::vector<double> v(stage[(size_t)i].end() - rounds, stage[(size_t)i].end());  // the timed rounds
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%s%s %.2f", i ? ", " : "", stage_name[i], 1e3 * med(v));
+    stages += buf;
+  }
+  std::printf("|  | forward stages, wall ms | %s | | | | | | |\n", stages.c_str());
+  std::fflush(stdout);
+  return true;
+}
+
+bool run_layer_paths() {
+  const int64_t T = 16384, C = 128;
+  const int rounds = 11;
+  std::printf("\nMoE layer routing + dispatch path against its memory-traffic floor: T=%lld tokens, C=%lld, flat "
+              "top-2 router, identity experts; medians of %d interleaved rounds\n\n",
+              (long long)T, (long long)C, rounds);
+  std::printf("| N | pass | MB moved (floor) | path ms | floor ms (copy bandwidth) | path / floor | path CPU ms | "
+              "floor CPU ms | path / floor (CPU) |\n"
+              "|---|---|---|---|---|---|---|---|---|\n");
+  bool ok = true;
+  for (int64_t N : {256, 1024}) ok = run_layer(T, N, C, rounds) && ok;
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = argc > 1 && std::string(argv[1]) == "--quick";
-#ifdef _OPENMP
-  std::printf("dispatch lab, %d threads (naive: 1), median of %d\n", omp_get_max_threads(), REPEATS);
-#endif
+  const std::string arg = argc > 1 ? argv[1] : "";
+  if (argc > 2 || (!arg.empty() && arg != "--quick" && arg != "--layer")) {
+    std::fprintf(stderr, "usage: dispatch [--quick | --layer]\n");
+    return 2;
+  }
+  const bool quick = arg == "--quick", layer_only = arg == "--layer";
   bool ok = true;
-  std::vector<int64_t> Ks = quick ? std::vector<int64_t>{2} : std::vector<int64_t>{1, 2, 4, 8};
-  for (int64_t K : Ks) ok = run(65536, 64, K, 384, 0.05f) && ok;
-  if (!quick) ok = run(65536, 1024, 2, 384, 0.05f) && ok;  // many small experts: the sort's histogram is wider
+  if (!layer_only) {
+#ifdef _OPENMP
+    std::printf("dispatch lab, %d threads (naive: 1), median of %d\n", omp_get_max_threads(), REPEATS);
+#endif
+    std::vector<int64_t> Ks = quick ? std::vector<int64_t>{2} : std::vector<int64_t>{1, 2, 4, 8};
+    for (int64_t K : Ks) ok = run(65536, 64, K, 384, 0.05f) && ok;
+    if (!quick) ok = run(65536, 1024, 2, 384, 0.05f) && ok;  // many small experts: the sort's histogram is wider
+  }
+  if (!quick) ok = run_layer_paths() && ok;
   return ok ? 0 : 1;
 }

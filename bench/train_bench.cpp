@@ -193,6 +193,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
   ao.beta1 = 0.9f;
   ao.beta2 = 0.99f;
   ao.weight_decay = 0.1f;
+  ao.step_sums = true;
   NamedTensors params = model.named_parameters();
   AdamW opt(params, ao);
 
@@ -228,7 +229,10 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     double bw = ms_since(t1);
     auto t2 = std::chrono::steady_clock::now();
     opt.step();
-    model.after_step();  // one copy of the experts' weight and gradient norms: the update is done
+    {
+      FreshSums fresh(opt);  // as the trainer: the step's own sums of squares (CPU)
+      model.after_step();    // one copy of the experts' weight and gradient norms: the update is done
+    }
     opt.zero_grad();
     double op = ms_since(t2);
     double total = ms_since(t0);

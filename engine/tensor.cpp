@@ -5,9 +5,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <iomanip>
+#include <mutex>
 #include <sstream>
+#include <utility>
 
 #include "engine/device.h"
 #include "engine/host_sync.h"
@@ -46,6 +49,57 @@ Shape contiguous_strides(const Shape& s) {
 
 // ---------------------------------------------------------------- storage
 
+namespace {
+
+// Large CPU blocks are kept for reuse. glibc serves an allocation over 32 MiB (its largest mmap threshold) with a
+// fresh mmap and gives it back with munmap on free, so every use of such a block page-faults and the kernel zeroes
+// it again: at 16384 tokens and 1024 experts the router's [T, N] probabilities and their gradient cost more in
+// page faults than in arithmetic (bench/dispatch --layer). Freed blocks of at least kMin bytes wait here, up to kMax
+// bytes in all (the oldest go back to the system first); an allocation of the same size takes one back. Exact
+// sizes: a training step asks for the same shapes every time. Not under AddressSanitizer, which would no longer
+// see a use after free of these blocks.
+class BigBlocks {
+ public:
+  static constexpr size_t kMin = (size_t)32 << 20, kMax = (size_t)512 << 20;
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (it->first == bytes) {
+        void* p = it->second;
+        held_ -= bytes;
+        free_.erase(it);
+        return p;
+      }
+    return nullptr;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace_back(bytes, p);
+    held_ += bytes;
+    while (held_ > kMax) {  // the oldest first
+      held_ -= free_.front().first;
+      std::free(free_.front().second);
+      free_.pop_front();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::deque<std::pair<size_t, void*>> free_;  // (bytes, block), oldest first
+  size_t held_ = 0;
+};
+
+#if defined(__SANITIZE_ADDRESS__)
+BigBlocks* big_blocks() { return nullptr; }
+#else
+BigBlocks* big_blocks() {
+  static BigBlocks* b = new BigBlocks;  // never destroyed: storages freed by other statics' destructors use it
+  return b;
+}
+#endif
+
+}  // namespace
+
 Storage::Storage(size_t n, Device dev) : nbytes(n), device(dev) {
   if (dev == Device::CUDA) {
     ptr = n ? cuda_alloc(n) : nullptr;
@@ -53,14 +107,20 @@ Storage::Storage(size_t n, Device dev) : nbytes(n), device(dev) {
   }
   // 64-byte alignment: whole cache lines and aligned AVX-512 loads. aligned_alloc wants a multiple of 64.
   size_t rounded = (n + 63) / 64 * 64;
-  ptr = rounded ? std::aligned_alloc(64, rounded) : nullptr;
+  if (rounded >= BigBlocks::kMin && big_blocks()) ptr = big_blocks()->take(rounded);
+  if (!ptr) ptr = rounded ? std::aligned_alloc(64, rounded) : nullptr;
   if (rounded && !ptr) fail("out of memory allocating ", n, " bytes on cpu");
 }
 
 Storage::~Storage() {
   if (!ptr) return;
-  if (device == Device::CUDA)
+  if (device == Device::CUDA) {
     cuda_free(ptr);
+    return;
+  }
+  const size_t rounded = (nbytes + 63) / 64 * 64;
+  if (rounded >= BigBlocks::kMin && big_blocks())
+    big_blocks()->give(ptr, rounded);
   else
     std::free(ptr);
 }

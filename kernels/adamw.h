@@ -9,6 +9,21 @@
 #pragma once
 #include <cstdint>
 
+namespace cm {
+
+// One parameter tensor of a fused step (cpu:: and cuda::adamw_step_multi): param/m/v [n] updated in place from
+// grad [n], with its own weight decay (0 for norms and biases, typically). Slices must not share memory.
+struct AdamWSlice {
+  float* param;
+  float* m;
+  float* v;
+  const float* grad;
+  int64_t n;
+  float weight_decay;
+};
+
+}  // namespace cm
+
 namespace cm::cpu {
 
 // param [n], m [n], v [n] updated in place; grad [n]. skip_if_nonfinite [1] or null: when it points at a NaN or an
@@ -25,6 +40,19 @@ void adamw_hyper(float* hyper, float lr, float beta1, float beta2, int64_t t);
 // finite and above max_norm > 0 (the scale in float, as the host formula); otherwise g is left as it is.
 void clip_scale(float* g, int64_t n, const float* norm, float max_norm);
 
+// The fused step over every parameter tensor (slices: a host array of `count`): one parallel region over all of
+// them, cut into blocks of kSumBlock elements of one slice each (kernels/reduce.h), instead of a region (a fork
+// and join of the thread team) per tensor. Each element gets exactly adamw_step's arithmetic, so the
+// result is adamw_step's, slice by slice, bit for bit, for any thread count.
+// The per-tensor sums of squares that the experts' health checks read after the step (model/moe.cpp after_step)
+// come out of the same pass, while the block is in cache: sums_param [count] (or null) = sum of squares of each
+// slice's updated parameter, sums_grad [count] (or null) = of its gradient as read. Both are cpu::sum_squares's
+// bits (kernels/reduce.h: the same blocks, lanes and order). A skipped step (skip_if_nonfinite non-finite) updates
+// nothing and still gives the sums (of the parameters as they are).
+void adamw_step_multi(const AdamWSlice* slices, int64_t count, float lr, float beta1, float beta2, float eps,
+                      int64_t t, const float* skip_if_nonfinite = nullptr, double* sums_param = nullptr,
+                      double* sums_grad = nullptr);
+
 }  // namespace cm::cpu
 
 #if CM_CUDA
@@ -38,16 +66,7 @@ void clip_scale(float* g, int64_t n, const float* norm, float max_norm);
 // squares made on the device): the global gradient norm without a copy to the host.
 void norm_from_sums(float* norm, const float* sums, int64_t n);
 
-// One parameter tensor of a fused step: param/m/v [n] updated in place from grad [n], with its own weight decay
-// (0 for norms and biases, typically).
-struct AdamWSlice {
-  float* param;
-  float* m;
-  float* v;
-  const float* grad;
-  int64_t n;
-  float weight_decay;
-};
+using AdamWSlice = cm::AdamWSlice;  // one parameter tensor of a fused step (above)
 // The same update over every slice (slices is a host array), in one launch per 48 slices: the fused optimizer
 // step over all parameters. Each element gets exactly adamw_step's arithmetic. hyper [3] on the device (adamw_hyper's
 // values) or null: when given, the kernels read lr and the bias corrections there, and lr and t are ignored; what a

@@ -41,7 +41,8 @@
 // GPU run yet.
 //
 // Threads (CPU): one OpenMP region over (group, tile) work items for the whole call, dynamically scheduled; the
-// tiling is cut from the total work and the thread count (it never changes a bit, see above). Calls under
+// tiling is cut from the total work and the thread count (it never changes a bit, see above). A group of several
+// row tiles has its weight packed once, at the start of the region, for all of them (below). Calls under
 // ~4 MFLOP in all run on the calling thread. Multiply-adds are counted in cm::cpu::gemm_multiply_adds().
 #pragma once
 #include <cstdint>
@@ -79,6 +80,13 @@ void grouped_gemm_backward_weight(float* const* dW,        // [G] -> each [N, Kd
                                   const int64_t* offsets,  // [G+1]
                                   int64_t G, int64_t M, int64_t N, int64_t Kd, bool accumulate,
                                   RowGather gather = {});
+
+// A popular expert (more rows than one tile) has its weight packed once per call and shared by its row tiles, in
+// the forward and backward_input; off, every tile packs it for itself (the earlier behaviour). Both give the same
+// bits. On by default; CM_GROUPED_SHARED_PACK=0 in the environment turns it off (before/after timings), as does
+// the setter (tests).
+void grouped_gemm_set_shared_packing(bool on);
+bool grouped_gemm_shared_packing();
 
 }  // namespace cm::cpu
 

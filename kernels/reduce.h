@@ -16,6 +16,12 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
 // Sum of a[i]^2 over a [n], in double, returned (CPU only: the norms of gradient clipping and of the experts'
 // health checks). Finite exactly when every element is finite: a float squared in double cannot overflow.
 double sum_squares(const float* a, int64_t n);
+// sum_squares in pieces, for a pass that makes the sum on its way (kernels/adamw.h adamw_step_multi): a [n] is cut
+// into blocks of kSumBlock elements (the last one shorter), out [ceil(n / kSumBlock)] gets each block's sum of
+// squares, and sum_squares(a, n) is out[0] when n <= kSumBlock, else the blocks' sums added in block order to a
+// double starting at 0. Meant for data in cache (it interleaves four blocks to run faster than one add per cycle).
+constexpr int64_t kSumBlock = 8192;
+void sum_squares_blocks(double* out, const float* a, int64_t n);
 
 // Inverse of broadcasting: a has shape a_shape[D]; out_shape[D] has the same rank with each dim either equal to
 // a's or 1 (align a shorter target shape from the right with 1s first). out is contiguous, out_shape.

@@ -108,32 +108,45 @@ void AdamW::step_prepared(const Tensor& skip_if_nonfinite) {
   CM_REQUIRE(t_ >= 1, "AdamW: step_prepared() before prepare()");
   const float* skip = skip_if_nonfinite.defined() ? skip_if_nonfinite.f32() : nullptr;
   const float lr = lr_;
-#if CM_CUDA
-  std::vector<cuda::AdamWSlice> slices;
-  std::vector<Tensor> keep;  // contiguous gradients the slices point into, alive until the launch below
-#endif
+  // The parameters with a gradient, per device, as slices of the fused step (kernels/adamw.h): PyTorch's update,
+  // elementwise, bit-identical for any thread count. The slices never share memory (checked by the constructor):
+  // the kernels update them concurrently.
+  std::vector<AdamWSlice> host, device;
+  std::vector<size_t> host_index;  // parameter index of each host slice
+  std::vector<Tensor> host_grads;  // the gradient each host slice reads
+  std::vector<Tensor> keep;        // contiguous gradients the slices point into, alive until the kernels ran
   for (size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i].second;
     Tensor g = p.grad();
     if (!g.defined()) continue;
     const float wd = decay_[i] ? opt_.weight_decay : 0.f;
-    if (p.device() == Device::CPU) {
-      // The raw kernel (kernels/adamw.h): PyTorch's update, elementwise, bit-identical for any thread count.
-      Tensor gc = g.contiguous();
-      cpu::adamw_step(p.f32(), m_[i].f32(), v_[i].f32(), gc.f32(), p.numel(), lr, opt_.beta1, opt_.beta2, opt_.eps,
-                      wd, t_, skip);
-      continue;
-    }
-#if CM_CUDA
     keep.push_back(g.contiguous());
-    slices.push_back({p.f32(), m_[i].f32(), v_[i].f32(), keep.back().f32(), p.numel(), wd});
-#endif
+    const AdamWSlice s{p.f32(), m_[i].f32(), v_[i].f32(), keep.back().f32(), p.numel(), wd};
+    if (p.device() == Device::CPU) {
+      host.push_back(s);
+      host_index.push_back(i);
+      host_grads.push_back(g);
+    } else {
+      device.push_back(s);
+    }
+  }
+  // CPU: one parallel region over every tensor, which also sums the squares of each updated parameter and of its
+  // gradient on its way (see sums()).
+  sums_.clear();
+  if (!host.empty()) {
+    std::vector<double> sp(opt_.step_sums ? host.size() : 0), sg(sp.size());
+    cpu::adamw_step_multi(host.data(), (int64_t)host.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_, skip,
+                          opt_.step_sums ? sp.data() : nullptr, opt_.step_sums ? sg.data() : nullptr);
+    for (size_t j = 0; j < sp.size(); ++j) {
+      const Tensor &p = params_[host_index[j]].second, &g = host_grads[j];
+      sums_.push_back({p.impl().storage, g.impl().storage, p.offset(), g.offset(), p.numel(), g.is_contiguous(),
+                       sp[j], sg[j]});
+    }
   }
 #if CM_CUDA
-  // Every CUDA parameter in one fused launch (per 48 tensors): the same arithmetic as the CPU kernel. The slices
-  // never share memory (checked by the constructor): the kernel updates them concurrently.
-  if (!slices.empty())
-    cuda::adamw_step_multi(slices.data(), (int64_t)slices.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_, skip,
+  // CUDA: one fused launch (per 48 tensors), the same arithmetic as the CPU kernel.
+  if (!device.empty())
+    cuda::adamw_step_multi(device.data(), (int64_t)device.size(), lr, opt_.beta1, opt_.beta2, opt_.eps, t_, skip,
                            hyper_.f32());
 #endif
 }
@@ -151,6 +164,44 @@ NamedTensors AdamW::state() const {
   return s;
 }
 
+// ---------------------------------------------------------------- FreshSums
+
+namespace {
+thread_local const FreshSums* fresh_sums = nullptr;  // the innermost live scope of this thread
+}
+
+bool FreshSums::Key::operator<(const Key& o) const {
+  if (storage != o.storage) return std::less<const void*>()(storage, o.storage);
+  return offset != o.offset ? offset < o.offset : numel < o.numel;
+}
+
+FreshSums::FreshSums(const AdamW& opt) : outer_(fresh_sums) {
+  for (const AdamW::Sums& s : opt.sums_) {
+    if (auto p = s.param.lock()) {
+      sums_.push_back({{p.get(), s.param_offset, s.numel}, s.param_sum});
+      alive_.push_back(std::move(p));
+    }
+    // A non-contiguous gradient was summed as its contiguous copy: its own tensor is not looked up (find).
+    if (auto g = s.grad.lock(); g && s.grad_contiguous) {
+      sums_.push_back({{g.get(), s.grad_offset, s.numel}, s.grad_sum});
+      alive_.push_back(std::move(g));
+    }
+  }
+  std::sort(sums_.begin(), sums_.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  fresh_sums = this;
+}
+
+FreshSums::~FreshSums() { fresh_sums = outer_; }
+
+bool FreshSums::find(const Tensor& t, double& sum) const {
+  if (!t.defined() || t.device() != Device::CPU || !t.is_contiguous()) return false;
+  const Key k{t.impl().storage.get(), t.offset(), t.numel()};
+  auto it = std::lower_bound(sums_.begin(), sums_.end(), k, [](const auto& a, const Key& b) { return a.first < b; });
+  if (it == sums_.end() || k < it->first) return false;
+  sum = it->second;
+  return true;
+}
+
 // Each CPU tensor's sum of squares in double, into out at its index (one parallel region over the tensors rather
 // than one per tensor: an expert layer has dozens of them, and each region's start costs more than a small tensor's
 // sum). Each sum is the same whatever thread computes it. Returns the CUDA tensors' [1] float sums, in order.
@@ -160,9 +211,9 @@ static std::vector<Tensor> sums_on_host_or_device(const std::vector<Tensor>& ts,
   std::vector<std::pair<size_t, Tensor>> on_host;
   for (size_t i = 0; i < ts.size(); ++i) {
     CM_REQUIRE(ts[i].dtype() == DType::F32, "sums_of_squares: tensor ", i, " is ", dtype_name(ts[i].dtype()));
-    if (ts[i].device() == Device::CPU)
-      on_host.emplace_back(i, ts[i].contiguous());
-    else
+    if (ts[i].device() == Device::CPU) {
+      if (!(fresh_sums && fresh_sums->find(ts[i], out[i]))) on_host.emplace_back(i, ts[i].contiguous());
+    } else
       on_device.push_back(sum(square(ts[i])).view({1}));
   }
   const int64_t nh = (int64_t)on_host.size();

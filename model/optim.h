@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,6 +30,9 @@ struct AdamWOptions {
   float weight_decay = 0.1f;
   // true -> this parameter gets no weight decay
   std::function<bool(const std::string&, const Tensor&)> no_decay = default_no_decay;
+  // true -> a CPU step also sums the squares of every updated parameter and of its gradient, in its own pass,
+  // for the code that reads them right after the step (FreshSums below).
+  bool step_sums = false;
 };
 
 class AdamW {
@@ -68,6 +72,18 @@ class AdamW {
   std::vector<Tensor> m_, v_;  // same shapes as the parameters
   std::vector<bool> decay_;
   int64_t t_ = 0;
+  // The last step's sums of squares of each updated CPU parameter and of its gradient, made by the step's own
+  // pass: a parameter (or gradient) is known by its storage, offset and size.
+  struct Sums {
+    // The step's tensors, known by storage, offset and size. Weak: the gradients are freed by zero_grad, and a
+    // storage made later at the same address is another tensor.
+    std::weak_ptr<Storage> param, grad;
+    int64_t param_offset, grad_offset, numel;
+    bool grad_contiguous;
+    double param_sum, grad_sum;
+  };
+  std::vector<Sums> sums_;
+  friend class FreshSums;
   float lr_ = 0.f;  // of the prepared step
   Tensor hyper_;    // [3] on the parameters' device (CUDA): adamw_hyper of the prepared step
 };
@@ -79,6 +95,34 @@ float clip_grad_norm(const NamedTensors& params, float max_norm);
 // The same without a read-out: returns the norm as a [1] tensor on the gradients' device, and the scaling reads it
 // there (kernels/adamw.h clip_scale). The same bits as clip_grad_norm, which is this plus item().
 Tensor clip_grad_norm_tensor(const NamedTensors& params, float max_norm);
+
+// While a FreshSums lives, on the thread that made it, sums_of_squares() and sums_of_squares_tensor() take the sum
+// of a CPU parameter that the optimizer's last step updated, or of the gradient that step read, from that step
+// (AdamWOptions::step_sums: made in the update's own pass, with sums_of_squares's bits) instead of reading the
+// tensor again. The step's trainer wraps the experts' health checks in one:
+//   opt.step(); { FreshSums fresh(opt); model.after_step(); }   // after_step reads no weight or gradient
+// A tensor is known by its storage, offset and size. Only for code that writes no parameter or gradient inside
+// the scope: the sums are of the values the step left. Other tensors, CUDA ones, and an optimizer without
+// step_sums are summed as usual. Scopes nest (the innermost one answers).
+class FreshSums {
+ public:
+  explicit FreshSums(const AdamW& opt);
+  ~FreshSums();
+  FreshSums(const FreshSums&) = delete;
+  FreshSums& operator=(const FreshSums&) = delete;
+  // The step's sum for this tensor, or false.
+  bool find(const Tensor& t, double& sum) const;
+
+ private:
+  struct Key {
+    const void* storage;
+    int64_t offset, numel;
+    bool operator<(const Key& o) const;
+  };
+  std::vector<std::pair<Key, double>> sums_;  // sorted by key
+  std::vector<std::shared_ptr<Storage>> alive_;  // the keys' storages, held for the scope's life
+  const FreshSums* outer_;
+};
 
 // Sum of squares of each tensor's elements, in double, on the host: the norms of gradient clipping and of the
 // experts' health checks. Non-finite exactly when the tensor holds a NaN or an Inf. CPU tensors: one pass in

@@ -403,6 +403,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   ao.beta1 = o.beta1;
   ao.beta2 = o.beta2;
   ao.weight_decay = o.weight_decay;
+  ao.step_sums = true;  // the experts' health checks take the weight and gradient norms from the step (FreshSums)
   if (o.decay_embeddings) ao.no_decay = [](const std::string&, const Tensor& p) { return p.dim() < 2; };
   AdamW opt(params, ao);
   LRSchedule sched{o.lr, o.min_lr, o.warmup_steps, o.max_steps};
@@ -621,7 +622,10 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     // The norm stays where the gradients are; a non-finite one makes AdamW skip the update there.
     pd.norm = clip_grad_norm_tensor(params, o.grad_clip);
     opt.step_prepared(pd.norm);  // after opt.prepare(lr): the learning rate and step count are read on the device
-    model.after_step();
+    {
+      FreshSums fresh(opt);  // CPU: the step's own sums of squares of the weights and gradients (model/optim.h)
+      model.after_step();
+    }
     opt.zero_grad();
   };
 #if CM_CUDA

@@ -315,6 +315,33 @@ TEST_CASE("grouped gemm: bit-identical for 1, 2 and 7 threads") {
   }
 }
 
+TEST_CASE("grouped gemm: a popular expert's weight packed once for all its row tiles gives per-tile packing's bits") {
+  // Groups of several row tiles (tiles are at most 8 MR = 96 rows) take the shared panels: 300 and 250 rows beside
+  // small groups; N = 530 gives the forward two column blocks, Kd = 450 two K blocks (gemm_k_block(450) = 225),
+  // and backward_input has them the other way round. Shared packing on and off (the earlier path), 1 and 2 threads.
+  struct Restore {
+    bool was = cpu::grouped_gemm_shared_packing();
+    ~Restore() { cpu::grouped_gemm_set_shared_packing(was); }
+  } restore;
+  for (const Problem& base : {make_problem({300, 7, 0, 250, 40}, 530, 450, 21), make_problem({200, 130}, 64, 48, 22)})
+    for (int threads : {1, 2})
+      for (int f = 0; f < 8; ++f) {
+        Problem p = base;
+        p.bias = f & 1, p.accumulate = f & 2, p.gather = f & 4;
+        CAPTURE(p.name());
+        CAPTURE(threads);
+        ThreadCount t(threads);
+        cpu::grouped_gemm_set_shared_packing(false);
+        const Outputs per_tile = run_cpu(p);
+        cpu::grouped_gemm_set_shared_packing(true);
+        const Outputs shared = run_cpu(p);
+        const std::string e = compare_bits(shared, per_tile, "shared panels vs per-tile packing");
+        CHECK_MESSAGE(e.empty(), e);
+        const std::string g = compare_bits(shared, run_segment_gemms(p), "shared panels vs cpu::gemm per segment");
+        CHECK_MESSAGE(g.empty(), g);
+      }
+}
+
 TEST_CASE("grouped gemm: counts its multiply-adds; bad offsets are errors that say what is wrong") {
   Problem p = make_problem({3, 0, 5}, 4, 6, 16);
   const int64_t before = cpu::gemm_multiply_adds();

@@ -218,6 +218,43 @@ TEST_SUITE("routing") {
     }
   }
 
+  TEST_CASE("route select (CPU): the one-pass kernel over row blocks gives the separate passes' bits, entropy too") {
+    // Enough rows for several blocks of 16384 / b rows (the last one short), 1 and 2 threads; the reference is the
+    // composite above (separate softmax, top-k, gather passes over all rows) and route_mean_entropy over all rows.
+    const SelCase cases[] = {
+        {100, 1, 1, 1024, 2, 1.f, false, false, true, false},  // a flat 1024-expert level: 16 rows per block
+        {450, 2, 3, 300, 2, 0.7f, true, true, true, true},     // 54 rows per block, reliability, pruning, aux-free
+        {7000, 1, 1, 5, 3, 1.f, false, true, false, false},    // 3276 rows per block
+        {60, 1, 1, 700, 9, 1.3f, true, false, false, false},   // k = 9: the general top-k path
+    };
+    for (const SelCase& cs : cases)
+      for (int threads : {1, 2}) {
+        CAPTURE(cs.b);
+        CAPTURE(threads);
+        cm::test::ThreadCount tc(threads);
+        const int64_t P = cs.T * cs.Kp;
+        std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 60 + cs.k);
+        std::vector<float> lb = case_lbias(cs, 61), ab = case_abias(cs, 62);
+        Tensor l = uniform({P, cs.b}, 63, -3.f, 3.f), par = uniform({P}, 64, 0.1f, 1.f);
+        NoGrad ng;
+        LevelSelection a = route_select(l, node.empty() ? Tensor() : Tensor::from_vector(node, {P}),
+                                        cs.parent ? par : Tensor(), opt_tensor(lb), opt_tensor(ab), cs.n,
+                                        cs.temperature, cs.k, cs.renorm, true);
+        OldSelection r = old_select(l, node, cs.parent ? par : Tensor(), lb, ab, cs.n, cs.temperature, cs.k, cs.renorm);
+        CHECK(a.child.to_i32_vector() == r.child);
+        CHECK(a.probs.to_f32_vector() == r.probs.to_f32_vector());
+        CHECK(a.path.to_f32_vector() == r.path.to_f32_vector());
+        // The entropy of the separate passes: the scores as the composite made them, route_mean_entropy over all.
+        Tensor sc = cs.temperature != 1.f ? mul(l, 1.f / cs.temperature) : l;
+        if (!lb.empty())
+          sc = add(sc, index_select(Tensor::from_vector(lb, {cs.n, cs.b}), 0,
+                                    Tensor::from_vector(node.empty() ? std::vector<int32_t>((size_t)P, 0) : node, {P})));
+        sc = sc.contiguous();
+        const float ent = cpu::route_mean_entropy(r.probs.contiguous().f32(), sc.f32(), P, cs.b);
+        CHECK(a.entropy.item() == ent);
+      }
+  }
+
   TEST_CASE("route select: finite-difference gradients through the probabilities, the gates and the parent path") {
     for (const SelCase& cs : kSelCases) {
       CAPTURE(cs.k);

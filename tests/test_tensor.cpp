@@ -28,6 +28,35 @@ TEST_CASE("creation: zeros, ones, full, arange, from_vector") {
   CHECK(e.to_f32_vector().empty());
 }
 
+TEST_CASE("storage: a freed block over 32 MiB is reused by the next tensor of its size, and holds what it is given") {
+#if defined(__SANITIZE_ADDRESS__)
+  MESSAGE("not under AddressSanitizer: big blocks go back to the system there");
+#else
+  const int64_t n = (40 << 20) / 4;  // 40 MiB of floats
+  const void* first;
+  {
+    Tensor a = Tensor::full({n}, 3.f);
+    first = a.raw();
+  }
+  Tensor b = Tensor::empty({n});
+  CHECK(b.raw() == first);  // the same block, no fresh mapping to fault in (a fresh one would read 0 below)
+  CHECK(b.f32()[0] == 3.f);
+  CHECK(b.f32()[n - 1] == 3.f);
+  Tensor c = Tensor::zeros({n});  // a second one of that size while b holds the first: a new block, zeroed
+  CHECK(c.raw() != first);
+  CHECK(c.f32()[n - 1] == 0.f);
+  Tensor small = Tensor::full({1000}, 1.f);
+  CHECK(small.raw() != first);
+  // Another size does not take it; a copy into a reused block has the copied values.
+  b = Tensor();
+  Tensor d = Tensor::empty({n + 16});
+  CHECK(d.raw() != first);
+  Tensor e = Tensor::full({n}, 5.f).clone();
+  CHECK(e.f32()[0] == 5.f);
+  CHECK(e.f32()[n - 1] == 5.f);
+#endif
+}
+
 TEST_CASE("creation: bad shapes and sizes are errors") {
   CHECK_THROWS_AS(Tensor::zeros({2, -1}), Error);
   CHECK_THROWS_AS(Tensor::from_vector(std::vector<float>{1, 2, 3}, {2, 2}), Error);

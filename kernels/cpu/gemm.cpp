@@ -294,24 +294,37 @@ PackBuffers& pack_buffers() {
 
 // C[m0:m1, n0:n1] of one product (n1 - n0 <= NC). The K blocks come from gemm_k_block (kernels/gemm.h): a
 // function of K alone, part of the determinism contract.
-void gemm_detail::gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+void gemm_detail::gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                            const float* packed_b) {
   PackBuffers& buf = pack_buffers();
   const int64_t kb = gemm_k_block(p.K);
   const int64_t nc = n1 - n0;
+  const int64_t w16 = (nc + 15) / 16 * 16;  // a K block's panels hold kc x w16 floats (zero-padded columns)
   for (int64_t pc = 0; pc < p.K; pc += kb) {
     const int64_t kc = std::min(kb, p.K - pc);
     const float beta = pc == 0 ? p.beta : 1.0f;
-    pack_b(buf.b, p, pc, kc, n0, nc);
+    const float* bp = buf.b;
+    if (packed_b)
+      bp = packed_b + pc * w16;  // the K blocks before this one: pc rows of w16
+    else
+      pack_b(buf.b, p, pc, kc, n0, nc);
     for (int64_t ir = m0; ir < m1; ir += MR) {
       const int mi = (int)std::min<int64_t>(MR, m1 - ir);
       pack_a(buf.a, p, ir, mi, pc, kc);
       float* crow = p.C + ir * p.ldc + n0;
       for (int64_t jr = 0; jr < nc; jr += NR) {
         const int nj = (int)std::min<int64_t>(NR, nc - jr);
-        kKernels[(nj + 15) / 16 - 1][mi - 1](kc, buf.a, buf.b + jr * kc, crow + jr, p.ldc, nj, p.alpha, beta);
+        kKernels[(nj + 15) / 16 - 1][mi - 1](kc, buf.a, bp + jr * kc, crow + jr, p.ldc, nj, p.alpha, beta);
       }
     }
   }
+}
+
+int64_t gemm_detail::packed_b_floats(int64_t K, int64_t cols) { return K * ((cols + 15) / 16 * 16); }
+
+void gemm_detail::pack_b_panel(float* dst, const Operands& p, int64_t n0, int64_t n1) {
+  const int64_t kb = gemm_k_block(p.K), w16 = (n1 - n0 + 15) / 16 * 16;
+  for (int64_t pc = 0; pc < p.K; pc += kb) pack_b(dst + pc * w16, p, pc, std::min(kb, p.K - pc), n0, n1 - n0);
 }
 
 namespace {

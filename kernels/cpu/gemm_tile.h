@@ -30,7 +30,14 @@ struct Operands {
 };
 
 // C[m0:m1, n0:n1] of the product (rows and columns of op(A) op(B)); n1 - n0 <= tile_nc(); K > 0.
-void gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// packed_b: null, the tile packs op(B)[:, n0:n1] itself (into this thread's buffer, once per K block); or that
+// panel as pack_b_panel made it, shared by every tile of those columns (the grouped GEMM packs an expert's weight
+// once for all its row tiles). Either way the micro-kernel sees the same values: the same bits.
+void gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* packed_b = nullptr);
+
+// op(B)[:, n0:n1] packed for gemm_tile, every K block (gemm_k_block(K)) in turn: dst [packed_b_floats(K, n1 - n0)].
+int64_t packed_b_floats(int64_t K, int64_t cols);
+void pack_b_panel(float* dst, const Operands& p, int64_t n0, int64_t n1);
 
 int tile_mr();       // rows of the register tile: tile heights are multiples of it
 int tile_nr();       // columns of the register tile: tile widths are multiples of it

@@ -10,6 +10,10 @@
 #include "kernels/grouped_gemm.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <string>
 #include <vector>
 
 #include "engine/check.h"
@@ -36,6 +40,16 @@ void check_args(const char* what, const int64_t* offsets, int64_t G, int64_t M, 
   CM_CHECK(gather.div > 0, what, ": gather.div=", gather.div);
 }
 
+// Shared panels on (the default) or off (each tile packs its own: the earlier behaviour, the same bits).
+std::atomic<int>& shared_packing_flag() {
+  static std::atomic<int> on{[] {
+    const char* e = std::getenv("CM_GROUPED_SHARED_PACK");
+    return e && std::string(e) == "0" ? 0 : 1;
+  }()};
+  return on;
+}
+bool shared_packing() { return shared_packing_flag().load(std::memory_order_relaxed) != 0; }
+
 // Threads for a call of `flops` in all: small calls stay on the calling thread, as in cpu::gemm.
 int threads_for(double flops) { return flops < 4e6 ? 1 : gemm_detail::max_threads(); }
 
@@ -52,21 +66,62 @@ int64_t tile_width(int64_t cols) {
   return std::max<int64_t>(NR, round_up(ceil_div(cols, blocks), NR));
 }
 
-// Items for the row-grouped products (forward, backward_input): group g's C is its rows x `cols`. Tile height:
-// about four items per thread over the whole call, between MR and 8 MR rows (each item packs its own panel of W[g],
-// so taller tiles pack it fewer times); a group shorter than a tile is one tile.
-std::vector<Item> row_items(const int64_t* offsets, int64_t G, int64_t M, int64_t cols, int threads) {
-  const int64_t MR = gemm_detail::tile_mr(), nb = tile_width(cols), ncols = ceil_div(cols, nb);
-  const int64_t mb = std::clamp(round_up(ceil_div(M * ncols, 4 * (int64_t)threads), MR), (int64_t)MR, 8 * MR);
+// The work of a row-grouped product (forward, backward_input): group g's C is its rows x `cols`, cut into tiles.
+// Tile height: about four items per thread over the whole call, between MR and 8 MR rows; a group shorter than a
+// tile is one tile. Every tile needs its group's weight packed (W[g]^T or W[g], the B operand, kernels/cpu/gemm.cpp):
+// a group of one row tile packs it inside the tile, in the thread's own buffer; a group of several row tiles
+// (a popular expert) has each column block packed once, before the tiles, into a buffer they all read
+// (`shared`), instead of once per tile. The values packed are the same, so the bits are.
+struct RowWork {
   std::vector<Item> items;
-  items.reserve((size_t)((ceil_div(M, mb) + G) * ncols));
+  struct Pack {
+    int64_t g, n0, n1;
+    int64_t at;  // floats into the shared buffer
+  };
+  std::vector<Pack> packs;          // the shared panels to make first
+  std::vector<int64_t> shared;      // [G * ncols]: where item (g, column block q) finds its panel, or -1
+  int64_t ncols = 1, nb = 1, floats = 0;
+};
+
+RowWork row_work(const int64_t* offsets, int64_t G, int64_t M, int64_t K, int64_t cols, int threads) {
+  RowWork w;
+  const int64_t MR = gemm_detail::tile_mr();
+  w.nb = tile_width(cols);
+  w.ncols = ceil_div(cols, w.nb);
+  const int64_t mb = std::clamp(round_up(ceil_div(M * w.ncols, 4 * (int64_t)threads), MR), (int64_t)MR, 8 * MR);
+  w.items.reserve((size_t)((ceil_div(M, mb) + G) * w.ncols));
+  w.shared.assign((size_t)(G * w.ncols), -1);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t rows = offsets[g + 1] - offsets[g];
     for (int64_t m0 = 0; m0 < rows; m0 += mb)
-      for (int64_t q = 0; q < ncols; ++q)
-        items.push_back({g, m0, std::min(rows, m0 + mb), q * nb, std::min(cols, (q + 1) * nb)});
+      for (int64_t q = 0; q < w.ncols; ++q)
+        w.items.push_back({g, m0, std::min(rows, m0 + mb), q * w.nb, std::min(cols, (q + 1) * w.nb)});
+    if (rows <= mb || K == 0 || !shared_packing()) continue;
+    for (int64_t q = 0; q < w.ncols; ++q) {
+      const int64_t n0 = q * w.nb, n1 = std::min(cols, n0 + w.nb);
+      w.shared[(size_t)(g * w.ncols + q)] = w.floats;
+      w.packs.push_back({g, n0, n1, w.floats});
+      w.floats += round_up(gemm_detail::packed_b_floats(K, n1 - n0), 16);  // each panel 64-byte aligned
+    }
   }
-  return items;
+  return w;
+}
+
+// The shared panels' buffer: the calling thread's, grown when a call needs more, 64-byte aligned.
+float* shared_panels(int64_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  static thread_local Buffer buf;
+  if (floats > buf.n) {
+    std::free(buf.p);
+    buf.n = round_up(floats, 16);
+    buf.p = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * (size_t)buf.n));
+    if (!buf.p) throw std::bad_alloc();
+  }
+  return buf.p;
 }
 
 // C[m0:m1, n0:n1] (ldc) = 0: the sum over an empty inner dimension when not accumulating.
@@ -105,6 +160,9 @@ void column_sums(float* db, const float* dy, int64_t ldy, int64_t rows, int64_t 
 
 }  // namespace
 
+void grouped_gemm_set_shared_packing(bool on) { shared_packing_flag().store(on ? 1 : 0); }
+bool grouped_gemm_shared_packing() { return shared_packing(); }
+
 void grouped_gemm_forward(float* Y, const float* X, const float* const* W, const int64_t* offsets, int64_t G,
                           int64_t M, int64_t N, int64_t Kd, const float* const* bias, bool accumulate,
                           RowGather gather) {
@@ -112,29 +170,42 @@ void grouped_gemm_forward(float* Y, const float* X, const float* const* W, const
   if (M == 0 || N == 0) return;
   gemm_detail::count_multiply_adds(M * N * Kd);
   const int threads = threads_for(2.0 * (double)M * (double)N * (double)Kd);
-  const std::vector<Item> items = row_items(offsets, G, M, N, threads);
-  const int64_t n_items = (int64_t)items.size();
-
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-  for (int64_t t = 0; t < n_items; ++t) {
-    const Item& it = items[(size_t)t];
-    const int64_t r0 = offsets[it.g], rows = offsets[it.g + 1] - r0;
-    float* Yg = Y + r0 * N;  // [rows, N]
-    const float* b = bias ? bias[it.g] : nullptr;
-    if (b)  // the bias first, then the product accumulated onto it: linear()'s order
-      for (int64_t i = it.m0; i < it.m1; ++i) {
-        float* y = Yg + i * N;
-        for (int64_t j = it.n0; j < it.n1; ++j) y[j] = accumulate ? y[j] + b[j] : b[j];
-      }
-    const float beta = accumulate || b ? 1.0f : 0.0f;
-    if (Kd == 0) {  // an empty product: C = beta * C
-      if (beta == 0.0f) zero_tile(Yg, N, it.m0, it.m1, it.n0, it.n1);
-      continue;
-    }
-    // C_g [rows, N] = op(A) [rows, Kd] op(B) [Kd, N], A = X_g (gathered or not), op(B) = W[g]^T.
-    Operands p{gather.index ? X : X + r0 * Kd, W[it.g], Yg, Kd, Kd, N, rows, N, Kd, false, true, 1.0f, beta};
+  const RowWork w = row_work(offsets, G, M, Kd, N, threads);
+  const int64_t n_items = (int64_t)w.items.size(), n_packs = (int64_t)w.packs.size();
+  float* panels = n_packs ? shared_panels(w.floats) : nullptr;
+  // C_g [rows, N] = op(A) [rows, Kd] op(B) [Kd, N], A = X_g (gathered or not), op(B) = W[g]^T.
+  auto operands = [&](int64_t g, float beta) {
+    const int64_t r0 = offsets[g], rows = offsets[g + 1] - r0;
+    Operands p{gather.index ? X : X + r0 * Kd, W[g], Y + r0 * N, Kd, Kd, N, rows, N, Kd, false, true, 1.0f, beta};
     if (gather.index) p.a_rows = gather.index + r0, p.a_div = gather.div;
-    gemm_detail::gemm_tile(p, it.m0, it.m1, it.n0, it.n1);
+    return p;
+  };
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = 0; j < n_packs; ++j) {  // the popular experts' shared panels (the loop ends on a barrier)
+      const RowWork::Pack& pk = w.packs[(size_t)j];
+      gemm_detail::pack_b_panel(panels + pk.at, operands(pk.g, 0.0f), pk.n0, pk.n1);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_items; ++t) {
+      const Item& it = w.items[(size_t)t];
+      float* Yg = Y + offsets[it.g] * N;  // [rows, N]
+      const float* b = bias ? bias[it.g] : nullptr;
+      if (b)  // the bias first, then the product accumulated onto it: linear()'s order
+        for (int64_t i = it.m0; i < it.m1; ++i) {
+          float* y = Yg + i * N;
+          for (int64_t j = it.n0; j < it.n1; ++j) y[j] = accumulate ? y[j] + b[j] : b[j];
+        }
+      const float beta = accumulate || b ? 1.0f : 0.0f;
+      if (Kd == 0) {  // an empty product: C = beta * C
+        if (beta == 0.0f) zero_tile(Yg, N, it.m0, it.m1, it.n0, it.n1);
+        continue;
+      }
+      const int64_t at = w.shared[(size_t)(it.g * w.ncols + it.n0 / w.nb)];
+      gemm_detail::gemm_tile(operands(it.g, beta), it.m0, it.m1, it.n0, it.n1, at >= 0 ? panels + at : nullptr);
+    }
   }
 }
 
@@ -144,22 +215,33 @@ void grouped_gemm_backward_input(float* dX, const float* dY, const float* const*
   if (M == 0 || Kd == 0) return;
   gemm_detail::count_multiply_adds(M * N * Kd);
   const int threads = threads_for(2.0 * (double)M * (double)N * (double)Kd);
-  const std::vector<Item> items = row_items(offsets, G, M, Kd, threads);
-  const int64_t n_items = (int64_t)items.size();
+  const RowWork w = row_work(offsets, G, M, N, Kd, threads);
+  const int64_t n_items = (int64_t)w.items.size(), n_packs = (int64_t)w.packs.size();
+  float* panels = n_packs ? shared_panels(w.floats) : nullptr;
   const float beta = accumulate ? 1.0f : 0.0f;
+  // C_g [rows, Kd] = dY_g [rows, N] W[g] [N, Kd]
+  auto operands = [&](int64_t g) {
+    const int64_t r0 = offsets[g], rows = offsets[g + 1] - r0;
+    return Operands{dY + r0 * N, W[g], dX + r0 * Kd, N, Kd, Kd, rows, Kd, N, false, false, 1.0f, beta};
+  };
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-  for (int64_t t = 0; t < n_items; ++t) {
-    const Item& it = items[(size_t)t];
-    const int64_t r0 = offsets[it.g], rows = offsets[it.g + 1] - r0;
-    float* dXg = dX + r0 * Kd;  // [rows, Kd]
-    if (N == 0) {
-      if (!accumulate) zero_tile(dXg, Kd, it.m0, it.m1, it.n0, it.n1);
-      continue;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = 0; j < n_packs; ++j) {  // the popular experts' shared panels (the loop ends on a barrier)
+      const RowWork::Pack& pk = w.packs[(size_t)j];
+      gemm_detail::pack_b_panel(panels + pk.at, operands(pk.g), pk.n0, pk.n1);
     }
-    // C_g [rows, Kd] = dY_g [rows, N] W[g] [N, Kd]
-    Operands p{dY + r0 * N, W[it.g], dXg, N, Kd, Kd, rows, Kd, N, false, false, 1.0f, beta};
-    gemm_detail::gemm_tile(p, it.m0, it.m1, it.n0, it.n1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_items; ++t) {
+      const Item& it = w.items[(size_t)t];
+      if (N == 0) {
+        if (!accumulate) zero_tile(dX + offsets[it.g] * Kd, Kd, it.m0, it.m1, it.n0, it.n1);
+        continue;
+      }
+      const int64_t at = w.shared[(size_t)(it.g * w.ncols + it.n0 / w.nb)];
+      gemm_detail::gemm_tile(operands(it.g), it.m0, it.m1, it.n0, it.n1, at >= 0 ? panels + at : nullptr);
+    }
   }
 }
 

@@ -178,32 +178,42 @@ void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens
 // (one log per row; equal to the per-element form up to float rounding of p). Only p_c > 0 count, as in
 // -sum p log p: a pruned child (s = -inf, p = 0) adds nothing, and neither does a NaN row. Rows run in parallel;
 // their entropies are summed in row order afterwards, so the result does not depend on the thread count.
-float route_mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
-  std::vector<double> row((size_t)P);
-#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
-  for (int64_t r = 0; r < P; ++r) {
-    const float* pr = p + r * b;
-    const float* sr = s + r * b;
-    float pmax = 0.f, smax = -INFINITY;
+namespace {
+
+// One row's entropy (nats) from its probabilities p [b] and the scores s [b] they are the softmax of.
+inline double row_entropy(const float* pr, const float* sr, int64_t b) {
+  float pmax = 0.f, smax = -INFINITY;
 #pragma omp simd reduction(max : pmax, smax)
-    for (int64_t c = 0; c < b; ++c) {
-      pmax = pr[c] > pmax ? pr[c] : pmax;
-      smax = sr[c] > smax ? sr[c] : smax;
-    }
-    // Float sums within a row (a row's entropy is good to about 1e-6 relative), double across rows. The lane
-    // split of the reductions is fixed at compile time: still deterministic.
-    float psum = 0.f, ps = 0.f;
-#pragma omp simd reduction(+ : psum, ps)
-    for (int64_t c = 0; c < b; ++c) {
-      const bool live = pr[c] > 0.f;  // selects, not ifs: 0 * (-inf - smax) would be NaN
-      psum += live ? pr[c] : 0.f;
-      ps += live ? pr[c] * (sr[c] - smax) : 0.f;
-    }
-    row[r] = pmax > 0.f ? -std::log((double)pmax) * psum - ps : 0.0;  // pmax = 0: a NaN row
+  for (int64_t c = 0; c < b; ++c) {
+    pmax = pr[c] > pmax ? pr[c] : pmax;
+    smax = sr[c] > smax ? sr[c] : smax;
   }
+  // Float sums within a row (a row's entropy is good to about 1e-6 relative), double across rows. The lane
+  // split of the reductions is fixed at compile time: still deterministic.
+  float psum = 0.f, ps = 0.f;
+#pragma omp simd reduction(+ : psum, ps)
+  for (int64_t c = 0; c < b; ++c) {
+    const bool live = pr[c] > 0.f;  // selects, not ifs: 0 * (-inf - smax) would be NaN
+    psum += live ? pr[c] : 0.f;
+    ps += live ? pr[c] * (sr[c] - smax) : 0.f;
+  }
+  return pmax > 0.f ? -std::log((double)pmax) * psum - ps : 0.0;  // pmax = 0: a NaN row
+}
+
+// The mean of the rows' entropies, added in row order in double.
+float mean_of_rows(const std::vector<double>& row, int64_t P) {
   double ent = 0.0;
   for (double h : row) ent += h;
   return (float)(ent / (double)std::max<int64_t>(P, 1));
+}
+
+}  // namespace
+
+float route_mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
+  std::vector<double> row((size_t)P);
+#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
+  for (int64_t r = 0; r < P; ++r) row[r] = row_entropy(p + r * b, s + r * b, b);
+  return mean_of_rows(row, P);
 }
 
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
@@ -215,52 +225,68 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
     return;
   }
   auto at = [&](int64_t p) { return (node ? (int64_t)node[p] : 0) * b; };  // the pair's node's first child
-  // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
-  // expression would let the compiler fuse them into an fma, which rounds once: not the ops' bits).
-  const float* sp = logits;
-  std::vector<float> s;
-  if (inv_temp != 1.f || lbias) {
-    s.assign(logits, logits + P * b);
-    if (inv_temp != 1.f)
-      for (float& v : s) v = v * inv_temp;
-    if (lbias)
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t a = at(p);
-        for (int64_t c = 0; c < b; ++c) s[(size_t)(p * b + c)] = s[(size_t)(p * b + c)] + lbias[a + c];
-      }
-    sp = s.data();
-  }
-  softmax_forward(probs, sp, P, b);
-  if (entropy) entropy[0] = route_mean_entropy(probs, sp, P, b);
-
-  // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every selectable
-  // child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an all-NaN row this
-  // still takes the first k selectable children).
   bool any_pruned = false;
   if (lbias)
     for (int64_t i = 0; i < n * b && !any_pruned; ++i) any_pruned = std::isinf(lbias[i]) && lbias[i] < 0;
-  const float* scores = probs;
-  std::vector<float> biased;
-  if (abias || any_pruned) {
-    biased.resize((size_t)(P * b));
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t a = at(p);
-      for (int64_t c = 0; c < b; ++c) {
-        const float v = probs[p * b + c] + (abias ? abias[a + c] : 0.f);
-        const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
-        biased[(size_t)(p * b + c)] = pruned ? -INFINITY : v;
-      }
-    }
-    scores = biased.data();
-  }
-  std::vector<float> top((size_t)(P * k));  // the selected scores (unused: the gates come from probs)
+  const bool scaled = inv_temp != 1.f || lbias, biased = abias || any_pruned;
   std::vector<int32_t> own;
   int32_t* ix = idx;
   if (!ix) {
     own.resize((size_t)(P * k));
     ix = own.data();
   }
-  topk_forward(top.data(), ix, scores, P, b, k);
+  std::vector<double> row_ent(entropy ? (size_t)P : 0);
+
+  // One pass over the rows in blocks of R (R x b floats stay in cache): the scores, the softmax, the entropy, the
+  // top k. Each step is the whole-array kernel's own per-row arithmetic (softmax_forward, row_entropy,
+  // topk_forward, called on the block), so the bits are those of running them one after the other over all rows;
+  // the logits are read and the probabilities written once, where the separate passes read them four times.
+  // Blocks of at most 16384 values run those kernels on this thread (under their thresholds for a parallel region).
+  const int64_t R = std::max<int64_t>(1, 16384 / b), blocks = (P + R - 1) / R;
+#pragma omp parallel if (P * b >= kParallelMin && blocks > 1)
+  {
+    std::vector<float> s((size_t)(scaled ? R * b : 0)), scores((size_t)(biased ? R * b : 0));
+    std::vector<float> top((size_t)(R * k));  // the selected scores (unused: the gates come from probs)
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t p0 = blk * R, rows = std::min(R, P - p0);
+      float* pb = probs + p0 * b;
+      // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
+      // expression would let the compiler fuse them into an fma, which rounds once: not the ops' bits).
+      const float* sp = logits + p0 * b;
+      if (scaled) {
+        std::copy(sp, sp + rows * b, s.begin());
+        if (inv_temp != 1.f)
+          for (int64_t i = 0; i < rows * b; ++i) s[(size_t)i] = s[(size_t)i] * inv_temp;
+        if (lbias)
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t a = at(p0 + r);
+            for (int64_t c = 0; c < b; ++c) s[(size_t)(r * b + c)] = s[(size_t)(r * b + c)] + lbias[a + c];
+          }
+        sp = s.data();
+      }
+      softmax_forward(pb, sp, rows, b);
+      if (entropy)
+        for (int64_t r = 0; r < rows; ++r) row_ent[(size_t)(p0 + r)] = row_entropy(pb + r * b, sp + r * b, b);
+      // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
+      // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
+      // all-NaN row this still takes the first k selectable children).
+      const float* sc = pb;
+      if (biased) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t a = at(p0 + r);
+          for (int64_t c = 0; c < b; ++c) {
+            const float v = pb[r * b + c] + (abias ? abias[a + c] : 0.f);
+            const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
+            scores[(size_t)(r * b + c)] = pruned ? -INFINITY : v;
+          }
+        }
+        sc = scores.data();
+      }
+      topk_forward(top.data(), ix + p0 * k, sc, rows, b, k);
+    }
+  }
+  if (entropy) entropy[0] = mean_of_rows(row_ent, P);
   if (any_pruned)
     for (int64_t i = 0; i < P * k; ++i) {
       const float lb = lbias[at(i / k) + ix[i]];
