@@ -565,6 +565,23 @@ TEST_SUITE("cuda") {
                               sink);
     REQUIRE(dense.quiet_steps == 5);  // steps 1 to 5; step 6, the last, evaluates
     CHECK(dense.quiet_step_syncs == 0);
+    // The other MoE routers' device counts equal their CPU counts too (tests/test_trainer.cpp asserts the CPU's):
+    // AC's batch scales on the device, group_limited's one read-out, the capacity filter's host twin.
+    const std::vector<std::vector<std::string>> kinds = {
+        {"--router", "ac"},
+        {"--router", "cluster", "--gate_mode", "group_limited"},
+        {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0"}};
+    for (size_t i = 0; i < kinds.size(); ++i) {
+      CAPTURE(i);
+      std::vector<std::string> extra = kinds[i];
+      for (const char* a : {"--max_steps", "4", "--eval_every", "4", "--save_every", "0", "--eval_iters", "1"})
+        extra.push_back(a);
+      TrainResult kc = train(options("cpu", "kind_cpu_" + std::to_string(i), extra), sink);
+      TrainResult kg = train(options("cuda", "kind_gpu_" + std::to_string(i), extra), sink);
+      REQUIRE(kg.quiet_steps == 3);
+      CHECK(kg.quiet_step_syncs == kc.quiet_step_syncs);
+      CHECK(kg.quiet_step_syncs == 3 * 6);  // 2 MoE layers x (route, guard, after_step)
+    }
 
     // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.
     REQUIRE(cuda::matmul_precision() == cuda::MatmulPrecision::FP32);
