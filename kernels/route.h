@@ -52,6 +52,18 @@ void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens
                      int64_t V);
 
 
+// AC feature weights (DESIGN.md 4.7) of one batch, no gradient, on the tokens grouped by label (the previous MoE
+// layer's top-1 expert): h [T, C]; order [T]: the tokens labelled k are order[offsets[k] .. offsets[k+1]), in
+// increasing t; offsets [N + 1] (int64). For each labelled k (offsets[k+1] > offsets[k], n_k tokens) and feature q,
+// in double: mean = sum_t h[t, q] / n_k, s = sum_t |h[t, q] - mean| / n_k (t increasing), w = 1 / (s + 1e-4); then
+// w = min(w, clip) with clip = 10 x the mean of w over the labelled (k, q) (summed k-major, q inner);
+// m[k, q] = w / (the mean over labelled k' of w[k', q], summed in k order), as float; m = 1 for unlabelled k.
+// has [N] i32: 1 for labelled k. run [N, C] (null: skipped): the running m of evaluation, for labelled k
+// run = 0.9f * run + 0.1f * m. w [N * C + 2] double scratch. The arithmetic of model/router.cpp's ac_scales(): the
+// same bits on both twins.
+void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
+                       const int64_t* offsets, int64_t N, int64_t C);
+
 // The fused selection of one level. Per pair p at node j = node[p] (0 when node == nullptr):
 //   s[p, c]         = logits[p, c] * inv_temp (skipped when inv_temp == 1) + lbias[j * b + c] (when lbias)
 //   probs[p, :]     = softmax(s[p, :])                                  (cpu::softmax_forward's arithmetic)
@@ -110,6 +122,9 @@ void route_logits_backward_w(float* dW, const float* dlogits, const float* h, co
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
                      int64_t V);
+// One thread per (label, feature) for the sums; the clip's sum on one thread in the CPU's order: the CPU's bits.
+void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
+                       const int64_t* offsets, int64_t N, int64_t C);
 // One warp per pair; the probabilities use expf (within float rounding of the CPU's), the selection the same order.
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
                           const float* logits, const int32_t* node, const float* path_parent, const float* lbias,

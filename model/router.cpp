@@ -39,53 +39,23 @@ int64_t routing_flops_per_token(int64_t C, const std::vector<int64_t>& branching
   return flops;
 }
 
+// The labels grouped for kernels/route.h ac_scales_forward (a stable counting sort; the labels checked here).
+static Segments group_labels(const std::vector<int32_t>& labels, int64_t T, int64_t N) {
+  CM_CHECK((int64_t)labels.size() == T, "labels ", labels.size(), " for ", T, " tokens");
+  for (int32_t k : labels) CM_CHECK(k >= 0 && k < N, "label ", k, " outside [0, ", N, ")");
+  return counting_sort(labels, N);
+}
+
 std::vector<float> ac_scales(const Tensor& h, const std::vector<int32_t>& labels, int64_t N,
                              std::vector<bool>* has_tokens) {
   const int64_t T = h.size(0), C = h.size(1);
-  CM_CHECK((int64_t)labels.size() == T, "labels ", labels.size(), " for ", T, " tokens");
-  std::vector<float> hv = h.to_f32_vector();  // [T, C]
-  std::vector<double> mean((size_t)(N * C), 0.0), mad((size_t)(N * C), 0.0);
-  std::vector<int64_t> cnt((size_t)N, 0);
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t k = labels[t];
-    CM_CHECK(k >= 0 && k < N, "label ", k, " outside [0, ", N, ")");
-    ++cnt[k];
-    for (int64_t q = 0; q < C; ++q) mean[k * C + q] += hv[t * C + q];
-  }
-  for (int64_t k = 0; k < N; ++k)
-    for (int64_t q = 0; q < C && cnt[k]; ++q) mean[k * C + q] /= (double)cnt[k];
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t k = labels[t];
-    for (int64_t q = 0; q < C; ++q) mad[k * C + q] += std::fabs(hv[t * C + q] - mean[k * C + q]);
-  }
-  // w = 1 / (s + 1e-4), clipped at 10x its mean (over labelled experts and all features).
-  std::vector<double> w((size_t)(N * C), 0.0);
-  double wsum = 0.0;
-  int64_t labelled = 0;
-  for (int64_t k = 0; k < N; ++k) {
-    if (!cnt[k]) continue;
-    ++labelled;
-    for (int64_t q = 0; q < C; ++q) {
-      w[k * C + q] = 1.0 / (mad[k * C + q] / (double)cnt[k] + 1e-4);
-      wsum += w[k * C + q];
-    }
-  }
-  std::vector<float> m((size_t)(N * C), 1.0f);
-  if (has_tokens) {
-    has_tokens->assign((size_t)N, false);
-    for (int64_t k = 0; k < N; ++k) (*has_tokens)[k] = cnt[k] > 0;
-  }
-  if (!labelled) return m;
-  const double clip = 10.0 * wsum / (double)(labelled * C);
-  for (double& x : w) x = std::min(x, clip);
-  for (int64_t q = 0; q < C; ++q) {
-    double mq = 0.0;
-    for (int64_t k = 0; k < N; ++k)
-      if (cnt[k]) mq += w[k * C + q];
-    mq /= (double)labelled;
-    for (int64_t k = 0; k < N; ++k)
-      if (cnt[k]) m[k * C + q] = (float)(w[k * C + q] / mq);
-  }
+  const Segments g = group_labels(labels, T, N);
+  const std::vector<float> hv = h.to_f32_vector();  // [T, C]
+  std::vector<float> m((size_t)(N * C));
+  std::vector<int32_t> has((size_t)N);
+  std::vector<double> w((size_t)(N * C + 2));
+  cpu::ac_scales_forward(m.data(), has.data(), nullptr, w.data(), hv.data(), g.order.data(), g.offsets.data(), N, C);
+  if (has_tokens) has_tokens->assign(has.begin(), has.end());
   return m;
 }
 
@@ -118,7 +88,31 @@ void TreeRouter::collect(const std::string& prefix, NamedParams& out) const {
   for (int64_t l = 0; l < depth(); ++l) out.emplace_back(prefix + ".levels." + std::to_string(l) + ".weight", weights[l]);
 }
 
+const Tensor& TreeRouter::ac_running(Device dev) {
+  if (ac_dev_.defined() && ac_dev_.device() != dev) {  // the model moved: the old copy's news first
+    pull_ac();
+    ac_dev_ = Tensor();
+  }
+  const float* host = ac_scale.f32();  // a host buffer in every build: no read-out
+  const size_t n = (size_t)ac_scale.numel();
+  if (ac_dev_.defined() && std::equal(host, host + n, ac_seen_.begin())) return ac_dev_;
+  if (!ac_dev_.defined()) ac_dev_ = Tensor::empty({N_, C_}, DType::F32, dev);
+  ac_dev_.copy_(ac_scale);  // written on the host since (or first use): an upload, no wait
+  ac_seen_.assign(host, host + n);
+  return ac_dev_;
+}
+
+void TreeRouter::pull_ac() const {
+  if (!ac_dev_.defined()) return;
+  float* host = ac_scale.f32();
+  if (!std::equal(host, host + ac_scale.numel(), ac_seen_.begin())) return;  // written on the host since: that wins
+  const std::vector<float> v = ac_dev_.to_f32_vector();  // one read-out
+  std::copy(v.begin(), v.end(), host);
+  ac_seen_ = v;
+}
+
 void TreeRouter::collect_buffers(const std::string& prefix, NamedParams& out) const {
+  pull_ac();  // the caller may read them (a checkpoint): the host holds the running m now
   for (int64_t l = 0; l < depth(); ++l)
     out.emplace_back(prefix + ".levels." + std::to_string(l) + ".aux_bias", aux_bias[l]);
   if (ac_scale.defined()) out.emplace_back(prefix + ".ac_scale", ac_scale);
@@ -242,21 +236,24 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   Routing r;
   r.T = T;
 
-  // AC input m_{label} * h (one m for the layer, shared by its AC levels).
+  // AC input m_{label} * h (one m for the layer, shared by its AC levels): in training this batch's m, made on h's
+  // device, whose EMA the running m follows there; in evaluation the running m.
   Tensor h_ac = h;
   if (ac_scale.defined() && labels && ac_scaling_) {
-    std::vector<float> m;
+    const Tensor run = ac_running(dev);  // [N, C]
+    Tensor mt = run;
     if (training) {
-      std::vector<bool> has;
-      m = ac_scales(h, *labels, N_, &has);
-      float* run = ac_scale.f32();  // running m for evaluation: EMA over training batches
-      for (int64_t k = 0; k < N_; ++k)
-        if (has[k])
-          for (int64_t q = 0; q < C_; ++q) run[k * C_ + q] = 0.9f * run[k * C_ + q] + 0.1f * m[k * C_ + q];
-    } else {
-      m.assign(ac_scale.f32(), ac_scale.f32() + ac_scale.numel());  // a host buffer in every build: no read-out
+      // The labels are the host's (the previous layer's read-out): grouped there, uploaded (no wait).
+      const Segments g = group_labels(*labels, T, N_);
+      std::vector<int32_t> off_words((size_t)(2 * (N_ + 1)));  // int64 offsets in i32 words
+      std::memcpy(off_words.data(), g.offsets.data(), off_words.size() * 4);
+      const Tensor order = Tensor::from_vector(g.order, {T}, dev), off = Tensor::from_vector(off_words, {2 * (N_ + 1)}, dev);
+      const Tensor hc = h.detach().contiguous();
+      mt = Tensor::empty({N_, C_}, DType::F32, dev);
+      Tensor has = Tensor::empty({N_}, DType::I32, dev), w = Tensor::empty({2 * (N_ * C_ + 2)}, DType::F32, dev);
+      CM_KERNEL(dev, ac_scales_forward, mt.f32(), has.i32(), run.f32(), static_cast<double*>(w.raw()), hc.f32(),
+                order.i32(), static_cast<const int64_t*>(off.raw()), N_, C_);
     }
-    Tensor mt = Tensor::from_vector(m, {N_, C_}, dev);
     h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T}, dev)));  // [T, C]
   }
 

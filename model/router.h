@@ -83,10 +83,18 @@ class TreeRouter {
   std::vector<Tensor> weights;    // [D] each [nodes[l] * b_l, C]; rows of node j are j*b .. j*b + b - 1
   std::vector<Tensor> aux_bias;   // [D] each [nodes[l] * b_l] (buffers, selection only)
   Tensor ac_scale;                // [N, C] running m for evaluation (buffer); undefined without AC levels
+                                  // (its state at rest: while the model trains, the running m lives on its device)
 
  private:
   Routing route_grouped(const Tensor& h, const RouterBias& bias);  // gate_mode group_limited
   void finish(Routing& r, const std::vector<Tensor>& lb_terms, const std::vector<Tensor>& z_terms, Device dev) const;
+  // The running AC m on the layer's device, [N, C]: uploaded from ac_scale when the host buffer was written since
+  // (a loaded checkpoint) or first used, and pulled back into it (one read-out) when the buffers are read
+  // (collect_buffers). Values written into the host buffer since the last pull win, as in model/health.h.
+  const Tensor& ac_running(Device dev);
+  void pull_ac() const;
+  mutable Tensor ac_dev_;
+  mutable std::vector<float> ac_seen_;  // ac_scale as of the last upload or pull
   int64_t C_ = 0, N_ = 0;
   std::vector<bool> ac_level_;
   bool ac_scaling_ = true;

@@ -185,6 +185,16 @@ TEST_SUITE("cuda") {
     for (size_t l = 0; l < oa.layers.size(); ++l) CHECK(ob.layers[l].expert_rows == oa.layers[l].expert_rows);
     // The specialization counters, counted on each model's device from the same routing: the same statistic.
     CHECK(b.get_expert_specialization() == a.get_expert_specialization());
+    // AC's running m follows this batch's m on each model's device (pulled back when the buffers are read).
+    const auto ba = a.named_buffers(), bb = b.named_buffers();
+    REQUIRE(ba.size() == bb.size());
+    int64_t moved = 0;  // the layers after the first MoE layer have labels: their running m left 1
+    for (size_t i = 0; i < ba.size(); ++i)
+      if (ba[i].first.find("ac_scale") != std::string::npos) {
+        check_scaled(bb[i].second, ba[i].second, 1e-6f, 1e-5f, ba[i].first);
+        moved += ba[i].second.to_f32_vector() != std::vector<float>((size_t)ba[i].second.numel(), 1.f);
+      }
+    CHECK(moved >= 1);
     check_gradients(a, oa, b, ob);
     const std::vector<int32_t> prompt = {7, 3, 9};
     CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));
@@ -255,7 +265,7 @@ TEST_SUITE("cuda") {
       for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-4f, kv.first);
       // Every buffer after_step keeps (output-norm and weight-norm statistics from the device-side norms, usage,
       // aux-free biases, pruning counters), on the host for both models.
-      NamedTensors ba = a.named_buffers(), bb = b.named_buffers();
+      const auto ba = a.named_buffers(), bb = b.named_buffers();
       REQUIRE(ba.size() == bb.size());
       for (size_t i = 0; i < ba.size(); ++i) {
         CHECK_MESSAGE(bb[i].second.device() == Device::CPU, bb[i].first);
@@ -313,7 +323,7 @@ TEST_SUITE("cuda") {
     for (const auto& kv : ra) CHECK_MESSAGE(std::fabs(rb.at(kv.first) - kv.second) <= 1e-6f, kv.first);
     CHECK(b.get_reliability_stats().at(str("layer_0_cluster_", e / cfg.experts_per_cluster, "_expert_",
                                            e % cfg.experts_per_cluster, "_reliability")) < 0.95f);
-    NamedTensors ba = a.named_buffers(), bb = b.named_buffers();
+    const auto ba = a.named_buffers(), bb = b.named_buffers();
     for (size_t i = 0; i < ba.size(); ++i) check_scaled(bb[i].second, ba[i].second, 1e-5f, 1e-4f, ba[i].first);
   }
 

@@ -2,6 +2,7 @@
 // the CPU), finite-difference gradients, bad input, and the CUDA twins against the CPU (suite "cuda").
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "autograd/ops_route.h"
@@ -357,6 +358,38 @@ TEST_SUITE("cuda") {
       Tensor keys = Tensor::empty({A}, DType::I32, Device::CUDA);
       cuda::route_pair_keys(keys.i32(), ed.i32(), td.i32(), A, K, N, V);
       CHECK_MESSAGE(keys.to_i32_vector() == ref, "K=", K);
+    }
+  }
+
+  TEST_CASE("cuda kernels: AC scales and the running m's update equal the CPU twin on random batches" *
+            cm::test::needs_device()) {
+    Generator g(9);
+    for (int64_t N : {1, 5, 16}) {
+      const int64_t T = 70, C = 24;
+      CAPTURE(N);
+      std::vector<float> u = Tensor::rand({T}, g).to_f32_vector();
+      std::vector<int32_t> labels((size_t)T);
+      for (int64_t t = 0; t < T; ++t) labels[t] = (int32_t)(u[t] * (float)N) / 2 * 2 % N;  // odd labels empty
+      const Segments sg = counting_sort(labels, N);
+      Tensor h = uniform({T, C}, 40 + N, -2.f, 2.f), run0 = uniform({N, C}, 50 + N, 0.5f, 2.f);
+      std::vector<float> m((size_t)(N * C)), run = run0.to_f32_vector();
+      std::vector<int32_t> has((size_t)N);
+      std::vector<double> w((size_t)(N * C + 2));
+      cpu::ac_scales_forward(m.data(), has.data(), run.data(), w.data(), h.f32(), sg.order.data(), sg.offsets.data(),
+                             N, C);
+      std::vector<int32_t> off_words((size_t)(2 * (N + 1)));
+      std::memcpy(off_words.data(), sg.offsets.data(), off_words.size() * 4);
+      Tensor hd = h.to(Device::CUDA), rd = run0.to(Device::CUDA);
+      Tensor od = Tensor::from_vector(sg.order, {T}).to(Device::CUDA);
+      Tensor offd = Tensor::from_vector(off_words, {2 * (N + 1)}).to(Device::CUDA);
+      Tensor md = Tensor::empty({N, C}, DType::F32, Device::CUDA), hasd = Tensor::empty({N}, DType::I32, Device::CUDA);
+      Tensor wd = Tensor::empty({2 * (N * C + 2)}, DType::F32, Device::CUDA);
+      cuda::ac_scales_forward(md.f32(), hasd.i32(), rd.f32(), static_cast<double*>(wd.raw()), hd.f32(), od.i32(),
+                              static_cast<const int64_t*>(offd.raw()), N, C);
+      CHECK(hasd.to_i32_vector() == has);
+      CHECK(cm::test::first_mismatch(md.to_f32_vector(), m, 1e-6f, 1e-5f) < 0);
+      CHECK(cm::test::first_mismatch(rd.to_f32_vector(), run, 1e-6f, 1e-5f) < 0);
+      if (N > 1) CHECK(has[1] == 0);  // an empty label keeps m = 1 and its running m
     }
   }
 

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "kernels/gemm.h"
+#include "kernels/route.h"
 #include "engine/host_sync.h"
 #include "model/moe.h"
 #include "model/router.h"
@@ -899,6 +900,16 @@ TEST_SUITE("routing") {
     for (size_t i = 0; i < m.size(); ++i) CHECK_MESSAGE(m[i] == doctest::Approx(ref[i]).epsilon(1e-5), "m[", i, "]");
     CHECK(m[7] == doctest::Approx(2.397e-4).epsilon(1e-3));  // the clip fired (unclipped: 2.000e-4)
     CHECK(has == std::vector<bool>{true, true, false});
+    // The kernel behind it also moves the running m: 0.9 run + 0.1 m for the labelled experts, expert 2 unchanged.
+    const Segments g = counting_sort(labels, 3);
+    std::vector<float> m2(18), run(18, 2.f);
+    std::vector<int32_t> has2(3);
+    std::vector<double> w(20);
+    cpu::ac_scales_forward(m2.data(), has2.data(), run.data(), w.data(), hv.data(), g.order.data(), g.offsets.data(),
+                           3, 6);
+    CHECK(m2 == m);
+    for (size_t i = 0; i < 18; ++i)  // (within float rounding: the compiler may fuse the multiply-add)
+      CHECK(run[i] == doctest::Approx(i < 12 ? 0.9 * 2.0 + 0.1 * m[i] : 2.0).epsilon(1e-6));
   }
 
   TEST_CASE("AC router on a Gaussian mixture: up-weights the separating features, misassigns fewer points") {

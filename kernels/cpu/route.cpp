@@ -127,6 +127,43 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
     if (ids[i] >= 0 && ids[i] < n) ++counts[ids[i]];
 }
 
+void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
+                       const int64_t* offsets, int64_t N, int64_t C) {
+  double wsum = 0.0;
+  int64_t labelled = 0;
+  for (int64_t k = 0; k < N; ++k) {
+    const int64_t a = offsets[k], n = offsets[k + 1] - a;
+    has[k] = n > 0;
+    for (int64_t q = 0; q < C; ++q) w[k * C + q] = 0.0;
+    if (n == 0) continue;
+    ++labelled;
+    for (int64_t q = 0; q < C; ++q) {
+      double mean = 0.0, mad = 0.0;
+      for (int64_t i = a; i < a + n; ++i) mean += h[(int64_t)order[i] * C + q];
+      mean /= (double)n;
+      for (int64_t i = a; i < a + n; ++i) mad += std::fabs(h[(int64_t)order[i] * C + q] - mean);
+      w[k * C + q] = 1.0 / (mad / (double)n + 1e-4);
+      wsum += w[k * C + q];
+    }
+  }
+  for (int64_t i = 0; i < N * C; ++i) m[i] = 1.0f;
+  if (!labelled) return;
+  const double clip = 10.0 * wsum / (double)(labelled * C);
+  for (int64_t i = 0; i < N * C; ++i) w[i] = std::min(w[i], clip);
+  for (int64_t q = 0; q < C; ++q) {
+    double mq = 0.0;
+    for (int64_t k = 0; k < N; ++k)
+      if (has[k]) mq += w[k * C + q];
+    mq /= (double)labelled;
+    for (int64_t k = 0; k < N; ++k)
+      if (has[k]) m[k * C + q] = (float)(w[k * C + q] / mq);
+  }
+  if (run)
+    for (int64_t k = 0; k < N; ++k)
+      if (has[k])
+        for (int64_t q = 0; q < C; ++q) run[k * C + q] = 0.9f * run[k * C + q] + 0.1f * m[k * C + q];
+}
+
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
                      int64_t V) {
   for (int64_t a = 0; a < A; ++a) {

@@ -298,6 +298,77 @@ __global__ void pair_keys_kernel(int32_t* __restrict__ keys, const int32_t* __re
 }
 }  // namespace
 
+namespace {
+// w and has of each (label, feature): thread i = k * C + q walks the label's tokens in order (the CPU's sums).
+__global__ void ac_weights_kernel(double* __restrict__ w, int32_t* __restrict__ has, const float* __restrict__ h,
+                                  const int32_t* __restrict__ order, const int64_t* __restrict__ offsets, int64_t N,
+                                  int64_t C) {
+  for (int64_t i = gtid(); i < N * C; i += gstride()) {
+    const int64_t k = i / C, q = i % C, a = offsets[k], n = offsets[k + 1] - a;
+    if (q == 0) has[k] = n > 0;
+    if (n == 0) {
+      w[i] = 0.0;
+      continue;
+    }
+    double mean = 0.0, mad = 0.0;
+    for (int64_t j = a; j < a + n; ++j) mean += h[(int64_t)order[j] * C + q];
+    mean /= (double)n;
+    for (int64_t j = a; j < a + n; ++j) mad += fabs(h[(int64_t)order[j] * C + q] - mean);
+    w[i] = 1.0 / (mad / (double)n + 1e-4);
+  }
+}
+
+// One thread: the clip from the sum of w over the labelled (k, q) in the CPU's order (k-major), into clip[0];
+// labelled count into clip[1].
+__global__ void ac_clip_kernel(double* __restrict__ clip, const double* __restrict__ w,
+                               const int64_t* __restrict__ offsets, int64_t N, int64_t C) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double wsum = 0.0;
+  int64_t labelled = 0;
+  for (int64_t k = 0; k < N; ++k) {
+    if (offsets[k + 1] == offsets[k]) continue;
+    ++labelled;
+    for (int64_t q = 0; q < C; ++q) wsum += w[k * C + q];
+  }
+  clip[0] = labelled ? 10.0 * wsum / (double)(labelled * C) : 0.0;
+  clip[1] = (double)labelled;
+}
+
+// Thread q: the clipped weights' mean over the labelled k in k order, then m (and the running m) of feature q.
+__global__ void ac_scale_kernel(float* __restrict__ m, float* __restrict__ run, const double* __restrict__ w,
+                                const double* __restrict__ clip, const int32_t* __restrict__ has, int64_t N,
+                                int64_t C) {
+  for (int64_t q = gtid(); q < C; q += gstride()) {
+    const double cl = clip[0], labelled = clip[1];
+    if (labelled == 0.0) {
+      for (int64_t k = 0; k < N; ++k) m[k * C + q] = 1.0f;
+      continue;
+    }
+    double mq = 0.0;
+    for (int64_t k = 0; k < N; ++k)
+      if (has[k]) mq += cl < w[k * C + q] ? cl : w[k * C + q];  // std::min's choice (NaN stays)
+    mq /= labelled;
+    for (int64_t k = 0; k < N; ++k) {
+      const int64_t i = k * C + q;
+      m[i] = has[k] ? (float)((cl < w[i] ? cl : w[i]) / mq) : 1.0f;
+      if (run && has[k]) run[i] = 0.9f * run[i] + 0.1f * m[i];
+    }
+  }
+}
+}  // namespace
+
+void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
+                       const int64_t* offsets, int64_t N, int64_t C) {
+  CM_CHECK(N >= 1 && C >= 1, "cuda::ac_scales_forward: N=", N, " C=", C);
+  double* clip = w + N * C;  // the clip and the labelled count
+  ac_weights_kernel<<<grid_for(N * C, kThreads), kThreads, 0, stream()>>>(w, has, h, order, offsets, N, C);
+  cudaCheckLaunch("route ac_weights_kernel");
+  ac_clip_kernel<<<1, 1, 0, stream()>>>(clip, w, offsets, N, C);
+  cudaCheckLaunch("route ac_clip_kernel");
+  ac_scale_kernel<<<grid_for(C, kThreads), kThreads, 0, stream()>>>(m, run, w, clip, has, N, C);
+  cudaCheckLaunch("route ac_scale_kernel");
+}
+
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
                      int64_t V) {
   CM_CHECK(A >= 0 && K >= 1 && N * V <= INT32_MAX, "cuda::route_pair_keys: A=", A, " K=", K, " N=", N, " V=", V);
