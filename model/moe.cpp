@@ -9,6 +9,7 @@
 
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
+#include "kernels/capacity.h"
 #include "kernels/route.h"
 #include "model/optim.h"
 
@@ -366,8 +367,13 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     bool over = false;
     for (int64_t e = 0; e < N; ++e) over = over || plan.offsets[e + 1] - plan.offsets[e] > cap;
     if (over) {
-      expert = capacity_filter(expert, rt.gate, plan, cap);
-      const std::vector<int32_t> kept = expert.to_i32_vector();  // one read-out: the keep list, the new offsets
+      expert = capacity_filter(expert, rt.gate, plan, cap);  // where the layer computes
+      // The same filter on the router's host copies (the kernel's CPU twin: integer comparisons, the same ids) gives
+      // the keep list and the new plan's offsets without a read-out.
+      const Segments by_expert = counting_sort(rt.expert, N);  // the plan's assign_of and offsets, on the host
+      std::vector<int32_t> kept((size_t)S0);
+      cpu::capacity_filter(kept.data(), rt.expert.data(), rt.gate_value.data(), by_expert.order.data(),
+                           by_expert.offsets.data(), S0, N, cap);
       plan = make_dispatch_plan(expert, K, N, &kept);
       dropped = S0 - plan.rows;
       for (int64_t s = 0; s < S0; ++s) out.keep[s] = kept[s] >= 0;

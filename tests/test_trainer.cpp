@@ -387,6 +387,9 @@ TEST_SUITE("trainer") {
         {"tree", {"--router", "tree", "--tree", "2x2x2"}, 6},
         {"ac", {"--router", "ac"}, 6},
         {"group_limited", {"--router", "cluster", "--gate_mode", "group_limited"}, 6},
+        // Capacity 1.0 with 2 experts per token: some expert overflows in every step; the filter's keep list
+        // comes from the router's host copies (before: one read-out per layer and overflowing step).
+        {"capacity", {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0"}, 6},
     };
     for (const Kind& kind : kinds) {
       const std::string name = kind.name;
