@@ -108,9 +108,10 @@ void sum_squares_blocks(double* out, const float* a, int64_t n) {
   // Four full blocks at a time, their lane sums interleaved: four independent chains of adds where one block alone
   // waits on each add's latency (the sum then runs at cache speed, not at one add per cycle). Each block's lanes
   // take exactly block_sum's terms in block_sum's order, and are combined as there.
-  // The lanes are one zmm per block, each lane a fused multiply-add per term: what the compiler makes of
-  // block_sum's loop in this build (-march=native with AVX-512, where it contracts acc + v * v). Other builds sum
-  // each block with block_sum itself. tests/test_optim.cpp checks the bits against sum_squares.
+  // The lanes are one zmm per block, each lane a fused multiply-add per term. A float squared in double is exact
+  // (24-bit mantissas, a 48-bit product), so the fma and block_sum's acc + v * v (contracted or not) round alike:
+  // the same bits in any build. Builds without AVX-512 sum each block with block_sum itself. tests/test_optim.cpp
+  // checks the bits against sum_squares.
   int64_t b = 0;
 #if defined(__AVX512F__)
   for (; (b + 4) * kBlock <= n; b += 4) {
