@@ -412,6 +412,33 @@ void MoELayer::after_step() {
     health_.after_step(w, g, decay, factor, cfg_.reliability_min, cfg_.use_reliability);
     return;
   }
+  const std::vector<double> sq = sums_of_squares(health_tensors());  // one copy back from a device
+  after_step_from(sq.data());
+}
+
+// Every active expert's weights and (with reliability) their gradients, expert by expert: their sums of squares
+// judge the experts after a step. nw [N], ng [N] (when given): how many weights and gradients each expert has there.
+std::vector<Tensor> MoELayer::health_tensors(std::vector<size_t>* nw, std::vector<size_t>* ng) const {
+  std::vector<Tensor> ts;
+  if (nw) nw->assign((size_t)N, 0);
+  if (ng) ng->assign((size_t)N, 0);
+  for (int64_t e = 0; e < N; ++e) {
+    if (pruned(e)) continue;
+    const std::vector<Tensor> w = experts[e].tensors();
+    ts.insert(ts.end(), w.begin(), w.end());
+    if (nw) (*nw)[e] = w.size();
+    if (cfg_.use_reliability)
+      for (const Tensor& p : w)
+        if (p.grad().defined()) {
+          ts.push_back(p.grad());
+          if (ng) ++(*ng)[e];
+        }
+  }
+  return ts;
+}
+
+void MoELayer::after_step_from(const double* sq) {
+  const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
   float* rel = reliability_.f32();
   float* ema = norm_ema_.f32();
   float* wema = wnorm_ema_.f32();
@@ -419,23 +446,11 @@ void MoELayer::after_step() {
   int64_t total = 0;
   for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
 
-  // Sums of squares of every active expert's weights and (with reliability) gradients, in one call: one pass over
-  // the data on the CPU, one copy back from a device. A sum is non-finite exactly when its tensor is.
-  std::vector<Tensor> ts;
+  // sq: the sums of squares of health_tensors() (a sum is non-finite exactly when its tensor is).
+  std::vector<size_t> nw, ng;
+  health_tensors(&nw, &ng);
   std::vector<size_t> first((size_t)N + 1, 0);  // expert e's weights at [first[e], first[e] + nw[e]), grads after
-  std::vector<size_t> nw((size_t)N, 0);
-  for (int64_t e = 0; e < N; ++e) {
-    first[e] = ts.size();
-    if (pruned(e)) continue;
-    std::vector<Tensor> w = experts[e].tensors();
-    nw[e] = w.size();
-    ts.insert(ts.end(), w.begin(), w.end());
-    if (cfg_.use_reliability)
-      for (const Tensor& p : w)
-        if (p.grad().defined()) ts.push_back(p.grad());
-  }
-  first[N] = ts.size();
-  const std::vector<double> sq = sums_of_squares(ts);
+  for (int64_t e = 0; e < N; ++e) first[e + 1] = first[e] + nw[e] + ng[e];
 
   for (int64_t e = 0; e < N; ++e) {
     if (pruned(e)) continue;

@@ -49,6 +49,11 @@ class MoELayer {
 
   // After an optimizer step: health -> reliability, output-norm statistics, usage EMA, aux-free bias, pruning.
   void after_step();
+  // The same in two halves, so that a model reads all its MoE layers' norms in one copy (ClusterMoELM::after_step):
+  // the tensors whose sums of squares judge the experts (an MoE layer's), then the update from their sums sq, in
+  // that order. after_step() is sums_of_squares(health_tensors()) then after_step_from.
+  std::vector<Tensor> health_tensors(std::vector<size_t>* nw = nullptr, std::vector<size_t>* ng = nullptr) const;
+  void after_step_from(const double* sq);
 
   void collect(const std::string& prefix, NamedParams& out) const;
   void collect_buffers(const std::string& prefix, NamedParams& out) const;
