@@ -4,14 +4,17 @@
 #
 #   bench/experiments/run.sh [--quick] [--out DIR] [--limit N] [--only core|gates|scale|faults]
 #   environment: STEPS (1000), SEEDS ("1 2 3"), JOBS (1: runs in parallel), EVAL_EVERY (100), EVAL_ITERS (20),
-#                TARGET (val loss for "steps to target", 2.0), THREADS (OpenMP threads per run: 2 / JOBS)
+#                TARGET (val loss for "steps to target", 2.1), THREADS (OpenMP threads per run: 2 / JOBS)
 #
 # Plan, in this order (seeds interleaved, so that a partial sweep has every configuration at its first seeds):
 #   core   dense flat cluster tree ac ac_cluster ac_m1                        (equal active compute, cpu preset size)
 #   faults flat and cluster, reliability on and off, NaN and x100 weights     (the fault-injection experiment)
 #   gates  cluster@renorm_path cluster@product cluster@group_limited tree@renorm_path   ("cluster" is the default)
 #   scale  flat64 cluster64 tree64                                            (64 experts, same active compute)
-# then bench/routing_cost --quick and the report: OUT/report.md and OUT/*.svg.
+# then bench/routing_cost, `experiments speed` (training and generation speed of the configurations side by side,
+# OUT/speed.md: the sweep's own timings run two at a time and compare poorly) and the report: OUT/report.md, *.svg.
+# The report computes "steps to target" from the val curves for TARGET (so a CSV of runs made with another target
+# can be reported for this one).
 # --quick: 4 steps per run, one seed, fewer configurations, then checks that every CSV column is filled in every row
 # (CI: `make experiments QUICK=1`). Quick mode starts from an empty OUT, runs the first 3 runs, then the sweep again:
 # it checks that those 3 are skipped (resume) and that no run is in the CSV twice. --limit N stops after N runs.
@@ -42,6 +45,7 @@ if [ "$QUICK" = 1 ]; then
   GATES="cluster@group_limited"
   SCALE="cluster64"
   FAULT_ROUTERS="cluster" FAULT_REL="1 0" FAULTS="nan" RC_ARGS="--quick --T 256"
+  SPEED_ARGS="--configs dense,flat,cluster --rounds 1 --steps 1 --warmup 0 --infer_tokens 4"
 else
   OUT=${OUT:-bench/experiments/results}
   STEPS=${STEPS:-1000} EVAL_EVERY=${EVAL_EVERY:-100} EVAL_ITERS=${EVAL_ITERS:-20} SEEDS=${SEEDS:-"1 2 3"}
@@ -49,11 +53,11 @@ else
   CORE="dense flat cluster tree ac ac_cluster ac_m1"
   GATES="cluster@renorm_path cluster@product cluster@group_limited tree@renorm_path"
   SCALE="flat64 cluster64 tree64"
-  FAULT_ROUTERS="flat cluster" FAULT_REL="1 0" FAULTS="nan x100" RC_ARGS=""
+  FAULT_ROUTERS="flat cluster" FAULT_REL="1 0" FAULTS="nan x100" RC_ARGS="" SPEED_ARGS=""
 fi
 JOBS=${JOBS:-1}
 THREADS=${THREADS:-$(( JOBS >= 2 ? 1 : 2 ))}
-TARGET=${TARGET:-2.0}
+TARGET=${TARGET:-2.1}
 mkdir -p "$OUT"
 CSV="$OUT/results.csv" FCSV="$OUT/faults.csv"
 
@@ -137,12 +141,17 @@ if want core || [ -z "$ONLY" ]; then
   if [ ! -s "$OUT/routing_cost.md" ] && [ -x build/bench/routing_cost ]; then
     OMP_NUM_THREADS=$THREADS OMP_WAIT_POLICY=passive build/bench/routing_cost $RC_ARGS > "$OUT/routing_cost.md" 2>&1 || true
   fi
+  if [ ! -s "$OUT/speed.md" ]; then
+    echo "experiments: training and generation speed, side by side ($OUT/speed.md)"
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=passive "$BIN" speed $SPEED_ARGS --md "$OUT/speed.md" > /dev/null
+  fi
 fi
 rc_flag=()
 [ -s "$OUT/routing_cost.md" ] && rc_flag=(--routing_cost "$OUT/routing_cost.md")
 f_flag=()
 [ -s "$FCSV" ] && f_flag=(--fault_csv "$FCSV")
-[ -s "$CSV" ] && "$BIN" report --csv "$CSV" "${f_flag[@]}" "${rc_flag[@]}" --md "$OUT/report.md" --svg_dir "$OUT"
+t_flag=(--target "$TARGET")
+[ -s "$CSV" ] && "$BIN" report --csv "$CSV" "${f_flag[@]}" "${rc_flag[@]}" "${t_flag[@]}" --md "$OUT/report.md" --svg_dir "$OUT"
 
 # ---- quick mode: every column of every row is filled
 if [ "$QUICK" = 1 ]; then
@@ -154,6 +163,7 @@ if [ "$QUICK" = 1 ]; then
   done
   cols=$("$BIN" columns | paste -sd, -)
   [ "$(head -1 "$CSV")" = "$cols" ] || { echo "quick: $CSV header differs from 'experiments columns'"; exit 1; }
+  [ "$(grep -c '^| \(dense\|flat\|cluster\) |' "$OUT/speed.md")" = 3 ] || { echo "quick: $OUT/speed.md lacks its 3 rows"; exit 1; }
   for svg in val_loss_core.svg util_cv.svg routing_flops.svg; do
     [ -s "$OUT/$svg" ] || { echo "quick: $OUT/$svg not written"; exit 1; }
   done
