@@ -354,6 +354,7 @@ Ring& ring() {
 void upload(void* dst, const void* src, size_t nbytes) {
   if (nbytes == 0) return;
   refuse_while_capturing("an upload from host memory");
+  note_h2d_upload();
   cudaStream_t s = stream();
   if (nbytes > kRingBytes / 4) {  // large (initialisation, checkpoints): a plain copy that waits
     note_stream_sync();

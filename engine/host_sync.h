@@ -9,6 +9,8 @@
 //     device build would wait, so the CPU build measures the same bookkeeping paths.
 //   - CUDA builds also count the synchronisations that are not read-outs: a blocking upload, an explicit
 //     cuda::sync(), an index check that waits for its answer.
+//   - CUDA builds count every upload of host memory to the device (cuda::upload: batches, tables, pointer lists),
+//     waiting or not: a step that re-sends what the device already holds shows here even when nothing waits.
 // A training step that does not log should count 0 (train_lm prints "host syncs/step" in its done: line).
 #pragma once
 #include <cstdint>
@@ -18,6 +20,7 @@ namespace cm {
 struct HostSyncStats {
   int64_t d2h_copies = 0;    // device-to-host copies (real on CUDA, would-be on the CPU)
   int64_t stream_syncs = 0;  // times the host waited for the stream (likewise)
+  int64_t h2d_uploads = 0;   // host-to-device copies of host memory (CUDA builds; 0 on the CPU)
 };
 HostSyncStats host_sync_stats();
 void reset_host_sync_stats();
@@ -28,5 +31,7 @@ void note_host_read();
 // The engine's CUDA side: one real device-to-host copy; one real stream synchronisation.
 void note_d2h_copy();
 void note_stream_sync();
+// The engine's CUDA side: one upload of host memory to the device.
+void note_h2d_upload();
 
 }  // namespace cm

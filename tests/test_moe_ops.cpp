@@ -271,7 +271,8 @@ TEST_SUITE("cuda") {
     }
   }
 
-  TEST_CASE("cuda ops: grouped_linear with a call-site cache reuses its lists: equal results, nothing waits" *
+  TEST_CASE("cuda ops: grouped_linear with a call-site cache reuses its lists: equal results, nothing waits, "
+            "nothing is uploaded again" *
             needs_device()) {
     const int64_t in = 6, out = 4, G = 4;
     const std::vector<int64_t> off = offsets_of({3, 0, 5, 2});
@@ -283,15 +284,22 @@ TEST_SUITE("cuda") {
     }
     Tensor x = cm::test::param({off.back(), in}, 1710).detach().to(Device::CUDA);
     auto cache = make_grouped_linear_cache();
+    // The offsets on the device once, as the model's plan holds them: int64 [G+1] in an i32 tensor [2(G+1)].
+    std::vector<int32_t> off_words(2 * off.size());
+    std::memcpy(off_words.data(), off.data(), off.size() * sizeof(int64_t));
+    const Tensor off_dev = Tensor::from_vector(off_words, {(int64_t)off_words.size()}, Device::CUDA);
     std::vector<std::vector<float>> first;
     for (int call = 0; call < 3; ++call) {
       CAPTURE(call);
       for (Tensor& t : w) t.zero_grad();
       for (Tensor& t : b) t.zero_grad();
-      const int64_t syncs = host_sync_stats().stream_syncs;
-      Tensor y = grouped_linear(x, w, b, off, nullptr, Tensor(), cache);
+      const HostSyncStats before = host_sync_stats();
+      Tensor y = grouped_linear(x, w, b, off, nullptr, off_dev, cache);
       sum(square(y)).backward();
-      if (call > 0) CHECK(host_sync_stats().stream_syncs == syncs);  // the lists are on the device already
+      if (call > 0) {  // the lists and the offsets are on the device already
+        CHECK(host_sync_stats().stream_syncs == before.stream_syncs);
+        CHECK(host_sync_stats().h2d_uploads == before.h2d_uploads);
+      }
       std::vector<std::vector<float>> got = {y.to_f32_vector()};
       for (int64_t e = 0; e < G; ++e) {
         CHECK(w[e].grad().defined() == (off[e + 1] > off[e]));  // an expert without rows: no gradient
