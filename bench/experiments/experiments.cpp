@@ -282,6 +282,15 @@ Data load_data(const std::string& path, int64_t T) {
   return d;
 }
 
+// load_data on the corpus of --data (default data/tinyshakespeare.txt); a missing or bad corpus is a usage error.
+Data load_data_flag(const std::map<std::string, std::string>& f, int64_t T) {
+  try {
+    return load_data(flag_str(f, "data", "data/tinyshakespeare.txt"), T);
+  } catch (const Error& e) {
+    usage_error(e.what());
+  }
+}
+
 // Mean cross-entropy over `iters` fixed val batches (the same windows every call: a fixed generator).
 double evaluate(ClusterMoELM& m, const TextDataset& ds, int64_t B, int64_t iters, bool reset_metrics = false) {
   NoGrad ng;
@@ -352,12 +361,7 @@ int cmd_run(int argc, char** argv) {
     return 0;
   }
   bench::ModelSize size = bench::cpu_size();
-  Data data;
-  try {
-    data = load_data(flag_str(f, "data", "data/tinyshakespeare.txt"), size.seq_len);
-  } catch (const Error& e) {
-    usage_error(e.what());
-  }
+  Data data = load_data_flag(f, size.seq_len);
   size.vocab = data.tok.vocab_size();
   CoEConfig cfg = experiment_config(name, size, seed);
   const bool moe = cfg.router != RouterKind::Dense;
@@ -559,12 +563,7 @@ int cmd_fault(int argc, char** argv) {
     return 0;
   }
   const int64_t T = 32, B = 8;
-  Data data;
-  try {
-    data = load_data(flag_str(f, "data", "data/tinyshakespeare.txt"), T);
-  } catch (const Error& e) {
-    usage_error(e.what());
-  }
+  Data data = load_data_flag(f, T);
   CoEConfig c;
   c.d_model = 32;
   c.n_layers = 2;
@@ -677,12 +676,7 @@ int cmd_speed(int argc, char** argv) {
   const std::vector<std::string> names =
       split(flag_str(f, "configs", "dense,flat,cluster,tree,ac,ac_cluster,ac_m1,flat64,cluster64,tree64"), ',');
   bench::ModelSize size = bench::cpu_size();
-  Data data;
-  try {
-    data = load_data(flag_str(f, "data", "data/tinyshakespeare.txt"), size.seq_len);
-  } catch (const Error& e) {
-    usage_error(e.what());
-  }
+  Data data = load_data_flag(f, size.seq_len);
   size.vocab = data.tok.vocab_size();
   const int64_t B = 12;
   std::vector<CoEConfig> cfgs;
