@@ -11,6 +11,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/gemm.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/health.h"
 #include "kernels/pointers.h"
 
 namespace cm {
@@ -233,14 +234,15 @@ struct GradBlocks {
 // (kernels/grouped_gemm.h), one call per product on either backend, bit-identical on the CPU to linear() on each
 // expert's rows.
 Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const std::vector<Tensor>& b_in,
-                      const std::vector<int64_t>& offsets, const ExpertCut& cut, const Tensor& offsets_dev,
+                      const std::vector<int64_t>& offsets, const Tensor& ok, const Tensor& offsets_dev,
                       const std::shared_ptr<GroupedLinearCache>& cache) {
   const int64_t G = (int64_t)w_in.size();
   require("grouped_linear", "x", x_in, DType::F32, 2);
   CM_REQUIRE(G >= 1 && (int64_t)offsets.size() == G + 1 && offsets[0] == 0 && offsets[G] == x_in.size(0),
              "grouped_linear: ", G, " weights, ", offsets.size(), " offsets, for x ", shape_str(x_in.shape()));
-  CM_REQUIRE(!cut || (int64_t)cut->size() == G, "grouped_linear: cut flags for ", cut ? cut->size() : 0, " of ", G,
-             " experts");
+  CM_REQUIRE(!ok.defined() || (ok.dtype() == DType::I32 && ok.numel() == G && ok.device() == x_in.device() &&
+                                ok.is_contiguous()),
+             "grouped_linear: ok flags ", ok.defined() ? shape_str(ok.shape()) : "", " for ", G, " experts");
   const bool has_b = !b_in.empty() && b_in[0].defined();
   CM_REQUIRE(!has_b || (int64_t)b_in.size() == G, "grouped_linear: ", b_in.size(), " biases for ", G, " weights");
   const int64_t in = x_in.size(1), out = w_in[0].size(0);
@@ -284,28 +286,32 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
   std::vector<char> need((size_t)inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) need[i] = inputs[i].requires_grad();
   return record("grouped_linear", y, inputs,
-                [x = x.detach(), w, wp, offsets, off_dev, lists, cut, has_b, need, G, in, out](const Tensor& g_in) {
+                [x = x.detach(), w, wp, offsets, off_dev, lists, ok, has_b, need, G, in, out](const Tensor& g_in) {
                   const Tensor g = g_in.contiguous();  // [A', out]
                   const Device dev = g.device();
                   const int64_t R = x.size(0);
                   const GroupedGemm gg{dev, offsets.data(),
                                        off_dev.defined() ? (const int64_t*)off_dev.raw() : nullptr, G, lists.get()};
-                  auto is_cut = [&](int64_t e) { return cut && (*cut)[e]; };
                   grads gs(1 + (size_t)G * (has_b ? 2 : 1));
-                  if (need[0]) {  // dx [A', in] = g w per expert; a cut expert's rows (NaN weights give NaN) pass 0
+                  // A cut expert's rows and weight blocks are zeroed where the verdict lives (its NaN weights give
+                  // NaN products): kernels/health.h expert_rows_zero.
+                  const int64_t* off_k = dev == Device::CPU ? offsets.data() : (const int64_t*)off_dev.raw();
+                  if (need[0]) {  // dx [A', in] = g w per expert
                     gs[0] = Tensor::empty({R, in}, DType::F32, dev);
                     gg.backward_input(gs[0].f32(), g.f32(), wp, R, out, in);
-                    for (int64_t e = 0; e < G; ++e)
-                      if (is_cut(e) && offsets[e + 1] > offsets[e])
-                        gs[0].slice(0, offsets[e], offsets[e + 1]).fill_(0.f);
+                    if (ok.defined()) CM_KERNEL(dev, expert_rows_zero, gs[0].f32(), ok.i32(), off_k, G, in);
                   }
                   // dw[e] [out, in] = g^T x over its rows, db[e] = column sums of g (every expert at once; an empty
-                  // or cut expert's are dropped: no gradient, as if it had not run)
+                  // expert's are dropped: no gradient, as if it had not run)
                   const GradBlocks dw(G, {out, in}, dev);
                   const GradBlocks db(has_b ? G : 0, {out}, dev);
                   gg.backward_weight(dw.ptrs(), has_b ? db.ptrs() : nullptr, g.f32(), x.f32(), R, out, in);
+                  if (ok.defined()) {
+                    CM_KERNEL(dev, expert_rows_zero, dw.all.f32(), ok.i32(), nullptr, G, out * in);
+                    if (has_b) CM_KERNEL(dev, expert_rows_zero, db.all.f32(), ok.i32(), nullptr, G, out);
+                  }
                   for (int64_t e = 0; e < G; ++e) {
-                    if (offsets[e + 1] == offsets[e] || is_cut(e)) continue;
+                    if (offsets[e + 1] == offsets[e]) continue;
                     if (need[1 + e]) gs[1 + e] = dw.views[e];
                     if (has_b && need[1 + G + e]) gs[1 + G + e] = db.views[e];
                   }

@@ -47,15 +47,13 @@ Tensor moe_permute(const Tensor& x, const DispatchPlan& plan);
 // ye[row_of[tK+j]] (0 for a token whose slots were all dropped). Gradient to ye and gate.
 Tensor moe_combine(const Tensor& ye, const Tensor& gate, const DispatchPlan& plan);
 
-// Experts the fault guard cut from the graph ([N] flags, 1 = cut), set after the forward, read by the backward of
-// grouped_linear: a cut expert's rows get a zero input gradient and its weights no gradient (with NaN weights, even
-// a zero output gradient would give NaN through them).
-using ExpertCut = std::shared_ptr<std::vector<char>>;
-
 // All experts' Linear layers at once: for each expert e with rows r in [offsets[e], offsets[e+1]),
 //   y[r] = x[r] w[e]^T + b[e]                x [A', in], w[e] [out, in], b[e] [out] (or all undefined), y [A', out]
 // Backward: dx[r] = g[r] w[e]; dw[e] = g[rows]^T x[rows]; db[e] = column sums of g[rows]. An expert with no rows
-// (or cut) gets no gradient at all (undefined, as if it had not run). offsets: host [N+1] (plan.offsets).
+// gets no gradient at all (undefined, as if it had not run). offsets: host [N+1] (plan.offsets).
+// ok (i32 [N] on x's device, or undefined): the fault guard's verdict, written after the forward (model/health.h),
+// read by the backward where it lives: an expert with ok[e] == 0 is cut, its rows get a zero input gradient and its
+// weights a zero gradient (selected, never multiplied: with NaN weights even a zero output gradient gives NaN).
 // Per expert it is the same arithmetic as linear() on the expert's rows, so the result is bit-identical to it.
 // offsets_dev: the same offsets as the kernels read them on x's device (DispatchPlan::offsets_dev); uploaded from
 // `offsets` when undefined (a CPU x needs none). The weight gradients of all experts are views of one buffer.
@@ -65,7 +63,7 @@ using ExpertCut = std::shared_ptr<std::vector<char>>;
 struct GroupedLinearCache;
 std::shared_ptr<GroupedLinearCache> make_grouped_linear_cache();
 Tensor grouped_linear(const Tensor& x, const std::vector<Tensor>& w, const std::vector<Tensor>& b,
-                      const std::vector<int64_t>& offsets, const ExpertCut& cut = nullptr,
+                      const std::vector<int64_t>& offsets, const Tensor& ok = Tensor(),
                       const Tensor& offsets_dev = Tensor(),
                       const std::shared_ptr<GroupedLinearCache>& cache = nullptr);
 

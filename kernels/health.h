@@ -1,49 +1,65 @@
-// The fault guard and health update of a dense FFN (DESIGN.md 4.5), computed where the data lives, so that a
-// training step never waits for the host to judge a layer's output (engine/host_sync.h). model/health.h uses them.
+// The fault guard and health update of a layer's experts (DESIGN.md 4.5), computed where the data lives, so that a
+// training step never waits for the host to judge a layer's output (engine/host_sync.h). model/health.h uses them,
+// for the N experts of an MoE layer and for a dense FFN (one expert, N = 1).
 //
-// State of one FFN, f32 [4] on its device: state[0] reliability, state[1] running mean of healthy output-row norms
-// (0 = no statistics yet), state[2] running weight norm (0 = none yet), state[3] usage (traffic share; a dense
-// layer routes every token to its one expert).
-// Pending counters since the last health update, double [4] (stored in an f32 [8] tensor): pend[0] rows seen,
-// pend[1] bad rows, pend[2] good rows, pend[3] sum of the good rows' norms.
-// The arithmetic is the host's of MoELayer (model/moe.cpp): row norms sqrt of a double sum of squares in column
-// order, counters and norm sums in double in row order, EMAs in float. Both twins compute the same bits.
-// Letters: n rows, C columns (d_model), m tensors.
+// State of N experts, f32 [4, N] on their device, field-major: state[0 * N + e] reliability, state[1 * N + e] running
+// mean of healthy output-row norms (0 = no statistics yet), state[2 * N + e] running weight norm (0 = none yet),
+// state[3 * N + e] usage (traffic share).
+// Pending counters since the last health update, double [5, N] (stored in an f32 [10 N] tensor), field-major:
+// rows seen, bad rows, good rows, sum of the good rows' norms, routed slots (traffic, before capacity).
+// Rows: y [S, C] holds every expert's rows contiguously, expert e's at offsets[e] .. offsets[e+1] (int64 [N+1] on
+// the backend's device, what dispatch_offsets produces); offsets == nullptr means one expert (N = 1) owning all S.
+// The arithmetic is the host's of the layer before it moved here: row norms sqrt of a double sum of squares in
+// column order, counters and norm sums in double in row order per expert, EMAs in float. Both twins compute the
+// same bits.
+// Letters: S rows, C columns (d_model), N experts.
 #pragma once
 #include <cstdint>
 
 namespace cm::cpu {
 
-// Forward of the guard over y [n, C]. A row is bad when its norm is not finite, or when state[1] > 0 and the norm
-// exceeds factor * state[1]. out [n, C] or null (counters only): y, with bad rows zeroed when zero_bad (else a
-// plain copy). all_ok [1] i32:
-// 1 when no row is bad (the backward then passes the gradient), else 0 (the backward cuts the whole output from the
-// graph: with NaN or huge weights even the good rows' gradients would poison the rest). norms [n] double scratch.
-// When count, pend += (n, bad, good, sum of good norms).
-void ffn_guard_forward(float* out, int32_t* all_ok, double* pend, double* norms, const float* y, int64_t n, int64_t C,
-                       const float* state, float factor, bool zero_bad, bool count);
-// dx [n] = all_ok ? g : 0.
-void ffn_guard_backward(float* dx, const float* g, const int32_t* all_ok, int64_t n);
+// Forward of the guard over y [S, C]. A row of expert e is bad when its norm is not finite (counted in counts[0]),
+// or when state[N + e] > 0 and the norm exceeds factor * state[N + e] (counts[1]). ok [N] i32: 1 when expert e has
+// no bad row, else 0 (its backward is then cut, whole: with NaN or huge weights even the good rows' gradients would
+// poison the rest). counts [2] i32 (or null): this call's non-finite and outlier rows, overwritten.
+// out [S, C] or null (counters only): y, with bad rows zeroed when zero_bad (else a copy); out may be y (in place:
+// only the bad rows are written). norms [S] double scratch. When count, pend += per expert (rows, bad, good, sum of
+// good norms), and with count_traffic also traffic += rows (a dense FFN: every row is a slot routed to it).
+void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend, double* norms, const float* y,
+                          const int64_t* offsets, int64_t N, int64_t S, int64_t C, const float* state, float factor,
+                          bool zero_bad, bool count, bool count_traffic);
+// dx [n] = ok[0] ? g : 0 (a gate on a whole tensor of the one expert of a dense FFN; selected, never multiplied).
+void expert_gate_backward(float* dx, const float* g, const int32_t* ok, int64_t n);
+// Rows of the experts the guard cut (ok[e] == 0) set to 0 in x [rows, cols]: expert e's rows per offsets, or
+// with offsets == nullptr row e alone (one block per expert: their weight gradients). The backward of a cut expert.
+void expert_rows_zero(float* x, const int32_t* ok, const int64_t* offsets, int64_t N, int64_t cols);
+// pend's traffic [N] += counts [N] (i32: the slots routed to each expert by one forward).
+void expert_traffic_add(double* pend, const int32_t* counts, int64_t N);
 
-// After an optimizer step: sums [nw + ng] holds the float sums of squares of the expert's nw weight tensors, then of
-// its ng gradients (ng = 0 without reliability). Updates state from them and pend, then clears pend:
-//   weights ok: finite norm within [1/factor, factor] x state[2] (any when state[2] = 0) -> state[2] follows it;
-//   rows this step, none bad -> state[1] follows their mean norm;
+// After an optimizer step. meta [2N] int64: nw[e] (weight tensors of expert e; 0 = pruned: the expert is skipped,
+// its usage still follows), then ng[e] (its gradients; 0 without reliability). sums: the float sums of squares of
+// expert 0's nw weights then its ng gradients, then expert 1's, ... (pruned experts have none). Per live expert:
+//   weights ok: finite norm within [1/factor, factor] x running weight norm (any when 0) -> it follows the norm;
+//   rows this step, none bad -> the running row norm follows their mean norm;
 //   use_reliability: health 0 for bad weights or non-finite gradients, else the share of good rows (no rows: no
-//     update); state[0] = clamp(decay * state[0] + (1 - decay) * health, rel_min, 1);
-//   rows this step -> state[3] = decay * state[3] + (1 - decay) (all of the layer's traffic).
-void ffn_health_update(float* state, double* pend, const float* sums, int64_t nw, int64_t ng, float decay,
-                       float factor, float rel_min, bool use_reliability);
+//     update); reliability = clamp(decay * reliability + (1 - decay) * health, rel_min, 1).
+// Then, when any slot was routed since the last update, every expert's usage = decay * usage + (1 - decay) *
+// traffic[e] / total traffic. pend is cleared.
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
+                          float factor, float rel_min, bool use_reliability);
 
 }  // namespace cm::cpu
 
 #if CM_CUDA
 // CUDA twins (kernels/cuda/health.cu), launched on the engine's stream; same arguments, device pointers.
 namespace cm::cuda {
-void ffn_guard_forward(float* out, int32_t* all_ok, double* pend, double* norms, const float* y, int64_t n, int64_t C,
-                       const float* state, float factor, bool zero_bad, bool count);
-void ffn_guard_backward(float* dx, const float* g, const int32_t* all_ok, int64_t n);
-void ffn_health_update(float* state, double* pend, const float* sums, int64_t nw, int64_t ng, float decay,
-                       float factor, float rel_min, bool use_reliability);
+void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend, double* norms, const float* y,
+                          const int64_t* offsets, int64_t N, int64_t S, int64_t C, const float* state, float factor,
+                          bool zero_bad, bool count, bool count_traffic);
+void expert_gate_backward(float* dx, const float* g, const int32_t* ok, int64_t n);
+void expert_rows_zero(float* x, const int32_t* ok, const int64_t* offsets, int64_t N, int64_t cols);
+void expert_traffic_add(double* pend, const int32_t* counts, int64_t N);
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
+                          float factor, float rel_min, bool use_reliability);
 }  // namespace cm::cuda
 #endif

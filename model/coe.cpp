@@ -125,22 +125,7 @@ void ClusterMoELM::to(Device device) {
 int64_t ClusterMoELM::step() const { return step_.i32()[0]; }
 
 void ClusterMoELM::after_step() {
-  // The MoE layers' weight and gradient norms, all layers in one read-out (model/moe.h); a dense layer's health
-  // update runs on its device.
-  std::vector<Tensor> ts;
-  std::vector<size_t> at;  // each MoE layer's first tensor in ts
-  for (auto& b : blocks_)
-    if (b->ffn.moe) {
-      at.push_back(ts.size());
-      const std::vector<Tensor> t = b->ffn.health_tensors();
-      ts.insert(ts.end(), t.begin(), t.end());
-    }
-  const std::vector<double> sq = ts.empty() ? std::vector<double>() : sums_of_squares(ts);
-  size_t i = 0;
-  for (auto& b : blocks_) {
-    if (b->ffn.moe) b->ffn.after_step_from(sq.data() + at[i++]);
-    else b->ffn.after_step();
-  }
+  for (auto& b : blocks_) b->ffn.after_step();  // each layer's health update where it computes (model/health.h)
   step_.i32()[0] += 1;
 }
 

@@ -35,10 +35,6 @@ MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& g
   pruned_ = Tensor::zeros({N});
   low_steps_ = Tensor::zeros({N});
   pend_routed_.assign(N, 0);
-  pend_rows_.assign(N, 0);
-  pend_bad_.assign(N, 0);
-  pend_good_.assign(N, 0);
-  pend_norm_.assign(N, 0.0);
   util_.assign(N, 0.0);
 }
 
@@ -75,6 +71,10 @@ std::vector<float> MoELayer::expert_reliability() const {
 
 std::vector<std::vector<float>> MoELayer::node_reliability() const {
   health_.pull(health_buffers());
+  return node_reliability_at_rest();
+}
+
+std::vector<std::vector<float>> MoELayer::node_reliability_at_rest() const {
   std::vector<float> r = host_buffer(reliability_), u = host_buffer(usage_ema_);
   if (!moe) return {r};
   const int64_t D = router.depth();
@@ -104,8 +104,20 @@ int64_t MoELayer::num_clusters() const {
   return moe && router.depth() >= 2 ? router.branching[0] : 1;
 }
 
+// The clusters' reliability (below) and their mean from the host buffers as they are (pull first).
+static float mean_of(const std::vector<float>& c) {
+  double s = 0.0;
+  for (float v : c) s += v;
+  return (float)(s / (double)c.size());
+}
+
 std::vector<float> MoELayer::cluster_reliability() const {
-  std::vector<std::vector<float>> rel = node_reliability();
+  health_.pull(health_buffers());
+  return cluster_reliability_at_rest();
+}
+
+std::vector<float> MoELayer::cluster_reliability_at_rest() const {
+  std::vector<std::vector<float>> rel = node_reliability_at_rest();
   if (moe && router.depth() >= 2) return rel[0];
   // One cluster holding every expert: usage-weighted mean of the experts.
   std::vector<float> r = host_buffer(reliability_), u = host_buffer(usage_ema_);
@@ -117,12 +129,7 @@ std::vector<float> MoELayer::cluster_reliability() const {
   return {(float)(su > 0.0 ? sur / su : 1.0)};
 }
 
-float MoELayer::layer_reliability() const {
-  std::vector<float> c = cluster_reliability();
-  double s = 0.0;
-  for (float v : c) s += v;
-  return (float)(s / (double)c.size());
-}
+float MoELayer::layer_reliability() const { return mean_of(cluster_reliability()); }
 
 RouterBias MoELayer::routing_bias() const {
   RouterBias rb;
@@ -149,113 +156,7 @@ RouterBias MoELayer::routing_bias() const {
 
 // ---------------------------------------------------------------- forward
 
-// Each row's sum of squares of every expert output ys[i] [n_i, C]: in double from the data on the CPU; on a device,
-// float sums made there and one copy for the whole layer (a row whose squares overflow float reads as non-finite).
-static std::vector<std::vector<double>> row_sums_of_squares(const std::vector<Tensor>& ys) {
-  std::vector<std::vector<double>> sq(ys.size());
-  if (ys.empty()) return sq;
-  if (ys[0].device() == Device::CPU) {
-    note_host_read();  // one read-out for the layer, as the device path's one copy (engine/host_sync.h)
-    for (size_t k = 0; k < ys.size(); ++k) {
-      const int64_t n = ys[k].size(0), C = ys[k].size(1);
-      const Tensor yc = ys[k].detach().contiguous();
-      const float* v = yc.f32();
-      sq[k].assign((size_t)n, 0.0);
-      for (int64_t i = 0; i < n; ++i) {
-        double ss = 0.0;
-        for (int64_t q = 0; q < C; ++q) ss += (double)v[i * C + q] * v[i * C + q];
-        sq[k][i] = ss;
-      }
-    }
-    return sq;
-  }
-  NoGrad ng;
-  std::vector<Tensor> sums;
-  for (const Tensor& y : ys) sums.push_back(sum(square(y.detach()), 1));
-  std::vector<float> all = (sums.size() == 1 ? sums[0] : concat(sums, 0)).to_f32_vector();
-  size_t at = 0;
-  for (size_t k = 0; k < ys.size(); ++k) {
-    const size_t n = (size_t)ys[k].size(0);
-    sq[k].assign(all.begin() + at, all.begin() + at + n);
-    at += n;
-  }
-  return sq;
-}
-
-// Fault guard (DESIGN.md 4.5) on the rows of one expert: a row is bad when its norm is non-finite or exceeds
-// outlier_factor x the expert's running mean. When reliability is on and any row is bad, the expert's rows are
-// replaced by a constant copy with the bad rows zeroed: the whole expert is cut from the graph. Cutting it whole is
-// deliberate: with NaN or huge weights even the good rows' backward (through those weights) would poison every
-// other gradient.
-int64_t MoELayer::guard_rows(int64_t e, const double* sq, int64_t n, bool training, LayerRoutingStats& st,
-                             char* bad) {
-  const float ema = norm_ema_.f32()[e], factor = cfg_.reliability_outlier_factor;
-  int64_t nonfinite = 0, outlier = 0, good = 0;
-  double norm_sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    double norm = std::sqrt(sq[i]);
-    bad[i] = 0;
-    if (!std::isfinite(norm)) {
-      bad[i] = 1;
-      ++nonfinite;
-    } else if (ema > 0.f && norm > (double)factor * ema) {
-      bad[i] = 1;
-      ++outlier;
-    } else {
-      ++good;
-      norm_sum += norm;
-    }
-  }
-  st.nonfinite_rows += nonfinite;
-  st.outlier_rows += outlier;
-  if (training) {
-    pend_rows_[e] += n;
-    pend_bad_[e] += nonfinite + outlier;
-    pend_good_[e] += good;
-    pend_norm_[e] += norm_sum;
-  }
-  return nonfinite + outlier;
-}
-
-Tensor MoELayer::guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training,
-                       LayerRoutingStats& st) {
-  const int64_t n = y.size(0);
-  std::vector<char> bad((size_t)n, 0);
-  if (guard_rows(e, sq.data(), n, training, st, bad.data()) == 0 || !cfg_.use_reliability) return y;
-  std::vector<float> clean = y.to_f32_vector();
-  for (int64_t i = 0; i < n; ++i)
-    if (bad[i]) std::fill(clean.begin() + i * C, clean.begin() + (i + 1) * C, 0.f);
-  return Tensor::from_vector(clean, {n, C}, y.device());
-}
-
-Tensor MoELayer::guard_experts(const Tensor& ys, const std::vector<int64_t>& offsets, bool training,
-                               LayerRoutingStats& st, const ExpertCut& cut) {
-  const int64_t S = ys.size(0);
-  const std::vector<double> sq = row_sums_of_squares({ys})[0];  // one device round trip per layer
-  std::vector<char> bad((size_t)S, 0);
-  bool any_cut = false;
-  for (int64_t e = 0; e < N; ++e) {
-    const int64_t a = offsets[e], n = offsets[e + 1] - a;
-    if (n == 0) continue;  // no rows (pruned experts always): nothing to judge
-    const int64_t nbad = guard_rows(e, sq.data() + a, n, training, st, bad.data() + a);
-    if (nbad > 0 && cfg_.use_reliability) (*cut)[e] = 1, any_cut = true;
-  }
-  if (!any_cut) return ys;
-  // Rows of cut experts: a constant (bad rows zeroed, good rows their values) chosen by `where`, so no gradient
-  // reaches them; grouped_linear's backward reads *cut and skips those experts entirely.
-  std::vector<float> clean = ys.to_f32_vector();
-  std::vector<int32_t> in_cut((size_t)S, 0);
-  for (int64_t e = 0; e < N; ++e)
-    if ((*cut)[e])
-      for (int64_t i = offsets[e]; i < offsets[e + 1]; ++i) {
-        in_cut[i] = 1;
-        if (bad[i]) std::fill(clean.begin() + i * C, clean.begin() + (i + 1) * C, 0.f);
-      }
-  const Device dev = ys.device();
-  return where(Tensor::from_vector(in_cut, {S, 1}, dev), Tensor::from_vector(clean, {S, C}, dev), ys);
-}
-
-Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, const ExpertCut& cut) const {
+Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, const Tensor& ok) const {
   // Each weight family of all experts side by side (the parameters stay per expert: names and checkpoints as
   // before). One grouped op per family; the same arithmetic as ExpertFFN::forward on each expert's rows.
   std::vector<Tensor> w1, b1, w2, b2, w3, b3;
@@ -270,12 +171,12 @@ Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, con
     }
   }
   const std::vector<int64_t>& offsets = plan.offsets;
-  Tensor h = grouped_linear(xs, w1, b1, offsets, cut, plan.offsets_dev, gemm_lists_[0]);  // [S, F]
+  Tensor h = grouped_linear(xs, w1, b1, offsets, ok, plan.offsets_dev, gemm_lists_[0]);  // [S, F]
   if (experts[0].kind == ExpertKind::SwiGLU)
-    h = mul(silu(h), grouped_linear(xs, w3, b3, offsets, cut, plan.offsets_dev, gemm_lists_[2]));
+    h = mul(silu(h), grouped_linear(xs, w3, b3, offsets, ok, plan.offsets_dev, gemm_lists_[2]));
   else
     h = gelu(h);
-  return grouped_linear(h, w2, b2, offsets, cut, plan.offsets_dev, gemm_lists_[1]);  // [S, C]
+  return grouped_linear(h, w2, b2, offsets, ok, plan.offsets_dev, gemm_lists_[1]);  // [S, C]
 }
 
 MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
@@ -289,8 +190,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   st.num_experts = N;
   st.expert_share.assign(N, 0.f);
   st.expert_rows.assign(N, 0);
-  // A dense layer's host buffer may lag its device state by the steps since the last pull (model/health.h).
-  st.reliability = moe ? layer_reliability() : reliability_.f32()[0];
+  // The host buffers may lag the device state by the steps since the last pull (model/health.h).
+  st.reliability = mean_of(cluster_reliability_at_rest());
   if (ids)
     CM_CHECK(ids->dtype() == DType::I32 && ids->numel() == T && ids->device() == x.device(), "ids ",
              shape_str(ids->shape()), " for ", T, " rows");
@@ -306,7 +207,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     } else {
       y = experts[0].forward(x);
     }
-    out.y = health_.guard(y, training, cfg_.use_reliability, cfg_.reliability_outlier_factor, health_buffers());
+    out.y = health_.guard(y, training, cfg_.use_reliability, cfg_.reliability_outlier_factor, health_buffers(),
+                          &st.guard_counts);
     st.expert_share[0] = T ? 1.f : 0.f;
     st.expert_rows[0] = T;
     out.expert.assign((size_t)T, 0);
@@ -343,6 +245,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     util_[e] += (double)routed[e];
   }
   if (training) {
+    health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic, on the device
     for (int64_t e = 0; e < N; ++e) pend_routed_[e] += routed[e];
     if (pend_level_counts_.empty()) pend_level_counts_ = rt.level_counts;
     else
@@ -389,9 +292,12 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
 
   // 4. Gather rows, run every expert on its rows (grouped), guard the outputs.
   Tensor xs = moe_permute(x, plan);  // [S, C] expert-contiguous
-  ExpertCut cut = std::make_shared<std::vector<char>>((size_t)N, 0);
-  Tensor ys = experts_forward(xs, plan, cut);  // [S, C]
-  ys = guard_experts(ys, plan.offsets, training, st, cut);
+  // The guard's verdict per expert, i32 [N]: grouped_linear's backward reads it, written by the guard below.
+  const Tensor ok = cfg_.use_reliability ? Tensor::empty({N}, DType::I32, dev) : Tensor();
+  Tensor ys = experts_forward(xs, plan, ok);  // [S, C]
+  // Bad rows counted (training) and, with reliability, zeroed in place; an expert with any is cut (ok = 0).
+  st.guard_counts = health_.guard_experts(ys, plan.offsets_dev, ok, training, cfg_.use_reliability,
+                                          cfg_.reliability_outlier_factor, health_buffers());
 
   // 5. Combine: each token adds its slots' gated rows in slot order.
   Tensor y = moe_combine(ys, rt.gate, plan);  // [T, C]
@@ -403,88 +309,19 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
 // ---------------------------------------------------------------- after a step
 
 void MoELayer::after_step() {
-  const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
-  if (!moe) {  // the dense layer's health update runs on its device (model/health.h)
-    std::vector<Tensor> w = experts[0].tensors(), g;
-    if (cfg_.use_reliability)
-      for (const Tensor& p : w)
-        if (p.grad().defined()) g.push_back(p.grad());
-    health_.after_step(w, g, decay, factor, cfg_.reliability_min, cfg_.use_reliability);
-    return;
-  }
-  const std::vector<double> sq = sums_of_squares(health_tensors());  // one copy back from a device
-  after_step_from(sq.data());
-}
-
-// Every active expert's weights and (with reliability) their gradients, expert by expert: their sums of squares
-// judge the experts after a step. nw [N], ng [N] (when given): how many weights and gradients each expert has there.
-std::vector<Tensor> MoELayer::health_tensors(std::vector<size_t>* nw, std::vector<size_t>* ng) const {
-  std::vector<Tensor> ts;
-  if (nw) nw->assign((size_t)N, 0);
-  if (ng) ng->assign((size_t)N, 0);
-  for (int64_t e = 0; e < N; ++e) {
-    if (pruned(e)) continue;
-    const std::vector<Tensor> w = experts[e].tensors();
-    ts.insert(ts.end(), w.begin(), w.end());
-    if (nw) (*nw)[e] = w.size();
-    if (cfg_.use_reliability)
-      for (const Tensor& p : w)
-        if (p.grad().defined()) {
-          ts.push_back(p.grad());
-          if (ng) ++(*ng)[e];
-        }
-  }
-  return ts;
-}
-
-void MoELayer::after_step_from(const double* sq) {
-  const float decay = cfg_.reliability_decay, factor = cfg_.reliability_outlier_factor;
-  float* rel = reliability_.f32();
-  float* ema = norm_ema_.f32();
-  float* wema = wnorm_ema_.f32();
-  float* use = usage_ema_.f32();
+  std::vector<int64_t> meta;
+  const std::vector<Tensor> ts = health_tensors(meta);
+  health_.after_step(ts, meta, cfg_.reliability_decay, cfg_.reliability_outlier_factor, cfg_.reliability_min,
+                     cfg_.use_reliability, health_buffers());
+  if (!moe) return;
   int64_t total = 0;
   for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
 
-  // sq: the sums of squares of health_tensors() (a sum is non-finite exactly when its tensor is).
-  std::vector<size_t> nw, ng;
-  health_tensors(&nw, &ng);
-  std::vector<size_t> first((size_t)N + 1, 0);  // expert e's weights at [first[e], first[e] + nw[e]), grads after
-  for (int64_t e = 0; e < N; ++e) first[e + 1] = first[e] + nw[e] + ng[e];
-
-  for (int64_t e = 0; e < N; ++e) {
-    if (pruned(e)) continue;
-    // Weights: finite, and their norm within [1/factor, factor] x its running value (training moves it slowly;
-    // a corrupted expert jumps). The statistics only follow healthy values, so a fault cannot drag them along.
-    double wss = 0.0, gss = 0.0;
-    for (size_t i = first[e]; i < first[e] + nw[e]; ++i) wss += sq[i];
-    for (size_t i = first[e] + nw[e]; i < first[e + 1]; ++i) gss += sq[i];
-    const double wn = std::sqrt(wss);
-    bool weights_ok = std::isfinite(wn) && (wema[e] <= 0.f || (wn <= (double)factor * wema[e] &&
-                                                               wn >= (double)wema[e] / factor));
-    if (weights_ok) wema[e] = wema[e] > 0.f ? decay * wema[e] + (1.f - decay) * (float)wn : (float)wn;
-    // Output-norm statistics from steps whose rows were all healthy.
-    if (pend_good_[e] > 0 && pend_bad_[e] == 0) {
-      float mean = (float)(pend_norm_[e] / (double)pend_good_[e]);
-      ema[e] = ema[e] > 0.f ? decay * ema[e] + (1.f - decay) * mean : mean;
-    }
-    if (!cfg_.use_reliability) continue;
-    // Health in [0, 1]: 0 for bad weights or non-finite gradients; else the share of healthy output rows; no
-    // evidence (no rows this step) leaves the reliability where it is.
-    const bool grads_ok = std::isfinite(gss);
-    float health;
-    if (!weights_ok || !grads_ok) health = 0.f;
-    else if (pend_rows_[e] > 0) health = 1.f - (float)pend_bad_[e] / (float)pend_rows_[e];
-    else continue;
-    rel[e] = std::clamp(decay * rel[e] + (1.f - decay) * health, cfg_.reliability_min, 1.f);
-  }
-  if (total > 0)
-    for (int64_t e = 0; e < N; ++e) use[e] = decay * use[e] + (1.f - decay) * (float)pend_routed_[e] / (float)total;
-
-  if (moe && cfg_.aux_free_bias && !pend_level_counts_.empty())
+  if (cfg_.aux_free_bias && !pend_level_counts_.empty())
     router.update_aux_bias(pend_level_counts_, cfg_.aux_free_bias_rate);
 
-  if (moe && cfg_.enable_expert_pruning && total > 0) {
+  if (cfg_.enable_expert_pruning && total > 0) {
+    const std::vector<float> rel = expert_reliability();  // a read-out of the device state
     float* low = low_steps_.f32();
     for (int64_t e = 0; e < N; ++e) {
       if (pruned(e)) continue;
@@ -494,13 +331,28 @@ void MoELayer::after_step_from(const double* sq) {
       if (low[e] >= (float)cfg_.pruning_window && can_prune(e)) prune(e);
     }
   }
-
   std::fill(pend_routed_.begin(), pend_routed_.end(), 0);
-  std::fill(pend_rows_.begin(), pend_rows_.end(), 0);
-  std::fill(pend_bad_.begin(), pend_bad_.end(), 0);
-  std::fill(pend_good_.begin(), pend_good_.end(), 0);
-  std::fill(pend_norm_.begin(), pend_norm_.end(), 0.0);
   pend_level_counts_.clear();
+}
+
+// Every active expert's weights and (with reliability) their gradients, expert by expert: their sums of squares
+// judge the experts after a step. meta [2N]: how many weights and gradients each expert has there (0: pruned).
+std::vector<Tensor> MoELayer::health_tensors(std::vector<int64_t>& meta) const {
+  std::vector<Tensor> ts;
+  meta.assign((size_t)(2 * N), 0);
+  for (int64_t e = 0; e < N; ++e) {
+    if (pruned(e)) continue;
+    const std::vector<Tensor> w = experts[e].tensors();
+    ts.insert(ts.end(), w.begin(), w.end());
+    meta[e] = (int64_t)w.size();
+    if (cfg_.use_reliability)
+      for (const Tensor& p : w)
+        if (p.grad().defined()) {
+          ts.push_back(p.grad());
+          ++meta[N + e];
+        }
+  }
+  return ts;
 }
 
 // ---------------------------------------------------------------- metrics

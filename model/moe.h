@@ -47,13 +47,10 @@ class MoELayer {
   Output forward(const Tensor& x, const Tensor* ids, const std::vector<int32_t>* labels,
                  bool training);
 
-  // After an optimizer step: health -> reliability, output-norm statistics, usage EMA, aux-free bias, pruning.
+  // After an optimizer step (before zero_grad): health -> reliability, output-norm statistics, usage EMA (on the
+  // layer's device, model/health.h), aux-free bias, pruning (on the host: with pruning on, one read-out of the
+  // reliability per step).
   void after_step();
-  // The same in two halves, so that a model reads all its MoE layers' norms in one copy (ClusterMoELM::after_step):
-  // the tensors whose sums of squares judge the experts (an MoE layer's), then the update from their sums sq, in
-  // that order. after_step() is sums_of_squares(health_tensors()) then after_step_from.
-  std::vector<Tensor> health_tensors(std::vector<size_t>* nw = nullptr, std::vector<size_t>* ng = nullptr) const;
-  void after_step_from(const double* sq);
 
   void collect(const std::string& prefix, NamedParams& out) const;
   void collect_buffers(const std::string& prefix, NamedParams& out) const;
@@ -92,16 +89,16 @@ class MoELayer {
   void count_specialization(const Tensor& expert, const Tensor& tokens);
   std::vector<double> specialization_counts() const;
   std::vector<float> specialization_of(const std::vector<double>& spec) const;
-  // Fault guard, counting part: rows [n] of expert e with sums of squares sq [n]; marks bad rows in bad [n],
-  // updates the stats and (training) the pending counters; returns the number of bad rows.
-  int64_t guard_rows(int64_t e, const double* sq, int64_t n, bool training, LayerRoutingStats& st, char* bad);
-  // Dense layer: y [n, C] with bad rows zeroed and cut from the graph (when reliability is on and any is bad).
-  Tensor guard(int64_t e, const Tensor& y, const std::vector<double>& sq, bool training, LayerRoutingStats& st);
-  // MoE: ys [S, C] expert-contiguous (plan offsets [N + 1]); cut experts are flagged in *cut for the backward.
-  Tensor guard_experts(const Tensor& ys, const std::vector<int64_t>& offsets, bool training, LayerRoutingStats& st,
-                       const ExpertCut& cut);
-  // Every expert's FFN on its rows of xs [S, C] -> [S, C] (the grouped form of ExpertFFN::forward).
-  Tensor experts_forward(const Tensor& xs, const DispatchPlan& plan, const ExpertCut& cut) const;
+  // The reliability of each tree level's children (node_reliability) from the host buffers as they are: pull first
+  // for the current values.
+  std::vector<std::vector<float>> node_reliability_at_rest() const;
+  std::vector<float> cluster_reliability_at_rest() const;
+  // Every expert's FFN on its rows of xs [S, C] -> [S, C] (the grouped form of ExpertFFN::forward); ok: the guard's
+  // verdict for grouped_linear's backward (model/health.h), or undefined.
+  Tensor experts_forward(const Tensor& xs, const DispatchPlan& plan, const Tensor& ok) const;
+  // The experts' weights and (with reliability) gradients that judge them after a step, expert by expert, and the
+  // meta of ExpertHealth::after_step.
+  std::vector<Tensor> health_tensors(std::vector<int64_t>& meta) const;
 
   CoEConfig cfg_;
   // The grouped GEMM's pointer lists of the expert weights w1, w2, w3 (autograd/ops_moe.h): uploaded once on CUDA.
@@ -114,17 +111,17 @@ class MoELayer {
   Tensor usage_ema_;    // running traffic share (weights the inner nodes' reliability)
   Tensor pruned_;       // 1 = removed from routing and compute
   Tensor low_steps_;    // consecutive after_step()s with traffic under the threshold or low reliability
-  // Pending counters of the forwards since the last after_step() (training only).
-  std::vector<int64_t> pend_routed_, pend_rows_, pend_bad_, pend_good_;
-  std::vector<double> pend_norm_;
+  // Pending counters of the forwards since the last after_step() (training only): the host's share (pruning and the
+  // aux-free bias read them); the guard's counters and the traffic live with the device state (health_).
+  std::vector<int64_t> pend_routed_;
   std::vector<std::vector<int64_t>> pend_level_counts_;
   // Metrics since reset.
   std::vector<double> util_;  // [N]
   Tensor spec_;  // i32 [N * V] routed slots per (expert, input token), on the layer's device; undefined: all 0
-  // A dense layer (moe == false) guards and judges its expert on its device instead (model/health.h): the
-  // buffers above hold that state at rest, pulled back when the host reads them.
-  FfnHealth health_;
-  FfnHealthBuffers health_buffers() const { return {reliability_, norm_ema_, wnorm_ema_, usage_ema_}; }
+  // The experts are guarded and judged on the layer's device (model/health.h): the buffers above hold that state at
+  // rest, pulled back when the host reads them.
+  ExpertHealth health_;
+  HealthBuffers health_buffers() const { return {reliability_, norm_ema_, wnorm_ema_, usage_ema_}; }
 };
 
 }  // namespace cm

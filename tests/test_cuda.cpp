@@ -1015,42 +1015,88 @@ TEST_CASE("cuda kernels: clip scale and the norm from sums read their values on 
   CHECK(dm.to_f32_vector() == m.to_f32_vector());
 }
 
-TEST_CASE("cuda kernels: the dense FFN's guard and health update match their CPU twins" * needs_device()) {
+TEST_CASE("cuda kernels: the experts' guard and health update match their CPU twins" * needs_device()) {
   uint64_t seed = 1500;
-  for (int64_t n : {int64_t(1), int64_t(37), int64_t(300)})
-    for (int64_t C : {int64_t(1), int64_t(33)})
-      for (float ema : {0.f, 1.5f}) {
-        CAPTURE(n);
-        CAPTURE(C);
-        CAPTURE(ema);
-        Tensor y = uniform({n, C}, ++seed);
-        float* p = y.f32();
-        p[(n / 2) * C] = NAN;                                // a non-finite row
-        if (n > 2) p[(n - 1) * C + C - 1] = 1e4f;            // an outlier once there are statistics
-        Tensor state = Tensor::from_vector(std::vector<float>{1.f, ema, 0.f, 1.f}, {4});
-        Tensor pend = uniform({8}, ++seed, 0.f, 0.f);        // zeros: four doubles 0.0
-        Tensor norms = Tensor::empty({2 * n}), out = Tensor::empty({n, C}), ok = Tensor::empty({1}, DType::I32);
-        Tensor dstate = dev(state), dpend = dev(pend), dnorms = poisoned({2 * n}), dout = poisoned({n, C}),
-               dok = poisoned({1}, DType::I32);
-        for (bool zero : {false, true}) {
-          cpu::ffn_guard_forward(out.f32(), ok.i32(), (double*)pend.raw(), (double*)norms.raw(), y.f32(), n, C,
-                                 state.f32(), 20.f, zero, true);
-          cuda::ffn_guard_forward(dout.f32(), dok.i32(), (double*)dpend.raw(), (double*)dnorms.raw(), dev(y).f32(), n,
-                                  C, dstate.f32(), 20.f, zero, true);
-          same(dout, out, "guard output");
-          same_i32(dok, ok, "all-ok flag");
-          same(dpend, pend, "pending counters (as bits)");
+  // N = 1 without offsets (a dense FFN), and 5 experts with uneven rows (one empty) over the same S rows.
+  for (int64_t N : {int64_t(1), int64_t(5)})
+    for (int64_t S : {int64_t(1), int64_t(37), int64_t(300)})
+      for (int64_t C : {int64_t(1), int64_t(33)})
+        for (float ema : {0.f, 1.5f}) {
+          CAPTURE(N);
+          CAPTURE(S);
+          CAPTURE(C);
+          CAPTURE(ema);
+          std::vector<int64_t> off((size_t)N + 1, 0);
+          for (int64_t e = 1; e < N; ++e) off[e] = e == 2 ? off[e - 1] : std::min(S, off[e - 1] + S / N + e);
+          off[N] = S;
+          std::vector<int32_t> words(2 * off.size());
+          std::memcpy(words.data(), off.data(), off.size() * sizeof(int64_t));
+          Tensor doff = dev(Tensor::from_vector(words, {(int64_t)words.size()}));
+          const int64_t* hoff = N == 1 ? nullptr : off.data();
+          const int64_t* goff = N == 1 ? nullptr : (const int64_t*)doff.raw();
+          Tensor y = uniform({S, C}, ++seed);
+          float* p = y.f32();
+          p[(S / 2) * C] = NAN;                      // a non-finite row
+          if (S > 2) p[(S - 1) * C + C - 1] = 1e4f;  // an outlier once there are statistics
+          std::vector<float> st((size_t)(4 * N), 1.f);
+          for (int64_t e = 0; e < N; ++e) st[(size_t)(N + e)] = ema, st[(size_t)(2 * N + e)] = 0.f;
+          Tensor state = Tensor::from_vector(st, {4 * N});
+          Tensor pend = uniform({10 * N}, ++seed, 0.f, 0.f);  // zeros: doubles 0.0
+          Tensor norms = Tensor::empty({2 * S}), out = Tensor::empty({S, C}), ok = Tensor::empty({N}, DType::I32),
+                 cnt = Tensor::empty({2}, DType::I32);
+          Tensor dstate = dev(state), dpend = dev(pend), dnorms = poisoned({2 * S}), dout = poisoned({S, C}),
+                 dok = poisoned({N}, DType::I32), dcnt = poisoned({2}, DType::I32);
+          for (bool zero : {false, true})
+            for (bool traffic : {false, true}) {
+              cpu::expert_guard_forward(out.f32(), ok.i32(), cnt.i32(), (double*)pend.raw(), (double*)norms.raw(),
+                                        y.f32(), hoff, N, S, C, state.f32(), 20.f, zero, true, traffic);
+              cuda::expert_guard_forward(dout.f32(), dok.i32(), dcnt.i32(), (double*)dpend.raw(),
+                                         (double*)dnorms.raw(), dev(y).f32(), goff, N, S, C, dstate.f32(), 20.f, zero,
+                                         true, traffic);
+              same(dout, out, "guard output");
+              same_i32(dok, ok, "ok flags");
+              same_i32(dcnt, cnt, "row counts");
+              same(dpend, pend, "pending counters (as bits)");
+            }
+          // In place (out == y): only the bad rows are written.
+          Tensor yin = y.clone(), dyin = dev(y);
+          cpu::expert_guard_forward(yin.f32(), ok.i32(), nullptr, (double*)pend.raw(), (double*)norms.raw(), yin.f32(),
+                                    hoff, N, S, C, state.f32(), 20.f, true, false, false);
+          cuda::expert_guard_forward(dyin.f32(), dok.i32(), nullptr, (double*)dpend.raw(), (double*)dnorms.raw(),
+                                     dyin.f32(), goff, N, S, C, dstate.f32(), 20.f, true, false, false);
+          same(dyin, yin, "guard in place");
+          Tensor g = uniform({S * C}, ++seed), dx = Tensor::empty({S * C}), gdx = poisoned({S * C});
+          cpu::expert_gate_backward(dx.f32(), g.f32(), ok.i32(), S * C);
+          cuda::expert_gate_backward(gdx.f32(), dev(g).f32(), dok.i32(), S * C);
+          same(gdx, dx, "gate backward");
+          Tensor rz = g.clone(), grz = dev(g);
+          cpu::expert_rows_zero(rz.f32(), ok.i32(), hoff ? hoff : off.data(), N, C);
+          cuda::expert_rows_zero(grz.f32(), dok.i32(), hoff ? goff : (const int64_t*)doff.raw(), N, C);
+          same(grz, rz, "cut rows zeroed");
+          Tensor bz = uniform({N * 3}, ++seed), gbz = dev(bz);
+          cpu::expert_rows_zero(bz.f32(), ok.i32(), nullptr, N, 3);
+          cuda::expert_rows_zero(gbz.f32(), dok.i32(), nullptr, N, 3);
+          same(gbz, bz, "cut blocks zeroed");
+          std::vector<int32_t> routed((size_t)N);
+          for (int64_t e = 0; e < N; ++e) routed[(size_t)e] = (int32_t)(3 * e + 1);
+          Tensor rt = Tensor::from_vector(routed, {N});
+          cpu::expert_traffic_add((double*)pend.raw(), rt.i32(), N);
+          cuda::expert_traffic_add((double*)dpend.raw(), dev(rt).i32(), N);
+          same(dpend, pend, "traffic added");
+          // Expert 1 (when there is one) pruned; the others 3 weights and 2 gradients each.
+          std::vector<int64_t> meta((size_t)(2 * N));
+          for (int64_t e = 0; e < N; ++e) meta[(size_t)e] = e == 1 ? 0 : 3, meta[(size_t)(N + e)] = e == 1 ? 0 : 2;
+          std::vector<int32_t> mw(2 * meta.size());
+          std::memcpy(mw.data(), meta.data(), meta.size() * sizeof(int64_t));
+          Tensor dmeta = dev(Tensor::from_vector(mw, {(int64_t)mw.size()}));
+          Tensor sums = uniform({5 * N}, ++seed, 0.f, 3.f);
+          cpu::expert_health_update(state.f32(), (double*)pend.raw(), sums.f32(), meta.data(), N, 0.9f, 20.f, 1e-3f,
+                                    true);
+          cuda::expert_health_update(dstate.f32(), (double*)dpend.raw(), dev(sums).f32(),
+                                     (const int64_t*)dmeta.raw(), N, 0.9f, 20.f, 1e-3f, true);
+          check_near(dstate, state, 1e-6f, 1e-6f, "state after the update");  // EMAs: nvcc may fuse a multiply-add
+          same(dpend, pend, "counters cleared");
         }
-        Tensor g = uniform({n * C}, ++seed), dx = Tensor::empty({n * C}), gdx = poisoned({n * C});
-        cpu::ffn_guard_backward(dx.f32(), g.f32(), ok.i32(), n * C);
-        cuda::ffn_guard_backward(gdx.f32(), dev(g).f32(), dok.i32(), n * C);
-        same(gdx, dx, "guard backward");
-        Tensor sums = uniform({5}, ++seed, 0.f, 3.f);
-        cpu::ffn_health_update(state.f32(), (double*)pend.raw(), sums.f32(), 3, 2, 0.9f, 20.f, 1e-3f, true);
-        cuda::ffn_health_update(dstate.f32(), (double*)dpend.raw(), dev(sums).f32(), 3, 2, 0.9f, 20.f, 1e-3f, true);
-        check_near(dstate, state, 1e-6f, 1e-6f, "state after the update");  // EMAs: nvcc may fuse a multiply-add
-        same(dpend, pend, "counters cleared");
-      }
 }
 
 TEST_CASE("cuda kernels: step values read from device memory (AdamW's lr and bias corrections, dropout's offset "

@@ -40,11 +40,14 @@ TEST_SUITE("health") {
     p[1 * C + 2] = std::numeric_limits<float>::quiet_NaN();  // row 1: non-finite
     for (int64_t c = 0; c < C; ++c) p[4 * C + c] *= 1000.f;  // row 4: an outlier against the running norm
     float state[4] = {1.f, 1.0f, 0.f, 1.f};                  // running row norm 1: factor 20 allows up to 20
-    double pend[4] = {0, 0, 0, 0}, norms[n];
+    double pend[5] = {0, 0, 0, 0, 0}, norms[n];
     std::vector<float> out((size_t)(n * C), -7.f);
-    int32_t ok = -1;
-    cpu::ffn_guard_forward(out.data(), &ok, pend, norms, p, n, C, state, 20.f, true, true);
+    int32_t ok = -1, counts[2] = {-1, -1};
+    cpu::expert_guard_forward(out.data(), &ok, counts, pend, norms, p, nullptr, 1, n, C, state, 20.f, true, true, true);
     CHECK(ok == 0);
+    CHECK(counts[0] == 1);  // the NaN row
+    CHECK(counts[1] == 1);  // the outlier
+    CHECK(pend[4] == 6.0);  // a dense FFN's traffic: its rows
     CHECK(pend[0] == 6.0);
     CHECK(pend[1] == 2.0);
     CHECK(pend[2] == 4.0);
@@ -60,8 +63,10 @@ TEST_SUITE("health") {
       for (int64_t c = 0; c < C; ++c) CHECK(out[i * C + c] == 0.f);
     // No statistics yet (state[1] = 0): only the NaN row is bad; not counting leaves pend alone; no zeroing.
     state[1] = 0.f;
-    cpu::ffn_guard_forward(out.data(), &ok, pend, norms, p, n, C, state, 20.f, false, false);
+    cpu::expert_guard_forward(out.data(), &ok, counts, pend, norms, p, nullptr, 1, n, C, state, 20.f, false, false,
+                              true);
     CHECK(ok == 0);
+    CHECK((counts[0] == 1 && counts[1] == 0));
     CHECK(pend[0] == 6.0);
     CHECK(out[4 * C] == p[4 * C]);
     CHECK(std::isnan(out[1 * C + 2]));
@@ -69,35 +74,86 @@ TEST_SUITE("health") {
     // Backward: the gradient passes when every row was healthy, else nothing does (selected, not multiplied).
     std::vector<float> g = {1.f, std::numeric_limits<float>::quiet_NaN(), 3.f}, dx(3, -1.f);
     int32_t pass = 1, cut = 0;
-    cpu::ffn_guard_backward(dx.data(), g.data(), &pass, 3);
+    cpu::expert_gate_backward(dx.data(), g.data(), &pass, 3);
     CHECK(dx[0] == 1.f);
     CHECK(std::isnan(dx[1]));
-    cpu::ffn_guard_backward(dx.data(), g.data(), &cut, 3);
+    cpu::expert_gate_backward(dx.data(), g.data(), &cut, 3);
     CHECK(dx == std::vector<float>{0.f, 0.f, 0.f});
 
     // The update: healthy weights start their running norm; 4 good of 6 rows -> health 2/3.
     float st[4] = {1.f, 0.f, 0.f, 0.5f};
-    double pd[4] = {6, 2, 4, 8.0};
+    double pd[5] = {6, 2, 4, 8.0, 6};
     const float sums[3] = {9.f, 16.f, 1.f};  // two weights (norm 5), one gradient
-    cpu::ffn_health_update(st, pd, sums, 2, 1, 0.9f, 20.f, 1e-3f, true);
+    const int64_t meta21[2] = {2, 1}, meta20[2] = {2, 0};
+    cpu::expert_health_update(st, pd, sums, meta21, 1, 0.9f, 20.f, 1e-3f, true);
     CHECK(st[2] == 5.f);
     CHECK(st[1] == 0.f);  // a step with bad rows does not move the output statistics
     CHECK(st[0] == std::clamp(0.9f * 1.f + (1.f - 0.9f) * (1.f - 2.f / 6.f), 1e-3f, 1.f));
     CHECK(st[3] == 0.9f * 0.5f + (1.f - 0.9f) * 6.f / 6.f);
-    CHECK((pd[0] == 0.0 && pd[1] == 0.0 && pd[2] == 0.0 && pd[3] == 0.0));
+    CHECK((pd[0] == 0.0 && pd[1] == 0.0 && pd[2] == 0.0 && pd[3] == 0.0 && pd[4] == 0.0));
     // Non-finite gradient: health 0. A weight norm 100x its running value: health 0, the norm not followed.
     const float bad_grad[3] = {9.f, 16.f, std::numeric_limits<float>::infinity()};
-    double pd2[4] = {6, 0, 6, 6.0};
+    double pd2[5] = {6, 0, 6, 6.0, 6};
     const float rel0 = st[0];
-    cpu::ffn_health_update(st, pd2, bad_grad, 2, 1, 0.9f, 20.f, 1e-3f, true);
+    cpu::expert_health_update(st, pd2, bad_grad, meta21, 1, 0.9f, 20.f, 1e-3f, true);
     CHECK(st[0] == std::clamp(0.9f * rel0, 1e-3f, 1.f));
     CHECK(st[1] == 1.f);  // mean norm of 6 healthy rows summing to 6
     const float huge[2] = {9e6f, 16e6f};  // weight norm 5000: 1000x the running 5
-    double pd3[4] = {6, 0, 6, 6.0};
+    double pd3[5] = {6, 0, 6, 6.0, 6};
     const float rel1 = st[0];
-    cpu::ffn_health_update(st, pd3, huge, 2, 0, 0.9f, 20.f, 1e-3f, true);
+    cpu::expert_health_update(st, pd3, huge, meta20, 1, 0.9f, 20.f, 1e-3f, true);
     CHECK(st[2] == 5.f);
     CHECK(st[0] == std::clamp(0.9f * rel1, 1e-3f, 1.f));
+  }
+
+  TEST_CASE("health kernels: experts judged each on its own rows and statistics; a cut expert's rows zeroed") {
+    // Three experts over 7 rows: expert 0 rows 0-2 (a NaN in row 1), expert 1 none, expert 2 rows 3-6 (row 5 an
+    // outlier against its running norm 1; expert 0 has no statistics yet, so a huge row there is not an outlier).
+    const int64_t N = 3, S = 7, C = 5;
+    const int64_t off[N + 1] = {0, 3, 3, 7};
+    Tensor y = uniform({S, C}, 21);
+    float* p = y.f32();
+    p[1 * C + 3] = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t c = 0; c < C; ++c) p[2 * C + c] *= 1e4f, p[5 * C + c] *= 1e3f;
+    const float state[4 * N] = {1, 1, 1, /*norm_ema*/ 0, 1, 1, /*wnorm*/ 0, 0, 0, /*usage*/ 0.3f, 0.3f, 0.4f};
+    double pend[5 * N] = {}, norms[S];
+    std::vector<float> orig = y.to_f32_vector();
+    int32_t ok[N] = {-1, -1, -1}, counts[2] = {-1, -1};
+    cpu::expert_guard_forward(p, ok, counts, pend, norms, p, off, N, S, C, state, 20.f, true, true, false);
+    CHECK((ok[0] == 0 && ok[1] == 1 && ok[2] == 0));
+    CHECK((counts[0] == 1 && counts[1] == 1));
+    CHECK((pend[0] == 3 && pend[1] == 0 && pend[2] == 4));           // rows
+    CHECK((pend[N + 0] == 1 && pend[N + 1] == 0 && pend[N + 2] == 1));  // bad rows
+    CHECK((pend[2 * N + 0] == 2 && pend[2 * N + 2] == 3));             // good rows
+    CHECK((pend[4 * N + 0] == 0 && pend[4 * N + 2] == 0));             // traffic: the router's, not the rows
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        CHECK(p[i * C + c] == (i == 1 || i == 5 ? 0.f : orig[(size_t)(i * C + c)]));  // in place, bad rows only
+
+    // The backward of the cut experts: their rows, or their one block each (weight gradients).
+    std::vector<float> dx((size_t)(S * 2), 1.f), dw((size_t)(N * 4), 1.f);
+    const int32_t only0[N] = {0, 1, 1};
+    cpu::expert_rows_zero(dx.data(), only0, off, N, 2);
+    for (int64_t i = 0; i < S; ++i) CHECK(dx[(size_t)(i * 2 + 1)] == (i < 3 ? 0.f : 1.f));
+    cpu::expert_rows_zero(dw.data(), ok, nullptr, N, 4);
+    for (int64_t e = 0; e < N; ++e) CHECK(dw[(size_t)(e * 4 + 3)] == (ok[e] ? 1.f : 0.f));
+
+    // The update: expert 1 pruned (no tensors), usage from the traffic of every expert.
+    const int32_t routed[N] = {3, 0, 5};
+    cpu::expert_traffic_add(pend, routed, N);
+    float st[4 * N];
+    std::copy(state, state + 4 * N, st);
+    const float sums[4] = {4.f, 0.f, 9.f, 0.f};  // expert 0: one weight (norm 2), one gradient; expert 2 the same
+    const int64_t meta[2 * N] = {1, 0, 1, 1, 0, 1};
+    cpu::expert_health_update(st, pend, sums, meta, N, 0.9f, 20.f, 1e-3f, true);
+    CHECK((st[2 * N + 0] == 2.f && st[2 * N + 1] == 0.f && st[2 * N + 2] == 3.f));
+    CHECK(st[0] == 0.9f * 1.f + (1.f - 0.9f) * (1.f - 1.f / 3.f));
+    CHECK(st[1] == 1.f);  // pruned: untouched
+    CHECK(st[2] == 0.9f * 1.f + (1.f - 0.9f) * (1.f - 1.f / 4.f));
+    CHECK(st[3 * N + 0] == 0.9f * 0.3f + (1.f - 0.9f) * 3.f / 8.f);
+    CHECK(st[3 * N + 1] == 0.9f * 0.3f + (1.f - 0.9f) * 0.f);  // a pruned expert's usage still decays
+    CHECK(st[3 * N + 2] == 0.9f * 0.4f + (1.f - 0.9f) * 5.f / 8.f);
+    for (double v : pend) CHECK(v == 0.0);
   }
 
   TEST_CASE("dense layer: a healthy forward and backward are the FFN's own, bit for bit") {

@@ -1,4 +1,4 @@
-// CPU twin of the dense FFN's fault guard and health update (contract in kernels/health.h).
+// CPU twin of the experts' fault guard and health update (contract in kernels/health.h).
 #include "kernels/health.h"
 
 #include <algorithm>
@@ -7,39 +7,56 @@
 
 namespace cm::cpu {
 
-void ffn_guard_forward(float* out, int32_t* all_ok, double* pend, double* norms, const float* y, int64_t n, int64_t C,
-                       const float* state, float factor, bool zero_bad, bool count) {
-  const float ema = state[1];
-#pragma omp parallel for schedule(static) if (n * C >= (1 << 16))
-  for (int64_t i = 0; i < n; ++i) {
+namespace {
+int64_t first_row(const int64_t* offsets, int64_t e) { return offsets ? offsets[e] : 0; }
+}  // namespace
+
+void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend, double* norms, const float* y,
+                          const int64_t* offsets, int64_t N, int64_t S, int64_t C, const float* state, float factor,
+                          bool zero_bad, bool count, bool count_traffic) {
+#pragma omp parallel for schedule(static) if (S * C >= (1 << 16))
+  for (int64_t i = 0; i < S; ++i) {
     const float* r = y + i * C;
     double ss = 0.0;
     for (int64_t c = 0; c < C; ++c) ss += (double)r[c] * r[c];
     norms[i] = std::sqrt(ss);
   }
-  // Classification and counters in row order (deterministic double sums).
-  int64_t bad = 0, good = 0;
-  double norm_sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double nm = norms[i];
-    if (!std::isfinite(nm) || (ema > 0.f && nm > (double)factor * ema)) {
-      ++bad;
-      norms[i] = -1.0;  // marks the row for the copy below
-    } else {
-      ++good;
-      norm_sum += nm;
+  // Classification and counters per expert in row order (deterministic double sums).
+  int64_t nonfinite = 0, outlier = 0;
+  for (int64_t e = 0; e < N; ++e) {
+    const int64_t a = first_row(offsets, e), z = offsets ? offsets[e + 1] : S;
+    const float ema = state[N + e];
+    int64_t bad = 0, good = 0;
+    double norm_sum = 0.0;
+    for (int64_t i = a; i < z; ++i) {
+      const double nm = norms[i];
+      const bool inf = !std::isfinite(nm), far = !inf && ema > 0.f && nm > (double)factor * ema;
+      if (inf || far) {
+        ++bad;
+        nonfinite += inf;
+        outlier += far;
+        norms[i] = -1.0;  // marks the row for the copy below
+      } else {
+        ++good;
+        norm_sum += nm;
+      }
+    }
+    ok[e] = bad == 0 ? 1 : 0;
+    if (count) {
+      pend[e] += (double)(z - a);
+      pend[N + e] += (double)bad;
+      pend[2 * N + e] += (double)good;
+      pend[3 * N + e] += norm_sum;
+      if (count_traffic) pend[4 * N + e] += (double)(z - a);
     }
   }
-  *all_ok = bad == 0 ? 1 : 0;
-  if (count) {
-    pend[0] += (double)n;
-    pend[1] += (double)bad;
-    pend[2] += (double)good;
-    pend[3] += norm_sum;
+  if (counts) {
+    counts[0] = (int32_t)nonfinite;
+    counts[1] = (int32_t)outlier;
   }
   if (!out) return;
-#pragma omp parallel for schedule(static) if (n * C >= (1 << 16))
-  for (int64_t i = 0; i < n; ++i) {
+#pragma omp parallel for schedule(static) if (S * C >= (1 << 16))
+  for (int64_t i = 0; i < S; ++i) {
     if (zero_bad && norms[i] < 0.0)
       std::memset(out + i * C, 0, (size_t)C * sizeof(float));
     else if (out != y)
@@ -47,45 +64,63 @@ void ffn_guard_forward(float* out, int32_t* all_ok, double* pend, double* norms,
   }
 }
 
-void ffn_guard_backward(float* dx, const float* g, const int32_t* all_ok, int64_t n) {
-  if (*all_ok) {
+void expert_gate_backward(float* dx, const float* g, const int32_t* ok, int64_t n) {
+  if (*ok) {
     if (dx != g) std::memcpy(dx, g, (size_t)n * sizeof(float));
   } else {
     std::memset(dx, 0, (size_t)n * sizeof(float));
   }
 }
 
-void ffn_health_update(float* state, double* pend, const float* sums, int64_t nw, int64_t ng, float decay,
-                       float factor, float rel_min, bool use_reliability) {
-  double wss = 0.0, gss = 0.0;
-  for (int64_t i = 0; i < nw; ++i) wss += (double)sums[i];
-  for (int64_t i = nw; i < nw + ng; ++i) gss += (double)sums[i];
-  const double wn = std::sqrt(wss);
-  float& rel = state[0];
-  float& ema = state[1];
-  float& wema = state[2];
-  float& use = state[3];
-  const bool weights_ok =
-      std::isfinite(wn) && (wema <= 0.f || (wn <= (double)factor * wema && wn >= (double)wema / factor));
-  if (weights_ok) wema = wema > 0.f ? decay * wema + (1.f - decay) * (float)wn : (float)wn;
-  const double rows = pend[0], bad = pend[1], good = pend[2];
-  if (good > 0.0 && bad == 0.0) {
-    const float mean = (float)(pend[3] / good);
-    ema = ema > 0.f ? decay * ema + (1.f - decay) * mean : mean;
+void expert_rows_zero(float* x, const int32_t* ok, const int64_t* offsets, int64_t N, int64_t cols) {
+  for (int64_t e = 0; e < N; ++e) {
+    if (ok[e]) continue;
+    const int64_t a = offsets ? offsets[e] : e, z = offsets ? offsets[e + 1] : e + 1;
+    if (z > a) std::memset(x + a * cols, 0, (size_t)((z - a) * cols) * sizeof(float));
   }
-  if (use_reliability) {
+}
+
+void expert_traffic_add(double* pend, const int32_t* counts, int64_t N) {
+  for (int64_t e = 0; e < N; ++e) pend[4 * N + e] += (double)counts[e];
+}
+
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
+                          float factor, float rel_min, bool use_reliability) {
+  int64_t at = 0;  // expert e's sums start here
+  for (int64_t e = 0; e < N; ++e) {
+    const int64_t nw = meta[e], ng = meta[N + e];
+    if (nw == 0) continue;  // pruned
+    double wss = 0.0, gss = 0.0;
+    for (int64_t i = at; i < at + nw; ++i) wss += (double)sums[i];
+    for (int64_t i = at + nw; i < at + nw + ng; ++i) gss += (double)sums[i];
+    at += nw + ng;
+    const double wn = std::sqrt(wss);
+    float& rel = state[e];
+    float& ema = state[N + e];
+    float& wema = state[2 * N + e];
+    const bool weights_ok =
+        std::isfinite(wn) && (wema <= 0.f || (wn <= (double)factor * wema && wn >= (double)wema / factor));
+    if (weights_ok) wema = wema > 0.f ? decay * wema + (1.f - decay) * (float)wn : (float)wn;
+    const double rows = pend[e], bad = pend[N + e], good = pend[2 * N + e];
+    if (good > 0.0 && bad == 0.0) {
+      const float mean = (float)(pend[3 * N + e] / good);
+      ema = ema > 0.f ? decay * ema + (1.f - decay) * mean : mean;
+    }
+    if (!use_reliability) continue;
     const bool grads_ok = std::isfinite(gss);
-    bool update = true;
     float health = 0.f;
     if (weights_ok && grads_ok) {
-      if (rows > 0.0) health = 1.f - (float)bad / (float)rows;
-      else update = false;  // no evidence this step: the reliability stays
+      if (rows <= 0.0) continue;  // no evidence this step: the reliability stays
+      health = 1.f - (float)bad / (float)rows;
     }
-    if (update) rel = std::clamp(decay * rel + (1.f - decay) * health, rel_min, 1.f);
+    rel = std::clamp(decay * rel + (1.f - decay) * health, rel_min, 1.f);
   }
-  // The layer's one expert takes all of its traffic (routed == rows), written as MoELayer's share for its bits.
-  if (rows > 0.0) use = decay * use + (1.f - decay) * (float)rows / (float)rows;
-  pend[0] = pend[1] = pend[2] = pend[3] = 0.0;
+  double total = 0.0;
+  for (int64_t e = 0; e < N; ++e) total += pend[4 * N + e];
+  if (total > 0.0)
+    for (int64_t e = 0; e < N; ++e)
+      state[3 * N + e] = decay * state[3 * N + e] + (1.f - decay) * (float)pend[4 * N + e] / (float)total;
+  std::fill(pend, pend + 5 * N, 0.0);
 }
 
 }  // namespace cm::cpu

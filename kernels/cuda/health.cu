@@ -1,7 +1,7 @@
-// CUDA twin of the dense FFN's fault guard and health update (contract in kernels/health.h). Row norms: one thread
+// CUDA twin of the experts' fault guard and health update (contract in kernels/health.h). Row norms: one thread
 // per row walks the row in column order, so the double sum has the CPU's order and bits. The classification and the
-// counters are one thread's loop in row order (deterministic sums, as on the CPU): O(n) on one thread, small next to
-// the FFN's GEMMs that made y.
+// counters: one thread per expert walks its rows in order (deterministic sums, as on the CPU), O(S / N) each, small
+// next to the GEMMs that made y. The health update is one thread's loop over the experts, as on the CPU.
 #include "kernels/health.h"
 #include "kernels/cuda/common.cuh"
 
@@ -11,8 +11,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void row_norms_kernel(double* __restrict__ norms, const float* __restrict__ y, int64_t n, int64_t C) {
-  for (int64_t i = gtid(); i < n; i += gstride()) {
+__global__ void row_norms_kernel(double* __restrict__ norms, const float* __restrict__ y, int64_t S, int64_t C) {
+  for (int64_t i = gtid(); i < S; i += gstride()) {
     const float* r = y + i * C;
     double ss = 0.0;
     for (int64_t c = 0; c < C; ++c) ss += (double)r[c] * r[c];
@@ -20,104 +20,167 @@ __global__ void row_norms_kernel(double* __restrict__ norms, const float* __rest
   }
 }
 
-// One thread: classify in row order (bad rows get norm -1), count, set the flag.
-__global__ void classify_kernel(int32_t* __restrict__ all_ok, double* __restrict__ pend, double* __restrict__ norms,
-                                int64_t n, const float* __restrict__ state, float factor, bool count) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  const float ema = state[1];
-  int64_t bad = 0, good = 0;
-  double norm_sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double nm = norms[i];
-    if (!isfinite(nm) || (ema > 0.f && nm > (double)factor * ema)) {
-      ++bad;
-      norms[i] = -1.0;
-    } else {
-      ++good;
-      norm_sum += nm;
+// One block: thread t classifies experts t, t + blockDim, ... in row order (bad rows get norm -1), counts, sets the
+// flags; thread 0 adds the per-thread row counts in thread order.
+__global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ counts, double* __restrict__ pend,
+                                double* __restrict__ norms, const int64_t* __restrict__ offsets, int64_t N, int64_t S,
+                                const float* __restrict__ state, float factor, bool count, bool count_traffic) {
+  __shared__ int64_t inf_rows[kThreads], far_rows[kThreads];
+  int64_t nonfinite = 0, outlier = 0;
+  for (int64_t e = threadIdx.x; e < N; e += blockDim.x) {
+    const int64_t a = offsets ? offsets[e] : 0, z = offsets ? offsets[e + 1] : S;
+    const float ema = state[N + e];
+    int64_t bad = 0, good = 0;
+    double norm_sum = 0.0;
+    for (int64_t i = a; i < z; ++i) {
+      const double nm = norms[i];
+      const bool inf = !isfinite(nm), far = !inf && ema > 0.f && nm > (double)factor * ema;
+      if (inf || far) {
+        ++bad;
+        nonfinite += inf;
+        outlier += far;
+        norms[i] = -1.0;
+      } else {
+        ++good;
+        norm_sum += nm;
+      }
+    }
+    ok[e] = bad == 0 ? 1 : 0;
+    if (count) {
+      pend[e] += (double)(z - a);
+      pend[N + e] += (double)bad;
+      pend[2 * N + e] += (double)good;
+      pend[3 * N + e] += norm_sum;
+      if (count_traffic) pend[4 * N + e] += (double)(z - a);
     }
   }
-  *all_ok = bad == 0 ? 1 : 0;
-  if (count) {
-    pend[0] += (double)n;
-    pend[1] += (double)bad;
-    pend[2] += (double)good;
-    pend[3] += norm_sum;
+  inf_rows[threadIdx.x] = nonfinite;
+  far_rows[threadIdx.x] = outlier;
+  __syncthreads();
+  if (threadIdx.x == 0 && counts) {
+    int64_t a = 0, b = 0;
+    for (unsigned t = 0; t < blockDim.x; ++t) {
+      a += inf_rows[t];
+      b += far_rows[t];
+    }
+    counts[0] = (int32_t)a;
+    counts[1] = (int32_t)b;
   }
 }
 
-__global__ void guard_copy_kernel(float* __restrict__ out, const float* __restrict__ y,
-                                  const double* __restrict__ norms, int64_t n, int64_t C, bool zero_bad) {
-  const int64_t total = n * C;
-  for (int64_t k = gtid(); k < total; k += gstride()) out[k] = zero_bad && norms[k / C] < 0.0 ? 0.f : y[k];
+__global__ void guard_copy_kernel(float* out, const float* y, const double* __restrict__ norms, int64_t S, int64_t C,
+                                  bool zero_bad) {
+  const int64_t total = S * C;
+  for (int64_t k = gtid(); k < total; k += gstride()) {
+    if (zero_bad && norms[k / C] < 0.0) out[k] = 0.f;
+    else if (out != y) out[k] = y[k];
+  }
 }
 
-__global__ void guard_backward_kernel(float* __restrict__ dx, const float* __restrict__ g,
-                                      const int32_t* __restrict__ all_ok, int64_t n) {
-  const bool pass = *all_ok != 0;
+__global__ void gate_backward_kernel(float* __restrict__ dx, const float* __restrict__ g,
+                                     const int32_t* __restrict__ ok, int64_t n) {
+  const bool pass = *ok != 0;
   for (int64_t i = gtid(); i < n; i += gstride()) dx[i] = pass ? g[i] : 0.f;
 }
 
+// Block e zeroes expert e's rows when it was cut.
+__global__ void rows_zero_kernel(float* __restrict__ x, const int32_t* __restrict__ ok,
+                                 const int64_t* __restrict__ offsets, int64_t cols) {
+  const int64_t e = blockIdx.x;
+  if (ok[e]) return;
+  const int64_t a = offsets ? offsets[e] : e, z = offsets ? offsets[e + 1] : e + 1;
+  for (int64_t k = a * cols + threadIdx.x; k < z * cols; k += blockDim.x) x[k] = 0.f;
+}
+
+__global__ void traffic_add_kernel(double* __restrict__ pend, const int32_t* __restrict__ counts, int64_t N) {
+  for (int64_t e = gtid(); e < N; e += gstride()) pend[4 * N + e] += (double)counts[e];
+}
+
 __global__ void health_update_kernel(float* __restrict__ state, double* __restrict__ pend,
-                                     const float* __restrict__ sums, int64_t nw, int64_t ng, float decay,
-                                     float factor, float rel_min, bool use_reliability) {
+                                     const float* __restrict__ sums, const int64_t* __restrict__ meta, int64_t N,
+                                     float decay, float factor, float rel_min, bool use_reliability) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  double wss = 0.0, gss = 0.0;
-  for (int64_t i = 0; i < nw; ++i) wss += (double)sums[i];
-  for (int64_t i = nw; i < nw + ng; ++i) gss += (double)sums[i];
-  const double wn = sqrt(wss);
-  float rel = state[0], ema = state[1], wema = state[2], use = state[3];
-  const bool weights_ok = isfinite(wn) && (wema <= 0.f || (wn <= (double)factor * wema && wn >= (double)wema / factor));
-  if (weights_ok) wema = wema > 0.f ? decay * wema + (1.f - decay) * (float)wn : (float)wn;
-  const double rows = pend[0], bad = pend[1], good = pend[2];
-  if (good > 0.0 && bad == 0.0) {
-    const float mean = (float)(pend[3] / good);
-    ema = ema > 0.f ? decay * ema + (1.f - decay) * mean : mean;
-  }
-  if (use_reliability) {
-    const bool grads_ok = isfinite(gss);
-    bool update = true;
-    float health = 0.f;
-    if (weights_ok && grads_ok) {
-      if (rows > 0.0) health = 1.f - (float)bad / (float)rows;
-      else update = false;
+  int64_t at = 0;
+  for (int64_t e = 0; e < N; ++e) {
+    const int64_t nw = meta[e], ng = meta[N + e];
+    if (nw == 0) continue;
+    double wss = 0.0, gss = 0.0;
+    for (int64_t i = at; i < at + nw; ++i) wss += (double)sums[i];
+    for (int64_t i = at + nw; i < at + nw + ng; ++i) gss += (double)sums[i];
+    at += nw + ng;
+    const double wn = sqrt(wss);
+    float rel = state[e], ema = state[N + e], wema = state[2 * N + e];
+    const bool weights_ok =
+        isfinite(wn) && (wema <= 0.f || (wn <= (double)factor * wema && wn >= (double)wema / factor));
+    if (weights_ok) wema = wema > 0.f ? decay * wema + (1.f - decay) * (float)wn : (float)wn;
+    const double rows = pend[e], bad = pend[N + e], good = pend[2 * N + e];
+    if (good > 0.0 && bad == 0.0) {
+      const float mean = (float)(pend[3 * N + e] / good);
+      ema = ema > 0.f ? decay * ema + (1.f - decay) * mean : mean;
     }
-    if (update) rel = fminf(fmaxf(decay * rel + (1.f - decay) * health, rel_min), 1.f);
+    if (use_reliability) {
+      const bool grads_ok = isfinite(gss);
+      bool update = true;
+      float health = 0.f;
+      if (weights_ok && grads_ok) {
+        if (rows > 0.0) health = 1.f - (float)bad / (float)rows;
+        else update = false;  // no evidence this step: the reliability stays
+      }
+      if (update) rel = fminf(fmaxf(decay * rel + (1.f - decay) * health, rel_min), 1.f);
+    }
+    state[e] = rel;
+    state[N + e] = ema;
+    state[2 * N + e] = wema;
   }
-  if (rows > 0.0) use = decay * use + (1.f - decay) * (float)rows / (float)rows;
-  state[0] = rel;
-  state[1] = ema;
-  state[2] = wema;
-  state[3] = use;
-  pend[0] = pend[1] = pend[2] = pend[3] = 0.0;
+  double total = 0.0;
+  for (int64_t e = 0; e < N; ++e) total += pend[4 * N + e];
+  if (total > 0.0)
+    for (int64_t e = 0; e < N; ++e)
+      state[3 * N + e] = decay * state[3 * N + e] + (1.f - decay) * (float)pend[4 * N + e] / (float)total;
+  for (int64_t i = 0; i < 5 * N; ++i) pend[i] = 0.0;
 }
 
 }  // namespace
 
-void ffn_guard_forward(float* out, int32_t* all_ok, double* pend, double* norms, const float* y, int64_t n, int64_t C,
-                       const float* state, float factor, bool zero_bad, bool count) {
-  CM_CHECK(n >= 0 && C > 0, "cuda::ffn_guard_forward: bad sizes n = ", n, ", C = ", C);
-  if (n > 0) {
-    row_norms_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(norms, y, n, C);
+void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend, double* norms, const float* y,
+                          const int64_t* offsets, int64_t N, int64_t S, int64_t C, const float* state, float factor,
+                          bool zero_bad, bool count, bool count_traffic) {
+  CM_CHECK(S >= 0 && C > 0 && N >= 1 && (offsets || N == 1), "cuda::expert_guard_forward: bad sizes S = ", S,
+           ", C = ", C, ", N = ", N);
+  if (S > 0) {
+    row_norms_kernel<<<grid_for(S, kThreads), kThreads, 0, stream()>>>(norms, y, S, C);
     cudaCheckLaunch("row_norms_kernel");
   }
-  classify_kernel<<<1, 1, 0, stream()>>>(all_ok, pend, norms, n, state, factor, count);
+  classify_kernel<<<1, kThreads, 0, stream()>>>(ok, counts, pend, norms, offsets, N, S, state, factor, count,
+                                                count_traffic);
   cudaCheckLaunch("classify_kernel");
-  if (out && n > 0) {
-    guard_copy_kernel<<<grid_for(n * C, kThreads), kThreads, 0, stream()>>>(out, y, norms, n, C, zero_bad);
+  if (out && S > 0 && (zero_bad || out != y)) {
+    guard_copy_kernel<<<grid_for(S * C, kThreads), kThreads, 0, stream()>>>(out, y, norms, S, C, zero_bad);
     cudaCheckLaunch("guard_copy_kernel");
   }
 }
 
-void ffn_guard_backward(float* dx, const float* g, const int32_t* all_ok, int64_t n) {
+void expert_gate_backward(float* dx, const float* g, const int32_t* ok, int64_t n) {
   if (n <= 0) return;
-  guard_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(dx, g, all_ok, n);
-  cudaCheckLaunch("guard_backward_kernel");
+  gate_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(dx, g, ok, n);
+  cudaCheckLaunch("gate_backward_kernel");
 }
 
-void ffn_health_update(float* state, double* pend, const float* sums, int64_t nw, int64_t ng, float decay,
-                       float factor, float rel_min, bool use_reliability) {
-  health_update_kernel<<<1, 1, 0, stream()>>>(state, pend, sums, nw, ng, decay, factor, rel_min, use_reliability);
+void expert_rows_zero(float* x, const int32_t* ok, const int64_t* offsets, int64_t N, int64_t cols) {
+  if (N <= 0 || cols <= 0) return;
+  rows_zero_kernel<<<(unsigned)N, kThreads, 0, stream()>>>(x, ok, offsets, cols);
+  cudaCheckLaunch("rows_zero_kernel");
+}
+
+void expert_traffic_add(double* pend, const int32_t* counts, int64_t N) {
+  if (N <= 0) return;
+  traffic_add_kernel<<<grid_for(N, kThreads), kThreads, 0, stream()>>>(pend, counts, N);
+  cudaCheckLaunch("traffic_add_kernel");
+}
+
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
+                          float factor, float rel_min, bool use_reliability) {
+  health_update_kernel<<<1, 1, 0, stream()>>>(state, pend, sums, meta, N, decay, factor, rel_min, use_reliability);
   cudaCheckLaunch("health_update_kernel");
 }
 
