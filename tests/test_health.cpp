@@ -30,6 +30,15 @@ float buffer_value(const ClusterMoELM& m, const std::string& name) {
   return 0.f;
 }
 
+std::vector<float> buffer_of(const MoELayer& layer, const std::string& name) {
+  NamedParams bufs;
+  layer.collect_buffers("moe", bufs);
+  for (auto& [n, t] : bufs)
+    if (n == name) return t.to_f32_vector();
+  FAIL("no buffer ", name);
+  return {};
+}
+
 }  // namespace
 
 TEST_SUITE("health") {
@@ -154,6 +163,28 @@ TEST_SUITE("health") {
     CHECK(st[3 * N + 1] == 0.9f * 0.3f + (1.f - 0.9f) * 0.f);  // a pruned expert's usage still decays
     CHECK(st[3 * N + 2] == 0.9f * 0.4f + (1.f - 0.9f) * 5.f / 8.f);
     for (double v : pend) CHECK(v == 0.0);
+  }
+
+  TEST_CASE("MoE layer: usage follows the routed traffic, output statistics the healthy rows, on the device") {
+    CoEConfig c = make_coe_config(16, 2, 2, 2, 20, 2, 32, 8);
+    c.validate();
+    Generator g(5);
+    MoELayer layer(c, 1, true, g);
+    const float decay = c.reliability_decay;
+    Tensor x = uniform({12, 16}, 9);
+    MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
+    sum(square(o.y)).backward();
+    layer.after_step();
+    const int64_t N = layer.N;
+    std::vector<int64_t> routed((size_t)N, 0);
+    for (int32_t e : o.expert) ++routed[(size_t)e];
+    const std::vector<float> use = buffer_of(layer, "moe.usage_ema"), ema = buffer_of(layer, "moe.norm_ema");
+    for (int64_t e = 0; e < N; ++e) {
+      CAPTURE(e);
+      const float share = (float)routed[(size_t)e] / (float)o.expert.size();
+      CHECK(use[(size_t)e] == decay * (1.f / (float)N) + (1.f - decay) * share);
+      CHECK((ema[(size_t)e] > 0.f) == (o.stats.expert_rows[(size_t)e] > 0));  // the first mean of its healthy rows
+    }
   }
 
   TEST_CASE("dense layer: a healthy forward and backward are the FFN's own, bit for bit") {
