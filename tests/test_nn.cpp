@@ -667,8 +667,9 @@ TEST_CASE("router_balance_loss with a logit bias: the bits of the former host-ma
                                            G, w, gup, &dref);
           Tensor x = p.detach();
           x.requires_grad_();
-          Tensor l = router_balance_loss(x, Tensor::from_vector(iv, {R, K}), G == 1 ? Tensor() : Tensor::from_vector(gv, {R}),
-                                         G, bias ? Tensor::from_vector(lb, {G * E}) : Tensor(), w);
+          const Tensor grp = G == 1 ? Tensor() : Tensor::from_vector(gv, {R});
+          Tensor l = router_balance_loss(x, Tensor::from_vector(iv, {R, K}), grp, G,
+                                         bias ? Tensor::from_vector(lb, {G * E}) : Tensor(), w);
           const float got = l.item();
           CHECK(std::memcmp(&got, &ref, 4) == 0);
           l.backward(Tensor::scalar(gup));

@@ -326,7 +326,8 @@ TEST_SUITE("routing") {
         REQUIRE(want.size() == got.size());
         CHECK(std::memcmp(got.data(), want.data(), got.size() * 4) == 0);
         // Not a vacuous comparison: the inner levels are biased, and the pruned experts are -inf at the last level.
-        if (reliability && br.size() > 1 && br[1] > 1) CHECK(std::any_of(got.begin(), got.begin() + br[0], [](float v) { return v < 0.f; }));
+        if (reliability && br.size() > 1 && br[1] > 1)
+          CHECK(std::any_of(got.begin(), got.begin() + br[0], [](float v) { return v < 0.f; }));
         for (int64_t e = 0; e < N; ++e) CHECK((got[(size_t)(total - N + e)] == -INFINITY) == (h.pruned[e] != 0.f));
       }
     // A healthy layer's bias is all zeros: log(1) == 0 exactly.
@@ -461,7 +462,8 @@ TEST_SUITE("cuda") {
         std::vector<float> ref((size_t)total);
         cpu::route_bias_forward(ref.data(), h.rel.data(), h.use.data(), h.pruned.data(), br.data(),
                                 (int64_t)br.size(), reliability);
-        Tensor rd = Tensor::from_vector(h.rel, {N}).to(Device::CUDA), ud = Tensor::from_vector(h.use, {N}).to(Device::CUDA);
+        Tensor rd = Tensor::from_vector(h.rel, {N}).to(Device::CUDA);
+        Tensor ud = Tensor::from_vector(h.use, {N}).to(Device::CUDA);
         Tensor pd = Tensor::from_vector(h.pruned, {N}).to(Device::CUDA);
         Tensor out = Tensor::full({total}, 7.f, DType::F32, Device::CUDA);
         cuda::route_bias_forward(out.f32(), rd.f32(), ud.f32(), pd.f32(), br.data(), (int64_t)br.size(), reliability);

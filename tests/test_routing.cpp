@@ -573,7 +573,8 @@ TEST_SUITE("routing") {
     {
       flat.weights[0].copy_(uniform({4, 4}, 38, -2.f, 2.f));
       std::vector<float> r = {1.f, 0.5f, 1.f, 0.1f};
-      const RouterBias rb = router_bias_from_host(flat, {{std::log(r[0]), std::log(r[1]), std::log(r[2]), std::log(r[3])}});
+      const RouterBias rb =
+          router_bias_from_host(flat, {{std::log(r[0]), std::log(r[1]), std::log(r[2]), std::log(r[3])}});
       Tensor hr = uniform({30, 4}, 39);
       Routing rr = flat.route(hr, rb, nullptr, false);
       std::vector<float> hv = hr.to_f32_vector(), W = flat.weights[0].to_f32_vector();
