@@ -642,7 +642,7 @@ TEST_CASE("router_balance_loss with a logit bias: the bits of the former host-ma
   // with a pruned child per group.
   uint64_t seed = 5000;
   for (int64_t R : {7, 300})
-    for (int64_t E : {2, 6, 64})
+    for (int64_t E : {2, 3, 6, 7, 64})
       for (int64_t G : {1, 4})
         for (int bias = 0; bias < 4; ++bias) {
           const int64_t K = E > 2 ? 2 : 1;
@@ -661,7 +661,10 @@ TEST_CASE("router_balance_loss with a logit bias: the bits of the former host-ma
                                 : std::log(0.05f + 0.95f * philox_uniform(seed, 3, (uint64_t)i));
           if (bias == 3)
             for (int64_t g = 0; g < G; ++g) lb[(size_t)(g * E + 1)] = -INFINITY;
-          const float w = 0.03f, gup = 1.7f;
+          // Weights and upstream gradients drawn per case: the 1/E path and the shares path round k differently
+          // for about a quarter of them (k = w E / T_all in double vs (float)(w / T_all) * E), so a wrong
+          // decision shows in the gradient's bits.
+          const float w = 0.01f + 0.05f * philox_uniform(seed, 4, 0), gup = 0.5f + 2.f * philox_uniform(seed, 4, 1);
           std::vector<float> dref;
           const float ref = former_balance(p.to_f32_vector(), iv, G == 1 ? nullptr : &gv, bias ? &lb : nullptr, R, E, K,
                                            G, w, gup, &dref);
@@ -676,6 +679,23 @@ TEST_CASE("router_balance_loss with a logit bias: the bits of the former host-ma
           const std::vector<float> gx = x.grad().to_f32_vector();
           CHECK(std::memcmp(gx.data(), dref.data(), gx.size() * 4) == 0);
         }
+  // The kernel's backward with an all-zero bias against no bias, over many upstream gradients: the shares path
+  // would round k = dloss w / T_all before multiplying by E = rsum / rho, the 1/E path after, which differs for
+  // some of them (E = 6 is not a power of 2).
+  const int64_t R = 9, E = 6;
+  std::vector<float> frac((size_t)E), tokens = {(float)R}, zeros((size_t)E, 0.f), d0((size_t)(R * E)),
+      d1((size_t)(R * E));
+  for (int64_t e = 0; e < E; ++e) frac[(size_t)e] = (float)(e + 1) / (float)(R * 2);
+  int differ_from_shares = 0;
+  for (int i = 0; i < 200; ++i) {
+    const float dl = 0.5f + 0.0137f * (float)i, w = 0.01f + 0.00031f * (float)i;
+    cpu::load_balance_backward(d0.data(), &dl, frac.data(), tokens.data(), nullptr, nullptr, R, E, 1, w);
+    cpu::load_balance_backward(d1.data(), &dl, frac.data(), tokens.data(), nullptr, zeros.data(), R, E, 1, w);
+    REQUIRE(d0 == d1);
+    const float k = (float)((double)dl * (double)w / (double)R);  // what the shares path would use
+    differ_from_shares += (k * (float)E) * frac[1] != d0[1];
+  }
+  CHECK(differ_from_shares > 0);  // the comparison above can tell the two paths apart
 }
 
 TEST_CASE("embedding op: rows gathered for any id shape, repeated ids accumulate, bad ids throw") {
