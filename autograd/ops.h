@@ -81,10 +81,12 @@ Tensor router_z_loss(const Tensor& logits, float weight);
 // Load balance of one routing level, a 0-d tensor (kernels/losses.h load_balance_forward has the formula):
 // probs [R, E] (the only differentiable input), indices i32 [R, K] the chosen children (outside [0, E): not
 // counted), group i32 [R] each row's parent (outside [0, G): the row is skipped) or undefined for one group,
-// inv_share [G, E] f32 = 1 / target share (0: the child takes no part) or undefined for E everywhere.
-// Balanced flat usage gives `weight`. One kernel each way; nothing is read on the host.
+// log_bias [G, E] or [G * E] f32: the level's logit bias (log reliability, -inf: pruned, no gradient), whose
+// exp gives target shares proportional to it when some entry is nonzero (the kernel decides, on the device), or
+// undefined: E everywhere, the balanced target. Balanced flat usage gives `weight`. One kernel each way; nothing is
+// read on the host.
 Tensor router_balance_loss(const Tensor& probs, const Tensor& indices, const Tensor& group, int64_t G,
-                           const Tensor& inv_share, float weight);
+                           const Tensor& log_bias, float weight);
 // weight [V, C], ids i32 of any shape -> [..., C]. Backward scatters into weight rows.
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 // Normalise over the last axis. weight/bias [C]; bias may be undefined.

@@ -163,7 +163,7 @@ Tensor router_z_loss(const Tensor& logits, float weight) {
 // Load balance of one routing level (kernels/losses.h load_balance_forward/backward). Only probs is
 // differentiable: frac and the token counts come from indices and group, which carry no gradient.
 Tensor router_balance_loss(const Tensor& probs, const Tensor& indices, const Tensor& group, int64_t G,
-                           const Tensor& inv_share, float weight) {
+                           const Tensor& log_bias, float weight) {
   require_f32("router_balance_loss", "probs", probs);
   require_i32("router_balance_loss", "indices", indices);
   CM_REQUIRE(probs.dim() == 2 && probs.size(1) > 0, "router_balance_loss: probs must be [R, E] with E > 0, got ",
@@ -180,15 +180,17 @@ Tensor router_balance_loss(const Tensor& probs, const Tensor& indices, const Ten
   } else {
     CM_REQUIRE(G == 1, "router_balance_loss: G = ", G, " groups need a group tensor");
   }
-  if (inv_share.defined()) {
-    require_f32("router_balance_loss", "inv_share", inv_share);
-    CM_REQUIRE(inv_share.dim() == 2 && inv_share.size(0) == G && inv_share.size(1) == E,
-               "router_balance_loss: inv_share must be [", G, ", ", E, "], got ", shape_str(inv_share.shape()));
+  if (log_bias.defined()) {  // [G, E] or flat [G * E] (a router level's bias)
+    require_f32("router_balance_loss", "log_bias", log_bias);
+    CM_REQUIRE((log_bias.dim() == 2 && log_bias.size(0) == G && log_bias.size(1) == E) ||
+                   (log_bias.dim() == 1 && log_bias.size(0) == G * E),
+               "router_balance_loss: log_bias must be [", G, ", ", E, "] or [", G * E, "], got ",
+               shape_str(log_bias.shape()));
   }
-  const Device dev = common_device("router_balance_loss", {&probs, &indices, &group, &inv_share});
+  const Device dev = common_device("router_balance_loss", {&probs, &indices, &group, &log_bias});
   Tensor p = probs.contiguous().detach(), idx = indices.contiguous();
   Tensor grp = group.defined() ? group.contiguous() : Tensor();
-  Tensor q = inv_share.defined() ? inv_share.contiguous().detach() : Tensor();
+  Tensor q = log_bias.defined() ? log_bias.contiguous().detach() : Tensor();  // read by the kernels only
   Tensor loss = Tensor::empty({}, DType::F32, dev);                                      // 0-d
   Tensor frac = Tensor::empty({G, E}, DType::F32, dev), mp = Tensor::empty({G, E}, DType::F32, dev);  // [G, E]
   Tensor tokens = Tensor::empty({G}, DType::F32, dev);                                    // [G]

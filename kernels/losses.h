@@ -41,20 +41,25 @@ void z_loss_backward(float* dlogits, const float* dloss, const float* logits, co
 //   T_g = rows in g,  frac[g, e] = (slots of g that chose e) / (T_g K),  mean_prob[g, e] = mean over g's rows of
 //   probs[r, e];
 //   loss [1] = weight * sum_g (T_g / T_all) * sum_e inv_share[g, e] frac[g, e] mean_prob[g, e],  T_all = sum_g T_g.
-// inv_share [G, E] is 1 / (the target share of child e in group g), 0 for a child that takes no part (a pruned
-// one); inv_share == nullptr means E everywhere (the balanced target 1/E): flat routing (G = 1) then gives the
-// Switch loss, whose balanced value is `weight`. Empty groups contribute 0 and T_all = 0 gives 0: never inf or NaN
-// for finite probabilities. tokens [G] = T_g (as floats) is saved for backward.
+// The target shares come from the level's logit bias log_bias [G, E] (the router's: log reliability of each child,
+// -inf for a pruned one), read where it lives, never by the host: when some entry is nonzero (one decision for the
+// whole array), rho = exp((double)log_bias) per child, rsum = sum of rho over the group in child order (double), and
+// inv_share[g, e] = (float)(rsum / rho) (0 where rho == 0: a pruned child takes no part), the target share of a child
+// proportional to its reliability. log_bias == nullptr, or all zeros: inv_share = E everywhere (the balanced target
+// 1/E), evaluated as E * sum_e frac mean_prob: flat routing (G = 1) then gives the Switch loss, whose balanced value
+// is `weight` (the same bits as with no bias at all). Empty groups contribute 0 and T_all = 0 gives 0: never inf or
+// NaN for finite probabilities. tokens [G] = T_g (as floats) is saved for backward.
 // The CPU sums run in double in row order, one thread per block of columns: the same bits for any thread count.
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
-                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          const int32_t* indices, const int32_t* group, const float* log_bias, int64_t R, int64_t E,
                           int64_t K, int64_t G, float weight);
 // frac carries no gradient: dprobs [R, E] = k * frac[g, e] for rows of group g, 0 for skipped rows (overwritten),
-// with k = (float)(dloss[0] * weight * E / T_all) when inv_share == nullptr, else
+// with k = (float)(dloss[0] * weight * E / T_all) without target shares (log_bias null or all zero), else
 // dprobs = (k * inv_share[g, e]) * frac[g, e] with k = (float)(dloss[0] * weight / T_all) (T_all summed in double in
-// group order). The CUDA twin evaluates the same float expressions: given the same frac and tokens, the same bits.
+// group order; inv_share made from log_bias [G, E] as in the forward). The CUDA twin evaluates the same float
+// expressions: given the same frac, tokens and inverse shares, the same bits.
 void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
-                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           const int32_t* group, const float* log_bias, int64_t R, int64_t E, int64_t G,
                            float weight);
 
 }  // namespace cm::cpu
@@ -83,11 +88,13 @@ void z_loss_backward(float* dlogits, const float* dloss, const float* logits, co
 // and within float rounding of the CPU's double sums (tests/test_cuda.cpp: loss and mean_prob to 1e-5 relative;
 // frac, tokens and the backward bit for bit). G * E <= 4096 keeps a chunk's sums in shared memory; larger levels
 // keep them in global scratch, with fewer chunks: about 2^22 (g, e) partials (32 MiB), at least one chunk.
+// The inverse shares are made on the device from log_bias (the any-nonzero decision by one block, the shares one
+// thread per group, exp in double): the host never reads the bias.
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
-                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          const int32_t* indices, const int32_t* group, const float* log_bias, int64_t R, int64_t E,
                           int64_t K, int64_t G, float weight);
 void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
-                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           const int32_t* group, const float* log_bias, int64_t R, int64_t E, int64_t G,
                            float weight);
 
 }  // namespace cm::cuda

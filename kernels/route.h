@@ -64,6 +64,20 @@ void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);
 
+// The routing bias of a tree with branching [b_0 .. b_{D-1}] (N = prod b leaves, the experts; DESIGN.md 4.5), every
+// level's [n_l * b_l] (n_l = prod of the branching above) concatenated into bias, level 0 first (sum_l n_l b_l
+// floats): the logit bias the router adds at each level. From rel [N] (the experts' reliability), use [N] (their
+// usage EMA) and pruned [N] (1 = pruned, 0 = not), float:
+//   level D-1 (the experts):  r = rel[e],  u = use[e]
+//   level l < D-1: child j of the level is node j of level l + 1, with children i = j * b_{l+1} + c:
+//     su = sum_c u_i, sur = sum_c (double)u_i * r_i, sr = sum_c r_i (double, c increasing);
+//     r = (float)(su > 0 ? sur / su : sr / b_{l+1}),  u = (float)su   (the usage-weighted mean of the children)
+//   bias = log(r) (float log) when reliability, else 0; then -inf at level D-1 where pruned[e] != 0.
+// log(1) == 0 exactly: a healthy model's bias is all zeros. The arithmetic of MoELayer::node_reliability(); the
+// CPU twin gives its bits. branching [D] is a host array (a shape) on both twins.
+void route_bias_forward(float* bias, const float* rel, const float* use, const float* pruned,
+                        const int64_t* branching, int64_t D, bool reliability);
+
 // The fused selection of one level. Per pair p at node j = node[p] (0 when node == nullptr):
 //   s[p, c]         = logits[p, c] * inv_temp (skipped when inv_temp == 1) + lbias[j * b + c] (when lbias)
 //   probs[p, :]     = softmax(s[p, :])                                  (cpu::softmax_forward's arithmetic)
@@ -133,6 +147,11 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
 void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
                            const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
                            bool renorm);
+// One launch per level (a thread per node, the sums in double as on the CPU), then one for the logs and the pruned
+// experts; the usage of the inner levels lives in scratch. log is the device's logf: within its rounding of the
+// CPU's, and exactly 0 at 1.
+void route_bias_forward(float* bias, const float* rel, const float* use, const float* pruned,
+                        const int64_t* branching, int64_t D, bool reliability);
 
 }  // namespace cm::cuda
 #endif

@@ -131,27 +131,29 @@ std::vector<float> MoELayer::cluster_reliability_at_rest() const {
 
 float MoELayer::layer_reliability() const { return mean_of(cluster_reliability()); }
 
-RouterBias MoELayer::routing_bias() const {
-  RouterBias rb;
+// The inputs of the routing bias on dev, [3, N]: reliability, usage EMA, pruned flags (1 = pruned). Today they are
+// the layer's host buffers, uploaded (an upload, no wait); this is the one place that says where they come from.
+Tensor MoELayer::health_state_for_bias(Device dev) const {
+  health_.pull(health_buffers());  // (a no-op for an MoE layer: its state lives in the host buffers)
+  std::vector<float> v = host_buffer(reliability_), u = host_buffer(usage_ema_), p = host_buffer(pruned_);
+  v.insert(v.end(), u.begin(), u.end());
+  v.insert(v.end(), p.begin(), p.end());
+  return Tensor::from_vector(v, {3, N}, dev);
+}
+
+// Every level's logit bias, made on dev from tensors (kernels/route.h route_bias_forward: log of the node
+// reliabilities of node_reliability(), -inf for pruned experts): the host never reads it. Whether there is any bias
+// at all is the host's decision, from the config and the pruned flags (host state).
+RouterBias MoELayer::routing_bias(Device dev) const {
   const bool any_pruned = active_experts() < N;
-  if (!cfg_.use_reliability && !any_pruned) return rb;
-  const int64_t D = router.depth();
-  rb.logit_bias.resize((size_t)D);
-  if (cfg_.use_reliability) {
-    std::vector<std::vector<float>> rel = node_reliability();
-    for (int64_t l = 0; l < D; ++l) {
-      rb.logit_bias[l].resize(rel[l].size());
-      // log(1) == 0 exactly: a healthy model routes bit-for-bit as without reliability.
-      for (size_t i = 0; i < rel[l].size(); ++i) rb.logit_bias[l][i] = std::log(rel[l][i]);
-    }
-  }
-  if (any_pruned) {
-    std::vector<float>& last = rb.logit_bias[D - 1];
-    if (last.empty()) last.assign((size_t)N, 0.f);
-    for (int64_t e = 0; e < N; ++e)
-      if (pruned(e)) last[e] = -std::numeric_limits<float>::infinity();
-  }
-  return rb;
+  if (!cfg_.use_reliability && !any_pruned) return RouterBias{};
+  const Tensor state = health_state_for_bias(dev);  // [3, N]
+  int64_t total = 0, width = 1;
+  for (int64_t b : router.branching) total += (width *= b);
+  Tensor all = Tensor::empty({total}, DType::F32, dev);
+  CM_KERNEL(dev, route_bias_forward, all.f32(), state.f32(), state.f32() + N, state.f32() + 2 * N,
+            router.branching.data(), router.depth(), cfg_.use_reliability);
+  return router_bias_over(router, all);
 }
 
 // ---------------------------------------------------------------- forward
@@ -222,7 +224,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
 
   // 1. Route.
   const auto route_t0 = std::chrono::steady_clock::now();
-  Routing rt = router.route(x, routing_bias(), labels, training);
+  Routing rt = router.route(x, routing_bias(x.device()), labels, training);
   st.routing_ms = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - route_t0).count();
   const int64_t S0 = T * K;
   out.lb_loss = rt.lb_loss;

@@ -39,6 +39,33 @@ int64_t routing_flops_per_token(int64_t C, const std::vector<int64_t>& branching
   return flops;
 }
 
+RouterBias router_bias_over(const TreeRouter& r, const Tensor& all) {
+  RouterBias rb;
+  rb.all = all;
+  int64_t off = 0;
+  for (int64_t l = 0; l < r.depth(); ++l) {
+    const int64_t n = r.nodes[l] * r.branching[l];
+    rb.level.push_back(all.slice(0, off, off + n));
+    off += n;
+  }
+  CM_CHECK(all.dim() == 1 && all.numel() == off, "router bias ", shape_str(all.shape()), " for ", off,
+           " children in all levels");
+  return rb;
+}
+
+RouterBias router_bias_from_host(const TreeRouter& r, const std::vector<std::vector<float>>& levels, Device dev) {
+  std::vector<float> all;
+  for (int64_t l = 0; l < r.depth(); ++l) {
+    const size_t n = (size_t)(r.nodes[l] * r.branching[l]);
+    const bool given = l < (int64_t)levels.size() && !levels[l].empty();
+    CM_REQUIRE(!given || levels[l].size() == n, "router bias level ", l, ": ", levels[l].size(), " values for ", n,
+               " children");
+    if (given) all.insert(all.end(), levels[l].begin(), levels[l].end());
+    else all.insert(all.end(), n, 0.f);
+  }
+  return router_bias_over(r, Tensor::from_vector(all, {(int64_t)all.size()}, dev));
+}
+
 // The labels grouped for kernels/route.h ac_scales_forward (a stable counting sort; the labels checked here).
 static Segments group_labels(const std::vector<int32_t>& labels, int64_t T, int64_t N) {
   CM_CHECK((int64_t)labels.size() == T, "labels ", labels.size(), " for ", T, " tokens");
@@ -143,14 +170,16 @@ static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W),
 // (logit bias -inf) is never selected: it scores -inf, which ranks below every selectable child, so it only
 // comes up when its node has fewer than k others, and that is an error. NaN ranks first in topk_forward, but a
 // softmax row is either all NaN or NaN-free, and on an all-NaN row this still takes the first k selectable
-// children. probs [P, b]; abias [n_nodes * b] or null; lbias [n_nodes * b] or null; idx [P, k] child in [0, b).
-static void select_children(int32_t* idx, const float* probs, const float* abias, const std::vector<float>* lbias,
-                            const std::vector<int32_t>& node, int64_t P, int64_t b, int64_t k, int64_t level) {
-  const size_t nb = lbias ? lbias->size() : 0;  // n_nodes * b
+// children. probs [P, b]; abias [n_nodes * b] or null; lbias [n_nodes * b] (host values) or null; idx [P, k] child
+// in [0, b).
+static void select_children(int32_t* idx, const float* probs, const float* abias, const float* lbias,
+                            const std::vector<int32_t>& node, int64_t n_nodes, int64_t P, int64_t b, int64_t k,
+                            int64_t level) {
+  const size_t nb = lbias ? (size_t)(n_nodes * b) : 0;
   std::vector<char> pruned(nb, 0);
   bool any_pruned = false;
   for (size_t i = 0; i < nb; ++i) {
-    pruned[i] = std::isinf((*lbias)[i]) && (*lbias)[i] < 0;
+    pruned[i] = std::isinf(lbias[i]) && lbias[i] < 0;
     any_pruned = any_pruned || pruned[i];
   }
   const float* scores = probs;
@@ -180,26 +209,12 @@ static void select_children(int32_t* idx, const float* probs, const float* abias
 // device in a CUDA build), not from host bookkeeping. Targets are proportional to the children's reliability (exp of
 // the logit bias; pruned children: 0, and they take no part), so a degraded child is balanced towards a share in
 // proportion to its reliability instead of being pushed back to 1/b. All healthy (no bias, or all zero): q = 1/b,
-// the kernel's default, and this is b * sum f P, the Switch loss, whose balanced value is 1.
-// probs [P, b]; idx i32 [P, k]; node i32 [P] (undefined when n_nodes == 1); lbias [n_nodes * b] or null.
-static Tensor balance_term(const Tensor& probs, const Tensor& idx, const Tensor& node, int64_t n_nodes, int64_t b,
-                           const std::vector<float>* lbias, Device dev) {
-  Tensor inv_share;  // [n_nodes, b], 1 / q; undefined: b everywhere
-  if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
-    std::vector<float> inv((size_t)(n_nodes * b), 0.f);
-    std::vector<double> rho((size_t)b);
-    for (int64_t j = 0; j < n_nodes; ++j) {
-      double rsum = 0.0;
-      for (int64_t c = 0; c < b; ++c) {
-        rho[c] = std::exp((double)(*lbias)[j * b + c]);  // exp(-inf) = 0 for pruned children
-        rsum += rho[c];
-      }
-      for (int64_t c = 0; c < b; ++c)
-        if (rho[c] > 0.0) inv[j * b + c] = (float)(rsum / rho[c]);
-    }
-    inv_share = Tensor::from_vector(inv, {n_nodes, b}, dev);
-  }
-  return router_balance_loss(probs, idx, node, n_nodes, inv_share, 1.f);
+// and this is b * sum f P, the Switch loss, whose balanced value is 1. The kernel makes that decision and the
+// shares from the bias where it is: the host never reads it.
+// probs [P, b]; idx i32 [P, k]; node i32 [P] (undefined when n_nodes == 1); lbias [n_nodes * b] or undefined.
+static Tensor balance_term(const Tensor& probs, const Tensor& idx, const Tensor& node, int64_t n_nodes,
+                           const Tensor& lbias) {
+  return router_balance_loss(probs, idx, node, n_nodes, lbias, 1.f);
 }
 
 // The host's read-out of several device tensors (f32 or i32, 4 bytes an element) in one copy and one wait: they are
@@ -233,6 +248,13 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
   const int64_t T = h.size(0), D = depth();
   const Device dev = h.device();  // parameters and activations; the bookkeeping below stays on the host
+  if (bias.defined()) {
+    CM_CHECK((int64_t)bias.level.size() == D, "router bias with ", bias.level.size(), " levels for ", D);
+    for (int64_t l = 0; l < D; ++l)
+      CM_CHECK(bias.level[l].numel() == nodes[l] * branching[l] && bias.level[l].device() == dev, "router bias level ",
+               l, ": ", shape_str(bias.level[l].shape()), " on ", device_name(bias.level[l].device()), " for ",
+               nodes[l] * branching[l], " children on ", device_name(dev));
+  }
   Routing r;
   r.T = T;
 
@@ -280,12 +302,9 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
 
     // ---- one fused selection: probs [P, b] = softmax(logits / temperature + log r (-inf: pruned)); the k best
     // of probs + aux-free bias per pair (no gradient); path [P * k] = path * gate; the next level's nodes.
-    const std::vector<float>* lbias = l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty()
-                                          ? &bias.logit_bias[l]
-                                          : nullptr;
-    Tensor lb_t, ab_t;  // [n_nodes * b] on the device (a small upload, no wait)
-    if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; }))
-      lb_t = Tensor::from_vector(*lbias, {n_nodes * b}, dev);
+    // The logit bias as it is, on the device (all zeros for a healthy model: adding 0.0f changes no bit).
+    const Tensor lb_t = bias.defined() ? bias.level[l] : Tensor();  // [n_nodes * b]
+    Tensor ab_t;
     if (aux_free_) ab_t = aux_bias[l].device() == dev ? aux_bias[l] : aux_bias[l].to(dev);
     // renorm_last: the last level's kept siblings share 1 (only when k > 1: a lone child's share would be 1).
     const bool renorm = gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1;
@@ -295,7 +314,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
     r.level_counts_dev[l] = Tensor::empty({n_nodes * b}, DType::I32, dev);
     CM_KERNEL(dev, route_histogram, r.level_counts_dev[l].i32(), sel.child.i32(), P * k, n_nodes * b, false);
     // ---- load balance at this level (balance_term), on the selection where it is.
-    if (lb_w_ > 0.f) lb_terms.push_back(balance_term(sel.probs, sel.idx, node, n_nodes, b, lbias, dev));
+    if (lb_w_ > 0.f) lb_terms.push_back(balance_term(sel.probs, sel.idx, node, n_nodes, lb_t));
 
     // ---- descend: pairs (t, node) -> (t, node * b + child), token-major.
     path = sel.path;
@@ -345,18 +364,16 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   r.flops = 2 * T * N_ * C_;
   if (z_w_ > 0.f) z_terms.push_back(router_z_loss(logits, 1.f));
   Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
-  const auto level_bias = [&](int64_t l) -> const std::vector<float>* {
-    return l < (int64_t)bias.logit_bias.size() && !bias.logit_bias[l].empty() ? &bias.logit_bias[l] : nullptr;
-  };
-  const std::vector<float>* leaf_bias = level_bias(L);  // [N]: log reliability, -inf for pruned leaves
-  if (leaf_bias && std::any_of(leaf_bias->begin(), leaf_bias->end(), [](float v) { return v != 0.f; }))
-    s = add(s, Tensor::from_vector(*leaf_bias, {1, N_}, dev));
+  const Tensor leaf_bias = bias.defined() ? bias.level[L] : Tensor();  // [N]: log reliability, -inf for pruned leaves
+  if (leaf_bias.defined()) s = add(s, leaf_bias.view({1, N_}));  // on the device; + 0.0f changes no bit
   Tensor probs = softmax(s);  // [T, N]
-  // The selection below runs on the host: probs and s come back in one read-out (s only for the entropy).
-  const std::vector<std::vector<int32_t>> words = read_out_words({probs, s}, dev);
-  std::vector<float> p_host(words[0].size()), s_host(words[1].size());  // [T, N] each
+  // The selection below runs on the host: probs, s (for the entropy) and the levels' bias (pruned children) come
+  // back in one read-out.
+  const std::vector<std::vector<int32_t>> words = read_out_words({probs, s, bias.all}, dev);
+  std::vector<float> p_host(words[0].size()), s_host(words[1].size()), b_host(words[2].size());  // [T, N] [T, N]
   std::memcpy(p_host.data(), words[0].data(), p_host.size() * 4);
   std::memcpy(s_host.data(), words[1].data(), s_host.size() * 4);
+  std::memcpy(b_host.data(), words[2].data(), b_host.size() * 4);  // empty without bias
   const float* pv = p_host.data();
   r.entropy = cpu::route_mean_entropy(pv, s_host.data(), T, N_);  // of the one N-way distribution
 
@@ -364,6 +381,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
   std::iota(tok.begin(), tok.end(), 0);
   int64_t P = T, span = N_;  // span: leaves under one node of the current level
+  int64_t bias_at = 0;       // level l's bias in b_host
   for (int64_t l = 0; l < D; ++l) {
     const int64_t b = branching[l], k = top_k[l], n_nodes = nodes[l];
     span /= b;  // leaves under one child
@@ -376,8 +394,9 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
         score[p * b + c] = (float)m;
       }
     std::vector<int32_t> idx((size_t)(P * k));
-    select_children(idx.data(), score.data(), aux_free_ ? aux_bias[l].f32() : nullptr, level_bias(l), node, P, b,
-                    k, l);
+    select_children(idx.data(), score.data(), aux_free_ ? aux_bias[l].f32() : nullptr,
+                    b_host.empty() ? nullptr : b_host.data() + bias_at, node, n_nodes, P, b, k, l);
+    bias_at += n_nodes * b;
     std::vector<int64_t>& counts = r.level_counts[l];
     counts.assign((size_t)(n_nodes * b), 0);
     std::vector<int32_t> node2((size_t)(P * k)), tok2((size_t)(P * k));
@@ -404,7 +423,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
         dev));
   // Load balance over the leaves as one flat level (the upper levels have no probabilities of their own).
   if (lb_w_ > 0.f)
-    lb_terms.push_back(balance_term(probs, r.expert_ids.view({T, r.K}), Tensor(), 1, N_, leaf_bias, dev));
+    lb_terms.push_back(balance_term(probs, r.expert_ids.view({T, r.K}), Tensor(), 1, leaf_bias));
   finish(r, lb_terms, z_terms, dev);
   return r;
 }

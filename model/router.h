@@ -38,11 +38,23 @@ struct Segments {
 };
 Segments counting_sort(const std::vector<int32_t>& ids, int64_t n);
 
-// No-gradient terms the owner (the MoE layer) adds to the router's logits, per level [n_nodes * b]:
-// log reliability of each child, and -inf for pruned children. Empty vectors mean zeros.
+// No-gradient terms the owner (the MoE layer) adds to the router's logits, per level l [nodes[l] * b_l] f32 on h's
+// device: log reliability of each child, and -inf for pruned children (kernels/route.h route_bias_forward makes
+// them where the layer computes, levels concatenated in `all`). The router hands them to its kernels as they are
+// and never looks at them on the host (group_limited's host selection reads them in the read-out it makes anyway);
+// the load-balance kernel decides on the device whether a level has targets other than 1/b. Undefined (the default):
+// no bias at all (the layer has neither reliability nor a pruned expert).
 struct RouterBias {
-  std::vector<std::vector<float>> logit_bias;
+  Tensor all;                 // [sum_l nodes[l] * b_l], level 0 first; undefined: no bias
+  std::vector<Tensor> level;  // [D] views of all, level l [nodes[l] * b_l]
+  bool defined() const { return all.defined(); }
 };
+class TreeRouter;
+// The views of a router's levels over all [sum_l nodes[l] * b_l] (on any device).
+RouterBias router_bias_over(const TreeRouter& r, const Tensor& all);
+// From host values per level (tests, tools): an empty level means zeros; uploaded to dev.
+RouterBias router_bias_from_host(const TreeRouter& r, const std::vector<std::vector<float>>& levels,
+                                 Device dev = Device::CPU);
 
 struct Routing {
   int64_t T = 0, K = 0;

@@ -833,10 +833,11 @@ TEST_CASE("cuda kernels: load-balance loss (flat, grouped, target shares, shared
   cases.push_back({3000, 128, 2, 40});  // G * E = 5120: partials in global scratch, 256 chunks
   cases.push_back({700, 512, 1, 64});   // G * E = 32768: global scratch, 128 chunks of 6 rows
   for (const Case& cs : cases)
-    for (int shares = 0; shares < 2; ++shares) {
+    for (int bias = 0; bias < 3; ++bias) {  // no logit bias, reliabilities with a pruned child, all zeros
       const int64_t R = cs.R, E = cs.E, K = cs.K, G = cs.G;
+      const bool shares = bias == 1;  // all zeros: no target shares, the kernel decides on the device
       const std::string what = "R=" + std::to_string(R) + " E=" + std::to_string(E) + " K=" + std::to_string(K) +
-                               " G=" + std::to_string(G) + (shares ? " shares" : "");
+                               " G=" + std::to_string(G) + " bias=" + std::to_string(bias);
       const float w = 0.02f;
       // Router probabilities (softmax of random logits) and their top-K; groups with some skipped rows.
       Tensor logits = uniform({R, E}, ++seed, -2.f, 2.f);
@@ -846,11 +847,20 @@ TEST_CASE("cuda kernels: load-balance loss (flat, grouped, target shares, shared
       std::vector<int32_t> iv = ix.to_i32_vector(), gv((size_t)R);
       for (int64_t r = 0; r < R; ++r) gv[(size_t)r] = G == 1 ? 0 : (r % 11 == 4 ? -1 : (int32_t)(r % G));
       if (R > 3) iv[3] = -1;  // a dropped slot is not counted
-      // Target shares: 1 / q around E, 0 for one child per group (a pruned one takes no part).
-      std::vector<float> qv((size_t)(G * E));
-      for (int64_t i = 0; i < G * E; ++i)
-        qv[(size_t)i] = i % E == 2 ? 0.f : (float)E * (0.5f + philox_uniform(seed, 7, (uint64_t)i));
-      Tensor idx = i32s(iv, {R, K}), grp = i32s(gv, {R}), q = Tensor::from_vector(qv, {G, E});
+      // The logit bias: log reliabilities, -inf for one child per group (a pruned one takes no part); the target
+      // shares it makes, 1 / q = rsum / rho (kernels/losses.h), in double.
+      std::vector<float> lbv((size_t)(G * E), 0.f), qv((size_t)(G * E), 0.f);
+      for (int64_t i = 0; bias == 1 && i < G * E; ++i)
+        lbv[(size_t)i] = i % E == 2 ? -INFINITY : std::log(0.05f + 0.95f * philox_uniform(seed, 7, (uint64_t)i));
+      for (int64_t g = 0; g < G; ++g) {
+        double rsum = 0.0;
+        for (int64_t e = 0; e < E; ++e) rsum += std::exp((double)lbv[(size_t)(g * E + e)]);
+        for (int64_t e = 0; e < E; ++e) {
+          const double rho = std::exp((double)lbv[(size_t)(g * E + e)]);
+          qv[(size_t)(g * E + e)] = rho > 0.0 ? (float)(rsum / rho) : 0.f;
+        }
+      }
+      Tensor idx = i32s(iv, {R, K}), grp = i32s(gv, {R}), q = Tensor::from_vector(lbv, {G, E});
       // Reference.
       std::vector<float> pv = p.to_f32_vector();
       std::vector<double> T((size_t)G, 0), S((size_t)(G * E), 0), cnt((size_t)(G * E), 0);
@@ -888,7 +898,7 @@ TEST_CASE("cuda kernels: load-balance loss (flat, grouped, target shares, shared
       Tensor gloss = poisoned({1}), gfrac = poisoned({G, E}), gmp = poisoned({G, E}), gtok = poisoned({G});
       Tensor dP = dev(p), dIdx = dev(idx), dGrp = dev(grp), dQ = dev(q);
       const int32_t* gptr = G == 1 ? nullptr : dGrp.i32();
-      const float* qptr = shares ? dQ.f32() : nullptr;
+      const float* qptr = bias ? dQ.f32() : nullptr;
       cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dP.f32(), dIdx.i32(), gptr, qptr, R,
                                  E, K, G, w);
       check_near(gloss, std::vector<double>{loss}, 1e-7f, 1e-5f, "loss " + what);
@@ -904,10 +914,10 @@ TEST_CASE("cuda kernels: load-balance loss (flat, grouped, target shares, shared
       Tensor closs = Tensor::empty({1}), cfrac = Tensor::empty({G, E}), cmp = Tensor::empty({G, E}),
              ctok = Tensor::empty({G}), cdp = Tensor::empty({R, E});
       cpu::load_balance_forward(closs.f32(), cfrac.f32(), cmp.f32(), ctok.f32(), p.f32(), idx.i32(),
-                                G == 1 ? nullptr : grp.i32(), shares ? q.f32() : nullptr, R, E, K, G, w);
+                                G == 1 ? nullptr : grp.i32(), bias ? q.f32() : nullptr, R, E, K, G, w);
       const float gupf = (float)gup;
       cpu::load_balance_backward(cdp.f32(), &gupf, cfrac.f32(), ctok.f32(), G == 1 ? nullptr : grp.i32(),
-                                 shares ? q.f32() : nullptr, R, E, G, w);
+                                 bias ? q.f32() : nullptr, R, E, G, w);
       check_near(gloss, closs, 1e-7f, 1e-5f, "loss, CPU twin " + what);
       check_near(gmp, cmp, 1e-7f, 1e-5f, "mean_prob, CPU twin " + what);
       same(gfrac, cfrac, "frac, CPU twin " + what);
@@ -1937,12 +1947,18 @@ TEST_CASE("cuda ops: neural-net ops (softmax, cross-entropy, embedding, norms, d
       sel.push_back(r % 4), sel.push_back((r % 4 + 1 + r / 4 % 3) % 4);  // two distinct children
       par.push_back(r % 7 == 3 ? -1 : r % 3);
     }
-    Tensor sel_t = i32s(sel, {40, 2}), par_t = i32s(par, {40}), shares = P({3, 4}, 23, 2.f, 6.f);
+    Tensor sel_t = i32s(sel, {40, 2}), par_t = i32s(par, {40});
+    // The level's logit bias: log reliabilities in [log 0.2, 0], one pruned child (-inf).
+    Tensor shares = P({3, 4}, 23, -1.6f, 0.f).detach();
+    shares.f32()[6] = -INFINITY;
     op_parity("router_balance_loss", [&](const V& x) { return router_balance_loss(x[0], x[1], x[2], 3, x[3], 0.1f); },
               {P({40, 4}, 22, 0.f, 1.f), sel_t, par_t, shares.detach()});
     op_parity("router_balance_loss flat", [&](const V& x) {
       return router_balance_loss(x[0], x[1], Tensor(), 1, Tensor(), 0.1f);
     }, {P({40, 4}, 24, 0.f, 1.f), sel_t});
+    op_parity("router_balance_loss, an all-zero bias", [&](const V& x) {
+      return router_balance_loss(x[0], x[1], x[2], 3, x[3], 0.1f);
+    }, {P({40, 4}, 25, 0.f, 1.f), sel_t, par_t, Tensor::zeros({3, 4})});
   }
   op_parity("layernorm", [](const V& x) { return layernorm(x[0], x[1], x[2]); },
             {P({4, 6, 32}, 7, -2.f, 2.f), P({32}, 8, 0.5f, 1.5f), P({32}, 9)});

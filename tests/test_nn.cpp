@@ -1,7 +1,9 @@
 // Neural-net kernels and ops: softmax, log-softmax, cross-entropy, embedding, layernorm, rmsnorm, dropout,
 // AdamW (kernel only), causal attention. Raw kernels are checked against naive double-precision references
 // (suite "kernels"); ops against the same references plus finite differences (suite "ops").
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -497,11 +499,20 @@ TEST_CASE("router_balance_loss op: double reference (flat, grouped, target share
             if (R > 5 && G > 1) gv[4] = -1, gv[5] = (int32_t)G;
             if (R > 3) iv[3] = -1;                 // a dropped slot is not counted
             if (R > 2) iv[2 * K - 1] = (int32_t)E;  // nor one outside [0, E)
-            std::vector<float> inv((size_t)(G * E));
-            for (int64_t i = 0; i < G * E; ++i)  // 1 / share: E around 1, one excluded child per group
-              inv[(size_t)i] = i % E == 1 ? 0.f : (float)E * (0.5f + philox_uniform(seed, 1, (uint64_t)i));
+            // The logit bias: log reliabilities, one excluded (pruned, -inf) child per group; the inverse target
+            // shares it stands for, rsum / rho.
+            std::vector<float> lb((size_t)(G * E)), inv((size_t)(G * E), 0.f);
+            for (int64_t i = 0; i < G * E; ++i)
+              lb[(size_t)i] = i % E == 1 ? -INFINITY : std::log(0.05f + 0.95f * philox_uniform(seed, 1, (uint64_t)i));
+            for (int64_t g = 0; g < G; ++g) {
+              double rsum = 0.0;
+              for (int64_t e = 0; e < E; ++e) rsum += std::exp((double)lb[(size_t)(g * E + e)]);
+              for (int64_t e = 0; e < E; ++e)
+                if (lb[(size_t)(g * E + e)] > -INFINITY)
+                  inv[(size_t)(g * E + e)] = (float)(rsum / std::exp((double)lb[(size_t)(g * E + e)]));
+            }
             Tensor idx = Tensor::from_vector(iv, {R, K}), grp = Tensor::from_vector(gv, {R});
-            Tensor q = shares ? Tensor::from_vector(inv, {G, E}) : Tensor();
+            Tensor q = shares ? Tensor::from_vector(lb, {G, E}) : Tensor();
             const std::vector<float> pv = p.to_f32_vector();
             std::vector<double> dref;
             const double ref = balance_ref(pv, iv, G == 1 ? nullptr : &gv, shares ? &inv : nullptr, R, E, K, G,
@@ -521,14 +532,16 @@ TEST_CASE("router_balance_loss op: double reference (flat, grouped, target share
               }, {param({R, E}, seed, 0.f, 1.f)});
           }
   // Balanced flat usage (uniform probabilities, round-robin choice) gives exactly the weight, the Switch floor;
-  // the same with every target share 1/E given explicitly.
+  // the same with equal reliabilities (every target share 1/E), and an all-zero bias is no bias at all.
   const int64_t R = 64, E = 8;
   std::vector<int32_t> rr((size_t)R);
   for (int64_t r = 0; r < R; ++r) rr[(size_t)r] = (int32_t)(r % E);
   Tensor uni = Tensor::full({R, E}, 1.f / E), rrt = Tensor::from_vector(rr, {R, 1});
   CHECK(router_balance_loss(uni, rrt, Tensor(), 1, Tensor(), 0.5f).item() == doctest::Approx(0.5).epsilon(1e-6));
-  CHECK(router_balance_loss(uni, rrt, Tensor(), 1, Tensor::full({1, E}, (float)E), 0.5f).item() ==
+  CHECK(router_balance_loss(uni, rrt, Tensor(), 1, Tensor::full({1, E}, std::log(0.5f)), 0.5f).item() ==
         doctest::Approx(0.5).epsilon(1e-6));
+  CHECK(router_balance_loss(uni, rrt, Tensor(), 1, Tensor::zeros({E}), 0.5f).item() ==
+        router_balance_loss(uni, rrt, Tensor(), 1, Tensor(), 0.5f).item());
   // All traffic on one child with all its probability: E times the weight.
   Tensor one = Tensor::zeros({R, E});
   for (int64_t r = 0; r < R; ++r) one.f32()[r * E] = 1.f;
@@ -556,8 +569,133 @@ TEST_CASE("router_balance_loss op: double reference (flat, grouped, target share
                        doctest::Contains("groups need a group tensor"), Error);
   CHECK_THROWS_AS(router_balance_loss(some, i31, Tensor::zeros({2}, DType::I32), 2, Tensor(), 1.f), Error);
   CHECK_THROWS_WITH_AS(router_balance_loss(some, i31, Tensor(), 1, Tensor::ones({1, 3}), 1.f),
-                       doctest::Contains("inv_share must be [1, 4]"), Error);
+                       doctest::Contains("log_bias must be [1, 4] or [4]"), Error);
   CHECK_THROWS_AS(router_balance_loss(some, i31, Tensor(), 0, Tensor(), 1.f), Error);
+}
+
+// The load balance as the router computed it before the kernel took the logit bias (model/router.cpp built the
+// inverse shares on the host, only when some bias entry was nonzero, and kernels/cpu/losses.cpp took them or
+// nullptr): that arithmetic, kept here verbatim, for a bit-for-bit comparison. Returns the loss; dp [R, E] the
+// gradient for an upstream gradient gup.
+static float former_balance(const std::vector<float>& probs, const std::vector<int32_t>& indices,
+                            const std::vector<int32_t>* group, const std::vector<float>* lbias, int64_t R, int64_t E,
+                            int64_t K, int64_t G, float weight, float gup, std::vector<float>* dp) {
+  std::vector<float> inv;  // balance_term's host-made 1 / q
+  if (lbias && std::any_of(lbias->begin(), lbias->end(), [](float v) { return v != 0.f; })) {
+    inv.assign((size_t)(G * E), 0.f);
+    std::vector<double> rho((size_t)E);
+    for (int64_t j = 0; j < G; ++j) {
+      double rsum = 0.0;
+      for (int64_t c = 0; c < E; ++c) {
+        rho[c] = std::exp((double)(*lbias)[j * E + c]);
+        rsum += rho[c];
+      }
+      for (int64_t c = 0; c < E; ++c)
+        if (rho[c] > 0.0) inv[j * E + c] = (float)(rsum / rho[c]);
+    }
+  }
+  const float* inv_share = inv.empty() ? nullptr : inv.data();
+  std::vector<double> S((size_t)(G * E), 0.0);
+  std::vector<int64_t> cnt((size_t)(G * E), 0), T((size_t)G, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = group ? (*group)[r] : 0;
+    if (g < 0 || g >= G) continue;
+    ++T[(size_t)g];
+    for (int64_t j = 0; j < K; ++j) {
+      const int32_t e = indices[r * K + j];
+      if (e >= 0 && e < E) ++cnt[(size_t)(g * E + e)];
+    }
+    for (int64_t e = 0; e < E; ++e) S[(size_t)(g * E + e)] += (double)probs[r * E + e];
+  }
+  std::vector<float> frac((size_t)(G * E)), tokens((size_t)G);
+  double acc = 0.0, tall = 0.0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t t = T[(size_t)g];
+    tokens[g] = (float)t;
+    tall += (double)t;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = g * E + e;
+      const float f = t > 0 ? (float)cnt[(size_t)i] / (float)(t * K) : 0.f;
+      const float p = t > 0 ? (float)(S[(size_t)i] / (double)t) : 0.f;
+      frac[i] = f;
+      acc += (double)t * (double)f * (double)p * (inv_share ? (double)inv_share[i] : 1.0);
+    }
+  }
+  const float loss = tall > 0 ? (float)((double)weight * (inv_share ? 1.0 : (double)E) * acc / tall) : 0.f;
+  double tall2 = 0.0;
+  for (int64_t g = 0; g < G; ++g) tall2 += (double)tokens[g];
+  const float k = tall2 > 0 ? (float)((double)gup * (double)weight * (inv_share ? 1.0 : (double)E) / tall2) : 0.f;
+  dp->assign((size_t)(R * E), 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = group ? (*group)[r] : 0;
+    if (g < 0 || g >= G) continue;
+    for (int64_t e = 0; e < E; ++e)
+      (*dp)[r * E + e] = inv_share ? (k * inv_share[g * E + e]) * frac[g * E + e] : k * frac[g * E + e];
+  }
+  return loss;
+}
+
+TEST_CASE("router_balance_loss with a logit bias: the bits of the former host-made target shares, value and "
+          "gradient; an all-zero bias is no bias") {
+  // The kernel now decides on the bias itself (some entry nonzero: target shares rsum / rho; all zero: the 1/E
+  // arithmetic). Against the former path on random routings: no bias, all zeros, reliabilities, and reliabilities
+  // with a pruned child per group.
+  uint64_t seed = 5000;
+  for (int64_t R : {7, 300})
+    for (int64_t E : {2, 3, 6, 7, 64})
+      for (int64_t G : {1, 4})
+        for (int bias = 0; bias < 4; ++bias) {
+          const int64_t K = E > 2 ? 2 : 1;
+          CAPTURE(R);
+          CAPTURE(E);
+          CAPTURE(G);
+          CAPTURE(bias);
+          Tensor p = softmax(uniform({R, E}, ++seed, -2.f, 2.f)).detach();
+          const std::vector<int32_t> iv = topk(p, K).second.to_i32_vector();
+          std::vector<int32_t> gv((size_t)R);
+          for (int64_t r = 0; r < R; ++r) gv[(size_t)r] = (int32_t)(r * 7 % G);
+          std::vector<float> lb((size_t)(G * E), 0.f);
+          for (int64_t i = 0; bias >= 2 && i < G * E; ++i)
+            lb[(size_t)i] = philox_uniform(seed, 2, (uint64_t)i) < 0.3f
+                                ? 0.f
+                                : std::log(0.05f + 0.95f * philox_uniform(seed, 3, (uint64_t)i));
+          if (bias == 3)
+            for (int64_t g = 0; g < G; ++g) lb[(size_t)(g * E + 1)] = -INFINITY;
+          // Weights and upstream gradients drawn per case: the 1/E path and the shares path round k differently
+          // for about a quarter of them (k = w E / T_all in double vs (float)(w / T_all) * E), so a wrong
+          // decision shows in the gradient's bits.
+          const float w = 0.01f + 0.05f * philox_uniform(seed, 4, 0), gup = 0.5f + 2.f * philox_uniform(seed, 4, 1);
+          std::vector<float> dref;
+          const float ref = former_balance(p.to_f32_vector(), iv, G == 1 ? nullptr : &gv, bias ? &lb : nullptr, R, E, K,
+                                           G, w, gup, &dref);
+          Tensor x = p.detach();
+          x.requires_grad_();
+          const Tensor grp = G == 1 ? Tensor() : Tensor::from_vector(gv, {R});
+          Tensor l = router_balance_loss(x, Tensor::from_vector(iv, {R, K}), grp, G,
+                                         bias ? Tensor::from_vector(lb, {G * E}) : Tensor(), w);
+          const float got = l.item();
+          CHECK(std::memcmp(&got, &ref, 4) == 0);
+          l.backward(Tensor::scalar(gup));
+          const std::vector<float> gx = x.grad().to_f32_vector();
+          CHECK(std::memcmp(gx.data(), dref.data(), gx.size() * 4) == 0);
+        }
+  // The kernel's backward with an all-zero bias against no bias, over many upstream gradients: the shares path
+  // would round k = dloss w / T_all before multiplying by E = rsum / rho, the 1/E path after, which differs for
+  // some of them (E = 6 is not a power of 2).
+  const int64_t R = 9, E = 6;
+  std::vector<float> frac((size_t)E), tokens = {(float)R}, zeros((size_t)E, 0.f), d0((size_t)(R * E)),
+      d1((size_t)(R * E));
+  for (int64_t e = 0; e < E; ++e) frac[(size_t)e] = (float)(e + 1) / (float)(R * 2);
+  int differ_from_shares = 0;
+  for (int i = 0; i < 200; ++i) {
+    const float dl = 0.5f + 0.0137f * (float)i, w = 0.01f + 0.00031f * (float)i;
+    cpu::load_balance_backward(d0.data(), &dl, frac.data(), tokens.data(), nullptr, nullptr, R, E, 1, w);
+    cpu::load_balance_backward(d1.data(), &dl, frac.data(), tokens.data(), nullptr, zeros.data(), R, E, 1, w);
+    REQUIRE(d0 == d1);
+    const float k = (float)((double)dl * (double)w / (double)R);  // what the shares path would use
+    differ_from_shares += (k * (float)E) * frac[1] != d0[1];
+  }
+  CHECK(differ_from_shares > 0);  // the comparison above can tell the two paths apart
 }
 
 TEST_CASE("embedding op: rows gathered for any id shape, repeated ids accumulate, bad ids throw") {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <set>
@@ -11,6 +12,7 @@
 #include "model/coe.h"
 #include "model/moe.h"
 #include "model/optim.h"
+#include "tests/bias_ref.h"
 #include "tests/corpus.h"
 #include "tests/helpers.h"
 
@@ -284,6 +286,73 @@ TEST_SUITE("reliability") {
       for (int64_t j = 0; j < 4; ++j) p1[o.expert[t * 4 + j]] = o.gate[t * 4 + j];
       for (int e = 0; e < 4; ++e) z += r[e] * p0[e];
       for (int e = 0; e < 4; ++e) CHECK(p1[e] == doctest::Approx(r[e] * p0[e] / z).epsilon(1e-5));
+    }
+  }
+
+  TEST_CASE("degraded reliability and a pruned expert: the layer routes and balances as the former host bias did") {
+    // The layer makes its routing bias on its device (kernels/route.h route_bias_forward) and the router and the
+    // load-balance kernel take it as a tensor. Reference: the router fed the bias of the former host formula
+    // (tests/bias_ref.h) from the same buffers. Same experts, gate bits, load-balance bits and router gradients;
+    // the pruned expert is never selected, and a degraded expert gets less traffic than with reliability off.
+    for (GateMode gm : {GateMode::RenormPath, GateMode::GroupLimited}) {
+      CAPTURE((int)gm);
+      CoEConfig c;
+      c.d_model = 8;
+      c.n_heads = 1;
+      c.d_ff = 8;
+      c.router = RouterKind::Cluster;
+      c.num_clusters = 3;
+      c.experts_per_cluster = 4;
+      c.top_k_clusters = 2;
+      c.top_k_experts = 2;
+      c.gate_mode = gm;
+      c.load_balancing_weight = 0.1f;
+      c.init_std = 0.5f;
+      Generator gen(91);
+      MoELayer layer(c, 0, true, gen);
+      NamedParams bufs;
+      layer.collect_buffers("moe", bufs);
+      REQUIRE(bufs[0].first == "moe.reliability");
+      REQUIRE(bufs[3].first == "moe.usage_ema");
+      const std::vector<float> rel = {1.f, 0.4f, 1.f, 1.f, 0.7f, 1.f, 1.f, 0.9f, 0.2f, 1.f, 1.f, 0.6f};
+      const std::vector<float> use = {0.1f, 0.05f, 0.1f, 0.1f, 0.f, 0.f, 0.f, 0.f, 0.2f, 0.1f, 0.15f, 0.2f};
+      bufs[0].second.copy_(Tensor::from_vector(rel, {12}));
+      bufs[3].second.copy_(Tensor::from_vector(use, {12}));  // cluster 1 unused: its plain mean
+      layer.prune(5);
+      std::vector<float> pruned(12, 0.f);
+      pruned[5] = 1.f;
+      const RouterBias former = router_bias_from_host(
+          layer.router, cm::test::host_routing_bias(layer.router.branching, rel, use, pruned, true));
+
+      Tensor x = uniform({40, 8}, 92);
+      MoELayer::Output o = layer.forward(x, nullptr, nullptr, false);
+      REQUIRE(o.lb_loss.defined());
+      const float lb = o.lb_loss.item();
+      o.lb_loss.backward();
+      std::vector<std::vector<float>> grads;
+      for (const Tensor& w : layer.router.weights) {
+        grads.push_back(w.grad().defined() ? w.grad().to_f32_vector() : std::vector<float>{});
+        w.zero_grad();
+      }
+      Routing ref = layer.router.route(x, former, nullptr, false);
+      CHECK(o.expert == ref.expert);
+      CHECK(o.gate == ref.gate_value);  // bit for bit
+      const float lb_ref = ref.lb_loss.item();
+      CHECK(std::memcmp(&lb, &lb_ref, 4) == 0);
+      ref.lb_loss.backward();
+      for (size_t l = 0; l < grads.size(); ++l) {
+        CAPTURE(l);
+        const Tensor& w = layer.router.weights[l];
+        CHECK(grads[l] == (w.grad().defined() ? w.grad().to_f32_vector() : std::vector<float>{}));
+      }
+      CHECK(std::count(o.expert.begin(), o.expert.end(), 5) == 0);
+      // The bias reached the routing: expert 8 (reliability 0.2) gets fewer slots than without reliability.
+      CoEConfig off = c;
+      off.use_reliability = false;
+      Generator gen2(91);
+      MoELayer plain(off, 0, true, gen2);
+      MoELayer::Output po = plain.forward(x, nullptr, nullptr, false);
+      CHECK(std::count(o.expert.begin(), o.expert.end(), 8) < std::count(po.expert.begin(), po.expert.end(), 8));
     }
   }
 

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "autograd/ops_route.h"
+#include "bias_ref.h"
 #include "helpers.h"
 #include "kernels/gemm.h"
 #include "kernels/route.h"
@@ -21,6 +22,27 @@ using namespace cm;
 using cm::test::uniform;
 
 namespace {
+
+// A random health state of N experts for route_bias_forward: reliabilities in [0.01, 1] with some exactly 1, usage
+// shares with whole groups of `zero_group` consecutive experts at 0 (the inner levels' unweighted-mean branch), and
+// about a fifth of the experts pruned. rel, use, pruned [N] each.
+struct HealthState {
+  std::vector<float> rel, use, pruned;
+};
+HealthState random_health(int64_t N, int64_t zero_group, uint64_t seed) {
+  Generator g(seed);
+  std::vector<float> u = Tensor::rand({3 * N}, g).to_f32_vector();
+  HealthState h;
+  for (int64_t e = 0; e < N; ++e) {
+    h.rel.push_back(u[e] < 0.3f ? 1.f : 0.01f + 0.99f * u[e]);
+    h.use.push_back(e / zero_group % 3 == 1 ? 0.f : u[N + e] / (float)N);
+    h.pruned.push_back(u[2 * N + e] < 0.2f ? 1.f : 0.f);
+  }
+  return h;
+}
+
+// The trees the bias kernel is checked on: flat, two and three levels, and levels with a single child.
+const std::vector<std::vector<int64_t>> kBiasTrees = {{5}, {2, 3}, {3, 2, 4}, {1, 4}, {2, 1, 3}, {4, 16}};
 
 // Node ids for P = T * Kp token-major pairs: each token's Kp pairs at distinct nodes of [0, n), drawn at random
 // with a skew (node 0 takes about `skew` of the pairs) so that one node can hold several GEMM K blocks of pairs.
@@ -283,6 +305,38 @@ TEST_SUITE("routing") {
     CHECK(keys == std::vector<int32_t>{4, 14, -1, 5, 13, -1, -1, -1});  // expert 3 >= N; token 9 >= V
   }
 
+  TEST_CASE("route bias: every level's log reliability and the pruned experts, the former host formula's bits") {
+    // kernels/route.h route_bias_forward against tests/bias_ref.h (what model/moe.cpp computed on the host before):
+    // the same floats bit for bit, -inf included, with reliability on and off.
+    uint64_t seed = 900;
+    for (const std::vector<int64_t>& br : kBiasTrees)
+      for (int reliability = 0; reliability < 2; ++reliability) {
+        CAPTURE(br.size());
+        CAPTURE(br.back());
+        CAPTURE(reliability);
+        int64_t N = 1, total = 0;
+        for (int64_t b : br) total += (N *= b);
+        const HealthState h = random_health(N, br.back(), ++seed);
+        std::vector<float> got((size_t)total, 7.f);
+        cpu::route_bias_forward(got.data(), h.rel.data(), h.use.data(), h.pruned.data(), br.data(),
+                                (int64_t)br.size(), reliability);
+        std::vector<float> want;
+        for (const std::vector<float>& lv : cm::test::host_routing_bias(br, h.rel, h.use, h.pruned, reliability))
+          want.insert(want.end(), lv.begin(), lv.end());
+        REQUIRE(want.size() == got.size());
+        CHECK(std::memcmp(got.data(), want.data(), got.size() * 4) == 0);
+        // Not a vacuous comparison: the inner levels are biased, and the pruned experts are -inf at the last level.
+        if (reliability && br.size() > 1 && br[1] > 1)
+          CHECK(std::any_of(got.begin(), got.begin() + br[0], [](float v) { return v < 0.f; }));
+        for (int64_t e = 0; e < N; ++e) CHECK((got[(size_t)(total - N + e)] == -INFINITY) == (h.pruned[e] != 0.f));
+      }
+    // A healthy layer's bias is all zeros: log(1) == 0 exactly.
+    const std::vector<int64_t> br = {3, 4};
+    std::vector<float> rel(12, 1.f), use(12, 1.f / 12), none(12, 0.f), got(15, 7.f);
+    cpu::route_bias_forward(got.data(), rel.data(), use.data(), none.data(), br.data(), 2, true);
+    CHECK(got == std::vector<float>(15, 0.f));
+  }
+
   TEST_CASE("route select: bad arguments and a node with fewer than k selectable children are refused") {
     Tensor logits = uniform({4, 3}, 1);
     CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 4, false, false),
@@ -391,6 +445,35 @@ TEST_SUITE("cuda") {
       CHECK(cm::test::first_mismatch(rd.to_f32_vector(), run, 1e-6f, 1e-5f) < 0);
       if (N > 1) CHECK(has[1] == 0);  // an empty label keeps m = 1 and its running m
     }
+  }
+
+  TEST_CASE("cuda kernels: route bias equals the CPU twin on random health states" * cm::test::needs_device()) {
+    // Double sums in the same order on both: the reliabilities are the same bits; the logs are the device's logf,
+    // within float rounding of the CPU's, -inf and 0 exactly.
+    uint64_t seed = 950;
+    for (const std::vector<int64_t>& br : kBiasTrees)
+      for (int reliability = 0; reliability < 2; ++reliability) {
+        CAPTURE(br.size());
+        CAPTURE(br.back());
+        CAPTURE(reliability);
+        int64_t N = 1, total = 0;
+        for (int64_t b : br) total += (N *= b);
+        const HealthState h = random_health(N, br.back(), ++seed);
+        std::vector<float> ref((size_t)total);
+        cpu::route_bias_forward(ref.data(), h.rel.data(), h.use.data(), h.pruned.data(), br.data(),
+                                (int64_t)br.size(), reliability);
+        Tensor rd = Tensor::from_vector(h.rel, {N}).to(Device::CUDA);
+        Tensor ud = Tensor::from_vector(h.use, {N}).to(Device::CUDA);
+        Tensor pd = Tensor::from_vector(h.pruned, {N}).to(Device::CUDA);
+        Tensor out = Tensor::full({total}, 7.f, DType::F32, Device::CUDA);
+        cuda::route_bias_forward(out.f32(), rd.f32(), ud.f32(), pd.f32(), br.data(), (int64_t)br.size(), reliability);
+        const std::vector<float> got = out.to_f32_vector();
+        for (int64_t i = 0; i < total; ++i) {
+          CAPTURE(i);
+          if (std::isinf(ref[(size_t)i]) || ref[(size_t)i] == 0.f) CHECK(got[(size_t)i] == ref[(size_t)i]);
+          else CHECK(std::fabs(got[(size_t)i] - ref[(size_t)i]) <= 1e-7f + 1e-6f * std::fabs(ref[(size_t)i]));
+        }
+      }
   }
 
   TEST_CASE("cuda kernels: route select forward and backward against the CPU" * cm::test::needs_device()) {

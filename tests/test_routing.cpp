@@ -139,7 +139,7 @@ std::vector<double> expert_ref(const ExpertFFN& e, const float* x, int64_t C) {
 // The smallest gap, over every token and every node it reaches, between the k-th and (k+1)-th largest logit
 // (plus the logit bias rb, log r): a finite-difference step that moves no logit by more than half of it cannot
 // flip a selection (nor the counts f of the load-balance loss). Only levels with k < b have a gap.
-double min_selection_gap(const TreeRouter& r, const Tensor& h, const RouterBias& rb = RouterBias{}) {
+double min_selection_gap(const TreeRouter& r, const Tensor& h, const std::vector<std::vector<float>>& lbias = {}) {
   const int64_t T = h.size(0), C = h.size(1);
   std::vector<float> hv = h.to_f32_vector();
   double gap = 1e300;
@@ -149,7 +149,7 @@ double min_selection_gap(const TreeRouter& r, const Tensor& h, const RouterBias&
     const int64_t b = r.branching[l], k = r.top_k[l];
     std::vector<std::pair<double, int64_t>> z((size_t)b);
     for (int64_t j = 0; j < b; ++j) {
-      double v = l < (int64_t)rb.logit_bias.size() && !rb.logit_bias[l].empty() ? rb.logit_bias[l][node * b + j] : 0.0;
+      double v = l < (int64_t)lbias.size() && !lbias[l].empty() ? lbias[l][node * b + j] : 0.0;
       for (int64_t q = 0; q < C; ++q) v += (double)hv[t * C + q] * W[(node * b + j) * C + q];
       z[j] = {v, j};
     }
@@ -413,19 +413,20 @@ TEST_SUITE("routing") {
       const int64_t T = 10, C = 5;
       // The first seed whose selections have a margin: the check perturbs one element by 1e-2, which moves a
       // logit gap by at most 2e-2 max(|h|, |W|) (|h| < 1, |W| < 3 here).
-      RouterBias rb;
+      std::vector<std::vector<float>> lbias;
       if (term == LB_RELIABILITY)  // targets q proportional to the children's reliability
-        rb.logit_bias = {{0.f, std::log(0.3f), 0.f},
-                         {0.f, std::log(0.5f), 0.f, 0.f, 0.f, 0.f, std::log(0.2f), 0.f, 0.f, 0.f, 0.f, 0.f}};
+        lbias = {{0.f, std::log(0.3f), 0.f},
+                 {0.f, std::log(0.5f), 0.f, 0.f, 0.f, 0.f, std::log(0.2f), 0.f, 0.f, 0.f, 0.f, 0.f}};
       std::unique_ptr<TreeRouter> r;
       Tensor h;
       for (uint64_t seed = 1; seed < 200 && !r; ++seed) {
         Generator gen(100 + seed);
         auto cand = std::make_unique<TreeRouter>(c, gen);
         Tensor hc = uniform({T, C}, 300 + seed);
-        if (min_selection_gap(*cand, hc, rb) > 0.08) r = std::move(cand), h = hc;
+        if (min_selection_gap(*cand, hc, lbias) > 0.08) r = std::move(cand), h = hc;
       }
       REQUIRE(r);
+      const RouterBias rb = lbias.empty() ? RouterBias{} : router_bias_from_host(*r, lbias);
       h.requires_grad_(true);
       auto fn = [&](const std::vector<Tensor>& in) {
         Routing rt = r->route(in[0], rb, nullptr, true);
@@ -572,8 +573,8 @@ TEST_SUITE("routing") {
     {
       flat.weights[0].copy_(uniform({4, 4}, 38, -2.f, 2.f));
       std::vector<float> r = {1.f, 0.5f, 1.f, 0.1f};
-      RouterBias rb;
-      rb.logit_bias = {{std::log(r[0]), std::log(r[1]), std::log(r[2]), std::log(r[3])}};
+      const RouterBias rb =
+          router_bias_from_host(flat, {{std::log(r[0]), std::log(r[1]), std::log(r[2]), std::log(r[3])}});
       Tensor hr = uniform({30, 4}, 39);
       Routing rr = flat.route(hr, rb, nullptr, false);
       std::vector<float> hv = hr.to_f32_vector(), W = flat.weights[0].to_f32_vector();
@@ -603,8 +604,7 @@ TEST_SUITE("routing") {
     Routing un = flat.route(hp, RouterBias{}, nullptr, false);
     CHECK(std::count(un.expert.begin(), un.expert.end(), 3) == 0);
     CHECK(std::isfinite(un.lb_loss.item()));
-    RouterBias pruned;
-    pruned.logit_bias = {{0.f, 0.f, -INFINITY, -INFINITY}};
+    const RouterBias pruned = router_bias_from_host(flat, {{0.f, 0.f, -INFINITY, -INFINITY}});
     Routing pr = flat.route(hp, pruned, nullptr, false);
     CHECK(std::isfinite(pr.lb_loss.item()));
     CHECK(std::count(pr.expert.begin(), pr.expert.end(), 2) + std::count(pr.expert.begin(), pr.expert.end(), 3) == 0);
@@ -677,7 +677,7 @@ TEST_SUITE("routing") {
               Tensor before = mul(sum(mul(psum, Tensor::from_vector(coef, {n_nodes, b}))), 1.f / (float)P);
               // After: the op, with the router's inputs (no target shares when there is no bias).
               Tensor after = router_balance_loss(x_new, idx, n_nodes == 1 ? Tensor() : node_t, n_nodes,
-                                                 bias ? Tensor::from_vector(inv, {n_nodes, b}) : Tensor(), 1.f);
+                                                 bias ? Tensor::from_vector(lb, {n_nodes, b}) : Tensor(), 1.f);
               const double rel = std::fabs((double)after.item() - before.item()) / std::fabs(before.item());
               worst = std::max(worst, rel);
               CHECK(rel <= 1e-6);
@@ -820,8 +820,7 @@ TEST_SUITE("routing") {
       TreeRouter r(c, gen);
       for (int64_t l = 0; l < D; ++l)
         r.aux_bias[l].copy_(Tensor::from_vector(cs.abias[l], {(int64_t)cs.abias[l].size()}));
-      RouterBias rb;
-      rb.logit_bias = cs.lbias;
+      const RouterBias rb = router_bias_from_host(r, cs.lbias);
       Tensor h = uniform({T, C}, 46);
       for (int64_t t = 0; t < T; t += 4)
         for (int64_t q = 0; q < C; ++q) h.f32()[t * C + q] = 0.f;
@@ -868,11 +867,11 @@ TEST_SUITE("routing") {
       CHECK(rt.entropy == doctest::Approx(entropy).epsilon(1e-5));
 
       // Prune all but one child of the node the zero rows reach at the last level: fewer than k are left.
-      RouterBias too_few = rb;
-      std::vector<float>& last = too_few.logit_bias.back();
+      std::vector<std::vector<float>> few = cs.lbias;
+      std::vector<float>& last = few.back();
       const int64_t b = cs.b.back(), node = leaves[0] / b;
       for (int64_t ch = 1; ch < b; ++ch) last[node * b + ch] = ninf;
-      CHECK_THROWS_AS(r.route(h, too_few, nullptr, false), Error);
+      CHECK_THROWS_AS(r.route(h, router_bias_from_host(r, few), nullptr, false), Error);
     }
   }
 

@@ -82,13 +82,33 @@ void cross_entropy_backward(float* dlogits, const float* logits, const float* ls
   }
 }
 
+// The inverse target shares of a level's logit bias log_bias [G, E] (kernels/losses.h): false, and inv untouched,
+// when there is none or every entry is 0 (then the balanced target 1/E is used, in its own arithmetic).
+static bool inverse_shares(std::vector<float>& inv, const float* log_bias, int64_t G, int64_t E) {
+  if (!log_bias || std::all_of(log_bias, log_bias + G * E, [](float v) { return v == 0.f; })) return false;
+  inv.assign((size_t)(G * E), 0.f);
+  std::vector<double> rho((size_t)E);
+  for (int64_t g = 0; g < G; ++g) {
+    double rsum = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      rho[(size_t)e] = std::exp((double)log_bias[g * E + e]);  // exp(-inf) = 0 for pruned children
+      rsum += rho[(size_t)e];
+    }
+    for (int64_t e = 0; e < E; ++e)
+      if (rho[(size_t)e] > 0.0) inv[(size_t)(g * E + e)] = (float)(rsum / rho[(size_t)e]);
+  }
+  return true;
+}
+
 // Load balance. Per (g, e): S = sum of probs over g's rows in double, in row order (a block of columns belongs to
 // one thread, which walks every row); counts are integers. Then frac, mean_prob and the loss, summed in double in
 // (g, e) order.
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
-                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          const int32_t* indices, const int32_t* group, const float* log_bias, int64_t R, int64_t E,
                           int64_t K, int64_t G, float weight) {
   const int64_t GE = G * E;
+  std::vector<float> inv;
+  const float* inv_share = inverse_shares(inv, log_bias, G, E) ? inv.data() : nullptr;  // null: E everywhere
   auto group_of = [&](int64_t r) -> int64_t {  // -1: skipped
     const int64_t g = group ? group[r] : 0;
     return g >= 0 && g < G ? g : -1;
@@ -136,8 +156,10 @@ void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tok
 }
 
 void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
-                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           const int32_t* group, const float* log_bias, int64_t R, int64_t E, int64_t G,
                            float weight) {
+  std::vector<float> inv;
+  const float* inv_share = inverse_shares(inv, log_bias, G, E) ? inv.data() : nullptr;  // null: E everywhere
   double tall = 0.0;
   for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
   const float k =

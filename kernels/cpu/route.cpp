@@ -342,4 +342,42 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
   for (int64_t i = 0; i < A; ++i) dprobs[(i / k) * b + child[i] % b] += dsel[(size_t)i];
 }
 
+void route_bias_forward(float* bias, const float* rel, const float* use, const float* pruned,
+                        const int64_t* branching, int64_t D, bool reliability) {
+  std::vector<int64_t> off((size_t)D + 1, 0);  // level l's entries: bias[off[l] .. off[l + 1])
+  int64_t width = 1;
+  for (int64_t l = 0; l < D; ++l) {
+    width *= branching[l];
+    off[(size_t)l + 1] = off[(size_t)l] + width;
+  }
+  const int64_t N = width, total = off[(size_t)D];
+  if (reliability) {
+    // The reliabilities first, in bias itself (level by level from the leaves up); the usage beside them.
+    std::vector<float> u((size_t)total);
+    std::copy(rel, rel + N, bias + off[(size_t)D - 1]);
+    std::copy(use, use + N, u.begin() + off[(size_t)D - 1]);
+    for (int64_t l = D - 2; l >= 0; --l) {
+      const int64_t n = off[(size_t)l + 1] - off[(size_t)l], b = branching[l + 1];  // n: nodes of level l + 1
+      const float* rc = bias + off[(size_t)l + 1];
+      const float* uc = u.data() + off[(size_t)l + 1];
+      for (int64_t j = 0; j < n; ++j) {
+        double su = 0.0, sur = 0.0, sr = 0.0;
+        for (int64_t c = 0; c < b; ++c) {
+          su += uc[j * b + c];
+          sur += (double)uc[j * b + c] * rc[j * b + c];
+          sr += rc[j * b + c];
+        }
+        bias[off[(size_t)l] + j] = (float)(su > 0.0 ? sur / su : sr / (double)b);
+        u[(size_t)(off[(size_t)l] + j)] = (float)su;
+      }
+    }
+    for (int64_t i = 0; i < total; ++i) bias[i] = std::log(bias[i]);  // float log; log(1) == 0
+  } else {
+    std::fill(bias, bias + total, 0.f);
+  }
+  float* last = bias + off[(size_t)D - 1];
+  for (int64_t e = 0; e < N; ++e)
+    if (pruned[e] != 0.f) last[e] = -INFINITY;
+}
+
 }  // namespace cm::cpu

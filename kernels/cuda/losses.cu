@@ -181,13 +181,38 @@ __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restric
   for (int64_t i = threadIdx.x; i < G; i += blockDim.x) t_part[blockIdx.x * G + i] = T[i];
 }
 
-// Stage 2: one thread per (g, e): frac, mean_prob, tokens, and term[g, e] = T_g * frac * mean_prob (* inv_share).
+// Target shares, before stage 2 (kernels/losses.h): on [1] = 1 when some entry of log_bias [G, E] is nonzero (one
+// block: the decision for the whole array), else 0; inv_share [G, E] = rsum / rho, one thread per group, in double.
+__global__ void lb_bias_on_kernel(int32_t* __restrict__ on, const float* __restrict__ log_bias, int64_t GE) {
+  __shared__ int32_t sh[kWarp];
+  int32_t any = 0;
+  for (int64_t i = threadIdx.x; i < GE; i += blockDim.x) any |= log_bias[i] != 0.f;  // NaN counts as nonzero
+  any = block_sum(any, sh);
+  if (threadIdx.x == 0) *on = any > 0;
+}
+
+__global__ void lb_inv_share_kernel(float* __restrict__ inv_share, const float* __restrict__ log_bias, int64_t E,
+                                    int64_t G) {
+  for (int64_t g = gtid(); g < G; g += gstride()) {
+    const float* lb = log_bias + g * E;
+    double rsum = 0.0;
+    for (int64_t e = 0; e < E; ++e) rsum += exp((double)lb[e]);  // exp(-inf) = 0 for pruned children
+    for (int64_t e = 0; e < E; ++e) {
+      const double rho = exp((double)lb[e]);
+      inv_share[g * E + e] = rho > 0.0 ? (float)(rsum / rho) : 0.f;
+    }
+  }
+}
+
+// Stage 2: one thread per (g, e): frac, mean_prob, tokens, and term[g, e] = T_g * frac * mean_prob (* inv_share when
+// on[0], which is set by lb_bias_on_kernel; on == nullptr: no target shares).
 __global__ void lb_columns_kernel(float* __restrict__ frac, float* __restrict__ mean_prob, float* __restrict__ tokens,
                                   float* __restrict__ term, const float* __restrict__ s_part,
                                   const int32_t* __restrict__ c_part, const int32_t* __restrict__ t_part,
-                                  const float* __restrict__ inv_share, int64_t E, int64_t K, int64_t G,
-                                  int64_t chunks) {
+                                  const float* __restrict__ inv_share, const int32_t* __restrict__ on, int64_t E,
+                                  int64_t K, int64_t G, int64_t chunks) {
   const int64_t GE = G * E;
+  const bool shares = on && *on;
   for (int64_t i = gtid(); i < GE; i += gstride()) {
     const int64_t g = i / E;
     float s = 0.f;
@@ -201,16 +226,18 @@ __global__ void lb_columns_kernel(float* __restrict__ frac, float* __restrict__ 
     const float p = t > 0 ? s / (float)t : 0.f;
     frac[i] = f;
     mean_prob[i] = p;
-    term[i] = (float)t * f * p * (inv_share ? inv_share[i] : 1.f);
+    term[i] = (float)t * f * p * (shares ? inv_share[i] : 1.f);
     if (i % E == 0) tokens[g] = (float)t;
   }
 }
 
 // Stage 3, one block: loss = weight * scale * sum(term) / T_all (0 when no row counted), scale = E without
-// inv_share, else 1. Never inf or NaN for finite probabilities: an empty group contributes 0, T_all = 0 gives 0.
+// target shares, else 1. Never inf or NaN for finite probabilities: an empty group contributes 0, T_all = 0 gives 0.
 __global__ void lb_loss_kernel(float* __restrict__ loss, const float* __restrict__ term,
-                               const float* __restrict__ tokens, int64_t E, int64_t G, double scale, float weight) {
+                               const float* __restrict__ tokens, const int32_t* __restrict__ on, int64_t E, int64_t G,
+                               float weight) {
   __shared__ double sh[kWarp];
+  const double scale = on && *on ? 1.0 : (double)E;
   double acc = 0.0, tall = 0.0;
   for (int64_t i = threadIdx.x; i < G * E; i += blockDim.x) acc += (double)term[i];
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x) tall += (double)tokens[g];
@@ -219,13 +246,15 @@ __global__ void lb_loss_kernel(float* __restrict__ loss, const float* __restrict
   if (threadIdx.x == 0) *loss = tall > 0 ? (float)((double)weight * scale * acc / tall) : 0.f;
 }
 
-// dprobs[r, e] = k * frac[g, e] (k * inv_share[g, e] * frac[g, e] with inv_share) for rows of group g in [0, G),
-// else 0; k = dloss * weight * scale / T_all: the CPU twin's float expressions.
+// dprobs[r, e] = k * frac[g, e] (k * inv_share[g, e] * frac[g, e] with target shares: on[0]) for rows of group g in
+// [0, G), else 0; k = dloss * weight * scale / T_all: the CPU twin's float expressions.
 __global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __restrict__ dloss,
                                    const float* __restrict__ frac, const float* __restrict__ tokens,
-                                   const int32_t* __restrict__ group, const float* __restrict__ inv_share, int64_t R,
-                                   int64_t E, int64_t G, double scale, float weight) {
+                                   const int32_t* __restrict__ group, const float* __restrict__ inv_share,
+                                   const int32_t* __restrict__ on, int64_t R, int64_t E, int64_t G, float weight) {
   __shared__ float k_sh;
+  const bool shares = on && *on;
+  const double scale = shares ? 1.0 : (double)E;
   if (threadIdx.x == 0) {
     double tall = 0.0;  // every block adds it up, in group order (the CPU's order)
     for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
@@ -238,7 +267,7 @@ __global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __re
     const int64_t r = i / E, e = i - r * E;
     const int32_t g = group ? group[r] : 0;
     const int64_t at = (int64_t)g * E + e;
-    dprobs[i] = g < 0 || g >= G ? 0.f : inv_share ? (k * inv_share[at]) * frac[at] : k * frac[at];
+    dprobs[i] = g < 0 || g >= G ? 0.f : shares ? (k * inv_share[at]) * frac[at] : k * frac[at];
   }
 }
 
@@ -247,6 +276,16 @@ __global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __re
 
 constexpr int64_t kLbMaxGE = 4096;  // stage 1's shared memory: 8 bytes per (g, e) + 4 per g, under 48 KB
 constexpr int64_t kLbMaxScratch = int64_t(1) << 22;  // (g, e) partials in global scratch above kLbMaxGE
+
+// The target shares of log_bias [G, E] into inv_share [G, E] and on [1] (both in the caller's scratch); nothing when
+// log_bias is null.
+void lb_target_shares(float* inv_share, int32_t* on, const float* log_bias, int64_t E, int64_t G) {
+  if (!log_bias) return;
+  lb_bias_on_kernel<<<1, 1024, 0, stream()>>>(on, log_bias, G * E);
+  cudaCheckLaunch("lb_bias_on_kernel");
+  lb_inv_share_kernel<<<grid_for(G, 256), 256, 0, stream()>>>(inv_share, log_bias, E, G);
+  cudaCheckLaunch("lb_inv_share_kernel");
+}
 
 }  // namespace
 
@@ -293,7 +332,7 @@ void z_loss_backward(float* dlogits, const float* dloss, const float* logits, co
 }
 
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
-                          const int32_t* indices, const int32_t* group, const float* inv_share, int64_t R, int64_t E,
+                          const int32_t* indices, const int32_t* group, const float* log_bias, int64_t R, int64_t E,
                           int64_t K, int64_t G, float weight) {
   CM_CHECK(R >= 0 && E >= 1 && K >= 1 && G >= 1, "cuda::load_balance_forward: R=", R, " E=", E, " K=", K, " G=", G);
   CM_CHECK(group || G == 1, "cuda::load_balance_forward: G=", G, " groups need a group array");
@@ -306,12 +345,16 @@ void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tok
   const int64_t RC = R > 0 ? ceil_div(R, chunks_target) : 1;
   const int64_t chunks = R > 0 ? ceil_div(R, RC) : 0;
   const size_t s_bytes = align256((size_t)(chunks * GE) * 4), c_bytes = s_bytes,
-               t_bytes = align256((size_t)(chunks * G) * 4), term_bytes = align256((size_t)GE * 4);
-  Scratch s(s_bytes + c_bytes + t_bytes + term_bytes);
+               t_bytes = align256((size_t)(chunks * G) * 4), term_bytes = align256((size_t)GE * 4),
+               q_bytes = log_bias ? align256((size_t)GE * 4) + 256 : 0;
+  Scratch s(s_bytes + c_bytes + t_bytes + term_bytes + q_bytes);
   float* s_part = s.at<float>();
   int32_t* c_part = s.at<int32_t>(s_bytes);
   int32_t* t_part = s.at<int32_t>(s_bytes + c_bytes);
   float* term = s.at<float>(s_bytes + c_bytes + t_bytes);
+  float* inv_share = log_bias ? s.at<float>(s_bytes + c_bytes + t_bytes + term_bytes) : nullptr;
+  int32_t* on = log_bias ? s.at<int32_t>(s_bytes + c_bytes + t_bytes + term_bytes + q_bytes - 256) : nullptr;
+  lb_target_shares(inv_share, on, log_bias, E, G);
   if (chunks > 0 && shared) {
     const size_t smem = (size_t)GE * 8 + (size_t)G * 4;
     lb_partial_kernel<true><<<(unsigned)chunks, 256, smem, stream()>>>(s_part, c_part, t_part, probs, indices, group,
@@ -323,19 +366,24 @@ void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tok
     cudaCheckLaunch("lb_partial_kernel<global>");
   }
   lb_columns_kernel<<<grid_for(GE, 256), 256, 0, stream()>>>(frac, mean_prob, tokens, term, s_part, c_part, t_part,
-                                                             inv_share, E, K, G, chunks);
+                                                             inv_share, on, E, K, G, chunks);
   cudaCheckLaunch("lb_columns_kernel");
-  lb_loss_kernel<<<1, 1024, 0, stream()>>>(loss, term, tokens, E, G, inv_share ? 1.0 : (double)E, weight);
+  lb_loss_kernel<<<1, 1024, 0, stream()>>>(loss, term, tokens, on, E, G, weight);
   cudaCheckLaunch("lb_loss_kernel");
 }
 
 void load_balance_backward(float* dprobs, const float* dloss, const float* frac, const float* tokens,
-                           const int32_t* group, const float* inv_share, int64_t R, int64_t E, int64_t G,
+                           const int32_t* group, const float* log_bias, int64_t R, int64_t E, int64_t G,
                            float weight) {
   CM_CHECK(R >= 0 && E >= 1 && G >= 1, "cuda::load_balance_backward: R=", R, " E=", E, " G=", G);
   if (R == 0) return;
-  lb_backward_kernel<<<grid_for(R * E, 256), 256, 0, stream()>>>(dprobs, dloss, frac, tokens, group, inv_share, R, E,
-                                                                 G, inv_share ? 1.0 : (double)E, weight);
+  const size_t q_bytes = align256((size_t)(G * E) * 4);
+  Scratch s(log_bias ? q_bytes + 256 : 0);
+  float* inv_share = log_bias ? s.at<float>() : nullptr;
+  int32_t* on = log_bias ? s.at<int32_t>(q_bytes) : nullptr;
+  lb_target_shares(inv_share, on, log_bias, E, G);
+  lb_backward_kernel<<<grid_for(R * E, 256), 256, 0, stream()>>>(dprobs, dloss, frac, tokens, group, inv_share, on, R,
+                                                                 E, G, weight);
   cudaCheckLaunch("lb_backward_kernel");
 }
 

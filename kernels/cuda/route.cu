@@ -10,6 +10,7 @@
 //                    kernels/topk.h's order; lanes 0..k-1 write the gates, path and child ids.
 // All floating-point sums have a fixed order: the same bits on every run. Only the integer counts use atomics.
 #include <climits>
+#include <vector>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/dispatch.h"
@@ -408,6 +409,67 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
                                                                                    child, path_parent, P, (int)b,
                                                                                    (int)k, renorm);
   cudaCheckLaunch("route select_backward_kernel");
+}
+
+namespace {
+// route_bias_forward: the leaves' reliability and usage into level D-1 (r into bias, u into scratch) ...
+__global__ void bias_leaves_kernel(float* __restrict__ r_out, float* __restrict__ u_out, const float* __restrict__ rel,
+                                   const float* __restrict__ use, int64_t N) {
+  for (int64_t e = gtid(); e < N; e += gstride()) {
+    r_out[e] = rel[e];
+    u_out[e] = use[e];
+  }
+}
+// ... each inner level from the one below it, one thread per node (the CPU's sums, in double, c increasing) ...
+__global__ void bias_level_kernel(float* __restrict__ r_out, float* __restrict__ u_out, const float* __restrict__ rc,
+                                  const float* __restrict__ uc, int64_t n, int64_t b) {
+  for (int64_t j = gtid(); j < n; j += gstride()) {
+    double su = 0.0, sur = 0.0, sr = 0.0;
+    for (int64_t c = 0; c < b; ++c) {
+      su += uc[j * b + c];
+      sur += (double)uc[j * b + c] * rc[j * b + c];
+      sr += rc[j * b + c];
+    }
+    r_out[j] = (float)(su > 0.0 ? sur / su : sr / (double)b);
+    u_out[j] = (float)su;
+  }
+}
+// ... then the logs (or zeros) and the pruned experts' -inf in level D-1, which starts at `last`.
+__global__ void bias_log_kernel(float* __restrict__ bias, const float* __restrict__ pruned, int64_t total,
+                                int64_t last, bool reliability) {
+  for (int64_t i = gtid(); i < total; i += gstride()) {
+    float v = reliability ? logf(bias[i]) : 0.f;
+    if (i >= last && pruned[i - last] != 0.f) v = -INFINITY;
+    bias[i] = v;
+  }
+}
+}  // namespace
+
+void route_bias_forward(float* bias, const float* rel, const float* use, const float* pruned,
+                        const int64_t* branching, int64_t D, bool reliability) {
+  CM_CHECK(D >= 1, "cuda::route_bias_forward: D=", D);
+  std::vector<int64_t> off((size_t)D + 1, 0);  // level l's entries: bias[off[l] .. off[l + 1])
+  int64_t width = 1;
+  for (int64_t l = 0; l < D; ++l) {
+    CM_CHECK(branching[l] >= 1, "cuda::route_bias_forward: level ", l, " branching ", branching[l]);
+    width *= branching[l];
+    off[(size_t)l + 1] = off[(size_t)l] + width;
+  }
+  const int64_t N = width, total = off[(size_t)D], last = off[(size_t)D - 1];
+  if (reliability) {
+    Scratch u((size_t)total * 4);  // the usage of every level, laid out as bias
+    float* uw = u.at<float>();
+    bias_leaves_kernel<<<grid_for(N, kThreads), kThreads, 0, stream()>>>(bias + last, uw + last, rel, use, N);
+    cudaCheckLaunch("route bias_leaves_kernel");
+    for (int64_t l = D - 2; l >= 0; --l) {
+      const int64_t n = off[(size_t)l + 1] - off[(size_t)l], b = branching[l + 1];
+      bias_level_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(
+          bias + off[(size_t)l], uw + off[(size_t)l], bias + off[(size_t)l + 1], uw + off[(size_t)l + 1], n, b);
+      cudaCheckLaunch("route bias_level_kernel");
+    }
+  }
+  bias_log_kernel<<<grid_for(total, kThreads), kThreads, 0, stream()>>>(bias, pruned, total, last, reliability);
+  cudaCheckLaunch("route bias_log_kernel");
 }
 
 }  // namespace cm::cuda
