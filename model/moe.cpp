@@ -131,27 +131,23 @@ std::vector<float> MoELayer::cluster_reliability_at_rest() const {
 
 float MoELayer::layer_reliability() const { return mean_of(cluster_reliability()); }
 
-// The inputs of the routing bias on dev, [3, N]: reliability, usage EMA, pruned flags (1 = pruned). Today they are
-// the layer's host buffers, uploaded (an upload, no wait); this is the one place that says where they come from.
-Tensor MoELayer::health_state_for_bias(Device dev) const {
-  health_.pull(health_buffers());  // (a no-op for an MoE layer: its state lives in the host buffers)
-  std::vector<float> v = host_buffer(reliability_), u = host_buffer(usage_ema_), p = host_buffer(pruned_);
-  v.insert(v.end(), u.begin(), u.end());
-  v.insert(v.end(), p.begin(), p.end());
-  return Tensor::from_vector(v, {3, N}, dev);
+// The inputs of the routing bias on dev: the experts' health state where it lives ([4, N], model/health.h:
+// reliability in row 0, usage in row 3) and the pruned flags (host state, uploaded: no wait), [N].
+MoELayer::BiasInputs MoELayer::bias_inputs(Device dev) {
+  return {health_.state(dev, health_buffers()), pruned_.device() == dev ? pruned_ : pruned_.to(dev)};
 }
 
 // Every level's logit bias, made on dev from tensors (kernels/route.h route_bias_forward: log of the node
 // reliabilities of node_reliability(), -inf for pruned experts): the host never reads it. Whether there is any bias
 // at all is the host's decision, from the config and the pruned flags (host state).
-RouterBias MoELayer::routing_bias(Device dev) const {
+RouterBias MoELayer::routing_bias(Device dev) {
   const bool any_pruned = active_experts() < N;
   if (!cfg_.use_reliability && !any_pruned) return RouterBias{};
-  const Tensor state = health_state_for_bias(dev);  // [3, N]
+  const BiasInputs in = bias_inputs(dev);
   int64_t total = 0, width = 1;
   for (int64_t b : router.branching) total += (width *= b);
   Tensor all = Tensor::empty({total}, DType::F32, dev);
-  CM_KERNEL(dev, route_bias_forward, all.f32(), state.f32(), state.f32() + N, state.f32() + 2 * N,
+  CM_KERNEL(dev, route_bias_forward, all.f32(), in.state.f32(), in.state.f32() + 3 * N, in.pruned.f32(),
             router.branching.data(), router.depth(), cfg_.use_reliability);
   return router_bias_over(router, all);
 }

@@ -85,9 +85,12 @@ class MoELayer {
   Linear gate;                     // adaptive routing: C -> 1 (MoE only, when enabled)
 
  private:
-  RouterBias routing_bias(Device dev) const;
-  // [3, N] on dev: reliability, usage EMA, pruned flags: routing_bias()'s inputs (model/moe.cpp).
-  Tensor health_state_for_bias(Device dev) const;
+  RouterBias routing_bias(Device dev);
+  // routing_bias()'s inputs on dev: the health state [4, N] (model/health.h) and the pruned flags [N].
+  struct BiasInputs {
+    Tensor state, pruned;
+  };
+  BiasInputs bias_inputs(Device dev);
   void count_specialization(const Tensor& expert, const Tensor& tokens);
   std::vector<double> specialization_counts() const;
   std::vector<float> specialization_of(const std::vector<double>& spec) const;
