@@ -1049,7 +1049,7 @@ TEST_CASE("cuda kernels: the experts' guard and health update match their CPU tw
           p[(S / 2) * C] = NAN;                      // a non-finite row
           if (S > 2) p[(S - 1) * C + C - 1] = 1e4f;  // an outlier once there are statistics
           std::vector<float> st((size_t)(4 * N), 1.f);
-          for (int64_t e = 0; e < N; ++e) st[(size_t)(N + e)] = ema, st[(size_t)(2 * N + e)] = 0.f;
+          for (int64_t e = 0; e < N; ++e) st[(size_t)(N + e)] = ema * (float)(1 + e), st[(size_t)(2 * N + e)] = 0.f;
           Tensor state = Tensor::from_vector(st, {4 * N});
           Tensor pend = uniform({10 * N}, ++seed, 0.f, 0.f);  // zeros: doubles 0.0
           Tensor norms = Tensor::empty({2 * S}), out = Tensor::empty({S, C}), ok = Tensor::empty({N}, DType::I32),
