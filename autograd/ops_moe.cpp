@@ -87,6 +87,27 @@ DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N, c
   return p;
 }
 
+DispatchPlan make_dispatch_plan_nowait(const Tensor& expert_in, int64_t K, int64_t N) {
+  require("make_dispatch_plan", "expert", expert_in, DType::I32, 1);
+  CM_REQUIRE(K >= 1 && N >= 1 && expert_in.numel() % K == 0, "make_dispatch_plan: ", expert_in.numel(),
+             " slots for K = ", K, ", N = ", N);
+  const Tensor expert = dense(expert_in);
+  const Device dev = expert.device();
+  const int64_t A = expert.numel();
+  DispatchPlan p;
+  p.T = A / K;
+  p.K = K;
+  p.N = N;
+  p.rows = A;  // dropless: every slot has a row
+  p.row_of = Tensor::empty({A}, DType::I32, dev);
+  p.assign_of = Tensor::empty({A}, DType::I32, dev);
+  p.offsets_dev = Tensor::empty({2 * (N + 1)}, DType::I32, dev);
+  Tensor counts = Tensor::empty({2 * N}, DType::I32, dev);  // int64 [N] in i32 storage
+  CM_KERNEL(dev, dispatch_plan_nowait, (int64_t*)counts.raw(), (int64_t*)p.offsets_dev.raw(), p.row_of.i32(),
+            p.assign_of.i32(), expert.i32(), A, N);
+  return p;
+}
+
 Tensor capacity_filter(const Tensor& expert_in, const Tensor& gate_in, const DispatchPlan& plan, int64_t cap) {
   require("capacity_filter", "expert", expert_in, DType::I32, 1);
   require("capacity_filter", "gate", gate_in, DType::F32, 1);
@@ -203,7 +224,8 @@ struct GroupedGemm {
 // The offsets as the kernels read them on dev: int64 [G+1] (in i32 words). Given by the plan, or uploaded here.
 Tensor device_offsets(const std::vector<int64_t>& offsets, const Tensor& given, Device dev) {
   if (given.defined()) {
-    CM_CHECK(given.device() == dev && given.numel() == 2 * (int64_t)offsets.size(), "grouped_linear: device offsets ",
+    CM_CHECK(given.device() == dev && (offsets.empty() || given.numel() == 2 * (int64_t)offsets.size()),
+             "grouped_linear: device offsets ",
              shape_str(given.shape()), " for ", offsets.size(), " offsets");
     return given;
   }
@@ -238,8 +260,13 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
                       const std::shared_ptr<GroupedLinearCache>& cache) {
   const int64_t G = (int64_t)w_in.size();
   require("grouped_linear", "x", x_in, DType::F32, 2);
-  CM_REQUIRE(G >= 1 && (int64_t)offsets.size() == G + 1 && offsets[0] == 0 && offsets[G] == x_in.size(0),
-             "grouped_linear: ", G, " weights, ", offsets.size(), " offsets, for x ", shape_str(x_in.shape()));
+  // Host offsets, or none: then the device offsets alone place the rows (the host does not wait for them).
+  const bool host_offsets = !offsets.empty();
+  CM_REQUIRE(G >= 1 && (host_offsets ? (int64_t)offsets.size() == G + 1 && offsets[0] == 0 &&
+                                           offsets[G] == x_in.size(0)
+                                     : offsets_dev.defined() && offsets_dev.numel() == 2 * (G + 1)),
+             "grouped_linear: ", G, " weights, ", host_offsets ? offsets.size() : offsets_dev.numel() / 2,
+             " offsets, for x ", shape_str(x_in.shape()));
   CM_REQUIRE(!ok.defined() || (ok.dtype() == DType::I32 && ok.numel() == G && ok.device() == x_in.device() &&
                                 ok.is_contiguous()),
              "grouped_linear: ok flags ", ok.defined() ? shape_str(ok.shape()) : "", " for ", G, " experts");
@@ -250,7 +277,7 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
     require("grouped_linear", "w", w_in[e], DType::F32, 2);
     CM_REQUIRE(w_in[e].size(0) == out && w_in[e].size(1) == in, "grouped_linear: w[", e, "] ",
                shape_str(w_in[e].shape()), " for x ", shape_str(x_in.shape()), " and ", out, " outputs");
-    CM_REQUIRE(offsets[e] <= offsets[e + 1], "grouped_linear: offsets decrease at expert ", e);
+    CM_REQUIRE(!host_offsets || offsets[e] <= offsets[e + 1], "grouped_linear: offsets decrease at expert ", e);
     common_device("grouped_linear", {&x_in, &w_in[e]});
     if (has_b) {
       require("grouped_linear", "b", b_in[e], DType::F32, 1);
@@ -271,12 +298,15 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
       bp[e] = b[e].f32();
     }
   }
-  const Tensor off_dev = dev == Device::CPU ? Tensor() : device_offsets(offsets, offsets_dev, dev);
+  const Tensor off_dev = host_offsets && dev == Device::CPU ? Tensor() : device_offsets(offsets, offsets_dev, dev);
+  // What the kernels read on dev: the host array on the CPU when there is one, else the device offsets (on the CPU
+  // a CPU tensor, host memory).
+  const int64_t* off_k = host_offsets && dev == Device::CPU ? offsets.data() : (const int64_t*)off_dev.raw();
   // Without a caller's cache, this call's own (its lists are uploaded; the backward reuses them).
   const std::shared_ptr<GroupedLinearCache> lists = cache ? cache : make_grouped_linear_cache();
   const int64_t R = x.size(0);
   Tensor y = Tensor::empty({R, out}, DType::F32, dev);
-  const GroupedGemm gg{dev, offsets.data(), off_dev.defined() ? (const int64_t*)off_dev.raw() : nullptr, G,
+  const GroupedGemm gg{dev, off_k, off_dev.defined() ? (const int64_t*)off_dev.raw() : nullptr, G,
                        lists.get()};
   gg.forward(y.f32(), x.f32(), wp, has_b ? &bp : nullptr, R, out, in);
 
@@ -286,23 +316,25 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
   std::vector<char> need((size_t)inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) need[i] = inputs[i].requires_grad();
   return record("grouped_linear", y, inputs,
-                [x = x.detach(), w, wp, offsets, off_dev, lists, ok, has_b, need, G, in, out](const Tensor& g_in) {
+                [x = x.detach(), w, wp, offsets, off_dev, lists, ok, has_b, need, G, in, out,
+                 host_offsets](const Tensor& g_in) {
                   const Tensor g = g_in.contiguous();  // [A', out]
                   const Device dev = g.device();
                   const int64_t R = x.size(0);
-                  const GroupedGemm gg{dev, offsets.data(),
+                  const int64_t* off_k =
+                      host_offsets && dev == Device::CPU ? offsets.data() : (const int64_t*)off_dev.raw();
+                  const GroupedGemm gg{dev, off_k,
                                        off_dev.defined() ? (const int64_t*)off_dev.raw() : nullptr, G, lists.get()};
                   grads gs(1 + (size_t)G * (has_b ? 2 : 1));
                   // A cut expert's rows and weight blocks are zeroed where the verdict lives (its NaN weights give
                   // NaN products): kernels/health.h expert_rows_zero.
-                  const int64_t* off_k = dev == Device::CPU ? offsets.data() : (const int64_t*)off_dev.raw();
                   if (need[0]) {  // dx [A', in] = g w per expert
                     gs[0] = Tensor::empty({R, in}, DType::F32, dev);
                     gg.backward_input(gs[0].f32(), g.f32(), wp, R, out, in);
                     if (ok.defined()) CM_KERNEL(dev, expert_rows_zero, gs[0].f32(), ok.i32(), off_k, G, in);
                   }
                   // dw[e] [out, in] = g^T x over its rows, db[e] = column sums of g (every expert at once; an empty
-                  // expert's are dropped: no gradient, as if it had not run)
+                  // expert's are dropped when the host knows it: no gradient, as if it had not run; else zeros)
                   const GradBlocks dw(G, {out, in}, dev);
                   const GradBlocks db(has_b ? G : 0, {out}, dev);
                   gg.backward_weight(dw.ptrs(), has_b ? db.ptrs() : nullptr, g.f32(), x.f32(), R, out, in);
@@ -311,7 +343,7 @@ Tensor grouped_linear(const Tensor& x_in, const std::vector<Tensor>& w_in, const
                     if (has_b) CM_KERNEL(dev, expert_rows_zero, db.all.f32(), ok.i32(), nullptr, G, out);
                   }
                   for (int64_t e = 0; e < G; ++e) {
-                    if (offsets[e + 1] == offsets[e]) continue;
+                    if (host_offsets && offsets[e + 1] == offsets[e]) continue;
                     if (need[1 + e]) gs[1 + e] = dw.views[e];
                     if (has_b && need[1 + G + e]) gs[1 + G + e] = db.views[e];
                   }

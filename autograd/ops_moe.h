@@ -26,7 +26,8 @@ struct DispatchPlan {
   Tensor assign_of;               // i32 [A'] slot of each row (increasing within an expert)
   Tensor offsets_dev;             // the kernels' int64 [N+1] offsets, held in an i32 tensor [2(N+1)] on the
                                   // plan's device (tensors have f32/i32 dtypes only)
-  std::vector<int64_t> offsets;   // [N+1] host copy: expert e's rows are offsets[e] .. offsets[e+1]
+  std::vector<int64_t> offsets;   // [N+1] host copy: expert e's rows are offsets[e] .. offsets[e+1]; empty for a
+                                  // plan made without the host (make_dispatch_plan_nowait)
   const int64_t* offsets_ptr() const { return (const int64_t*)offsets_dev.raw(); }
 };
 
@@ -35,6 +36,11 @@ struct DispatchPlan {
 // kernels' plan runs on expert's device and a device build waits twice (out-of-range count, offsets).
 DispatchPlan make_dispatch_plan(const Tensor& expert, int64_t K, int64_t N,
                                 const std::vector<int32_t>* host_ids = nullptr);
+
+// A dropless plan the host does not wait for: every slot is kept (expert ids in [0, N), what the router gives, so
+// rows = T*K), and the offsets stay on the device (no host copy: `offsets` empty). An out-of-range id is an error
+// found on the device (kernels/dispatch.h dispatch_plan_nowait). The training step's plan (model/moe.cpp).
+DispatchPlan make_dispatch_plan_nowait(const Tensor& expert, int64_t K, int64_t N);
 
 // Capacity filter (kernels/capacity.h): expert i32 [T*K] with -1 for the slots past each expert's cap, lowest gate
 // dropped first (ties: the later slot). plan must be make_dispatch_plan(expert, K, N); gate [T*K] (values only).
@@ -50,7 +56,9 @@ Tensor moe_combine(const Tensor& ye, const Tensor& gate, const DispatchPlan& pla
 // All experts' Linear layers at once: for each expert e with rows r in [offsets[e], offsets[e+1]),
 //   y[r] = x[r] w[e]^T + b[e]                x [A', in], w[e] [out, in], b[e] [out] (or all undefined), y [A', out]
 // Backward: dx[r] = g[r] w[e]; dw[e] = g[rows]^T x[rows]; db[e] = column sums of g[rows]. An expert with no rows
-// gets no gradient at all (undefined, as if it had not run). offsets: host [N+1] (plan.offsets).
+// gets no gradient at all (undefined, as if it had not run). offsets: host [N+1] (plan.offsets), or empty when the
+// host does not know them (make_dispatch_plan_nowait): then offsets_dev says where the rows are, and every expert
+// gets a gradient, zero for one without rows (as PyTorch's grouped products give).
 // ok (i32 [N] on x's device, or undefined): the fault guard's verdict, written after the forward (model/health.h),
 // read by the backward where it lives: an expert with ok[e] == 0 is cut, its rows get a zero input gradient and its
 // weights a zero gradient (selected, never multiplied: with NaN weights even a zero output gradient gives NaN).

@@ -48,6 +48,11 @@ int64_t dispatch_plan(int64_t* counts,        // [N]
                       int32_t* assign_of,     // [A'] (size it with A when A' is not known yet)
                       const int32_t* expert,  // [A]
                       int64_t A, int64_t N);
+// The same without a read-out, for a plan the host does not wait for: an out-of-range id is an error found where the
+// ids are (CUDA: recorded in the engine's device error record, IndexOp::Dispatch, and raised at the next read-out of
+// any device value, engine/cuda.h; the CPU twin throws at once).
+void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of,
+                          const int32_t* expert, int64_t A, int64_t N);
 
 // Gather tokens into the expert-contiguous buffer: xe[row] = x[assign_of[row] / K]. Row-parallel copy.
 void dispatch_permute(float* xe,                 // [A', C]
@@ -98,6 +103,8 @@ void dispatch_scatter(int32_t* row_of, int32_t* assign_of, const int32_t* expert
                       int64_t N);
 int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of, const int32_t* expert,
                       int64_t A, int64_t N);
+void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of,
+                          const int32_t* expert, int64_t A, int64_t N);
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C);
 void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_of, int64_t T, int64_t K, int64_t C);
 void dispatch_combine(float* out, const float* ye, const float* gate, const int32_t* row_of, int64_t T, int64_t K,

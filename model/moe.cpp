@@ -154,6 +154,27 @@ RouterBias MoELayer::routing_bias(Device dev) {
 
 // ---------------------------------------------------------------- forward
 
+// Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
+static std::vector<int32_t> top1_of(const std::vector<int32_t>& expert, const std::vector<float>& gate, int64_t K) {
+  const int64_t T = (int64_t)expert.size() / K;
+  std::vector<int32_t> top1((size_t)T);
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < K; ++j)
+      if (gate[t * K + j] > gate[t * K + best]) best = j;
+    top1[t] = expert[t * K + best];
+  }
+  return top1;
+}
+
+void MoELayer::Output::read() {
+  if (!expert.empty() || !expert_ids.defined()) return;  // read already, or a dense layer's (filled)
+  expert = expert_ids.to_i32_vector();
+  gate = gates.to_f32_vector();
+  keep.assign(expert.size(), 1);  // a step without the host's view is dropless
+  top1 = top1_of(expert, gate, K);
+}
+
 Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, const Tensor& ok) const {
   // Each weight family of all experts side by side (the parameters stay per expert: names and checkpoints as
   // before). One grouped op per family; the same arithmetic as ExpertFFN::forward on each expert's rows.
@@ -218,9 +239,16 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     return out;
   }
 
-  // 1. Route.
+  // 1. Route. A dropless training step needs no host view of the routing: the plan, the guard, the statistics and
+  //    the health traffic all work from the device tensors, and the router reads nothing (host_view false). The
+  //    host reads the router's choices for evaluation (no training step: statistics, generation's routing), and in
+  //    training where its bookkeeping still needs them: capacity (the keep list), the aux-free bias, pruning (also
+  //    when an expert is already pruned: it keeps no gradient), AC (the next layer's labels), group_limited (it
+  //    selects on the host).
+  const bool host_view = !training || cfg_.capacity_factor > 0.f || cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
+                         active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited || router.ac_scale.defined();
   const auto route_t0 = std::chrono::steady_clock::now();
-  Routing rt = router.route(x, routing_bias(x.device()), labels, training);
+  Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
   st.routing_ms = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - route_t0).count();
   const int64_t S0 = T * K;
   out.lb_loss = rt.lb_loss;
@@ -228,22 +256,21 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   out.div_loss = rt.div_loss;
   st.routing_flops = rt.flops;
   st.router_entropy = rt.entropy;  // (the layer's aux terms stay on the device: out.lb_loss, z_loss, div_loss)
-  out.expert = rt.expert;
-  out.top1.resize((size_t)T);
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t best = 0;
-    for (int64_t j = 1; j < K; ++j)
-      if (rt.gate_value[t * K + j] > rt.gate_value[t * K + best]) best = j;
-    out.top1[t] = rt.expert[t * K + best];
+  out.K = K;
+  out.expert_ids = rt.expert_ids;
+  out.gates = rt.gate.detach();
+  if (training) health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic
+  if (host_view) {
+    out.expert = rt.expert;
+    out.top1 = top1_of(rt.expert, rt.gate_value, K);
   }
   std::vector<int64_t> routed((size_t)N, 0);
-  for (int64_t s = 0; s < S0; ++s) ++routed[rt.expert[s]];
-  for (int64_t e = 0; e < N; ++e) {
+  for (int32_t e : rt.expert) ++routed[e];
+  for (int64_t e = 0; e < N && host_view; ++e) {
     st.expert_share[e] = S0 ? (float)routed[e] / (float)S0 : 0.f;
     util_[e] += (double)routed[e];
   }
-  if (training) {
-    health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic, on the device
+  if (training && host_view) {
     for (int64_t e = 0; e < N; ++e) pend_routed_[e] += routed[e];
     if (pend_level_counts_.empty()) pend_level_counts_ = rt.level_counts;
     else
@@ -256,13 +283,15 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // The router's choices, i32 [T*K] on x's device (the group_limited gate selects on the host: one upload).
   Tensor expert = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, dev);
   if (ids) count_specialization(expert, *ids);  // the routed slots, before capacity
-  DispatchPlan plan = make_dispatch_plan(expert, K, N, &rt.expert);  // rt.expert: the router's host copy
+  // With the host's view: its copy of the ids counts the offsets (nothing is read back); without: all on the device.
+  DispatchPlan plan =
+      host_view ? make_dispatch_plan(expert, K, N, &rt.expert) : make_dispatch_plan_nowait(expert, K, N);
 
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
   //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot
   //    (kernels/capacity.h). Only when some expert is over capacity: filter, then plan the kept slots again.
   int64_t dropped = 0;
-  out.keep.assign((size_t)S0, 1);
+  if (host_view) out.keep.assign((size_t)S0, 1);
   if (training && cfg_.capacity_factor > 0.f) {
     const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
     bool over = false;
@@ -282,7 +311,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   }
   st.dropped_fraction = S0 ? (float)dropped / (float)S0 : 0.f;
   out.gate = rt.gate_value;
-  for (int64_t e = 0; e < N; ++e) st.expert_rows[e] = plan.offsets[e + 1] - plan.offsets[e];
+  for (int64_t e = 0; e < N && host_view; ++e) st.expert_rows[e] = plan.offsets[e + 1] - plan.offsets[e];
   if (plan.rows == 0) {
     out.y = Tensor::zeros({T, C}, DType::F32, dev);
     return out;

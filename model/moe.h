@@ -34,11 +34,16 @@ class MoELayer {
   struct Output {
     Tensor y;                     // [T, C]
     Tensor lb_loss, z_loss, div_loss;  // weighted scalars; undefined when off or dense
+    // The routing on the host: filled by the forward when it has the host's view of it (evaluation, and training
+    // steps whose bookkeeping needs it: see MoELayer::forward), else empty until read() copies it over.
     std::vector<int32_t> expert;  // [T*K] routed expert of each slot (before capacity)
     std::vector<float> gate;      // [T*K] gate values
     std::vector<char> keep;       // [T*K] 0 = dropped by capacity
     std::vector<int32_t> top1;    // [T] highest-gate expert per token (the next AC layer's labels)
+    Tensor expert_ids, gates;     // MoE: the same ids and gate values (before capacity) on the layer's device
+    int64_t K = 1;                // slots per token
     LayerRoutingStats stats;
+    void read();                  // the host fields from the device ones (two read-outs), when empty
   };
   // x [T, C] (normalised input). ids i32 [T] on x's device: the input token of each row (specialization counters,
   // counted on the device), or null.

@@ -244,7 +244,7 @@ static std::vector<std::vector<int32_t>> read_out_words(const std::vector<Tensor
 }
 
 Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
-                          bool training) {
+                          bool training, bool read_out) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
   const int64_t T = h.size(0), D = depth();
   const Device dev = h.device();  // parameters and activations; the bookkeeping below stays on the host
@@ -328,9 +328,13 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   if (gate_mode_ == GateMode::RenormPath && r.K > 1)
     r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
 
-  // ---- the host read-out, one copy and one wait for the whole call. moe.cpp still reads the leaves, the gates'
-  // values, the counts and the entropy on the host (Routing's host fields); that is to go: then route() reads
-  // nothing. (The routing losses need no host values: they run on the loss kernels.)
+  // ---- the host read-out, one copy and one wait for the whole call, when the caller needs host values (moe.cpp:
+  // evaluation, capacity, aux-free bias, pruning, AC labels). A dropless training step asks for none: then route()
+  // reads nothing. (The routing losses need no host values: they run on the loss kernels.)
+  if (!read_out) {
+    finish(r, lb_terms, z_terms, dev);
+    return r;
+  }
   std::vector<Tensor> want = {r.expert_ids, r.gate, r.entropy_dev};
   for (int64_t l = 0; l < D; ++l) want.push_back(r.level_counts_dev[l]);
   std::vector<std::vector<int32_t>> got = read_out_words(want, dev);

@@ -65,9 +65,9 @@ struct Routing {
   Tensor lb_loss, z_loss, div_loss;      // weighted scalars; undefined when the weight is 0
   int64_t flops = 0;                     // 2 * multiply-adds spent on logits
 
-  // Host read-outs of the tensors above, made by route() in one copy and one wait (model/router.cpp read_out_words):
-  // moe.cpp still reads these on the host. They are to be removed once it takes expert_ids, gate, level_counts_dev
-  // and entropy_dev; then a training step's routing waits for nothing.
+  // Host read-outs of the tensors above, made by route() in one copy and one wait (model/router.cpp read_out_words)
+  // when asked (route's read_out): empty otherwise. moe.cpp reads these where it still needs host values
+  // (evaluation, capacity, aux-free bias, pruning, AC labels).
   std::vector<int32_t> expert;                     // [T*K] = expert_ids
   std::vector<float> gate_value;                   // [T*K] the gates' values (capacity ordering, stats)
   std::vector<std::vector<int64_t>> level_counts;  // = level_counts_dev
@@ -81,7 +81,10 @@ class TreeRouter {
 
   // h [T, C]. labels [T]: the previous MoE layer's top-1 expert per token (for AC levels; null -> m = 1).
   // training: AC uses this batch's m (and updates the running m); otherwise the running m.
-  Routing route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels, bool training);
+  // read_out: fill Routing's host fields (one packed read-out); false leaves them empty and reads nothing (except
+  // group_limited, which selects on the host).
+  Routing route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels, bool training,
+                bool read_out = true);
 
   void collect(const std::string& prefix, NamedParams& out) const;          // levels.{l}.weight
   void collect_buffers(const std::string& prefix, NamedParams& out) const;  // levels.{l}.aux_bias, ac_scale

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include "engine/check.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -135,6 +137,12 @@ int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_
   dispatch_offsets(offsets, counts, N);
   scatter_with(row_of, assign_of, expert, offsets, local, ch, N);
   return bad;
+}
+
+void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of,
+                          const int32_t* expert, int64_t A, int64_t N) {
+  const int64_t bad = dispatch_plan(counts, offsets, row_of, assign_of, expert, A, N);
+  CM_CHECK(bad == 0, "dispatch_plan: ", bad, " expert ids out of range [-1, ", N, ")");
 }
 
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {

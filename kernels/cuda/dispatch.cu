@@ -414,6 +414,33 @@ int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_
   return read_back(bad_total);
 }
 
+namespace {
+// An out-of-range count left in device memory becomes an error record (engine/cuda.h): index = how many.
+__global__ void record_bad_ids_kernel(int64_t* rec, const int64_t* __restrict__ bad_total, int64_t N) {
+  if (blockIdx.x == 0 && threadIdx.x == 0 && *bad_total > 0)
+    record_bad_index(rec, IndexOp::Dispatch, *bad_total, -1, N);
+}
+}  // namespace
+
+void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of,
+                          const int32_t* expert, int64_t A, int64_t N) {
+  check_dispatch_sizes("cuda::dispatch_plan", A, N);
+  const int NB = (int)N;
+  Chunks c = make_chunks(A, NB);
+  const size_t cc_bytes = align256((size_t)(NB * c.G) * 4), bad_bytes = align256((size_t)c.G * 4);
+  Scratch s(cc_bytes + bad_bytes + 256);
+  int32_t* cc = s.at<int32_t>();
+  int32_t* badc = s.at<int32_t>(cc_bytes);
+  int64_t* bad_total = s.at<int64_t>(cc_bytes + bad_bytes);
+  run_count<false>(cc, badc, expert, A, 0, NB, c);
+  run_totals(counts, bad_total, cc, badc, NB, c.G);
+  record_bad_ids_kernel<<<1, 1, 0, stream()>>>(index_error_record(), bad_total, N);
+  cudaCheckLaunch("record_bad_ids_kernel");
+  run_scan(offsets, counts, NB);
+  run_base(cc, offsets, NB, c.G);
+  run_scatter<false>(row_of, assign_of, nullptr, nullptr, cc, expert, A, 0, NB, c);
+}
+
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
   CM_CHECK(Ap >= 0 && K >= 1 && C >= 0, "cuda::dispatch_permute: Ap=", Ap, " K=", K, " C=", C);
   if (Ap == 0 || C == 0) return;
