@@ -51,6 +51,10 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
                      int64_t V);
 
+// Each token's highest-gate expert (ties: the earlier slot; a NaN gate never wins over the first slot's): top1 [T]
+// = expert[t*K + argmax_j gate[t*K + j]], expert and gate [T*K]. The next AC layer's labels (model/moe.cpp).
+void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t T, int64_t K);
+
 
 // AC feature weights (DESIGN.md 4.7) of one batch, no gradient, on the tokens grouped by label (the previous MoE
 // layer's top-1 expert): h [T, C]; order [T]: the tokens labelled k are order[offsets[k] .. offsets[k+1]), in
@@ -136,6 +140,7 @@ void route_logits_backward_w(float* dW, const float* dlogits, const float* h, co
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
                      int64_t V);
+void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t T, int64_t K);
 // One thread per (label, feature) for the sums; the clip's sum on one thread in the CPU's order: the CPU's bits.
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);

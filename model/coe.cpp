@@ -203,8 +203,7 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
   x = dropout_(x);
 
   CoEOutput out;
-  std::vector<int32_t> labels;  // previous MoE layer's top-1 expert per token (AC)
-  bool have_labels = false;
+  Tensor labels;  // i32 [B*T] on the model's device: the previous MoE layer's top-1 expert per token (AC)
   std::vector<Tensor> lb, z, dv;
   float rel_sum = 0.f;
   for (size_t l = 0; l < blocks_.size(); ++l) {
@@ -212,11 +211,10 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
     x = add(x, dropout_(b.attn.forward(b.norm1.forward(x), pos0, rr, cache ? &cache->kv[l] : nullptr)));
     Tensor h = b.norm2.forward(x).view({B * T, C});
     // A dense layer's specialization is 0 whatever its counts (one expert): it gets no ids.
-    MoELayer::Output o = b.ffn.forward(h, b.ffn.moe ? &ids_flat : nullptr, have_labels ? &labels : nullptr, training_);
+    MoELayer::Output o = b.ffn.forward(h, b.ffn.moe ? &ids_flat : nullptr, labels.defined() ? &labels : nullptr, training_);
     x = add(x, dropout_(o.y.view({B, T, C})));
     if (b.ffn.moe) {
-      labels = std::move(o.top1);
-      have_labels = true;
+      labels = o.top1_ids;
       if (o.lb_loss.defined()) lb.push_back(o.lb_loss);
       if (o.z_loss.defined()) z.push_back(o.z_loss);
       if (o.div_loss.defined()) dv.push_back(o.div_loss);

@@ -199,7 +199,7 @@ Tensor MoELayer::experts_forward(const Tensor& xs, const DispatchPlan& plan, con
 }
 
 MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
-                                   const std::vector<int32_t>* labels, bool training) {
+                                   const Tensor* labels, bool training) {
   CM_REQUIRE(x.dim() == 2 && x.size(1) == C, "FFN layer input must be [T, ", C, "], got ", shape_str(x.shape()));
   const int64_t T = x.size(0);
   Output out;
@@ -243,10 +243,10 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   //    the health traffic all work from the device tensors, and the router reads nothing (host_view false). The
   //    host reads the router's choices for evaluation (no training step: statistics, generation's routing), and in
   //    training where its bookkeeping still needs them: capacity (the keep list), the aux-free bias, pruning (also
-  //    when an expert is already pruned: it keeps no gradient), AC (the next layer's labels), group_limited (it
-  //    selects on the host).
+  //    when an expert is already pruned: it keeps no gradient), group_limited (it selects on the host). (AC's
+  //    labels, each token's top-1 expert, are made on the device: route_top1.)
   const bool host_view = !training || cfg_.capacity_factor > 0.f || cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
-                         active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited || router.ac_scale.defined();
+                         active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited;
   const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
   st.routing_ms = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - route_t0).count();
@@ -257,8 +257,10 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   st.routing_flops = rt.flops;
   st.router_entropy = rt.entropy;  // (the layer's aux terms stay on the device: out.lb_loss, z_loss, div_loss)
   out.K = K;
-  out.expert_ids = rt.expert_ids;
-  out.gates = rt.gate.detach();
+  out.expert_ids = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, x.device());
+  out.gates = rt.gate.detach().contiguous();
+  out.top1_ids = Tensor::empty({T}, DType::I32, x.device());
+  CM_KERNEL(x.device(), route_top1, out.top1_ids.i32(), out.expert_ids.i32(), out.gates.f32(), T, K);
   if (training) health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic
   if (host_view) {
     out.expert = rt.expert;

@@ -39,7 +39,8 @@ class MoELayer {
     std::vector<int32_t> expert;  // [T*K] routed expert of each slot (before capacity)
     std::vector<float> gate;      // [T*K] gate values
     std::vector<char> keep;       // [T*K] 0 = dropped by capacity
-    std::vector<int32_t> top1;    // [T] highest-gate expert per token (the next AC layer's labels)
+    std::vector<int32_t> top1;    // [T] highest-gate expert per token
+    Tensor top1_ids;              // MoE: the same, i32 [T] on the layer's device (the next AC layer's labels)
     Tensor expert_ids, gates;     // MoE: the same ids and gate values (before capacity) on the layer's device
     int64_t K = 1;                // slots per token
     LayerRoutingStats stats;
@@ -47,9 +48,9 @@ class MoELayer {
   };
   // x [T, C] (normalised input). ids i32 [T] on x's device: the input token of each row (specialization counters,
   // counted on the device), or null.
-  // labels [T]: the previous MoE layer's top-1 experts (AC), or null. training: capacity, pending health
+  // labels i32 [T] on x's device: the previous MoE layer's top-1 experts (AC), or null. training: capacity, pending health
   // counters and AC batch statistics.
-  Output forward(const Tensor& x, const Tensor* ids, const std::vector<int32_t>* labels,
+  Output forward(const Tensor& x, const Tensor* ids, const Tensor* labels,
                  bool training);
 
   // After an optimizer step (before zero_grad): health -> reliability, output-norm statistics, usage EMA (on the

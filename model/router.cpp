@@ -7,6 +7,7 @@
 #include <limits>
 #include <numeric>
 
+#include "autograd/ops_moe.h"
 #include "autograd/ops_route.h"
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
@@ -243,7 +244,7 @@ static std::vector<std::vector<int32_t>> read_out_words(const std::vector<Tensor
   return out;
 }
 
-Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels,
+Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor* labels,
                           bool training, bool read_out) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
   const int64_t T = h.size(0), D = depth();
@@ -264,19 +265,20 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const std::ve
   if (ac_scale.defined() && labels && ac_scaling_) {
     const Tensor run = ac_running(dev);  // [N, C]
     Tensor mt = run;
+    CM_REQUIRE(labels->dtype() == DType::I32 && labels->numel() == T && labels->device() == dev, "AC labels ",
+               shape_str(labels->shape()), " for ", T, " tokens on ", device_name(dev));
+    const Tensor lab = labels->contiguous();
     if (training) {
-      // The labels are the host's (the previous layer's read-out): grouped there, uploaded (no wait).
-      const Segments g = group_labels(*labels, T, N_);
-      std::vector<int32_t> off_words((size_t)(2 * (N_ + 1)));  // int64 offsets in i32 words
-      std::memcpy(off_words.data(), g.offsets.data(), off_words.size() * 4);
-      const Tensor order = Tensor::from_vector(g.order, {T}, dev), off = Tensor::from_vector(off_words, {2 * (N_ + 1)}, dev);
+      // The labels grouped where they are: a stable counting sort (the dispatch plan's kernels, one label per
+      // token), whose order and offsets ac_scales_forward reads. An out-of-range label is an error found there.
+      const DispatchPlan g = make_dispatch_plan_nowait(lab, 1, N_);
       const Tensor hc = h.detach().contiguous();
       mt = Tensor::empty({N_, C_}, DType::F32, dev);
       Tensor has = Tensor::empty({N_}, DType::I32, dev), w = Tensor::empty({2 * (N_ * C_ + 2)}, DType::F32, dev);
       CM_KERNEL(dev, ac_scales_forward, mt.f32(), has.i32(), run.f32(), static_cast<double*>(w.raw()), hc.f32(),
-                order.i32(), static_cast<const int64_t*>(off.raw()), N_, C_);
+                g.assign_of.i32(), g.offsets_ptr(), N_, C_);
     }
-    h_ac = mul(h, index_select(mt, 0, Tensor::from_vector(*labels, {T}, dev)));  // [T, C]
+    h_ac = mul(h, index_select(mt, 0, lab));  // [T, C]
   }
 
   if (gate_mode_ == GateMode::GroupLimited) return route_grouped(ac_level_[D - 1] ? h_ac : h, bias);

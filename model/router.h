@@ -79,11 +79,12 @@ class TreeRouter {
   TreeRouter() = default;
   TreeRouter(const CoEConfig& cfg, Generator& gen);
 
-  // h [T, C]. labels [T]: the previous MoE layer's top-1 expert per token (for AC levels; null -> m = 1).
+  // h [T, C]. labels i32 [T] on h's device: the previous MoE layer's top-1 expert per token (for AC levels; null ->
+  // m = 1).
   // training: AC uses this batch's m (and updates the running m); otherwise the running m.
   // read_out: fill Routing's host fields (one packed read-out); false leaves them empty and reads nothing (except
   // group_limited, which selects on the host).
-  Routing route(const Tensor& h, const RouterBias& bias, const std::vector<int32_t>* labels, bool training,
+  Routing route(const Tensor& h, const RouterBias& bias, const Tensor* labels, bool training,
                 bool read_out = true);
 
   void collect(const std::string& prefix, NamedParams& out) const;          // levels.{l}.weight

@@ -473,6 +473,7 @@ TEST_SUITE("routing") {
     const int64_t cap = (int64_t)std::ceil(0.75 * T * K / N);  // 9
     Tensor x = uniform({T, C}, 32);
     MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
+    o.read();  // a training step leaves its routing on the device
     // Expected: per expert, its slots sorted by gate (descending, stable) keep the first cap.
     std::vector<char> keep((size_t)(T * K), 1);
     int64_t overflow = 0;
@@ -960,7 +961,8 @@ TEST_SUITE("routing") {
       std::vector<float> e((size_t)(N * C), 0.f);  // expert embeddings at the cluster means
       for (int64_t k = 0; k < N; ++k) e[k * C + k] = 2.f;
       r.weights[0].copy_(Tensor::from_vector(e, {N, C}));
-      Routing rt = r.route(h, RouterBias{}, &labels, true);
+      const Tensor lab = Tensor::from_vector(labels, {T});
+      Routing rt = r.route(h, RouterBias{}, &lab, true);
       int64_t bad = 0;
       for (int64_t t = 0; t < T; ++t) bad += rt.expert[t] != truth[t];
       return (double)bad / T;

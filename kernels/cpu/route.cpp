@@ -172,6 +172,15 @@ void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens
   }
 }
 
+void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t T, int64_t K) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < K; ++j)
+      if (gate[t * K + j] > gate[t * K + best]) best = j;
+    top1[t] = expert[t * K + best];
+  }
+}
+
 // Mean entropy (nats) of the rows of p = softmax(s), p and s [P, b], without a log per element. In a row,
 // log p_c = s_c - max(s) - log Z and the largest probability is 1/Z, so
 //   H = -sum_c p_c log p_c = -log(max p) * sum_c p_c - sum_c p_c (s_c - max s)

@@ -297,6 +297,15 @@ __global__ void pair_keys_kernel(int32_t* __restrict__ keys, const int32_t* __re
     keys[a] = e >= 0 && e < N && v >= 0 && v < V ? (int32_t)(e * V + v) : -1;
   }
 }
+__global__ void top1_kernel(int32_t* __restrict__ top1, const int32_t* __restrict__ expert,
+                            const float* __restrict__ gate, int64_t T, int64_t K) {
+  for (int64_t t = gtid(); t < T; t += gstride()) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < K; ++j)
+      if (gate[t * K + j] > gate[t * K + best]) best = j;
+    top1[t] = expert[t * K + best];
+  }
+}
 }  // namespace
 
 namespace {
@@ -376,6 +385,13 @@ void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens
   if (A == 0) return;
   pair_keys_kernel<<<grid_for(A, kThreads), kThreads, 0, stream()>>>(keys, expert, tokens, A, K, N, V);
   cudaCheckLaunch("route pair_keys_kernel");
+}
+
+void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t T, int64_t K) {
+  CM_CHECK(T >= 0 && K >= 1, "cuda::route_top1: T=", T, " K=", K);
+  if (T == 0) return;
+  top1_kernel<<<grid_for(T, kThreads), kThreads, 0, stream()>>>(top1, expert, gate, T, K);
+  cudaCheckLaunch("route top1_kernel");
 }
 
 
