@@ -11,6 +11,7 @@
 #include "engine/host_sync.h"
 #include "kernels/capacity.h"
 #include "kernels/pointers.h"
+#include "kernels/route.h"
 #include "tests/helpers.h"
 
 using namespace cm;
@@ -232,6 +233,54 @@ TEST_SUITE("moe_ops") {
     }
   }
 
+  TEST_CASE("moe ops: a plan without the host equals the host's; grouped_linear on device offsets gives the same "
+            "products, and an empty expert a zero gradient") {
+    const int64_t N = 5, T = 9, K = 2, A = T * K, in = 4, out = 3;
+    std::vector<int32_t> ex = random_experts(A, N, 77, 0);  // no dropped slots: the router's ids
+    for (int32_t& e : ex) e = e == 3 ? 2 : e;                // expert 3 empty
+    const Tensor et = Tensor::from_vector(ex, {A});
+    const DispatchPlan ph = make_dispatch_plan(et, K, N, &ex), pn = make_dispatch_plan_nowait(et, K, N);
+    CHECK(pn.offsets.empty());
+    CHECK(pn.rows == A);
+    CHECK(pn.row_of.to_i32_vector() == ph.row_of.to_i32_vector());
+    CHECK(pn.assign_of.to_i32_vector() == ph.assign_of.to_i32_vector());
+    CHECK(pn.offsets_dev.to_i32_vector() == ph.offsets_dev.to_i32_vector());
+    // An out-of-range id is named (on the CPU at once; on CUDA at the next read-out).
+    std::vector<int32_t> badv = ex;
+    badv[4] = (int32_t)N;
+    CHECK_THROWS_WITH(make_dispatch_plan_nowait(Tensor::from_vector(badv, {A}), K, N),
+                      doctest::Contains("1 expert ids out of range [-1, 5)"));
+
+    for (bool bias : {false, true}) {
+      CAPTURE(bias);
+      Experts E = random_experts_linear(N, in, out, bias, 950);
+      Tensor x = cm::test::param({A, in}, 960);
+      Tensor yh = grouped_linear(x, E.w, E.b, ph.offsets, Tensor(), ph.offsets_dev);
+      sum(square(yh)).backward();
+      std::vector<std::vector<float>> gw, gb;
+      for (int64_t e = 0; e < N; ++e) {
+        CHECK(E.w[e].grad().defined() == (e != 3));  // the host knows expert 3 ran on no rows: no gradient
+        gw.push_back(e != 3 ? E.w[e].grad().to_f32_vector() : std::vector<float>());
+        if (bias) gb.push_back(e != 3 ? E.b[e].grad().to_f32_vector() : std::vector<float>());
+      }
+      const std::vector<float> gx = x.grad().to_f32_vector();
+      for (Tensor t : E.w) t.zero_grad();
+      for (Tensor t : E.b) t.zero_grad();
+      x.zero_grad();
+      Tensor yn = grouped_linear(x, E.w, E.b, {}, Tensor(), pn.offsets_dev);
+      CHECK(yn.to_f32_vector() == yh.to_f32_vector());
+      sum(square(yn)).backward();
+      CHECK(x.grad().to_f32_vector() == gx);
+      for (int64_t e = 0; e < N; ++e) {
+        CAPTURE(e);
+        const std::vector<float> g = E.w[e].grad().to_f32_vector();  // defined for every expert now
+        if (e != 3) CHECK(g == gw[(size_t)e]);
+        else CHECK(std::all_of(g.begin(), g.end(), [](float v) { return v == 0.f; }));
+        if (bias && e != 3) CHECK(E.b[e].grad().to_f32_vector() == gb[(size_t)e]);
+      }
+    }
+  }
+
   TEST_CASE("moe ops: pointer_table lists G consecutive blocks of one buffer") {
     std::vector<float> buf(40);
     for (int64_t G : {0, 1, 5}) {
@@ -256,6 +305,43 @@ TEST_SUITE("moe_ops") {
 #if CM_CUDA
 TEST_SUITE("cuda") {
   using cm::test::needs_device;
+
+  TEST_CASE("cuda ops: the plan without the host and each token's top-1 expert equal the CPU; nothing waits; a bad "
+            "id is raised at the next read-out" * needs_device()) {
+    const int64_t N = 7;
+    for (int64_t T : {1, 37, 500})
+      for (int64_t K : {1, 2}) {
+        CAPTURE(T);
+        CAPTURE(K);
+        const int64_t A = T * K;
+        const std::vector<int32_t> ex = random_experts(A, N, 1300 + A, 0);
+        const Tensor ec = Tensor::from_vector(ex, {A}), ed = ec.to(Device::CUDA);
+        const Tensor gc = cm::test::uniform({A}, 1400 + A), gd = gc.to(Device::CUDA);
+        cuda::sync();
+        const int64_t before = host_sync_stats().stream_syncs;
+        const DispatchPlan pc = make_dispatch_plan_nowait(ec, K, N), pd = make_dispatch_plan_nowait(ed, K, N);
+        Tensor tc = Tensor::empty({T}, DType::I32), td = Tensor::empty({T}, DType::I32, Device::CUDA);
+        cpu::route_top1(tc.i32(), ec.i32(), gc.f32(), T, K);
+        cuda::route_top1(td.i32(), ed.i32(), gd.f32(), T, K);
+        CHECK(host_sync_stats().stream_syncs == before);
+        CHECK(pd.row_of.to_i32_vector() == pc.row_of.to_i32_vector());
+        CHECK(pd.assign_of.to_i32_vector() == pc.assign_of.to_i32_vector());
+        CHECK(pd.offsets_dev.to_i32_vector() == pc.offsets_dev.to_i32_vector());
+        CHECK(td.to_i32_vector() == tc.to_i32_vector());
+      }
+    std::vector<int32_t> bad = random_experts(40, N, 1500, 0);
+    bad[3] = -7;
+    bad[9] = (int32_t)N;
+    if (cuda::sync_each_launch()) {
+      CHECK_THROWS_WITH_AS(make_dispatch_plan_nowait(Tensor::from_vector(bad, {40}).to(Device::CUDA), 2, N),
+                           doctest::Contains("dispatch_plan: 2 expert ids out of range [-1, 7)"), Error);
+    } else {
+      const DispatchPlan p = make_dispatch_plan_nowait(Tensor::from_vector(bad, {40}).to(Device::CUDA), 2, N);
+      CHECK_THROWS_WITH_AS(p.row_of.to_i32_vector(), doctest::Contains("dispatch_plan: 2 expert ids out of range"),
+                           Error);
+      CHECK_NOTHROW(p.row_of.to_i32_vector());  // reported once
+    }
+  }
 
   TEST_CASE("cuda kernels: pointer_table equals the CPU twin on random sizes" * needs_device()) {
     Generator g(31);
