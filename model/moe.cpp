@@ -134,7 +134,13 @@ float MoELayer::layer_reliability() const { return mean_of(cluster_reliability()
 // The inputs of the routing bias on dev: the experts' health state where it lives ([4, N], model/health.h:
 // reliability in row 0, usage in row 3) and the pruned flags (host state, uploaded: no wait), [N].
 MoELayer::BiasInputs MoELayer::bias_inputs(Device dev) {
-  return {health_.state(dev, health_buffers()), pruned_.device() == dev ? pruned_ : pruned_.to(dev)};
+  // The pruned flags' device copy is uploaded again only when they change (a captured step uploads nothing).
+  const std::vector<float> flags = host_buffer(pruned_);
+  if (!pruned_dev_.defined() || pruned_dev_.device() != dev || flags != pruned_seen_) {
+    pruned_dev_ = pruned_.to(dev);
+    pruned_seen_ = flags;
+  }
+  return {health_.state(dev, health_buffers()), pruned_dev_};
 }
 
 // Every level's logit bias, made on dev from tensors (kernels/route.h route_bias_forward: log of the node
@@ -153,6 +159,11 @@ RouterBias MoELayer::routing_bias(Device dev) {
 }
 
 // ---------------------------------------------------------------- forward
+
+bool MoELayer::training_reads_host() const {
+  return moe && (cfg_.capacity_factor > 0.f || cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
+                 active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited);
+}
 
 // Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
 static std::vector<int32_t> top1_of(const std::vector<int32_t>& expert, const std::vector<float>& gate, int64_t K) {
@@ -245,8 +256,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   //    training where its bookkeeping still needs them: capacity (the keep list), the aux-free bias, pruning (also
   //    when an expert is already pruned: it keeps no gradient), group_limited (it selects on the host). (AC's
   //    labels, each token's top-1 expert, are made on the device: route_top1.)
-  const bool host_view = !training || cfg_.capacity_factor > 0.f || cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
-                         active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited;
+  const bool host_view = !training || training_reads_host();
   const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
   st.routing_ms = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - route_t0).count();

@@ -78,6 +78,11 @@ class MoELayer {
   float mutual_information() const;           // I(expert; token), nats
   void reset_metrics();
 
+  // Whether a training forward reads its routing on the host (one packed read-out): with capacity (the keep list),
+  // the aux-free bias, pruning on or an expert pruned, or group_limited (host selection). Otherwise a training step
+  // of the layer waits for nothing. A dense layer never does.
+  bool training_reads_host() const;
+
   // ---- pruning
   void prune(int64_t e);
   bool pruned(int64_t e) const { return pruned_.f32()[e] != 0.f; }
@@ -112,6 +117,8 @@ class MoELayer {
   std::vector<Tensor> health_tensors(std::vector<int64_t>& meta) const;
 
   CoEConfig cfg_;
+  mutable Tensor pruned_dev_;  // pruned_ on the layer's device, as of pruned_seen_
+  mutable std::vector<float> pruned_seen_;
   // The grouped GEMM's pointer lists of the expert weights w1, w2, w3 (autograd/ops_moe.h): uploaded once on CUDA.
   // Shared by copies of the layer (a copy's parameters are the same tensors).
   std::shared_ptr<GroupedLinearCache> gemm_lists_[3];
