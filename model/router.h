@@ -65,7 +65,7 @@ struct Routing {
   Tensor lb_loss, z_loss, div_loss;      // weighted scalars; undefined when the weight is 0
   int64_t flops = 0;                     // 2 * multiply-adds spent on logits
 
-  // Host read-outs of the tensors above, made by route() in one copy and one wait (model/router.cpp read_out_words):
+  // Host read-outs of the tensors above, made by route() in one copy and one wait (read_out_words, engine/tensor.h):
   // moe.cpp still reads these on the host. They are to be removed once it takes expert_ids, gate, level_counts_dev
   // and entropy_dev; then a training step's routing waits for nothing.
   std::vector<int32_t> expert;                     // [T*K] = expert_ids
