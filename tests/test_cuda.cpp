@@ -933,6 +933,34 @@ TEST_CASE("cuda kernels: load-balance loss (flat, grouped, target shares, shared
   cuda::load_balance_forward(gloss.f32(), gfrac.f32(), gmp.f32(), gtok.f32(), dev(p).f32(), dev(i32s(iv, {R, 1})).i32(),
                              nullptr, nullptr, R, E, 1, 1, 0.5f);
   CHECK(std::fabs(gloss.item() - 0.5f) < 1e-6f);
+  {  // An all-zero bias is no bias, bit for bit (the kernel decides on the device), over many weights and upstream
+     // gradients, with E = 6: the shares path would multiply by E = rsum / rho in float, which rounds differently.
+    const int64_t R2 = 9, E2 = 6;
+    Tensor p2 = dev(uniform({R2, E2}, 1990, 0.f, 1.f));
+    std::vector<int32_t> iv2((size_t)R2);
+    for (int64_t r = 0; r < R2; ++r) iv2[(size_t)r] = (int32_t)(r * 5 % E2);
+    Tensor i2 = dev(i32s(iv2, {R2, 1})), zeros = Tensor::zeros({E2}, DType::F32, Device::CUDA);
+    Tensor l0 = poisoned({1}), l1 = poisoned({1}), f0 = poisoned({1, E2}), f1 = poisoned({1, E2}),
+           m0 = poisoned({1, E2}), m1 = poisoned({1, E2}), t0 = poisoned({1}), t1 = poisoned({1}),
+           d0 = poisoned({R2, E2}), d1 = poisoned({R2, E2});
+    int differ_from_shares = 0;
+    for (int i = 0; i < 40; ++i) {
+      const float w = 0.01f + 0.0031f * (float)i, dl = 0.5f + 0.137f * (float)i;
+      const Tensor dlt = Tensor::scalar(dl, Device::CUDA);
+      cuda::load_balance_forward(l0.f32(), f0.f32(), m0.f32(), t0.f32(), p2.f32(), i2.i32(), nullptr, nullptr, R2, E2,
+                                 1, 1, w);
+      cuda::load_balance_forward(l1.f32(), f1.f32(), m1.f32(), t1.f32(), p2.f32(), i2.i32(), nullptr, zeros.f32(), R2,
+                                 E2, 1, 1, w);
+      cuda::load_balance_backward(d0.f32(), dlt.f32(), f0.f32(), t0.f32(), nullptr, nullptr, R2, E2, 1, w);
+      cuda::load_balance_backward(d1.f32(), dlt.f32(), f1.f32(), t1.f32(), nullptr, zeros.f32(), R2, E2, 1, w);
+      same(l1, l0, "loss, zero bias");
+      same(d1, d0, "backward, zero bias");
+      const std::vector<float> fr = f0.to_f32_vector(), dv = d0.to_f32_vector();
+      const float k = (float)((double)dl * (double)w / (double)R2);  // the shares path's k
+      for (int64_t e = 0; e < E2; ++e) differ_from_shares += (k * (float)E2) * fr[(size_t)e] != dv[(size_t)e];
+    }
+    CHECK(differ_from_shares > 0);  // the comparison can tell the two paths apart
+  }
 }
 
 TEST_CASE("cuda kernels: layernorm and rmsnorm forward/backward against the CPU" * needs_device()) {
@@ -1049,7 +1077,7 @@ TEST_CASE("cuda kernels: the experts' guard and health update match their CPU tw
           p[(S / 2) * C] = NAN;                      // a non-finite row
           if (S > 2) p[(S - 1) * C + C - 1] = 1e4f;  // an outlier once there are statistics
           std::vector<float> st((size_t)(4 * N), 1.f);
-          for (int64_t e = 0; e < N; ++e) st[(size_t)(N + e)] = ema, st[(size_t)(2 * N + e)] = 0.f;
+          for (int64_t e = 0; e < N; ++e) st[(size_t)(N + e)] = ema * (float)(1 + e), st[(size_t)(2 * N + e)] = 0.f;
           Tensor state = Tensor::from_vector(st, {4 * N});
           Tensor pend = uniform({10 * N}, ++seed, 0.f, 0.f);  // zeros: doubles 0.0
           Tensor norms = Tensor::empty({2 * S}), out = Tensor::empty({S, C}), ok = Tensor::empty({N}, DType::I32),
