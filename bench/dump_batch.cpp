@@ -164,6 +164,7 @@ int run(const Args& a) {
   Tensor ids = random_ids(a.B, a.T + 1, cfg.vocab_size, g);
   Tensor x = ids.slice(1, 0, a.T).contiguous(), y = ids.slice(1, 1, a.T + 1).contiguous();
   CoEOutput o = model.forward(x, y);
+  read_routing_stats(o.layers);  // a training forward's statistics stay on the device until read
   o.total_loss.backward();
 
   NamedTensors out = {{"ids", x},

@@ -277,6 +277,43 @@ std::vector<int32_t> Tensor::to_i32_vector() const {
   return v;
 }
 
+std::vector<std::vector<int32_t>> read_out_words(const std::vector<Tensor>& ts, Device dev) {
+  int64_t total = 0;
+  for (const Tensor& t : ts) {
+    if (!t.defined()) continue;
+    CM_CHECK(t.device() == dev && dtype_size(t.dtype()) == 4, "read_out_words: a ", dtype_name(t.dtype()), " ",
+             shape_str(t.shape()), " on ", device_name(t.device()), " among tensors on ", device_name(dev));
+    total += t.numel();
+  }
+  std::vector<std::vector<int32_t>> out;
+  if (total == 0) {  // nothing to read: no wait
+    for (size_t i = 0; i < ts.size(); ++i) out.emplace_back();
+    return out;
+  }
+  Tensor pack = Tensor::empty({total}, DType::I32, dev);
+  int64_t off = 0;
+  for (const Tensor& t : ts) {
+    if (!t.defined() || t.numel() == 0) continue;
+    const Tensor c = t.contiguous();
+    const int64_t n = c.numel(), one = 1;
+#if CM_CUDA
+    if (dev == Device::CUDA)
+      cuda::strided_copy(pack.i32() + off, &one, c.raw(), &one, &n, 1, 4);
+    else
+#endif
+      cpu::strided_copy(pack.i32() + off, &one, c.raw(), &one, &n, 1, 4);
+    off += n;
+  }
+  const std::vector<int32_t> all = pack.to_i32_vector();  // the one read-out
+  off = 0;
+  for (const Tensor& t : ts) {
+    const int64_t n = t.defined() ? t.numel() : 0;
+    out.emplace_back(all.begin() + off, all.begin() + off + n);
+    off += n;
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------- autograd state (the sweep is in graph.cpp)
 
 Tensor& Tensor::requires_grad_(bool on) {

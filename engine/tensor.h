@@ -135,6 +135,12 @@ class Tensor {
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t);
 
+// The host's read-out of several tensors on dev (f32 or i32, 4 bytes an element) in one copy and one wait: they are
+// packed bit for bit into one i32 buffer there, which is read once. Returns each tensor's words in order (an f32
+// tensor's are its floats' bits; an int64 array held in an i32 tensor gives its words). Undefined tensors give no
+// words; when there is nothing to read, nothing is read (no wait).
+std::vector<std::vector<int32_t>> read_out_words(const std::vector<Tensor>& ts, Device dev);
+
 // True when a CUDA device can be used (built with CUDA and a device answers). Never throws.
 bool cuda_available();
 // Throws a clear cm::Error if `device` cannot be used here.

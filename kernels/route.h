@@ -45,6 +45,13 @@ void route_logits_backward_w(float* dW,             // [n * b, C]
 // counts [n] (+)= #{i : ids[i] == j}; ids outside [0, n) are not counted. accumulate = false overwrites.
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate);
 
+// The routing statistics' counters (model/stats.h), integers only (exact on both twins, in any order):
+//   route_offset_counts: rows [N] = offsets[e + 1] - offsets[e], the rows of each expert in a dispatch plan (its
+//                        offsets [N + 1], int64; each count fits i32: a forward has fewer than 2^31 slots);
+//   route_counts_add:    acc [n] += counts [n], int64: a long run's totals cannot overflow.
+void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N);
+void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n);
+
 // The (expert, input token) pair of each routed slot as one key for route_histogram over [N * V]:
 // keys[a] = expert[a] * V + tokens[a / K] for expert[a] in [0, N) (else -1: not counted). tokens [A / K] in [0, V)
 // (a token outside gives -1 too). The MoE layer's specialization counters (model/moe.h).
@@ -141,6 +148,9 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,
                      int64_t V);
 void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t T, int64_t K);
+// One thread per element each, no atomics.
+void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N);
+void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n);
 // One thread per (label, feature) for the sums; the clip's sum on one thread in the CPU's order: the CPU's bits.
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);

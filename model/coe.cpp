@@ -245,6 +245,9 @@ CoEOutput ClusterMoELM::run(const Tensor& ids, const Tensor& targets_in, DecodeC
     out.loss = cross_entropy(out.logits.view({B * T, V}), targets.view({B * T}));
     out.total_loss = add(out.loss, out.aux_loss);
   }
+  // An evaluation forward hands back its statistics read (one read-out for all layers); a training forward leaves
+  // them where they were counted (LayerRoutingStats::read()). Decoding (generate) does not look at them.
+  if (!training_ && !cache) read_routing_stats(out.layers);
   return out;
 }
 

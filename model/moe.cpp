@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "engine/dispatch.h"
@@ -179,6 +180,7 @@ static std::vector<int32_t> top1_of(const std::vector<int32_t>& expert, const st
 }
 
 void MoELayer::Output::read() {
+  stats.read();
   if (!expert.empty() || !expert_ids.defined()) return;  // read already, or a dense layer's (filled)
   expert = expert_ids.to_i32_vector();
   gate = gates.to_f32_vector();
@@ -218,7 +220,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   st.layer = layer;
   st.moe = moe;
   st.num_experts = N;
-  st.expert_share.assign(N, 0.f);
+  st.slots = T * K;
+  st.expert_share.assign(N, 0.f);  // host values: read() fills them from the counts (model/stats.h)
   st.expert_rows.assign(N, 0);
   // The host buffers may lag the device state by the steps since the last pull (model/health.h).
   st.reliability = mean_of(cluster_reliability_at_rest());
@@ -239,7 +242,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     }
     out.y = health_.guard(y, training, cfg_.use_reliability, cfg_.reliability_outlier_factor, health_buffers(),
                           &st.guard_counts);
-    st.expert_share[0] = T ? 1.f : 0.f;
+    st.expert_share[0] = T ? 1.f : 0.f;  // known without counting
     st.expert_rows[0] = T;
     out.expert.assign((size_t)T, 0);
     out.gate.assign((size_t)T, 1.f);
@@ -265,25 +268,23 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   out.z_loss = rt.z_loss;
   out.div_loss = rt.div_loss;
   st.routing_flops = rt.flops;
-  st.router_entropy = rt.entropy;  // (the layer's aux terms stay on the device: out.lb_loss, z_loss, div_loss)
+  // The statistics stay where the router counted them (read() reads them): the routed slots per expert, the
+  // level-0 entropy. (So do the layer's aux terms: out.lb_loss, z_loss, div_loss.)
+  st.routed = rt.level_counts_dev.back();  // i32 [N]: the last level's children are the experts
+  st.entropy = rt.entropy_dev;
+  count_utilization(st.routed);
   out.K = K;
   out.expert_ids = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, x.device());
   out.gates = rt.gate.detach().contiguous();
   out.top1_ids = Tensor::empty({T}, DType::I32, x.device());
   CM_KERNEL(x.device(), route_top1, out.top1_ids.i32(), out.expert_ids.i32(), out.gates.f32(), T, K);
-  if (training) health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic
   if (host_view) {
     out.expert = rt.expert;
     out.top1 = top1_of(rt.expert, rt.gate_value, K);
   }
-  std::vector<int64_t> routed((size_t)N, 0);
-  for (int32_t e : rt.expert) ++routed[e];
-  for (int64_t e = 0; e < N && host_view; ++e) {
-    st.expert_share[e] = S0 ? (float)routed[e] / (float)S0 : 0.f;
-    util_[e] += (double)routed[e];
-  }
-  if (training && host_view) {
-    for (int64_t e = 0; e < N; ++e) pend_routed_[e] += routed[e];
+  if (training) {
+    health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic, on the device
+    for (int32_t e : rt.expert) ++pend_routed_[e];  // (host_view only: else rt.expert is empty)
     if (pend_level_counts_.empty()) pend_level_counts_ = rt.level_counts;
     else
       for (size_t l = 0; l < rt.level_counts.size(); ++l)
@@ -302,7 +303,6 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
   //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot
   //    (kernels/capacity.h). Only when some expert is over capacity: filter, then plan the kept slots again.
-  int64_t dropped = 0;
   if (host_view) out.keep.assign((size_t)S0, 1);
   if (training && cfg_.capacity_factor > 0.f) {
     const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
@@ -317,13 +317,13 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
       cpu::capacity_filter(kept.data(), rt.expert.data(), rt.gate_value.data(), by_expert.order.data(),
                            by_expert.offsets.data(), S0, N, cap);
       plan = make_dispatch_plan(expert, K, N, &kept);
-      dropped = S0 - plan.rows;
       for (int64_t s = 0; s < S0; ++s) out.keep[s] = kept[s] >= 0;
     }
   }
-  st.dropped_fraction = S0 ? (float)dropped / (float)S0 : 0.f;
   out.gate = rt.gate_value;
-  for (int64_t e = 0; e < N && host_view; ++e) st.expert_rows[e] = plan.offsets[e + 1] - plan.offsets[e];
+  // The rows each expert computes, from the plan's offsets where they are (the dropped slots: S0 - their sum).
+  st.rows = Tensor::empty({N}, DType::I32, dev);
+  CM_KERNEL(dev, route_offset_counts, st.rows.i32(), plan.offsets_ptr(), N);
   if (plan.rows == 0) {
     out.y = Tensor::zeros({T, C}, DType::F32, dev);
     return out;
@@ -396,11 +396,26 @@ std::vector<Tensor> MoELayer::health_tensors(std::vector<int64_t>& meta) const {
 
 // ---------------------------------------------------------------- metrics
 
+// util_dev_ += the routed slots per expert of one forward, i32 [N] on the layer's device (an int64 sum there).
+void MoELayer::count_utilization(const Tensor& routed) {
+  const Device dev = routed.device();
+  if (util_dev_.defined() && util_dev_.device() != dev) util_dev_ = util_dev_.to(dev);
+  if (!util_dev_.defined()) util_dev_ = Tensor::zeros({2 * N}, DType::I32, dev);
+  CM_KERNEL(dev, route_counts_add, static_cast<int64_t*>(util_dev_.raw()), routed.contiguous().i32(), N);
+}
+
 std::vector<double> MoELayer::utilization() const {
+  std::vector<double> u = util_;
+  if (util_dev_.defined()) {  // the routed slots counted on the device: one read-out
+    const std::vector<int32_t> words = util_dev_.to_i32_vector();
+    std::vector<int64_t> c((size_t)N);
+    std::memcpy(c.data(), words.data(), (size_t)N * 8);
+    for (int64_t e = 0; e < N; ++e) u[e] += (double)c[e];
+  }
   double s = 0.0;
-  for (double v : util_) s += v;
+  for (double v : u) s += v;
   std::vector<double> r((size_t)N, 0.0);
-  for (int64_t e = 0; e < N; ++e) r[e] = s > 0.0 ? util_[e] / s : 0.0;
+  for (int64_t e = 0; e < N; ++e) r[e] = s > 0.0 ? u[e] / s : 0.0;
   return r;
 }
 
@@ -474,7 +489,8 @@ float MoELayer::mutual_information() const {
 
 void MoELayer::reset_metrics() {
   std::fill(util_.begin(), util_.end(), 0.0);
-  spec_ = Tensor();  // zeros again at the next count
+  util_dev_ = Tensor();  // zeros again at the next count
+  spec_ = Tensor();
 }
 
 // ---------------------------------------------------------------- pruning

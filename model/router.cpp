@@ -11,7 +11,6 @@
 #include "autograd/ops_route.h"
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
-#include "kernels/copy.h"
 #include "kernels/route.h"
 #include "kernels/topk.h"
 
@@ -216,32 +215,6 @@ static void select_children(int32_t* idx, const float* probs, const float* abias
 static Tensor balance_term(const Tensor& probs, const Tensor& idx, const Tensor& node, int64_t n_nodes,
                            const Tensor& lbias) {
   return router_balance_loss(probs, idx, node, n_nodes, lbias, 1.f);
-}
-
-// The host's read-out of several device tensors (f32 or i32, 4 bytes an element) in one copy and one wait: they are
-// packed bit for bit into one i32 buffer on their device, which is read once. Returns each tensor's words in order
-// (an f32 tensor's are its floats' bits). Undefined tensors give no words.
-static std::vector<std::vector<int32_t>> read_out_words(const std::vector<Tensor>& ts, Device dev) {
-  int64_t total = 0;
-  for (const Tensor& t : ts) total += t.defined() ? t.numel() : 0;
-  Tensor pack = Tensor::empty({total}, DType::I32, dev);
-  int64_t off = 0;
-  for (const Tensor& t : ts) {
-    if (!t.defined() || t.numel() == 0) continue;
-    Tensor c = t.contiguous();
-    const int64_t n = c.numel(), one = 1;
-    CM_KERNEL(dev, strided_copy, pack.i32() + off, &one, c.raw(), &one, &n, 1, 4);
-    off += n;
-  }
-  std::vector<int32_t> all = pack.to_i32_vector();  // the one read-out
-  std::vector<std::vector<int32_t>> out;
-  off = 0;
-  for (const Tensor& t : ts) {
-    const int64_t n = t.defined() ? t.numel() : 0;
-    out.emplace_back(all.begin() + off, all.begin() + off + n);
-    off += n;
-  }
-  return out;
 }
 
 Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor* labels,

@@ -8,12 +8,15 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <map>
 #include <memory>
 
+#include "engine/dispatch.h"
 #include "engine/host_sync.h"
+#include "kernels/route.h"
 #include "model/checkpoint.h"
 #include "model/coe.h"
 #include "model/data.h"
@@ -207,30 +210,66 @@ double train_flops_per_token(int64_t active_params, int64_t n_layers, int64_t se
 // ---------------------------------------------------------------- the run
 namespace {
 
-// Routed slots per expert of each MoE layer, summed over the training forwards since the last evaluation.
+// Routed slots per expert of each MoE layer, summed over the training forwards since the last evaluation: exact
+// counts. A training step adds its forwards' counts where they were made (LayerRoutingStats::routed and rows, on the
+// model's device) into int64 sums there, and reads nothing; fold() brings the sums into the host's doubles (one
+// read-out for all layers), at evaluation and checkpoint time.
 struct RoutingTally {
   std::vector<int64_t> layers;             // MoE layer indices
-  std::vector<std::vector<double>> slots;  // [layers][N]
+  std::vector<std::vector<double>> slots;  // [layers][N] as of the last fold
   std::vector<double> dropped, total;      // [layers]
+  // [layers] since the last fold: int64 [2N] in i32 words [4N] on the device, the routed slots then the computed rows
+  // of each expert (undefined: 0); and the slots those forwards routed (host arithmetic).
+  std::vector<Tensor> pending;
+  std::vector<int64_t> pending_slots;
 
-  void add(const CoEOutput& out, int64_t tokens, int64_t k) {
+  void add(const CoEOutput& out) {
     size_t li = 0;
     for (const auto& l : out.layers) {
       if (!l.moe) continue;
+      const int64_t N = l.num_experts;
       if (li == layers.size()) {
         layers.push_back(l.layer);
-        slots.emplace_back(l.expert_share.size(), 0.0);
+        slots.emplace_back((size_t)N, 0.0);
         dropped.push_back(0);
         total.push_back(0);
       }
-      double n = (double)(tokens * k);
-      for (size_t e = 0; e < l.expert_share.size() && e < slots[li].size(); ++e) slots[li][e] += l.expert_share[e] * n;
-      dropped[li] += l.dropped_fraction * n;
-      total[li] += n;
+      pending.resize(layers.size());
+      pending_slots.resize(layers.size(), 0);
+      const Device dev = l.routed.device();
+      Tensor& acc = pending[li];
+      if (!acc.defined()) acc = Tensor::zeros({4 * N}, DType::I32, dev);
+      int64_t* sums = static_cast<int64_t*>(acc.raw());
+      CM_KERNEL(dev, route_counts_add, sums, l.routed.contiguous().i32(), N);
+      CM_KERNEL(dev, route_counts_add, sums + N, l.rows.contiguous().i32(), N);
+      pending_slots[li] += l.slots;
       ++li;
     }
   }
+  void fold() {
+    if (pending.empty()) return;
+    Device dev = Device::CPU;
+    for (const Tensor& t : pending)
+      if (t.defined()) dev = t.device();
+    const std::vector<std::vector<int32_t>> words = read_out_words(pending, dev);
+    for (size_t li = 0; li < pending.size(); ++li) {
+      if (words[li].empty()) continue;
+      const size_t N = slots[li].size();
+      std::vector<int64_t> c(2 * N);
+      std::memcpy(c.data(), words[li].data(), 2 * N * 8);
+      int64_t kept = 0;
+      for (size_t e = 0; e < N; ++e) {
+        slots[li][e] += (double)c[e];
+        kept += c[N + e];
+      }
+      dropped[li] += (double)(pending_slots[li] - kept);
+      total[li] += (double)pending_slots[li];
+      pending[li] = Tensor();
+      pending_slots[li] = 0;
+    }
+  }
   void reset() {
+    fold();  // nothing of the past interval is left on the device
     for (auto& s : slots) std::fill(s.begin(), s.end(), 0.0);
     std::fill(dropped.begin(), dropped.end(), 0.0);
     std::fill(total.begin(), total.end(), 0.0);
@@ -239,8 +278,9 @@ struct RoutingTally {
   // Checkpoint metadata "routing_tally": the counts since the last evaluation travel with the checkpoint, so that
   // a run resumed between two evaluations writes the same routing.csv rows as the uninterrupted run.
   // {"layers": ["1", ...], "slots": [["12", ...], ...], "dropped": [...], "total": [...]}; numbers as "%.17g"
-  // strings (exact round trip of the doubles).
-  std::string to_json() const {
+  // strings (exact round trip of the doubles), integer counts. Folds first (a read-out).
+  std::string to_json() {
+    fold();
     auto num = [](double v) {
       char b[40];
       std::snprintf(b, sizeof b, "%.17g", v);
@@ -508,13 +548,13 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     out << "saved " << path << "\n";
   };
 
-  const int64_t K = cfg.router == RouterKind::Dense ? 1 : cfg.experts_per_token();
   const int64_t N = cfg.router == RouterKind::Dense ? 1 : cfg.num_experts();
   const int64_t per_cluster = N / std::max<int64_t>(1, cfg.branching().front());
 
   auto do_eval = [&](int64_t s) {
     auto t0 = std::chrono::steady_clock::now();
     // Routing of the training forwards since the last evaluation (eval forwards are not counted).
+    tally.fold();
     std::vector<LayerRouting> routing;
     std::map<std::string, float> rel = model.get_reliability_stats();
     for (size_t li = 0; li < tally.layers.size(); ++li) {
@@ -667,7 +707,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (!replay) {
       std::vector<CoEOutput> fws;
       run_step(batches, pd, fws);
-      for (const CoEOutput& fw : fws) tally.add(fw, o.batch_size * o.seq_len, K);
+      for (const CoEOutput& fw : fws) tally.add(fw);
     } else {
 #if CM_CUDA
       if (!graph) {
@@ -695,7 +735,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
         pd.auxes.push_back(copy_out(graph_out.auxes[i]));
       }
       pd.norm = copy_out(graph_out.norm);
-      for (const CoEOutput& fw : graph_fws) tally.add(fw, o.batch_size * o.seq_len, K);
+      for (const CoEOutput& fw : graph_fws) tally.add(fw);
 #endif
     }
     ++step;

@@ -141,6 +141,8 @@ TEST_SUITE("cuda") {
 
       Tensor ids = random_ids(4, 16, cfg.vocab_size, 11), tg = random_ids(4, 16, cfg.vocab_size, 12);
       CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);  // CPU ids: forward moves them
+      read_routing_stats(oa.layers);  // training forwards: their statistics are read on demand
+      read_routing_stats(ob.layers);
       CHECK(ob.logits.device() == Device::CUDA);
       check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
       check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
@@ -177,6 +179,8 @@ TEST_SUITE("cuda") {
     b.to(Device::CUDA);
     Tensor ids = random_ids(4, 16, c.vocab_size, 31), tg = random_ids(4, 16, c.vocab_size, 32);
     CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+    read_routing_stats(oa.layers);
+    read_routing_stats(ob.layers);
     check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
     check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
     check_scaled(ob.aux_loss, oa.aux_loss, 1e-6f, 1e-4f, "aux loss");
@@ -218,6 +222,8 @@ TEST_SUITE("cuda") {
         b.to(Device::CUDA);
         Tensor ids = random_ids(4, 16, cfg.vocab_size, 41), tg = random_ids(4, 16, cfg.vocab_size, 42);
         CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
+        read_routing_stats(oa.layers);
+        read_routing_stats(ob.layers);
         check_scaled(ob.logits, oa.logits, 1e-4f, 1e-3f, "logits");
         check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");
         check_scaled(ob.aux_loss, oa.aux_loss, 1e-6f, 1e-4f, "aux loss");
@@ -297,8 +303,10 @@ TEST_SUITE("cuda") {
       for (const auto& kv : m->expert_parameters(0, e)) Tensor(kv.second).fill_(NAN);
 
     CoEOutput oa = a.forward(ids, tg), ob = b.forward(ids, tg);
-    CHECK(oa.layers[0].nonfinite_rows() == oa.layers[0].expert_rows[e]);
-    CHECK(ob.layers[0].nonfinite_rows() == oa.layers[0].nonfinite_rows());
+    read_routing_stats(oa.layers);
+    read_routing_stats(ob.layers);
+    CHECK(oa.layers[0].nonfinite_rows == oa.layers[0].expert_rows[e]);
+    CHECK(ob.layers[0].nonfinite_rows == oa.layers[0].nonfinite_rows);
     CHECK(ob.layers[0].expert_rows == oa.layers[0].expert_rows);
     CHECK(std::isfinite(ob.loss.item()));
     check_scaled(ob.loss, oa.loss, 0.f, 1e-5f, "loss");

@@ -173,7 +173,7 @@ TEST_SUITE("health") {
     const float decay = c.reliability_decay;
     Tensor x = uniform({12, 16}, 9);
     MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
-    o.read();  // a training step leaves its routing on the device
+    o.read();  // a training step leaves its routing and statistics on the device
     sum(square(o.y)).backward();
     layer.after_step();
     const int64_t N = layer.N;

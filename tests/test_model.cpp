@@ -6,6 +6,7 @@
 #include <memory>
 #include <set>
 
+#include "engine/host_sync.h"
 #include "model/coe.h"
 #include "model/moe.h"
 #include "model/optim.h"
@@ -15,6 +16,11 @@ using namespace cm;
 using cm::test::uniform;
 
 namespace {
+// A training forward's statistics, read: they stay where the layers counted them until read (model/stats.h).
+CoEOutput read_stats(CoEOutput o) {
+  read_routing_stats(o.layers);
+  return o;
+}
 
 CoEConfig small_lm() {
   CoEConfig c;
@@ -91,6 +97,13 @@ TEST_SUITE("model") {
     CHECK(o.load_balance_loss.item() == doctest::Approx(0.02).epsilon(0.2));  // near balanced at init
     CHECK(o.model_reliability == 1.f);
     REQUIRE(o.layers.size() == 3);
+    // A training forward: its statistics stay unread (zeros) until read, every layer's in one read-out.
+    CHECK(o.layers[0].expert_share == std::vector<float>(16, 0.f));
+    reset_host_sync_stats();
+    read_routing_stats(o.layers);
+    CHECK(host_sync_stats().stream_syncs == 1);
+    read_routing_stats(o.layers);  // read already: nothing more
+    CHECK(host_sync_stats().stream_syncs == 1);
     for (int64_t l = 0; l < 3; ++l) {
       const LayerRoutingStats& s = o.layers[l];
       CHECK(s.layer == l);
@@ -108,6 +121,15 @@ TEST_SUITE("model") {
         CHECK(s.router_entropy > 0.f);
       }
     }
+    // An evaluation forward hands its statistics back read: the same routing, the same values.
+    m.eval();
+    CoEOutput oe = m.forward(ids, tg);
+    for (int64_t l = 0; l < 3; ++l) {
+      CHECK(oe.layers[l].expert_share == o.layers[l].expert_share);
+      CHECK(oe.layers[l].expert_rows == o.layers[l].expert_rows);
+      CHECK(oe.layers[l].router_entropy == o.layers[l].router_entropy);
+    }
+    m.train();
     // No targets: no loss.
     CoEOutput o2 = m.forward(ids);
     CHECK_FALSE(o2.loss.defined());
@@ -191,7 +213,7 @@ TEST_SUITE("model") {
     ClusterMoELM m2(small_lm());
     auto p2 = m2.named_parameters();
     for (size_t i = 0; i < params.size(); ++i) CHECK(params[i].second.to_f32_vector() == p2[i].second.to_f32_vector());
-    CoEOutput o = m.forward(ids_tensor(4, 16, 13, 6), ids_tensor(4, 16, 13, 7));
+    CoEOutput o = read_stats(m.forward(ids_tensor(4, 16, 13, 6), ids_tensor(4, 16, 13, 7)));
     o.total_loss.backward();
     for (auto& [n, t] : params) {
       bool expert = n.find(".experts.") != std::string::npos;
@@ -300,7 +322,7 @@ TEST_SUITE("model") {
     CHECK(m.expert_pruned(0, 5));
     CHECK(m.get_model_summary().active_experts == 31);
     m.reset_metrics();
-    CoEOutput o = m.forward(ids_tensor(4, 16, 13, 8), ids_tensor(4, 16, 13, 9));
+    CoEOutput o = read_stats(m.forward(ids_tensor(4, 16, 13, 8), ids_tensor(4, 16, 13, 9)));
     CHECK(o.layers[0].expert_share[5] == 0.f);
     CHECK(o.layers[0].expert_rows[5] == 0);
     CHECK(m.get_expert_utilization().at(ek(0, 1, 1)) == 0.f);
@@ -311,7 +333,7 @@ TEST_SUITE("model") {
     m.prune_expert(0, 6);
     CHECK_THROWS_AS(m.prune_expert(0, 7), Error);
     CHECK_THROWS_AS(m.prune_expert(1, 0), Error);  // dense layer
-    CoEOutput o2 = m.forward(ids_tensor(4, 16, 13, 10));
+    CoEOutput o2 = read_stats(m.forward(ids_tensor(4, 16, 13, 10)));
     for (int64_t e : {4, 5, 6}) CHECK(o2.layers[0].expert_rows[e] == 0);
 
     // Automatic: traffic under the threshold for `window` steps removes an expert (here most of them, as far
@@ -338,7 +360,7 @@ TEST_SUITE("model") {
     for (int64_t e = 0; e < 4; ++e) pruned += ma.expert_pruned(0, e);
     CHECK(pruned == 3);
     CHECK(ma.get_model_summary().active_experts == 2);  // one left in each MoE layer (0 and 2)
-    CoEOutput oa = ma.forward(ids_tensor(4, 16, 13, 50));
+    CoEOutput oa = read_stats(ma.forward(ids_tensor(4, 16, 13, 50)));
     for (int64_t e = 0; e < 4; ++e)
       if (ma.expert_pruned(0, e)) CHECK(oa.layers[0].expert_rows[e] == 0);
   }
@@ -456,12 +478,12 @@ TEST_SUITE("model") {
 
     SUBCASE("capacity_factor drops slots in training only") {
       auto m = build([](CoEConfig& c) { c.capacity_factor = 0.5f; });
-      CoEOutput o = m->forward(ids, tg);
+      CoEOutput o = read_stats(m->forward(ids, tg));
       for (int64_t l : {0, 2}) CHECK(o.layers[l].dropped_fraction >= 0.25f);  // at most half the slots fit
       m->eval();
       for (int64_t l : {0, 2}) CHECK(m->forward(ids, tg).layers[l].dropped_fraction == 0.f);
       auto off = build([](CoEConfig&) {});
-      CHECK(off->forward(ids, tg).layers[0].dropped_fraction == 0.f);
+      CHECK(read_stats(off->forward(ids, tg)).layers[0].dropped_fraction == 0.f);
     }
     SUBCASE("aux_free_bias moves the selection biases after a step; off, they stay 0") {
       for (bool on : {true, false}) {
@@ -523,7 +545,7 @@ TEST_SUITE("model") {
           c.routing_temperature = temp;
           c.init_std = 0.5f;  // logits far enough from 0 for the temperature to matter
         });
-        h.push_back(m->forward(ids).layers[0].router_entropy);
+        h.push_back(read_stats(m->forward(ids)).layers[0].router_entropy);
       }
       MESSAGE("router entropy at temperature 0.5, 1, 2: ", h[0], " ", h[1], " ", h[2]);
       CHECK(h[0] < h[1] - 0.05f);
@@ -559,7 +581,7 @@ TEST_SUITE("model") {
         c.tree_branching = {2, 2, 4};
         c.tree_top_k = {2, 1, 2};
       });
-      CoEOutput ot = tree->forward(ids);
+      CoEOutput ot = read_stats(tree->forward(ids));
       int64_t rows = 0;
       for (int64_t r : ot.layers[0].expert_rows) rows += r;
       CHECK(rows == 32 * 4);  // B*T tokens x K = 2*1*2

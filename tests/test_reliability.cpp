@@ -132,6 +132,7 @@ struct Trainer {
     model->after_step();
     opt->zero_grad();
     ++step;
+    o.layers[0].read();  // a training forward's statistics stay on the device until read
     return o.layers[0];
   }
   float heldout_loss(const CharData& d) {
@@ -194,7 +195,8 @@ TEST_SUITE("reliability") {
       o.read();  // a training step leaves its routing on the device
       const int64_t to_faulty = std::count(o.expert.begin(), o.expert.end(), 1);
       REQUIRE(to_faulty > 0);
-      CHECK(o.stats.nonfinite_rows() == to_faulty);
+      o.stats.read();
+      CHECK(o.stats.nonfinite_rows == to_faulty);
       std::vector<float> y = o.y.to_f32_vector();
       bool finite = std::all_of(y.begin(), y.end(), [](float v) { return std::isfinite(v); });
       CHECK(finite == on);  // without reliability the layer is a plain MoE: NaN goes through
@@ -232,12 +234,13 @@ TEST_SUITE("reliability") {
     layer.forward(x, nullptr, nullptr, true);
     layer.after_step();  // running statistics from a healthy step
     MoELayer::Output ok = layer.forward(x, nullptr, nullptr, true);
-    CHECK(ok.stats.outlier_rows() == 0);
+    ok.stats.read();
+    CHECK(ok.stats.outlier_rows == 0);
     for (Tensor t : layer.experts[0].tensors()) t.copy_(mul(t, 100.f));
     MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
-    o.read();  // a training step leaves its routing on the device
-    CHECK(o.stats.outlier_rows() == 10);  // every token reaches both experts
-    CHECK(o.stats.nonfinite_rows() == 0);
+    o.read();  // a training step leaves its routing and statistics on the device
+    CHECK(o.stats.outlier_rows == 10);  // every token reaches both experts
+    CHECK(o.stats.nonfinite_rows == 0);
     // Expert 0's rows count 0: each token's output is its gate to expert 1 times expert 1's row, no more.
     std::vector<float> ref((size_t)(10 * 6), 0.f);
     for (int64_t s = 0; s < 20; ++s) {
@@ -506,8 +509,8 @@ TEST_SUITE("reliability") {
     for (int64_t s = 0; s < 40; ++s) {
       LayerRoutingStats a = on.train_step(d, 40), b = off.train_step(d, 40);
       CHECK(a.expert_share == b.expert_share);
-      CHECK(a.outlier_rows() == 0);
-      CHECK(a.nonfinite_rows() == 0);
+      CHECK(a.outlier_rows == 0);
+      CHECK(a.nonfinite_rows == 0);
     }
     CHECK(on.losses == off.losses);  // bit for bit: log(1) = 0 is added to the logits
     CHECK(on.losses.back() < on.losses.front() - 0.5f);
@@ -546,7 +549,7 @@ TEST_SUITE("reliability") {
       int64_t caught = 0;
       for (int64_t s = 0; s < after; ++s) {
         LayerRoutingStats st = on.train_step(d, total);
-        caught += st.nonfinite_rows() + st.outlier_rows();
+        caught += st.nonfinite_rows + st.outlier_rows;
         if (s >= after - 60) share_after += st.expert_share[expert] / 60.0;
       }
       const float r = on.model->get_reliability_stats().at("layer_0_cluster_" + std::to_string(expert / 2) +

@@ -305,6 +305,18 @@ TEST_SUITE("routing") {
     CHECK(keys == std::vector<int32_t>{4, 14, -1, 5, 13, -1, -1, -1});  // expert 3 >= N; token 9 >= V
   }
 
+  TEST_CASE("routing statistics counters: rows from a plan's offsets; int64 sums of i32 counts past 2^31") {
+    const std::vector<int64_t> off = {0, 3, 3, 10, 11};
+    std::vector<int32_t> rows(4, -7);
+    cpu::route_offset_counts(rows.data(), off.data(), 4);
+    CHECK(rows == std::vector<int32_t>{3, 0, 7, 1});
+    std::vector<int64_t> acc = {5, (int64_t)INT32_MAX, -2};
+    const std::vector<int32_t> c = {1, INT32_MAX, 0};
+    cpu::route_counts_add(acc.data(), c.data(), 3);
+    cpu::route_counts_add(acc.data(), c.data(), 2);  // n: only the first two
+    CHECK(acc == std::vector<int64_t>{7, 3 * (int64_t)INT32_MAX, -2});
+  }
+
   TEST_CASE("route bias: every level's log reliability and the pruned experts, the former host formula's bits") {
     // kernels/route.h route_bias_forward against tests/bias_ref.h (what model/moe.cpp computed on the host before):
     // the same floats bit for bit, -inf included, with reliability on and off.
@@ -397,6 +409,40 @@ TEST_SUITE("cuda") {
     cuda::route_histogram(counts.i32(), idt.i32(), (int64_t)ids.size(), 17, true);
     for (int32_t& c : ref) c *= 2;
     CHECK(counts.to_i32_vector() == ref);
+  }
+  TEST_CASE("cuda kernels: routing statistics counters equal the CPU twins on random plans" *
+            cm::test::needs_device()) {
+    Generator g(6);
+    for (int64_t N : {1, 7, 300}) {
+      CAPTURE(N);
+      std::vector<float> u = Tensor::rand({2 * N + 1}, g).to_f32_vector();
+      std::vector<int64_t> off((size_t)N + 1, 0), acc((size_t)N);
+      std::vector<int32_t> counts((size_t)N);
+      for (int64_t e = 0; e < N; ++e) {
+        off[e + 1] = off[e] + (int64_t)(u[e] * 50.f);
+        counts[e] = (int32_t)(u[N + e] * 2e9f);  // near INT32_MAX: the sums pass it
+        acc[e] = (int64_t)(u[2 * N] * 1e12f) + e;
+      }
+      std::vector<int32_t> ref((size_t)N);
+      cpu::route_offset_counts(ref.data(), off.data(), N);
+      std::vector<int32_t> off_words((size_t)(2 * (N + 1))), acc_words((size_t)(2 * N));
+      std::memcpy(off_words.data(), off.data(), off_words.size() * 4);
+      std::memcpy(acc_words.data(), acc.data(), acc_words.size() * 4);
+      Tensor od = Tensor::from_vector(off_words, {2 * (N + 1)}).to(Device::CUDA);
+      Tensor rows = Tensor::empty({N}, DType::I32, Device::CUDA);
+      cuda::route_offset_counts(rows.i32(), static_cast<const int64_t*>(od.raw()), N);
+      CHECK(rows.to_i32_vector() == ref);
+      Tensor ad = Tensor::from_vector(acc_words, {2 * N}).to(Device::CUDA);
+      Tensor cd = Tensor::from_vector(counts, {N}).to(Device::CUDA);
+      for (int i = 0; i < 3; ++i) {
+        cpu::route_counts_add(acc.data(), counts.data(), N);
+        cuda::route_counts_add(static_cast<int64_t*>(ad.raw()), cd.i32(), N);
+      }
+      const std::vector<int32_t> got = ad.to_i32_vector();
+      std::vector<int64_t> sums((size_t)N);
+      std::memcpy(sums.data(), got.data(), (size_t)N * 8);
+      CHECK(sums == acc);
+    }
   }
   TEST_CASE("cuda kernels: route pair keys equal the CPU twin on random slots" * cm::test::needs_device()) {
     Generator g(5);

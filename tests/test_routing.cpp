@@ -473,7 +473,7 @@ TEST_SUITE("routing") {
     const int64_t cap = (int64_t)std::ceil(0.75 * T * K / N);  // 9
     Tensor x = uniform({T, C}, 32);
     MoELayer::Output o = layer.forward(x, nullptr, nullptr, true);
-    o.read();  // a training step leaves its routing on the device
+    o.read();  // a training step leaves its routing and statistics on the device
     // Expected: per expert, its slots sorted by gate (descending, stable) keep the first cap.
     std::vector<char> keep((size_t)(T * K), 1);
     int64_t overflow = 0;
@@ -487,6 +487,8 @@ TEST_SUITE("routing") {
       CHECK(o.stats.expert_rows[e] == std::min<int64_t>((int64_t)s.size(), cap));
     }
     REQUIRE(overflow > 0);  // the test must exercise dropping
+    for (int64_t e = 0; e < N; ++e)  // the shares are of the routed slots, before capacity
+      CHECK(o.stats.expert_share[e] == (float)std::count(o.expert.begin(), o.expert.end(), e) / (float)(T * K));
     CHECK(o.keep == keep);
     CHECK(o.stats.dropped_fraction == doctest::Approx((double)overflow / (T * K)));
     // The output is the gate-weighted sum over the kept slots only (dropped slots leave the token's residual).
@@ -498,7 +500,12 @@ TEST_SUITE("routing") {
     }
     CHECK_CLOSE(o.y, ref, 1e-5f, 1e-4f);
     // Evaluation is dropless.
-    CHECK(layer.forward(x, nullptr, nullptr, false).stats.dropped_fraction == 0.f);
+    MoELayer::Output ev = layer.forward(x, nullptr, nullptr, false);
+    ev.stats.read();
+    CHECK(ev.stats.dropped_fraction == 0.f);
+    int64_t kept = 0;
+    for (int64_t r : ev.stats.expert_rows) kept += r;
+    CHECK(kept == T * K);  // every slot computed
   }
 
   TEST_CASE("load-balance loss: closed form per level, balanced value, finite with unused experts") {

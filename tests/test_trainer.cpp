@@ -7,7 +7,9 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
+#include <tuple>
 
 #include "tests/corpus.h"
 #include "tests/files.h"
@@ -423,6 +425,70 @@ TEST_SUITE("trainer") {
       Ran ran = train_lm(args);
       REQUIRE(ran.rc == 0);
       CHECK(contains(ran.out, "| host syncs/step " + std::to_string(own) + "\n"));
+    }
+  }
+
+  TEST_CASE("trainer: routing.csv counts every training forward's slots and capacity's drops, read at evaluation") {
+    // The tally adds each training forward's counts where the model computes and reads them at evaluation only. A
+    // 3-step interval's row is then the sum of the same run's three 1-step intervals (evaluating does not change
+    // training: the losses are the same bits), each step's slots are all counted, and capacity drops some.
+    TempDir dir("tally");
+    std::string data = shakespeare_excerpt(dir, 20000);
+    const std::vector<std::string> args =
+        tiny_args(data, "") + std::vector<std::string>{"--top_k_experts", "2", "--capacity_factor", "1.0", "--max_steps",
+                                                       "3", "--save_every", "0", "--eval_iters", "1", "--grad_accum",
+                                                       "2"};
+    struct Row {
+      double tokens = 0, dropped = 0;
+    };
+    std::ostringstream sink;
+    auto run = [&](const std::string& out, const char* every, std::vector<double>& losses) {
+      TrainResult r = train(options(args + std::vector<std::string>{"--out_dir", out, "--eval_every", every}), sink);
+      losses = r.step_losses;
+      std::map<std::tuple<int64_t, int64_t, int64_t>, Row> rows;  // (step, layer, expert)
+      std::istringstream in(read_bytes(out + "/routing.csv"));
+      std::string line;
+      std::getline(in, line);  // header
+      while (std::getline(in, line)) {
+        std::vector<double> c;
+        std::istringstream ls(line);
+        for (std::string f; std::getline(ls, f, ',');) c.push_back(std::stod(f));
+        REQUIRE(c.size() == 8);
+        rows[{(int64_t)c[0], (int64_t)c[1], (int64_t)c[2]}] = {c[4], c[7]};
+      }
+      return rows;
+    };
+    std::vector<double> l1, l3;
+    auto each = run(dir.file("each"), "1", l1), three = run(dir.file("three"), "3", l3);
+    REQUIRE(l1 == l3);
+    REQUIRE(!three.empty());
+    const TrainOptions o = options(args);
+    const int64_t K = 2, slots = o.batch_size * o.seq_len * o.grad_accum * K;  // per step and MoE layer
+    std::map<int64_t, double> dropped_mean;
+    for (const auto& [key, row] : three) {
+      const int64_t step = std::get<0>(key), layer = std::get<1>(key), e = std::get<2>(key);
+      CHECK(step == 3);
+      double sum = 0;
+      for (int64_t s = 1; s <= 3; ++s) sum += each.at({s, layer, e}).tokens;
+      CHECK(row.tokens == sum);
+      if (e == 0) {
+        double d = 0;
+        for (int64_t s = 1; s <= 3; ++s) d += each.at({s, layer, 0}).dropped / 3;
+        CHECK(row.dropped == doctest::Approx(d).epsilon(1e-5));
+        dropped_mean[layer] = row.dropped;
+      }
+    }
+    for (int64_t s = 1; s <= 3; ++s)
+      for (const auto& [layer, d] : dropped_mean) {
+        double sum = 0;
+        for (int64_t e = 0; e < 4; ++e) sum += each.at({s, layer, e}).tokens;
+        CHECK(sum == (double)slots);  // every slot routed, once
+      }
+    REQUIRE(!dropped_mean.empty());
+    for (const auto& [layer, d] : dropped_mean) {
+      CAPTURE(layer);
+      CHECK(d > 0.0);  // capacity 1.0 with 2 experts per token: someone overflows
+      CHECK(d < 0.5);
     }
   }
 

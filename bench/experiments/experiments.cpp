@@ -393,7 +393,8 @@ int cmd_run(int argc, char** argv) {
   double eval_s = 0;
   for (int64_t step = 0; step < steps; ++step) {
     const auto t0 = Clock::now();
-    const StepResult sr = train_step(tr, *data.clean, B, data_gen, lr_at(step, sched));
+    StepResult sr = train_step(tr, *data.clean, B, data_gen, lr_at(step, sched));
+    read_routing_stats(sr.out.layers);  // the routing statistics below (a training forward's stay unread otherwise)
     const CoEOutput& out = sr.out;
     const double loss = sr.loss, gn = sr.grad_norm;
     step_s += std::chrono::duration<double>(Clock::now() - t0).count();
@@ -593,6 +594,7 @@ int cmd_fault(int argc, char** argv) {
     for (int64_t s = 0; s < n && finite; ++s, ++step) {
       auto [x, y] = data.clean->batch(Split::Train, B, gen);
       CoEOutput o = m.forward(x, y);
+      read_routing_stats(o.layers);  // the shares below
       if (!std::isfinite(o.loss.item())) {
         finite = false;  // without reliability a NaN expert poisons the model: training stops here
         break;

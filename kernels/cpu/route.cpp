@@ -127,6 +127,14 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
     if (ids[i] >= 0 && ids[i] < n) ++counts[ids[i]];
 }
 
+void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N) {
+  for (int64_t e = 0; e < N; ++e) rows[e] = (int32_t)(offsets[e + 1] - offsets[e]);
+}
+
+void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += counts[i];
+}
+
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C) {
   double wsum = 0.0;

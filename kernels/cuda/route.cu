@@ -309,6 +309,29 @@ __global__ void top1_kernel(int32_t* __restrict__ top1, const int32_t* __restric
 }  // namespace
 
 namespace {
+__global__ void offset_counts_kernel(int32_t* __restrict__ rows, const int64_t* __restrict__ offsets, int64_t N) {
+  for (int64_t e = gtid(); e < N; e += gstride()) rows[e] = (int32_t)(offsets[e + 1] - offsets[e]);
+}
+__global__ void counts_add_kernel(int64_t* __restrict__ acc, const int32_t* __restrict__ counts, int64_t n) {
+  for (int64_t i = gtid(); i < n; i += gstride()) acc[i] += counts[i];
+}
+}  // namespace
+
+void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N) {
+  CM_CHECK(N >= 0, "cuda::route_offset_counts: N=", N);
+  if (N == 0) return;
+  offset_counts_kernel<<<grid_for(N, kThreads), kThreads, 0, stream()>>>(rows, offsets, N);
+  cudaCheckLaunch("route offset_counts_kernel");
+}
+
+void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n) {
+  CM_CHECK(n >= 0, "cuda::route_counts_add: n=", n);
+  if (n == 0) return;
+  counts_add_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(acc, counts, n);
+  cudaCheckLaunch("route counts_add_kernel");
+}
+
+namespace {
 // w and has of each (label, feature): thread i = k * C + q walks the label's tokens in order (the CPU's sums).
 __global__ void ac_weights_kernel(double* __restrict__ w, int32_t* __restrict__ has, const float* __restrict__ h,
                                   const int32_t* __restrict__ order, const int64_t* __restrict__ offsets, int64_t N,
