@@ -9,6 +9,9 @@
 
 #include "autograd/ops_moe.h"
 #include "engine/host_sync.h"
+#if CM_CUDA
+#include "engine/cuda.h"
+#endif
 #include "kernels/capacity.h"
 #include "kernels/pointers.h"
 #include "kernels/route.h"
@@ -250,6 +253,11 @@ TEST_SUITE("moe_ops") {
     badv[4] = (int32_t)N;
     CHECK_THROWS_WITH(make_dispatch_plan_nowait(Tensor::from_vector(badv, {A}), K, N),
                       doctest::Contains("1 expert ids out of range [-1, 5)"));
+    // Each token's top-1 expert (AC's labels): the higher gate, a tie to the earlier slot.
+    std::vector<float> gv = {0.2f, 0.7f, 0.5f, 0.5f, 0.9f, 0.1f};
+    std::vector<int32_t> ev = {4, 1, 0, 3, 2, 1}, top((size_t)3, -1);
+    cpu::route_top1(top.data(), ev.data(), gv.data(), 3, 2);
+    CHECK(top == std::vector<int32_t>{1, 0, 2});
 
     for (bool bias : {false, true}) {
       CAPTURE(bias);
