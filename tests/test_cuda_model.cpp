@@ -202,6 +202,8 @@ TEST_SUITE("cuda") {
     check_gradients(a, oa, b, ob);
     const std::vector<int32_t> prompt = {7, 3, 9};
     CHECK(b.generate(prompt, 20, 0.f) == a.generate(prompt, 20, 0.f));
+    // The utilization counters, summed on each model's device over that forward and the decoding's: the same.
+    CHECK(b.get_expert_utilization() == a.get_expert_utilization());
   }
 
   TEST_CASE("cuda model: every gate design routes and differentiates as on the CPU" * needs_device()) {
