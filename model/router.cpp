@@ -352,7 +352,7 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   std::vector<float> p_host(words[0].size()), s_host(words[1].size()), b_host(words[2].size());  // [T, N] [T, N]
   std::memcpy(p_host.data(), words[0].data(), p_host.size() * 4);
   std::memcpy(s_host.data(), words[1].data(), s_host.size() * 4);
-  std::memcpy(b_host.data(), words[2].data(), b_host.size() * 4);  // empty without bias
+  if (!b_host.empty()) std::memcpy(b_host.data(), words[2].data(), b_host.size() * 4);  // empty without bias
   const float* pv = p_host.data();
   r.entropy = cpu::route_mean_entropy(pv, s_host.data(), T, N_);  // of the one N-way distribution
 
