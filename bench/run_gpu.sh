@@ -4,7 +4,8 @@
 #   test    the whole suite, then the cuda suite again with CM_CUDA_SYNC=1 (a faulting kernel names itself)
 #   bench   nvidia-smi; cuda_routing (the routing kernels against naive ones and the copy bandwidth);
 #           train_bench --device cuda (dense, flat, cluster, tree, ac at equal active compute, MFU);
-#           routing_cost --device cuda (flat against trees as N grows)
+#           routing_cost --device cuda (flat against trees as N grows);
+#           train_lm --router cluster eager against --cuda_graph (host syncs/step 0 both; ms/step)
 #   train   train_lm --preset shakespeare on the GPU (the bar: val loss <= 1.50), bounded by TRAIN_SECONDS
 #
 #   bench/run_gpu.sh                 # build test bench
@@ -44,6 +45,12 @@ stage_bench() {
   ./build/bench/cuda_routing || rc=1
   ./build/bench/train_bench --device cuda --size gpu --peak_tflops 67 || rc=1
   ./build/bench/routing_cost --device cuda || rc=1
+  if [ -f data/tinyshakespeare.txt ]; then  # a dropless MoE step waits for nothing: captured as a graph too
+    for g in 0 1; do
+      ./train_lm --device cuda --router cluster --max_steps 200 --log_every 50 --eval_every 200 --eval_iters 1 \
+        --sample_every 0 --save_every 0 --cuda_graph "$g" --out_dir "$out/moe_graph_$g" | tail -n 3 || rc=1
+    done
+  fi
   return $rc
 }
 stage_train() {
