@@ -489,8 +489,10 @@ float MoELayer::mutual_information() const {
 
 void MoELayer::reset_metrics() {
   std::fill(util_.begin(), util_.end(), 0.0);
-  util_dev_ = Tensor();  // zeros again at the next count
-  spec_ = Tensor();
+  // The device counters are zeroed where they are, not dropped: a captured CUDA graph of the training step adds
+  // into them at every replay (train_lm --cuda_graph), so they keep their memory for the model's life.
+  for (Tensor* t : {&util_dev_, &spec_})
+    if (t->defined()) t->fill_(0.f);  // i32 zeros, set on the device
 }
 
 // ---------------------------------------------------------------- pruning
