@@ -528,19 +528,21 @@ TEST_SUITE("cuda") {
     for (size_t i = 0; i < 5; ++i) CHECK_MESSAGE(rest.step_losses[i] == eager.step_losses[4 + i], "step ", 5 + i);
 
     // An MoE model whose training step reads nothing on the host is captured as well: the cluster router with
-    // reliability (its guard, health update and routing bias on the device), and AC (its labels made there).
-    for (const char* router : {"cluster", "ac"}) {
+    // reliability (its guard, health update, routing bias and statistics on the device), 5 steps (an evaluation, a
+    // checkpoint and reset_metrics after step 4, between replays).
+    for (const char* router : {"cluster"}) {
       CAPTURE(router);
       const std::string r = router;
-      TrainResult me = train(options(args("moe_eager_" + r, {"--router", r})), sink);
-      TrainResult mg = train(options(args("moe_graph_" + r, {"--router", r, "--cuda_graph"})), sink);
-      REQUIRE(me.step_losses.size() == 9);
-      REQUIRE(mg.step_losses.size() == 9);
-      for (size_t i = 0; i < 9; ++i) CHECK_MESSAGE(mg.step_losses[i] == me.step_losses[i], "step ", i + 1);
+      TrainResult me = train(options(args("moe_eager_" + r, {"--router", r, "--max_steps", "5"})), sink);
+      TrainResult mg =
+          train(options(args("moe_graph_" + r, {"--router", r, "--max_steps", "5", "--cuda_graph"})), sink);
+      REQUIRE(me.step_losses.size() == 5);
+      REQUIRE(mg.step_losses.size() == 5);
+      for (size_t i = 0; i < 5; ++i) CHECK_MESSAGE(mg.step_losses[i] == me.step_losses[i], "step ", i + 1);
       CHECK(me.quiet_step_syncs == 0);
       CHECK(mg.quiet_step_syncs == 0);
-      SafeTensors ma = load_safetensors(checkpoint_path(dir.file("moe_eager_" + r), 8));
-      SafeTensors mb = load_safetensors(checkpoint_path(dir.file("moe_graph_" + r), 8));
+      SafeTensors ma = load_safetensors(checkpoint_path(dir.file("moe_eager_" + r), 4));
+      SafeTensors mb = load_safetensors(checkpoint_path(dir.file("moe_graph_" + r), 4));
       REQUIRE(ma.tensors.size() == mb.tensors.size());
       for (size_t i = 0; i < ma.tensors.size(); ++i) {
         CAPTURE(ma.tensors[i].first);
