@@ -34,18 +34,25 @@ void require(const char* op, const char* what, const Tensor& t, DType dt, int64_
 
 // ---------------------------------------------------------------- plan and capacity
 
-DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N, const std::vector<int32_t>* host_ids) {
+// The checked, contiguous ids [A] and a plan of their sizes with row_of [A] allocated (both makers below).
+static DispatchPlan plan_shell(const Tensor& expert_in, int64_t K, int64_t N, Tensor& expert) {
   require("make_dispatch_plan", "expert", expert_in, DType::I32, 1);
   CM_REQUIRE(K >= 1 && N >= 1 && expert_in.numel() % K == 0, "make_dispatch_plan: ", expert_in.numel(),
              " slots for K = ", K, ", N = ", N);
-  const Tensor expert = dense(expert_in);
-  const Device dev = expert.device();
-  const int64_t A = expert.numel();
+  expert = dense(expert_in);
   DispatchPlan p;
-  p.T = A / K;
+  p.T = expert.numel() / K;
   p.K = K;
   p.N = N;
-  p.row_of = Tensor::empty({A}, DType::I32, dev);
+  p.row_of = Tensor::empty({expert.numel()}, DType::I32, expert.device());
+  return p;
+}
+
+DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N, const std::vector<int32_t>* host_ids) {
+  Tensor expert;
+  DispatchPlan p = plan_shell(expert_in, K, N, expert);
+  const Device dev = expert.device();
+  const int64_t A = expert.numel();
   Tensor assign_of = Tensor::empty({A}, DType::I32, dev);  // A' <= A rows, known once the offsets are
   p.offsets.resize((size_t)(N + 1));
   if (host_ids) {
@@ -88,18 +95,11 @@ DispatchPlan make_dispatch_plan(const Tensor& expert_in, int64_t K, int64_t N, c
 }
 
 DispatchPlan make_dispatch_plan_nowait(const Tensor& expert_in, int64_t K, int64_t N) {
-  require("make_dispatch_plan", "expert", expert_in, DType::I32, 1);
-  CM_REQUIRE(K >= 1 && N >= 1 && expert_in.numel() % K == 0, "make_dispatch_plan: ", expert_in.numel(),
-             " slots for K = ", K, ", N = ", N);
-  const Tensor expert = dense(expert_in);
+  Tensor expert;
+  DispatchPlan p = plan_shell(expert_in, K, N, expert);
   const Device dev = expert.device();
   const int64_t A = expert.numel();
-  DispatchPlan p;
-  p.T = A / K;
-  p.K = K;
-  p.N = N;
   p.rows = A;  // dropless: every slot has a row
-  p.row_of = Tensor::empty({A}, DType::I32, dev);
   p.assign_of = Tensor::empty({A}, DType::I32, dev);
   p.offsets_dev = Tensor::empty({2 * (N + 1)}, DType::I32, dev);
   Tensor counts = Tensor::empty({2 * N}, DType::I32, dev);  // int64 [N] in i32 storage

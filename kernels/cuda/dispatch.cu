@@ -396,8 +396,16 @@ void dispatch_scatter(int32_t* row_of, int32_t* assign_of, const int32_t* expert
   run_scatter<false>(row_of, assign_of, nullptr, nullptr, cc, expert, A, 0, NB, c);
 }
 
-int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of, const int32_t* expert,
-                      int64_t A, int64_t N) {
+namespace {
+// An out-of-range count left in device memory becomes an error record (engine/cuda.h): index = how many.
+__global__ void record_bad_ids_kernel(int64_t* rec, const int64_t* __restrict__ bad_total, int64_t N) {
+  if (blockIdx.x == 0 && threadIdx.x == 0 && *bad_total > 0)
+    record_bad_index(rec, IndexOp::Dispatch, *bad_total, -1, N);
+}
+
+// The plan's launches. The out-of-range count is read back (one wait), or with nowait recorded on the device.
+int64_t plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of, const int32_t* expert,
+             int64_t A, int64_t N, bool nowait) {
   check_dispatch_sizes("cuda::dispatch_plan", A, N);
   const int NB = (int)N;
   Chunks c = make_chunks(A, NB);
@@ -408,37 +416,25 @@ int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_
   int64_t* bad_total = s.at<int64_t>(cc_bytes + bad_bytes);
   run_count<false>(cc, badc, expert, A, 0, NB, c);  // one counting pass serves the counts and the scatter
   run_totals(counts, bad_total, cc, badc, NB, c.G);
+  if (nowait) {
+    record_bad_ids_kernel<<<1, 1, 0, stream()>>>(index_error_record(), bad_total, N);
+    cudaCheckLaunch("record_bad_ids_kernel");
+  }
   run_scan(offsets, counts, NB);
   run_base(cc, offsets, NB, c.G);
   run_scatter<false>(row_of, assign_of, nullptr, nullptr, cc, expert, A, 0, NB, c);
-  return read_back(bad_total);
-}
-
-namespace {
-// An out-of-range count left in device memory becomes an error record (engine/cuda.h): index = how many.
-__global__ void record_bad_ids_kernel(int64_t* rec, const int64_t* __restrict__ bad_total, int64_t N) {
-  if (blockIdx.x == 0 && threadIdx.x == 0 && *bad_total > 0)
-    record_bad_index(rec, IndexOp::Dispatch, *bad_total, -1, N);
+  return nowait ? 0 : read_back(bad_total);
 }
 }  // namespace
 
+int64_t dispatch_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of, const int32_t* expert,
+                      int64_t A, int64_t N) {
+  return plan(counts, offsets, row_of, assign_of, expert, A, N, false);
+}
+
 void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of,
                           const int32_t* expert, int64_t A, int64_t N) {
-  check_dispatch_sizes("cuda::dispatch_plan", A, N);
-  const int NB = (int)N;
-  Chunks c = make_chunks(A, NB);
-  const size_t cc_bytes = align256((size_t)(NB * c.G) * 4), bad_bytes = align256((size_t)c.G * 4);
-  Scratch s(cc_bytes + bad_bytes + 256);
-  int32_t* cc = s.at<int32_t>();
-  int32_t* badc = s.at<int32_t>(cc_bytes);
-  int64_t* bad_total = s.at<int64_t>(cc_bytes + bad_bytes);
-  run_count<false>(cc, badc, expert, A, 0, NB, c);
-  run_totals(counts, bad_total, cc, badc, NB, c.G);
-  record_bad_ids_kernel<<<1, 1, 0, stream()>>>(index_error_record(), bad_total, N);
-  cudaCheckLaunch("record_bad_ids_kernel");
-  run_scan(offsets, counts, NB);
-  run_base(cc, offsets, NB, c.G);
-  run_scatter<false>(row_of, assign_of, nullptr, nullptr, cc, expert, A, 0, NB, c);
+  plan(counts, offsets, row_of, assign_of, expert, A, N, true);
 }
 
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
