@@ -51,6 +51,12 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
 //   route_counts_add:    acc [n] += counts [n], int64: a long run's totals cannot overflow.
 void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N);
 void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n);
+void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate);
+
+// Auxiliary-loss-free balancing (DeepSeek-V3) at one level, after an optimizer step: for each node's b children,
+// bias += rate * sign(mean load of the node's children - load), the loads summed since the last update (load
+// [n * b], int64: route_counts_add's totals; the mean in double). load is zeroed for the next step.
+void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate);
 
 // The (expert, input token) pair of each routed slot as one key for route_histogram over [N * V]:
 // keys[a] = expert[a] * V + tokens[a / K] for expert[a] in [0, N) (else -1: not counted). tokens [A / K] in [0, V)

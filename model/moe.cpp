@@ -162,7 +162,7 @@ RouterBias MoELayer::routing_bias(Device dev) {
 // ---------------------------------------------------------------- forward
 
 bool MoELayer::training_reads_host() const {
-  return moe && (cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
+  return moe && (cfg_.enable_expert_pruning ||
                  active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited);
 }
 
@@ -260,9 +260,9 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // 1. Route. A dropless training step needs no host view of the routing: the plan, the guard, the statistics and
   //    the health traffic all work from the device tensors, and the router reads nothing (host_view false). The
   //    host reads the router's choices for evaluation (no training step: statistics, generation's routing), and in
-  //    training where its bookkeeping still needs them: the aux-free bias, pruning (also when an expert is already
-  //    pruned: it keeps no gradient), group_limited (it selects on the host). (AC's labels, each token's top-1
-  //    expert, are made on the device: route_top1; capacity filters there.)
+  //    training where its bookkeeping still needs them: pruning (also when an expert is already pruned: it keeps
+  //    no gradient), group_limited (it selects on the host). (AC's labels, each token's top-1 expert, are made on
+  //    the device: route_top1; capacity filters there; the aux-free loads are summed there.)
   const bool host_view = !training || training_reads_host();
   const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
@@ -289,10 +289,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   if (training) {
     health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic, on the device
     for (int32_t e : rt.expert) ++pend_routed_[e];  // (host_view only: else rt.expert is empty)
-    if (pend_level_counts_.empty()) pend_level_counts_ = rt.level_counts;
-    else
-      for (size_t l = 0; l < rt.level_counts.size(); ++l)
-        for (size_t i = 0; i < rt.level_counts[l].size(); ++i) pend_level_counts_[l][i] += rt.level_counts[l][i];
+    if (cfg_.aux_free_bias) router.add_aux_load(rt);  // the loads summed on the device for after_step
   }
 
   // 2. The dispatch plan on the layer's device: a stable counting sort of the slots by expert.
@@ -367,8 +364,7 @@ void MoELayer::after_step() {
   int64_t total = 0;
   for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
 
-  if (cfg_.aux_free_bias && !pend_level_counts_.empty())
-    router.update_aux_bias(pend_level_counts_, cfg_.aux_free_bias_rate);
+  if (cfg_.aux_free_bias) router.update_aux_bias(cfg_.aux_free_bias_rate);  // on the device (no load: no move)
 
   if (cfg_.enable_expert_pruning && total > 0) {
     const std::vector<float> rel = expert_reliability();  // a read-out of the device state
@@ -382,7 +378,6 @@ void MoELayer::after_step() {
     }
   }
   std::fill(pend_routed_.begin(), pend_routed_.end(), 0);
-  pend_level_counts_.clear();
 }
 
 // Every active expert's weights and (with reliability) their gradients, expert by expert: their sums of squares

@@ -55,8 +55,8 @@ class MoELayer {
                  bool training);
 
   // After an optimizer step (before zero_grad): health -> reliability, output-norm statistics, usage EMA (on the
-  // layer's device, model/health.h), aux-free bias, pruning (on the host: with pruning on, one read-out of the
-  // reliability per step).
+  // layer's device, model/health.h), aux-free bias (on the device too, model/router.h), pruning (on the host: with
+  // pruning on, one read-out of the reliability per step).
   void after_step();
 
   void collect(const std::string& prefix, NamedParams& out) const;
@@ -79,9 +79,9 @@ class MoELayer {
   float mutual_information() const;           // I(expert; token), nats
   void reset_metrics();
 
-  // Whether a training forward reads its routing on the host (one packed read-out): with capacity (the keep list),
-  // the aux-free bias, pruning on or an expert pruned, or group_limited (host selection). Otherwise a training step
-  // of the layer waits for nothing. A dense layer never does.
+  // Whether a training forward reads its routing on the host (one packed read-out): with pruning on or an expert
+  // pruned, or group_limited (host selection). Otherwise a training step of the layer waits for nothing (capacity
+  // and the aux-free bias included). A dense layer never does.
   bool training_reads_host() const;
 
   // ---- pruning
@@ -131,10 +131,10 @@ class MoELayer {
   Tensor usage_ema_;    // running traffic share (weights the inner nodes' reliability)
   Tensor pruned_;       // 1 = removed from routing and compute
   Tensor low_steps_;    // consecutive after_step()s with traffic under the threshold or low reliability
-  // Pending counters of the forwards since the last after_step() (training only): the host's share (pruning and the
-  // aux-free bias read them); the guard's counters and the traffic live with the device state (health_).
+  // Pending counters of the forwards since the last after_step() (training only): the host's share (pruning reads
+  // them); the guard's counters and the traffic live with the device state (health_), the aux-free loads with the
+  // router.
   std::vector<int64_t> pend_routed_;
-  std::vector<std::vector<int64_t>> pend_level_counts_;
   // Metrics since reset.
   std::vector<double> util_;  // [N] rows of a dense layer (counted on the host: T per forward)
   Tensor util_dev_;           // int64 [N] in i32 words [2N], an MoE layer's routed slots per expert, on its device;

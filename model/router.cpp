@@ -104,6 +104,7 @@ TreeRouter::TreeRouter(const CoEConfig& cfg, Generator& gen) {
     nodes.push_back(n);
     weights.push_back(normal_param({n * branching[l], C_}, cfg.init_std, gen));
     aux_bias.push_back(Tensor::zeros({n * branching[l]}));
+    aux_mirror_.emplace_back();
     ac_level_.push_back(cfg.level_uses_ac(l));
     any_ac = any_ac || ac_level_.back();
     n *= branching[l];
@@ -115,51 +116,38 @@ void TreeRouter::collect(const std::string& prefix, NamedParams& out) const {
   for (int64_t l = 0; l < depth(); ++l) out.emplace_back(prefix + ".levels." + std::to_string(l) + ".weight", weights[l]);
 }
 
-const Tensor& TreeRouter::ac_running(Device dev) {
-  if (ac_dev_.defined() && ac_dev_.device() != dev) {  // the model moved: the old copy's news first
-    pull_ac();
-    ac_dev_ = Tensor();
-  }
-  const float* host = ac_scale.f32();  // a host buffer in every build: no read-out
-  const size_t n = (size_t)ac_scale.numel();
-  if (ac_dev_.defined() && std::equal(host, host + n, ac_seen_.begin())) return ac_dev_;
-  if (!ac_dev_.defined()) ac_dev_ = Tensor::empty({N_, C_}, DType::F32, dev);
-  ac_dev_.copy_(ac_scale);  // written on the host since (or first use): an upload, no wait
-  ac_seen_.assign(host, host + n);
-  return ac_dev_;
-}
-
-void TreeRouter::pull_ac() const {
-  if (!ac_dev_.defined()) return;
-  float* host = ac_scale.f32();
-  if (!std::equal(host, host + ac_scale.numel(), ac_seen_.begin())) return;  // written on the host since: that wins
-  const std::vector<float> v = ac_dev_.to_f32_vector();  // one read-out
-  std::copy(v.begin(), v.end(), host);
-  ac_seen_ = v;
+void TreeRouter::pull_buffers() const {
+  if (ac_scale.defined()) ac_mirror_.pull(ac_scale);
+  for (int64_t l = 0; l < depth(); ++l) aux_mirror_[l].pull(aux_bias[l]);
 }
 
 void TreeRouter::collect_buffers(const std::string& prefix, NamedParams& out) const {
-  pull_ac();  // the caller may read them (a checkpoint): the host holds the running m now
+  pull_buffers();  // the caller may read them (a checkpoint): the host holds the device's values now
   for (int64_t l = 0; l < depth(); ++l)
     out.emplace_back(prefix + ".levels." + std::to_string(l) + ".aux_bias", aux_bias[l]);
   if (ac_scale.defined()) out.emplace_back(prefix + ".ac_scale", ac_scale);
 }
 
-void TreeRouter::update_aux_bias(const std::vector<std::vector<int64_t>>& level_counts, float rate) {
-  for (int64_t l = 0; l < depth() && l < (int64_t)level_counts.size(); ++l) {
-    const int64_t b = branching[l];
-    float* bias = aux_bias[l].f32();
-    for (int64_t node = 0; node < nodes[l]; ++node) {
-      const int64_t* load = level_counts[l].data() + node * b;
-      double mean = 0.0;
-      for (int64_t c = 0; c < b; ++c) mean += (double)load[c];
-      mean /= (double)b;
-      for (int64_t c = 0; c < b; ++c) {
-        double d = mean - (double)load[c];
-        bias[node * b + c] += rate * (float)((d > 0) - (d < 0));
-      }
-    }
+void TreeRouter::add_aux_load(const Routing& r) {
+  CM_CHECK((int64_t)r.level_counts_dev.size() == depth(), "add_aux_load: ", r.level_counts_dev.size(),
+           " levels of counts for ", depth());
+  const Device dev = r.level_counts_dev[0].device();
+  if (aux_load_.empty() || aux_load_[0].device() != dev) {
+    aux_load_.clear();
+    for (int64_t l = 0; l < depth(); ++l)
+      aux_load_.push_back(Tensor::zeros({2 * nodes[l] * branching[l]}, DType::I32, dev));
   }
+  for (int64_t l = 0; l < depth(); ++l)
+    CM_KERNEL(dev, route_counts_add, static_cast<int64_t*>(aux_load_[l].raw()), r.level_counts_dev[l].i32(),
+              nodes[l] * branching[l]);
+}
+
+void TreeRouter::update_aux_bias(float rate) {
+  if (aux_load_.empty()) return;  // no training forward yet: no load, nothing moves
+  const Device dev = aux_load_[0].device();
+  for (int64_t l = 0; l < depth(); ++l)
+    CM_KERNEL(dev, route_aux_bias_update, aux_running(l, dev).f32(), static_cast<int64_t*>(aux_load_[l].raw()),
+              nodes[l], branching[l], rate);
 }
 
 // Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
@@ -280,7 +268,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
     // The logit bias as it is, on the device (all zeros for a healthy model: adding 0.0f changes no bit).
     const Tensor lb_t = bias.defined() ? bias.level[l] : Tensor();  // [n_nodes * b]
     Tensor ab_t;
-    if (aux_free_) ab_t = aux_bias[l].device() == dev ? aux_bias[l] : aux_bias[l].to(dev);
+    if (aux_free_) ab_t = aux_running(l, dev);
     // renorm_last: the last level's kept siblings share 1 (only when k > 1: a lone child's share would be 1).
     const bool renorm = gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1;
     LevelSelection sel = route_select(logits, node, path, lb_t, ab_t, n_nodes, temperature_, k, renorm, l == 0);
@@ -346,9 +334,12 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   const Tensor leaf_bias = bias.defined() ? bias.level[L] : Tensor();  // [N]: log reliability, -inf for pruned leaves
   if (leaf_bias.defined()) s = add(s, leaf_bias.view({1, N_}));  // on the device; + 0.0f changes no bit
   Tensor probs = softmax(s);  // [T, N]
-  // The selection below runs on the host: probs, s (for the entropy) and the levels' bias (pruned children) come
-  // back in one read-out.
-  const std::vector<std::vector<int32_t>> words = read_out_words({probs, s, bias.all}, dev);
+  // The selection below runs on the host: probs, s (for the entropy), the levels' bias (pruned children) and the
+  // aux-free bias come back in one read-out.
+  std::vector<Tensor> want = {probs, s, bias.all};
+  if (aux_free_)
+    for (int64_t l = 0; l < D; ++l) want.push_back(aux_running(l, dev));
+  const std::vector<std::vector<int32_t>> words = read_out_words(want, dev);
   std::vector<float> p_host(words[0].size()), s_host(words[1].size()), b_host(words[2].size());  // [T, N] [T, N]
   std::memcpy(p_host.data(), words[0].data(), p_host.size() * 4);
   std::memcpy(s_host.data(), words[1].data(), s_host.size() * 4);
@@ -373,7 +364,8 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
         score[p * b + c] = (float)m;
       }
     std::vector<int32_t> idx((size_t)(P * k));
-    select_children(idx.data(), score.data(), aux_free_ ? aux_bias[l].f32() : nullptr,
+    const float* abias = aux_free_ ? reinterpret_cast<const float*>(words[(size_t)(3 + l)].data()) : nullptr;
+    select_children(idx.data(), score.data(), abias,
                     b_host.empty() ? nullptr : b_host.data() + bias_at, node, n_nodes, P, b, k, l);
     bias_at += n_nodes * b;
     std::vector<int64_t>& counts = r.level_counts[l];

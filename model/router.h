@@ -27,6 +27,7 @@
 #include "autograd/ops.h"
 #include "model/config.h"
 #include "model/layers.h"
+#include "model/mirror.h"
 
 namespace cm {
 
@@ -89,28 +90,36 @@ class TreeRouter {
 
   void collect(const std::string& prefix, NamedParams& out) const;          // levels.{l}.weight
   void collect_buffers(const std::string& prefix, NamedParams& out) const;  // levels.{l}.aux_bias, ac_scale
+  // The host buffers (aux_bias, ac_scale) take the device's values (one read-out each that the device changed).
+  // collect_buffers does it; so must whoever reads the buffers directly.
 
   // aux-free balancing (DeepSeek-V3): bias += rate * sign(mean sibling load - load), per node.
-  void update_aux_bias(const std::vector<std::vector<int64_t>>& level_counts, float rate);
+  // The loads are summed where the routing ran (add_aux_load, each training forward) and the bias moves there
+  // (update_aux_bias, after the optimizer step: kernels/route.h route_aux_bias_update): nothing waits.
+  void add_aux_load(const Routing& r);
+  void update_aux_bias(float rate);
+  void pull_buffers() const;
 
   int64_t depth() const { return (int64_t)branching.size(); }
   std::vector<int64_t> branching, top_k;
   std::vector<int64_t> nodes;     // [D] inner nodes at each level (prod of the branching above)
   std::vector<Tensor> weights;    // [D] each [nodes[l] * b_l, C]; rows of node j are j*b .. j*b + b - 1
-  std::vector<Tensor> aux_bias;   // [D] each [nodes[l] * b_l] (buffers, selection only)
+  std::vector<Tensor> aux_bias;   // [D] each [nodes[l] * b_l] (buffers, selection only; at rest: in training
+                                  // the working copies live on the device, aux_running)
   Tensor ac_scale;                // [N, C] running m for evaluation (buffer); undefined without AC levels
                                   // (its state at rest: while the model trains, the running m lives on its device)
 
  private:
   Routing route_grouped(const Tensor& h, const RouterBias& bias);  // gate_mode group_limited
   void finish(Routing& r, const std::vector<Tensor>& lb_terms, const std::vector<Tensor>& z_terms, Device dev) const;
-  // The running AC m on the layer's device, [N, C]: uploaded from ac_scale when the host buffer was written since
-  // (a loaded checkpoint) or first used, and pulled back into it (one read-out) when the buffers are read
-  // (collect_buffers). Values written into the host buffer since the last pull win, as in model/health.h.
-  const Tensor& ac_running(Device dev);
-  void pull_ac() const;
-  mutable Tensor ac_dev_;
-  mutable std::vector<float> ac_seen_;  // ac_scale as of the last upload or pull
+  // The running AC m [N, C] and the aux-free bias of each level on the layer's device: the working copies of
+  // ac_scale and aux_bias (model/mirror.h), pulled back into them when the buffers are read (pull_buffers).
+  const Tensor& ac_running(Device dev) { return ac_mirror_.on(ac_scale, dev); }
+  const Tensor& aux_running(int64_t l, Device dev) { return aux_mirror_[l].on(aux_bias[l], dev); }
+  DeviceMirror ac_mirror_;
+  std::vector<DeviceMirror> aux_mirror_;  // [D]
+  std::vector<Tensor> aux_load_;          // [D] each int64 [nodes[l] * b_l] (i32 storage) on the device: loads
+                                          // since the last update (undefined before the first training forward)
   int64_t C_ = 0, N_ = 0;
   std::vector<bool> ac_level_;
   bool ac_scaling_ = true;

@@ -317,6 +317,15 @@ TEST_SUITE("routing") {
     CHECK(acc == std::vector<int64_t>{7, 3 * (int64_t)INT32_MAX, -2});
   }
 
+  TEST_CASE("aux-free bias update: each child moves rate towards its node's mean load, ties stay; loads cleared") {
+    // Two nodes of 3 children. Node 0: loads 1, 5, 3 (mean 3): +rate, -rate, 0. Node 1: all 4: nothing moves.
+    std::vector<float> bias = {0.5f, 0.f, -1.f, 2.f, 2.f, 2.f};
+    std::vector<int64_t> load = {1, 5, 3, 4, 4, 4};
+    cpu::route_aux_bias_update(bias.data(), load.data(), 2, 3, 0.25f);
+    CHECK(bias == std::vector<float>{0.75f, -0.25f, -1.f, 2.f, 2.f, 2.f});
+    CHECK(load == std::vector<int64_t>(6, 0));
+  }
+
   TEST_CASE("route bias: every level's log reliability and the pruned experts, the former host formula's bits") {
     // kernels/route.h route_bias_forward against tests/bias_ref.h (what model/moe.cpp computed on the host before):
     // the same floats bit for bit, -inf included, with reliability on and off.
@@ -442,6 +451,27 @@ TEST_SUITE("cuda") {
       std::vector<int64_t> sums((size_t)N);
       std::memcpy(sums.data(), got.data(), (size_t)N * 8);
       CHECK(sums == acc);
+    }
+  }
+  TEST_CASE("cuda kernels: the aux-free bias update equals the CPU twin on random loads" * cm::test::needs_device()) {
+    Generator g(8);
+    for (int64_t b : {1, 4, 33}) {
+      CAPTURE(b);
+      const int64_t n = 5, nb = n * b;
+      std::vector<float> u = Tensor::rand({2 * nb}, g).to_f32_vector(), bias((size_t)nb);
+      std::vector<int64_t> load((size_t)nb);
+      for (int64_t i = 0; i < nb; ++i) {
+        bias[i] = u[i] - 0.5f;
+        load[i] = (int64_t)(u[nb + i] * 4.f) + (i % 3 == 0 ? (int64_t)3e9 : 0);  // small: ties; some past 2^31
+      }
+      std::vector<int32_t> words((size_t)(2 * nb));
+      std::memcpy(words.data(), load.data(), words.size() * 4);
+      Tensor bd = Tensor::from_vector(bias, {nb}).to(Device::CUDA);
+      Tensor ld = Tensor::from_vector(words, {2 * nb}).to(Device::CUDA);
+      cpu::route_aux_bias_update(bias.data(), load.data(), n, b, 1e-3f);
+      cuda::route_aux_bias_update(bd.f32(), static_cast<int64_t*>(ld.raw()), n, b, 1e-3f);
+      CHECK(bd.to_f32_vector() == bias);
+      CHECK(ld.to_i32_vector() == std::vector<int32_t>((size_t)(2 * nb), 0));
     }
   }
   TEST_CASE("cuda kernels: route pair keys equal the CPU twin on random slots" * cm::test::needs_device()) {

@@ -779,7 +779,9 @@ TEST_SUITE("routing") {
     TreeRouter r(c, gen);
     Tensor h = uniform({20, 4}, 44);
     Routing a = r.route(h, RouterBias{}, nullptr, false);
-    r.update_aux_bias(a.level_counts, 0.25f);
+    r.add_aux_load(a);  // the loads summed where the routing ran, the bias moved there; the buffer reads it back
+    r.update_aux_bias(0.25f);
+    r.pull_buffers();
     std::vector<float> bias = r.aux_bias[0].to_f32_vector();
     for (int64_t e = 0; e < 4; ++e) {
       double load = (double)a.level_counts[0][e], mean = 20.0 / 4;

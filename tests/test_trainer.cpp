@@ -397,6 +397,8 @@ TEST_SUITE("trainer") {
         // Capacity 1.0 with 2 experts per token: some expert overflows in every step (before: 2, the router's
         // read-out for the keep list; before that one more per layer and overflowing step).
         {"capacity", {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0"}, 0},
+        // The aux-free bias: the loads summed and the bias moved on the device (before: 2, the router's read-out).
+        {"aux_free", {"--router", "cluster", "--aux_free_bias", "1"}, 0},
     };
     for (const Kind& kind : kinds) {
       const std::string name = kind.name;
@@ -551,10 +553,12 @@ TEST_SUITE("trainer") {
   TEST_CASE("trainer: an interrupted and resumed run gives the same losses, bit for bit") {
     TempDir dir("resume");
     std::string data = shakespeare_excerpt(dir, 100000);
-    // grad_accum 2 and dropout on: the data and dropout streams both have to be restored exactly.
-    auto args = tiny_args(data, "") + std::vector<std::string>{"--max_steps",  "24",  "--eval_every", "8",
-                                                               "--save_every", "8",   "--grad_accum", "2",
-                                                               "--dropout",    "0.1", "--keep_last",  "0"};
+    // grad_accum 2 and dropout on: the data and dropout streams both have to be restored exactly. The aux-free
+    // bias on: its working copy lives with the routing (model/mirror.h), and the checkpoint must hold its values.
+    auto args = tiny_args(data, "") + std::vector<std::string>{"--max_steps",  "24",  "--eval_every",    "8",
+                                                               "--save_every", "8",   "--grad_accum",    "2",
+                                                               "--dropout",    "0.1", "--keep_last",     "0",
+                                                               "--aux_free_bias", "1"};
     std::ostringstream sink;
     TrainOptions whole = options(args + std::vector<std::string>{"--out_dir", dir.file("whole")});
     TrainResult rw = train(whole, sink);

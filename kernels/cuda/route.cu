@@ -315,6 +315,21 @@ __global__ void offset_counts_kernel(int32_t* __restrict__ rows, const int64_t* 
 __global__ void counts_add_kernel(int64_t* __restrict__ acc, const int32_t* __restrict__ counts, int64_t n) {
   for (int64_t i = gtid(); i < n; i += gstride()) acc[i] += counts[i];
 }
+// One thread per node: its b loads in order, the CPU's arithmetic.
+__global__ void aux_bias_update_kernel(float* __restrict__ bias, int64_t* __restrict__ load, int64_t n, int64_t b,
+                                       float rate) {
+  for (int64_t node = gtid(); node < n; node += gstride()) {
+    int64_t* l = load + node * b;
+    double mean = 0.0;
+    for (int64_t c = 0; c < b; ++c) mean += (double)l[c];
+    mean /= (double)b;
+    for (int64_t c = 0; c < b; ++c) {
+      const double d = mean - (double)l[c];
+      bias[node * b + c] += rate * (float)((d > 0) - (d < 0));
+    }
+    for (int64_t c = 0; c < b; ++c) l[c] = 0;
+  }
+}
 }  // namespace
 
 void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N) {
@@ -329,6 +344,13 @@ void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n) {
   if (n == 0) return;
   counts_add_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(acc, counts, n);
   cudaCheckLaunch("route counts_add_kernel");
+}
+
+void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate) {
+  CM_CHECK(n >= 0 && b >= 1, "cuda::route_aux_bias_update: n=", n, " b=", b);
+  if (n == 0) return;
+  aux_bias_update_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(bias, load, n, b, rate);
+  cudaCheckLaunch("route aux_bias_update_kernel");
 }
 
 namespace {
