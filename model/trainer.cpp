@@ -400,8 +400,6 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     // MoE step waits for nothing unless its bookkeeping reads the routing on the host (MoELayer::training_reads_host).
     const CoEConfig& m = o.model;
     const char* why = m.router == RouterKind::Dense ? nullptr
-                      : m.capacity_factor > 0.f     ? "--capacity_factor > 0: the keep list"
-                      : m.aux_free_bias             ? "--aux_free_bias"
                       : m.enable_expert_pruning     ? "--enable_expert_pruning"
                       : m.gate_mode == GateMode::GroupLimited ? "--gate_mode group_limited: it selects on the host"
                                                               : nullptr;

@@ -528,14 +528,18 @@ TEST_SUITE("cuda") {
     for (size_t i = 0; i < 5; ++i) CHECK_MESSAGE(rest.step_losses[i] == eager.step_losses[4 + i], "step ", 5 + i);
 
     // An MoE model whose training step reads nothing on the host is captured as well: the cluster router with
-    // reliability (its guard, health update, routing bias and statistics on the device), 5 steps (an evaluation, a
-    // checkpoint and reset_metrics after step 4, between replays).
+    // reliability (its guard, health update, routing bias and statistics on the device), capacity (its filter and
+    // plan there, some expert over capacity in every step) and the aux-free bias (its loads and update there), 5
+    // steps (an evaluation, a checkpoint and reset_metrics after step 4, between replays).
     for (const char* router : {"cluster"}) {
       CAPTURE(router);
       const std::string r = router;
-      TrainResult me = train(options(args("moe_eager_" + r, {"--router", r, "--max_steps", "5"})), sink);
-      TrainResult mg =
-          train(options(args("moe_graph_" + r, {"--router", r, "--max_steps", "5", "--cuda_graph"})), sink);
+      const std::vector<std::string> moe = {"--router", r, "--max_steps", "5", "--top_k_experts", "2",
+                                            "--capacity_factor", "1.0", "--aux_free_bias", "1"};
+      TrainResult me = train(options(args("moe_eager_" + r, moe)), sink);
+      std::vector<std::string> moe_graph = moe;
+      moe_graph.push_back("--cuda_graph");
+      TrainResult mg = train(options(args("moe_graph_" + r, moe_graph)), sink);
       REQUIRE(me.step_losses.size() == 5);
       REQUIRE(mg.step_losses.size() == 5);
       for (size_t i = 0; i < 5; ++i) CHECK_MESSAGE(mg.step_losses[i] == me.step_losses[i], "step ", i + 1);
@@ -553,10 +557,10 @@ TEST_SUITE("cuda") {
 
     // What cannot be captured is refused with a message naming the reason, before any step.
     std::ostringstream out, err;
-    CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster", "--capacity_factor", "1.0"}), out, err) ==
-          2);
+    CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster", "--enable_expert_pruning", "1"}), out,
+                       err) == 2);
     CHECK(err.str().find("--cuda_graph: this MoE model's training step still reads its routing on the host "
-                         "(--capacity_factor > 0: the keep list)") != std::string::npos);
+                         "(--enable_expert_pruning)") != std::string::npos);
     std::ostringstream out2, err2;
     CHECK(run_train_lm(args("cpu", {"--cuda_graph", "--device", "cpu"}), out2, err2) == 2);
     CHECK(err2.str().find("--cuda_graph captures the training step's CUDA work: it needs --device cuda") !=
@@ -602,11 +606,12 @@ TEST_SUITE("cuda") {
     REQUIRE(dense.quiet_steps == 5);  // steps 1 to 5; step 6, the last, evaluates
     CHECK(dense.quiet_step_syncs == 0);
     // The other MoE routers' device counts equal their CPU counts too (tests/test_trainer.cpp asserts the CPU's):
-    // AC's batch scales on the device, group_limited's one read-out, the capacity filter on the device.
+    // AC's batch scales on the device, group_limited's one read-out, the capacity filter and the aux-free bias on
+    // the device.
     const std::vector<std::vector<std::string>> kinds = {
         {"--router", "ac"},
         {"--router", "cluster", "--gate_mode", "group_limited"},
-        {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0"}};
+        {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0", "--aux_free_bias", "1"}};
     for (size_t i = 0; i < kinds.size(); ++i) {
       CAPTURE(i);
       std::vector<std::string> extra = kinds[i];
