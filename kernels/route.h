@@ -51,7 +51,6 @@ void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, 
 //   route_counts_add:    acc [n] += counts [n], int64: a long run's totals cannot overflow.
 void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N);
 void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n);
-void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate);
 
 // Auxiliary-loss-free balancing (DeepSeek-V3) at one level, after an optimizer step: for each node's b children,
 // bias += rate * sign(mean load of the node's children - load), the loads summed since the last update (load
@@ -157,6 +156,7 @@ void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t
 // One thread per element each, no atomics.
 void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N);
 void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n);
+void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate);
 // One thread per (label, feature) for the sums; the clip's sum on one thread in the CPU's order: the CPU's bits.
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);
