@@ -38,15 +38,25 @@ void expert_traffic_add(double* pend, const int32_t* counts, int64_t N);
 
 // After an optimizer step. meta [2N] int64: nw[e] (weight tensors of expert e; 0 = pruned: the expert is skipped,
 // its usage still follows), then ng[e] (its gradients; 0 without reliability). sums: the float sums of squares of
-// expert 0's nw weights then its ng gradients, then expert 1's, ... (pruned experts have none). Per live expert:
+// expert 0's nw weights then its ng gradients, then expert 1's, ... pruned [N] (or null): flags where the pruning
+// lives (expert_prune_update); an expert flagged there is skipped as well, its sums passed over. Per live expert:
 //   weights ok: finite norm within [1/factor, factor] x running weight norm (any when 0) -> it follows the norm;
 //   rows this step, none bad -> the running row norm follows their mean norm;
 //   use_reliability: health 0 for bad weights or non-finite gradients, else the share of good rows (no rows: no
 //     update); reliability = clamp(decay * reliability + (1 - decay) * health, rel_min, 1).
 // Then, when any slot was routed since the last update, every expert's usage = decay * usage + (1 - decay) *
 // traffic[e] / total traffic. pend is cleared.
-void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
-                          float factor, float rel_min, bool use_reliability);
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, const float* pruned,
+                          int64_t N, float decay, float factor, float rel_min, bool use_reliability);
+
+// Pruning after a step (enable_expert_pruning), after expert_health_update, experts in order. load [N] int64: the
+// slots routed to each expert since the last step (cleared); state [4, N]: the health state (reliability, row 0).
+// When any slot was routed, each live expert (pruned[e] == 0) is low when load[e] / total < threshold, or with
+// use_reliability when its reliability is under 0.1; low_steps[e] counts its consecutive low steps (0 when not
+// low). At window such steps it is pruned (pruned[e] = 1) if its parent (experts e / b * b .. + b - 1) keeps at
+// least k live children after it, counted with the experts pruned before it in this pass.
+void expert_prune_update(float* low_steps, float* pruned, int64_t* load, const float* state, int64_t N, int64_t b,
+                         int64_t k, float threshold, int64_t window, bool use_reliability);
 
 }  // namespace cm::cpu
 
@@ -59,7 +69,9 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
 void expert_gate_backward(float* dx, const float* g, const int32_t* ok, int64_t n);
 void expert_rows_zero(float* x, const int32_t* ok, const int64_t* offsets, int64_t N, int64_t cols);
 void expert_traffic_add(double* pend, const int32_t* counts, int64_t N);
-void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
-                          float factor, float rel_min, bool use_reliability);
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, const float* pruned,
+                          int64_t N, float decay, float factor, float rel_min, bool use_reliability);
+void expert_prune_update(float* low_steps, float* pruned, int64_t* load, const float* state, int64_t N, int64_t b,
+                         int64_t k, float threshold, int64_t window, bool use_reliability);
 }  // namespace cm::cuda
 #endif

@@ -120,8 +120,9 @@ void ExpertHealth::add_traffic(const Tensor& counts, const HealthBuffers& host) 
   CM_KERNEL(counts.device(), expert_traffic_add, as_f64(pend_), counts.i32(), N);
 }
 
-void ExpertHealth::after_step(const std::vector<Tensor>& ts, const std::vector<int64_t>& meta, float decay,
-                              float factor, float rel_min, bool use_reliability, const HealthBuffers& host) {
+void ExpertHealth::after_step(const std::vector<Tensor>& ts, const std::vector<int64_t>& meta, const Tensor& pruned,
+                              float decay, float factor, float rel_min, bool use_reliability,
+                              const HealthBuffers& host) {
   if (ts.empty()) return;
   NoGrad ng;
   const Device dev = ts[0].device();  // where the weights are: the state follows them
@@ -139,8 +140,10 @@ void ExpertHealth::after_step(const std::vector<Tensor>& ts, const std::vector<i
     meta_seen_ = meta;
   }
   const Tensor sums = sums_of_squares_tensor(ts);  // on dev, no read-out
-  CM_KERNEL(dev, expert_health_update, state_.f32(), as_f64(pend_), sums.f32(), as_i64(meta_), N, decay, factor,
-            rel_min, use_reliability);
+  CM_CHECK(!pruned.defined() || (pruned.numel() == N && pruned.device() == dev), "expert health: pruned flags ",
+           shape_str(pruned.shape()), " for ", N, " experts on ", device_name(dev));
+  CM_KERNEL(dev, expert_health_update, state_.f32(), as_f64(pend_), sums.f32(), as_i64(meta_),
+            pruned.defined() ? pruned.f32() : nullptr, N, decay, factor, rel_min, use_reliability);
 }
 
 void ExpertHealth::pull(const HealthBuffers& host) const {

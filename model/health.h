@@ -51,10 +51,11 @@ class ExpertHealth {
   void add_traffic(const Tensor& counts, const HealthBuffers& host);
 
   // After an optimizer step (before zero_grad): ts are the experts' weights and (use_reliability) gradients, expert
-  // by expert; meta [2N]: each expert's count of weights there (0: pruned, skipped), then of gradients. The state on
-  // the weights' device follows kernels/health.h's expert_health_update (no tensors: nothing to judge).
-  void after_step(const std::vector<Tensor>& ts, const std::vector<int64_t>& meta, float decay, float factor,
-                  float rel_min, bool use_reliability, const HealthBuffers& host);
+  // by expert; meta [2N]: each expert's count of weights there (0: pruned, skipped), then of gradients. pruned: the
+  // pruned flags [N] on the weights' device (an expert flagged there is skipped too), or undefined. The state on the
+  // weights' device follows kernels/health.h's expert_health_update (no tensors: nothing to judge).
+  void after_step(const std::vector<Tensor>& ts, const std::vector<int64_t>& meta, const Tensor& pruned, float decay,
+                  float factor, float rel_min, bool use_reliability, const HealthBuffers& host);
   // Device copy -> host buffers (one read-out), unless the host buffers were written since the last pull. const:
   // the host buffers are the layer's view of the same state.
   void pull(const HealthBuffers& host) const;

@@ -11,6 +11,7 @@
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
 #include "kernels/capacity.h"
+#include "kernels/health.h"
 #include "kernels/route.h"
 #include "model/optim.h"
 
@@ -35,7 +36,6 @@ MoELayer::MoELayer(const CoEConfig& cfg, int64_t layer_, bool moe_, Generator& g
   usage_ema_ = Tensor::full({N}, 1.f / (float)N);
   pruned_ = Tensor::zeros({N});
   low_steps_ = Tensor::zeros({N});
-  pend_routed_.assign(N, 0);
   util_.assign(N, 0.0);
 }
 
@@ -51,6 +51,7 @@ void MoELayer::collect_buffers(const std::string& prefix, NamedParams& out) cons
   out.emplace_back(prefix + ".norm_ema", norm_ema_);
   out.emplace_back(prefix + ".wnorm_ema", wnorm_ema_);
   out.emplace_back(prefix + ".usage_ema", usage_ema_);
+  pull_pruning();
   out.emplace_back(prefix + ".pruned", pruned_);
   out.emplace_back(prefix + ".low_steps", low_steps_);
   if (moe) router.collect_buffers(prefix + ".router", out);
@@ -133,22 +134,19 @@ std::vector<float> MoELayer::cluster_reliability_at_rest() const {
 float MoELayer::layer_reliability() const { return mean_of(cluster_reliability()); }
 
 // The inputs of the routing bias on dev: the experts' health state where it lives ([4, N], model/health.h:
-// reliability in row 0, usage in row 3) and the pruned flags (host state, uploaded: no wait), [N].
+// reliability in row 0, usage in row 3) and the pruned flags' working copy, [N] (model/mirror.h: uploaded again only
+// when the host wrote them, so a captured step uploads nothing).
 MoELayer::BiasInputs MoELayer::bias_inputs(Device dev) {
-  // The pruned flags' device copy is uploaded again only when they change (a captured step uploads nothing).
-  const std::vector<float> flags = host_buffer(pruned_);
-  if (!pruned_dev_.defined() || pruned_dev_.device() != dev || flags != pruned_seen_) {
-    pruned_dev_ = pruned_.to(dev);
-    pruned_seen_ = flags;
-  }
-  return {health_.state(dev, health_buffers()), pruned_dev_};
+  return {health_.state(dev, health_buffers()), pruned_mirror_.on(pruned_, dev)};
 }
 
 // Every level's logit bias, made on dev from tensors (kernels/route.h route_bias_forward: log of the node
 // reliabilities of node_reliability(), -inf for pruned experts): the host never reads it. Whether there is any bias
 // at all is the host's decision, from the config and the pruned flags (host state).
 RouterBias MoELayer::routing_bias(Device dev) {
-  const bool any_pruned = active_experts() < N;
+  // Without pruning in training, the host's flags are the flags (nothing else writes them): read without a pull.
+  bool any_pruned = cfg_.enable_expert_pruning;
+  for (int64_t e = 0; e < N && !any_pruned; ++e) any_pruned = pruned_.f32()[e] != 0.f;
   if (!cfg_.use_reliability && !any_pruned) return RouterBias{};
   const BiasInputs in = bias_inputs(dev);
   int64_t total = 0, width = 1;
@@ -161,10 +159,7 @@ RouterBias MoELayer::routing_bias(Device dev) {
 
 // ---------------------------------------------------------------- forward
 
-bool MoELayer::training_reads_host() const {
-  return moe && (cfg_.enable_expert_pruning ||
-                 active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited);
-}
+bool MoELayer::training_reads_host() const { return moe && cfg_.gate_mode == GateMode::GroupLimited; }
 
 // Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
 static std::vector<int32_t> top1_of(const std::vector<int32_t>& expert, const std::vector<float>& gate, int64_t K) {
@@ -260,9 +255,9 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // 1. Route. A dropless training step needs no host view of the routing: the plan, the guard, the statistics and
   //    the health traffic all work from the device tensors, and the router reads nothing (host_view false). The
   //    host reads the router's choices for evaluation (no training step: statistics, generation's routing), and in
-  //    training where its bookkeeping still needs them: pruning (also when an expert is already pruned: it keeps
-  //    no gradient), group_limited (it selects on the host). (AC's labels, each token's top-1 expert, are made on
-  //    the device: route_top1; capacity filters there; the aux-free loads are summed there.)
+  //    training where its bookkeeping still needs them: group_limited (it selects on the host). (AC's labels, each
+  //    token's top-1 expert, are made on the device: route_top1; capacity filters there; the aux-free and pruning
+  //    loads are summed there. A pruned expert gets no rows, so a zero gradient.)
   const bool host_view = !training || training_reads_host();
   const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
@@ -288,7 +283,12 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   }
   if (training) {
     health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic, on the device
-    for (int32_t e : rt.expert) ++pend_routed_[e];  // (host_view only: else rt.expert is empty)
+    if (cfg_.enable_expert_pruning) {  // the slots routed to each expert, summed on the device for after_step
+      if (!prune_load_.defined() || prune_load_.device() != x.device())
+        prune_load_ = Tensor::zeros({2 * N}, DType::I32, x.device());  // int64 [N]
+      CM_KERNEL(x.device(), route_counts_add, static_cast<int64_t*>(prune_load_.raw()), rt.level_counts_dev.back().i32(),
+                N);
+    }
     if (cfg_.aux_free_bias) router.add_aux_load(rt);  // the loads summed on the device for after_step
   }
 
@@ -358,35 +358,29 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
 void MoELayer::after_step() {
   std::vector<int64_t> meta;
   const std::vector<Tensor> ts = health_tensors(meta);
-  health_.after_step(ts, meta, cfg_.reliability_decay, cfg_.reliability_outlier_factor, cfg_.reliability_min,
+  const Tensor flags = moe && !ts.empty() ? pruned_mirror_.on(pruned_, ts[0].device()) : Tensor();
+  health_.after_step(ts, meta, flags, cfg_.reliability_decay, cfg_.reliability_outlier_factor, cfg_.reliability_min,
                      cfg_.use_reliability, health_buffers());
   if (!moe) return;
-  int64_t total = 0;
-  for (int64_t e = 0; e < N; ++e) total += pend_routed_[e];
-
   if (cfg_.aux_free_bias) router.update_aux_bias(cfg_.aux_free_bias_rate);  // on the device (no load: no move)
-
-  if (cfg_.enable_expert_pruning && total > 0) {
-    const std::vector<float> rel = expert_reliability();  // a read-out of the device state
-    float* low = low_steps_.f32();
-    for (int64_t e = 0; e < N; ++e) {
-      if (pruned(e)) continue;
-      bool is_low = (float)pend_routed_[e] / (float)total < cfg_.pruning_threshold ||
-                    (cfg_.use_reliability && rel[e] < 0.1f);
-      low[e] = is_low ? low[e] + 1.f : 0.f;
-      if (low[e] >= (float)cfg_.pruning_window && can_prune(e)) prune(e);
-    }
+  // Pruning where the loads and the health state are (kernels/health.h expert_prune_update): the flags and the low
+  // counters change in their working copies, read by the host when it asks (pull_pruning).
+  if (cfg_.enable_expert_pruning && prune_load_.defined()) {
+    const Device dev = prune_load_.device();
+    CM_KERNEL(dev, expert_prune_update, low_mirror_.on(low_steps_, dev).f32(), pruned_mirror_.on(pruned_, dev).f32(),
+              static_cast<int64_t*>(prune_load_.raw()), health_.state(dev, health_buffers()).f32(), N,
+              router.branching.back(), router.top_k.back(), cfg_.pruning_threshold, cfg_.pruning_window,
+              cfg_.use_reliability);
   }
-  std::fill(pend_routed_.begin(), pend_routed_.end(), 0);
 }
 
-// Every active expert's weights and (with reliability) their gradients, expert by expert: their sums of squares
-// judge the experts after a step. meta [2N]: how many weights and gradients each expert has there (0: pruned).
+// Every expert's weights and (with reliability) their gradients, expert by expert: their sums of squares judge the
+// experts after a step (a pruned one's are passed over where the flags are). meta [2N]: how many weights and
+// gradients each expert has there.
 std::vector<Tensor> MoELayer::health_tensors(std::vector<int64_t>& meta) const {
   std::vector<Tensor> ts;
   meta.assign((size_t)(2 * N), 0);
   for (int64_t e = 0; e < N; ++e) {
-    if (pruned(e)) continue;
     const std::vector<Tensor> w = experts[e].tensors();
     ts.insert(ts.end(), w.begin(), w.end());
     meta[e] = (int64_t)w.size();
@@ -503,18 +497,29 @@ void MoELayer::reset_metrics() {
 
 // ---------------------------------------------------------------- pruning
 
+void MoELayer::pull_pruning() const {
+  pruned_mirror_.pull(pruned_);
+  low_mirror_.pull(low_steps_);
+}
+
+bool MoELayer::pruned(int64_t e) const {
+  pull_pruning();
+  return pruned_.f32()[e] != 0.f;
+}
+
 int64_t MoELayer::active_experts() const {
+  pull_pruning();
   int64_t n = 0;
-  for (int64_t e = 0; e < N; ++e) n += !pruned(e);
+  for (int64_t e = 0; e < N; ++e) n += pruned_.f32()[e] == 0.f;
   return n;
 }
 
 // An expert may go only if its parent keeps at least top_k active children (so every node can still select).
 bool MoELayer::can_prune(int64_t e) const {
-  if (!moe || pruned(e)) return false;
+  if (!moe || pruned(e)) return false;  // (pruned() pulls: the flags below are current)
   const int64_t b = router.branching.back(), k = router.top_k.back(), parent = e / b;
   int64_t active = 0;
-  for (int64_t c = 0; c < b; ++c) active += !pruned(parent * b + c);
+  for (int64_t c = 0; c < b; ++c) active += pruned_.f32()[parent * b + c] == 0.f;
   return active - 1 >= k;
 }
 

@@ -20,6 +20,7 @@
 
 #include "autograd/ops_moe.h"
 #include "model/health.h"
+#include "model/mirror.h"
 #include "model/layers.h"
 #include "model/router.h"
 #include "model/stats.h"
@@ -55,8 +56,7 @@ class MoELayer {
                  bool training);
 
   // After an optimizer step (before zero_grad): health -> reliability, output-norm statistics, usage EMA (on the
-  // layer's device, model/health.h), aux-free bias (on the device too, model/router.h), pruning (on the host: with
-  // pruning on, one read-out of the reliability per step).
+  // layer's device, model/health.h), aux-free bias (on the device too, model/router.h), pruning (there too).
   void after_step();
 
   void collect(const std::string& prefix, NamedParams& out) const;
@@ -79,14 +79,15 @@ class MoELayer {
   float mutual_information() const;           // I(expert; token), nats
   void reset_metrics();
 
-  // Whether a training forward reads its routing on the host (one packed read-out): with pruning on or an expert
-  // pruned, or group_limited (host selection). Otherwise a training step of the layer waits for nothing (capacity
-  // and the aux-free bias included). A dense layer never does.
+  // Whether a training forward reads its routing on the host (one packed read-out): with group_limited (host
+  // selection). Otherwise a training step of the layer waits for nothing (capacity, the aux-free bias and pruning
+  // included). A dense layer never does.
   bool training_reads_host() const;
 
-  // ---- pruning
+  // ---- pruning. In training the flags and the low-step counters change where the layer computes (after_step);
+  // these read them there first (one read-out: the host's view, pull_pruning) and prune() writes the host's.
   void prune(int64_t e);
-  bool pruned(int64_t e) const { return pruned_.f32()[e] != 0.f; }
+  bool pruned(int64_t e) const;
   int64_t active_experts() const;
   bool can_prune(int64_t e) const;
 
@@ -119,8 +120,6 @@ class MoELayer {
   std::vector<Tensor> health_tensors(std::vector<int64_t>& meta) const;
 
   CoEConfig cfg_;
-  mutable Tensor pruned_dev_;  // pruned_ on the layer's device, as of pruned_seen_
-  mutable std::vector<float> pruned_seen_;
   // The grouped GEMM's pointer lists of the expert weights w1, w2, w3 (autograd/ops_moe.h): uploaded once on CUDA.
   // Shared by copies of the layer (a copy's parameters are the same tensors).
   std::shared_ptr<GroupedLinearCache> gemm_lists_[3];
@@ -131,10 +130,12 @@ class MoELayer {
   Tensor usage_ema_;    // running traffic share (weights the inner nodes' reliability)
   Tensor pruned_;       // 1 = removed from routing and compute
   Tensor low_steps_;    // consecutive after_step()s with traffic under the threshold or low reliability
-  // Pending counters of the forwards since the last after_step() (training only): the host's share (pruning reads
-  // them); the guard's counters and the traffic live with the device state (health_), the aux-free loads with the
-  // router.
-  std::vector<int64_t> pend_routed_;
+  // The working copies of pruned_ and low_steps_ on the layer's device (model/mirror.h), and the slots routed to
+  // each expert by the training forwards since the last after_step(), int64 [N] there (pruning's load; the guard's
+  // counters and the traffic live with the device state, health_, the aux-free loads with the router).
+  mutable DeviceMirror pruned_mirror_, low_mirror_;
+  Tensor prune_load_;
+  void pull_pruning() const;  // the working copies' values into pruned_ and low_steps_ (one read-out each)
   // Metrics since reset.
   std::vector<double> util_;  // [N] rows of a dense layer (counted on the host: T per forward)
   Tensor util_dev_;           // int64 [N] in i32 words [2N], an MoE layer's routed slots per expert, on its device;

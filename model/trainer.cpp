@@ -400,7 +400,6 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     // MoE step waits for nothing unless its bookkeeping reads the routing on the host (MoELayer::training_reads_host).
     const CoEConfig& m = o.model;
     const char* why = m.router == RouterKind::Dense ? nullptr
-                      : m.enable_expert_pruning     ? "--enable_expert_pruning"
                       : m.gate_mode == GateMode::GroupLimited ? "--gate_mode group_limited: it selects on the host"
                                                               : nullptr;
     CM_REQUIRE(!why, "--cuda_graph: this MoE model's training step still reads its routing on the host (", why,
@@ -460,8 +459,8 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (const std::string* t = ck.meta("routing_tally"))  // absent in checkpoints of older builds: start empty
       tally = RoutingTally::from_json(*t, ck.path + ": routing_tally");
     restore_tensors(ck, checkpoint_tensors(model, opt));
-    CM_REQUIRE(!o.cuda_graph || !model.training_reads_host(), "--cuda_graph: the resumed model has a pruned expert, ",
-               "so its training step reads its routing on the host and cannot be captured");
+    CM_REQUIRE(!o.cuda_graph || !model.training_reads_host(), "--cuda_graph: the resumed model's training step ",
+               "reads its routing on the host, so it cannot be captured");
     step = meta_int(ck, "step");
     opt.set_step_count(meta_int(ck, "adamw_step"));
     data_gen = generator_from(ck.require_meta("data_rng"), ck.path + ": data_rng");

@@ -1128,12 +1128,37 @@ TEST_CASE("cuda kernels: the experts' guard and health update match their CPU tw
           std::memcpy(mw.data(), meta.data(), meta.size() * sizeof(int64_t));
           Tensor dmeta = dev(Tensor::from_vector(mw, {(int64_t)mw.size()}));
           Tensor sums = uniform({5 * N}, ++seed, 0.f, 3.f);
-          cpu::expert_health_update(state.f32(), (double*)pend.raw(), sums.f32(), meta.data(), N, 0.9f, 20.f, 1e-3f,
-                                    true);
+          // The last expert (of 3 or more) flagged where the pruning lives: its sums passed over.
+          std::vector<float> flags((size_t)N, 0.f);
+          if (N > 2) flags[(size_t)(N - 1)] = 1.f;
+          const Tensor hflags = Tensor::from_vector(flags, {N});
+          cpu::expert_health_update(state.f32(), (double*)pend.raw(), sums.f32(), meta.data(), hflags.f32(), N, 0.9f,
+                                    20.f, 1e-3f, true);
           cuda::expert_health_update(dstate.f32(), (double*)dpend.raw(), dev(sums).f32(),
-                                     (const int64_t*)dmeta.raw(), N, 0.9f, 20.f, 1e-3f, true);
+                                     (const int64_t*)dmeta.raw(), dev(hflags).f32(), N, 0.9f, 20.f, 1e-3f, true);
           check_near(dstate, state, 1e-6f, 1e-6f, "state after the update");  // EMAs: nvcc may fuse a multiply-add
           same(dpend, pend, "counters cleared");
+          // Pruning on that state: random loads (some under the threshold), low counters near the window.
+          if (N >= 2) {
+            std::vector<float> lowv((size_t)N);
+            std::vector<int64_t> loadv((size_t)N);
+            const std::vector<float> u = uniform({2 * N}, ++seed, 0.f, 1.f).to_f32_vector();
+            for (int64_t e = 0; e < N; ++e) {
+              lowv[(size_t)e] = std::floor(u[(size_t)e] * 3.f);
+              loadv[(size_t)e] = (int64_t)(u[(size_t)(N + e)] * 20.f);
+            }
+            std::vector<int32_t> lw((size_t)(2 * N));
+            std::memcpy(lw.data(), loadv.data(), lw.size() * 4);
+            Tensor low = Tensor::from_vector(lowv, {N}), pr = hflags.clone(), ld = Tensor::from_vector(lw, {2 * N});
+            Tensor dlow = dev(low), dpr = dev(pr), dld = dev(ld);
+            cpu::expert_prune_update(low.f32(), pr.f32(), (int64_t*)ld.raw(), state.f32(), N, N, 1,
+                                     0.15f, 3, true);
+            cuda::expert_prune_update(dlow.f32(), dpr.f32(), (int64_t*)dld.raw(), dstate.f32(), N, N, 1,
+                                      0.15f, 3, true);
+            same(dlow, low, "pruning: low counters");
+            same(dpr, pr, "pruning: flags");
+            same(dld, ld, "pruning: loads cleared");
+          }
         }
 }
 

@@ -557,10 +557,10 @@ TEST_SUITE("cuda") {
 
     // What cannot be captured is refused with a message naming the reason, before any step.
     std::ostringstream out, err;
-    CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster", "--enable_expert_pruning", "1"}), out,
+    CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster", "--gate_mode", "group_limited"}), out,
                        err) == 2);
     CHECK(err.str().find("--cuda_graph: this MoE model's training step still reads its routing on the host "
-                         "(--enable_expert_pruning)") != std::string::npos);
+                         "(--gate_mode group_limited") != std::string::npos);
     std::ostringstream out2, err2;
     CHECK(run_train_lm(args("cpu", {"--cuda_graph", "--device", "cpu"}), out2, err2) == 2);
     CHECK(err2.str().find("--cuda_graph captures the training step's CUDA work: it needs --device cuda") !=

@@ -3,6 +3,7 @@
 // reliability falling), and that the device-resident state reaches the host buffers and checkpoints.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "kernels/health.h"
@@ -94,7 +95,7 @@ TEST_SUITE("health") {
     double pd[5] = {6, 2, 4, 8.0, 6};
     const float sums[3] = {9.f, 16.f, 1.f};  // two weights (norm 5), one gradient
     const int64_t meta21[2] = {2, 1}, meta20[2] = {2, 0};
-    cpu::expert_health_update(st, pd, sums, meta21, 1, 0.9f, 20.f, 1e-3f, true);
+    cpu::expert_health_update(st, pd, sums, meta21, nullptr, 1, 0.9f, 20.f, 1e-3f, true);
     CHECK(st[2] == 5.f);
     CHECK(st[1] == 0.f);  // a step with bad rows does not move the output statistics
     CHECK(st[0] == std::clamp(0.9f * 1.f + (1.f - 0.9f) * (1.f - 2.f / 6.f), 1e-3f, 1.f));
@@ -104,13 +105,13 @@ TEST_SUITE("health") {
     const float bad_grad[3] = {9.f, 16.f, std::numeric_limits<float>::infinity()};
     double pd2[5] = {6, 0, 6, 6.0, 6};
     const float rel0 = st[0];
-    cpu::expert_health_update(st, pd2, bad_grad, meta21, 1, 0.9f, 20.f, 1e-3f, true);
+    cpu::expert_health_update(st, pd2, bad_grad, meta21, nullptr, 1, 0.9f, 20.f, 1e-3f, true);
     CHECK(st[0] == std::clamp(0.9f * rel0, 1e-3f, 1.f));
     CHECK(st[1] == 1.f);  // mean norm of 6 healthy rows summing to 6
     const float huge[2] = {9e6f, 16e6f};  // weight norm 5000: 1000x the running 5
     double pd3[5] = {6, 0, 6, 6.0, 6};
     const float rel1 = st[0];
-    cpu::expert_health_update(st, pd3, huge, meta20, 1, 0.9f, 20.f, 1e-3f, true);
+    cpu::expert_health_update(st, pd3, huge, meta20, nullptr, 1, 0.9f, 20.f, 1e-3f, true);
     CHECK(st[2] == 5.f);
     CHECK(st[0] == std::clamp(0.9f * rel1, 1e-3f, 1.f));
   }
@@ -154,7 +155,17 @@ TEST_SUITE("health") {
     std::copy(state, state + 4 * N, st);
     const float sums[4] = {4.f, 0.f, 9.f, 0.f};  // expert 0: one weight (norm 2), one gradient; expert 2 the same
     const int64_t meta[2 * N] = {1, 0, 1, 1, 0, 1};
-    cpu::expert_health_update(st, pend, sums, meta, N, 0.9f, 20.f, 1e-3f, true);
+    // The same with expert 1's tensors there and its flag set where the pruning lives: passed over, the same bits.
+    float st_flagged[4 * N];
+    double pend_flagged[5 * N];
+    std::copy(st, st + 4 * N, st_flagged);
+    std::copy(pend, pend + 5 * N, pend_flagged);
+    const float sums_all[6] = {4.f, 0.f, 1e30f, -1.f, 9.f, 0.f};  // expert 1's would poison its state if read
+    const int64_t meta_all[2 * N] = {1, 1, 1, 1, 1, 1};
+    const float flags[N] = {0.f, 1.f, 0.f};
+    cpu::expert_health_update(st_flagged, pend_flagged, sums_all, meta_all, flags, N, 0.9f, 20.f, 1e-3f, true);
+    cpu::expert_health_update(st, pend, sums, meta, nullptr, N, 0.9f, 20.f, 1e-3f, true);
+    CHECK(std::memcmp(st_flagged, st, sizeof st) == 0);
     CHECK((st[2 * N + 0] == 2.f && st[2 * N + 1] == 0.f && st[2 * N + 2] == 3.f));
     CHECK(st[0] == 0.9f * 1.f + (1.f - 0.9f) * (1.f - 1.f / 3.f));
     CHECK(st[1] == 1.f);  // pruned: untouched
@@ -163,6 +174,33 @@ TEST_SUITE("health") {
     CHECK(st[3 * N + 1] == 0.9f * 0.3f + (1.f - 0.9f) * 0.f);  // a pruned expert's usage still decays
     CHECK(st[3 * N + 2] == 0.9f * 0.4f + (1.f - 0.9f) * 5.f / 8.f);
     for (double v : pend) CHECK(v == 0.0);
+  }
+
+  TEST_CASE("pruning kernel: consecutive low steps counted per live expert; pruned at the window if the parent keeps "
+            "top_k") {
+    // 2 parents of 3 experts, top_k 2: a parent may lose one expert. Threshold 0.1 of the routed slots.
+    constexpr int64_t N = 6;
+    float low[N] = {0.f, 2.f, 2.f, 2.f, 1.f, 0.f}, pruned[N] = {0.f, 0.f, 0.f, 0.f, 0.f, 1.f};
+    float state[4 * N];
+    std::fill(state, state + 4 * N, 1.f);
+    state[0] = 0.05f;                                // expert 0 unreliable, though busy
+    int64_t load[N] = {40, 1, 2, 0, 50, 7};          // total 100: experts 1, 2, 3 under 10%; 5 is pruned already
+    cpu::expert_prune_update(low, pruned, load, state, N, 3, 2, 0.1f, 3, true);
+    CHECK(low[0] == 1.f);  // reliability under 0.1: low
+    CHECK((low[1] == 3.f && low[2] == 3.f && low[3] == 3.f));
+    CHECK(low[4] == 0.f);  // busy and reliable: the count restarts
+    CHECK(low[5] == 0.f);  // pruned: untouched
+    // Expert 1 reaches the window first and goes; expert 2 would leave parent 0 one live expert: stays. Expert 3's
+    // parent already lost expert 5: it stays too.
+    CHECK(std::vector<float>(pruned, pruned + N) == std::vector<float>{0.f, 1.f, 0.f, 0.f, 0.f, 1.f});
+    CHECK(std::all_of(load, load + N, [](int64_t v) { return v == 0; }));  // cleared
+    // No routed slot since the last step: nothing moves. Without reliability, expert 0's state is not read.
+    const std::vector<float> before(low, low + N);
+    cpu::expert_prune_update(low, pruned, load, state, N, 3, 2, 0.1f, 3, true);
+    CHECK(std::vector<float>(low, low + N) == before);
+    int64_t load2[N] = {40, 0, 30, 30, 0, 0};
+    cpu::expert_prune_update(low, pruned, load2, state, N, 3, 2, 0.1f, 3, false);
+    CHECK(low[0] == 0.f);
   }
 
   TEST_CASE("MoE layer: usage follows the routed traffic, output statistics the healthy rows, on the device") {

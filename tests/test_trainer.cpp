@@ -399,6 +399,8 @@ TEST_SUITE("trainer") {
         {"capacity", {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0"}, 0},
         // The aux-free bias: the loads summed and the bias moved on the device (before: 2, the router's read-out).
         {"aux_free", {"--router", "cluster", "--aux_free_bias", "1"}, 0},
+        // Pruning: the loads summed, the decision made and the flags kept on the device (before: 2).
+        {"pruning", {"--router", "cluster", "--enable_expert_pruning", "1"}, 0},
     };
     for (const Kind& kind : kinds) {
       const std::string name = kind.name;
@@ -554,11 +556,14 @@ TEST_SUITE("trainer") {
     TempDir dir("resume");
     std::string data = shakespeare_excerpt(dir, 100000);
     // grad_accum 2 and dropout on: the data and dropout streams both have to be restored exactly. The aux-free
-    // bias on: its working copy lives with the routing (model/mirror.h), and the checkpoint must hold its values.
+    // bias and pruning on: their working copies live where the layer computes (model/mirror.h), and the checkpoint
+    // must hold their values (a threshold that prunes an expert of each cluster within the first 8 steps).
     auto args = tiny_args(data, "") + std::vector<std::string>{"--max_steps",  "24",  "--eval_every",    "8",
                                                                "--save_every", "8",   "--grad_accum",    "2",
                                                                "--dropout",    "0.1", "--keep_last",     "0",
-                                                               "--aux_free_bias", "1"};
+                                                               "--aux_free_bias", "1", "--enable_expert_pruning", "1",
+                                                               "--pruning_threshold", "0.45", "--pruning_window",
+                                                               "3"};
     std::ostringstream sink;
     TrainOptions whole = options(args + std::vector<std::string>{"--out_dir", dir.file("whole")});
     TrainResult rw = train(whole, sink);

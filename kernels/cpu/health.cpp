@@ -84,11 +84,15 @@ void expert_traffic_add(double* pend, const int32_t* counts, int64_t N) {
   for (int64_t e = 0; e < N; ++e) pend[4 * N + e] += (double)counts[e];
 }
 
-void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
-                          float factor, float rel_min, bool use_reliability) {
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, const float* pruned,
+                          int64_t N, float decay, float factor, float rel_min, bool use_reliability) {
   int64_t at = 0;  // expert e's sums start here
   for (int64_t e = 0; e < N; ++e) {
     const int64_t nw = meta[e], ng = meta[N + e];
+    if (pruned && pruned[e] != 0.f) {  // pruned where the flags live: its sums are there, unread
+      at += nw + ng;
+      continue;
+    }
     if (nw == 0) continue;  // pruned
     double wss = 0.0, gss = 0.0;
     for (int64_t i = at; i < at + nw; ++i) wss += (double)sums[i];
@@ -121,6 +125,24 @@ void expert_health_update(float* state, double* pend, const float* sums, const i
     for (int64_t e = 0; e < N; ++e)
       state[3 * N + e] = decay * state[3 * N + e] + (1.f - decay) * (float)pend[4 * N + e] / (float)total;
   std::fill(pend, pend + 5 * N, 0.0);
+}
+
+void expert_prune_update(float* low_steps, float* pruned, int64_t* load, const float* state, int64_t N, int64_t b,
+                         int64_t k, float threshold, int64_t window, bool use_reliability) {
+  int64_t total = 0;
+  for (int64_t e = 0; e < N; ++e) total += load[e];
+  if (total > 0)
+    for (int64_t e = 0; e < N; ++e) {
+      if (pruned[e] != 0.f) continue;
+      const bool low = (float)load[e] / (float)total < threshold || (use_reliability && state[e] < 0.1f);
+      low_steps[e] = low ? low_steps[e] + 1.f : 0.f;
+      if (low_steps[e] < (float)window) continue;
+      const int64_t first = e / b * b;
+      int64_t live = 0;
+      for (int64_t c = first; c < first + b; ++c) live += pruned[c] == 0.f;
+      if (live - 1 >= k) pruned[e] = 1.f;
+    }
+  std::fill(load, load + N, int64_t{0});
 }
 
 }  // namespace cm::cpu

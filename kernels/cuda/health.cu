@@ -97,12 +97,17 @@ __global__ void traffic_add_kernel(double* __restrict__ pend, const int32_t* __r
 }
 
 __global__ void health_update_kernel(float* __restrict__ state, double* __restrict__ pend,
-                                     const float* __restrict__ sums, const int64_t* __restrict__ meta, int64_t N,
-                                     float decay, float factor, float rel_min, bool use_reliability) {
+                                     const float* __restrict__ sums, const int64_t* __restrict__ meta,
+                                     const float* __restrict__ pruned, int64_t N, float decay, float factor,
+                                     float rel_min, bool use_reliability) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   int64_t at = 0;
   for (int64_t e = 0; e < N; ++e) {
     const int64_t nw = meta[e], ng = meta[N + e];
+    if (pruned && pruned[e] != 0.f) {
+      at += nw + ng;
+      continue;
+    }
     if (nw == 0) continue;
     double wss = 0.0, gss = 0.0;
     for (int64_t i = at; i < at + nw; ++i) wss += (double)sums[i];
@@ -138,6 +143,27 @@ __global__ void health_update_kernel(float* __restrict__ state, double* __restri
     for (int64_t e = 0; e < N; ++e)
       state[3 * N + e] = decay * state[3 * N + e] + (1.f - decay) * (float)pend[4 * N + e] / (float)total;
   for (int64_t i = 0; i < 5 * N; ++i) pend[i] = 0.0;
+}
+
+// One thread, the experts in order: a prune changes what the next expert's parent count sees (the CPU's pass).
+__global__ void prune_update_kernel(float* __restrict__ low_steps, float* __restrict__ pruned,
+                                    int64_t* __restrict__ load, const float* __restrict__ state, int64_t N, int64_t b,
+                                    int64_t k, float threshold, int64_t window, bool use_reliability) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  int64_t total = 0;
+  for (int64_t e = 0; e < N; ++e) total += load[e];
+  if (total > 0)
+    for (int64_t e = 0; e < N; ++e) {
+      if (pruned[e] != 0.f) continue;
+      const bool low = (float)load[e] / (float)total < threshold || (use_reliability && state[e] < 0.1f);
+      low_steps[e] = low ? low_steps[e] + 1.f : 0.f;
+      if (low_steps[e] < (float)window) continue;
+      const int64_t first = e / b * b;
+      int64_t live = 0;
+      for (int64_t c = first; c < first + b; ++c) live += pruned[c] == 0.f;
+      if (live - 1 >= k) pruned[e] = 1.f;
+    }
+  for (int64_t e = 0; e < N; ++e) load[e] = 0;
 }
 
 }  // namespace
@@ -178,10 +204,19 @@ void expert_traffic_add(double* pend, const int32_t* counts, int64_t N) {
   cudaCheckLaunch("traffic_add_kernel");
 }
 
-void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, int64_t N, float decay,
-                          float factor, float rel_min, bool use_reliability) {
-  health_update_kernel<<<1, 1, 0, stream()>>>(state, pend, sums, meta, N, decay, factor, rel_min, use_reliability);
+void expert_health_update(float* state, double* pend, const float* sums, const int64_t* meta, const float* pruned,
+                          int64_t N, float decay, float factor, float rel_min, bool use_reliability) {
+  health_update_kernel<<<1, 1, 0, stream()>>>(state, pend, sums, meta, pruned, N, decay, factor, rel_min,
+                                              use_reliability);
   cudaCheckLaunch("health_update_kernel");
+}
+
+void expert_prune_update(float* low_steps, float* pruned, int64_t* load, const float* state, int64_t N, int64_t b,
+                         int64_t k, float threshold, int64_t window, bool use_reliability) {
+  CM_CHECK(N >= 1 && b >= 1 && N % b == 0, "cuda::expert_prune_update: N = ", N, ", b = ", b);
+  prune_update_kernel<<<1, 1, 0, stream()>>>(low_steps, pruned, load, state, N, b, k, threshold, window,
+                                             use_reliability);
+  cudaCheckLaunch("prune_update_kernel");
 }
 
 }  // namespace cm::cuda
