@@ -163,7 +163,7 @@ RouterBias MoELayer::routing_bias(Device dev) {
 
 bool MoELayer::training_reads_host() const {
   return moe && (cfg_.capacity_factor > 0.f || cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
-                 active_experts() < N || cfg_.gate_mode == GateMode::GroupLimited);
+                 active_experts() < N);
 }
 
 // Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
