@@ -403,8 +403,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
                       : m.capacity_factor > 0.f     ? "--capacity_factor > 0: the keep list"
                       : m.aux_free_bias             ? "--aux_free_bias"
                       : m.enable_expert_pruning     ? "--enable_expert_pruning"
-                      : m.gate_mode == GateMode::GroupLimited ? "--gate_mode group_limited: it selects on the host"
-                                                              : nullptr;
+                                                    : nullptr;
     CM_REQUIRE(!why, "--cuda_graph: this MoE model's training step still reads its routing on the host (", why,
                "), so it cannot be captured");
   }

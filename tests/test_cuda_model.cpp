@@ -551,6 +551,18 @@ TEST_SUITE("cuda") {
       CHECK(*ma.meta("routing_tally") == *mb.meta("routing_tally"));
     }
 
+    // group_limited selects on the device (kernels/route.h route_group_select): captured too. 3 steps: eager,
+    // captured, replayed.
+    const std::vector<std::string> gl = {"--router", "cluster", "--gate_mode", "group_limited", "--max_steps", "3"};
+    std::vector<std::string> gl_graph = gl;
+    gl_graph.push_back("--cuda_graph");
+    TrainResult ge = train(options(args("gl_eager", gl)), sink);
+    TrainResult gg = train(options(args("gl_graph", gl_graph)), sink);
+    REQUIRE(ge.step_losses.size() == 3);
+    REQUIRE(gg.step_losses.size() == 3);
+    for (size_t i = 0; i < 3; ++i) CHECK_MESSAGE(gg.step_losses[i] == ge.step_losses[i], "group_limited step ", i + 1);
+    CHECK(gg.quiet_step_syncs == 0);
+
     // What cannot be captured is refused with a message naming the reason, before any step.
     std::ostringstream out, err;
     CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster", "--capacity_factor", "1.0"}), out, err) ==
