@@ -159,7 +159,8 @@ Tensor moe_combine(const Tensor& ye_in, const Tensor& gate_in, const DispatchPla
                   Tensor d_ye, d_gate;
                   if (need_ye) d_ye = Tensor::empty({Ap, C}, DType::F32, g.device());
                   if (need_gate) d_gate = Tensor::empty({T * K}, DType::F32, g.device());
-                  // Overwrites both: every row of d_ye is some kept slot's; a dropped slot's d_gate is 0.
+                  // Overwrites both: each kept slot's row of d_ye (all of them but a nowait plan's unfilled rows,
+                  // which nothing reads); a dropped slot's d_gate is 0.
                   CM_KERNEL(g.device(), dispatch_combine_backward, need_ye ? d_ye.f32() : nullptr,
                             need_gate ? d_gate.f32() : nullptr, g.f32(), ye.f32(), gate.f32(), row_of.i32(), T, K,
                             C);

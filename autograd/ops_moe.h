@@ -21,9 +21,11 @@ namespace cm {
 // The permutation of one MoE forward: a stable counting sort of the kept slots by expert (kernels/dispatch.h).
 struct DispatchPlan {
   int64_t T = 0, K = 1, N = 1;
-  int64_t rows = 0;               // A' kept slots
+  int64_t rows = 0;               // A' kept slots; T*K for a plan made without the host (its kept count is
+                                  // offsets[N], on the device: the rows past it belong to no expert)
   Tensor row_of;                  // i32 [T*K] row of slot a in the expert-contiguous buffer, -1 if dropped
-  Tensor assign_of;               // i32 [A'] slot of each row (increasing within an expert)
+  Tensor assign_of;               // i32 [rows] slot of each row (increasing within an expert), -1 for a row no
+                                  // slot fills
   Tensor offsets_dev;             // the kernels' int64 [N+1] offsets, held in an i32 tensor [2(N+1)] on the
                                   // plan's device (tensors have f32/i32 dtypes only)
   std::vector<int64_t> offsets;   // [N+1] host copy: expert e's rows are offsets[e] .. offsets[e+1]; empty for a
@@ -37,13 +39,16 @@ struct DispatchPlan {
 DispatchPlan make_dispatch_plan(const Tensor& expert, int64_t K, int64_t N,
                                 const std::vector<int32_t>* host_ids = nullptr);
 
-// A dropless plan the host does not wait for: every slot is kept (expert ids in [0, N), what the router gives, so
-// rows = T*K), and the offsets stay on the device (no host copy: `offsets` empty). An out-of-range id is an error
-// found on the device (kernels/dispatch.h dispatch_plan_nowait). The training step's plan (model/moe.cpp).
+// A plan the host does not wait for: the offsets stay on the device (no host copy: `offsets` empty), and the
+// buffer has a row for every slot (rows = T*K) whatever the drops (ids of -1, capacity_filter's). The kept rows
+// come first, as make_dispatch_plan places them; the rest are unfilled (assign_of -1): moe_permute gives them zeros
+// and grouped_linear, bounded by the device offsets, never computes them; moe_combine reads rows by row_of only. An
+// out-of-range id is an error found on the device (kernels/dispatch.h dispatch_plan_nowait). The training step's
+// plan (model/moe.cpp).
 DispatchPlan make_dispatch_plan_nowait(const Tensor& expert, int64_t K, int64_t N);
 
 // Capacity filter (kernels/capacity.h): expert i32 [T*K] with -1 for the slots past each expert's cap, lowest gate
-// dropped first (ties: the later slot). plan must be make_dispatch_plan(expert, K, N); gate [T*K] (values only).
+// dropped first (ties: the later slot). plan: a plan of expert (either maker); gate [T*K] (values only).
 Tensor capacity_filter(const Tensor& expert, const Tensor& gate, const DispatchPlan& plan, int64_t cap);
 
 // x [T, C] -> xe [A', C]: xe[r] = x[assign_of[r] / K]. Backward: dx[t] = sum of t's rows' gradients, slot order.

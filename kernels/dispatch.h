@@ -50,11 +50,14 @@ int64_t dispatch_plan(int64_t* counts,        // [N]
                       int64_t A, int64_t N);
 // The same without a read-out, for a plan the host does not wait for: an out-of-range id is an error found where the
 // ids are (CUDA: recorded in the engine's device error record, IndexOp::Dispatch, and raised at the next read-out of
-// any device value, engine/cuda.h; the CPU twin throws at once).
+// any device value, engine/cuda.h; the CPU twin throws at once). The host cannot size assign_of by A' here: it is
+// [A], and its rows past offsets[N] (as many as the dropped ids) are set to -1, which dispatch_permute fills with
+// zeros. So a buffer of A rows serves any number of drops: the experts compute rows offsets[0] .. offsets[N].
 void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign_of,
                           const int32_t* expert, int64_t A, int64_t N);
 
-// Gather tokens into the expert-contiguous buffer: xe[row] = x[assign_of[row] / K]. Row-parallel copy.
+// Gather tokens into the expert-contiguous buffer: xe[row] = x[assign_of[row] / K], or zeros where assign_of[row]
+// is -1 (a nowait plan's unfilled rows). Row-parallel copy.
 void dispatch_permute(float* xe,                 // [A', C]
                       const float* x,            // [T, C]
                       const int32_t* assign_of,  // [A']

@@ -3,7 +3,9 @@
 //
 // Letters: G groups (experts), M rows in all (A' of the dispatch: rows of every group together), Kd input
 // features, N output features. Group g owns rows offsets[g] .. offsets[g+1]-1 of X, Y, dX and dY
-// (offsets [G+1], int64, offsets[0] = 0, offsets[G] = M, non-decreasing: what dispatch_offsets produces).
+// (offsets [G+1], int64, offsets[0] = 0, offsets[G] <= M, non-decreasing: what dispatch_offsets produces). Rows
+// past offsets[G] belong to no group: they are neither read nor written (the unfilled rows of a dispatch plan the
+// host does not wait for, whose buffer has a row for every slot, dropped or not).
 // Group g has its own weight W[g], a Linear weight in PyTorch's layout: [N, Kd] row-major, so the forward is
 // Y = X W^T. Weights, biases and their gradients are given as arrays of G pointers (each a separate tensor in the
 // model); every matrix is dense row-major (leading dimension = its row length).

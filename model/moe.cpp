@@ -162,8 +162,7 @@ RouterBias MoELayer::routing_bias(Device dev) {
 // ---------------------------------------------------------------- forward
 
 bool MoELayer::training_reads_host() const {
-  return moe && (cfg_.capacity_factor > 0.f || cfg_.aux_free_bias || cfg_.enable_expert_pruning ||
-                 active_experts() < N);
+  return moe && (cfg_.aux_free_bias || cfg_.enable_expert_pruning || active_experts() < N);
 }
 
 // Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
@@ -184,7 +183,11 @@ void MoELayer::Output::read() {
   if (!expert.empty() || !expert_ids.defined()) return;  // read already, or a dense layer's (filled)
   expert = expert_ids.to_i32_vector();
   gate = gates.to_f32_vector();
-  keep.assign(expert.size(), 1);  // a step without the host's view is dropless
+  keep.assign(expert.size(), 1);
+  if (kept_ids.defined()) {  // capacity dropped some: -1 there
+    const std::vector<int32_t> kept = kept_ids.to_i32_vector();
+    for (size_t s = 0; s < kept.size(); ++s) keep[s] = kept[s] >= 0;
+  }
   top1 = top1_of(expert, gate, K);
 }
 
@@ -256,9 +259,9 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // 1. Route. A dropless training step needs no host view of the routing: the plan, the guard, the statistics and
   //    the health traffic all work from the device tensors, and the router reads nothing (host_view false). The
   //    host reads the router's choices for evaluation (no training step: statistics, generation's routing), and in
-  //    training where its bookkeeping still needs them: capacity (the keep list), the aux-free bias, pruning (also
-  //    when an expert is already pruned: it keeps no gradient), group_limited (it selects on the host). (AC's
-  //    labels, each token's top-1 expert, are made on the device: route_top1.)
+  //    training where its bookkeeping still needs them: the aux-free bias, pruning (also when an expert is already
+  //    pruned: it keeps no gradient), group_limited (it selects on the host). (AC's labels, each token's top-1
+  //    expert, are made on the device: route_top1; capacity filters there.)
   const bool host_view = !training || training_reads_host();
   const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
@@ -302,10 +305,17 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
 
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
   //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot
-  //    (kernels/capacity.h). Only when some expert is over capacity: filter, then plan the kept slots again.
+  //    (kernels/capacity.h). Without the host's view: filter where the ids are and plan the kept slots again,
+  //    there too; the new plan's buffer still has a row per slot, the dropped slots' rows unfilled and never
+  //    computed (make_dispatch_plan_nowait), so nothing waits for the kept count. With it: only when some expert
+  //    is over capacity, and the keep list comes from the filter's CPU twin on the router's host copies.
   if (host_view) out.keep.assign((size_t)S0, 1);
-  if (training && cfg_.capacity_factor > 0.f) {
-    const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
+  const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
+  if (training && cfg_.capacity_factor > 0.f && !host_view) {
+    expert = capacity_filter(expert, rt.gate, plan, cap);  // every slot kept where no expert is over
+    plan = make_dispatch_plan_nowait(expert, K, N);
+    out.kept_ids = expert;
+  } else if (training && cfg_.capacity_factor > 0.f) {
     bool over = false;
     for (int64_t e = 0; e < N; ++e) over = over || plan.offsets[e + 1] - plan.offsets[e] > cap;
     if (over) {

@@ -42,6 +42,7 @@ class MoELayer {
     std::vector<int32_t> top1;    // [T] highest-gate expert per token
     Tensor top1_ids;              // MoE: the same, i32 [T] on the layer's device (the next AC layer's labels)
     Tensor expert_ids, gates;     // MoE: the same ids and gate values (before capacity) on the layer's device
+    Tensor kept_ids;              // capacity without the host's view: the ids after it (-1: dropped), read() reads
     int64_t K = 1;                // slots per token
     LayerRoutingStats stats;
     void read();                  // the host fields and stats.read() from the device ones, when empty

@@ -614,7 +614,7 @@ TEST_SUITE("cuda") {
     REQUIRE(dense.quiet_steps == 5);  // steps 1 to 5; step 6, the last, evaluates
     CHECK(dense.quiet_step_syncs == 0);
     // The other MoE routers' device counts equal their CPU counts too (tests/test_trainer.cpp asserts the CPU's):
-    // AC's batch scales and group_limited's selection on the device, the capacity filter's host twin.
+    // AC's batch scales, group_limited's selection and the capacity filter on the device.
     const std::vector<std::vector<std::string>> kinds = {
         {"--router", "ac"},
         {"--router", "cluster", "--gate_mode", "group_limited"},
@@ -628,9 +628,9 @@ TEST_SUITE("cuda") {
       TrainResult kg = train(options("cuda", "kind_gpu_" + std::to_string(i), extra), sink);
       REQUIRE(kg.quiet_steps == 3);
       CHECK(kg.quiet_step_syncs == kc.quiet_step_syncs);
-      // ac and group_limited wait for nothing (AC's labels and group_limited's selection made on the device);
-      // capacity once per MoE layer (2).
-      CHECK(kg.quiet_step_syncs == 3 * (i < 2 ? 0 : 2));
+      // ac, group_limited and capacity wait for nothing (AC's labels, group_limited's selection, the capacity
+      // filter and plan on the device).
+      CHECK(kg.quiet_step_syncs == 0);
     }
 
     // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.

@@ -237,6 +237,29 @@ Outputs run_segment_gemms(const Problem& p) {
   return o;
 }
 
+// p with its last `drop` groups taken out of the offsets but their rows kept: rows past off[G] belong to no group
+// (a nowait dispatch plan's unfilled rows). Their X and dY are NaN, so a read of them shows in the outputs.
+Problem without_last_groups(Problem p, int64_t drop) {
+  p.G -= drop;
+  p.off.resize((size_t)(p.G + 1));
+  for (auto* v : {&p.W, &p.b, &p.dW0, &p.dB0}) v->resize((size_t)p.G);
+  std::fill(p.X.begin() + p.off[p.G] * p.Kd, p.X.end(), kNaN);
+  std::fill(p.dY.begin() + p.off[p.G] * p.N, p.dY.end(), kNaN);
+  return p;
+}
+
+// Rows past off[G] were neither written (Y and dX hold their starting values, bit for bit) nor read (no NaN
+// anywhere else).
+std::string check_unowned_rows(const Problem& p, const Outputs& o) {
+  const Outputs init = initial(p);
+  const size_t y0 = (size_t)(p.off[p.G] * p.N), x0 = (size_t)(p.off[p.G] * p.Kd);
+  if (std::memcmp(o.Y.data() + y0, init.Y.data() + y0, (o.Y.size() - y0) * sizeof(float)) != 0)
+    return "forward wrote a row past the last group";
+  if (std::memcmp(o.dX.data() + x0, init.dX.data() + x0, (o.dX.size() - x0) * sizeof(float)) != 0)
+    return "backward_input wrote a row past the last group";
+  return "";
+}
+
 // Every combination of the flags on one shape: reference within tolerance, segment gemms bit for bit.
 void check_all_flags(Problem p) {
   for (int f = 0; f < 8; ++f) {
@@ -342,6 +365,18 @@ TEST_CASE("grouped gemm: a popular expert's weight packed once for all its row t
       }
 }
 
+TEST_CASE("grouped gemm: rows past the last group's are neither read nor written") {
+  const Problem p = without_last_groups(make_problem({3, 0, 5, 4, 2}, 6, 7, 31), 2);  // rows 8 .. 13 unowned
+  for (int f = 0; f < 8; ++f) {
+    Problem q = p;
+    q.bias = f & 1, q.accumulate = f & 2, q.gather = f & 4;
+    CAPTURE(q.name());
+    const Outputs got = run_cpu(q);
+    const std::string err = check_reference(q, got) + check_unowned_rows(q, got);
+    CHECK_MESSAGE(err.empty(), err);
+  }
+}
+
 TEST_CASE("grouped gemm: counts its multiply-adds; bad offsets are errors that say what is wrong") {
   Problem p = make_problem({3, 0, 5}, 4, 6, 16);
   const int64_t before = cpu::gemm_multiply_adds();
@@ -351,10 +386,10 @@ TEST_CASE("grouped gemm: counts its multiply-adds; bad offsets are errors that s
   std::vector<float> Y((size_t)(p.M * p.N));
   const std::vector<const float*> W = cptrs(p.W);
   std::vector<int64_t> off = p.off;
-  off[3] = p.M - 1;  // does not end at M
+  off[3] = p.M + 1;  // ends past M
   CHECK_THROWS_WITH_AS(cpu::grouped_gemm_forward(Y.data(), p.X.data(), W.data(), off.data(), 3, p.M, p.N, p.Kd,
                                                  nullptr, false),
-                       doctest::Contains("offsets must run from 0 to M=8"), Error);
+                       doctest::Contains("offsets must run from 0 to at most M=8"), Error);
   off = p.off;
   off[1] = 6, off[2] = 4;  // decreasing
   CHECK_THROWS_WITH_AS(cpu::grouped_gemm_backward_input(Y.data(), p.dY.data(), W.data(), off.data(), 3, p.M, p.N,
@@ -466,6 +501,17 @@ TEST_CASE("cuda kernels: grouped gemm with 64 and 300 groups (the tile search's 
   check_cuda(make_problem({4, 0, 3}, 6, 0, 28), {1, 3});                 // Kd = 0: Y = bias, dB only
   check_cuda(make_problem({4, 0, 3}, 0, 5, 29), {0, 2});                 // N = 0
   check_cuda(make_problem({0, 0}, 6, 5, 30), {1, 3});                    // M = 0: empty groups only
+}
+
+TEST_CASE("cuda kernels: grouped gemm leaves the rows past the last group's unread and unwritten" * needs_device()) {
+  Problem p = without_last_groups(make_problem({3, 0, 70, 4, 2}, 6, 7, 32), 2);
+  check_cuda(p, {0, 3, 6});  // the CPU's bits: the CPU test above shows those rows untouched
+  for (int f : {1, 2}) {
+    p.bias = f & 1, p.accumulate = f & 2, p.gather = false;
+    int64_t syncs = -1;
+    const std::string err = check_unowned_rows(p, run_cuda(p, syncs));
+    CHECK_MESSAGE(err.empty(), err);
+  }
 }
 
 TEST_CASE("cuda kernels: DevicePointers uploads a pointer list once and again only when it changes" *

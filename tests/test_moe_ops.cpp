@@ -253,6 +253,23 @@ TEST_SUITE("moe_ops") {
     badv[4] = (int32_t)N;
     CHECK_THROWS_WITH(make_dispatch_plan_nowait(Tensor::from_vector(badv, {A}), K, N),
                       doctest::Contains("1 expert ids out of range [-1, 5)"));
+    // Dropped slots (-1, capacity's): a row for every slot still, the kept ones as the host's plan has them, then
+    // rows of -1 that moe_permute fills with zeros (the experts never compute them: offsets[N] ends before).
+    const std::vector<int32_t> dr = random_experts(A, N, 79, 3);
+    const int64_t kept = A - std::count(dr.begin(), dr.end(), -1);
+    REQUIRE((kept < A && kept > 0));
+    const Tensor dt = Tensor::from_vector(dr, {A});
+    const DispatchPlan dh = make_dispatch_plan(dt, K, N, &dr), dn = make_dispatch_plan_nowait(dt, K, N);
+    CHECK(dn.rows == A);
+    CHECK(dn.row_of.to_i32_vector() == dh.row_of.to_i32_vector());
+    CHECK(dn.offsets_dev.to_i32_vector() == dh.offsets_dev.to_i32_vector());
+    std::vector<int32_t> tail = dh.assign_of.to_i32_vector();
+    tail.resize((size_t)A, -1);
+    CHECK(dn.assign_of.to_i32_vector() == tail);
+    const Tensor xt = cm::test::uniform({T, 3}, 81);
+    const std::vector<float> xh = moe_permute(xt, dh).to_f32_vector(), xn = moe_permute(xt, dn).to_f32_vector();
+    CHECK(std::equal(xh.begin(), xh.end(), xn.begin()));
+    CHECK(std::all_of(xn.begin() + kept * 3, xn.end(), [](float v) { return v == 0.f; }));
     // Each token's top-1 expert (AC's labels): the higher gate, a tie to the earlier slot.
     std::vector<float> gv = {0.2f, 0.7f, 0.5f, 0.5f, 0.9f, 0.1f};
     std::vector<int32_t> ev = {4, 1, 0, 3, 2, 1}, top((size_t)3, -1);
@@ -322,7 +339,7 @@ TEST_SUITE("cuda") {
         CAPTURE(T);
         CAPTURE(K);
         const int64_t A = T * K;
-        const std::vector<int32_t> ex = random_experts(A, N, 1300 + A, 0);
+        const std::vector<int32_t> ex = random_experts(A, N, 1300 + A, K == 2 ? 3 : 0);  // K 2: some dropped
         const Tensor ec = Tensor::from_vector(ex, {A}), ed = ec.to(Device::CUDA);
         const Tensor gc = cm::test::uniform({A}, 1400 + A), gd = gc.to(Device::CUDA);
         cuda::sync();
@@ -336,6 +353,8 @@ TEST_SUITE("cuda") {
         CHECK(pd.assign_of.to_i32_vector() == pc.assign_of.to_i32_vector());
         CHECK(pd.offsets_dev.to_i32_vector() == pc.offsets_dev.to_i32_vector());
         CHECK(td.to_i32_vector() == tc.to_i32_vector());
+        const Tensor xc = cm::test::uniform({T, 5}, 1450 + A);  // the unfilled rows' zeros, as on the CPU
+        CHECK(moe_permute(xc.to(Device::CUDA), pd).to_f32_vector() == moe_permute(xc, pc).to_f32_vector());
       }
     std::vector<int32_t> bad = random_experts(40, N, 1500, 0);
     bad[3] = -7;

@@ -143,13 +143,15 @@ void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, in
                           const int32_t* expert, int64_t A, int64_t N) {
   const int64_t bad = dispatch_plan(counts, offsets, row_of, assign_of, expert, A, N);
   CM_CHECK(bad == 0, "dispatch_plan: ", bad, " expert ids out of range [-1, ", N, ")");
+  for (int64_t r = offsets[N]; r < A; ++r) assign_of[r] = -1;  // rows no kept slot fills
 }
 
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < Ap; ++r) {
-    int64_t t = assign_of[r] / K;
-    std::memcpy(xe + r * C, x + t * C, (size_t)C * sizeof(float));
+    const int64_t a = assign_of[r];
+    if (a < 0) std::memset(xe + r * C, 0, (size_t)C * sizeof(float));  // a row no slot fills: zeros
+    else std::memcpy(xe + r * C, x + a / K * C, (size_t)C * sizeof(float));
   }
 }
 

@@ -32,8 +32,8 @@ void check_args(const char* what, const int64_t* offsets, int64_t G, int64_t M, 
                 const RowGather& gather) {
   CM_CHECK(G >= 0 && M >= 0 && N >= 0 && Kd >= 0, what, ": G=", G, " M=", M, " N=", N, " Kd=", Kd);
   CM_CHECK(offsets != nullptr, what, ": offsets is null");
-  CM_CHECK(offsets[0] == 0 && offsets[G] == M, what, ": offsets must run from 0 to M=", M, ", got ", offsets[0],
-           " .. ", offsets[G]);
+  CM_CHECK(offsets[0] == 0 && offsets[G] <= M, what, ": offsets must run from 0 to at most M=", M, ", got ",
+           offsets[0], " .. ", offsets[G]);
   for (int64_t g = 0; g < G; ++g)
     CM_CHECK(offsets[g + 1] >= offsets[g], what, ": offsets decrease at group ", g, " (", offsets[g], " > ",
              offsets[g + 1], ")");

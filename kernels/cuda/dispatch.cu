@@ -275,9 +275,13 @@ __global__ void permute_kernel(V* __restrict__ xe, const V* __restrict__ x, cons
                                int64_t Ap, int64_t K, int64_t Cv) {
   const int lane = threadIdx.x % kWarp;
   CM_WARP_ROWS(r, Ap) {
-    const int64_t t = assign_of[r] / K;
-    const V* src = x + t * Cv;
+    const int64_t a = assign_of[r];
     V* dst = xe + r * Cv;
+    if (a < 0) {  // a row no slot fills (a nowait plan's dropped share): zeros
+      for (int64_t c = lane; c < Cv; c += kWarp) dst[c] = zero_v<V>();
+      continue;
+    }
+    const V* src = x + a / K * Cv;
     for (int64_t c = lane; c < Cv; c += kWarp) dst[c] = src[c];
   }
 }
@@ -397,6 +401,14 @@ void dispatch_scatter(int32_t* row_of, int32_t* assign_of, const int32_t* expert
 }
 
 namespace {
+// assign_of[offsets[N] .. A) = -1: the rows of a nowait plan that no kept slot fills (dropped slots' share).
+__global__ void unfilled_rows_kernel(int32_t* __restrict__ assign_of, const int64_t* __restrict__ offsets, int64_t N,
+                                     int64_t A) {
+  for (int64_t r = offsets[N] + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < A;
+       r += (int64_t)gridDim.x * blockDim.x)
+    assign_of[r] = -1;
+}
+
 // An out-of-range count left in device memory becomes an error record (engine/cuda.h): index = how many.
 __global__ void record_bad_ids_kernel(int64_t* rec, const int64_t* __restrict__ bad_total, int64_t N) {
   if (blockIdx.x == 0 && threadIdx.x == 0 && *bad_total > 0)
@@ -423,6 +435,10 @@ int64_t plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* assign
   run_scan(offsets, counts, NB);
   run_base(cc, offsets, NB, c.G);
   run_scatter<false>(row_of, assign_of, nullptr, nullptr, cc, expert, A, 0, NB, c);
+  if (nowait && A > 0) {
+    unfilled_rows_kernel<<<grid_for(A, 256), 256, 0, stream()>>>(assign_of, offsets, N, A);
+    cudaCheckLaunch("unfilled_rows_kernel");
+  }
   return nowait ? 0 : read_back(bad_total);
 }
 }  // namespace
