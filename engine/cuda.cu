@@ -126,11 +126,14 @@ void raise_index_error(const int64_t rec[4]) {
   if (rec[0] == 0) return;
   cudaCheck(cudaMemsetAsync(context().index_error, 0, 4 * sizeof(int64_t), context().stream));
   static const char* const names[] = {"?", "index_select", "index_add", "gather", "scatter_add", "embedding",
-                                      "cross_entropy", "dispatch_plan"};
-  const int64_t op = rec[0] >= 1 && rec[0] <= 7 ? rec[0] : 0;
+                                      "cross_entropy", "dispatch_plan", "group_limited routing"};
+  const int64_t op = rec[0] >= 1 && rec[0] <= 8 ? rec[0] : 0;
   if (op == (int64_t)IndexOp::Dispatch)
     fail("dispatch_plan: ", rec[1], " expert ids out of range [-1, ", rec[3],
          ") (found on the device; raised at the first read-out after it)");
+  if (op == (int64_t)IndexOp::GroupSelect)
+    fail("group_limited routing: level ", rec[1], " node ", rec[2], " has fewer than ", rec[3],
+         " selectable children (found on the device; raised at the first read-out after it)");
   const char* what = op == (int64_t)IndexOp::Embedding ? "id" : op == (int64_t)IndexOp::CrossEntropy ? "target" : "index";
   fail(names[op], ": ", what, " ", rec[1], " (at position ", rec[2], ") is out of range [0, ", rec[3],
        ") (found on the device; the first bad index since the last read-out, CM_CUDA_SYNC=1 stops at its op)");

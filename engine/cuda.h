@@ -74,8 +74,11 @@ constexpr int64_t kColumnCap = emulated() ? 16 : 4096;
 // same wait), or right after the kernel with CM_CUDA_SYNC=1: either throws cm::Error naming the op, the index, its
 // position and the bound, and clears the record. Results computed since then are not to be trusted: the
 // exception stops whatever was going on (train_lm reads its losses at every logged step).
-// Dispatch: the dispatch plan's out-of-range expert ids (index = how many, position -1).
-enum class IndexOp : int32_t { None = 0, IndexSelect, IndexAdd, Gather, ScatterAdd, Embedding, CrossEntropy, Dispatch };
+// Dispatch: the dispatch plan's out-of-range expert ids (index = how many, position -1). GroupSelect: a node of the
+// group-limited selection with fewer than k selectable children (index = level, position = node, bound = k).
+enum class IndexOp : int32_t {
+  None = 0, IndexSelect, IndexAdd, Gather, ScatterAdd, Embedding, CrossEntropy, Dispatch, GroupSelect
+};
 int64_t* index_error_record();  // [4] on the device: op (IndexOp), index, position, bound; all 0 when clean
 void check_index_errors();      // one copy and one wait; throws if a kernel recorded a bad index
 

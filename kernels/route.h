@@ -119,9 +119,32 @@ void route_select_forward(float* probs,              // [P, b]
                           const float* abias,        // [n * b] or nullptr
                           float inv_temp, int64_t P, int64_t n, int64_t b, int64_t k, bool renorm);
 
-// The entropy statistic of route_select_forward: mean over the P rows of -sum_c p log p, from p = softmax(s) and s
-// [P, b] (one log per row; rows summed in double in row order). Also used by the group-limited router.
-float route_mean_entropy(const float* probs, const float* s, int64_t P, int64_t b);
+// The entropy statistic of route_select_forward: entropy [1] = the mean over the P rows of -sum_c p log p, from
+// p = softmax(s) and s [P, b] (one log per row; rows summed in double in row order). Also used by the
+// group-limited router, on its one softmax over all leaves.
+void route_mean_entropy(float* entropy, const float* probs, const float* s, int64_t P, int64_t b);
+
+// The group-limited selection (gate_mode group_limited, model/router.cpp route_grouped): the levels of a tree with
+// branching [b_0 .. b_{D-1}] and top_k [k_0 .. k_{D-1}] (host arrays: a shape) only select, on one softmax over
+// all N = prod b leaves, probs [T, N]. Token t starts at the root; at level l each node j it kept (in the order it
+// kept them) keeps the k_l children i = j * b_l + c (c in [0, b_l)) with the best
+//   score[i] = (float)(sum in double, leaf increasing, of probs[t, leaves under i]) + abias[i] (when abias)
+// in kernels/topk.h's order (larger first, ties to the lower index, NaN first); -inf where lbias[i] is -inf (a
+// pruned child: it ranks below every selectable child). The leaves under i are i * span .. (i + 1) * span - 1,
+// span = N / (n_l * b_l). abias, lbias: every level's [n_l * b_l] concatenated, level 0 first (RouterBias::all),
+// or nullptr.
+// ids [T * (K_0 + K_1 + .. + K_{D-1})], K_l = k_0 * .. * k_l: every level's kept children, level l's block
+// [T * K_l] at T * (K_0 + .. + K_{l-1}), token-major, a kept node's k_l children together in selection order. The
+// last block [T * K] holds the experts: slot t * K + j. One node with fewer than k_l selectable children is an
+// error: the CPU twin fails a CM_CHECK naming the level and node; the CUDA kernel records it in the device's
+// index-error record (engine/cuda.h, raised at the next read-out) and keeps the pruned child.
+void route_group_select(int32_t* ids,               // [T * sum_l K_l]
+                        const float* probs,         // [T, N]
+                        const float* abias,         // [sum_l n_l b_l] or nullptr
+                        const float* lbias,         // [sum_l n_l b_l] or nullptr
+                        const int64_t* branching,   // [D] host
+                        const int64_t* top_k,       // [D] host
+                        int64_t D, int64_t T);
 
 // Backward of path with respect to probs and path_parent, from dpath [P * k]: dprobs [P, b] is 0 off the selected
 // children (overwritten), dparent [P] (overwritten; skipped when nullptr) = sum_i dpath[p * k + i] gate[p, i].
@@ -168,6 +191,11 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
 void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
                            const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
                            bool renorm);
+// One warp per row (the terms of route_select_forward's entropy), then one block for the mean.
+void route_mean_entropy(float* entropy, const float* probs, const float* s, int64_t P, int64_t b);
+// One thread per token walks the levels (the per-token work is a few sums over its leaves); depth at most 16.
+void route_group_select(int32_t* ids, const float* probs, const float* abias, const float* lbias,
+                        const int64_t* branching, const int64_t* top_k, int64_t D, int64_t T);
 // One launch per level (a thread per node, the sums in double as on the CPU), then one for the logs and the pruned
 // experts; the usage of the inner levels lives in scratch. log is the device's logf: within its rounding of the
 // CPU's, and exactly 0 at 1.

@@ -111,10 +111,8 @@ class ClusterMoELM {
   // bookkeeping, step += 1.
   void after_step();
   // The host's share of after_step() when its device work ran in a replayed CUDA graph (train_lm --cuda_graph):
-  // step += 1. Only for a model whose layers keep no host bookkeeping in training (MoELayer::training_reads_host):
-  // that a graph cannot replay.
+  // step += 1. (A training step keeps no host bookkeeping of its routing: everything else lives on the device.)
   void after_replayed_step();
-  bool training_reads_host() const;  // some layer's training step reads its routing on the host
   int64_t step() const;
 
   // Dropout's random stream (for checkpoints).

@@ -10,7 +10,6 @@
 
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
-#include "kernels/capacity.h"
 #include "kernels/health.h"
 #include "kernels/route.h"
 #include "model/optim.h"
@@ -159,8 +158,6 @@ RouterBias MoELayer::routing_bias(Device dev) {
 
 // ---------------------------------------------------------------- forward
 
-bool MoELayer::training_reads_host() const { return moe && cfg_.gate_mode == GateMode::GroupLimited; }
-
 // Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
 static std::vector<int32_t> top1_of(const std::vector<int32_t>& expert, const std::vector<float>& gate, int64_t K) {
   const int64_t T = (int64_t)expert.size() / K;
@@ -252,13 +249,11 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     return out;
   }
 
-  // 1. Route. A dropless training step needs no host view of the routing: the plan, the guard, the statistics and
-  //    the health traffic all work from the device tensors, and the router reads nothing (host_view false). The
-  //    host reads the router's choices for evaluation (no training step: statistics, generation's routing), and in
-  //    training where its bookkeeping still needs them: group_limited (it selects on the host). (AC's labels, each
-  //    token's top-1 expert, are made on the device: route_top1; capacity filters there; the aux-free and pruning
-  //    loads are summed there. A pruned expert gets no rows, so a zero gradient.)
-  const bool host_view = !training || training_reads_host();
+  // 1. Route. A training step needs no host view of the routing: the plan, capacity, the guard, the statistics, the
+  //    health traffic and the loads of the aux-free bias and of pruning all work from the device tensors, and the
+  //    router reads nothing (host_view false); AC's labels, each token's top-1 expert, are made there too
+  //    (route_top1). The host reads the router's choices for evaluation only (statistics, generation's routing).
+  const bool host_view = !training;
   const auto route_t0 = std::chrono::steady_clock::now();
   Routing rt = router.route(x, routing_bias(x.device()), labels, training, host_view);
   st.routing_ms = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - route_t0).count();
@@ -273,7 +268,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   st.entropy = rt.entropy_dev;
   count_utilization(st.routed);
   out.K = K;
-  out.expert_ids = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, x.device());
+  out.expert_ids = rt.expert_ids;
   out.gates = rt.gate.detach().contiguous();
   out.top1_ids = Tensor::empty({T}, DType::I32, x.device());
   CM_KERNEL(x.device(), route_top1, out.top1_ids.i32(), out.expert_ids.i32(), out.gates.f32(), T, K);
@@ -292,41 +287,25 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
     if (cfg_.aux_free_bias) router.add_aux_load(rt);  // the loads summed on the device for after_step
   }
 
-  // 2. The dispatch plan on the layer's device: a stable counting sort of the slots by expert.
+  // 2. The dispatch plan on the layer's device: a stable counting sort of the slots by expert. With the host's view
+  //    (evaluation) its copy of the ids counts the offsets (nothing is read back); in training all on the device.
   const Device dev = x.device();
-  // The router's choices, i32 [T*K] on x's device (the group_limited gate selects on the host: one upload).
-  Tensor expert = rt.expert_ids.defined() ? rt.expert_ids : Tensor::from_vector(rt.expert, {S0}, dev);
+  Tensor expert = rt.expert_ids;  // i32 [T*K] on x's device
   if (ids) count_specialization(expert, *ids);  // the routed slots, before capacity
-  // With the host's view: its copy of the ids counts the offsets (nothing is read back); without: all on the device.
   DispatchPlan plan =
       host_view ? make_dispatch_plan(expert, K, N, &rt.expert) : make_dispatch_plan_nowait(expert, K, N);
 
   // 3. Capacity (training only: evaluation and decoding are dropless, so a token's output never depends on the
   //    rest of the batch there). Each expert keeps its cap highest-gate slots; ties keep the earlier slot
-  //    (kernels/capacity.h). Without the host's view: filter where the ids are and plan the kept slots again,
-  //    there too; the new plan's buffer still has a row per slot, the dropped slots' rows unfilled and never
-  //    computed (make_dispatch_plan_nowait), so nothing waits for the kept count. With it: only when some expert
-  //    is over capacity, and the keep list comes from the filter's CPU twin on the router's host copies.
+  //    (kernels/capacity.h). The filter runs where the ids are and the kept slots are planned there again; the new
+  //    plan's buffer still has a row per slot, the dropped slots' rows unfilled and never computed
+  //    (make_dispatch_plan_nowait), so nothing waits for the kept count.
   if (host_view) out.keep.assign((size_t)S0, 1);
-  const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
-  if (training && cfg_.capacity_factor > 0.f && !host_view) {
+  if (training && cfg_.capacity_factor > 0.f) {
+    const int64_t cap = (int64_t)std::ceil((double)cfg_.capacity_factor * (double)S0 / (double)N);
     expert = capacity_filter(expert, rt.gate, plan, cap);  // every slot kept where no expert is over
     plan = make_dispatch_plan_nowait(expert, K, N);
     out.kept_ids = expert;
-  } else if (training && cfg_.capacity_factor > 0.f) {
-    bool over = false;
-    for (int64_t e = 0; e < N; ++e) over = over || plan.offsets[e + 1] - plan.offsets[e] > cap;
-    if (over) {
-      expert = capacity_filter(expert, rt.gate, plan, cap);  // where the layer computes
-      // The same filter on the router's host copies (the kernel's CPU twin: integer comparisons, the same ids) gives
-      // the keep list and the new plan's offsets without a read-out.
-      const Segments by_expert = counting_sort(rt.expert, N);  // the plan's assign_of and offsets, on the host
-      std::vector<int32_t> kept((size_t)S0);
-      cpu::capacity_filter(kept.data(), rt.expert.data(), rt.gate_value.data(), by_expert.order.data(),
-                           by_expert.offsets.data(), S0, N, cap);
-      plan = make_dispatch_plan(expert, K, N, &kept);
-      for (int64_t s = 0; s < S0; ++s) out.keep[s] = kept[s] >= 0;
-    }
   }
   out.gate = rt.gate_value;
   // The rows each expert computes, from the plan's offsets where they are (the dropped slots: S0 - their sum).

@@ -79,11 +79,6 @@ class MoELayer {
   float mutual_information() const;           // I(expert; token), nats
   void reset_metrics();
 
-  // Whether a training forward reads its routing on the host (one packed read-out): with group_limited (host
-  // selection). Otherwise a training step of the layer waits for nothing (capacity, the aux-free bias and pruning
-  // included). A dense layer never does.
-  bool training_reads_host() const;
-
   // ---- pruning. In training the flags and the low-step counters change where the layer computes (after_step);
   // these read them there first (one read-out: the host's view, pull_pruning) and prune() writes the host's.
   void prune(int64_t e);

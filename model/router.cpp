@@ -4,15 +4,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
-#include <numeric>
 
 #include "autograd/ops_moe.h"
 #include "autograd/ops_route.h"
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
 #include "kernels/route.h"
-#include "kernels/topk.h"
 
 namespace cm {
 
@@ -153,44 +150,6 @@ void TreeRouter::update_aux_bias(float rate) {
 // Rows of W [R, C] scaled to unit length (AC: e_j / ||e_j||; diversity: cosine similarity).
 static Tensor unit_rows(const Tensor& W) { return div(W, sqrt(add(sum(square(W), -1, true), 1e-12f))); }
 
-// Selection (no gradient): for each (token, node) pair p, the k children of node[p] with the highest
-// probs + aux-free bias, in cpu::topk_forward's order (larger first, ties to the lower index). A pruned child
-// (logit bias -inf) is never selected: it scores -inf, which ranks below every selectable child, so it only
-// comes up when its node has fewer than k others, and that is an error. NaN ranks first in topk_forward, but a
-// softmax row is either all NaN or NaN-free, and on an all-NaN row this still takes the first k selectable
-// children. probs [P, b]; abias [n_nodes * b] or null; lbias [n_nodes * b] (host values) or null; idx [P, k] child
-// in [0, b).
-static void select_children(int32_t* idx, const float* probs, const float* abias, const float* lbias,
-                            const std::vector<int32_t>& node, int64_t n_nodes, int64_t P, int64_t b, int64_t k,
-                            int64_t level) {
-  const size_t nb = lbias ? (size_t)(n_nodes * b) : 0;
-  std::vector<char> pruned(nb, 0);
-  bool any_pruned = false;
-  for (size_t i = 0; i < nb; ++i) {
-    pruned[i] = std::isinf(lbias[i]) && lbias[i] < 0;
-    any_pruned = any_pruned || pruned[i];
-  }
-  const float* scores = probs;
-  std::vector<float> biased;  // [P, b], only when some score is not the probability itself
-  if (abias || any_pruned) {
-    biased.resize((size_t)(P * b));
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t at = (int64_t)node[p] * b;  // the pair's node's children
-      for (int64_t c = 0; c < b; ++c) {
-        const float v = probs[p * b + c] + (abias ? abias[at + c] : 0.f);
-        biased[p * b + c] = any_pruned && pruned[at + c] ? -INFINITY : v;
-      }
-    }
-    scores = biased.data();
-  }
-  std::vector<float> top((size_t)(P * k));  // the selected scores (unused: the gates are gathered from probs)
-  cpu::topk_forward(top.data(), idx, scores, P, b, k);
-  if (any_pruned)
-    for (int64_t i = 0; i < P * k; ++i)
-      CM_CHECK(!pruned[(size_t)node[i / k] * b + idx[i]], "level ", level, " node ", node[i / k], " has fewer than ",
-               k, " selectable children");
-}
-
 // Load balance at one level (DESIGN.md 4.3), unweighted: router_balance_loss (kernels/losses.h) over the pairs
 // [P] grouped by their node, each parent's term b' * sum_c f_c P_c with b' = 1 / q_c, q the target share of each
 // child, token-weighted over parents. The counts f come from the selection idx [P, k] where it lives (on the
@@ -242,7 +201,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
     h_ac = mul(h, index_select(mt, 0, lab));  // [T, C]
   }
 
-  if (gate_mode_ == GateMode::GroupLimited) return route_grouped(ac_level_[D - 1] ? h_ac : h, bias);
+  if (gate_mode_ == GateMode::GroupLimited) return route_grouped(ac_level_[D - 1] ? h_ac : h, bias, read_out);
 
   // The (token, node) pairs alive at the current level, token-major with a fixed fan-out: pair p is token p / (P / T).
   // Everything per pair stays on h's device; the host reads the results once, at the end (read_out below).
@@ -294,10 +253,14 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
   // ---- the host read-out, one copy and one wait for the whole call, when the caller needs host values (moe.cpp:
   // evaluation, capacity, aux-free bias, pruning, AC labels). A dropless training step asks for none: then route()
   // reads nothing. (The routing losses need no host values: they run on the loss kernels.)
-  if (!read_out) {
-    finish(r, lb_terms, z_terms, dev);
-    return r;
-  }
+  if (read_out) read_host(r, dev);
+  finish(r, lb_terms, z_terms, dev);
+  return r;
+}
+
+// Routing's host fields from its device tensors: one packed copy and one wait (read_out_words).
+void TreeRouter::read_host(Routing& r, Device dev) const {
+  const int64_t D = depth();
   std::vector<Tensor> want = {r.expert_ids, r.gate, r.entropy_dev};
   for (int64_t l = 0; l < D; ++l) want.push_back(r.level_counts_dev[l]);
   std::vector<std::vector<int32_t>> got = read_out_words(want, dev);
@@ -307,23 +270,20 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
   std::memcpy(&r.entropy, got[2].data(), 4);
   r.level_counts.resize((size_t)D);
   for (int64_t l = 0; l < D; ++l) r.level_counts[l].assign(got[(size_t)(3 + l)].begin(), got[(size_t)(3 + l)].end());
-
-  finish(r, lb_terms, z_terms, dev);
-  return r;
 }
 
 // group_limited (DeepSeek-V2/V3 group-limited routing on our tree): one softmax over all N leaves from the last
 // level's weights [N, C] (its rows are the leaves in order), probs [T, N]. The levels then only select: at level l
 // a kept node's child scores the total probability of the leaves under it (+ aux-free bias; the leaves of a
-// child are contiguous), and the top_k[l] children stay. A leaf's gate is its probability under the one softmax,
-// not renormalised over the token's K leaves. The upper levels' weights take no part (their gradient is zero);
-// routing costs 2 N C FLOPs per token, as a flat router. h [T, C]: already AC-transformed when the last level is.
-Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
+// child are contiguous), and the top_k[l] children stay (kernels/route.h route_group_select, on the device). A
+// leaf's gate is its probability under the one softmax, not renormalised over the token's K leaves. The upper
+// levels' weights take no part (their gradient is zero); routing costs 2 N C FLOPs per token, as a flat router.
+// h [T, C]: already AC-transformed when the last level is. read_out: as route().
+Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias, bool read_out) {
   const int64_t T = h.size(0), D = depth(), L = D - 1;
   const Device dev = h.device();
   Routing r;
   r.T = T;
-  r.level_counts.resize((size_t)D);
   std::vector<Tensor> lb_terms, z_terms;
 
   Tensor W = ac_level_[L] ? unit_rows(weights[L]) : weights[L];  // [N, C]
@@ -333,68 +293,45 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias) {
   Tensor s = temperature_ != 1.f ? mul(logits, 1.f / temperature_) : logits;
   const Tensor leaf_bias = bias.defined() ? bias.level[L] : Tensor();  // [N]: log reliability, -inf for pruned leaves
   if (leaf_bias.defined()) s = add(s, leaf_bias.view({1, N_}));  // on the device; + 0.0f changes no bit
+  s = s.contiguous();
   Tensor probs = softmax(s);  // [T, N]
-  // The selection below runs on the host: probs, s (for the entropy), the levels' bias (pruned children) and the
-  // aux-free bias come back in one read-out.
-  std::vector<Tensor> want = {probs, s, bias.all};
-  if (aux_free_)
-    for (int64_t l = 0; l < D; ++l) want.push_back(aux_running(l, dev));
-  const std::vector<std::vector<int32_t>> words = read_out_words(want, dev);
-  std::vector<float> p_host(words[0].size()), s_host(words[1].size()), b_host(words[2].size());  // [T, N] [T, N]
-  std::memcpy(p_host.data(), words[0].data(), p_host.size() * 4);
-  std::memcpy(s_host.data(), words[1].data(), s_host.size() * 4);
-  if (!b_host.empty()) std::memcpy(b_host.data(), words[2].data(), b_host.size() * 4);  // empty without bias
-  const float* pv = p_host.data();
-  r.entropy = cpu::route_mean_entropy(pv, s_host.data(), T, N_);  // of the one N-way distribution
+  r.entropy_dev = Tensor::empty({}, DType::F32, dev);  // of the one N-way distribution
+  CM_KERNEL(dev, route_mean_entropy, r.entropy_dev.f32(), probs.f32(), s.f32(), T, N_);
 
-  // Selection, level by level, on the leaves' probability mass (no gradient).
-  std::vector<int32_t> node((size_t)T, 0), tok((size_t)T);
-  std::iota(tok.begin(), tok.end(), 0);
-  int64_t P = T, span = N_;  // span: leaves under one node of the current level
-  int64_t bias_at = 0;       // level l's bias in b_host
+  // Selection, level by level, on the leaves' probability mass (no gradient), where probs are: every level's kept
+  // children in one buffer, level l's block [T * K_l] at T * (K_0 + .. + K_{l-1}) (K_l = top_k[0] * .. * top_k[l]),
+  // the last block the experts. The pruned children (-inf in the logit bias) are never kept.
+  std::vector<int64_t> block_at, kept;  // [D] each level's block offset (in units of T) and K_l
+  int64_t K = 1, total = 0;
   for (int64_t l = 0; l < D; ++l) {
-    const int64_t b = branching[l], k = top_k[l], n_nodes = nodes[l];
-    span /= b;  // leaves under one child
-    std::vector<float> score((size_t)(P * b));  // [P, b]
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t c = 0; c < b; ++c) {
-        const float* leaf = pv + tok[p] * N_ + ((int64_t)node[p] * b + c) * span;
-        double m = 0.0;
-        for (int64_t i = 0; i < span; ++i) m += leaf[i];
-        score[p * b + c] = (float)m;
-      }
-    std::vector<int32_t> idx((size_t)(P * k));
-    const float* abias = aux_free_ ? reinterpret_cast<const float*>(words[(size_t)(3 + l)].data()) : nullptr;
-    select_children(idx.data(), score.data(), abias,
-                    b_host.empty() ? nullptr : b_host.data() + bias_at, node, n_nodes, P, b, k, l);
-    bias_at += n_nodes * b;
-    std::vector<int64_t>& counts = r.level_counts[l];
-    counts.assign((size_t)(n_nodes * b), 0);
-    std::vector<int32_t> node2((size_t)(P * k)), tok2((size_t)(P * k));
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t j = 0; j < k; ++j) {
-        ++counts[(int64_t)node[p] * b + idx[p * k + j]];
-        node2[p * k + j] = (int32_t)(node[p] * b + idx[p * k + j]);
-        tok2[p * k + j] = tok[p];
-      }
-    node.swap(node2);
-    tok.swap(tok2);
-    P *= k;
+    K *= top_k[l];
+    block_at.push_back(total);
+    kept.push_back(K);
+    total += K;
   }
-  r.K = P / T;
-  r.expert = node;  // token-major: slot t*K + j
-  r.expert_ids = Tensor::from_vector(node, {P}, dev);
-  r.gate = gather(probs, 1, r.expert_ids.view({T, r.K})).view({P});
-  r.gate_value.resize((size_t)P);  // the gathered values, from the host's copy of probs (a gather copies bits)
-  for (int64_t q = 0; q < P; ++q) r.gate_value[q] = pv[(q / r.K) * N_ + node[q]];
-  r.entropy_dev = Tensor::scalar(r.entropy, dev);
-  for (int64_t l = 0; l < D; ++l)
-    r.level_counts_dev.push_back(Tensor::from_vector(
-        std::vector<int32_t>(r.level_counts[l].begin(), r.level_counts[l].end()), {(int64_t)r.level_counts[l].size()},
-        dev));
+  Tensor ab;  // aux-free bias, every level's concatenated (from the working copies on the device)
+  if (aux_free_) {
+    std::vector<Tensor> parts;
+    for (int64_t l = 0; l < D; ++l) parts.push_back(aux_running(l, dev));
+    ab = D == 1 ? parts[0].contiguous() : concat(parts, 0);
+  }
+  const Tensor lb = bias.defined() ? bias.all.contiguous() : Tensor();
+  Tensor ids = Tensor::empty({T * total}, DType::I32, dev);
+  CM_KERNEL(dev, route_group_select, ids.i32(), probs.f32(), ab.defined() ? ab.f32() : nullptr,
+            lb.defined() ? lb.f32() : nullptr, branching.data(), top_k.data(), D, T);
+  // How often each child was selected: a histogram of each level's block.
+  for (int64_t l = 0; l < D; ++l) {
+    r.level_counts_dev.push_back(Tensor::empty({nodes[l] * branching[l]}, DType::I32, dev));
+    CM_KERNEL(dev, route_histogram, r.level_counts_dev[l].i32(), ids.i32() + T * block_at[l], T * kept[l],
+              nodes[l] * branching[l], false);
+  }
+  r.K = K;
+  r.expert_ids = ids.slice(0, T * block_at[L], T * (block_at[L] + K));  // [T*K] token-major: slot t*K + j
+  r.gate = gather(probs, 1, r.expert_ids.view({T, K})).view({T * K});
   // Load balance over the leaves as one flat level (the upper levels have no probabilities of their own).
   if (lb_w_ > 0.f)
-    lb_terms.push_back(balance_term(probs, r.expert_ids.view({T, r.K}), Tensor(), 1, leaf_bias));
+    lb_terms.push_back(balance_term(probs, r.expert_ids.view({T, K}), Tensor(), 1, leaf_bias));
+  if (read_out) read_host(r, dev);
   finish(r, lb_terms, z_terms, dev);
   return r;
 }

@@ -42,8 +42,7 @@ Segments counting_sort(const std::vector<int32_t>& ids, int64_t n);
 // No-gradient terms the owner (the MoE layer) adds to the router's logits, per level l [nodes[l] * b_l] f32 on h's
 // device: log reliability of each child, and -inf for pruned children (kernels/route.h route_bias_forward makes
 // them where the layer computes, levels concatenated in `all`). The router hands them to its kernels as they are
-// and never looks at them on the host (group_limited's host selection reads them in the read-out it makes anyway);
-// the load-balance kernel decides on the device whether a level has targets other than 1/b. Undefined (the default):
+// and never looks at them on the host; the load-balance kernel decides on the device whether a level has targets other than 1/b. Undefined (the default):
 // no bias at all (the layer has neither reliability nor a pruned expert).
 struct RouterBias {
   Tensor all;                 // [sum_l nodes[l] * b_l], level 0 first; undefined: no bias
@@ -83,8 +82,7 @@ class TreeRouter {
   // h [T, C]. labels i32 [T] on h's device: the previous MoE layer's top-1 expert per token (for AC levels; null ->
   // m = 1).
   // training: AC uses this batch's m (and updates the running m); otherwise the running m.
-  // read_out: fill Routing's host fields (one packed read-out); false leaves them empty and reads nothing (except
-  // group_limited, which selects on the host).
+  // read_out: fill Routing's host fields (one packed read-out); false leaves them empty and reads nothing.
   Routing route(const Tensor& h, const RouterBias& bias, const Tensor* labels, bool training,
                 bool read_out = true);
 
@@ -110,7 +108,8 @@ class TreeRouter {
                                   // (its state at rest: while the model trains, the running m lives on its device)
 
  private:
-  Routing route_grouped(const Tensor& h, const RouterBias& bias);  // gate_mode group_limited
+  Routing route_grouped(const Tensor& h, const RouterBias& bias, bool read_out);  // gate_mode group_limited
+  void read_host(Routing& r, Device dev) const;  // Routing's host fields, one packed read-out
   void finish(Routing& r, const std::vector<Tensor>& lb_terms, const std::vector<Tensor>& z_terms, Device dev) const;
   // The running AC m [N, C] and the aux-free bias of each level on the layer's device: the working copies of
   // ac_scale and aux_bias (model/mirror.h), pulled back into them when the buffers are read (pull_buffers).

@@ -555,15 +555,25 @@ TEST_SUITE("cuda") {
       CHECK(*ma.meta("routing_tally") == *mb.meta("routing_tally"));
     }
 
-    // What cannot be captured is refused with a message naming the reason, before any step.
+    // group_limited selects on the device (kernels/route.h route_group_select): captured too, with pruning (its
+    // loads, decision and flags there; a threshold that prunes within the captured steps). 3 steps: eager, captured,
+    // replayed.
+    const std::vector<std::string> gl = {"--router",  "cluster", "--gate_mode",         "group_limited",
+                                         "--max_steps", "3",     "--enable_expert_pruning", "1",
+                                         "--pruning_threshold", "0.45", "--pruning_window", "1"};
+    std::vector<std::string> gl_graph = gl;
+    gl_graph.push_back("--cuda_graph");
+    TrainResult ge = train(options(args("gl_eager", gl)), sink);
+    TrainResult gg = train(options(args("gl_graph", gl_graph)), sink);
+    REQUIRE(ge.step_losses.size() == 3);
+    REQUIRE(gg.step_losses.size() == 3);
+    for (size_t i = 0; i < 3; ++i) CHECK_MESSAGE(gg.step_losses[i] == ge.step_losses[i], "group_limited step ", i + 1);
+    CHECK(gg.quiet_step_syncs == 0);
+
+    // On the CPU --cuda_graph is refused with a message naming the reason, before any step.
     std::ostringstream out, err;
-    CHECK(run_train_lm(args("moe", {"--cuda_graph", "--router", "cluster", "--gate_mode", "group_limited"}), out,
-                       err) == 2);
-    CHECK(err.str().find("--cuda_graph: this MoE model's training step still reads its routing on the host "
-                         "(--gate_mode group_limited") != std::string::npos);
-    std::ostringstream out2, err2;
-    CHECK(run_train_lm(args("cpu", {"--cuda_graph", "--device", "cpu"}), out2, err2) == 2);
-    CHECK(err2.str().find("--cuda_graph captures the training step's CUDA work: it needs --device cuda") !=
+    CHECK(run_train_lm(args("cpu", {"--cuda_graph", "--device", "cpu"}), out, err) == 2);
+    CHECK(err.str().find("--cuda_graph captures the training step's CUDA work: it needs --device cuda") !=
           std::string::npos);
   }
 
@@ -606,11 +616,10 @@ TEST_SUITE("cuda") {
     REQUIRE(dense.quiet_steps == 5);  // steps 1 to 5; step 6, the last, evaluates
     CHECK(dense.quiet_step_syncs == 0);
     // The other MoE routers' device counts equal their CPU counts too (tests/test_trainer.cpp asserts the CPU's):
-    // AC's batch scales on the device, group_limited's one read-out, the capacity filter and the aux-free bias on
-    // the device.
+    // AC's batch scales, group_limited's selection, pruning, the capacity filter and the aux-free bias on the device.
     const std::vector<std::vector<std::string>> kinds = {
         {"--router", "ac"},
-        {"--router", "cluster", "--gate_mode", "group_limited"},
+        {"--router", "cluster", "--gate_mode", "group_limited", "--enable_expert_pruning", "1"},
         {"--router", "cluster", "--top_k_experts", "2", "--capacity_factor", "1.0", "--aux_free_bias", "1"}};
     for (size_t i = 0; i < kinds.size(); ++i) {
       CAPTURE(i);
@@ -621,8 +630,9 @@ TEST_SUITE("cuda") {
       TrainResult kg = train(options("cuda", "kind_gpu_" + std::to_string(i), extra), sink);
       REQUIRE(kg.quiet_steps == 3);
       CHECK(kg.quiet_step_syncs == kc.quiet_step_syncs);
-      // ac and capacity wait for nothing (labels, filter and plan on the device); group_limited once per MoE layer.
-      CHECK(kg.quiet_step_syncs == 3 * (i == 1 ? 2 : 0));
+      // None waits (AC's labels, group_limited's selection, pruning, the capacity filter and plan, the aux-free
+      // update on the device).
+      CHECK(kg.quiet_step_syncs == 0);
     }
 
     // --tf32 lasts for its run: the matmul precision is process-wide, and what runs next here is on FP32 again.

@@ -152,6 +152,115 @@ Tensor opt_tensor(const std::vector<float>& v) {
   return v.empty() ? Tensor() : Tensor::from_vector(v, {(int64_t)v.size()});
 }
 
+// The trees the group-limited selection (route_group_select) is checked on: branching, top_k per level.
+struct GroupCase {
+  std::vector<int64_t> b, k;
+  bool abias, pruned;
+};
+const GroupCase kGroupCases[] = {
+    {{8}, {3}, false, false},           // flat: the 3 best leaves
+    {{2, 4}, {1, 2}, true, false},      // ClusterMoE's shape, aux-free bias
+    {{3, 2, 4}, {2, 1, 2}, true, true},  // depth 3, aux-free bias and pruned children
+    {{2, 2, 2}, {2, 2, 1}, false, true},  // depth 3, both children kept on the upper levels, pruned leaves
+};
+
+// One input of a case: probs [T, N], rows of random positive probabilities, except every third token's row, which
+// is uniform (all children of a node tie: the lower index wins); abias and lbias [sum_l n_l b_l], levels
+// concatenated: aux-free biases of the size of probability gaps, and -inf (pruned) at one child of every second
+// node where k selectable children remain (the rest 0: the selection reads only the -inf).
+struct GroupInput {
+  int64_t T = 0, N = 1;
+  std::vector<float> probs, abias, lbias;
+};
+GroupInput group_input(const GroupCase& cs, int64_t T, uint64_t seed) {
+  GroupInput in;
+  in.T = T;
+  int64_t n = 1, total = 0;
+  for (size_t l = 0; l < cs.b.size(); ++l) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < cs.b[l]; ++c)
+        in.lbias.push_back(cs.pruned && j % 2 == 1 && cs.b[l] > cs.k[l] && c == (j / 2) % cs.b[l] ? -INFINITY : 0.f);
+    total += n * cs.b[l];
+    n *= cs.b[l];
+  }
+  in.N = n;
+  in.probs = uniform({T, in.N}, seed, 0.01f, 1.f).to_f32_vector();
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = in.probs.data() + t * in.N;
+    float z = 0.f;
+    for (int64_t e = 0; e < in.N; ++e) z += t % 3 == 0 ? (row[e] = 1.f) : row[e];
+    for (int64_t e = 0; e < in.N; ++e) row[e] /= z;
+  }
+  if (cs.abias) in.abias = uniform({total}, seed + 1, -0.05f, 0.05f).to_f32_vector();
+  if (!cs.pruned) in.lbias.clear();
+  return in;
+}
+
+// Brute force of route_group_select: per token, level by level, each kept node's children sorted by score (larger
+// first; std::stable_sort keeps ties in index order), the first k kept. *pruned_kept: some kept child is pruned.
+std::vector<int32_t> group_select_ref(const GroupCase& cs, const GroupInput& in, bool* pruned_kept) {
+  const size_t D = cs.b.size();
+  std::vector<std::vector<int32_t>> level((size_t)D);
+  *pruned_kept = false;
+  for (int64_t t = 0; t < in.T; ++t) {
+    std::vector<int32_t> kept = {0};
+    int64_t n = 1, span = in.N, at = 0;
+    for (size_t l = 0; l < D; ++l) {
+      const int64_t b = cs.b[l];
+      span /= b;
+      std::vector<int32_t> next;
+      for (int32_t j : kept) {
+        std::vector<float> score((size_t)b);
+        for (int64_t c = 0; c < b; ++c) {
+          const int64_t i = j * b + c;
+          double m = 0.0;
+          for (int64_t q = 0; q < span; ++q) m += in.probs[(size_t)(t * in.N + i * span + q)];
+          score[(size_t)c] = (float)m;
+          if (!in.abias.empty()) score[(size_t)c] += in.abias[(size_t)(at + i)];
+          if (!in.lbias.empty() && std::isinf(in.lbias[(size_t)(at + i)])) score[(size_t)c] = -INFINITY;
+        }
+        std::vector<int32_t> order((size_t)b);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return score[x] > score[y]; });
+        for (int64_t r = 0; r < cs.k[l]; ++r) {
+          next.push_back((int32_t)(j * b + order[(size_t)r]));
+          *pruned_kept = *pruned_kept || score[(size_t)order[(size_t)r]] == -INFINITY;
+        }
+      }
+      level[l].insert(level[l].end(), next.begin(), next.end());
+      kept = next;
+      at += n * b;
+      n *= b;
+    }
+  }
+  std::vector<int32_t> all;
+  for (const auto& v : level) all.insert(all.end(), v.begin(), v.end());
+  return all;
+}
+
+// route_group_select on the host arrays of an input; ids [T * sum_l K_l].
+std::vector<int32_t> group_select_cpu(const GroupCase& cs, const GroupInput& in) {
+  int64_t K = 1, total = 0;
+  for (int64_t k : cs.k) total += (K *= k);
+  std::vector<int32_t> ids((size_t)(in.T * total), -7);
+  cpu::route_group_select(ids.data(), in.probs.data(), in.abias.empty() ? nullptr : in.abias.data(),
+                          in.lbias.empty() ? nullptr : in.lbias.data(), cs.b.data(), cs.k.data(),
+                          (int64_t)cs.b.size(), in.T);
+  return ids;
+}
+
+// A tree [2, 3] keeping 1 then 2 whose node 0 has only one selectable child (children 0 and 1 pruned), and tokens
+// whose mass is all under node 0: the selection must keep a pruned child there.
+GroupCase starved_case() { return GroupCase{{2, 3}, {1, 2}, false, true}; }
+GroupInput starved_input() {
+  GroupInput in;
+  in.T = 3;
+  in.N = 6;
+  in.probs = {0.5f, 0.3f, 0.2f, 0.f, 0.f, 0.f, 0.2f, 0.2f, 0.2f, 0.1f, 0.2f, 0.1f, 0.f, 0.f, 0.f, 0.5f, 0.2f, 0.3f};
+  in.lbias = {0.f, 0.f, -INFINITY, -INFINITY, 0.f, 0.f, 0.f, 0.f};
+  return in;
+}
+
 }  // namespace
 
 TEST_SUITE("routing") {
@@ -272,7 +381,8 @@ TEST_SUITE("routing") {
           sc = add(sc, index_select(Tensor::from_vector(lb, {cs.n, cs.b}), 0,
                                     Tensor::from_vector(node.empty() ? std::vector<int32_t>((size_t)P, 0) : node, {P})));
         sc = sc.contiguous();
-        const float ent = cpu::route_mean_entropy(r.probs.contiguous().f32(), sc.f32(), P, cs.b);
+        float ent = 0.f;
+        cpu::route_mean_entropy(&ent, r.probs.contiguous().f32(), sc.f32(), P, cs.b);
         CHECK(a.entropy.item() == ent);
       }
   }
@@ -370,6 +480,43 @@ TEST_SUITE("routing") {
     Tensor pruned = Tensor::from_vector(std::vector<float>{0.f, -INFINITY, -INFINITY}, {3});
     CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), pruned, Tensor(), 1, 1.f, 2, false, false),
                       doctest::Contains("node 0 has fewer than 2 selectable children"));
+  }
+
+  TEST_CASE("group-limited selection: every level's kept children equal a brute force, ties to the lower index") {
+    for (const GroupCase& cs : kGroupCases) {
+      CAPTURE(cs.b.size());
+      CAPTURE(cs.b[0]);
+      const GroupInput in = group_input(cs, 29, 70 + cs.b.size() + cs.b[0]);
+      bool pruned_kept = true;
+      const std::vector<int32_t> ref = group_select_ref(cs, in, &pruned_kept);
+      CHECK_FALSE(pruned_kept);
+      CHECK(group_select_cpu(cs, in) == ref);
+      // A tie row (token 0: uniform) keeps the lowest children at level 0 unless the aux-free bias reorders them.
+      if (!cs.abias)
+        for (int64_t r = 0; r < cs.k[0]; ++r) CHECK(ref[(size_t)r] == r);
+      // Not vacuous: the aux-free bias and the pruning each change some token's selection.
+      bool ignored = false;
+      if (cs.abias) {
+        GroupInput plain = in;
+        plain.abias.clear();
+        CHECK(group_select_ref(cs, plain, &ignored) != ref);
+      }
+      if (cs.pruned) {
+        GroupInput healthy = in;
+        healthy.lbias.clear();
+        CHECK(group_select_ref(cs, healthy, &ignored) != ref);
+      }
+    }
+  }
+
+  TEST_CASE("group-limited selection: a node with fewer than k selectable children is an error naming it") {
+    const GroupCase cs = starved_case();
+    const GroupInput in = starved_input();
+    CHECK_THROWS_WITH(group_select_cpu(cs, in), doctest::Contains("level 1 node 0 has fewer than 2 selectable children"));
+    GroupInput ok = in;
+    ok.probs = std::vector<float>(ok.probs.begin() + 12, ok.probs.end());  // token 2 only: its mass is under node 1
+    ok.T = 1;
+    CHECK(group_select_cpu(cs, ok) == std::vector<int32_t>{1, 3, 5});
   }
 }
 
@@ -581,6 +728,53 @@ TEST_SUITE("cuda") {
       CHECK_CLOSE(ld.grad(), logits.grad().to_f32_vector(), 1e-6f, 1e-4f);
       if (cs.parent) CHECK_CLOSE(pd.grad(), par.grad().to_f32_vector(), 1e-6f, 1e-5f);
     }
+  }
+
+  TEST_CASE("cuda kernels: group-limited selection and the routing entropy equal the CPU twins" *
+            cm::test::needs_device()) {
+    auto on = [](const std::vector<float>& v) {
+      return v.empty() ? Tensor() : Tensor::from_vector(v, {(int64_t)v.size()}).to(Device::CUDA);
+    };
+    for (const GroupCase& cs : kGroupCases) {
+      CAPTURE(cs.b.size());
+      CAPTURE(cs.b[0]);
+      const GroupInput in = group_input(cs, 41, 90 + cs.b.size() + cs.b[0]);
+      const std::vector<int32_t> ref = group_select_cpu(cs, in);
+      Tensor pd = on(in.probs), ad = on(in.abias), ld = on(in.lbias);
+      Tensor ids = Tensor::full({(int64_t)ref.size()}, -7.f, DType::I32, Device::CUDA);
+      cuda::route_group_select(ids.i32(), pd.f32(), ad.defined() ? ad.f32() : nullptr,
+                               ld.defined() ? ld.f32() : nullptr, cs.b.data(), cs.k.data(), (int64_t)cs.b.size(),
+                               in.T);
+      CHECK(ids.to_i32_vector() == ref);  // the same double sums in the same order: the same ids
+      // The entropy of the rows: probs and s = log probs (a softmax of its own logs), pruned leaves p = 0, s = -inf.
+      std::vector<float> p = in.probs, s((size_t)(in.T * in.N));
+      for (size_t i = 0; i < p.size(); ++i) {
+        if (i % 7 == 3) p[i] = 0.f;
+        s[i] = p[i] > 0.f ? std::log(p[i]) : -INFINITY;
+      }
+      float ent_ref = 0.f;
+      cpu::route_mean_entropy(&ent_ref, p.data(), s.data(), in.T, in.N);
+      Tensor ent = Tensor::empty({}, DType::F32, Device::CUDA);
+      Tensor pe = on(p), se = on(s);
+      cuda::route_mean_entropy(ent.f32(), pe.f32(), se.f32(), in.T, in.N);
+      CHECK(ent.item() == doctest::Approx(ent_ref).epsilon(1e-5));
+    }
+  }
+
+  TEST_CASE("cuda kernels: group-limited selection records a node with fewer than k selectable children" *
+            cm::test::needs_device()) {
+    const GroupCase cs = starved_case();
+    const GroupInput in = starved_input();
+    Tensor pd = Tensor::from_vector(in.probs, {in.T * in.N}).to(Device::CUDA);
+    Tensor ld = Tensor::from_vector(in.lbias, {(int64_t)in.lbias.size()}).to(Device::CUDA);
+    Tensor ids = Tensor::empty({in.T * 3}, DType::I32, Device::CUDA);
+    cuda::route_group_select(ids.i32(), pd.f32(), nullptr, ld.f32(), cs.b.data(), cs.k.data(), 2, in.T);
+    CHECK_THROWS_WITH(cuda::check_index_errors(),
+                      doctest::Contains("group_limited routing: level 1 node 0 has fewer than 2 selectable children"));
+    CHECK_NOTHROW(cuda::check_index_errors());  // reported once, then cleared
+    // The same kernel on a token whose node has enough: no record.
+    cuda::route_group_select(ids.i32(), pd.f32() + 12, nullptr, ld.f32(), cs.b.data(), cs.k.data(), 2, 1);
+    CHECK(ids.slice(0, 0, 3).to_i32_vector() == std::vector<int32_t>{1, 3, 5});
   }
 }
 #endif

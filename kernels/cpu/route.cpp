@@ -240,11 +240,58 @@ float mean_of_rows(const std::vector<double>& row, int64_t P) {
 
 }  // namespace
 
-float route_mean_entropy(const float* p, const float* s, int64_t P, int64_t b) {
+void route_mean_entropy(float* entropy, const float* p, const float* s, int64_t P, int64_t b) {
   std::vector<double> row((size_t)P);
 #pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
   for (int64_t r = 0; r < P; ++r) row[r] = row_entropy(p + r * b, s + r * b, b);
-  return mean_of_rows(row, P);
+  entropy[0] = mean_of_rows(row, P);
+}
+
+void route_group_select(int32_t* ids, const float* probs, const float* abias, const float* lbias,
+                        const int64_t* branching, const int64_t* top_k, int64_t D, int64_t T) {
+  int64_t N = 1;
+  for (int64_t l = 0; l < D; ++l) {
+    CM_CHECK(branching[l] >= 1 && top_k[l] >= 1 && top_k[l] <= branching[l], "route_group_select: level ", l,
+             " keeps ", top_k[l], " of ", branching[l], " children");
+    N *= branching[l];
+  }
+  // Level l: P = T * Kp pairs (token p / Kp, node node[p]), token-major; n nodes, span leaves under each child.
+  const int32_t* node = nullptr;  // [P] the previous level's block of ids; nullptr at the root (node 0)
+  int32_t* out = ids;             // [P * k] this level's block
+  int64_t P = T, Kp = 1, n = 1, span = N, bias_at = 0;
+  for (int64_t l = 0; l < D; ++l) {
+    const int64_t b = branching[l], k = top_k[l];
+    span /= b;
+    const float* ab = abias ? abias + bias_at : nullptr;  // [n * b] this level's
+    const float* lb = lbias ? lbias + bias_at : nullptr;
+    auto pruned = [&](int64_t i) { return lb && std::isinf(lb[i]) && lb[i] < 0; };
+    std::vector<float> score((size_t)(P * b));  // [P, b]
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t j = node ? node[p] : 0;
+      const float* leaf = probs + (p / Kp) * N + j * b * span;  // the leaves of node j, child by child
+      for (int64_t c = 0; c < b; ++c) {
+        double m = 0.0;
+        for (int64_t i = 0; i < span; ++i) m += leaf[c * span + i];
+        float v = (float)m;
+        if (ab) v = v + ab[j * b + c];
+        score[(size_t)(p * b + c)] = pruned(j * b + c) ? -INFINITY : v;
+      }
+    }
+    std::vector<float> top((size_t)(P * k));  // the selected scores (unused: the gates are gathered from probs)
+    std::vector<int32_t> idx((size_t)(P * k));
+    topk_forward(top.data(), idx.data(), score.data(), P, b, k);
+    for (int64_t i = 0; i < P * k; ++i) {
+      const int64_t j = node ? node[i / k] : 0, child = j * b + idx[(size_t)i];
+      CM_CHECK(!pruned(child), "level ", l, " node ", j, " has fewer than ", k, " selectable children");
+      out[i] = (int32_t)child;
+    }
+    node = out;
+    out += P * k;
+    P *= k;
+    Kp *= k;
+    bias_at += n * b;
+    n *= b;
+  }
 }
 
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,

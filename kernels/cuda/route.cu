@@ -8,8 +8,13 @@
 //   selection:       one warp per pair: softmax of the scaled, biased logits (warp max and sum), the probabilities
 //                    written, then k rounds of warp arg-best over probs + aux-free bias (pruned children -inf) in
 //                    kernels/topk.h's order; lanes 0..k-1 write the gates, path and child ids.
+//   entropy:         one warp per row, the same per-row terms as the selection's (RowEntropy), then one block adds
+//                    the rows in a fixed order.
+//   group_limited:   one thread per token walks the levels: per kept node, k rounds of arg-best over its children's
+//                    scores (a double sum over each child's leaves, + aux-free bias), in kernels/topk.h's order.
 // All floating-point sums have a fixed order: the same bits on every run. Only the integer counts use atomics.
 #include <climits>
+#include <cstdint>
 #include <vector>
 
 #include "kernels/cuda/common.cuh"
@@ -101,6 +106,25 @@ __global__ void backward_w_kernel(float* __restrict__ dW, const float* __restric
 
 // ---------------------------------------------------------------- the fused selection, one warp per pair
 
+// One row's entropy from its probabilities p = softmax(s) and s, as kernels/cpu/route.cpp row_entropy:
+// H = -log(max p) * sum p - sum p (s - max s). Each lane adds the columns it owns; warp_entropy combines them.
+struct RowEntropy {
+  float pmax = 0.f, psum = 0.f, ps = 0.f;
+  // One column: p its probability, sm = s - max s. Only p > 0 counts (pruned children, NaN rows add nothing).
+  __device__ void add(float p, float sm) {
+    if (p > 0.f) {
+      pmax = fmaxf(pmax, p);
+      psum += p;
+      ps += p * sm;
+    }
+  }
+  // The row's entropy, on every lane (all 32 lanes must call it).
+  __device__ float warp_entropy() const {
+    const float mx = warp_max(pmax), sp = warp_sum(psum), sps = warp_sum(ps);
+    return mx > 0.f ? -logf(mx) * sp - sps : 0.f;
+  }
+};
+
 __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ path, int32_t* __restrict__ child,
                               int32_t* __restrict__ idx, float* __restrict__ ent_rows, const float* __restrict__ logits,
                               const int32_t* __restrict__ node, const float* __restrict__ path_parent,
@@ -126,22 +150,16 @@ __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ pat
     float sum = 0.f;
     for (int c = lane; c < b; c += kWarp) sum += expf(s_of(c) - m);
     const float inv = 1.0f / warp_sum(sum);
-    float pmax = 0.f, psum = 0.f, ps = 0.f;
+    RowEntropy ent;
     for (int c = lane; c < b; c += kWarp) {
       const float sc = s_of(c), pc = expf(sc - m) * inv;
       pr[c] = pc;
-      if (pc > 0.f) {  // the entropy terms of the CPU's mean_entropy (pruned children and NaN rows add nothing)
-        pmax = fmaxf(pmax, pc);
-        psum += pc;
-        ps += pc * (sc - m);
-      }
+      ent.add(pc, sc - m);
     }
     __syncwarp();  // the selection below reads probabilities other lanes wrote
     if (ent_rows) {
-      pmax = warp_max(pmax);
-      psum = warp_sum(psum);
-      ps = warp_sum(ps);
-      if (lane == 0) ent_rows[p] = pmax > 0.f ? -logf(pmax) * psum - ps : 0.f;
+      const float e = ent.warp_entropy();
+      if (lane == 0) ent_rows[p] = e;
     }
     // k rounds of arg-best over the scores; round i takes the best that ranks below winner i-1 (a strict order:
     // "below the previous winner" is "not taken yet"). Each lane rereads only the probabilities it wrote.
@@ -219,6 +237,90 @@ __global__ void select_backward_kernel(float* __restrict__ dprobs, float* __rest
       if (dparent) dparent[p] = dp;
     }
     __syncwarp();
+  }
+}
+
+// Each row's entropy, one warp per row: rows [P] from probs and s [P, b].
+__global__ void entropy_rows_kernel(float* __restrict__ rows, const float* __restrict__ probs,
+                                    const float* __restrict__ s, int64_t P, int b) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t p = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
+    const float* pr = probs + p * b;
+    const float* sr = s + p * b;
+    float m = -INFINITY;
+    for (int c = lane; c < b; c += kWarp) m = fmaxf(m, sr[c]);
+    m = warp_max(m);
+    RowEntropy ent;
+    for (int c = lane; c < b; c += kWarp) ent.add(pr[c], sr[c] - m);
+    const float e = ent.warp_entropy();
+    if (lane == 0) rows[p] = e;
+  }
+}
+
+// ---------------------------------------------------------------- group_limited selection, one thread per token
+
+constexpr int kMaxDepth = 16;
+struct TreeShape {  // passed by value: the launch carries the shape, no upload
+  int D;
+  int64_t b[kMaxDepth], k[kMaxDepth];
+};
+
+// The score of child i of a level (kernels/route.h route_group_select): its leaves' probability mass, summed in
+// double in leaf order as on the CPU (the same bits), + aux-free bias; -inf for a pruned child.
+__device__ __forceinline__ float group_score(const float* prow, int64_t i, int64_t span, const float* ab,
+                                             const float* lb) {
+  if (lb && isinf(lb[i]) && lb[i] < 0) return -INFINITY;
+  double m = 0.0;
+  for (int64_t q = 0; q < span; ++q) m += prow[i * span + q];
+  float v = (float)m;
+  if (ab) v = v + ab[i];
+  return v;
+}
+
+__global__ void group_select_kernel(int32_t* __restrict__ ids, const float* __restrict__ probs,
+                                    const float* __restrict__ abias, const float* __restrict__ lbias, TreeShape sh,
+                                    int64_t T, int64_t N, int64_t* err) {
+  for (int64_t t = gtid(); t < T; t += gstride()) {
+    const float* prow = probs + t * N;   // [N] the token's one softmax over all leaves
+    const int32_t* parent = nullptr;     // [Kp] the nodes the token kept at the level above (its block of ids)
+    int32_t* level_ids = ids;            // the level's block [T * Kp * k]
+    int64_t Kp = 1, n = 1, span = N, bias_at = 0;
+    for (int l = 0; l < sh.D; ++l) {
+      const int64_t b = sh.b[l], k = sh.k[l];
+      span /= b;  // leaves under one child
+      const float* ab = abias ? abias + bias_at : nullptr;  // [n * b] this level's
+      const float* lb = lbias ? lbias + bias_at : nullptr;
+      int32_t* out = level_ids + t * Kp * k;  // the token's Kp * k kept children, node after node
+      for (int64_t q = 0; q < Kp; ++q) {
+        const int64_t j = parent ? (int64_t)parent[q] : 0;
+        // k rounds of arg-best over the node's children; round r takes the best that ranks below winner r-1 (a
+        // strict order: "below the previous winner" is "not taken yet").
+        float pv = 0.f;
+        int64_t pi = -1;
+        for (int64_t r = 0; r < k; ++r) {
+          float v = -INFINITY;
+          int64_t vi = INT64_MAX;
+          for (int64_t c = 0; c < b; ++c) {
+            const float sc = group_score(prow, j * b + c, span, ab, lb);
+            if ((r == 0 || beats(pv, pi, sc, c)) && beats(sc, c, v, vi)) {
+              v = sc;
+              vi = c;
+            }
+          }
+          // A pruned child won: its node has fewer than k selectable children (recorded; raised at a read-out).
+          if (lb && isinf(lb[j * b + vi]) && lb[j * b + vi] < 0) record_bad_index(err, IndexOp::GroupSelect, l, j, k);
+          out[q * k + r] = (int32_t)(j * b + vi);
+          pv = v;
+          pi = vi;
+        }
+      }
+      parent = out;
+      level_ids += T * Kp * k;
+      Kp *= k;
+      bias_at += n * b;
+      n *= b;
+    }
   }
 }
 
@@ -470,6 +572,38 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
                                                                                    child, path_parent, P, (int)b,
                                                                                    (int)k, renorm);
   cudaCheckLaunch("route select_backward_kernel");
+}
+
+void route_mean_entropy(float* entropy, const float* probs, const float* s, int64_t P, int64_t b) {
+  CM_CHECK(P >= 0 && b >= 1 && b <= INT32_MAX, "cuda::route_mean_entropy: P=", P, " b=", b);
+  if (P == 0) {
+    cudaCheck(cudaMemsetAsync(entropy, 0, 4, stream()));
+    return;
+  }
+  Scratch rows((size_t)P * 4);
+  entropy_rows_kernel<<<grid_for(P, kThreads / kWarp), kThreads, 0, stream()>>>(rows.at<float>(), probs, s, P, (int)b);
+  cudaCheckLaunch("route entropy_rows_kernel");
+  mean_rows_kernel<<<1, 256, 0, stream()>>>(entropy, rows.at<float>(), P);
+  cudaCheckLaunch("route mean_rows_kernel");
+}
+
+void route_group_select(int32_t* ids, const float* probs, const float* abias, const float* lbias,
+                        const int64_t* branching, const int64_t* top_k, int64_t D, int64_t T) {
+  CM_CHECK(D >= 1 && D <= kMaxDepth && T >= 0, "cuda::route_group_select: depth ", D, " (1..", kMaxDepth, "), T=", T);
+  TreeShape sh{};
+  sh.D = (int)D;
+  int64_t N = 1;
+  for (int64_t l = 0; l < D; ++l) {
+    CM_CHECK(branching[l] >= 1 && top_k[l] >= 1 && top_k[l] <= branching[l], "cuda::route_group_select: level ", l,
+             " keeps ", top_k[l], " of ", branching[l], " children");
+    sh.b[l] = branching[l];
+    sh.k[l] = top_k[l];
+    N *= branching[l];
+  }
+  if (T == 0) return;
+  group_select_kernel<<<grid_for(T, kThreads), kThreads, 0, stream()>>>(ids, probs, abias, lbias, sh, T, N,
+                                                                        index_error_record());
+  cudaCheckLaunch("route group_select_kernel");
 }
 
 namespace {
