@@ -35,15 +35,15 @@ class MoELayer {
   struct Output {
     Tensor y;                     // [T, C]
     Tensor lb_loss, z_loss, div_loss;  // weighted scalars; undefined when off or dense
-    // The routing on the host: filled by the forward when it has the host's view of it (evaluation, and training
-    // steps whose bookkeeping needs it: see MoELayer::forward), else empty until read() copies it over.
+    // The routing on the host: filled by an evaluation forward (the host's view), empty after a training forward
+    // until read() copies it over.
     std::vector<int32_t> expert;  // [T*K] routed expert of each slot (before capacity)
     std::vector<float> gate;      // [T*K] gate values
     std::vector<char> keep;       // [T*K] 0 = dropped by capacity
     std::vector<int32_t> top1;    // [T] highest-gate expert per token
     Tensor top1_ids;              // MoE: the same, i32 [T] on the layer's device (the next AC layer's labels)
     Tensor expert_ids, gates;     // MoE: the same ids and gate values (before capacity) on the layer's device
-    Tensor kept_ids;              // capacity without the host's view: the ids after it (-1: dropped), read() reads
+    Tensor kept_ids;              // training with capacity: the ids after it (-1: dropped), for read()
     int64_t K = 1;                // slots per token
     LayerRoutingStats stats;
     void read();                  // the host fields and stats.read() from the device ones, when empty

@@ -168,7 +168,7 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
                           bool training, bool read_out) {
   CM_REQUIRE(h.dim() == 2 && h.size(1) == C_, "router input must be [T, ", C_, "], got ", shape_str(h.shape()));
   const int64_t T = h.size(0), D = depth();
-  const Device dev = h.device();  // parameters and activations; the bookkeeping below stays on the host
+  const Device dev = h.device();  // parameters, activations and the routing's bookkeeping
   if (bias.defined()) {
     CM_CHECK((int64_t)bias.level.size() == D, "router bias with ", bias.level.size(), " levels for ", D);
     for (int64_t l = 0; l < D; ++l)

@@ -66,8 +66,7 @@ struct Routing {
   int64_t flops = 0;                     // 2 * multiply-adds spent on logits
 
   // Host read-outs of the tensors above, made by route() in one copy and one wait (read_out_words, engine/tensor.h)
-  // when asked (route's read_out): empty otherwise. moe.cpp reads these where it still needs host values
-  // (evaluation, capacity, aux-free bias, pruning).
+  // when asked (route's read_out): empty otherwise. moe.cpp asks in evaluation only (statistics, generation).
   std::vector<int32_t> expert;                     // [T*K] = expert_ids
   std::vector<float> gate_value;                   // [T*K] the gates' values (capacity ordering, stats)
   std::vector<std::vector<int64_t>> level_counts;  // = level_counts_dev
