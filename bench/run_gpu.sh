@@ -5,7 +5,8 @@
 #   bench   nvidia-smi; cuda_routing (the routing kernels against naive ones and the copy bandwidth);
 #           train_bench --device cuda (dense, flat, cluster, tree, ac at equal active compute, MFU);
 #           routing_cost --device cuda (flat against trees as N grows);
-#           train_lm --router cluster eager against --cuda_graph (host syncs/step 0 both; ms/step)
+#           train_lm --router cluster eager against --cuda_graph, also with capacity + aux-free bias and with
+#           group_limited + pruning (host syncs/step 0 all; ms/step)
 #   train   train_lm --preset shakespeare on the GPU (the bar: val loss <= 1.50), bounded by TRAIN_SECONDS
 #
 #   bench/run_gpu.sh                 # build test bench
@@ -45,10 +46,18 @@ stage_bench() {
   ./build/bench/cuda_routing || rc=1
   ./build/bench/train_bench --device cuda --size gpu --peak_tflops 67 || rc=1
   ./build/bench/routing_cost --device cuda || rc=1
-  if [ -f data/tinyshakespeare.txt ]; then  # a dropless MoE step waits for nothing: captured as a graph too
-    for g in 0 1; do
-      ./train_lm --device cuda --router cluster --max_steps 200 --log_every 50 --eval_every 200 --eval_iters 1 \
-        --sample_every 0 --save_every 0 --cuda_graph "$g" --out_dir "$out/moe_graph_$g" | tail -n 3 || rc=1
+  if [ -f data/tinyshakespeare.txt ]; then  # no MoE step waits for the host: each captured as a graph too
+    local opts i=0
+    for opts in "" "--top_k_experts 2 --capacity_factor 1.0 --aux_free_bias 1" \
+      "--gate_mode group_limited --enable_expert_pruning 1"; do
+      i=$((i + 1))
+      for g in 0 1; do
+        echo "cluster ${opts:-(defaults)}, --cuda_graph $g"
+        # shellcheck disable=SC2086  # opts: several flags
+        ./train_lm --device cuda --router cluster $opts --max_steps 200 --log_every 50 --eval_every 200 \
+          --eval_iters 1 --sample_every 0 --save_every 0 --cuda_graph "$g" --out_dir "$out/moe_graph_${i}_$g" |
+          tail -n 3 || rc=1
+      done
     done
   fi
   return $rc
