@@ -158,16 +158,11 @@ RouterBias MoELayer::routing_bias(Device dev) {
 
 // ---------------------------------------------------------------- forward
 
-// Each token's highest-gate expert (ties: the earlier slot): expert, gate [T*K] -> [T].
+// Each token's highest-gate expert (ties: the earlier slot) from the host's copies: expert, gate [T*K] -> [T], by
+// the CPU twin of the route_top1 kernel that makes the same on the layer's device.
 static std::vector<int32_t> top1_of(const std::vector<int32_t>& expert, const std::vector<float>& gate, int64_t K) {
-  const int64_t T = (int64_t)expert.size() / K;
-  std::vector<int32_t> top1((size_t)T);
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t best = 0;
-    for (int64_t j = 1; j < K; ++j)
-      if (gate[t * K + j] > gate[t * K + best]) best = j;
-    top1[t] = expert[t * K + best];
-  }
+  std::vector<int32_t> top1(expert.size() / (size_t)K);
+  cpu::route_top1(top1.data(), expert.data(), gate.data(), (int64_t)top1.size(), K);
   return top1;
 }
 
@@ -266,7 +261,7 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // level-0 entropy. (So do the layer's aux terms: out.lb_loss, z_loss, div_loss.)
   st.routed = rt.level_counts_dev.back();  // i32 [N]: the last level's children are the experts
   st.entropy = rt.entropy_dev;
-  count_utilization(st.routed);
+  add_counts(util_dev_, st.routed, N);  // utilization since reset_metrics(), read by utilization()
   out.K = K;
   out.expert_ids = rt.expert_ids;
   out.gates = rt.gate.detach().contiguous();
@@ -278,12 +273,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   }
   if (training) {
     health_.add_traffic(rt.level_counts_dev.back(), health_buffers());  // the usage's traffic, on the device
-    if (cfg_.enable_expert_pruning) {  // the slots routed to each expert, summed on the device for after_step
-      if (!prune_load_.defined() || prune_load_.device() != x.device())
-        prune_load_ = Tensor::zeros({2 * N}, DType::I32, x.device());  // int64 [N]
-      CM_KERNEL(x.device(), route_counts_add, static_cast<int64_t*>(prune_load_.raw()), rt.level_counts_dev.back().i32(),
-                N);
-    }
+    // The slots routed to each expert, summed on the device for after_step's pruning.
+    if (cfg_.enable_expert_pruning) add_counts(prune_load_, rt.level_counts_dev.back(), N);
     if (cfg_.aux_free_bias) router.add_aux_load(rt);  // the loads summed on the device for after_step
   }
 
@@ -374,14 +365,6 @@ std::vector<Tensor> MoELayer::health_tensors(std::vector<int64_t>& meta) const {
 }
 
 // ---------------------------------------------------------------- metrics
-
-// util_dev_ += the routed slots per expert of one forward, i32 [N] on the layer's device (an int64 sum there).
-void MoELayer::count_utilization(const Tensor& routed) {
-  const Device dev = routed.device();
-  if (util_dev_.defined() && util_dev_.device() != dev) util_dev_ = util_dev_.to(dev);
-  if (!util_dev_.defined()) util_dev_ = Tensor::zeros({2 * N}, DType::I32, dev);
-  CM_KERNEL(dev, route_counts_add, static_cast<int64_t*>(util_dev_.raw()), routed.contiguous().i32(), N);
-}
 
 std::vector<double> MoELayer::utilization() const {
   std::vector<double> u = util_;

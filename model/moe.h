@@ -100,7 +100,6 @@ class MoELayer {
   };
   BiasInputs bias_inputs(Device dev);
   void count_specialization(const Tensor& expert, const Tensor& tokens);
-  void count_utilization(const Tensor& routed);
   std::vector<double> specialization_counts() const;
   std::vector<float> specialization_of(const std::vector<double>& spec) const;
   // The reliability of each tree level's children (node_reliability) from the host buffers as they are: pull first
@@ -134,7 +133,7 @@ class MoELayer {
   // Metrics since reset.
   std::vector<double> util_;  // [N] rows of a dense layer (counted on the host: T per forward)
   Tensor util_dev_;           // int64 [N] in i32 words [2N], an MoE layer's routed slots per expert, on its device;
-                              // undefined: all 0 (count_utilization adds, utilization() reads)
+                              // undefined: all 0 (add_counts adds, utilization() reads)
   Tensor spec_;  // i32 [N * V] routed slots per (expert, input token), on the layer's device; undefined: all 0
   // The experts are guarded and judged on the layer's device (model/health.h): the buffers above hold that state at
   // rest, pulled back when the host reads them.

@@ -10,6 +10,7 @@
 #include "engine/dispatch.h"
 #include "engine/host_sync.h"
 #include "kernels/route.h"
+#include "model/stats.h"
 
 namespace cm {
 
@@ -128,19 +129,12 @@ void TreeRouter::collect_buffers(const std::string& prefix, NamedParams& out) co
 void TreeRouter::add_aux_load(const Routing& r) {
   CM_CHECK((int64_t)r.level_counts_dev.size() == depth(), "add_aux_load: ", r.level_counts_dev.size(),
            " levels of counts for ", depth());
-  const Device dev = r.level_counts_dev[0].device();
-  if (aux_load_.empty() || aux_load_[0].device() != dev) {
-    aux_load_.clear();
-    for (int64_t l = 0; l < depth(); ++l)
-      aux_load_.push_back(Tensor::zeros({2 * nodes[l] * branching[l]}, DType::I32, dev));
-  }
-  for (int64_t l = 0; l < depth(); ++l)
-    CM_KERNEL(dev, route_counts_add, static_cast<int64_t*>(aux_load_[l].raw()), r.level_counts_dev[l].i32(),
-              nodes[l] * branching[l]);
+  aux_load_.resize((size_t)depth());
+  for (int64_t l = 0; l < depth(); ++l) add_counts(aux_load_[l], r.level_counts_dev[l], nodes[l] * branching[l]);
 }
 
 void TreeRouter::update_aux_bias(float rate) {
-  if (aux_load_.empty()) return;  // no training forward yet: no load, nothing moves
+  if (aux_load_.empty()) return;  // no training forward yet: no load, nothing moves (add_aux_load fills every level)
   const Device dev = aux_load_[0].device();
   for (int64_t l = 0; l < depth(); ++l)
     CM_KERNEL(dev, route_aux_bias_update, aux_running(l, dev).f32(), static_cast<int64_t*>(aux_load_[l].raw()),

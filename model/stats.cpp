@@ -3,6 +3,9 @@
 
 #include <cstring>
 
+#include "engine/dispatch.h"
+#include "kernels/route.h"
+
 namespace cm {
 
 void LayerRoutingStats::read() {
@@ -49,6 +52,13 @@ void read_routing_stats(std::vector<LayerRoutingStats>& layers) {
     }
     s.read_ = true;
   }
+}
+
+void add_counts(Tensor& acc, const Tensor& counts, int64_t n) {
+  const Device dev = counts.device();
+  if (acc.defined() && acc.device() != dev) acc = acc.to(dev);
+  if (!acc.defined()) acc = Tensor::zeros({2 * n}, DType::I32, dev);
+  CM_KERNEL(dev, route_counts_add, static_cast<int64_t*>(acc.raw()), counts.contiguous().i32(), n);
 }
 
 }  // namespace cm

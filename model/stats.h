@@ -54,4 +54,9 @@ struct LayerRoutingStats {
 // read() of every layer of a forward in one read-out (the layers' tensors live on one device).
 void read_routing_stats(std::vector<LayerRoutingStats>& layers);
 
+// acc += counts, where the counts are: int64 sums [n] (held in i32 words [2n]) of i32 counts [n] (kernels/route.h
+// route_counts_add). acc is zeros at first use and follows the counts to another device with its sums (a moved
+// model). The counters the model keeps on its device between read-outs: utilization, the aux-free and pruning loads.
+void add_counts(Tensor& acc, const Tensor& counts, int64_t n);
+
 }  // namespace cm
