@@ -349,13 +349,14 @@ TEST_SUITE("routing") {
     }
   }
 
-  TEST_CASE("route select (CPU): the one-pass kernel over row blocks gives the separate passes' bits, entropy too") {
-    // Enough rows for several blocks of 16384 / b rows (the last one short), 1 and 2 threads; the reference is the
-    // composite above (separate softmax, top-k, gather passes over all rows) and route_mean_entropy over all rows.
+  TEST_CASE("route select (CPU): the one-pass kernel, row by row, gives the separate passes' bits, entropy too") {
+    // Rows split unevenly over 1 and 2 threads; the reference is the composite above (separate softmax, top-k,
+    // gather passes over all rows) and route_mean_entropy over all rows (its entropy from p and s, where the
+    // kernel's comes from the softmax's own scale pass, kernels/cpu/rows.h).
     const SelCase cases[] = {
-        {100, 1, 1, 1024, 2, 1.f, false, false, true, false},  // a flat 1024-expert level: 16 rows per block
-        {450, 2, 3, 300, 2, 0.7f, true, true, true, true},     // 54 rows per block, reliability, pruning, aux-free
-        {7000, 1, 1, 5, 3, 1.f, false, true, false, false},    // 3276 rows per block
+        {100, 1, 1, 1024, 2, 1.f, false, false, true, false},  // a flat 1024-expert level
+        {450, 2, 3, 300, 2, 0.7f, true, true, true, true},     // reliability, pruning, aux-free
+        {7001, 1, 1, 5, 3, 1.f, false, true, false, false},    // many short rows
         {60, 1, 1, 700, 9, 1.3f, true, false, false, false},   // k = 9: the general top-k path
     };
     for (const SelCase& cs : cases)

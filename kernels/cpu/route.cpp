@@ -11,6 +11,7 @@
 #include "kernels/gemm.h"
 #include "kernels/reduce.h"
 #include "kernels/route.h"
+#include "kernels/cpu/rows.h"
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
 
@@ -315,53 +316,48 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   }
   std::vector<double> row_ent(entropy ? (size_t)P : 0);
 
-  // One pass over the rows in blocks of R (R x b floats stay in cache): the scores, the softmax, the entropy, the
-  // top k. Each step is the whole-array kernel's own per-row arithmetic (softmax_forward, row_entropy,
-  // topk_forward, called on the block), so the bits are those of running them one after the other over all rows;
-  // the logits are read and the probabilities written once, where the separate passes read them four times.
-  // Blocks of at most 16384 values run those kernels on this thread (under their thresholds for a parallel region).
-  const int64_t R = std::max<int64_t>(1, 16384 / b), blocks = (P + R - 1) / R;
-#pragma omp parallel if (P * b >= kParallelMin && blocks > 1)
+  // One pass over the rows, each start to finish while it is in L1: the scores, the softmax, the entropy, the top
+  // k. Each step is the whole-array kernel's own per-row arithmetic (kernels/cpu/rows.h: softmax_forward's
+  // softmax_row, with row_entropy's sums taken in its scale pass; topk_forward's topk_rows), so the bits are those
+  // of running the kernels one after the other over all rows; the logits are read and the probabilities written
+  // once, where separate passes read them four times. The row units open no parallel region of their own: one
+  // region here, whatever P (a region per block of rows cost 1.5 ms in 9 at T = 16384, b = 1024).
+#pragma omp parallel if (P * b >= kParallelMin)
   {
-    std::vector<float> s((size_t)(scaled ? R * b : 0)), scores((size_t)(biased ? R * b : 0));
-    std::vector<float> top((size_t)(R * k));  // the selected scores (unused: the gates come from probs)
+    std::vector<float> s((size_t)(scaled ? b : 0)), scores((size_t)(biased ? b : 0));
+    std::vector<float> top((size_t)k);  // the selected scores (unused: the gates come from probs)
 #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t p0 = blk * R, rows = std::min(R, P - p0);
-      float* pb = probs + p0 * b;
+    for (int64_t p = 0; p < P; ++p) {
+      float* pr = probs + p * b;
+      const int64_t a = at(p);
       // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
       // expression would let the compiler fuse them into an fma, which rounds once: not the ops' bits).
-      const float* sp = logits + p0 * b;
+      const float* sp = logits + p * b;
       if (scaled) {
-        std::copy(sp, sp + rows * b, s.begin());
+        std::copy(sp, sp + b, s.begin());
         if (inv_temp != 1.f)
-          for (int64_t i = 0; i < rows * b; ++i) s[(size_t)i] = s[(size_t)i] * inv_temp;
+          for (int64_t c = 0; c < b; ++c) s[(size_t)c] = s[(size_t)c] * inv_temp;
         if (lbias)
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t a = at(p0 + r);
-            for (int64_t c = 0; c < b; ++c) s[(size_t)(r * b + c)] = s[(size_t)(r * b + c)] + lbias[a + c];
-          }
+          for (int64_t c = 0; c < b; ++c) s[(size_t)c] = s[(size_t)c] + lbias[a + c];
         sp = s.data();
       }
-      softmax_forward(pb, sp, rows, b);
       if (entropy)
-        for (int64_t r = 0; r < rows; ++r) row_ent[(size_t)(p0 + r)] = row_entropy(pb + r * b, sp + r * b, b);
+        row_ent[(size_t)p] = softmax_row_entropy(pr, sp, b);
+      else
+        softmax_row(pr, sp, b);
       // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
       // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
       // all-NaN row this still takes the first k selectable children).
-      const float* sc = pb;
+      const float* sc = pr;
       if (biased) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t a = at(p0 + r);
-          for (int64_t c = 0; c < b; ++c) {
-            const float v = pb[r * b + c] + (abias ? abias[a + c] : 0.f);
-            const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
-            scores[(size_t)(r * b + c)] = pruned ? -INFINITY : v;
-          }
+        for (int64_t c = 0; c < b; ++c) {
+          const float v = pr[c] + (abias ? abias[a + c] : 0.f);
+          const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
+          scores[(size_t)c] = pruned ? -INFINITY : v;
         }
         sc = scores.data();
       }
-      topk_forward(top.data(), ix + p0 * k, sc, rows, b, k);
+      topk_rows(top.data(), ix + p * k, sc, 1, b, k);
     }
   }
   if (entropy) entropy[0] = mean_of_rows(row_ent, P);

@@ -1,9 +1,10 @@
 // CPU softmax / log-softmax over the last axis. One row per iteration of a static OpenMP loop; inside a row,
-// three passes over contiguous memory (max, exp-and-sum, scale) that GCC vectorises (fast_exp is branch-free).
+// passes over contiguous memory that GCC vectorises (fast_exp is branch-free; softmax's row: kernels/cpu/rows.h).
 // Row reductions use `omp simd reduction`: the compiler may reassociate the sum across SIMD lanes (we build
 // without -ffast-math, so it would not otherwise), with a lane split fixed at compile time: still deterministic.
 #include "kernels/softmax.h"
 #include "kernels/cpu/fastmath.h"
+#include "kernels/cpu/rows.h"
 
 #include <cmath>
 
@@ -12,30 +13,9 @@ namespace cm::cpu {
 // Below this many elements a parallel region costs more than it saves (same result either way).
 static constexpr int64_t kParallelMin = 1 << 15;
 
-static inline float row_max(const float* __restrict x, int64_t C) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; ++c) m = x[c] > m ? x[c] : m;
-  return m;
-}
-
 void softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
 #pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* __restrict x = inp + n * C;
-    float* __restrict y = out + n * C;
-    float m = row_max(x, C);
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) {
-      float e = fast_exp(x[c] - m);
-      y[c] = e;
-      s += e;
-    }
-    // s >= 1 (the max contributes exp(0)) unless the row is NaN/all -inf, where NaN is the honest answer.
-    float inv = 1.0f / s;
-    for (int64_t c = 0; c < C; ++c) y[c] *= inv;
-  }
+  for (int64_t n = 0; n < N; ++n) softmax_row(out + n * C, inp + n * C, C);
 }
 
 void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {

@@ -1,5 +1,6 @@
 // CPU top-k. See kernels/topk.h for the order (descending, ties -> lower index, NaN first) and the two paths.
 #include "kernels/topk.h"
+#include "kernels/cpu/rows.h"
 
 #include <algorithm>
 #include <cstring>
@@ -80,39 +81,34 @@ void topk_row_small(float* __restrict values, int32_t* __restrict indices, const
 
 template <int K>
 void topk_small(float* values, int32_t* indices, const float* x, int64_t R, int64_t n) {
-#pragma omp parallel for schedule(static) if (R * n > 32768)  // below that, thread start-up costs more
   for (int64_t r = 0; r < R; ++r) topk_row_small<K>(values + r * K, indices + r * K, x + r * n, n);
 }
 
 // General path: partial selection on an index array. The comparator is a strict total order (value rank, then
 // index), so nth_element/sort give one answer whatever their internal pivots.
 void topk_general(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
-#pragma omp parallel if (R * n > 32768)
-  {
-    std::vector<int32_t> ord((size_t)n);  // per-thread scratch
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + r * n;
-      std::iota(ord.begin(), ord.end(), 0);
-      auto before = [xr](int32_t a, int32_t b) {
-        float va = xr[a], vb = xr[b];
-        if (ranks_above(va, vb)) return true;
-        if (ranks_above(vb, va)) return false;
-        return a < b;
-      };
-      if (k < n) std::nth_element(ord.begin(), ord.begin() + k, ord.end(), before);
-      std::sort(ord.begin(), ord.begin() + k, before);
-      for (int64_t j = 0; j < k; ++j) {
-        indices[r * k + j] = ord[(size_t)j];
-        values[r * k + j] = xr[ord[(size_t)j]];
-      }
+  std::vector<int32_t> ord((size_t)n);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * n;
+    std::iota(ord.begin(), ord.end(), 0);
+    auto before = [xr](int32_t a, int32_t b) {
+      float va = xr[a], vb = xr[b];
+      if (ranks_above(va, vb)) return true;
+      if (ranks_above(vb, va)) return false;
+      return a < b;
+    };
+    if (k < n) std::nth_element(ord.begin(), ord.begin() + k, ord.end(), before);
+    std::sort(ord.begin(), ord.begin() + k, before);
+    for (int64_t j = 0; j < k; ++j) {
+      indices[r * k + j] = ord[(size_t)j];
+      values[r * k + j] = xr[ord[(size_t)j]];
     }
   }
 }
 
 }  // namespace
 
-void topk_forward(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
+void topk_rows(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
   if (R == 0 || k == 0) return;
   switch (k) {
     case 1: return topk_small<1>(values, indices, x, R, n);
@@ -124,6 +120,18 @@ void topk_forward(float* values, int32_t* indices, const float* x, int64_t R, in
     case 7: return topk_small<7>(values, indices, x, R, n);
     case 8: return topk_small<8>(values, indices, x, R, n);
     default: return topk_general(values, indices, x, R, n, k);
+  }
+}
+
+// Rows in parallel, in static chunks of whole rows: each row is computed by one thread, so the result does not
+// depend on the thread count.
+void topk_forward(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
+  if (R == 0 || k == 0) return;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, 256));
+#pragma omp parallel for schedule(static) if (R * n > 32768)  // below that, thread start-up costs more
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t r0 = R * c / chunks, r1 = R * (c + 1) / chunks;
+    topk_rows(values + r0 * k, indices + r0 * k, x + r0 * n, r1 - r0, n, k);
   }
 }
 
