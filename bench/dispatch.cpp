@@ -8,17 +8,20 @@
 // the same terms in a different order). Time: median of REPEATS runs after one warm-up run.
 // GB/s counts the bytes a stage must move at least once (rows of C floats, plus ids/gates/rows as 4 bytes each).
 //
-// Second part (--layer runs it alone): the MoE layer's routing + dispatch path as the model calls it
+// Second part (--layer runs it alone): the MoE layer's routing + dispatch path as a training step runs it
 // (model/router.cpp, model/moe.cpp) at N = 256 and 1024 experts, against its memory-traffic floor. From the router
-// logits [T, N] of a flat top-2 router to the combined output [T, C], with an identity standing in for the experts:
-//   route_select (softmax, top 2, renormalised gates, entropy) -> the router's host copy of the ids ->
-//   route_histogram -> make_dispatch_plan -> moe_permute -> moe_combine,
-// the autograd ops recording their graph as in training; then the backward of that graph (combine, permute, the
-// selection's softmax) from a random output gradient. The floor of each is the bytes it must read and write at
-// least once (listed in layer_bytes) at this machine's copy bandwidth, measured in the same run: a copy of half
-// as many bytes (it reads and writes them), by one thread (memcpy) and by all (an OpenMP split), the faster taken.
-// The rounds alternate path and copies; medians over the rounds, in wall time and in process CPU time (the steadier
-// on a shared machine). A ratio of 1 is the floor.
+// logits to the combined output [T, C], with an identity standing in for the experts, for two routers with K = 2
+// experts per token: flat top-2 ([T, N] logits) and the two-level tree (16 x 16 and 32 x 32; top 1 cluster, then
+// top 2 experts in it, their gates renormalised), whose level 1 scores only its pairs' own node, [T, b1]. Per level
+//   route_select (softmax, top k, gates, path, the level-0 entropy) -> route_histogram (the level's counts);
+// then make_dispatch_plan_nowait (the plan a training step makes: nothing read on the host) -> moe_permute ->
+// moe_combine, the autograd ops recording their graph as in training; then the backward of that graph (combine,
+// permute, each level's gates and softmax) from a random output gradient. The logits' GEMMs are not part of it
+// (bench/routing_cost measures them). The floor of each pass is the bytes it must read and write at least once
+// (listed in layer_bytes) at this machine's copy bandwidth, measured in the same run: a copy of half as many bytes
+// (it reads and writes them), by one thread (memcpy) and by all (an OpenMP split), the faster taken. The rounds
+// alternate path and copies; medians over the rounds, in wall time and in process CPU time (the steadier on a
+// shared machine). A ratio of 1 is the floor.
 //
 //   make -j2 USE_CUDA=0 build/bench/dispatch
 //   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer]
@@ -201,24 +204,37 @@ bool run(int64_t T, int64_t N, int64_t K, int64_t C, float drop) {
 
 // ---------------------------------------------------------------- the layer's path against its floor
 
+// A router's levels: branching b and the k kept per pair (the flat router is one level of N).
+struct Level {
+  int64_t b, k;
+};
+
 // The bytes the layer's routing + dispatch path must read and write at least once, forward and backward, for T
-// tokens, N experts, K = 2 slots per token, C channels; f32 and i32 values are 4 bytes, offsets 8.
+// tokens, a router's levels (K = the product of their k slots per token), N experts, C channels; f32 and i32
+// values are 4 bytes, offsets 8. Level l has P = T * k_0 * .. * k_{l-1} pairs.
 struct LayerBytes {
   double forward = 0, backward = 0;
 };
-LayerBytes layer_bytes(int64_t T, int64_t N, int64_t K, int64_t C) {
-  const double TN = (double)T * N, TK = (double)T * K, TC = (double)T * C, TKC = TK * C;
-  LayerBytes b;
-  b.forward = 4 * (TN + TN + 3 * TK)   // route_select: logits in; probs, gates (path), child ids, idx out
-              + 4 * (2 * TK)           // the router's host copy of the ids
-              + 4 * (TK + N)           // route_histogram: ids in, counts out
-              + 4 * (3 * TK) + 8 * (N + 1)  // plan: ids in; row_of, assign_of, offsets out
-              + 4 * (TK + TC + TKC)    // permute: assign_of, x in; rows out
-              + 4 * (TKC + 2 * TK + TC);  // combine: rows, gates, row_of in; out
-  b.backward = 4 * (TC + TKC + 2 * TK + TKC + TK)  // combine backward: d_out, rows, gates, row_of in; d_rows, d_gates out
-               + 4 * (TKC + TK + TC)               // permute backward: d_rows, row_of in; dx out
-               + 4 * (TN + 2 * TK + TN);           // selection backward: probs, idx, d_gates in; d_logits out
-  return b;
+LayerBytes layer_bytes(int64_t T, const std::vector<Level>& levels, int64_t N, int64_t C) {
+  LayerBytes by;
+  double P = (double)T, nodes = 1;
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const double b = (double)levels[l].b, Pk = P * (double)levels[l].k, deeper = l > 0 ? 1 : 0;
+    by.forward += 4 * (P * b + deeper * 2 * P)  // route_select: logits in, the pairs' nodes and parent path in
+                  + 4 * (P * b + 3 * Pk)        // probs out; path, child ids, idx out
+                  + 4 * (Pk + nodes * b);       // route_histogram: ids in, counts out
+    by.backward += 4 * (P * b + 2 * Pk + P * b)  // gates + softmax backward: probs, idx, d_path in; d_logits out
+                   + 4 * deeper * (P + P);        // parent path in, d_parent out
+    P = Pk;
+    nodes *= b;
+  }
+  const double TK = P, TC = (double)T * C, TKC = TK * C;
+  by.forward += 4 * (3 * TK) + 8 * (N + 1)  // plan: ids in; row_of, assign_of, offsets out
+                + 4 * (TK + TC + TKC)       // permute: assign_of, x in; rows out
+                + 4 * (TKC + 2 * TK + TC);  // combine: rows, gates, row_of in; out
+  by.backward += 4 * (TC + TKC + 2 * TK + TKC + TK)  // combine backward: d_out, rows, gates, row_of in; d_rows, d_gates
+                 + 4 * (TKC + TK + TC);              // permute backward: d_rows, row_of in; dx out
+  return by;
 }
 
 // Seconds to copy `bytes` (it reads and writes them: 2 x bytes of traffic), by memcpy and by an OpenMP split.
@@ -226,57 +242,85 @@ struct CopyTimes {
   double one = 0, all = 0;
 };
 
-bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
+bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, int64_t C, int rounds) {
   using namespace cm;
-  const int64_t K = 2;
-  Generator g(1234 + N);
-  Tensor logits = Tensor::randn({T, N}, g).requires_grad_(true);
+  int64_t N = 1, K = 1;
+  for (const Level& lv : levels) N *= lv.b, K *= lv.k;
+  Generator g(1234 + N + (int64_t)levels.size());
+  // Level l's logits [P_l, b_l]: each pair scored against its own node only (the tree's level 1 as routed_logits
+  // makes it), random here as the flat router's are.
+  std::vector<Tensor> logits;
+  int64_t P = T;
+  for (const Level& lv : levels) {
+    logits.push_back(Tensor::randn({P, lv.b}, g).requires_grad_(true));
+    P *= lv.k;
+  }
   Tensor x = Tensor::randn({T, C}, g).requires_grad_(true);
   Tensor d_out = Tensor::randn({T, C}, g);
-  Tensor out;
+  Tensor out, gates;  // the output and the last level's gates [T * K] (the path products)
   // The forward's stages, each timed on its own (stage[]) besides the whole.
   std::vector<std::vector<double>> stage(5);
-  const char* stage_name[5] = {"select", "read-out + histogram", "plan", "permute", "combine"};
+  const char* stage_name[5] = {"select", "histogram", "plan", "permute", "combine"};
   auto forward = [&] {
     auto t = std::chrono::steady_clock::now();
+    std::vector<double> lapped(5, 0.0);
     auto lap = [&](int i) {
       const auto now = std::chrono::steady_clock::now();
-      stage[(size_t)i].push_back(std::chrono::duration<double>(now - t).count());
+      lapped[(size_t)i] += std::chrono::duration<double>(now - t).count();
       t = now;
     };
-    // model/router.cpp, a flat [N] top-2 level with renorm_last gates and the entropy statistic
-    LevelSelection sel = route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.0f, K, true, true);
-    lap(0);
-    Tensor counts = Tensor::empty({N}, DType::I32);
-    const std::vector<int32_t> host_ids = sel.child.to_i32_vector();  // the router's read-out (a copy on the CPU)
-    cpu::route_histogram(counts.i32(), sel.child.i32(), T * K, N, false);
-    lap(1);
-    // model/moe.cpp: plan from the host ids, permute, (experts), combine
-    DispatchPlan plan = make_dispatch_plan(sel.child, K, N, &host_ids);
+    // model/router.cpp: per level the fused selection (the level-0 entropy statistic; renorm_last: the last
+    // level's kept siblings share 1 when k > 1) and the level's counts.
+    Tensor node, path;
+    int64_t Pl = T, nodes = 1;
+    for (size_t l = 0; l < levels.size(); ++l) {
+      const Level& lv = levels[l];
+      const bool renorm = l + 1 == levels.size() && lv.k > 1;
+      LevelSelection sel = route_select(logits[l], node, path, Tensor(), Tensor(), nodes, 1.0f, lv.k, renorm, l == 0);
+      lap(0);
+      Tensor counts = Tensor::empty({nodes * lv.b}, DType::I32);
+      cpu::route_histogram(counts.i32(), sel.child.i32(), Pl * lv.k, nodes * lv.b, false);
+      lap(1);
+      node = sel.child;
+      path = sel.path;
+      Pl *= lv.k;
+      nodes *= lv.b;
+    }
+    // model/moe.cpp, a dropless training step: the plan on the device's side (nothing read on the host), permute,
+    // (experts), combine.
+    DispatchPlan plan = make_dispatch_plan_nowait(node, K, N);
     lap(2);
     Tensor xs = moe_permute(x, plan);
     lap(3);
-    out = moe_combine(xs, sel.path, plan);  // identity experts
+    out = moe_combine(xs, path, plan);  // identity experts
     lap(4);
+    gates = path.detach();
+    for (int i = 0; i < 5; ++i) stage[(size_t)i].push_back(lapped[(size_t)i]);
   };
   auto backward = [&] {
     out.backward(d_out);
-    logits.zero_grad();
+    for (Tensor& l : logits) l.zero_grad();
     x.zero_grad();
   };
-  // Validation: with identity experts and gates that sum to 1 per token, out = x.
+  // Validation: with identity experts, out[t] = x[t] * (the sum of t's K gates): 1 for the flat router (its two
+  // gates renormalised), the chosen cluster's probability for the tree (its two experts share it).
   forward();
   {
-    const std::vector<float> o = out.to_f32_vector(), xv = x.to_f32_vector();
-    for (size_t i = 0; i < o.size(); ++i)
-      if (!(std::fabs(o[i] - xv[i]) <= 1e-5f + 1e-5f * std::fabs(xv[i]))) {
-        std::printf("MISMATCH: the identity layer's output differs from its input at %zu\n", i);
+    const std::vector<float> o = out.to_f32_vector(), xv = x.to_f32_vector(), gv = gates.to_f32_vector();
+    for (size_t i = 0; i < o.size(); ++i) {
+      const size_t t = i / (size_t)C;
+      float share = 0.f;
+      for (int64_t j = 0; j < K; ++j) share += gv[t * (size_t)K + (size_t)j];
+      const float want = xv[i] * share;
+      if (!(std::fabs(o[i] - want) <= 1e-5f + 1e-5f * std::fabs(want))) {
+        std::printf("MISMATCH: the identity layer's output is not its input times the gates' sum at %zu\n", i);
         return false;
       }
+    }
   }
   backward();
 
-  const LayerBytes lb = layer_bytes(T, N, K, C);
+  const LayerBytes lb = layer_bytes(T, levels, N, C);
   const size_t copy_bytes = (size_t)(std::max(lb.forward, lb.backward) / 2);
   std::vector<char> src(copy_bytes, 1), dst(copy_bytes, 0);
   auto copy_one = [&](size_t n) { std::memcpy(dst.data(), src.data(), n); };
@@ -323,9 +367,9 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
   };
   auto row = [&](const char* what, const Times& t, const Times& one, const Times& all, double bytes) {
     const double fw = std::min(med(one.wall), med(all.wall)), fc = std::min(med(one.cpu), med(all.cpu));
-    std::printf("| %lld | %s | %.1f | %.2f | %.2f (%.1f GB/s; memcpy %.2f, %d threads %.2f) | **%.2f** | %.2f | %.2f "
+    std::printf("| %lld | %s | %s | %.1f | %.2f | %.2f (%.1f GB/s; memcpy %.2f, %d threads %.2f) | **%.2f** | %.2f | %.2f "
                 "| **%.2f** |\n",
-                (long long)N, what, bytes / 1e6, 1e3 * med(t.wall), 1e3 * fw, bytes / fw / 1e9, 1e3 * med(one.wall),
+                (long long)N, router, what, bytes / 1e6, 1e3 * med(t.wall), 1e3 * fw, bytes / fw / 1e9, 1e3 * med(one.wall),
 #ifdef _OPENMP
                 omp_get_max_threads(),
 #else
@@ -342,7 +386,7 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
     std::snprintf(buf, sizeof buf, "%s%s %.2f", i ? ", " : "", stage_name[i], 1e3 * med(v));
     stages += buf;
   }
-  std::printf("|  | forward stages, wall ms | %s | | | | | | |\n", stages.c_str());
+  std::printf("|  |  | forward stages, wall ms | %s | | | | | | |\n", stages.c_str());
   std::fflush(stdout);
   return true;
 }
@@ -350,14 +394,18 @@ bool run_layer(int64_t T, int64_t N, int64_t C, int rounds) {
 bool run_layer_paths() {
   const int64_t T = 16384, C = 128;
   const int rounds = 11;
-  std::printf("\nMoE layer routing + dispatch path against its memory-traffic floor: T=%lld tokens, C=%lld, flat "
-              "top-2 router, identity experts; medians of %d interleaved rounds\n\n",
+  std::printf("\nMoE layer routing + dispatch path against its memory-traffic floor: T=%lld tokens, C=%lld, K=2 "
+              "experts per token, identity experts; medians of %d interleaved rounds\n\n",
               (long long)T, (long long)C, rounds);
-  std::printf("| N | pass | MB moved (floor) | path ms | floor ms (copy bandwidth) | path / floor | path CPU ms | "
-              "floor CPU ms | path / floor (CPU) |\n"
-              "|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| N | router | pass | MB moved (floor) | path ms | floor ms (copy bandwidth) | path / floor | path CPU ms "
+              "| floor CPU ms | path / floor (CPU) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n");
   bool ok = true;
-  for (int64_t N : {256, 1024}) ok = run_layer(T, N, C, rounds) && ok;
+  for (int64_t N : {256, 1024}) {
+    const int64_t b0 = N == 256 ? 16 : 32;
+    ok = run_layer(T, "flat top-2", {{N, 2}}, C, rounds) && ok;
+    ok = run_layer(T, "tree top-1 x top-2", {{b0, 1}, {N / b0, 2}}, C, rounds) && ok;
+  }
   return ok;
 }
 

@@ -315,6 +315,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
     ix = own.data();
   }
   std::vector<double> row_ent(entropy ? (size_t)P : 0);
+  std::vector<float> sel((size_t)(P * k));
 
   // One pass over the rows, each start to finish while it is in L1: the scores, the softmax, the entropy, the top
   // k. Each step is the whole-array kernel's own per-row arithmetic (kernels/cpu/rows.h: softmax_forward's
@@ -358,6 +359,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
         sc = scores.data();
       }
       topk_rows(top.data(), ix + p * k, sc, 1, b, k);
+      for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = pr[ix[p * k + j]];  // the kept probabilities
     }
   }
   if (entropy) entropy[0] = mean_of_rows(row_ent, P);
@@ -367,17 +369,19 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       CM_CHECK(!(std::isinf(lb) && lb < 0), "node ", at(i / k) / b, " has fewer than ", k, " selectable children");
     }
 
-  // gates, renormalised over the k kept siblings as div(sel, sum(sel, 1)) did; path; next nodes.
-  std::vector<float> sel((size_t)(P * k));
-  for (int64_t i = 0; i < P * k; ++i) sel[(size_t)i] = probs[(i / k) * b + ix[i]];
-  if (renorm) {
-    std::vector<float> S((size_t)P);
-    sum_axis(S.data(), sel.data(), P, k, 1, 1.f);
-    for (int64_t i = 0; i < P * k; ++i) sel[(size_t)i] = sel[(size_t)i] / S[(size_t)(i / k)];
-  }
-  for (int64_t i = 0; i < P * k; ++i) {
-    path[i] = path_parent ? path_parent[i / k] * sel[(size_t)i] : sel[(size_t)i];
-    child[i] = (int32_t)(at(i / k) + ix[i]);
+  // gates, renormalised over the k kept siblings as div(sel, sum(sel, 1)) did (the sums by cpu::sum_axis, as
+  // sum() made them); path; next nodes. Loops over (pair, sibling): no division per slot for its pair.
+  std::vector<float> S((size_t)(renorm ? P : 0));
+  if (renorm) sum_axis(S.data(), sel.data(), P, k, 1, 1.f);
+#pragma omp parallel for schedule(static) if (P * k >= kParallelMin)
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t a = at(p);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = p * k + j;
+      const float gate = renorm ? sel[(size_t)i] / S[(size_t)p] : sel[(size_t)i];
+      path[i] = path_parent ? path_parent[p] * gate : gate;
+      child[i] = (int32_t)(a + ix[i]);
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 #include "kernels/cpu/rows.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -14,19 +15,40 @@
 namespace cm::cpu {
 namespace {
 
-// Bit j set where xb[j] is not <= w: greater, or a NaN on either side (unordered compares true). One vector
-// compare per 16 scores; the portable loop is the reference for what the intrinsics compute.
-inline uint32_t not_le_mask16(const float* xb, float w) {
+// The compares of a block of 16 scores against w, one vector compare each (the portable loops are the reference
+// for what the intrinsics compute). Bit j set where xb[j]:
+//   NotLe: is not <= w: greater, or a NaN on either side (unordered compares true);
+//   Eq:    == w (-0.0 == +0.0; a NaN equals nothing);
+//   Unord: is a NaN (w unused).
+enum class Cmp { NotLe, Eq, Unord };
+
+template <Cmp op>
+inline uint32_t mask16(const float* xb, float w) {
 #if defined(__AVX512F__)
-  return (uint32_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(xb), _mm512_set1_ps(w), _CMP_NLE_UQ);
+  const __m512 v = _mm512_loadu_ps(xb);
+  if constexpr (op == Cmp::NotLe) return (uint32_t)_mm512_cmp_ps_mask(v, _mm512_set1_ps(w), _CMP_NLE_UQ);
+  if constexpr (op == Cmp::Eq) return (uint32_t)_mm512_cmp_ps_mask(v, _mm512_set1_ps(w), _CMP_EQ_OQ);
+  return (uint32_t)_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
 #elif defined(__AVX2__)
-  const __m256 wv = _mm256_set1_ps(w);
-  uint32_t lo = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xb), wv, _CMP_NLE_UQ));
-  uint32_t hi = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xb + 8), wv, _CMP_NLE_UQ));
-  return lo | hi << 8;
+  uint32_t m = 0;
+  for (int h = 0; h < 2; ++h) {
+    const __m256 v = _mm256_loadu_ps(xb + 8 * h), wv = _mm256_set1_ps(w);
+    __m256 c;
+    if constexpr (op == Cmp::NotLe) c = _mm256_cmp_ps(v, wv, _CMP_NLE_UQ);
+    else if constexpr (op == Cmp::Eq) c = _mm256_cmp_ps(v, wv, _CMP_EQ_OQ);
+    else c = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    m |= (uint32_t)_mm256_movemask_ps(c) << (8 * h);
+  }
+  return m;
 #else
   uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= (uint32_t)!(xb[j] <= w) << j;
+  for (int j = 0; j < 16; ++j) {
+    bool bit;
+    if constexpr (op == Cmp::NotLe) bit = !(xb[j] <= w);
+    else if constexpr (op == Cmp::Eq) bit = xb[j] == w;
+    else bit = xb[j] != xb[j];
+    m |= (uint32_t)bit << j;
+  }
   return m;
 #endif
 }
@@ -52,36 +74,74 @@ void topk_row_small(float* __restrict values, int32_t* __restrict indices, const
     bv[p] = v;
     bi[p] = i;
   };
-  int64_t i = 0;
-  for (; i < n && m < K; ++i) insert(x[i], (int32_t)i);
+  for (int64_t i = 0; i < K; ++i) insert(x[i], (int32_t)i);
   float worst = bv[K - 1];
-  // Blocks of 16: one vector compare against the current K-th gives the candidates; only those are visited, in
-  // index order, each re-tested exactly (the K-th rises as we insert, and a NaN K-th lets everything through the
-  // vector test). A random row of n scores sees about K ln(n/K) insertions, so most blocks cost one compare.
-  for (; i + 16 <= n; i += 16) {
+  // Blocks of 16 from the row's start (the first K, kept above, masked out): one vector compare against the
+  // current K-th gives the candidates; only those are visited, in index order, each re-tested exactly (the K-th
+  // rises as we insert, and a NaN K-th lets everything through the vector test). A random row of n scores sees
+  // about K ln(n/K) insertions, so most blocks cost one compare. The last, short block is compared from a copy
+  // padded with -inf (never above the K-th) and masked to the row: a router's rows of 16 or 32 scores are one or
+  // two compares, with no scalar tail.
+  for (int64_t i = 0; i < n; i += 16) {
     const float* xb = x + i;
-    for (uint32_t m = not_le_mask16(xb, worst); m != 0; m &= m - 1) {
-      const int j = __builtin_ctz(m);
+    uint32_t cand;
+    if (i + 16 <= n) {
+      cand = mask16<Cmp::NotLe>(xb, worst);
+    } else {
+      float pad[16];
+      for (int j = 0; j < 16; ++j) pad[j] = i + j < n ? xb[j] : -INFINITY;
+      cand = mask16<Cmp::NotLe>(pad, worst) & ((1u << (n - i)) - 1u);
+    }
+    if (i == 0) cand &= ~((1u << K) - 1u);
+    for (; cand != 0; cand &= cand - 1) {
+      const int j = __builtin_ctz(cand);
       if (ranks_above(xb[j], worst)) {
         insert(xb[j], (int32_t)(i + j));
         worst = bv[K - 1];
       }
     }
   }
-  for (; i < n; ++i)
-    if (ranks_above(x[i], worst)) {
-      insert(x[i], (int32_t)i);
-      worst = bv[K - 1];
-    }
   for (int j = 0; j < K; ++j) {
     values[j] = bv[j];
     indices[j] = bi[j];
   }
 }
 
+// Short rows (n <= 64: a tree router's levels), branch-free: K rounds of "the largest score not yet taken, at its
+// lowest index", each a vector max over the row and a vector equality test, where the streaming path above tests
+// its candidates one by one and mispredicts on rows this short. Scores go to a copy padded with -inf to whole
+// blocks (never above a score, and masked off); a taken score is set to -inf there and its bit set in `taken`, so
+// a later round skips it even when the scores left are -inf too. The same order as the streaming path: the
+// largest first, ties (and -0.0 against +0.0) to the lower index. A row holding a NaN (which ranks above every
+// number) is left to the streaming path: returns false, having written nothing.
+template <int K>
+bool topk_row_short(float* __restrict values, int32_t* __restrict indices, const float* __restrict x, int64_t n) {
+  float c[64];
+  const int64_t padded = (n + 15) / 16 * 16;
+  for (int64_t i = 0; i < padded; ++i) c[i] = i < n ? x[i] : -INFINITY;
+  uint64_t nan = 0;
+  for (int64_t i = 0; i < padded; i += 16) nan |= mask16<Cmp::Unord>(c + i, 0.f);
+  if (nan) return false;
+  const uint64_t row = n == 64 ? ~0ull : (1ull << n) - 1;
+  uint64_t taken = 0;
+  for (int q = 0; q < K; ++q) {
+    const float m = row_max(c, padded);
+    uint64_t eq = 0;
+    for (int64_t i = 0; i < padded; i += 16) eq |= (uint64_t)mask16<Cmp::Eq>(c + i, m) << i;
+    const int j = __builtin_ctzll(eq & row & ~taken);  // nonempty: K <= n scores, the max among those not taken
+    taken |= 1ull << j;
+    c[j] = -INFINITY;
+    values[q] = x[j];
+    indices[q] = j;
+  }
+  return true;
+}
+
 template <int K>
 void topk_small(float* values, int32_t* indices, const float* x, int64_t R, int64_t n) {
-  for (int64_t r = 0; r < R; ++r) topk_row_small<K>(values + r * K, indices + r * K, x + r * n, n);
+  for (int64_t r = 0; r < R; ++r)
+    if (n > 64 || !topk_row_short<K>(values + r * K, indices + r * K, x + r * n, n))
+      topk_row_small<K>(values + r * K, indices + r * K, x + r * n, n);
 }
 
 // General path: partial selection on an index array. The comparator is a strict total order (value rank, then
