@@ -60,7 +60,7 @@ namespace {
 // see a use after free of these blocks.
 class BigBlocks {
  public:
-  static constexpr size_t kMin = (size_t)32 << 20, kMax = (size_t)512 << 20;
+  static constexpr size_t kMin = (size_t)4 << 20, kMax = (size_t)512 << 20;
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = free_.begin(); it != free_.end(); ++it)

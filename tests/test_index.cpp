@@ -99,6 +99,19 @@ TEST_SUITE("kernels") {
         check_topk_rows(x, R, n, k);
       }
     }
+    // Short rows (n <= 64, the branch-free path) from {-inf, -0, +0, 1, 2}: ties at the k-th place, -inf to be
+    // taken (k past the finite scores), -0 tying +0, and rows ending inside a block of 16 or exactly on one.
+    for (int64_t n : {3, 16, 17, 33, 48, 63, 64}) {
+      std::vector<float> x((size_t)(R * n));
+      const float pick[] = {-INFINITY, -0.f, 0.f, 1.f, 2.f};
+      for (size_t i = 0; i < x.size(); ++i) x[i] = pick[(int)(5.f * philox_uniform(78, 0, i)) % 5];
+      for (int64_t k : {1, 2, 3, 5, 8}) {
+        if (k > n) continue;
+        CAPTURE(n);
+        CAPTURE(k);
+        check_topk_rows(x, R, n, k);
+      }
+    }
     float v[2];
     int32_t i[2];
     const float row[] = {1.f, 3.f, 3.f, 2.f, 3.f};
