@@ -131,6 +131,11 @@ void ClusterMoELM::after_step() {
 
 void ClusterMoELM::after_replayed_step() { step_.i32()[0] += 1; }
 
+void ClusterMoELM::set_router_entropy(bool on) {
+  for (auto& b : blocks_)
+    if (b->ffn.moe) b->ffn.router.set_entropy(on);
+}
+
 // ---------------------------------------------------------------- forward
 
 namespace {

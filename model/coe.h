@@ -94,6 +94,11 @@ class ClusterMoELM {
   CoEOutput forward(const Tensor& ids, const Tensor& targets = Tensor());
 
   void train(bool on = true) { training_ = on; }
+  // The router entropy statistic (LayerRoutingStats::router_entropy, the level-0 routing distribution's mean
+  // entropy): on by default. Off, no forward computes it and router_entropy reads NaN; the routing, losses and
+  // gradients are the same bits. train_lm, which reports no entropy, turns it off: its pass costs a flat router
+  // at 1024 experts a fifth of its selection (bench/dispatch --layer).
+  void set_router_entropy(bool on);
   void eval() { training_ = false; }
   bool training() const { return training_; }
 

@@ -260,7 +260,8 @@ MoELayer::Output MoELayer::forward(const Tensor& x, const Tensor* ids,
   // The statistics stay where the router counted them (read() reads them): the routed slots per expert, the
   // level-0 entropy. (So do the layer's aux terms: out.lb_loss, z_loss, div_loss.)
   st.routed = rt.level_counts_dev.back();  // i32 [N]: the last level's children are the experts
-  st.entropy = rt.entropy_dev;
+  st.entropy = rt.entropy_dev;  // undefined when the router computes none: the host value stays NaN
+  if (!st.entropy.defined()) st.router_entropy = std::numeric_limits<float>::quiet_NaN();
   add_counts(util_dev_, st.routed, N);  // utilization since reset_metrics(), read by utilization()
   out.K = K;
   out.expert_ids = rt.expert_ids;

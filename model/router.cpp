@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "autograd/ops_moe.h"
 #include "autograd/ops_route.h"
@@ -224,7 +225,8 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
     if (aux_free_) ab_t = aux_running(l, dev);
     // renorm_last: the last level's kept siblings share 1 (only when k > 1: a lone child's share would be 1).
     const bool renorm = gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1;
-    LevelSelection sel = route_select(logits, node, path, lb_t, ab_t, n_nodes, temperature_, k, renorm, l == 0);
+    LevelSelection sel =
+        route_select(logits, node, path, lb_t, ab_t, n_nodes, temperature_, k, renorm, l == 0 && entropy_);
     if (l == 0) r.entropy_dev = sel.entropy;
     // How often each child was selected: a histogram of the child ids, on the device.
     r.level_counts_dev[l] = Tensor::empty({n_nodes * b}, DType::I32, dev);
@@ -261,7 +263,8 @@ void TreeRouter::read_host(Routing& r, Device dev) const {
   r.expert = got[0];
   r.gate_value.resize(got[1].size());
   std::memcpy(r.gate_value.data(), got[1].data(), got[1].size() * 4);
-  std::memcpy(&r.entropy, got[2].data(), 4);
+  r.entropy = std::numeric_limits<float>::quiet_NaN();  // not computed (set_entropy(false))
+  if (!got[2].empty()) std::memcpy(&r.entropy, got[2].data(), 4);
   r.level_counts.resize((size_t)D);
   for (int64_t l = 0; l < D; ++l) r.level_counts[l].assign(got[(size_t)(3 + l)].begin(), got[(size_t)(3 + l)].end());
 }
@@ -289,8 +292,10 @@ Routing TreeRouter::route_grouped(const Tensor& h, const RouterBias& bias, bool 
   if (leaf_bias.defined()) s = add(s, leaf_bias.view({1, N_}));  // on the device; + 0.0f changes no bit
   s = s.contiguous();
   Tensor probs = softmax(s);  // [T, N]
-  r.entropy_dev = Tensor::empty({}, DType::F32, dev);  // of the one N-way distribution
-  CM_KERNEL(dev, route_mean_entropy, r.entropy_dev.f32(), probs.f32(), s.f32(), T, N_);
+  if (entropy_) {
+    r.entropy_dev = Tensor::empty({}, DType::F32, dev);  // of the one N-way distribution
+    CM_KERNEL(dev, route_mean_entropy, r.entropy_dev.f32(), probs.f32(), s.f32(), T, N_);
+  }
 
   // Selection, level by level, on the leaves' probability mass (no gradient), where probs are: every level's kept
   // children in one buffer, level l's block [T * K_l] at T * (K_0 + .. + K_{l-1}) (K_l = top_k[0] * .. * top_k[l]),

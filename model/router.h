@@ -62,6 +62,7 @@ struct Routing {
   Tensor gate;        // [T*K] differentiable gates, on h's device
   std::vector<Tensor> level_counts_dev;  // per level [n_nodes * b] i32 on h's device: times each child was selected
   Tensor entropy_dev;                    // 0-d on h's device: mean entropy (nats) of the level-0 distribution
+                                         // (undefined when the router's entropy statistic is off)
   Tensor lb_loss, z_loss, div_loss;      // weighted scalars; undefined when the weight is 0
   int64_t flops = 0;                     // 2 * multiply-adds spent on logits
 
@@ -70,7 +71,7 @@ struct Routing {
   std::vector<int32_t> expert;                     // [T*K] = expert_ids
   std::vector<float> gate_value;                   // [T*K] the gates' values (capacity ordering, stats)
   std::vector<std::vector<int64_t>> level_counts;  // = level_counts_dev
-  float entropy = 0.f;                             // = entropy_dev
+  float entropy = 0.f;                             // = entropy_dev (NaN: not computed, set_entropy(false))
 };
 
 class TreeRouter {
@@ -84,6 +85,11 @@ class TreeRouter {
   // read_out: fill Routing's host fields (one packed read-out); false leaves them empty and reads nothing.
   Routing route(const Tensor& h, const RouterBias& bias, const Tensor* labels, bool training,
                 bool read_out = true);
+
+  // The level-0 entropy statistic (Routing::entropy_dev): on unless switched off. Off, route() computes none
+  // (entropy_dev undefined): at many experts its pass is a large part of a flat router's selection.
+  void set_entropy(bool on) { entropy_ = on; }
+  bool entropy() const { return entropy_; }
 
   void collect(const std::string& prefix, NamedParams& out) const;          // levels.{l}.weight
   void collect_buffers(const std::string& prefix, NamedParams& out) const;  // levels.{l}.aux_bias, ac_scale
@@ -125,6 +131,7 @@ class TreeRouter {
   GateMode gate_mode_ = GateMode::RenormPath;
   float lb_w_ = 0.f, z_w_ = 0.f, div_w_ = 0.f;
   bool aux_free_ = false;
+  bool entropy_ = true;
 };
 
 // AC feature weights (DESIGN.md 4.7) on one batch, no gradient: h [T, C], labels [T] in [0, N).

@@ -24,7 +24,8 @@ struct LayerRoutingStats {
   std::vector<float> expert_share;   // [N] share of the layer's routed slots (before capacity), sums to 1
   std::vector<int64_t> expert_rows;  // [N] rows each expert computed (after capacity and pruning)
   float dropped_fraction = 0.f;      // slots dropped by capacity / all slots
-  float router_entropy = 0.f;        // mean entropy (nats) of the first level's routing distribution
+  float router_entropy = 0.f;        // mean entropy (nats) of the first level's routing distribution (NaN when
+                                     // the model computes none: ClusterMoELM::set_router_entropy(false))
   // The fault guard's counts (model/health.h): expert output rows that were not finite, and rows whose norm was far
   // outside their expert's running statistics. 0 when the guard did not run (no reliability, evaluation).
   int64_t nonfinite_rows = 0;

@@ -425,6 +425,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   ClusterMoELM model(cfg);
   model.to(dev);  // before the optimizer: its moments are made where the parameters live
   model.train();
+  model.set_router_entropy(false);  // a statistic this trainer reports nowhere: no pass computes it
 #if CM_CUDA
   // The matmul precision is process-wide: put it back when this run ends, however it ends, so that whatever runs
   // next in the process (another run, sampling, the parity tests) is not left on TF32 by this one's --tf32.

@@ -142,6 +142,52 @@ TEST_SUITE("model") {
     CHECK_THROWS_AS(m.forward(ids, ids_tensor(2, 6, 13, 4)), Error);
   }
 
+  TEST_CASE("set_router_entropy(false): no entropy statistic (NaN), the same routing, losses and gradients") {
+    for (GateMode g : {GateMode::RenormPath, GateMode::GroupLimited}) {
+      CAPTURE(gate_mode_name(g));
+      CoEConfig c = small_lm();
+      c.load_balancing_weight = 0.02f;
+      c.gate_mode = g;
+      c.validate();
+      Tensor ids = ids_tensor(2, 7, 13, 1), tg = ids_tensor(2, 7, 13, 2);
+      std::vector<float> loss, grads;
+      std::vector<std::vector<float>> shares, entropy;
+      for (bool on : {true, false}) {
+        ClusterMoELM m(c);
+        if (!on) m.set_router_entropy(false);
+        CoEOutput o = m.forward(ids, tg);
+        o.total_loss.backward();
+        read_routing_stats(o.layers);
+        loss.push_back(o.total_loss.item());
+        std::vector<float> g, sh, ent;
+        for (const auto& [name, p] : m.named_parameters()) {
+          const Tensor gr = p.grad();  // undefined: no gradient reached it (group_limited's upper levels)
+          g.push_back(gr.defined() ? (float)gr.numel() : -1.f);
+          if (gr.defined())
+            for (float v : gr.to_f32_vector()) g.push_back(v);
+        }
+        for (const LayerRoutingStats& s : o.layers) {
+          if (!s.moe) continue;
+          sh.insert(sh.end(), s.expert_share.begin(), s.expert_share.end());
+          ent.push_back(s.router_entropy);
+        }
+        if (on) grads = g;
+        else CHECK(g == grads);
+        shares.push_back(sh);
+        entropy.push_back(ent);
+        // An evaluation forward reads its statistics itself: the same rule.
+        m.eval();
+        for (const LayerRoutingStats& s : m.forward(ids, tg).layers)
+          if (s.moe) CHECK(std::isnan(s.router_entropy) == !on);
+      }
+      CHECK(loss[0] == loss[1]);
+      CHECK(shares[0] == shares[1]);
+      REQUIRE(entropy[0].size() == 2);
+      for (float e : entropy[0]) CHECK(e > 0.f);
+      for (float e : entropy[1]) CHECK(std::isnan(e));
+    }
+  }
+
   TEST_CASE("stats key names: utilization, reliability, specialization, summary") {
     ClusterMoELM m(small_lm());
     m.forward(ids_tensor(2, 8, 13, 5));
