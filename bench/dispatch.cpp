@@ -13,15 +13,16 @@
 // logits to the combined output [T, C], with an identity standing in for the experts, for two routers with K = 2
 // experts per token: flat top-2 ([T, N] logits) and the two-level tree (16 x 16 and 32 x 32; top 1 cluster, then
 // top 2 experts in it, their gates renormalised), whose level 1 scores only its pairs' own node, [T, b1]. Per level
-//   route_select (softmax, top k, gates, path, the level-0 entropy) -> route_histogram (the level's counts);
+//   route_select (softmax, top k, gates, path) -> route_histogram (the level's counts);
 // then make_dispatch_plan_nowait (the plan a training step makes: nothing read on the host) -> moe_permute ->
 // moe_combine, the autograd ops recording their graph as in training; then the backward of that graph (combine,
 // permute, each level's gates and softmax) from a random output gradient. The logits' GEMMs are not part of it
-// (bench/routing_cost measures them). The floor of each pass is the bytes it must read and write at least once
-// (listed in layer_bytes) at this machine's copy bandwidth, measured in the same run: a copy of half as many bytes
-// (it reads and writes them), by one thread (memcpy) and by all (an OpenMP split), the faster taken. The rounds
-// alternate path and copies; medians over the rounds, in wall time and in process CPU time (the steadier on a
-// shared machine). A ratio of 1 is the floor.
+// (bench/routing_cost measures them), nor is the level-0 entropy statistic, which train_lm does not compute
+// (ClusterMoELM::set_router_entropy): the stages line times the level-0 selection with it and without. The floor
+// of each pass is the bytes it must read and write at least once (listed in layer_bytes) at this machine's copy
+// bandwidth, measured in the same run: a copy of half as many bytes (it reads and writes them), by one thread
+// (memcpy) and by all (an OpenMP split), the faster taken. The rounds alternate path and copies; medians over the
+// rounds, in wall time and in process CPU time (the steadier on a shared machine). A ratio of 1 is the floor.
 //
 //   make -j2 USE_CUDA=0 build/bench/dispatch
 //   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer]
@@ -269,14 +270,14 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
       lapped[(size_t)i] += std::chrono::duration<double>(now - t).count();
       t = now;
     };
-    // model/router.cpp: per level the fused selection (the level-0 entropy statistic; renorm_last: the last
-    // level's kept siblings share 1 when k > 1) and the level's counts.
+    // model/router.cpp: per level the fused selection (renorm_last: the last level's kept siblings share 1 when
+    // k > 1; no entropy statistic, which train_lm turns off: timed on its own below) and the level's counts.
     Tensor node, path;
     int64_t Pl = T, nodes = 1;
     for (size_t l = 0; l < levels.size(); ++l) {
       const Level& lv = levels[l];
       const bool renorm = l + 1 == levels.size() && lv.k > 1;
-      LevelSelection sel = route_select(logits[l], node, path, Tensor(), Tensor(), nodes, 1.0f, lv.k, renorm, l == 0);
+      LevelSelection sel = route_select(logits[l], node, path, Tensor(), Tensor(), nodes, 1.0f, lv.k, renorm, false);
       lap(0);
       Tensor counts = Tensor::empty({nodes * lv.b}, DType::I32);
       cpu::route_histogram(counts.i32(), sel.child.i32(), Pl * lv.k, nodes * lv.b, false);
@@ -379,6 +380,16 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
   };
   row("forward", tf, cf1, cfa, lb.forward);
   row("backward", tb, cb1, cba, lb.backward);
+  // The level-0 selection with the entropy statistic (on by default: tests, experiments) and without, in turn.
+  std::vector<double> sel_ent, sel_plain;
+  for (int r = 0; r < rounds; ++r)
+    for (bool ent : {true, false}) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const Level& lv = levels[0];
+      LevelSelection sel = route_select(logits[0], Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.0f, lv.k,
+                                        levels.size() == 1 && lv.k > 1, ent);
+      (ent ? sel_ent : sel_plain).push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
   std::string stages;
   for (int i = 0; i < 5; ++i) {
     std::vector<double> v(stage[(size_t)i].end() - rounds, stage[(size_t)i].end());  // the timed rounds
@@ -386,7 +397,8 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
     std::snprintf(buf, sizeof buf, "%s%s %.2f", i ? ", " : "", stage_name[i], 1e3 * med(v));
     stages += buf;
   }
-  std::printf("|  |  | forward stages, wall ms | %s | | | | | | |\n", stages.c_str());
+  std::printf("|  |  | forward stages, wall ms | %s; level-0 select %.2f, with the entropy statistic %.2f | | | | | | |\n",
+              stages.c_str(), 1e3 * med(sel_plain), 1e3 * med(sel_ent));
   std::fflush(stdout);
   return true;
 }
