@@ -167,6 +167,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
   const int64_t T = cfg.seq_len;
   ClusterMoELM model(cfg);
   model.train();
+  model.set_router_entropy(false);  // as train_lm: a statistic it reports nowhere
   ModelSummary s = model.get_model_summary();
   r.router = router_kind_name(cfg.router);
   r.tree = tree_str(cfg);
