@@ -133,8 +133,8 @@ bool topk_row_short(float* __restrict values, int32_t* __restrict indices, const
   __m512 v[4];
   uint64_t nan = 0;
   for (int q = 0; q < 4; ++q) {
-    const __mmask16 in = (__mmask16)(q < blocks ? row >> (16 * q) : 0);
-    v[q] = _mm512_mask_loadu_ps(ninf, in, x + 16 * q);
+    // The row's scores only: a masked load reads no lane outside the mask (the last block's tail).
+    v[q] = q < blocks ? _mm512_mask_loadu_ps(ninf, (__mmask16)(row >> (16 * q)), x + 16 * q) : ninf;
     nan |= _mm512_cmp_ps_mask(v[q], v[q], _CMP_UNORD_Q);
   }
   if (nan) return false;
