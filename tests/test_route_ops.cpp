@@ -350,9 +350,8 @@ TEST_SUITE("routing") {
   }
 
   TEST_CASE("route select (CPU): the one-pass kernel, row by row, gives the separate passes' bits, entropy too") {
-    // Rows split unevenly over 1 and 2 threads; the reference is the composite above (separate softmax, top-k,
-    // gather passes over all rows) and route_mean_entropy over all rows (its entropy from p and s, where the
-    // kernel's comes from the softmax's own scale pass, kernels/cpu/rows.h).
+    // Rows split unevenly over 1 and 2 threads, in blocks of rows (the last one short); the reference is the
+    // composite above (separate softmax, top-k, gather passes over all rows) and route_mean_entropy over all rows.
     const SelCase cases[] = {
         {100, 1, 1, 1024, 2, 1.f, false, false, true, false},  // a flat 1024-expert level
         {450, 2, 3, 300, 2, 0.7f, true, true, true, true},     // reliability, pruning, aux-free

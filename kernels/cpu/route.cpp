@@ -327,12 +327,14 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   std::vector<float> sel((size_t)(P * k));
 
   // One pass over the rows in blocks of R that stay in L1 (R x b floats of probabilities, 4 KB): the scores and
-  // the softmax (and the entropy) of the block's rows, then their top k and gates. Each step is the whole-array
-  // kernel's own per-row arithmetic (kernels/cpu/rows.h: softmax_forward's softmax_row, with row_entropy's sums
-  // taken in its scale pass; topk_forward's topk_rows), so the bits are those of running the kernels one after
-  // the other over all rows; the logits are read and the probabilities written once, where separate passes read
-  // them four times. A block runs each step over its rows back to back, so the rows' dependency chains (a short
-  // row is mostly reductions) overlap: on rows of 32, a row's softmax then its top k at once took 1.6x as long.
+  // the softmax of the block's rows, their entropy, then their top k and gates. Each step is the whole-array
+  // kernel's own per-row arithmetic (kernels/cpu/rows.h: softmax_forward's softmax_row, topk_forward's topk_rows;
+  // route_mean_entropy's row_entropy), so the bits are those of running the kernels one after the other over all
+  // rows; the logits are read and the probabilities written once, where separate passes read them four times. A
+  // block runs each step over its rows back to back, so the rows' dependency chains (a short row is mostly
+  // reductions) overlap: on rows of 32, a row's softmax then its top k at once took 1.6x as long. (The entropy's
+  // sums taken in the softmax's scale pass instead were slower at 16 and 32 children, 1.7x and 1.1x, faster only
+  // at 1024, 0.9x.)
   // The row units open no parallel region of their own: one region here, whatever P (a region per block of rows
   // cost 1.5 ms in 9 at T = 16384, b = 1024).
   const int64_t R = std::max<int64_t>(1, 1024 / b), blocks = (P + R - 1) / R;
@@ -358,11 +360,11 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
           }
           sp = sr;
         }
-        if (entropy)
-          row_ent[(size_t)p] = softmax_row_entropy(probs + p * b, sp, b);
-        else
-          softmax_row(probs + p * b, sp, b);
+        softmax_row(probs + p * b, sp, b);
       }
+      if (entropy)
+        for (int64_t p = p0; p < p1; ++p)
+          row_ent[(size_t)p] = row_entropy(probs + p * b, scaled ? s.data() + (p - p0) * b : logits + p * b, b);
       for (int64_t p = p0; p < p1; ++p) {
         const float* pr = probs + p * b;
         // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every

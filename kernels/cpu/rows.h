@@ -37,33 +37,6 @@ inline void softmax_row(float* __restrict y, const float* __restrict x, int64_t 
   for (int64_t c = 0; c < C; ++c) y[c] *= inv;
 }
 
-// softmax_row, and the row's entropy (nats) from the same pass: -sum_c p_c log p_c over the p_c > 0, as
-// kernels/cpu/route.cpp's row_entropy computes it from p and x, -log(max p) * sum p - sum p (x - max x). Here
-// max p is 1 / sum: the largest e is fast_exp(0) = 1 exactly and every other e <= 1, so no p exceeds 1 * inv. The
-// scale pass adds the two sums as it writes p, with row_entropy's terms in row_entropy's loop shape. A NaN or
-// all -inf row gives 0, as there.
-inline double softmax_row_entropy(float* __restrict y, const float* __restrict x, int64_t C) {
-  const float m = row_max(x, C);
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < C; ++c) {
-    const float e = fast_exp(x[c] - m);
-    y[c] = e;
-    s += e;
-  }
-  const float inv = 1.0f / s;
-  float psum = 0.f, ps = 0.f;
-#pragma omp simd reduction(+ : psum, ps)
-  for (int64_t c = 0; c < C; ++c) {
-    const float p = y[c] * inv;
-    y[c] = p;
-    const bool live = p > 0.f;  // selects, not ifs: 0 * (-inf - m) would be NaN
-    psum += live ? p : 0.f;
-    ps += live ? p * (x[c] - m) : 0.f;
-  }
-  return inv > 0.f ? -std::log((double)inv) * psum - ps : 0.0;  // inv NaN: a NaN row
-}
-
 // topk_forward's arithmetic on R rows, on the calling thread (kernels/topk.h: order, ties, NaN).
 void topk_rows(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k);
 
