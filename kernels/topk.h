@@ -7,10 +7,12 @@
 //   - NaN ranks above every number (as in PyTorch), so a broken router row shows up in the selection instead of
 //     being silently skipped; NaNs among themselves follow the index rule. -0.0 and +0.0 tie.
 //
-// Two paths, chosen per call by k:
-//   k <= 8 (routing: n = 4..1024 experts, k = 1..8): one pass over the row keeping the best k in a small sorted
+// Paths, chosen per row by k and n (the same answer from each):
+//   k <= 8, n <= 64 (a tree router's levels): k rounds of a vector max and a vector equality test over the row,
+//          no branch per candidate (a row holding a NaN takes the next path);
+//   k <= 8 (routing: n up to 1024 experts and more): one pass over the row keeping the best k in a small sorted
 //          array; a block of 16 scores is skipped with one vectorised "any above the current k-th?" test, so
-//          most of a long row costs one compare per element.
+//          most of a long row costs one compare per element;
 //   k > 8: nth_element + sort of the winners on an index array (O(n + k log k)).
 #pragma once
 #include <cstdint>
