@@ -1,4 +1,4 @@
-// CPU top-k. See kernels/topk.h for the order (descending, ties -> lower index, NaN first) and the two paths.
+// CPU top-k. See kernels/topk.h for the order (descending, ties -> lower index, NaN first) and the paths.
 #include "kernels/topk.h"
 #include "kernels/cpu/rows.h"
 
