@@ -5,11 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define CM_HD __host__ __device__ __forceinline__
-#else
-#define CM_HD inline
-#endif
+#include "engine/hd.h"
 
 namespace cm {
 

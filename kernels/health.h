@@ -16,6 +16,8 @@
 #pragma once
 #include <cstdint>
 
+#include "engine/hd.h"
+
 namespace cm::cpu {
 
 // Forward of the guard over y [S, C]. A row of expert e is bad when its norm is not finite (counted in counts[0]),
@@ -59,6 +61,28 @@ void expert_prune_update(float* low_steps, float* pruned, int64_t* load, const f
                          int64_t k, float threshold, int64_t window, bool use_reliability);
 
 }  // namespace cm::cpu
+
+namespace cm::shared {
+// expert_prune_update's pass, the one definition both twins run (the CUDA one on a single thread): experts in order,
+// since a prune changes what the next expert's parent count sees.
+CM_HD void expert_prune_pass(float* low_steps, float* pruned, int64_t* load, const float* state, int64_t N,
+                             int64_t b, int64_t k, float threshold, int64_t window, bool use_reliability) {
+  int64_t total = 0;
+  for (int64_t e = 0; e < N; ++e) total += load[e];
+  if (total > 0)
+    for (int64_t e = 0; e < N; ++e) {
+      if (pruned[e] != 0.f) continue;
+      const bool low = (float)load[e] / (float)total < threshold || (use_reliability && state[e] < 0.1f);
+      low_steps[e] = low ? low_steps[e] + 1.f : 0.f;
+      if (low_steps[e] < (float)window) continue;
+      const int64_t first = e / b * b;
+      int64_t live = 0;
+      for (int64_t c = first; c < first + b; ++c) live += pruned[c] == 0.f;
+      if (live - 1 >= k) pruned[e] = 1.f;
+    }
+  for (int64_t e = 0; e < N; ++e) load[e] = 0;
+}
+}  // namespace cm::shared
 
 #if CM_CUDA
 // CUDA twins (kernels/cuda/health.cu), launched on the engine's stream; same arguments, device pointers.

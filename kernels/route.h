@@ -13,6 +13,8 @@
 #pragma once
 #include <cstdint>
 
+#include "engine/hd.h"
+
 namespace cm::cpu {
 
 // logits [P, b]: logits[p, c] = dot(h[p / Kp], W[node[p] * b + c]). node == nullptr: one node (n = 1, Kp = 1), a
@@ -159,6 +161,21 @@ void route_select_backward(float* dprobs,             // [P, b]
                            int64_t P, int64_t b, int64_t k, bool renorm);
 
 }  // namespace cm::cpu
+
+namespace cm::shared {
+// route_aux_bias_update at one node, the one definition both twins run (the CUDA one a thread per node): bias and
+// load point at the node's b children.
+CM_HD void aux_bias_node_update(float* bias, int64_t* load, int64_t b, float rate) {
+  double mean = 0.0;
+  for (int64_t c = 0; c < b; ++c) mean += (double)load[c];
+  mean /= (double)b;
+  for (int64_t c = 0; c < b; ++c) {
+    const double d = mean - (double)load[c];
+    bias[c] += rate * (float)((d > 0) - (d < 0));
+  }
+  for (int64_t c = 0; c < b; ++c) load[c] = 0;
+}
+}  // namespace cm::shared
 
 #if CM_CUDA
 // CUDA twins (kernels/cuda/route.cu), on device pointers, on the engine's stream, without waiting for it; node ==

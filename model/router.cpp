@@ -247,8 +247,8 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
     r.gate = div(path.view({T, r.K}), sum(path.view({T, r.K}), 1, true)).view({P});
 
   // ---- the host read-out, one copy and one wait for the whole call, when the caller needs host values (moe.cpp:
-  // evaluation, capacity, aux-free bias, pruning, AC labels). A dropless training step asks for none: then route()
-  // reads nothing. (The routing losses need no host values: they run on the loss kernels.)
+  // evaluation only). A training step asks for none: then route() reads nothing. (The routing losses need no host
+  // values: they run on the loss kernels.)
   if (read_out) read_host(r, dev);
   finish(r, lb_terms, z_terms, dev);
   return r;

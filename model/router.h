@@ -42,8 +42,8 @@ Segments counting_sort(const std::vector<int32_t>& ids, int64_t n);
 // No-gradient terms the owner (the MoE layer) adds to the router's logits, per level l [nodes[l] * b_l] f32 on h's
 // device: log reliability of each child, and -inf for pruned children (kernels/route.h route_bias_forward makes
 // them where the layer computes, levels concatenated in `all`). The router hands them to its kernels as they are
-// and never looks at them on the host; the load-balance kernel decides on the device whether a level has targets other than 1/b. Undefined (the default):
-// no bias at all (the layer has neither reliability nor a pruned expert).
+// and never looks at them on the host; the load-balance kernel decides on the device whether a level has targets
+// other than 1/b. Undefined (the default): no bias at all (the layer has neither reliability nor a pruned expert).
 struct RouterBias {
   Tensor all;                 // [sum_l nodes[l] * b_l], level 0 first; undefined: no bias
   std::vector<Tensor> level;  // [D] views of all, level l [nodes[l] * b_l]
@@ -69,7 +69,7 @@ struct Routing {
   // Host read-outs of the tensors above, made by route() in one copy and one wait (read_out_words, engine/tensor.h)
   // when asked (route's read_out): empty otherwise. moe.cpp asks in evaluation only (statistics, generation).
   std::vector<int32_t> expert;                     // [T*K] = expert_ids
-  std::vector<float> gate_value;                   // [T*K] the gates' values (capacity ordering, stats)
+  std::vector<float> gate_value;                   // [T*K] the gates' values (evaluation's top-1, statistics)
   std::vector<std::vector<int64_t>> level_counts;  // = level_counts_dev
   float entropy = 0.f;                             // = entropy_dev (NaN: not computed, set_entropy(false))
 };

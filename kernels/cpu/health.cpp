@@ -129,20 +129,7 @@ void expert_health_update(float* state, double* pend, const float* sums, const i
 
 void expert_prune_update(float* low_steps, float* pruned, int64_t* load, const float* state, int64_t N, int64_t b,
                          int64_t k, float threshold, int64_t window, bool use_reliability) {
-  int64_t total = 0;
-  for (int64_t e = 0; e < N; ++e) total += load[e];
-  if (total > 0)
-    for (int64_t e = 0; e < N; ++e) {
-      if (pruned[e] != 0.f) continue;
-      const bool low = (float)load[e] / (float)total < threshold || (use_reliability && state[e] < 0.1f);
-      low_steps[e] = low ? low_steps[e] + 1.f : 0.f;
-      if (low_steps[e] < (float)window) continue;
-      const int64_t first = e / b * b;
-      int64_t live = 0;
-      for (int64_t c = first; c < first + b; ++c) live += pruned[c] == 0.f;
-      if (live - 1 >= k) pruned[e] = 1.f;
-    }
-  std::fill(load, load + N, int64_t{0});
+  shared::expert_prune_pass(low_steps, pruned, load, state, N, b, k, threshold, window, use_reliability);
 }
 
 }  // namespace cm::cpu

@@ -146,17 +146,7 @@ void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n) {
 }
 
 void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate) {
-  for (int64_t node = 0; node < n; ++node) {
-    int64_t* l = load + node * b;
-    double mean = 0.0;
-    for (int64_t c = 0; c < b; ++c) mean += (double)l[c];
-    mean /= (double)b;
-    for (int64_t c = 0; c < b; ++c) {
-      const double d = mean - (double)l[c];
-      bias[node * b + c] += rate * (float)((d > 0) - (d < 0));
-    }
-    std::fill(l, l + b, int64_t{0});
-  }
+  for (int64_t node = 0; node < n; ++node) shared::aux_bias_node_update(bias + node * b, load + node * b, b, rate);
 }
 
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,

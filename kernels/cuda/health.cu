@@ -145,25 +145,12 @@ __global__ void health_update_kernel(float* __restrict__ state, double* __restri
   for (int64_t i = 0; i < 5 * N; ++i) pend[i] = 0.0;
 }
 
-// One thread, the experts in order: a prune changes what the next expert's parent count sees (the CPU's pass).
+// One thread: the CPU's pass (kernels/health.h shared::expert_prune_pass).
 __global__ void prune_update_kernel(float* __restrict__ low_steps, float* __restrict__ pruned,
                                     int64_t* __restrict__ load, const float* __restrict__ state, int64_t N, int64_t b,
                                     int64_t k, float threshold, int64_t window, bool use_reliability) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  int64_t total = 0;
-  for (int64_t e = 0; e < N; ++e) total += load[e];
-  if (total > 0)
-    for (int64_t e = 0; e < N; ++e) {
-      if (pruned[e] != 0.f) continue;
-      const bool low = (float)load[e] / (float)total < threshold || (use_reliability && state[e] < 0.1f);
-      low_steps[e] = low ? low_steps[e] + 1.f : 0.f;
-      if (low_steps[e] < (float)window) continue;
-      const int64_t first = e / b * b;
-      int64_t live = 0;
-      for (int64_t c = first; c < first + b; ++c) live += pruned[c] == 0.f;
-      if (live - 1 >= k) pruned[e] = 1.f;
-    }
-  for (int64_t e = 0; e < N; ++e) load[e] = 0;
+  shared::expert_prune_pass(low_steps, pruned, load, state, N, b, k, threshold, window, use_reliability);
 }
 
 }  // namespace

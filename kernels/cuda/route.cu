@@ -417,20 +417,11 @@ __global__ void offset_counts_kernel(int32_t* __restrict__ rows, const int64_t* 
 __global__ void counts_add_kernel(int64_t* __restrict__ acc, const int32_t* __restrict__ counts, int64_t n) {
   for (int64_t i = gtid(); i < n; i += gstride()) acc[i] += counts[i];
 }
-// One thread per node: its b loads in order, the CPU's arithmetic.
+// One thread per node: the CPU's arithmetic (kernels/route.h shared::aux_bias_node_update).
 __global__ void aux_bias_update_kernel(float* __restrict__ bias, int64_t* __restrict__ load, int64_t n, int64_t b,
                                        float rate) {
-  for (int64_t node = gtid(); node < n; node += gstride()) {
-    int64_t* l = load + node * b;
-    double mean = 0.0;
-    for (int64_t c = 0; c < b; ++c) mean += (double)l[c];
-    mean /= (double)b;
-    for (int64_t c = 0; c < b; ++c) {
-      const double d = mean - (double)l[c];
-      bias[node * b + c] += rate * (float)((d > 0) - (d < 0));
-    }
-    for (int64_t c = 0; c < b; ++c) l[c] = 0;
-  }
+  for (int64_t node = gtid(); node < n; node += gstride())
+    shared::aux_bias_node_update(bias + node * b, load + node * b, b, rate);
 }
 }  // namespace
 
