@@ -22,7 +22,10 @@
 // of each pass is the bytes it must read and write at least once (listed in layer_bytes) at this machine's copy
 // bandwidth, measured in the same run: a copy of half as many bytes (it reads and writes them), by one thread
 // (memcpy) and by all (an OpenMP split), the faster taken. The rounds alternate path and copies; medians over the
-// rounds, in wall time and in process CPU time (the steadier on a shared machine). A ratio of 1 is the floor.
+// rounds, in wall time and in process CPU time (the steadier on a shared machine). A ratio of 1 is the floor. The
+// last two columns put the same bytes against a copy by streaming stores, split over the threads: no store reads
+// its line first, so it moves them faster than memcpy does (the floor of a path whose kernels stream every output;
+// ours store plainly, their outputs read back from the cache by the next kernel).
 //
 //   make -j2 USE_CUDA=0 build/bench/dispatch
 //   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer]
@@ -46,6 +49,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -238,10 +244,6 @@ LayerBytes layer_bytes(int64_t T, const std::vector<Level>& levels, int64_t N, i
   return by;
 }
 
-// Seconds to copy `bytes` (it reads and writes them: 2 x bytes of traffic), by memcpy and by an OpenMP split.
-struct CopyTimes {
-  double one = 0, all = 0;
-};
 
 bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, int64_t C, int rounds) {
   using namespace cm;
@@ -323,17 +325,34 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
 
   const LayerBytes lb = layer_bytes(T, levels, N, C);
   const size_t copy_bytes = (size_t)(std::max(lb.forward, lb.backward) / 2);
-  std::vector<char> src(copy_bytes, 1), dst(copy_bytes, 0);
-  auto copy_one = [&](size_t n) { std::memcpy(dst.data(), src.data(), n); };
-  auto copy_all = [&](size_t n) {
+  std::vector<float> src_f(copy_bytes / 4 + 16, 1.f), dst_f(copy_bytes / 4 + 16, 0.f);  // 64-aligned views below
+  auto aligned = [](std::vector<float>& v) { return (char*)(((uintptr_t)v.data() + 63) / 64 * 64); };
+  char *src = aligned(src_f), *dst = aligned(dst_f);
+  auto copy_one = [&](size_t n) { std::memcpy(dst, src, n); };
+  // The copy split over the threads, by memcpy or by streaming stores (which write a line without first reading
+  // it: a plain store's read-for-ownership is a third transfer per line, which glibc's memcpy only avoids above
+  // 240 MB here). The path's kernels store plainly: their outputs are read back by the next kernel, from the cache
+  // (streaming stores in permute and combine were tried, and gained nothing in this path).
+  auto copy_all = [&](size_t n, bool stream) {
 #pragma omp parallel
     {
       int th = 0, nth = 1;
 #ifdef _OPENMP
       th = omp_get_thread_num(), nth = omp_get_num_threads();
 #endif
-      const size_t lo = n * (size_t)th / (size_t)nth, hi = n * (size_t)(th + 1) / (size_t)nth;
-      std::memcpy(dst.data() + lo, src.data() + lo, hi - lo);
+      size_t lo = n * (size_t)th / (size_t)nth, hi = n * (size_t)(th + 1) / (size_t)nth;
+#if defined(__AVX512F__)
+      if (stream) {
+        lo = lo / 64 * 64, hi = th + 1 == nth ? n : hi / 64 * 64;  // whole lines (the vectors are 64-aligned)
+        size_t i = lo;
+        for (; i + 64 <= hi; i += 64)
+          _mm512_stream_ps((float*)(dst + i), _mm512_load_ps((const float*)(src + i)));
+        std::memcpy(dst + i, src + i, hi - i);
+        _mm_sfence();
+        lo = hi;
+      }
+#endif
+      std::memcpy(dst + lo, src + lo, hi - lo);
     }
   };
   // Wall time and process CPU time (all threads, system time included: page faults are work too). On a shared
@@ -353,33 +372,36 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
     t.wall.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     t.cpu.push_back(cpu_now() - c0);
   };
-  Times tf, tb, cf1, cfa, cb1, cba;
+  Times tf, tb, cf1, cfa, cfs, cb1, cba, cbs;
   for (int r = 0; r < rounds; ++r) {  // interleaved: path, then the copies of its bytes
     timed(tf, forward);
     timed(tb, backward);
     timed(cf1, [&] { copy_one((size_t)(lb.forward / 2)); });
-    timed(cfa, [&] { copy_all((size_t)(lb.forward / 2)); });
+    timed(cfa, [&] { copy_all((size_t)(lb.forward / 2), false); });
+    timed(cfs, [&] { copy_all((size_t)(lb.forward / 2), true); });
     timed(cb1, [&] { copy_one((size_t)(lb.backward / 2)); });
-    timed(cba, [&] { copy_all((size_t)(lb.backward / 2)); });
+    timed(cba, [&] { copy_all((size_t)(lb.backward / 2), false); });
+    timed(cbs, [&] { copy_all((size_t)(lb.backward / 2), true); });
   }
   auto med = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  auto row = [&](const char* what, const Times& t, const Times& one, const Times& all, double bytes) {
+  auto row = [&](const char* what, const Times& t, const Times& one, const Times& all, const Times& st, double bytes) {
     const double fw = std::min(med(one.wall), med(all.wall)), fc = std::min(med(one.cpu), med(all.cpu));
     std::printf("| %lld | %s | %s | %.1f | %.2f | %.2f (%.1f GB/s; memcpy %.2f, %d threads %.2f) | **%.2f** | %.2f | %.2f "
-                "| **%.2f** |\n",
+                "| **%.2f** | %.2f (%.1f GB/s) | %.2f |\n",
                 (long long)N, router, what, bytes / 1e6, 1e3 * med(t.wall), 1e3 * fw, bytes / fw / 1e9, 1e3 * med(one.wall),
 #ifdef _OPENMP
                 omp_get_max_threads(),
 #else
                 1,
 #endif
-                1e3 * med(all.wall), med(t.wall) / fw, 1e3 * med(t.cpu), 1e3 * fc, med(t.cpu) / fc);
+                1e3 * med(all.wall), med(t.wall) / fw, 1e3 * med(t.cpu), 1e3 * fc, med(t.cpu) / fc,
+                1e3 * med(st.wall), bytes / med(st.wall) / 1e9, med(t.wall) / med(st.wall));
   };
-  row("forward", tf, cf1, cfa, lb.forward);
-  row("backward", tb, cb1, cba, lb.backward);
+  row("forward", tf, cf1, cfa, cfs, lb.forward);
+  row("backward", tb, cb1, cba, cbs, lb.backward);
   // The level-0 selection with the entropy statistic (on by default: tests, experiments) and without, in turn.
   std::vector<double> sel_ent, sel_plain;
   for (int r = 0; r < rounds; ++r)
@@ -397,7 +419,7 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
     std::snprintf(buf, sizeof buf, "%s%s %.2f", i ? ", " : "", stage_name[i], 1e3 * med(v));
     stages += buf;
   }
-  std::printf("|  |  | forward stages, wall ms | %s; level-0 select %.2f, with the entropy statistic %.2f | | | | | | |\n",
+  std::printf("|  |  | forward stages, wall ms | %s; level-0 select %.2f, with the entropy statistic %.2f | | | | | | | | |\n",
               stages.c_str(), 1e3 * med(sel_plain), 1e3 * med(sel_ent));
   std::fflush(stdout);
   return true;
@@ -410,8 +432,8 @@ bool run_layer_paths() {
               "experts per token, identity experts; medians of %d interleaved rounds\n\n",
               (long long)T, (long long)C, rounds);
   std::printf("| N | router | pass | MB moved (floor) | path ms | floor ms (copy bandwidth) | path / floor | path CPU ms "
-              "| floor CPU ms | path / floor (CPU) |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n");
+              "| floor CPU ms | path / floor (CPU) | streaming copy ms | path / streaming copy |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   bool ok = true;
   // The trees first: the flat router's [T, N] blocks (64 MB at N = 1024) change the heap's state for whatever
   // runs after them (a tree measured after them took up to 1.6x as long in the backward).
