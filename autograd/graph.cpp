@@ -177,8 +177,11 @@ void run_backward(const Tensor& root, const Tensor& grad_root) {
         else if (!owned(slot))  // the first gradient may alias another tensor: accumulate into a private copy
           slot = own_copy(slot);
         add_into(slot, gin[i], w, node->name);
-      } else if (!in.grad().defined() && !w) {  // a leaf's first gradient
-        in.set_grad(own_copy(gin[i]));
+      } else if (!in.grad().defined() && !w) {
+        // A leaf's first gradient: taken as it is when nothing else holds it (a rule's fresh result, as PyTorch's
+        // AccumulateGrad takes it), else a private copy that later gradients can be added into. With zero_grad
+        // dropping the gradients every step, the copy was a pass over every parameter's gradient per step.
+        in.set_grad(owned(gin[i]) ? gin[i] : own_copy(gin[i]));
       } else {
         if (!in.grad().defined()) in.set_grad(Tensor::zeros(in.shape(), DType::F32, in.device()));
         add_into(in.grad(), gin[i], w, node->name);

@@ -110,6 +110,48 @@ TEST_CASE("NoGrad records nothing; detach cuts history") {
   CHECK(x.grad().to_f32_vector() == d.to_f32_vector());
 }
 
+TEST_CASE("a leaf's first gradient: taken when nothing else holds it, a private copy when something does") {
+  // A rule's fresh result becomes the leaf's gradient as it is (no copy: with zero_grad every step, a copy was a pass
+  // over every parameter's gradient). One that anything else still holds (the rule's own state, another input's
+  // gradient, the caller's seed) is copied, so adding later gradients into it changes nothing else.
+  Tensor x = param({4}, 9);
+  const float* made = nullptr;
+  Tensor kept;
+  auto probe = [&](bool keep) {
+    made = nullptr;
+    kept = Tensor();
+    Tensor y = record("probe", mul(x.detach(), 2.f), {x}, [&made, &kept, keep](const Tensor& gy) {
+      Tensor g = mul(gy, 2.f);
+      made = g.f32();
+      if (keep) kept = g;
+      return grads{g};
+    });
+    x.zero_grad();
+    sum(y).backward();
+    REQUIRE(made != nullptr);
+  };
+  probe(false);
+  CHECK(x.grad().f32() == made);  // taken
+  probe(true);
+  CHECK(x.grad().f32() != made);  // held by the rule: copied
+  CHECK(x.grad().to_f32_vector() == kept.to_f32_vector());
+  sum(mul(x, 3.f)).backward();  // accumulates into the leaf's copy only
+  CHECK(kept.to_f32_vector() == std::vector<float>(4, 2.f));
+  CHECK(x.grad().to_f32_vector() == std::vector<float>(4, 5.f));
+
+  // add passes its gradient through to both inputs, and the seed is the caller's: three tensors, no sharing.
+  Tensor a = param({3}, 10), b = param({3}, 11), seed = uniform({3}, 12);
+  const std::vector<float> s0 = seed.to_f32_vector();
+  add(a, b).backward(seed);
+  sum(mul(a, 4.f)).backward();
+  std::vector<float> ga = a.grad().to_f32_vector(), gb = b.grad().to_f32_vector();
+  for (int i = 0; i < 3; ++i) {
+    CHECK(ga[i] == s0[i] + 4.f);
+    CHECK(gb[i] == s0[i]);
+  }
+  CHECK(seed.to_f32_vector() == s0);
+}
+
 TEST_CASE("zero_grad clears; backward on a non-grad tensor is an error") {
   Tensor x = param({2}, 6);
   sum(x * 3.f).backward();
