@@ -134,6 +134,12 @@ const SelCase kSelCases[] = {
     {11, 2, 3, 5, 2, 0.7f, true, false, true, true},    // renorm_last with reliability and pruned children
     {9, 3, 4, 4, 3, 1.f, true, true, false, true},      // aux-free bias and pruning, k = 3
     {13, 2, 2, 7, 1, 2.f, false, true, false, true},    // k = 1
+    // Sixteen rows at a time (kernels/cpu/route.cpp, select_block16: b a power of 2 up to 32, k <= 2), with a
+    // short tail of rows taken one by one.
+    {20, 1, 1, 16, 2, 1.f, false, false, true, false},  // the root, renorm_last
+    {24, 2, 3, 8, 1, 0.7f, true, true, false, true},    // reliability, pruning, aux-free bias
+    {16, 2, 4, 32, 2, 1.f, true, true, true, true},     // everything at once
+    {37, 1, 1, 2, 1, 1.f, false, false, false, false},  // two children
 };
 
 // Biases for a case: log reliabilities in (log 0.5, 0], one pruned child per node (never enough to leave fewer
@@ -148,6 +154,18 @@ std::vector<float> case_lbias(const SelCase& cs, uint64_t seed) {
 std::vector<float> case_abias(const SelCase& cs, uint64_t seed) {
   return cs.abias ? uniform({cs.n * cs.b}, seed, -0.1f, 0.1f).to_f32_vector() : std::vector<float>{};
 }
+// A tensor's floats as their bit patterns, every NaN as one pattern (a NaN's sign and payload are not results: the
+// same softmax row inlined into two kernels may give -nan in one and +nan in the other).
+std::vector<uint32_t> bits_of(const Tensor& t) {
+  const std::vector<float> v = t.to_f32_vector();
+  std::vector<uint32_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const float x = v[i] != v[i] ? NAN : v[i];
+    std::memcpy(&b[i], &x, sizeof(float));
+  }
+  return b;
+}
+
 Tensor opt_tensor(const std::vector<float>& v) {
   return v.empty() ? Tensor() : Tensor::from_vector(v, {(int64_t)v.size()});
 }
@@ -357,6 +375,10 @@ TEST_SUITE("routing") {
         {450, 2, 3, 300, 2, 0.7f, true, true, true, true},     // reliability, pruning, aux-free
         {7001, 1, 1, 5, 3, 1.f, false, true, false, false},    // many short rows
         {60, 1, 1, 700, 9, 1.3f, true, false, false, false},   // k = 9: the general top-k path
+        // Sixteen rows at a time, some of them NaN (a NaN or an infinite logit: such a block's rows go one by one)
+        {500, 2, 4, 16, 2, 1.f, true, true, true, true},
+        {301, 1, 1, 32, 1, 0.8f, true, false, false, false},
+        {999, 1, 1, 4, 2, 1.f, false, true, true, false},
     };
     for (const SelCase& cs : cases)
       for (int threads : {1, 2}) {
@@ -367,14 +389,19 @@ TEST_SUITE("routing") {
         std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 60 + cs.k);
         std::vector<float> lb = case_lbias(cs, 61), ab = case_abias(cs, 62);
         Tensor l = uniform({P, cs.b}, 63, -3.f, 3.f), par = uniform({P}, 64, 0.1f, 1.f);
+        if (cs.b <= 32)
+          for (int64_t p : {int64_t{37}, int64_t{50}, int64_t{123}}) {  // an all-NaN row, a NaN, an infinity
+            for (int64_t c = 0; c < (p == 37 ? cs.b : 1); ++c) l.f32()[p * cs.b + c] = NAN;
+            if (p == 123) l.f32()[p * cs.b + 1] = INFINITY;
+          }
         NoGrad ng;
         LevelSelection a = route_select(l, node.empty() ? Tensor() : Tensor::from_vector(node, {P}),
                                         cs.parent ? par : Tensor(), opt_tensor(lb), opt_tensor(ab), cs.n,
                                         cs.temperature, cs.k, cs.renorm, true);
         OldSelection r = old_select(l, node, cs.parent ? par : Tensor(), lb, ab, cs.n, cs.temperature, cs.k, cs.renorm);
         CHECK(a.child.to_i32_vector() == r.child);
-        CHECK(a.probs.to_f32_vector() == r.probs.to_f32_vector());
-        CHECK(a.path.to_f32_vector() == r.path.to_f32_vector());
+        CHECK(bits_of(a.probs) == bits_of(r.probs));
+        CHECK(bits_of(a.path) == bits_of(r.path));
         // The entropy of the separate passes: the scores as the composite made them, route_mean_entropy over all.
         Tensor sc = cs.temperature != 1.f ? mul(l, 1.f / cs.temperature) : l;
         if (!lb.empty())

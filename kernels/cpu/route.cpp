@@ -15,6 +15,17 @@
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
 
+#if defined(__AVX512F__)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the self-initialised _mm512_undefined_ps() inside the AVX-512 unpack intrinsics (a false positive,
+// as in kernels/cpu/gemm.cpp and topk.cpp); the pragma must precede the header for the warning's location to fall
+// under it.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
+
 namespace cm::cpu {
 
 namespace {
@@ -294,6 +305,157 @@ void route_group_select(int32_t* ids, const float* probs, const float* abias, co
   }
 }
 
+namespace {
+
+// Sixteen pairs' rows of B children at once, a pair per SIMD lane: the softmax, the selection scores and the top K
+// (K <= 2) of rows [16, B] at x, with the bits of the row-by-row path (softmax_row, then topk_rows). A short row
+// is a chain of reductions (max, sum, then top k's rounds); across sixteen rows each reduction step is one
+// vertical vector operation, and the chains of different rows no longer wait on each other. The columns:
+//   max      one lane's running max over the columns (exact in any order; the sign of a zero max changes no
+//            x - max that matters: exp(+-0) = 1);
+//   sum      row_sum16's order: lane sums acc[c % 16] added in column order, then the tree fold;
+//   top K    K best kept per lane, a column displacing a kept one only when strictly greater: the largest first,
+//            ties (and -0.0 against +0.0) to the lower index, as topk_rows orders them.
+// A NaN score (a NaN or infinite logit, a NaN bias) ranks above every number in topk_rows: such a block returns
+// false, and the caller runs those rows one by one (the same softmax bits either way).
+// The arguments are route_select_forward's: scores = probs + abias (when given), -inf where lbias prunes;
+// a[l] is lane l's node's first child. Writes probs [16, B], ix and sel [16, K].
+// dst[j * ds + l] = src[l * ss + j] for a 16 x 16 block: rows to columns. With AVX-512, sixteen row loads, four
+// rounds of in-register shuffles (pairs of lanes, then pairs of pairs, then 128-bit and 256-bit blocks) and sixteen
+// stores, where element-by-element loads cost a load and an insert for each of the 256.
+inline void transpose16(float* __restrict dst, int64_t ds, const float* __restrict src, int64_t ss) {
+#if defined(__AVX512F__)
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single elements
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)  // 2 x 2 blocks of pairs
+    for (int h = 0; h < 2; ++h) {
+      r[i + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + h]), _mm512_castps_pd(t[i + 2 + h])));
+      r[i + 2 + h] =
+          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + h]), _mm512_castps_pd(t[i + 2 + h])));
+    }
+  for (int i = 0; i < 16; i += 8)  // 2 x 2 blocks of 128-bit quarters
+    for (int h = 0; h < 4; ++h) {
+      t[i + h] = _mm512_shuffle_f32x4(r[i + h], r[i + 4 + h], 0x88);
+      t[i + 4 + h] = _mm512_shuffle_f32x4(r[i + h], r[i + 4 + h], 0xDD);
+    }
+  for (int h = 0; h < 8; ++h) {  // 2 x 2 blocks of 256-bit halves
+    r[h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0x88);
+    r[8 + h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0xDD);
+  }
+  // r[q] now holds column c(q) of the source: the shuffles above leave the columns in a fixed permutation.
+  static constexpr int col[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int q = 0; q < 16; ++q) _mm512_storeu_ps(dst + col[q] * ds, r[q]);
+#else
+  for (int j = 0; j < 16; ++j)
+    for (int l = 0; l < 16; ++l) dst[j * ds + l] = src[l * ss + j];
+#endif
+}
+
+template <int B, int K>
+bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __restrict sel,
+                    const float* __restrict x, const float* abias, const float* lbias, bool any_pruned,
+                    const int64_t* a) {
+  float e[B][16];
+  if (B % 16 == 0)
+    for (int j = 0; j < B; j += 16) transpose16(&e[j][0], 16, x + j, B);
+  else
+    for (int j = 0; j < B; ++j)
+      for (int l = 0; l < 16; ++l) e[j][l] = x[l * B + j];
+  float m[16];
+  for (int l = 0; l < 16; ++l) m[l] = -INFINITY;
+  for (int j = 0; j < B; ++j)
+    for (int l = 0; l < 16; ++l) m[l] = e[j][l] > m[l] ? e[j][l] : m[l];
+  for (int j = 0; j < B; ++j)
+    for (int l = 0; l < 16; ++l) e[j][l] = fast_exp(e[j][l] - m[l]);
+  float acc[16][16] = {};  // acc[q][l]: lane sum q of row l
+  for (int j = 0; j < B; ++j)
+    for (int l = 0; l < 16; ++l) acc[j % 16][l] += e[j][l];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int q = 0; q < w; ++q)
+      for (int l = 0; l < 16; ++l) acc[q][l] += acc[q + w][l];
+  float inv[16];
+  for (int l = 0; l < 16; ++l) inv[l] = 1.0f / acc[0][l];
+  for (int j = 0; j < B; ++j)
+    for (int l = 0; l < 16; ++l) e[j][l] *= inv[l];
+  // The selection scores (the probabilities themselves unless a bias or a pruned child is involved), a NaN
+  // among them, then the top K per lane: loops over the lanes without branches, so that they vectorise.
+  float biased_sc[B][16];
+  const bool scored = abias || any_pruned;
+  if (scored)
+    for (int j = 0; j < B; ++j)
+      for (int l = 0; l < 16; ++l) {
+        const float v = e[j][l] + (abias ? abias[a[l] + j] : 0.f);
+        const float lb = any_pruned ? lbias[a[l] + j] : 0.f;
+        biased_sc[j][l] = std::isinf(lb) && lb < 0 ? -INFINITY : v;
+      }
+  const float(*sc)[16] = scored ? biased_sc : e;
+  int32_t nan_lane[16] = {};
+  for (int j = 0; j < B; ++j)
+    for (int l = 0; l < 16; ++l) nan_lane[l] |= sc[j][l] != sc[j][l];
+  float best[K][16];
+  int32_t at[K][16];
+  for (int l = 0; l < 16; ++l) best[0][l] = sc[0][l], at[0][l] = 0;
+  if (K == 2)
+    for (int l = 0; l < 16; ++l) {
+      const bool up = sc[1][l] > best[0][l];
+      best[K - 1][l] = up ? best[0][l] : sc[1][l];
+      at[K - 1][l] = up ? 0 : 1;
+      best[0][l] = up ? sc[1][l] : best[0][l];
+      at[0][l] = up ? 1 : 0;
+    }
+  for (int j = K; j < B; ++j)
+    for (int l = 0; l < 16; ++l) {
+      const float v = sc[j][l];
+      const bool up0 = v > best[0][l], up1 = v > best[K - 1][l];
+      if (K == 2) {
+        best[K - 1][l] = up0 ? best[0][l] : (up1 ? v : best[K - 1][l]);
+        at[K - 1][l] = up0 ? at[0][l] : (up1 ? j : at[K - 1][l]);
+      }
+      best[0][l] = up0 ? v : best[0][l];
+      at[0][l] = up0 ? j : at[0][l];
+    }
+  int32_t nan = 0;
+  for (int l = 0; l < 16; ++l) nan |= nan_lane[l];
+  if (nan) return false;
+  if (B % 16 == 0)
+    for (int j = 0; j < B; j += 16) transpose16(probs + j, B, &e[j][0], 16);
+  else
+    for (int l = 0; l < 16; ++l)
+      for (int j = 0; j < B; ++j) probs[l * B + j] = e[j][l];
+  for (int l = 0; l < 16; ++l)
+    for (int r = 0; r < K; ++r) {
+      ix[l * K + r] = at[r][l];
+      sel[l * K + r] = e[at[r][l]][l];
+    }
+  return true;
+}
+
+using SelectBlock = bool (*)(float*, int32_t*, float*, const float*, const float*, const float*, bool,
+                             const int64_t*);
+
+template <int K>
+SelectBlock select_block_for(int64_t b) {
+  switch (b) {
+    case 2: return select_block16<2, K>;
+    case 4: return select_block16<4, K>;
+    case 8: return select_block16<8, K>;
+    case 16: return select_block16<16, K>;
+    case 32: return select_block16<32, K>;  // (at 64 the row-by-row path is faster: 75 ns a row against 93)
+    default: return nullptr;
+  }
+}
+
+// The block kernel for b children and k kept, or nullptr: the row-by-row path then.
+SelectBlock select_block(int64_t b, int64_t k) {
+  return k == 1 ? select_block_for<1>(b) : k == 2 && b >= 2 ? select_block_for<2>(b) : nullptr;
+}
+
+}  // namespace
+
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
                           const float* logits, const int32_t* node, const float* path_parent, const float* lbias,
                           const float* abias, float inv_temp, int64_t P, int64_t n, int64_t b, int64_t k,
@@ -327,52 +489,62 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   // at 1024, 0.9x.)
   // The row units open no parallel region of their own: one region here, whatever P (with a nested region per
   // block of rows, the selection without entropy took 9.1 ms at T = 16384, b = 1024; without them, 8.4).
+  // A tree's short rows (b a power of 2 up to 32, k <= 2) go sixteen at a time through select_block16, which
+  // computes the same bits with a row per SIMD lane.
   const int64_t R = std::max<int64_t>(1, 1024 / b), blocks = (P + R - 1) / R;
+  const SelectBlock block16 = select_block(b, k);
 #pragma omp parallel if (P * b >= kParallelMin)
   {
     std::vector<float> s((size_t)(scaled ? R * b : 0)), scores((size_t)(biased ? b : 0));
     std::vector<float> top((size_t)k);  // the selected scores (unused: the gates come from probs)
+    // One row by the row units: softmax_row, then the selection scores and topk_rows.
+    auto select_row = [&](int64_t p, const float* sp) {
+      softmax_row(probs + p * b, sp, b);
+      const float* pr = probs + p * b;
+      // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
+      // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
+      // all-NaN row this still takes the first k selectable children).
+      const float* sc = pr;
+      if (biased) {
+        const int64_t a = at(p);
+        for (int64_t c = 0; c < b; ++c) {
+          const float v = pr[c] + (abias ? abias[a + c] : 0.f);
+          const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
+          scores[(size_t)c] = pruned ? -INFINITY : v;
+        }
+        sc = scores.data();
+      }
+      topk_rows(top.data(), ix + p * k, sc, 1, b, k);
+      for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = pr[ix[p * k + j]];  // the kept probabilities
+    };
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t p0 = blk * R, p1 = std::min(P, p0 + R);
-      for (int64_t p = p0; p < p1; ++p) {
-        // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
-        // expression would let the compiler fuse them into an fma, which rounds once: not the ops' bits).
-        const float* sp = logits + p * b;
-        if (scaled) {
+      // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
+      // expression would let the compiler fuse them into an fma, which rounds once: not the ops' bits).
+      if (scaled)
+        for (int64_t p = p0; p < p1; ++p) {
           float* sr = s.data() + (p - p0) * b;
-          std::copy(sp, sp + b, sr);
+          std::copy(logits + p * b, logits + (p + 1) * b, sr);
           if (inv_temp != 1.f)
             for (int64_t c = 0; c < b; ++c) sr[c] = sr[c] * inv_temp;
           if (lbias) {
             const int64_t a = at(p);
             for (int64_t c = 0; c < b; ++c) sr[c] = sr[c] + lbias[a + c];
           }
-          sp = sr;
         }
-        softmax_row(probs + p * b, sp, b);
-      }
+      auto row_in = [&](int64_t p) { return scaled ? s.data() + (p - p0) * b : logits + p * b; };
+      int64_t p = p0;
+      if (block16)  // sixteen rows at a time where the block kernel exists (b a power of 2 up to 32, k <= 2)
+        for (; p + 16 <= p1; p += 16) {
+          int64_t a16[16];
+          for (int l = 0; l < 16; ++l) a16[l] = at(p + l);
+          if (!block16(probs + p * b, ix + p * k, sel.data() + p * k, row_in(p), abias, lbias, any_pruned, a16))
+            for (int l = 0; l < 16; ++l) select_row(p + l, row_in(p + l));  // a NaN score among them
+        }
+      for (; p < p1; ++p) select_row(p, row_in(p));
       if (entropy)
-        for (int64_t p = p0; p < p1; ++p)
-          row_ent[(size_t)p] = row_entropy(probs + p * b, scaled ? s.data() + (p - p0) * b : logits + p * b, b);
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* pr = probs + p * b;
-        // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
-        // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
-        // all-NaN row this still takes the first k selectable children).
-        const float* sc = pr;
-        if (biased) {
-          const int64_t a = at(p);
-          for (int64_t c = 0; c < b; ++c) {
-            const float v = pr[c] + (abias ? abias[a + c] : 0.f);
-            const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
-            scores[(size_t)c] = pruned ? -INFINITY : v;
-          }
-          sc = scores.data();
-        }
-        topk_rows(top.data(), ix + p * k, sc, 1, b, k);
-        for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = pr[ix[p * k + j]];  // the kept probabilities
-      }
+        for (int64_t q = p0; q < p1; ++q) row_ent[(size_t)q] = row_entropy(probs + q * b, row_in(q), b);
     }
   }
   if (entropy) entropy[0] = mean_of_rows(row_ent, P);
