@@ -313,7 +313,7 @@ namespace {
 // vertical vector operation, and the chains of different rows no longer wait on each other. The columns:
 //   max      one lane's running max over the columns (exact in any order; the sign of a zero max changes no
 //            x - max that matters: exp(+-0) = 1);
-//   sum      row_sum16's order: lane sums acc[c % 16] added in column order, then the tree fold;
+//   sum      softmax_row's order: lane sums acc[c % 16] added in column order, then the tree fold;
 //   top K    K best kept per lane, a column displacing a kept one only when strictly greater: the largest first,
 //            ties (and -0.0 against +0.0) to the lower index, as topk_rows orders them.
 // A NaN score (a NaN or infinite logit, a NaN bias) ranks above every number in topk_rows: such a block returns

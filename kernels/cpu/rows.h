@@ -20,28 +20,31 @@ inline float row_max(const float* __restrict x, int64_t C) {
   return m;
 }
 
-// The sum of x [C] in a fixed order, written out rather than left to `omp simd`: 16 lane sums (lane j adds x[j],
-// x[j + 16], x[j + 32], ... in turn, from 0), then the lanes folded as a tree (lane j += lane j + 8, then + 4, + 2,
-// + 1). The order is the code's, not the compiler's, so route_select_forward can sum sixteen rows at once, one per
-// SIMD lane, in exactly this order (kernels/cpu/route.cpp).
-inline float row_sum16(const float* __restrict x, int64_t C) {
+// y [C] = softmax(x [C]): the max, e = exp(x - max) (our fast_exp), their sum, e / sum. The sum's order is written
+// out rather than left to `omp simd`: 16 lane sums (lane j adds e[j], e[j + 16], e[j + 32], ... in turn, from 0),
+// taken in the exp pass, then the lanes folded as a tree (lane j += lane j + 8, then + 4, + 2, + 1). The order is
+// the code's, not the compiler's, so route_select_forward can take sixteen rows at once, a row per SIMD lane, in
+// exactly this order (kernels/cpu/route.cpp, select_block16).
+inline void softmax_row(float* __restrict y, const float* __restrict x, int64_t C) {
+  const float m = row_max(x, C);
   float acc[16] = {0};
   int64_t c = 0;
   for (; c + 16 <= C; c += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[c + j];
-  for (int j = 0; c + j < C; ++j) acc[j] += x[c + j];
+    for (int j = 0; j < 16; ++j) {
+      const float e = fast_exp(x[c + j] - m);
+      y[c + j] = e;
+      acc[j] += e;
+    }
+  for (int j = 0; c + j < C; ++j) {
+    const float e = fast_exp(x[c + j] - m);
+    y[c + j] = e;
+    acc[j] += e;
+  }
   for (int w = 8; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
-}
-
-// y [C] = softmax(x [C]): the max, e = exp(x - max) (our fast_exp), their sum (row_sum16's order), e / sum.
-inline void softmax_row(float* __restrict y, const float* __restrict x, int64_t C) {
-  const float m = row_max(x, C);
-  for (int64_t c = 0; c < C; ++c) y[c] = fast_exp(x[c] - m);
-  // s >= 1 (the max contributes exp(0)) unless the row is NaN/all -inf, where NaN is the honest answer.
-  const float inv = 1.0f / row_sum16(y, C);
-  for (int64_t c = 0; c < C; ++c) y[c] *= inv;
+  // acc[0] >= 1 (the max contributes exp(0)) unless the row is NaN/all -inf, where NaN is the honest answer.
+  const float inv = 1.0f / acc[0];
+  for (int64_t i = 0; i < C; ++i) y[i] *= inv;
 }
 
 // topk_forward's arithmetic on R rows, on the calling thread (kernels/topk.h: order, ties, NaN).

@@ -2,7 +2,7 @@
 // passes over contiguous memory that GCC vectorises (fast_exp is branch-free; softmax's row: kernels/cpu/rows.h).
 // The other row reductions use `omp simd reduction`: the compiler may reassociate the sum across SIMD lanes (we
 // build without -ffast-math, so it would not otherwise), with a lane split fixed at compile time: still
-// deterministic. Softmax's sum has its order written out (row_sum16), shared with the router's selection.
+// deterministic. Softmax's sum has its order written out (softmax_row), shared with the router's selection.
 #include "kernels/softmax.h"
 #include "kernels/cpu/fastmath.h"
 #include "kernels/cpu/rows.h"
