@@ -147,14 +147,14 @@ Tensor moe_combine(const Tensor& ye_in, const Tensor& gate_in, const DispatchPla
   const int64_t T = plan.T, K = plan.K, C = ye_in.size(1), Ap = plan.rows;
   CM_REQUIRE(ye_in.size(0) == Ap && gate_in.numel() == T * K, "moe_combine: ye ", shape_str(ye_in.shape()),
              " and gate ", shape_str(gate_in.shape()), " for a plan of ", Ap, " rows, ", T, " x ", K, " slots");
-  common_device("moe_combine", {&ye_in, &gate_in, &plan.row_of});
+  common_device("moe_combine", {&ye_in, &gate_in, &plan.row_of, &plan.assign_of});
   const Tensor ye = dense(ye_in), gate = dense(gate_in);
   Tensor out = Tensor::empty({T, C}, DType::F32, ye.device());
   CM_KERNEL(ye.device(), dispatch_combine, out.f32(), ye.f32(), gate.f32(), plan.row_of.i32(), T, K, C);
   const bool need_ye = ye_in.requires_grad(), need_gate = gate_in.requires_grad();
   return record("moe_combine", out, {ye_in, gate_in},
-                [ye = ye.detach(), gate = gate.detach(), row_of = plan.row_of, T, K, C, Ap, need_ye,
-                 need_gate](const Tensor& g_in) {
+                [ye = ye.detach(), gate = gate.detach(), row_of = plan.row_of, assign_of = plan.assign_of, T, K, C,
+                 Ap, need_ye, need_gate](const Tensor& g_in) {
                   const Tensor g = g_in.contiguous();  // [T, C]
                   Tensor d_ye, d_gate;
                   if (need_ye) d_ye = Tensor::empty({Ap, C}, DType::F32, g.device());
@@ -162,8 +162,8 @@ Tensor moe_combine(const Tensor& ye_in, const Tensor& gate_in, const DispatchPla
                   // Overwrites both: each kept slot's row of d_ye (all of them but a nowait plan's unfilled rows,
                   // which nothing reads); a dropped slot's d_gate is 0.
                   CM_KERNEL(g.device(), dispatch_combine_backward, need_ye ? d_ye.f32() : nullptr,
-                            need_gate ? d_gate.f32() : nullptr, g.f32(), ye.f32(), gate.f32(), row_of.i32(), T, K,
-                            C);
+                            need_gate ? d_gate.f32() : nullptr, g.f32(), ye.f32(), gate.f32(), row_of.i32(),
+                            assign_of.i32(), T, Ap, K, C);
                   return grads{d_ye, d_gate};
                 });
 }

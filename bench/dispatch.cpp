@@ -167,8 +167,8 @@ bool run(int64_t T, int64_t N, int64_t K, int64_t C, float drop) {
   naive_permute(rxe.data(), x.data(), assign_of.data(), Ap, K, C);
   cm::cpu::dispatch_combine(out.data(), xe.data(), gate.data(), row_of.data(), T, K, C);
   naive_combine(rout.data(), xe.data(), gate.data(), assign_of.data(), Ap, T, K, C);
-  cm::cpu::dispatch_combine_backward(dye.data(), dg.data(), d_out.data(), xe.data(), gate.data(), row_of.data(), T, K,
-                                     C);
+  cm::cpu::dispatch_combine_backward(dye.data(), dg.data(), d_out.data(), xe.data(), gate.data(), row_of.data(),
+                                     assign_of.data(), T, Ap, K, C);
   naive_combine_backward(rdye.data(), rdg.data(), d_out.data(), xe.data(), gate.data(), assign_of.data(), Ap, A, K, C);
   cm::cpu::dispatch_permute_backward(dx.data(), dye.data(), row_of.data(), T, K, C);
   naive_permute_backward(rdx.data(), dye.data(), assign_of.data(), Ap, T, K, C);
@@ -195,7 +195,7 @@ bool run(int64_t T, int64_t N, int64_t K, int64_t C, float drop) {
   line("combine backward",
        median_seconds([&] {
          cm::cpu::dispatch_combine_backward(dye.data(), dg.data(), d_out.data(), xe.data(), gate.data(), row_of.data(),
-                                            T, K, C);
+                                            assign_of.data(), T, Ap, K, C);
        }, REPEATS),
        median_seconds([&] {
          naive_combine_backward(rdye.data(), rdg.data(), d_out.data(), xe.data(), gate.data(), assign_of.data(), Ap, A,

@@ -78,18 +78,20 @@ void dispatch_combine(float* out,             // [T, C]
                       const int32_t* row_of,  // [T*K]
                       int64_t T, int64_t K, int64_t C);
 
-// Backward of dispatch_combine, token-parallel:
-//   d_ye[row_of[a]] = gate[a] * d_out[a / K]             (overwrites; every row of d_ye is some kept a's)
-//   d_gate[a]       = dot(d_out[a / K], ye[row_of[a]])   (overwrites; 0 for a dropped slot)
+// Backward of dispatch_combine, row-parallel (the rows of d_ye and ye in sequence; the plan's assign_of gives each
+// row's slot a, -1 for a row no slot fills, whose d_ye row is left as it is):
+//   d_ye[r]   = gate[a] * d_out[a / K]             (overwrites)
+//   d_gate[a] = dot(d_out[a / K], ye[r])           (overwrites; 0 for a dropped slot, row_of[a] = -1)
 // The dot is summed in a fixed order of 16 partial sums, so it does not depend on threads either.
 // Pass nullptr for an output you do not need (e.g. d_gate when gates are constants).
-void dispatch_combine_backward(float* d_ye,            // [A', C] or nullptr
-                               float* d_gate,          // [T*K] or nullptr
-                               const float* d_out,     // [T, C]
-                               const float* ye,        // [A', C]
-                               const float* gate,      // [T*K]
-                               const int32_t* row_of,  // [T*K]
-                               int64_t T, int64_t K, int64_t C);
+void dispatch_combine_backward(float* d_ye,               // [A', C] or nullptr
+                               float* d_gate,             // [T*K] or nullptr
+                               const float* d_out,        // [T, C]
+                               const float* ye,           // [A', C]
+                               const float* gate,         // [T*K]
+                               const int32_t* row_of,     // [T*K]
+                               const int32_t* assign_of,  // [A']
+                               int64_t T, int64_t Ap, int64_t K, int64_t C);
 
 }  // namespace cm::cpu
 
@@ -113,7 +115,8 @@ void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_
 void dispatch_combine(float* out, const float* ye, const float* gate, const int32_t* row_of, int64_t T, int64_t K,
                       int64_t C);
 void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, const float* ye, const float* gate,
-                               const int32_t* row_of, int64_t T, int64_t K, int64_t C);
+                               const int32_t* row_of, const int32_t* assign_of, int64_t T, int64_t Ap, int64_t K,
+                               int64_t C);
 
 }  // namespace cm::cuda
 #endif

@@ -646,17 +646,21 @@ TEST_CASE("cuda kernels: dispatch permute, combine and their backward against th
         check_near(gout, out, 1e-6f, 1e-5f, "combine " + what);
         // combine backward, both outputs and each alone
         Tensor dye = Tensor::empty({Ap, C}), dg = Tensor::empty({A});
-        cpu::dispatch_combine_backward(dye.f32(), dg.f32(), dout.f32(), ye.f32(), gate.f32(), ro.i32(), T, K, C);
+        cpu::dispatch_combine_backward(dye.f32(), dg.f32(), dout.f32(), ye.f32(), gate.f32(), ro.i32(), ao.i32(), T, Ap, K,
+                                       C);
         Tensor gdye = poisoned({Ap, C}), gdg = poisoned({A});
         Tensor dDO = dev(dout), dYE = dev(ye), dG = dev(gate);
-        cuda::dispatch_combine_backward(gdye.f32(), gdg.f32(), dDO.f32(), dYE.f32(), dG.f32(), dRO.i32(), T, K, C);
+        cuda::dispatch_combine_backward(gdye.f32(), gdg.f32(), dDO.f32(), dYE.f32(), dG.f32(), dRO.i32(), dAO.i32(), T, Ap,
+                                        K, C);
         check_near(gdye, dye, 1e-7f, 1e-6f, "combine backward d_ye " + what);
         check_near(gdg, dg, 1e-5f, 1e-4f, "combine backward d_gate " + what);
         Tensor gdg2 = poisoned({A});
-        cuda::dispatch_combine_backward(nullptr, gdg2.f32(), dDO.f32(), dYE.f32(), dG.f32(), dRO.i32(), T, K, C);
+        cuda::dispatch_combine_backward(nullptr, gdg2.f32(), dDO.f32(), dYE.f32(), dG.f32(), dRO.i32(), dAO.i32(), T, Ap, K,
+                                        C);
         same(gdg2, gdg, "d_gate alone " + what);
         Tensor gdye2 = poisoned({Ap, C});
-        cuda::dispatch_combine_backward(gdye2.f32(), nullptr, dDO.f32(), dYE.f32(), dG.f32(), dRO.i32(), T, K, C);
+        cuda::dispatch_combine_backward(gdye2.f32(), nullptr, dDO.f32(), dYE.f32(), dG.f32(), dRO.i32(), dAO.i32(), T, Ap,
+                                        K, C);
         same(gdye2, gdye, "d_ye alone " + what);
       }
 }
@@ -1674,7 +1678,7 @@ TEST_CASE("cuda kernels: empty problems launch nothing and write what the contra
   cuda::dispatch_permute(nf, nf, ni, 0, 2, 8);
   cuda::dispatch_permute_backward(nf, nf, ni, 0, 2, 8);
   cuda::dispatch_combine(nf, nf, nf, ni, 0, 2, 8);
-  cuda::dispatch_combine_backward(nf, nf, nf, nf, nf, ni, 0, 2, 8);
+  cuda::dispatch_combine_backward(nf, nf, nf, nf, nf, ni, ni, 0, 0, 2, 8);
   cuda::detail::stable_sort_pairs(ni, ni, ni, nullptr, 0, 8);
   // Reductions: sums of nothing are 0 (times scale), max over no rows writes nothing.
   Tensor s0 = poisoned({1}), s3 = poisoned({3}), s23 = poisoned({2, 3});

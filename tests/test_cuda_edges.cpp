@@ -386,10 +386,10 @@ TEST_SUITE("cuda") {
           bits(gdx, dx, "permute backward " + what);
           Vf dye((size_t)(Ap * C)), dgate((size_t)A);
           cpu::dispatch_combine_backward(dye.data(), dgate.data(), dout.data(), ye.data(), gate.data(), row_of.data(),
-                                         T, K, C);
+                                         kept.data(), T, Ap, K, C);
           Tensor gdye = out_f(Ap * C), gdg = out_f(A);
           cuda::dispatch_combine_backward(gdye.f32(), gdg.f32(), dev(dout).f32(), dev(ye).f32(), dev(gate).f32(),
-                                          dev(row_of).i32(), T, K, C);
+                                          dev(row_of).i32(), dev(kept).i32(), T, Ap, K, C);
           near(gdye, dye, 1e-7f, 1e-6f, "combine backward d_ye " + what);
           near(gdg, dgate, 1e-5f, 1e-4f, "combine backward d_gate " + what);
         }

@@ -180,8 +180,8 @@ TEST_SUITE("kernels") {
     std::vector<float> out((size_t)(T * C)), dye((size_t)(Ap * C), 99.f), dgate((size_t)(T * K), 99.f),
         dx((size_t)(T * C), 99.f);
     cpu::dispatch_combine(out.data(), ye.data(), gate.data(), p.row_of.data(), T, K, C);
-    cpu::dispatch_combine_backward(dye.data(), dgate.data(), dout.data(), ye.data(), gate.data(), p.row_of.data(), T,
-                                   K, C);
+    cpu::dispatch_combine_backward(dye.data(), dgate.data(), dout.data(), ye.data(), gate.data(), p.row_of.data(),
+                                   p.assign_of.data(), T, Ap, K, C);
     cpu::dispatch_permute_backward(dx.data(), dye.data(), p.row_of.data(), T, K, C);
 
     for (int64_t t = 0; t < T; ++t) {
@@ -231,10 +231,10 @@ TEST_SUITE("kernels") {
     }
 
     // Null outputs are skipped.
-    cpu::dispatch_combine_backward(nullptr, dgate.data(), dout.data(), ye.data(), gate.data(), p.row_of.data(), T, K,
-                                   C);
-    cpu::dispatch_combine_backward(dye.data(), nullptr, dout.data(), ye.data(), gate.data(), p.row_of.data(), T, K,
-                                   C);
+    cpu::dispatch_combine_backward(nullptr, dgate.data(), dout.data(), ye.data(), gate.data(), p.row_of.data(),
+                                   p.assign_of.data(), T, Ap, K, C);
+    cpu::dispatch_combine_backward(dye.data(), nullptr, dout.data(), ye.data(), gate.data(), p.row_of.data(),
+                                   p.assign_of.data(), T, Ap, K, C);
   }
 
   TEST_CASE("dispatch results are bit-identical for 1 thread and all threads") {
@@ -250,8 +250,8 @@ TEST_SUITE("kernels") {
           dx((size_t)(T * C));
       cpu::dispatch_permute(xe.data(), x.data(), p.assign_of.data(), Ap, K, C);
       cpu::dispatch_combine(out.data(), xe.data(), gate.data(), p.row_of.data(), T, K, C);
-      cpu::dispatch_combine_backward(dye.data(), dg.data(), x.data(), xe.data(), gate.data(), p.row_of.data(), T, K,
-                                     C);
+      cpu::dispatch_combine_backward(dye.data(), dg.data(), x.data(), xe.data(), gate.data(), p.row_of.data(),
+                                     p.assign_of.data(), T, Ap, K, C);
       cpu::dispatch_permute_backward(dx.data(), dye.data(), p.row_of.data(), T, K, C);
       std::vector<float> all = out;
       all.insert(all.end(), dg.begin(), dg.end());

@@ -183,24 +183,21 @@ void dispatch_combine(float* out, const float* ye, const float* gate, const int3
 }
 
 void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, const float* ye, const float* gate,
-                               const int32_t* row_of, int64_t T, int64_t K, int64_t C) {
-  // In the rows' order: each row's gradient and its gate's dot product read and write the expert-ordered rows in
-  // sequence, and the scattered access is a read of its token's d_out row. In the tokens' order both rows were
-  // scattered, and the row writes (a line read for ownership, then written back) were most of this kernel's time.
-  // The same arithmetic per row and per gate: the same bits.
+                               const int32_t* row_of, const int32_t* assign_of, int64_t T, int64_t Ap, int64_t K,
+                               int64_t C) {
+  // In the rows' order (the plan's assign_of): each row's gradient and its gate's dot product read and write the
+  // expert-ordered rows in sequence, and the scattered access is a read of its token's d_out row. In the tokens'
+  // order both rows were scattered, and the row writes (a line read for ownership, then written back) were most of
+  // this kernel's time. The same arithmetic per row and per gate: the same bits.
   const int64_t A = T * K;
-  int64_t rows = 0;
-  for (int64_t a = 0; a < A; ++a) rows = std::max<int64_t>(rows, (int64_t)row_of[a] + 1);
-  std::vector<int32_t> slot_of((size_t)rows, -1);  // the slot that fills row r (-1: none, a nowait plan's tail)
+  if (d_gate)
 #pragma omp parallel for schedule(static) if (A >= 16384)
-  for (int64_t a = 0; a < A; ++a) {
-    if (row_of[a] >= 0) slot_of[(size_t)row_of[a]] = (int32_t)a;
-    else if (d_gate) d_gate[a] = 0.f;  // a dropped slot
-  }
+    for (int64_t a = 0; a < A; ++a)
+      if (row_of[a] < 0) d_gate[a] = 0.f;  // a dropped slot
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t a = slot_of[(size_t)r];
-    if (a < 0) continue;
+  for (int64_t r = 0; r < Ap; ++r) {
+    const int64_t a = assign_of[r];
+    if (a < 0) continue;  // a row no slot fills (a nowait plan's tail)
     const float* __restrict g = d_out + a / K * C;
     if (d_ye) {
       float* __restrict dy = d_ye + r * C;

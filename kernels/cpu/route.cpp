@@ -32,6 +32,9 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;  // elements below which a parallel region costs more than it saves
 
+// A logit bias of -inf marks a pruned child (route_bias_forward).
+inline bool prunes(float lbias) { return std::isinf(lbias) && lbias < 0; }
+
 // x % d for 32-bit x >= 0 and d >= 1 without a division instruction (Lemire, Kaser and Kurz, "Faster remainder by
 // direct computation", 2019): exact for every such x and d; one 64-bit and one 128-bit multiply where an idiv takes
 // 20 to 40 cycles.
@@ -275,7 +278,7 @@ void route_group_select(int32_t* ids, const float* probs, const float* abias, co
     span /= b;
     const float* ab = abias ? abias + bias_at : nullptr;  // [n * b] this level's
     const float* lb = lbias ? lbias + bias_at : nullptr;
-    auto pruned = [&](int64_t i) { return lb && std::isinf(lb[i]) && lb[i] < 0; };
+    auto pruned = [&](int64_t i) { return lb && prunes(lb[i]); };
     std::vector<float> score((size_t)(P * b));  // [P, b]
     for (int64_t p = 0; p < P; ++p) {
       const int64_t j = node ? node[p] : 0;
@@ -307,19 +310,6 @@ void route_group_select(int32_t* ids, const float* probs, const float* abias, co
 
 namespace {
 
-// Sixteen pairs' rows of B children at once, a pair per SIMD lane: the softmax, the selection scores and the top K
-// (K <= 2) of rows [16, B] at x, with the bits of the row-by-row path (softmax_row, then topk_rows). A short row
-// is a chain of reductions (max, sum, then top k's rounds); across sixteen rows each reduction step is one
-// vertical vector operation, and the chains of different rows no longer wait on each other. The columns:
-//   max      one lane's running max over the columns (exact in any order; the sign of a zero max changes no
-//            x - max that matters: exp(+-0) = 1);
-//   sum      softmax_row's order: lane sums acc[c % 16] added in column order, then the tree fold;
-//   top K    K best kept per lane, a column displacing a kept one only when strictly greater: the largest first,
-//            ties (and -0.0 against +0.0) to the lower index, as topk_rows orders them.
-// A NaN score (a NaN or infinite logit, a NaN bias) ranks above every number in topk_rows: such a block returns
-// false, and the caller runs those rows one by one (the same softmax bits either way).
-// The arguments are route_select_forward's: scores = probs + abias (when given), -inf where lbias prunes;
-// a[l] is lane l's node's first child. Writes probs [16, B], ix and sel [16, K].
 // dst[j * ds + l] = src[l * ss + j] for a 16 x 16 block: rows to columns. With AVX-512, sixteen row loads, four
 // rounds of in-register shuffles (pairs of lanes, then pairs of pairs, then 128-bit and 256-bit blocks) and sixteen
 // stores, where element-by-element loads cost a load and an insert for each of the 256.
@@ -355,6 +345,19 @@ inline void transpose16(float* __restrict dst, int64_t ds, const float* __restri
 #endif
 }
 
+// Sixteen pairs' rows of B children at once, a pair per SIMD lane: the softmax, the selection scores and the top K
+// (K <= 2) of rows [16, B] at x, with the bits of the row-by-row path (softmax_row, then topk_rows). A short row
+// is a chain of reductions (max, sum, then top k's rounds); across sixteen rows each reduction step is one
+// vertical vector operation, and the chains of different rows no longer wait on each other. The columns:
+//   max      one lane's running max over the columns (exact in any order; the sign of a zero max changes no
+//            x - max that matters: exp(+-0) = 1);
+//   sum      softmax_row's order: lane sums acc[c % 16] added in column order, then the tree fold;
+//   top K    K best kept per lane, a column displacing a kept one only when strictly greater: the largest first,
+//            ties (and -0.0 against +0.0) to the lower index, as topk_rows orders them.
+// A NaN score (a NaN or infinite logit, a NaN bias) ranks above every number in topk_rows: such a block returns
+// false, and the caller runs those rows one by one (the same softmax bits either way).
+// The arguments are route_select_forward's: scores = probs + abias (when given), -inf where lbias prunes;
+// a[l] is lane l's node's first child. Writes probs [16, B], ix and sel [16, K].
 template <int B, int K>
 bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __restrict sel,
                     const float* __restrict x, const float* abias, const float* lbias, bool any_pruned,
@@ -389,8 +392,8 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
     for (int j = 0; j < B; ++j)
       for (int l = 0; l < 16; ++l) {
         const float v = e[j][l] + (abias ? abias[a[l] + j] : 0.f);
-        const float lb = any_pruned ? lbias[a[l] + j] : 0.f;
-        biased_sc[j][l] = std::isinf(lb) && lb < 0 ? -INFINITY : v;
+        const float lb = any_pruned ? lbias[a[l] + j] : 0.f;  // selects, not a branch: the lanes vectorise
+        biased_sc[j][l] = prunes(lb) ? -INFINITY : v;
       }
   const float(*sc)[16] = scored ? biased_sc : e;
   int32_t nan_lane[16] = {};
@@ -467,7 +470,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   auto at = [&](int64_t p) { return (node ? (int64_t)node[p] : 0) * b; };  // the pair's node's first child
   bool any_pruned = false;
   if (lbias)
-    for (int64_t i = 0; i < n * b && !any_pruned; ++i) any_pruned = std::isinf(lbias[i]) && lbias[i] < 0;
+    for (int64_t i = 0; i < n * b && !any_pruned; ++i) any_pruned = prunes(lbias[i]);
   const bool scaled = inv_temp != 1.f || lbias, biased = abias || any_pruned;
   std::vector<int32_t> own;
   int32_t* ix = idx;
@@ -509,7 +512,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
         const int64_t a = at(p);
         for (int64_t c = 0; c < b; ++c) {
           const float v = pr[c] + (abias ? abias[a + c] : 0.f);
-          const bool pruned = any_pruned && std::isinf(lbias[a + c]) && lbias[a + c] < 0;
+          const bool pruned = any_pruned && prunes(lbias[a + c]);
           scores[(size_t)c] = pruned ? -INFINITY : v;
         }
         sc = scores.data();
@@ -551,7 +554,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   if (any_pruned)
     for (int64_t i = 0; i < P * k; ++i) {
       const float lb = lbias[at(i / k) + ix[i]];
-      CM_CHECK(!(std::isinf(lb) && lb < 0), "node ", at(i / k) / b, " has fewer than ", k, " selectable children");
+      CM_CHECK(!prunes(lb), "node ", at(i / k) / b, " has fewer than ", k, " selectable children");
     }
 
   // gates, renormalised over the k kept siblings as div(sel, sum(sel, 1)) did (the sums by cpu::sum_axis, as

@@ -320,37 +320,36 @@ __global__ void combine_kernel(V* __restrict__ out, const V* __restrict__ ye, co
   }
 }
 
-// d_ye rows (written whole by the warp) and d_gate (a dot product). The dot mirrors the CPU's dot16: 16 partial
+// A warp per row of the plan, as the CPU twin walks them (assign_of: the row's slot): its d_ye row (written whole by
+// the warp) and its slot's d_gate (a dot product). The dot mirrors the CPU's dot16: 16 partial
 // sums, partial j over columns c = j mod 16 in increasing c, then halved 8, 4, 2, 1; lanes 0..15 hold the
 // partials, so with the same fused multiply-adds the result can match the CPU's to the bit.
 __global__ void combine_backward_kernel(float* __restrict__ d_ye, float* __restrict__ d_gate,
                                         const float* __restrict__ d_out, const float* __restrict__ ye,
                                         const float* __restrict__ gate, const int32_t* __restrict__ row_of,
-                                        int64_t T, int64_t K, int64_t C) {
+                                        const int32_t* __restrict__ assign_of, int64_t T, int64_t Ap, int64_t K,
+                                        int64_t C) {
   const int lane = threadIdx.x % kWarp;
-  CM_WARP_ROWS(t, T) {
-    const float* g = d_out + t * C;
-    for (int64_t j = 0; j < K; ++j) {
-      const int64_t a = t * K + j;
-      const int64_t r = row_of[a];
-      if (r < 0) {
-        if (d_gate && lane == 0) d_gate[a] = 0.f;
-        continue;
-      }
-      if (d_ye) {
-        const float s = gate[a];
-        float* dy = d_ye + r * C;
-        for (int64_t c = lane; c < C; c += kWarp) dy[c] = s * g[c];
-      }
-      if (d_gate) {
-        const float* y = ye + r * C;
-        float acc = 0.f;
-        if (lane < 16)
-          for (int64_t c = lane; c < C; c += 16) acc = fmaf(g[c], y[c], acc);
+  if (d_gate)  // dropped slots: 0 (a thread each; the kept slots' gates are written below, by their row's warp)
+    for (int64_t a = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; a < T * K; a += (int64_t)gridDim.x * blockDim.x)
+      if (row_of[a] < 0) d_gate[a] = 0.f;
+  CM_WARP_ROWS(r, Ap) {
+    const int64_t a = assign_of[r];
+    if (a < 0) continue;  // a row no slot fills (the whole warp skips it)
+    const float* g = d_out + a / K * C;
+    if (d_ye) {
+      const float s = gate[a];
+      float* dy = d_ye + r * C;
+      for (int64_t c = lane; c < C; c += kWarp) dy[c] = s * g[c];
+    }
+    if (d_gate) {
+      const float* y = ye + r * C;
+      float acc = 0.f;
+      if (lane < 16)
+        for (int64_t c = lane; c < C; c += 16) acc = fmaf(g[c], y[c], acc);
 #pragma unroll
-        for (int w = 8; w >= 1; w >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, w);
-        if (lane == 0) d_gate[a] = acc;
-      }
+      for (int w = 8; w >= 1; w >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, w);
+      if (lane == 0) d_gate[a] = acc;
     }
   }
 }
@@ -490,11 +489,13 @@ void dispatch_combine(float* out, const float* ye, const float* gate, const int3
 }
 
 void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, const float* ye, const float* gate,
-                               const int32_t* row_of, int64_t T, int64_t K, int64_t C) {
-  CM_CHECK(T >= 0 && K >= 1 && C >= 0, "cuda::dispatch_combine_backward: T=", T, " K=", K, " C=", C);
+                               const int32_t* row_of, const int32_t* assign_of, int64_t T, int64_t Ap, int64_t K,
+                               int64_t C) {
+  CM_CHECK(T >= 0 && Ap >= 0 && K >= 1 && C >= 0, "cuda::dispatch_combine_backward: T=", T, " A'=", Ap, " K=", K,
+           " C=", C);
   if (T == 0 || (!d_ye && !d_gate)) return;
-  combine_backward_kernel<<<grid_for(T, kRowThreads / kWarp), kRowThreads, 0, stream()>>>(d_ye, d_gate, d_out, ye,
-                                                                                        gate, row_of, T, K, C);
+  combine_backward_kernel<<<grid_for(Ap > T ? Ap : T, kRowThreads / kWarp), kRowThreads, 0, stream()>>>(
+      d_ye, d_gate, d_out, ye, gate, row_of, assign_of, T, Ap, K, C);
   cudaCheckLaunch("combine_backward_kernel");
 }
 
