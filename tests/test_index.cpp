@@ -99,12 +99,17 @@ TEST_SUITE("kernels") {
         check_topk_rows(x, R, n, k);
       }
     }
-    // Short rows (n <= 64, the branch-free path) from {-inf, -0, +0, 1, 2}: ties at the k-th place, -inf to be
-    // taken (k past the finite scores), -0 tying +0, and rows ending inside a block of 16 or exactly on one.
-    for (int64_t n : {3, 16, 17, 33, 48, 63, 64}) {
+    // Short rows (n <= 64, the branch-free path) and long ones (n > 64, the two-pass path) from {-inf, -0, +0, 1,
+    // 2}: ties at the k-th place, -inf to be taken (k past the finite scores), -0 tying +0, and rows ending inside
+    // a block of 16 or exactly on one.
+    for (int64_t n : {3, 16, 17, 33, 48, 63, 64, 65, 80, 100, 1024}) {
       std::vector<float> x((size_t)(R * n));
       const float pick[] = {-INFINITY, -0.f, 0.f, 1.f, 2.f};
       for (size_t i = 0; i < x.size(); ++i) x[i] = pick[(int)(5.f * philox_uniform(78, 0, i)) % 5];
+      // Long rows also with few scores above the rest: the 2s are rare, so the k-th place falls among the 1s.
+      if (n > 64)
+        for (size_t i = 0; i < x.size(); ++i)
+          if (x[i] == 2.f && philox_uniform(79, 0, i) < 0.9f) x[i] = 1.f;
       for (int64_t k : {1, 2, 3, 5, 8}) {
         if (k > n) continue;
         CAPTURE(n);
@@ -132,6 +137,10 @@ TEST_SUITE("kernels") {
     withnan[100 + 3] = nan;    // row 2: two NaNs
     withnan[100 + 30] = nan;
     for (int64_t k : {1, 2, 4, 10}) check_topk_rows(withnan, 4, 50, k);
+    std::vector<float> longnan = distinct_rows(3, 300, 6);  // long rows: the NaN in a whole block, in the tail
+    longnan[40] = nan;
+    longnan[300 + 299] = nan;
+    for (int64_t k : {1, 2, 4}) check_topk_rows(longnan, 3, 300, k);
     cpu::topk_forward(v, i, withnan.data() + 50, 1, 50, 1);
     CHECK(i[0] == 49);
     CHECK(std::isnan(v[0]));

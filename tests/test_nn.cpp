@@ -128,6 +128,33 @@ TEST_CASE("fast_exp: within a few ulp of exp; -inf, underflow, overflow and NaN 
   CHECK(std::isnan(cpu::fast_exp(NAN)));
 }
 
+#if defined(__AVX512F__)
+TEST_CASE("fast_exp16: fast_exp's bits on sixteen lanes, NaN payloads included") {
+  // Every 509th bit pattern of the 2^32 (all signs, exponents, NaNs), then every float where 2^k is applied at
+  // the edges: the results going denormal (x in [-104, -87]) and overflowing (x in [88, 89.5]).
+  std::vector<float> x;
+  for (uint64_t u = 7; u < (1ull << 32); u += 509) {
+    const uint32_t b = (uint32_t)u;
+    float f;
+    std::memcpy(&f, &b, 4);
+    x.push_back(f);
+  }
+  for (float f = -104.f; f <= -87.f; f = std::nextafter(f, INFINITY)) x.push_back(f);
+  for (float f = 88.f; f <= 89.5f; f = std::nextafter(f, INFINITY)) x.push_back(f);
+  while (x.size() % 16) x.push_back(0.f);
+  int64_t differ = 0;
+  for (size_t i = 0; i < x.size(); i += 16) {
+    float got[16];
+    _mm512_storeu_ps(got, cpu::fast_exp16(_mm512_loadu_ps(&x[i])));
+    for (int l = 0; l < 16; ++l) {
+      const float want = cpu::fast_exp(x[i + l]);
+      if (std::memcmp(&got[l], &want, 4) != 0 && differ++ < 5) FAIL_CHECK("x = ", x[i + l], ": ", got[l], " != ", want);
+    }
+  }
+  CHECK(differ == 0);
+}
+#endif
+
 TEST_CASE("softmax / log_softmax forward and backward match double references") {
   const std::vector<std::pair<int64_t, int64_t>> shapes{{1, 1}, {1, 7}, {3, 17}, {64, 1}, {5, 1000}, {33, 4099}};
   for (auto [N, C] : shapes) {

@@ -372,8 +372,13 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
   for (int l = 0; l < 16; ++l) m[l] = -INFINITY;
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) m[l] = e[j][l] > m[l] ? e[j][l] : m[l];
+#if defined(__AVX512F__)
+  for (int j = 0; j < B; ++j)
+    _mm512_storeu_ps(e[j], fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(e[j]), _mm512_loadu_ps(m))));
+#else
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) e[j][l] = fast_exp(e[j][l] - m[l]);
+#endif
   float acc[16][16] = {};  // acc[q][l]: lane sum q of row l
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) acc[j % 16][l] += e[j][l];

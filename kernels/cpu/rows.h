@@ -29,12 +29,22 @@ inline void softmax_row(float* __restrict y, const float* __restrict x, int64_t 
   const float m = row_max(x, C);
   float acc[16] = {0};
   int64_t c = 0;
+#if defined(__AVX512F__)
+  __m512 acc16 = _mm512_setzero_ps();
+  for (; c + 16 <= C; c += 16) {
+    const __m512 e = fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), _mm512_set1_ps(m)));
+    _mm512_storeu_ps(y + c, e);
+    acc16 = _mm512_add_ps(acc16, e);
+  }
+  _mm512_storeu_ps(acc, acc16);
+#else
   for (; c + 16 <= C; c += 16)
     for (int j = 0; j < 16; ++j) {
       const float e = fast_exp(x[c + j] - m);
       y[c + j] = e;
       acc[j] += e;
     }
+#endif
   for (int j = 0; c + j < C; ++j) {
     const float e = fast_exp(x[c + j] - m);
     y[c + j] = e;
