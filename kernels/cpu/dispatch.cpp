@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "engine/check.h"
+#include "kernels/cpu/fastmath.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -80,9 +81,19 @@ void scatter_with(int32_t* __restrict row_of, int32_t* __restrict assign_of, con
   }
 }
 
-// y += s * x over C floats (vectorises; one output row, one thread).
-inline void axpy(float* __restrict y, float s, const float* __restrict x, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) y[c] += s * x[c];
+// dst = src over C floats. A plain loop here is turned back into a call to memcpy, whose overhead on a row of 128
+// floats is as much as the copy; without AVX-512 that call is what runs.
+inline void copy_row(float* __restrict dst, const float* __restrict src, int64_t C) {
+#if defined(__AVX512F__)
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) _mm512_storeu_ps(dst + c, _mm512_loadu_ps(src + c));
+  if (c < C) {
+    const __mmask16 m = (__mmask16)((1u << (C - c)) - 1u);
+    _mm512_mask_storeu_ps(dst + c, m, _mm512_maskz_loadu_ps(m, src + c));
+  }
+#else
+  std::memcpy(dst, src, (size_t)C * sizeof(float));
+#endif
 }
 
 // dot(a, b) with 16 partial sums in a fixed order: vectorises without -ffast-math and is reproducible.
@@ -147,38 +158,57 @@ void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, in
 }
 
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
+  const uint32_t k = (uint32_t)K;  // a slot's token a / K in 32 bits: a 64-bit idiv a row cost more than its copy
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < Ap; ++r) {
-    const int64_t a = assign_of[r];
+    const int32_t a = assign_of[r];
     if (a < 0) std::memset(xe + r * C, 0, (size_t)C * sizeof(float));  // a row no slot fills: zeros
-    else std::memcpy(xe + r * C, x + a / K * C, (size_t)C * sizeof(float));
+    else copy_row(xe + r * C, x + (int64_t)((uint32_t)a / k) * C, C);
   }
 }
 
+// dx[t] = (0 + d_xe[first kept row]) + d_xe[second] + ...: the sum from zero as index_add made it (0 + -0 is +0),
+// each row of dx written once, without a pass zeroing it first.
 void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_of, int64_t T, int64_t K, int64_t C) {
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float* __restrict o = dx + t * C;
-    std::memset(o, 0, (size_t)C * sizeof(float));
+    bool first = true;
     for (int64_t j = 0; j < K; ++j) {
       int64_t r = row_of[t * K + j];
       if (r < 0) continue;
       const float* __restrict g = d_xe + r * C;
-      for (int64_t c = 0; c < C; ++c) o[c] += g[c];
+      if (first)
+        for (int64_t c = 0; c < C; ++c) o[c] = 0.f + g[c];
+      else
+        for (int64_t c = 0; c < C; ++c) o[c] += g[c];
+      first = false;
     }
+    if (first) std::memset(o, 0, (size_t)C * sizeof(float));  // every slot of t dropped
   }
 }
 
+// out[t] = sum over t's kept slots, in slot order, of gate * ye[row], accumulated from zero: the first term is
+// fma(gate, y, +0) (or gate * y + 0 without FMA), as an axpy into a zeroed row computed it, without the zeroing
+// pass and a read of the row back.
 void dispatch_combine(float* out, const float* ye, const float* gate, const int32_t* row_of, int64_t T, int64_t K,
                       int64_t C) {
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
-    float* o = out + t * C;
-    std::memset(o, 0, (size_t)C * sizeof(float));
+    float* __restrict o = out + t * C;
+    bool first = true;
     for (int64_t j = 0; j < K; ++j) {
       int64_t r = row_of[t * K + j];
-      if (r >= 0) axpy(o, gate[t * K + j], ye + r * C, C);
+      if (r < 0) continue;
+      const float s = gate[t * K + j];
+      const float* __restrict y = ye + r * C;
+      if (first)
+        for (int64_t c = 0; c < C; ++c) o[c] = mul_add(s, y[c], 0.f);
+      else
+        for (int64_t c = 0; c < C; ++c) o[c] = mul_add(s, y[c], o[c]);
+      first = false;
     }
+    if (first) std::memset(o, 0, (size_t)C * sizeof(float));  // every slot of t dropped
   }
 }
 
