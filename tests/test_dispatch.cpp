@@ -171,13 +171,19 @@ TEST_SUITE("kernels") {
   TEST_CASE("dispatch combine and backward vs naive double, dropped slots") {
     const int64_t T = 97, K = 4, N = 9, C = 53;  // C not a multiple of 16: the dot's tail runs
     auto expert = random_experts(T * K, N, 0.2f, 11);
+    for (int64_t j = 0; j < K; ++j) expert[(size_t)(3 * K + j)] = -1;  // token 3: every slot dropped
     Plan p = our_plan(expert, N);
     const int64_t Ap = p.offsets[(size_t)N];
     auto ye = random_floats(Ap * C, 12);
     auto gate = random_floats(T * K, 13, 0.f, 1.f);
     auto dout = random_floats(T * C, 14);
+    // Token 5's terms of column 0 all -0.0: the sums start from +0, as index_add into zeros made them, so its
+    // output and its input gradient there are +0.0.
+    for (int64_t j = 0; j < K; ++j)
+      if (p.row_of[(size_t)(5 * K + j)] >= 0) ye[(size_t)(p.row_of[(size_t)(5 * K + j)] * C)] = -0.f;
+    dout[(size_t)(5 * C)] = -0.f;
 
-    std::vector<float> out((size_t)(T * C)), dye((size_t)(Ap * C), 99.f), dgate((size_t)(T * K), 99.f),
+    std::vector<float> out((size_t)(T * C), 99.f), dye((size_t)(Ap * C), 99.f), dgate((size_t)(T * K), 99.f),
         dx((size_t)(T * C), 99.f);
     cpu::dispatch_combine(out.data(), ye.data(), gate.data(), p.row_of.data(), T, K, C);
     cpu::dispatch_combine_backward(dye.data(), dgate.data(), dout.data(), ye.data(), gate.data(), p.row_of.data(),
@@ -195,6 +201,12 @@ TEST_SUITE("kernels") {
         }
         REQUIRE(std::fabs(out[(size_t)(t * C + c)] - o) <= 1e-5 + 1e-5 * std::fabs(o));
         REQUIRE(std::fabs(dx[(size_t)(t * C + c)] - g) <= 1e-5 + 1e-5 * std::fabs(g));
+      }
+      if (t == 3 || t == 5) {  // no kept slot: zeros (not the 99 left there); -0.0 terms: +0.0
+        CHECK(!std::signbit(out[(size_t)(t * C)]));
+        CHECK(!std::signbit(dx[(size_t)(t * C)]));
+        CHECK(out[(size_t)(t * C)] == 0.f);
+        CHECK(dx[(size_t)(t * C)] == 0.f);
       }
       for (int64_t j = 0; j < K; ++j) {
         int64_t a = t * K + j;
