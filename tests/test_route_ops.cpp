@@ -414,6 +414,42 @@ TEST_SUITE("routing") {
       }
   }
 
+  TEST_CASE("route select (CPU): outputs of 32 MB and more, stored by streaming stores, equal the rows' own results") {
+    // [8192, 1024]: the probabilities, their gradient and the logits' gradient are 32 MB each, written by streaming
+    // stores (kernels/cpu/stream.h); 128 of the rows selected on their own (small: plain stores) are the reference.
+    const int64_t P = 8192, b = 1024, k = 2;
+    Tensor l = uniform({P, b}, 71, -3.f, 3.f), wg = uniform({P * k}, 72);
+    std::vector<int64_t> rows;
+    for (int64_t p = 0; p < 64; ++p) rows.push_back(p);
+    for (int64_t p = 4000; p < 4064; ++p) rows.push_back(p);
+    Tensor ls = Tensor::empty({(int64_t)rows.size(), b}), ws = Tensor::empty({(int64_t)rows.size() * k});
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::memcpy(ls.f32() + i * b, l.f32() + rows[i] * b, b * sizeof(float));
+      std::memcpy(ws.f32() + i * k, wg.f32() + rows[i] * k, k * sizeof(float));
+    }
+    l.requires_grad_(true);
+    ls.requires_grad_(true);
+    LevelSelection a = route_select(l, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, true, false);
+    LevelSelection r = route_select(ls, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, true, false);
+    sum(mul(a.path, wg)).backward();
+    sum(mul(r.path, ws)).backward();
+    const std::vector<uint32_t> pa = bits_of(a.probs), pr = bits_of(r.probs), ga = bits_of(l.grad()),
+                                gr = bits_of(ls.grad()), ya = bits_of(a.path), yr = bits_of(r.path);
+    const std::vector<int32_t> ca = a.child.to_i32_vector(), cr = r.child.to_i32_vector();
+    int64_t differ = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      for (int64_t c = 0; c < b; ++c) {
+        differ += pa[(size_t)(rows[i] * b + c)] != pr[i * b + (size_t)c];
+        differ += ga[(size_t)(rows[i] * b + c)] != gr[i * b + (size_t)c];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        differ += ya[(size_t)(rows[i] * k + j)] != yr[i * k + (size_t)j];
+        differ += ca[(size_t)(rows[i] * k + j)] != cr[i * k + (size_t)j];
+      }
+    }
+    CHECK(differ == 0);
+  }
+
   TEST_CASE("route select: finite-difference gradients through the probabilities, the gates and the parent path") {
     for (const SelCase& cs : kSelCases) {
       CAPTURE(cs.k);

@@ -12,6 +12,7 @@
 #include "kernels/reduce.h"
 #include "kernels/route.h"
 #include "kernels/cpu/rows.h"
+#include "kernels/cpu/stream.h"
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
 
@@ -501,14 +502,18 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   // computes the same bits with a row per SIMD lane.
   const int64_t R = std::max<int64_t>(1, 1024 / b), blocks = (P + R - 1) / R;
   const SelectBlock block16 = select_block(b, k);
+  // Large probabilities (flat routing over many experts) are made row by row in L1 and written by streaming stores
+  // (kernels/cpu/stream.h); not with the entropy statistic, which reads the block's rows back.
+  const bool stream = !entropy && stream_rows(probs, P * b, b);
 #pragma omp parallel if (P * b >= kParallelMin)
   {
     std::vector<float> s((size_t)(scaled ? R * b : 0)), scores((size_t)(biased ? b : 0));
     std::vector<float> top((size_t)k);  // the selected scores (unused: the gates come from probs)
+    std::vector<float> buf((size_t)(stream ? b : 0));
     // One row by the row units: softmax_row, then the selection scores and topk_rows.
     auto select_row = [&](int64_t p, const float* sp) {
-      softmax_row(probs + p * b, sp, b);
-      const float* pr = probs + p * b;
+      float* pr = stream ? buf.data() : probs + p * b;
+      softmax_row(pr, sp, b);
       // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
       // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
       // all-NaN row this still takes the first k selectable children).
@@ -524,6 +529,9 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       }
       topk_rows(top.data(), ix + p * k, sc, 1, b, k);
       for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = pr[ix[p * k + j]];  // the kept probabilities
+#if defined(__AVX512F__)
+      if (stream) stream_row(probs + p * b, pr, b);
+#endif
     };
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -554,6 +562,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       if (entropy)
         for (int64_t q = p0; q < p1; ++q) row_ent[(size_t)q] = row_entropy(probs + q * b, row_in(q), b);
     }
+    if (stream) stream_fence();
   }
   if (entropy) entropy[0] = mean_of_rows(row_ent, P);
   if (any_pruned)
@@ -624,12 +633,22 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
     for (int64_t p = 0; p < P; ++p)
       for (int64_t j = 0; j < k; ++j) dsel[(size_t)(p * k + j)] = dsel[(size_t)(p * k + j)] + -db[(size_t)p];
   }
-  // dprobs: each pair's row zeroed, then its k slots' gradients added (distinct children: one term each).
-#pragma omp parallel for schedule(static) if (P * b >= kParallelMin)
-  for (int64_t p = 0; p < P; ++p) {
-    float* row = dprobs + p * b;
-    std::fill(row, row + b, 0.f);
-    for (int64_t j = 0; j < k; ++j) row[col((uint32_t)child[p * k + j])] += dsel[(size_t)(p * k + j)];
+  // dprobs: each pair's row zeroed, then its k slots' gradients added (distinct children: one term each). A large
+  // dprobs is made row by row in L1 and written by streaming stores (kernels/cpu/stream.h).
+  const bool stream = stream_rows(dprobs, P * b, b);
+#pragma omp parallel if (P * b >= kParallelMin)
+  {
+    std::vector<float> buf((size_t)(stream ? b : 0));
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      float* row = stream ? buf.data() : dprobs + p * b;
+      std::fill(row, row + b, 0.f);
+      for (int64_t j = 0; j < k; ++j) row[col((uint32_t)child[p * k + j])] += dsel[(size_t)(p * k + j)];
+#if defined(__AVX512F__)
+      if (stream) stream_row(dprobs + p * b, row, b);
+#endif
+    }
+    if (stream) stream_fence();
   }
 }
 

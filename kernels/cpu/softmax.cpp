@@ -6,6 +6,7 @@
 #include "kernels/softmax.h"
 #include "kernels/cpu/fastmath.h"
 #include "kernels/cpu/rows.h"
+#include "kernels/cpu/stream.h"
 
 #include <cmath>
 
@@ -19,16 +20,30 @@ void softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
   for (int64_t n = 0; n < N; ++n) softmax_row(out + n * C, inp + n * C, C);
 }
 
+// dx = y * (dy - dot(dy, y)) per row; a large dx by streaming stores (kernels/cpu/stream.h), the same values.
 void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* __restrict dy = dout + n * C;
-    const float* __restrict y = out + n * C;
-    float* __restrict dx = dinp + n * C;
-    float dot = 0.0f;
+  const bool stream = stream_rows(dinp, N * C, C);
+#pragma omp parallel if (N * C >= kParallelMin)
+  {
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const float* __restrict dy = dout + n * C;
+      const float* __restrict y = out + n * C;
+      float* __restrict dx = dinp + n * C;
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t c = 0; c < C; ++c) dot += dy[c] * y[c];
-    for (int64_t c = 0; c < C; ++c) dx[c] = y[c] * (dy[c] - dot);
+      for (int64_t c = 0; c < C; ++c) dot += dy[c] * y[c];
+#if defined(__AVX512F__)
+      if (stream) {
+        const __m512 d = _mm512_set1_ps(dot);
+        for (int64_t c = 0; c < C; c += 16)
+          _mm512_stream_ps(dx + c, _mm512_mul_ps(_mm512_loadu_ps(y + c), _mm512_sub_ps(_mm512_loadu_ps(dy + c), d)));
+        continue;
+      }
+#endif
+      for (int64_t c = 0; c < C; ++c) dx[c] = y[c] * (dy[c] - dot);
+    }
+    if (stream) stream_fence();
   }
 }
 
