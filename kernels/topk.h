@@ -10,9 +10,13 @@
 // Paths, chosen per row by k and n (the same answer from each):
 //   k <= 8, n <= 64 (a tree router's levels): k rounds of a vector max and a vector equality test over the row,
 //          no branch per candidate (a row holding a NaN takes the next path);
-//   k <= 8 (routing: n up to 1024 experts and more): one pass over the row keeping the best k in a small sorted
-//          array; a block of 16 scores is skipped with one vectorised "any above the current k-th?" test, so
-//          most of a long row costs one compare per element;
+//   k <= 8, n > 64 with AVX-512 (flat routing over many experts): two passes, no branch per candidate: the k
+//          largest of each of 16 lanes by max/min (a sorting network's column per block of 16), which holds the
+//          row's k-th largest score w; then the scores >= w in index order (one compare per block, almost always
+//          none), those > w all kept and those == w by index (a row holding a NaN takes the next path);
+//   k <= 8 (otherwise): one pass over the row keeping the best k in a small sorted array; a block of 16 scores
+//          is skipped with one vectorised "any above the current k-th?" test, so most of a long row costs one
+//          compare per element;
 //   k > 8: nth_element + sort of the winners on an index array (O(n + k log k)).
 #pragma once
 #include <cstdint>

@@ -533,7 +533,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       if (stream) stream_row(probs + p * b, pr, b);
 #endif
     };
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t p0 = blk * R, p1 = std::min(P, p0 + R);
       // s = logits / temperature + logit bias, as the ops did it: x * inv_temp, then + bias, in two passes (one
@@ -639,7 +639,7 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
 #pragma omp parallel if (P * b >= kParallelMin)
   {
     std::vector<float> buf((size_t)(stream ? b : 0));
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t p = 0; p < P; ++p) {
       float* row = stream ? buf.data() : dprobs + p * b;
       std::fill(row, row + b, 0.f);

@@ -25,7 +25,7 @@ void softmax_backward(float* dinp, const float* dout, const float* out, int64_t 
   const bool stream = stream_rows(dinp, N * C, C);
 #pragma omp parallel if (N * C >= kParallelMin)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t n = 0; n < N; ++n) {
       const float* __restrict dy = dout + n * C;
       const float* __restrict y = out + n * C;
