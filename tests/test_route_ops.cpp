@@ -134,12 +134,13 @@ const SelCase kSelCases[] = {
     {11, 2, 3, 5, 2, 0.7f, true, false, true, true},    // renorm_last with reliability and pruned children
     {9, 3, 4, 4, 3, 1.f, true, true, false, true},      // aux-free bias and pruning, k = 3
     {13, 2, 2, 7, 1, 2.f, false, true, false, true},    // k = 1
-    // Sixteen rows at a time (kernels/cpu/route.cpp, select_block16: b a power of 2 up to 32, k <= 2), with a
+    // Sixteen rows at a time (kernels/cpu/route.cpp, select_block16: b a power of 2 up to 64, k <= 2), with a
     // short tail of rows taken one by one.
     {20, 1, 1, 16, 2, 1.f, false, false, true, false},  // the root, renorm_last
     {24, 2, 3, 8, 1, 0.7f, true, true, false, true},    // reliability, pruning, aux-free bias
     {16, 2, 4, 32, 2, 1.f, true, true, true, true},     // everything at once
     {37, 1, 1, 2, 1, 1.f, false, false, false, false},  // two children
+    {16, 2, 2, 64, 2, 1.f, false, true, true, true},    // 64 children: four 16 x 16 transposes a row block
 };
 
 // Biases for a case: log reliabilities in (log 0.5, 0], one pruned child per node (never enough to leave fewer
@@ -379,6 +380,8 @@ TEST_SUITE("routing") {
         {500, 2, 4, 16, 2, 1.f, true, true, true, true},
         {301, 1, 1, 32, 1, 0.8f, true, false, false, false},
         {999, 1, 1, 4, 2, 1.f, false, true, true, false},
+        {260, 2, 3, 64, 2, 1.f, true, true, true, true},
+        {233, 1, 1, 64, 1, 1.f, false, false, false, false},
     };
     for (const SelCase& cs : cases)
       for (int threads : {1, 2}) {
@@ -389,7 +392,7 @@ TEST_SUITE("routing") {
         std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 60 + cs.k);
         std::vector<float> lb = case_lbias(cs, 61), ab = case_abias(cs, 62);
         Tensor l = uniform({P, cs.b}, 63, -3.f, 3.f), par = uniform({P}, 64, 0.1f, 1.f);
-        if (cs.b <= 32)
+        if (cs.b <= 64)
           for (int64_t p : {int64_t{37}, int64_t{50}, int64_t{123}}) {  // an all-NaN row, a NaN, an infinity
             for (int64_t c = 0; c < (p == 37 ? cs.b : 1); ++c) l.f32()[p * cs.b + c] = NAN;
             if (p == 123) l.f32()[p * cs.b + 1] = INFINITY;

@@ -369,17 +369,31 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
   else
     for (int j = 0; j < B; ++j)
       for (int l = 0; l < 16; ++l) e[j][l] = x[l * B + j];
+  float best[K][16];
+  int32_t at[K][16];
+  bool nan;
+#if defined(__AVX512F__)
+  // The steps below, each written as the vector operation the portable loops mean (GCC left the k = 1 top-k and
+  // the lane sums as scalar code, a cmov chain per lane: 3x the time of k = 2 at 32 children).
+  {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < B; ++j) m = _mm512_max_ps(_mm512_loadu_ps(e[j]), m);  // e > m ? e : m, as below
+    for (int j = 0; j < B; ++j) _mm512_storeu_ps(e[j], fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(e[j]), m)));
+    __m512 acc[16];
+    for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
+    for (int j = 0; j < B; ++j) acc[j % 16] = _mm512_add_ps(acc[j % 16], _mm512_loadu_ps(e[j]));
+    for (int w = 8; w >= 1; w /= 2)
+      for (int q = 0; q < w; ++q) acc[q] = _mm512_add_ps(acc[q], acc[q + w]);
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), acc[0]);
+    for (int j = 0; j < B; ++j) _mm512_storeu_ps(e[j], _mm512_mul_ps(_mm512_loadu_ps(e[j]), inv));
+  }
+#else
   float m[16];
   for (int l = 0; l < 16; ++l) m[l] = -INFINITY;
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) m[l] = e[j][l] > m[l] ? e[j][l] : m[l];
-#if defined(__AVX512F__)
-  for (int j = 0; j < B; ++j)
-    _mm512_storeu_ps(e[j], fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(e[j]), _mm512_loadu_ps(m))));
-#else
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) e[j][l] = fast_exp(e[j][l] - m[l]);
-#endif
   float acc[16][16] = {};  // acc[q][l]: lane sum q of row l
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) acc[j % 16][l] += e[j][l];
@@ -390,6 +404,7 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
   for (int l = 0; l < 16; ++l) inv[l] = 1.0f / acc[0][l];
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) e[j][l] *= inv[l];
+#endif
   // The selection scores (the probabilities themselves unless a bias or a pruned child is involved), a NaN
   // among them, then the top K per lane: loops over the lanes without branches, so that they vectorise.
   float biased_sc[B][16];
@@ -402,11 +417,48 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
         biased_sc[j][l] = prunes(lb) ? -INFINITY : v;
       }
   const float(*sc)[16] = scored ? biased_sc : e;
+#if defined(__AVX512F__)
+  {
+    __mmask16 nan_lanes = 0;
+    for (int j = 0; j < B; ++j) {
+      const __m512 v = _mm512_loadu_ps(sc[j]);
+      nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    nan = nan_lanes != 0;
+    // up = v > best (false against a NaN, as the scalar compare); best, at = up ? (v, j) : (best, at).
+    __m512 b0 = _mm512_loadu_ps(sc[0]), b1 = b0;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+    if (K == 2) {
+      const __m512 v = _mm512_loadu_ps(sc[1]);
+      const __mmask16 up = _mm512_cmp_ps_mask(v, b0, _CMP_GT_OQ);
+      b1 = _mm512_mask_blend_ps(up, v, b0);
+      a1 = _mm512_mask_blend_epi32(up, _mm512_set1_epi32(1), a0);
+      b0 = _mm512_mask_blend_ps(up, b0, v);
+      a0 = _mm512_mask_blend_epi32(up, a0, _mm512_set1_epi32(1));
+    }
+    for (int j = K; j < B; ++j) {
+      const __m512 v = _mm512_loadu_ps(sc[j]);
+      const __m512i jv = _mm512_set1_epi32(j);
+      const __mmask16 up0 = _mm512_cmp_ps_mask(v, b0, _CMP_GT_OQ);
+      if (K == 2) {
+        const __mmask16 up1 = _mm512_cmp_ps_mask(v, b1, _CMP_GT_OQ);
+        b1 = _mm512_mask_blend_ps(up0, _mm512_mask_blend_ps(up1, b1, v), b0);
+        a1 = _mm512_mask_blend_epi32(up0, _mm512_mask_blend_epi32(up1, a1, jv), a0);
+      }
+      b0 = _mm512_mask_blend_ps(up0, b0, v);
+      a0 = _mm512_mask_blend_epi32(up0, a0, jv);
+    }
+    _mm512_storeu_ps(best[0], b0);
+    _mm512_storeu_si512(at[0], a0);
+    if (K == 2) {
+      _mm512_storeu_ps(best[K - 1], b1);
+      _mm512_storeu_si512(at[K - 1], a1);
+    }
+  }
+#else
   int32_t nan_lane[16] = {};
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) nan_lane[l] |= sc[j][l] != sc[j][l];
-  float best[K][16];
-  int32_t at[K][16];
   for (int l = 0; l < 16; ++l) best[0][l] = sc[0][l], at[0][l] = 0;
   if (K == 2)
     for (int l = 0; l < 16; ++l) {
@@ -427,8 +479,10 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
       best[0][l] = up0 ? v : best[0][l];
       at[0][l] = up0 ? j : at[0][l];
     }
-  int32_t nan = 0;
-  for (int l = 0; l < 16; ++l) nan |= nan_lane[l];
+  int32_t any = 0;
+  for (int l = 0; l < 16; ++l) any |= nan_lane[l];
+  nan = any != 0;
+#endif
   if (nan) return false;
   if (B % 16 == 0)
     for (int j = 0; j < B; j += 16) transpose16(probs + j, B, &e[j][0], 16);
@@ -453,7 +507,8 @@ SelectBlock select_block_for(int64_t b) {
     case 4: return select_block16<4, K>;
     case 8: return select_block16<8, K>;
     case 16: return select_block16<16, K>;
-    case 32: return select_block16<32, K>;  // (at 64 the row-by-row path is faster: 75 ns a row against 93)
+    case 32: return select_block16<32, K>;
+    case 64: return select_block16<64, K>;  // (beyond, a block of rows in L1 holds fewer than sixteen)
     default: return nullptr;
   }
 }
@@ -498,7 +553,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   // at 1024, 0.9x.)
   // The row units open no parallel region of their own: one region here, whatever P (with a nested region per
   // block of rows, the selection without entropy took 9.1 ms at T = 16384, b = 1024; without them, 8.4).
-  // A tree's short rows (b a power of 2 up to 32, k <= 2) go sixteen at a time through select_block16, which
+  // A tree's short rows (b a power of 2 up to 64, k <= 2) go sixteen at a time through select_block16, which
   // computes the same bits with a row per SIMD lane.
   const int64_t R = std::max<int64_t>(1, 1024 / b), blocks = (P + R - 1) / R;
   const SelectBlock block16 = select_block(b, k);
@@ -551,7 +606,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
         }
       auto row_in = [&](int64_t p) { return scaled ? s.data() + (p - p0) * b : logits + p * b; };
       int64_t p = p0;
-      if (block16)  // sixteen rows at a time where the block kernel exists (b a power of 2 up to 32, k <= 2)
+      if (block16)  // sixteen rows at a time where the block kernel exists (b a power of 2 up to 64, k <= 2)
         for (; p + 16 <= p1; p += 16) {
           int64_t a16[16];
           for (int l = 0; l < 16; ++l) a16[l] = at(p + l);
