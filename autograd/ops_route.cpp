@@ -5,10 +5,22 @@
 #include <cmath>
 
 #include "engine/dispatch.h"
-#include "kernels/softmax.h"
+#include "kernels/index.h"
 #include "kernels/route.h"
+#include "kernels/softmax.h"
 
 namespace cm {
+
+namespace {
+
+// A CPU tensor's node ids in [0, n), or an error naming the first that is not. (On CUDA the kernels record a bad
+// id in the device's index-error record.)
+void check_nodes(const char* op, const Tensor& nd, int64_t n) {
+  const int64_t bad = cpu::index_first_bad(nd.i32(), nd.numel(), n);
+  CM_REQUIRE(bad < 0, op, ": node ", bad < 0 ? 0 : nd.i32()[bad], " of pair ", bad, " outside [0, ", n, ")");
+}
+
+}  // namespace
 
 Tensor routed_logits(const Tensor& h, const Tensor& W, const Tensor& node, int64_t b) {
   CM_REQUIRE(h.defined() && h.dtype() == DType::F32 && h.dim() == 2, "routed_logits: h must be f32 [T, C], got ",
@@ -28,10 +40,7 @@ Tensor routed_logits(const Tensor& h, const Tensor& W, const Tensor& node, int64
     CM_REQUIRE((T == 0 && P == 0) || (T > 0 && P % T == 0), "routed_logits: ", P,
                " pairs is not a multiple of T = ", T);
     nd = node.contiguous();
-    if (dev == Device::CPU)
-      for (int64_t p = 0; p < P; ++p)
-        CM_REQUIRE(nd.i32()[p] >= 0 && nd.i32()[p] < n, "routed_logits: node ", nd.i32()[p], " of pair ", p,
-                   " outside [0, ", n, ")");
+    if (dev == Device::CPU) check_nodes("routed_logits", nd, n);
   } else {
     CM_REQUIRE(n == 1, "routed_logits: no node ids, but W holds ", n, " nodes");
   }
@@ -75,10 +84,7 @@ LevelSelection route_select(const Tensor& logits, const Tensor& node, const Tens
     CM_REQUIRE(node.dtype() == DType::I32 && node.dim() == 1 && node.size(0) == P, "route_select: node must be i32 [",
                P, "], got ", dtype_name(node.dtype()), " ", shape_str(node.shape()));
     nd = node.contiguous();
-    if (dev == Device::CPU)
-      for (int64_t p = 0; p < P; ++p)
-        CM_REQUIRE(nd.i32()[p] >= 0 && nd.i32()[p] < n, "route_select: node ", nd.i32()[p], " of pair ", p,
-                   " outside [0, ", n, ")");
+    if (dev == Device::CPU) check_nodes("route_select", nd, n);
   }
   if (path_parent.defined()) {
     CM_REQUIRE(path_parent.dtype() == DType::F32 && path_parent.numel() == P, "route_select: path_parent must be f32 [",
