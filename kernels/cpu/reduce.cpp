@@ -3,6 +3,7 @@
 //     (lane j takes elements j, j+8, ...), and the block partials are added in block order;
 //   - an axis sum over [O, R, I] gives each output element to one thread, which adds its R values in order.
 #include "kernels/reduce.h"
+#include "kernels/cpu/rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,20 +21,6 @@ constexpr int64_t kBlock = kSumBlock;      // elements per partial of a long sum
 constexpr int64_t kChunk = 256;            // most inner elements per tile of an axis reduction
 constexpr int64_t kRowBlock = 256;         // rows per partial of a column sum (fixed: part of the result)
 constexpr int64_t kParallelMin = 1 << 15;  // below this many inputs threads cost more than they save
-
-// Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a
-// fixed pairwise combine of the lanes.
-// Square: the sum of a[i]^2 instead (squared in double: exact, and no float overflow).
-template <bool Square = false>
-inline double block_sum(const float* a, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  auto term = [](float v) { return Square ? (double)v * (double)v : (double)v; };
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += term(a[i + j]);
-  for (int j = 0; i < n; ++i, ++j) acc[j] += term(a[i]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 // Sum of a [n] (or of its squares) by blocks. `parallel` only decides who computes the partials, not how they are
 // combined, so both settings give the same bits.

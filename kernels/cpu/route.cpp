@@ -33,6 +33,13 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;  // elements below which a parallel region costs more than it saves
 
+// A row's sum as cpu::sum_axis makes it (the rows longer than a block of the long sums).
+float sum_of_row(const float* a, int64_t n) {
+  float s;
+  sum_axis(&s, a, 1, n, 1, 1.f);
+  return s;
+}
+
 // A logit bias of -inf marks a pruned child (route_bias_forward).
 inline bool prunes(float lbias) { return std::isinf(lbias) && lbias < 0; }
 
@@ -616,6 +623,19 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       for (; p < p1; ++p) select_row(p, row_in(p));
       if (entropy)
         for (int64_t q = p0; q < p1; ++q) row_ent[(size_t)q] = row_entropy(probs + q * b, row_in(q), b);
+      // The block's gates, renormalised over the k kept siblings as div(sel, sum(sel, 1)) did (the sum as
+      // cpu::sum_axis makes a row's: block_sum in double, then float), its path and its next nodes.
+      for (int64_t q = p0; q < p1; ++q) {
+        const int64_t a = at(q);
+        const float* sq = sel.data() + q * k;
+        const float S = !renorm ? 1.f : k <= kSumBlock ? (float)block_sum(sq, k) : sum_of_row(sq, k);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t i = q * k + j;
+          const float gate = renorm ? sq[j] / S : sq[j];
+          path[i] = path_parent ? path_parent[q] * gate : gate;
+          child[i] = (int32_t)(a + ix[i]);
+        }
+      }
     }
     if (stream) stream_fence();
   }
@@ -625,80 +645,51 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       const float lb = lbias[at(i / k) + ix[i]];
       CM_CHECK(!prunes(lb), "node ", at(i / k) / b, " has fewer than ", k, " selectable children");
     }
-
-  // gates, renormalised over the k kept siblings as div(sel, sum(sel, 1)) did (the sums by cpu::sum_axis, as
-  // sum() made them); path; next nodes. Loops over (pair, sibling): no division per slot for its pair.
-  std::vector<float> S((size_t)(renorm ? P : 0));
-  if (renorm) sum_axis(S.data(), sel.data(), P, k, 1, 1.f);
-#pragma omp parallel for schedule(static) if (P * k >= kParallelMin)
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t a = at(p);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = p * k + j;
-      const float gate = renorm ? sel[(size_t)i] / S[(size_t)p] : sel[(size_t)i];
-      path[i] = path_parent ? path_parent[p] * gate : gate;
-      child[i] = (int32_t)(a + ix[i]);
-    }
-  }
 }
 
 void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
                            const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
                            bool renorm) {
   if (P == 0) return;
-  const int64_t A = P * k;
   const FastMod col(b);  // a child's column in its node's row: child % b
-  const bool par = A >= kParallelMin / 4;
-  // The composite's rules, in its order: path = parent * gate (mul), gate = sel / sum(sel) (div, sum), sel =
-  // gather(probs). Sums over the k siblings go through cpu::sum_axis, as sum and sum_to did. The elementwise steps
-  // run over (pair p, sibling j), slot p * k + j.
-  std::vector<float> sel((size_t)A), gate((size_t)A), S;
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = probs[p * b + col((uint32_t)child[p * k + j])];
-  gate = sel;
-  if (renorm) {
-    S.resize((size_t)P);
-    sum_axis(S.data(), sel.data(), P, k, 1, 1.f);
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t j = 0; j < k; ++j) gate[(size_t)(p * k + j)] = sel[(size_t)(p * k + j)] / S[(size_t)p];
-  }
-  std::vector<float> dgate((size_t)A), tmp((size_t)A);
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = p * k + j;
-      dgate[(size_t)i] = path_parent ? dpath[i] * path_parent[p] : dpath[i];
-      if (path_parent && dparent) tmp[(size_t)i] = dpath[i] * gate[(size_t)i];
-    }
-  if (path_parent && dparent) sum_axis(dparent, tmp.data(), P, k, 1, 1.f);
-  std::vector<float> dsel = dgate;
-  if (renorm) {  // d(a/S)/da = 1/S; d/dS = -sum(g/S * a / S), broadcast back over the k siblings
-    std::vector<float> db((size_t)P);
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = p * k + j;
-        dsel[(size_t)i] = dgate[(size_t)i] / S[(size_t)p];
-        tmp[(size_t)i] = (dsel[(size_t)i] * sel[(size_t)i]) / S[(size_t)p];
-      }
-    sum_axis(db.data(), tmp.data(), P, k, 1, 1.f);
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t j = 0; j < k; ++j) dsel[(size_t)(p * k + j)] = dsel[(size_t)(p * k + j)] + -db[(size_t)p];
-  }
-  // dprobs: each pair's row zeroed, then its k slots' gradients added (distinct children: one term each). A large
+  // The composite's rules, in its order, pair by pair: path = parent * gate (mul), gate = sel / sum(sel) (div,
+  // sum), sel = gather(probs). The sums over the k siblings are the row sums cpu::sum_axis made for sum and sum_to
+  // (block_sum in double, then float). One parallel region: the steps of a pair need only its own k slots. A large
   // dprobs is made row by row in L1 and written by streaming stores (kernels/cpu/stream.h).
+  auto row_sum = [k](const float* a) { return k <= kSumBlock ? (float)block_sum(a, k) : sum_of_row(a, k); };
   const bool stream = stream_rows(dprobs, P * b, b);
-#pragma omp parallel if (P * b >= kParallelMin)
+#pragma omp parallel if (P * b >= kParallelMin || P * k >= kParallelMin / 4)
   {
-    std::vector<float> buf((size_t)(stream ? b : 0));
+    std::vector<float> buf((size_t)(stream ? b : 0)), sel((size_t)k), gate((size_t)k), dsel((size_t)k),
+        tmp((size_t)k);
 #pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t p = 0; p < P; ++p) {
+      const int32_t* ch = child + p * k;
+      const float* dp = dpath + p * k;
+      for (int64_t j = 0; j < k; ++j) sel[(size_t)j] = probs[p * b + col((uint32_t)ch[j])];
+      float S = 1.f;
+      if (renorm) {
+        S = row_sum(sel.data());
+        for (int64_t j = 0; j < k; ++j) gate[(size_t)j] = sel[(size_t)j] / S;
+      }
+      const float* g = renorm ? gate.data() : sel.data();
+      for (int64_t j = 0; j < k; ++j) dsel[(size_t)j] = path_parent ? dp[j] * path_parent[p] : dp[j];  // d gate
+      if (path_parent && dparent) {
+        for (int64_t j = 0; j < k; ++j) tmp[(size_t)j] = dp[j] * g[j];
+        dparent[p] = row_sum(tmp.data());
+      }
+      if (renorm) {  // d(a/S)/da = 1/S; d/dS = -sum(g/S * a / S), broadcast back over the k siblings
+        for (int64_t j = 0; j < k; ++j) {
+          dsel[(size_t)j] = dsel[(size_t)j] / S;
+          tmp[(size_t)j] = (dsel[(size_t)j] * sel[(size_t)j]) / S;
+        }
+        const float db = row_sum(tmp.data());
+        for (int64_t j = 0; j < k; ++j) dsel[(size_t)j] = dsel[(size_t)j] + -db;
+      }
+      // dprobs: the pair's row zeroed, then its k slots' gradients added (distinct children: one term each).
       float* row = stream ? buf.data() : dprobs + p * b;
       std::fill(row, row + b, 0.f);
-      for (int64_t j = 0; j < k; ++j) row[col((uint32_t)child[p * k + j])] += dsel[(size_t)(p * k + j)];
+      for (int64_t j = 0; j < k; ++j) row[col((uint32_t)ch[j])] += dsel[(size_t)j];
 #if defined(__AVX512F__)
       if (stream) stream_row(dprobs + p * b, row, b);
 #endif

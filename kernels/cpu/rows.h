@@ -57,6 +57,21 @@ inline void softmax_row(float* __restrict y, const float* __restrict x, int64_t 
   for (int64_t i = 0; i < C; ++i) y[i] *= inv;
 }
 
+// Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a
+// fixed pairwise combine of the lanes. The unit of the long sums and of sum_axis's rows (kernels/cpu/reduce.cpp):
+// sum_axis over a row of n <= kSumBlock floats is (float)(scale * block_sum(row, n)).
+// Square: the sum of a[i]^2 instead (squared in double: exact, and no float overflow).
+template <bool Square = false>
+inline double block_sum(const float* a, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto term = [](float v) { return Square ? (double)v * (double)v : (double)v; };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += term(a[i + j]);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += term(a[i]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // topk_forward's arithmetic on R rows, on the calling thread (kernels/topk.h: order, ties, NaN).
 void topk_rows(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k);
 
