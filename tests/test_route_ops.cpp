@@ -134,6 +134,7 @@ const SelCase kSelCases[] = {
     {11, 2, 3, 5, 2, 0.7f, true, false, true, true},    // renorm_last with reliability and pruned children
     {9, 3, 4, 4, 3, 1.f, true, true, false, true},      // aux-free bias and pruning, k = 3
     {13, 2, 2, 7, 1, 2.f, false, true, false, true},    // k = 1
+    {40, 2, 3, 8, 4, 1.f, false, false, true, true},    // renorm_last over k = 4: the siblings' sum in double
     // Sixteen rows at a time (kernels/cpu/route.cpp, select_block16: b a power of 2 up to 64, k <= 2), with a
     // short tail of rows taken one by one.
     {20, 1, 1, 16, 2, 1.f, false, false, true, false},  // the root, renorm_last
