@@ -27,8 +27,10 @@
 // its line first, so it moves them faster than memcpy does (the floor of a path whose kernels stream every output;
 // ours store plainly, their outputs read back from the cache by the next kernel).
 //
+// Third part (--select, alone): the router's selection by itself (run_select below).
+//
 //   make -j2 USE_CUDA=0 build/bench/dispatch
-//   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer]
+//   OMP_NUM_THREADS=2 ./build/bench/dispatch [--quick | --layer | --select]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -445,14 +447,73 @@ bool run_layer_paths() {
   return ok;
 }
 
+// ---------------------------------------------------------------- the router's selection alone (--select)
+
+// route_select alone, no graph, T = 16384 random rows of b children keeping k, on one thread (ns a row: the
+// kernel's own speed, the row units of kernels/cpu/rows.h and topk.cpp, or the sixteen-row block); then a
+// two-level tree's level 1 in training mode, on all threads: its forward (its parent path from level 0, its gates
+// renormalised), and the backward of both levels from a random gate gradient. Medians of 101 runs after a warm-up.
+bool run_select() {
+  using namespace cm;
+  const int64_t T = 16384;
+  Generator g(99);
+  std::printf("\nThe router's selection alone (route_select, T = %lld rows, no graph), one thread, median of 101\n\n"
+              "| children | k | ns a row |\n|---|---|---|\n",
+              (long long)T);
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+#endif
+  for (int64_t b : {4, 16, 32, 64, 256, 1024})
+    for (int64_t k : {1, 2}) {
+      const Tensor x = Tensor::randn({T, b}, g);
+      const double s = bench::median_seconds(
+          [&] { route_select(x, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, k > 1, false); }, 101);
+      std::printf("| %lld | %lld | %.1f |\n", (long long)b, (long long)k, s * 1e9 / (double)T);
+    }
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+  std::printf("\nA two-level tree's level 1 in training mode (T = %lld; level 0 top 1, level 1 top 2 with its "
+              "parent path), %d threads, median of 101\n\n",
+              (long long)T, threads);
+#endif
+  std::printf("| children per level | level-1 forward ms | backward of both levels ms |\n|---|---|---|\n");
+  for (int64_t b : {16, 32}) {
+    Tensor x0 = Tensor::randn({T, b}, g).requires_grad_(true), x1 = Tensor::randn({T, b}, g).requires_grad_(true);
+    const Tensor w = Tensor::randn({T * 2}, g);
+    std::vector<double> fwd, bwd;
+    for (int r = 0; r <= 101; ++r) {  // run 0 warms up
+      LevelSelection s0 = route_select(x0, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 1, false, false);
+      const auto t0 = std::chrono::steady_clock::now();
+      LevelSelection s1 = route_select(x1, s0.child, s0.path, Tensor(), Tensor(), b, 1.f, 2, true, false);
+      const auto t1 = std::chrono::steady_clock::now();
+      Tensor loss = sum(mul(s1.path, w));
+      const auto t2 = std::chrono::steady_clock::now();
+      loss.backward();
+      const auto t3 = std::chrono::steady_clock::now();
+      if (r > 0) {
+        fwd.push_back(std::chrono::duration<double>(t1 - t0).count());
+        bwd.push_back(std::chrono::duration<double>(t3 - t2).count());
+      }
+      x0.zero_grad();
+      x1.zero_grad();
+    }
+    std::sort(fwd.begin(), fwd.end());
+    std::sort(bwd.begin(), bwd.end());
+    std::printf("| %lld | %.3f | %.3f |\n", (long long)b, fwd[fwd.size() / 2] * 1e3, bwd[bwd.size() / 2] * 1e3);
+  }
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "";
-  if (argc > 2 || (!arg.empty() && arg != "--quick" && arg != "--layer")) {
-    std::fprintf(stderr, "usage: dispatch [--quick | --layer]\n");
+  if (argc > 2 || (!arg.empty() && arg != "--quick" && arg != "--layer" && arg != "--select")) {
+    std::fprintf(stderr, "usage: dispatch [--quick | --layer | --select]\n");
     return 2;
   }
+  if (arg == "--select") return run_select() ? 0 : 1;
   const bool quick = arg == "--quick", layer_only = arg == "--layer";
   bool ok = true;
   if (!layer_only) {
