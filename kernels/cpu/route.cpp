@@ -33,8 +33,10 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;  // elements below which a parallel region costs more than it saves
 
-// A row's sum as cpu::sum_axis makes it (the rows longer than a block of the long sums).
+// A row's sum as cpu::sum_axis makes it: block_sum in double, then float (through sum_axis itself past a block of
+// the long sums).
 float sum_of_row(const float* a, int64_t n) {
+  if (n <= kSumBlock) return (float)block_sum(a, n);
   float s;
   sum_axis(&s, a, 1, n, 1, 1.f);
   return s;
@@ -376,7 +378,6 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
   else
     for (int j = 0; j < B; ++j)
       for (int l = 0; l < 16; ++l) e[j][l] = x[l * B + j];
-  float best[K][16];
   int32_t at[K][16];
   bool nan;
 #if defined(__AVX512F__)
@@ -455,14 +456,11 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
       b0 = _mm512_mask_blend_ps(up0, b0, v);
       a0 = _mm512_mask_blend_epi32(up0, a0, jv);
     }
-    _mm512_storeu_ps(best[0], b0);
     _mm512_storeu_si512(at[0], a0);
-    if (K == 2) {
-      _mm512_storeu_ps(best[K - 1], b1);
-      _mm512_storeu_si512(at[K - 1], a1);
-    }
+    if (K == 2) _mm512_storeu_si512(at[K - 1], a1);
   }
 #else
+  float best[K][16];
   int32_t nan_lane[16] = {};
   for (int j = 0; j < B; ++j)
     for (int l = 0; l < 16; ++l) nan_lane[l] |= sc[j][l] != sc[j][l];
@@ -628,7 +626,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       for (int64_t q = p0; q < p1; ++q) {
         const int64_t a = at(q);
         const float* sq = sel.data() + q * k;
-        const float S = !renorm ? 1.f : k <= kSumBlock ? (float)block_sum(sq, k) : sum_of_row(sq, k);
+        const float S = renorm ? sum_of_row(sq, k) : 1.f;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t i = q * k + j;
           const float gate = renorm ? sq[j] / S : sq[j];
@@ -656,7 +654,6 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
   // sum), sel = gather(probs). The sums over the k siblings are the row sums cpu::sum_axis made for sum and sum_to
   // (block_sum in double, then float). One parallel region: the steps of a pair need only its own k slots. A large
   // dprobs is made row by row in L1 and written by streaming stores (kernels/cpu/stream.h).
-  auto row_sum = [k](const float* a) { return k <= kSumBlock ? (float)block_sum(a, k) : sum_of_row(a, k); };
   const bool stream = stream_rows(dprobs, P * b, b);
 #pragma omp parallel if (P * b >= kParallelMin || P * k >= kParallelMin / 4)
   {
@@ -669,21 +666,21 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
       for (int64_t j = 0; j < k; ++j) sel[(size_t)j] = probs[p * b + col((uint32_t)ch[j])];
       float S = 1.f;
       if (renorm) {
-        S = row_sum(sel.data());
+        S = sum_of_row(sel.data(), k);
         for (int64_t j = 0; j < k; ++j) gate[(size_t)j] = sel[(size_t)j] / S;
       }
       const float* g = renorm ? gate.data() : sel.data();
       for (int64_t j = 0; j < k; ++j) dsel[(size_t)j] = path_parent ? dp[j] * path_parent[p] : dp[j];  // d gate
       if (path_parent && dparent) {
         for (int64_t j = 0; j < k; ++j) tmp[(size_t)j] = dp[j] * g[j];
-        dparent[p] = row_sum(tmp.data());
+        dparent[p] = sum_of_row(tmp.data(), k);
       }
       if (renorm) {  // d(a/S)/da = 1/S; d/dS = -sum(g/S * a / S), broadcast back over the k siblings
         for (int64_t j = 0; j < k; ++j) {
           dsel[(size_t)j] = dsel[(size_t)j] / S;
           tmp[(size_t)j] = (dsel[(size_t)j] * sel[(size_t)j]) / S;
         }
-        const float db = row_sum(tmp.data());
+        const float db = sum_of_row(tmp.data(), k);
         for (int64_t j = 0; j < k; ++j) dsel[(size_t)j] = dsel[(size_t)j] + -db;
       }
       // dprobs: the pair's row zeroed, then its k slots' gradients added (distinct children: one term each).
