@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <unordered_map>
 
+#include "kernels/copy.h"
 #if CM_CUDA
 #include "engine/cuda.h"
 #endif
@@ -39,9 +40,11 @@ Tensor own_copy(const Tensor& g) {
   return c;
 }
 
-// Can the sweep add into t in place? Only when nothing else holds it or its storage.
+// Can the sweep add into t in place? Only when nothing else holds it or its storage, or the storage's other
+// holders are the tensors of its other blocks (Storage::partitioned).
 bool owned(const Tensor& t) {
-  return t.impl_ptr().use_count() == 1 && t.impl().storage.use_count() == 1 && t.is_contiguous();
+  return t.impl_ptr().use_count() == 1 && (t.impl().storage.use_count() == 1 || t.impl().storage->partitioned) &&
+         t.is_contiguous();
 }
 
 // target += g (w null), or target's window w += g. target is owned and contiguous.
@@ -51,6 +54,11 @@ void add_into(const Tensor& target, const Tensor& g, const Window* w, const char
   CM_CHECK(view.shape() == g.shape(), "op '", op, "' gave its window a gradient of shape ", shape_str(g.shape()),
            ", expected ", shape_str(view.shape()));
   if (view.is_contiguous()) return accumulate(view, g);  // a block of rows: in place
+  if (view.device() == Device::CPU) {  // in place through the window's strides
+    const Tensor gc = g.contiguous();
+    cpu::strided_add(view.f32(), view.strides().data(), gc.f32(), view.shape().data(), view.dim());
+    return;
+  }
   Tensor sum = view.contiguous();
   accumulate(sum, g);
   view.copy_(sum);

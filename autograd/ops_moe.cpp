@@ -237,6 +237,9 @@ Tensor device_offsets(const std::vector<int64_t>& offsets, const Tensor& given, 
 
 // G gradient blocks of one shape, consecutive in one buffer on dev, and the table of their addresses in dev's memory,
 // made there (kernels/pointers.h): a buffer allocated anew at every backward costs no upload. views[e] is block e.
+// The buffer is partitioned (engine/tensor.h): once `all` is gone with the GradBlocks, each expert's weight takes its
+// block as its gradient, where a shared buffer was copied out expert by expert (every expert weight's gradient,
+// copied at every backward).
 struct GradBlocks {
   Tensor all, table;  // f32 [G * numel(shape)]; G pointers (8 bytes each, in i32 storage)
   std::vector<Tensor> views;
@@ -247,6 +250,7 @@ struct GradBlocks {
     table = Tensor::empty({2 * G}, DType::I32, dev);
     CM_KERNEL(dev, pointer_table, (float**)table.raw(), all.f32(), n, G);
     for (int64_t e = 0; e < G; ++e) views.push_back(all.slice(0, e * n, (e + 1) * n).view(shape));
+    all.impl().storage->partitioned = true;
   }
   float* const* ptrs() const { return (float* const*)table.raw(); }
 };

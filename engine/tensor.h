@@ -30,6 +30,10 @@ struct Storage {
   void* ptr = nullptr;
   size_t nbytes = 0;
   Device device = Device::CPU;
+  // Set by code that cuts the buffer into disjoint blocks, hands each block out as a tensor of its own and keeps
+  // no tensor of the whole (autograd/ops_moe.cpp: every expert's weight gradient in one allocation). A block's
+  // only tensor then owns it (autograd/graph.cpp owned()): backward takes it as a leaf's gradient, no copy.
+  bool partitioned = false;
   Storage(size_t nbytes, Device device);
   ~Storage();
   Storage(const Storage&) = delete;

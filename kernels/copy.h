@@ -9,6 +9,12 @@ namespace cm::cpu {
 void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const int64_t* src_strides,
                   const int64_t* shape, int64_t rank, int64_t esize);
 
+// dst[i] += src[i] over `shape`: dst with its own element strides, src contiguous. The backward sweep's
+// gradient accumulation into a window of a gradient that is not a block of rows (a piece of split() along the last
+// dimension: attention's q, k and v of one [B, T, 3C] product), in one pass where a contiguous copy, an add and a
+// copy back took three. The same add per element as into a contiguous gradient: the same bits.
+void strided_add(float* dst, const int64_t* dst_strides, const float* src, const int64_t* shape, int64_t rank);
+
 // Value conversion between contiguous arrays of n elements.
 void f32_to_i32(int32_t* dst, const float* src, int64_t n);  // truncation toward zero, like a C cast
 void i32_to_f32(float* dst, const int32_t* src, int64_t n);

@@ -30,6 +30,8 @@ TEST_CASE("many windows of one tensor: each view's gradient lands in its window,
                                  base.slice(1, 1, 5, 2), base.select(0, 5), base.transpose(0, 1).slice(0, 4, 5)};
     std::vector<Tensor> pieces = split(base, {1, 0, 3, 2}, 0);  // an empty piece too
     views.insert(views.end(), pieces.begin(), pieces.end());
+    pieces = split(base, {2, 3}, 1);  // windows of whole columns: rows of a stride past their width
+    views.insert(views.end(), pieces.begin(), pieces.end());
     std::vector<float> ref(30, 0.f);
     Tensor out;
     for (size_t v = 0; v < views.size(); ++v) {
@@ -43,6 +45,8 @@ TEST_CASE("many windows of one tensor: each view's gradient lands in its window,
                                    probe.slice(1, 1, 5, 2), probe.select(0, 5), probe.transpose(0, 1).slice(0, 4, 5)};
       std::vector<Tensor> again_pieces = split(probe, {1, 0, 3, 2}, 0);
       again.insert(again.end(), again_pieces.begin(), again_pieces.end());
+      again_pieces = split(probe, {2, 3}, 1);
+      again.insert(again.end(), again_pieces.begin(), again_pieces.end());
       if (again[v].numel() == 0) continue;
       sum(mul(again[v], w)).backward();
       std::vector<float> g = probe.grad().to_f32_vector();
@@ -51,6 +55,18 @@ TEST_CASE("many windows of one tensor: each view's gradient lands in its window,
     out.backward();
     CHECK_CLOSE(x.grad(), ref, 1e-6f, 1e-6f);
   }
+  // Attention's split of one [rows, 3C] product into q, k and v, at a size the threads share: each piece's
+  // gradient lands in its columns, exactly (added once into zeros).
+  Tensor qkv = param({256, 3 * 256}, 5);
+  std::vector<Tensor> qkv_pieces = split(qkv, {256, 256, 256}, 1), ws;
+  Tensor total;
+  for (int p = 0; p < 3; ++p) {
+    ws.push_back(uniform({256, 256}, 120 + p));
+    Tensor term = sum(mul(qkv_pieces[(size_t)p], ws.back()));
+    total = total.defined() ? add(total, term) : term;
+  }
+  total.backward();
+  CHECK(qkv.grad().to_f32_vector() == concat(ws, 1).to_f32_vector());
   // And through gradcheck, with a window of a non-contiguous view.
   Tensor y = param({4, 6}, 4);
   CHECK_GRAD([](const std::vector<Tensor>& in) {

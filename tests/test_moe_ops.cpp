@@ -201,6 +201,34 @@ TEST_SUITE("moe_ops") {
     }
   }
 
+  TEST_CASE("moe ops: the experts' weight gradients are blocks of one buffer, taken uncopied; later gradients add "
+            "into each expert's block alone") {
+    const int64_t in = 6, out = 4, G = 3;
+    const std::vector<int64_t> off = offsets_of({2, 3, 4});
+    Experts E = random_experts_linear(G, in, out, true, 830);
+    Tensor x = uniform({off.back(), in}, 831), gy = uniform({off.back(), out}, 832);
+    sum(mul(grouped_linear(x, E.w, E.b, off), gy)).backward();
+    std::vector<std::vector<float>> once;
+    for (int64_t e = 0; e < G; ++e) once.push_back(E.w[e].grad().to_f32_vector());
+    for (const auto* ps : {&E.w, &E.b}) {
+      const Tensor& g0 = (*ps)[0].grad();
+      CHECK(g0.impl().storage->partitioned);
+      for (int64_t e = 1; e < G; ++e) {  // one buffer, block after block: no expert's gradient was copied out
+        CHECK(ps->at(e).grad().impl().storage == g0.impl().storage);
+        CHECK(ps->at(e).grad().f32() == g0.f32() + e * g0.numel());
+      }
+    }
+    // The second backward through expert 1 only: its block doubles (x + x is exact), its neighbours' do not move.
+    const Tensor only1 = Tensor::from_vector(std::vector<float>{0, 0, 1, 1, 1, 0, 0, 0, 0}, {9, 1});  // its rows
+    sum(mul(grouped_linear(x, E.w, E.b, off), mul(gy, only1))).backward();
+    for (int64_t e = 0; e < G; ++e) {
+      std::vector<float> want = once[(size_t)e];
+      if (e == 1)
+        for (float& v : want) v += v;
+      CHECK(E.w[e].grad().to_f32_vector() == want);
+    }
+  }
+
   TEST_CASE("moe ops: gradcheck of grouped_linear; a cut expert gets a zero gradient and passes none") {
     const int64_t in = 4, out = 3, G = 3;
     const std::vector<int64_t> off = offsets_of({2, 3, 2});

@@ -48,6 +48,31 @@ void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const 
   }
 }
 
+void strided_add(float* dst, const int64_t* dst_strides, const float* src, const int64_t* shape, int64_t rank) {
+  if (rank == 0) {
+    dst[0] += src[0];
+    return;
+  }
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < rank; ++d) rows *= shape[d];
+  const int64_t n = shape[rank - 1], ds = dst_strides[rank - 1];
+  if (rows == 0 || n == 0) return;
+#pragma omp parallel for schedule(static) if (rows * n > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t rem = r, doff = 0;
+    for (int64_t d = rank - 2; d >= 0; --d) {
+      doff += rem % shape[d] * dst_strides[d];
+      rem /= shape[d];
+    }
+    float* __restrict dp = dst + doff;
+    const float* __restrict sp = src + r * n;
+    if (ds == 1)
+      for (int64_t i = 0; i < n; ++i) dp[i] += sp[i];
+    else
+      for (int64_t i = 0; i < n; ++i) dp[i * ds] += sp[i];
+  }
+}
+
 void f32_to_i32(int32_t* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = (int32_t)src[i];
 }
