@@ -7,7 +7,8 @@
 // Per configuration: ms per step (median over all timed steps) and its split into forward / backward + clipping /
 // AdamW + after_step, tokens/s, model FLOPs per token (trainer.h's train_flops_per_token: 6 x active parameters +
 // 12 L T C for attention) and the achieved model GFLOP/s (MFU on CUDA against --peak_tflops), peak memory (the
-// process's peak RSS on CPU, the caching allocator's peak on CUDA), and the tokens/s ratio to dense from the same run.
+// process's peak RSS on CPU, the caching allocator's peak on CUDA), the tokens/s ratio to dense from the same run,
+// and the page faults of a step (median; on the CPU, each is a page of fresh memory that the kernel zeroes).
 //
 // Method: every configuration runs in a child process of its own (fork), so that peak RSS is that configuration's
 // alone; the parent does nothing but fork, wait and print (it never starts OpenMP, which is not fork-safe). The
@@ -128,8 +129,17 @@ struct Result {
   double flops_per_token = 0, first_loss = 0, last_loss = 0;
   std::vector<double> step_ms, fwd_ms, bwd_ms, opt_ms;  // timed steps of this round (wall clock)
   std::vector<double> cpu_ms;                           // the same steps in process CPU time (all threads)
+  std::vector<double> faults;                           // the same steps' page faults (minor: memory the kernel
+                                                        // maps and zeroes on first touch)
   std::vector<double> losses;                           // cross-entropy of every step, warm-up included
 };
+
+// Page faults of the process so far that needed no disk (ru_minflt): a step's fresh pages.
+double minor_faults() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return (double)ru.ru_minflt;
+}
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -219,7 +229,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
   if (dev == Device::CUDA) cuda::reset_peak();
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    const double c0 = process_cpu_ms();
+    const double c0 = process_cpu_ms(), pf0 = minor_faults();
     auto t0 = std::chrono::steady_clock::now();
     CoEOutput out = model.forward(batches[i].first, batches[i].second);
     double loss = out.loss.item();  // a device sync on CUDA: the forward is done
@@ -237,7 +247,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     opt.zero_grad();
     double op = ms_since(t2);
     double total = ms_since(t0);
-    double cpu = process_cpu_ms() - c0;
+    double cpu = process_cpu_ms() - c0, faults = minor_faults() - pf0;
     if (!std::isfinite(loss)) fail("non-finite loss at step ", i);
     if (i == 0) r.first_loss = loss;
     r.last_loss = loss;
@@ -245,6 +255,7 @@ Result run_config(const std::string& name, const bench::ModelSize& size, int64_t
     if (i >= o.warmup) {
       r.step_ms.push_back(total);
       r.cpu_ms.push_back(cpu);
+      r.faults.push_back(faults);
       r.fwd_ms.push_back(f);
       r.bwd_ms.push_back(bw);
       r.opt_ms.push_back(op);
@@ -283,7 +294,7 @@ std::string encode(const Result& r) {
      << ";params=" << r.params << ";active=" << r.active << ";threads=" << r.threads
      << ";peak_dev=" << r.peak_device_bytes << ";flops=" << r.flops_per_token << ";first_loss=" << r.first_loss
      << ";last_loss=" << r.last_loss << ";step=" << join(r.step_ms) << ";fwd=" << join(r.fwd_ms)
-     << ";bwd=" << join(r.bwd_ms) << ";opt=" << join(r.opt_ms) << ";cpu=" << join(r.cpu_ms) << ";losses=" << join(r.losses) << "\n";
+     << ";bwd=" << join(r.bwd_ms) << ";opt=" << join(r.opt_ms) << ";cpu=" << join(r.cpu_ms) << ";faults=" << join(r.faults) << ";losses=" << join(r.losses) << "\n";
   return os.str();
 }
 Result decode(const std::string& line) {
@@ -312,6 +323,7 @@ Result decode(const std::string& line) {
   r.bwd_ms = split_d(m["bwd"]);
   r.opt_ms = split_d(m["opt"]);
   r.cpu_ms = split_d(m["cpu"]);
+  r.faults = split_d(m["faults"]);
   r.losses = split_d(m["losses"]);
   return r;
 }
@@ -414,6 +426,7 @@ int main(int argc, char** argv) {
       append(a.result.bwd_ms, c.result.bwd_ms);
       append(a.result.opt_ms, c.result.opt_ms);
       append(a.result.cpu_ms, c.result.cpu_ms);
+      append(a.result.faults, c.result.faults);
       a.max_rss_kib = std::max(a.max_rss_kib, c.max_rss_kib);
       a.result.peak_device_bytes = std::max(a.result.peak_device_bytes, c.result.peak_device_bytes);
     }
@@ -439,9 +452,9 @@ int main(int argc, char** argv) {
                 "OMP_WAIT_POLICY=%s\n\n",
                 (long long)o.rounds, (long long)o.warmup, (long long)o.steps, wait ? wait : "unset");
     std::printf("| config | routing tree | params | active/token | MFLOP/token | ms/step | fwd | bwd+clip | opt+after | "
-                "tokens/s | vs dense | CPU ms/step | vs dense (CPU) | GFLOP/s%s | peak %s MiB |\n",
+                "tokens/s | vs dense | CPU ms/step | vs dense (CPU) | GFLOP/s%s | peak %s MiB | page faults/step |\n",
                 dev == Device::CUDA ? " (MFU)" : "", dev == Device::CUDA ? "device" : "RSS");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   }
   for (const auto& name : o.configs) {
     const ChildOutcome& c = acc[name];
@@ -456,21 +469,21 @@ int main(int argc, char** argv) {
     if (o.json) {
       std::printf("{\"config\":\"%s\",\"device\":\"%s\",\"threads\":%lld,\"B\":%lld,\"T\":%lld,\"params\":%lld,"
                   "\"active\":%lld,\"flops_per_token\":%.6g,\"ms_step\":%.4f,\"ms_fwd\":%.4f,\"ms_bwd\":%.4f,"
-                  "\"ms_opt\":%.4f,\"cpu_ms_step\":%.4f,\"cpu_step_ms\":[%s],\"tokens_per_s\":%.2f,\"gflops\":%.4f,\"peak_mib\":%.1f,\"samples\":%zu,"
+                  "\"ms_opt\":%.4f,\"cpu_ms_step\":%.4f,\"cpu_step_ms\":[%s],\"tokens_per_s\":%.2f,\"gflops\":%.4f,\"peak_mib\":%.1f,\"faults_step\":%.1f,\"samples\":%zu,"
                   "\"step_ms\":[%s],\"losses\":[%s]}\n",
                   name.c_str(), device_name(dev), (long long)r.threads, (long long)B, (long long)T,
                   (long long)r.params, (long long)r.active, r.flops_per_token, ms, median(r.fwd_ms), median(r.bwd_ms),
-                  median(r.opt_ms), median(r.cpu_ms), join(r.cpu_ms).c_str(), tps, gflops, peak_mib, r.step_ms.size(), join(r.step_ms).c_str(), join(r.losses).c_str());
+                  median(r.opt_ms), median(r.cpu_ms), join(r.cpu_ms).c_str(), tps, gflops, peak_mib, median(r.faults), r.step_ms.size(), join(r.step_ms).c_str(), join(r.losses).c_str());
       continue;
     }
     char g[64];
     if (dev == Device::CUDA) std::snprintf(g, sizeof g, "%.1f (%.1f%%)", gflops, 100.0 * gflops / (o.peak_tflops * 1e3));
     else std::snprintf(g, sizeof g, "%.1f", gflops);
     const double cpu = median(r.cpu_ms);
-    std::printf("| %s | %s | %.2fM | %.2fM | %.2f | %.1f | %.1f | %.1f | %.1f | %.0f | %.2f | %.1f | %.2f | %s | %.0f |\n",
+    std::printf("| %s | %s | %.2fM | %.2fM | %.2f | %.1f | %.1f | %.1f | %.1f | %.0f | %.2f | %.1f | %.2f | %s | %.0f | %.0f |\n",
                 name.c_str(), r.tree.c_str(), r.params / 1e6, r.active / 1e6, r.flops_per_token / 1e6, ms,
                 median(r.fwd_ms), median(r.bwd_ms), median(r.opt_ms), tps, tps / dense_tps, cpu, dense_cpu / cpu, g,
-                peak_mib);
+                peak_mib, median(r.faults));
   }
   if (!o.json && dev == Device::CUDA)
     std::printf("\nMFU against a peak of %.0f TFLOP/s (--peak_tflops; 67 = H100 SXM FP32, our default precision)\n",

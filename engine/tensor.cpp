@@ -11,6 +11,9 @@
 #include <mutex>
 #include <sstream>
 #include <utility>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "engine/device.h"
 #include "engine/host_sync.h"
@@ -98,6 +101,25 @@ BigBlocks* big_blocks() {
 }
 #endif
 
+// glibc's heap below the blocks above. Left to itself, glibc hands the top of its heap back to the system as soon as
+// a free leaves more than M_TRIM_THRESHOLD there, a threshold that starts at 128 KiB and only follows the largest
+// block ever freed. A training step frees most of what it allocated when it ends (the graph's saved tensors, then
+// the gradients at zero_grad), so the next step page-faulted the same memory back in, zeroed page by page by the
+// kernel: about 1,000 faults a step for train_bench's flat MoE (bench/RESULTS.md). Set once, before the first
+// CPU allocation: the heap keeps up to kMax of free top (the blocks above hold that much too), and blocks under
+// 32 MiB always come from the heap (glibc's largest mmap threshold: above it they would be mapped and unmapped at
+// every use).
+void configure_heap() {
+#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__)
+  static const bool done = [] {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, (int)BigBlocks::kMax);
+    return true;
+  }();
+  (void)done;
+#endif
+}
+
 }  // namespace
 
 Storage::Storage(size_t n, Device dev) : nbytes(n), device(dev) {
@@ -105,6 +127,7 @@ Storage::Storage(size_t n, Device dev) : nbytes(n), device(dev) {
     ptr = n ? cuda_alloc(n) : nullptr;
     return;
   }
+  configure_heap();
   // 64-byte alignment: whole cache lines and aligned AVX-512 loads. aligned_alloc wants a multiple of 64.
   size_t rounded = (n + 63) / 64 * 64;
   if (rounded >= BigBlocks::kMin && big_blocks()) ptr = big_blocks()->take(rounded);
