@@ -2,8 +2,11 @@
 // stable permutation), permute/combine forward and backward, dropped assignments, thread-count independence.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "engine/rng.h"
@@ -166,6 +169,39 @@ TEST_SUITE("kernels") {
       }
     }
     CHECK(all_dropped > 0);  // the case with no kept slot (output 0, not the 99 left there) was exercised
+  }
+
+  TEST_CASE("dispatch permute: a buffer of 4 MB and more, written token by token, holds each row's token row; "
+            "unfilled rows are zeros") {
+    // The nowait plan's buffer: a row per slot, the dropped slots' rows (past offsets[N]) unfilled (-1). The last
+    // tokens' slots are dropped, so the slots a row holds end before T * K. C = 128 streams; C = 120 (rows that
+    // end mid-line) stores plainly.
+    for (int64_t C : {128, 120}) {
+      CAPTURE(C);
+      const int64_t T = 9000, K = 2, N = 16;
+      auto expert = random_experts(T * K, N, 0.1f, 21);
+      for (int64_t a = (T - 3) * K; a < T * K; ++a) expert[(size_t)a] = -1;
+      std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
+      std::vector<int32_t> row_of((size_t)(T * K)), assign_of((size_t)(T * K));
+      cpu::dispatch_plan_nowait(counts.data(), offsets.data(), row_of.data(), assign_of.data(), expert.data(), T * K, N);
+      const int64_t Ap = T * K;
+      REQUIRE(Ap * C * 4 >= (int64_t)4 << 20);
+      REQUIRE(offsets[(size_t)N] < Ap);  // some rows unfilled
+      auto x = random_floats(T * C, 22);
+      // 64-byte aligned, as a tensor's storage: the rows of 128 are then whole lines, stored by streaming stores
+      std::unique_ptr<float, decltype(&std::free)> buf(
+          static_cast<float*>(std::aligned_alloc(64, (size_t)(Ap * C) * sizeof(float))), &std::free);
+      float* xe = buf.get();
+      std::fill(xe, xe + Ap * C, 99.f);
+      cpu::dispatch_permute(xe, x.data(), assign_of.data(), Ap, K, C);
+      int64_t wrong = 0;
+      for (int64_t r = 0; r < Ap; ++r) {
+        const int32_t a = assign_of[(size_t)r];
+        for (int64_t c = 0; c < C; ++c)
+          wrong += xe[(size_t)(r * C + c)] != (a < 0 ? 0.f : x[(size_t)(a / K * C + c)]);
+      }
+      CHECK(wrong == 0);
+    }
   }
 
   TEST_CASE("dispatch combine and backward vs naive double, dropped slots") {

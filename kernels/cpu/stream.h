@@ -18,13 +18,13 @@ namespace cm::cpu {
 // only above 240 MB there. At 16 MB (flat routing over 256 experts) streaming was no faster.
 constexpr int64_t kStreamBytes = (int64_t)32 << 20;
 
-// Whether rows of `row` floats, n floats in all from dst, are written by streaming stores: large, whole 64-byte
-// lines per row, dst aligned to them (a tensor's storage is), and AVX-512 to store them with.
-inline bool stream_rows(const float* dst, int64_t n, int64_t row) {
+// Whether rows of `row` floats, n floats in all from dst, are written by streaming stores: at least min_bytes,
+// whole 64-byte lines per row, dst aligned to them (a tensor's storage is), and AVX-512 to store them with.
+inline bool stream_rows(const float* dst, int64_t n, int64_t row, int64_t min_bytes = kStreamBytes) {
 #if defined(__AVX512F__)
-  return n * (int64_t)sizeof(float) >= kStreamBytes && row % 16 == 0 && ((uintptr_t)dst & 63) == 0;
+  return n * (int64_t)sizeof(float) >= min_bytes && row % 16 == 0 && ((uintptr_t)dst & 63) == 0;
 #else
-  (void)dst, (void)n, (void)row;
+  (void)dst, (void)n, (void)row, (void)min_bytes;
   return false;
 #endif
 }
