@@ -186,7 +186,7 @@ void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64
   static thread_local std::vector<int32_t> inv_buf;
   inv_buf.assign((size_t)amax + 1, -1);
   int32_t* inv = inv_buf.data();
-  const bool stream = stream_rows(xe, Ap * C, C, kTokenOrderBytes);
+  [[maybe_unused]] const bool stream = stream_rows(xe, Ap * C, C, kTokenOrderBytes);  // false without AVX-512
   const int64_t T = (amax + K) / K;  // the tokens up to the largest slot's
 #pragma omp parallel
   {
