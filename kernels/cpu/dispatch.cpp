@@ -162,9 +162,10 @@ void dispatch_plan_nowait(int64_t* counts, int64_t* offsets, int32_t* row_of, in
 // written token by token instead: x read once, in order, each token row stored to its slots' rows by streaming
 // stores (kernels/cpu/stream.h: whole lines, without reading each line for ownership first) where the rows are
 // whole lines. Gathering row by row read every token row K times from wherever it was and read each written line
-// for ownership. At 16384 tokens, 2 slots and 128 channels (a 16 MB buffer): 1.2-1.6 ms row by row, 0.75-1.0
-// token by token (bench/dispatch --layer, the permute stage). The next kernel then reads the rows from memory
-// rather than the cache; combine, reading them at once, took no longer there. The values are the same copies.
+// for ownership. At 16384 tokens, 2 slots and 128 channels (a 16 MB buffer): 1.15-1.72 ms row by row, 0.79-0.94
+// token by token (bench/dispatch --layer's permute stage, bench/RESULTS.md). The next kernel then reads the rows
+// from memory rather than the cache; combine, reading them at once, took no longer there. The values are the same
+// copies.
 constexpr int64_t kTokenOrderBytes = (int64_t)4 << 20;
 
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
