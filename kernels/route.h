@@ -19,9 +19,10 @@ namespace cm::cpu {
 
 // logits [P, b]: logits[p, c] = dot(h[p / Kp], W[node[p] * b + c]). node == nullptr: one node (n = 1, Kp = 1), a
 // plain product h W^T. Otherwise the pairs are grouped by node (stable), and each node's token rows meet its b
-// rows in one cpu::gemm: the logits equal, bit for bit, those of the composite this replaced (sort, gather,
-// per-node matmul, concat, unsort), and the GEMM's multiply-adds are counted by cpu::gemm_multiply_adds.
-// node values must lie in [0, n) (the op checks them).
+// rows in the GEMM's tiles (CPU: b < 16 children as W_j times the rows transposed, so that the pairs fill the
+// vectors; more children as one grouped GEMM): the logits equal, bit for bit, those of the composite this replaced
+// (sort, gather, per-node matmul, concat, unsort), and the GEMM's multiply-adds are counted by
+// cpu::gemm_multiply_adds. node values must lie in [0, n) (the op checks them).
 void route_logits_forward(float* logits,        // [P, b]
                           const float* h,       // [T, C]
                           const float* W,       // [n * b, C]
@@ -29,7 +30,8 @@ void route_logits_forward(float* logits,        // [P, b]
                           int64_t P, int64_t Kp, int64_t n, int64_t b, int64_t C);
 
 // dh [T, C] = sum over the token's pairs, in increasing node order, of dlogits[p] W[node[p] * b .. + b) (each
-// pair's row one GEMM row, added to a zeroed row, as index_add did). Overwrites dh.
+// pair's row one GEMM row, added to a zeroed row, as index_add did). Overwrites dh. The CPU makes each pair's row
+// and adds it at once (no [P, C] intermediate); one node with 16 or more children is one GEMM.
 void route_logits_backward_h(float* dh,             // [T, C]
                              const float* dlogits,  // [P, b]
                              const float* W,        // [n * b, C]
@@ -37,7 +39,8 @@ void route_logits_backward_h(float* dh,             // [T, C]
                              int64_t T, int64_t Kp, int64_t n, int64_t b, int64_t C);
 
 // dW [n * b, C]: node j's rows = its pairs' dlogits^T times their token rows, one GEMM per node over its pairs in
-// increasing p. Rows of nodes no pair reached are 0. Overwrites dW.
+// increasing p (CPU: one grouped GEMM for all nodes, the token rows gathered in its packing). Rows of nodes no
+// pair reached are 0. Overwrites dW.
 void route_logits_backward_w(float* dW,             // [n * b, C]
                              const float* dlogits,  // [P, b]
                              const float* h,        // [T, C]

@@ -8,6 +8,7 @@
 
 #include "helpers.h"
 #include "kernels/gemm.h"
+#include "kernels/cpu/gemm_tile.h"
 
 using namespace cm;
 using cm::test::ThreadCount;
@@ -192,6 +193,24 @@ TEST_CASE("gemm: bit-identical results for 1 and 2 threads") {
         const std::string err = g.check(c2);
         CHECK_MESSAGE(err.empty(), g.name(), ": ", err);
       }
+    }
+}
+
+TEST_CASE("gemm_row: one row of cpu::gemm, bit for bit (K over several K blocks, ragged N)") {
+  // The router's narrow products (kernels/cpu/route.cpp) take a row of A B without packing; its bits must be the
+  // GEMM's for every K (one K block or several: the first block stored, later ones added) and N (full groups of 8
+  // vectors, single vectors, a short last vector).
+  for (int64_t K : {1, 4, 17, 385, 900})
+    for (int64_t N : {1, 16, 20, 128, 131, 300}) {
+      CAPTURE(K);
+      CAPTURE(N);
+      const int64_t M = 3, ldb = N + 5;
+      const std::vector<float> A = random_vec(M * K, 7 + K), B = random_vec(K * ldb, 11 + N);
+      std::vector<float> want((size_t)(M * N)), got((size_t)(M * N), NAN);
+      cpu::gemm(want.data(), N, A.data(), K, B.data(), ldb, M, N, K, false, false);
+      for (int64_t i = 0; i < M; ++i)
+        cpu::gemm_detail::gemm_row(got.data() + i * N, A.data() + i * K, B.data(), ldb, N, K);
+      CHECK(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0);
     }
 }
 

@@ -290,8 +290,11 @@ TEST_SUITE("routing") {
       double skew;
     };
     // C = 800: the GEMM's K blocks (two of 400) in the logits; skew: node 0 holds several K blocks of pairs (dW).
+    // b < 16 takes the narrow kernels (logits transposed, dh by rows), b = 20 the wide ones (one grouped GEMM);
+    // T = 2048: over 4 MFLOP, the narrow logits and dh run on every thread.
     for (Case cs : {Case{13, 2, 4, 3, 20, 0.0}, Case{40, 3, 5, 4, 800, 0.0}, Case{900, 1, 3, 4, 24, 0.9},
-                    Case{7, 1, 1, 6, 9, 0.0}}) {
+                    Case{7, 1, 1, 6, 9, 0.0}, Case{37, 2, 3, 20, 40, 0.0}, Case{2048, 2, 4, 4, 128, 0.0},
+                    Case{11, 1, 1, 20, 33, 0.0}}) {
       CAPTURE(cs.T);
       CAPTURE(cs.C);
       const std::vector<int32_t> node = random_nodes(cs.T, cs.Kp, cs.n, 11 + cs.T, cs.skew);
@@ -307,9 +310,15 @@ TEST_SUITE("routing") {
       sum(mul(r, gy)).backward();
       CHECK(h1.grad().to_f32_vector() == h2.grad().to_f32_vector());
       CHECK(W1.grad().to_f32_vector() == W2.grad().to_f32_vector());
-      if (cs.n == 1) {  // no node ids: the plain product
-        Tensor c = routed_logits(h1.detach(), W1.detach(), Tensor(), cs.b);
-        CHECK(c.to_f32_vector() == matmul(h1.detach(), W1.detach(), false, true).to_f32_vector());
+      if (cs.n == 1) {  // no node ids: the plain product, forward and gradients
+        Tensor h3 = h1.clone().detach(), W3 = W1.clone().detach(), h4 = h3.clone(), W4 = W3.clone();
+        for (Tensor* t : {&h3, &W3, &h4, &W4}) t->requires_grad_(true);
+        Tensor c = routed_logits(h3, W3, Tensor(), cs.b), m = matmul(h4, W4, false, true);
+        CHECK(c.to_f32_vector() == m.to_f32_vector());
+        sum(mul(c, gy)).backward();
+        sum(mul(m, gy)).backward();
+        CHECK(h3.grad().to_f32_vector() == h4.grad().to_f32_vector());
+        CHECK(W3.grad().to_f32_vector() == W4.grad().to_f32_vector());
       }
     }
   }

@@ -175,12 +175,13 @@ constexpr auto kernel_table(std::integer_sequence<int, V1...>) {
 constexpr auto kKernels = kernel_table(std::make_integer_sequence<int, NVMAX>{});
 
 // ---------------------------------------------------------------- packing
-// Row r of a non-transposed operand, through the optional gather (gemm_tile.h).
+// Stored row r of an operand, through the optional gather (gemm_tile.h): row i of op(A) = A, row k of op(B) = B,
+// or column j of op(B) = B^T.
 inline const float* a_row(const Operands& p, int64_t i) {
   return p.A + (p.a_rows ? (int64_t)p.a_rows[i] / p.a_div : i) * p.lda;
 }
-inline const float* b_row(const Operands& p, int64_t k) {
-  return p.B + (p.b_rows ? (int64_t)p.b_rows[k] / p.b_div : k) * p.ldb;
+inline const float* b_row(const Operands& p, int64_t r) {
+  return p.B + (p.b_rows ? (int64_t)p.b_rows[r] / p.b_div : r) * p.ldb;
 }
 
 #if defined(__AVX512F__)
@@ -257,16 +258,21 @@ void pack_b(float* __restrict bp, const Operands& p, int64_t k0, int64_t kc, int
       }
       continue;
     }
-    // op(B)[k][j] = B[j*ldb + k]: a transpose, 16 columns by 16 k at a time
-    const float* src = p.B + (j0 + jp) * p.ldb + k0;
+    // op(B)[k][j] = B[j*ldb + k] (or the gathered row j's): a transpose, 16 columns by 16 k at a time
 #if defined(__AVX512F__)
-    for (int64_t k = 0; k < kc; k += 16)
-      for (int v = 0; v < w; v += 16)
-        transpose_strip(dst + k * w + v, w, [&](int i) { return src + (v + i) * p.ldb + k; },
-                        std::min(16, cols - v), (int)std::min<int64_t>(16, kc - k), 16);
+    for (int v = 0; v < w; v += 16) {
+      const int rows = std::min(16, cols - v);
+      const float* src[16];
+      for (int i = 0; i < rows; ++i) src[i] = b_row(p, j0 + jp + v + i) + k0;
+      for (int64_t k = 0; k < kc; k += 16)
+        transpose_strip(dst + k * w + v, w, [&](int i) { return src[i] + k; }, rows,
+                        (int)std::min<int64_t>(16, kc - k), 16);
+    }
 #else
-    for (int64_t k = 0; k < kc; ++k)
-      for (int j = 0; j < w; ++j) dst[k * w + j] = j < cols ? src[j * p.ldb + k] : 0.0f;
+    for (int j = 0; j < w; ++j) {
+      const float* src = j < cols ? b_row(p, j0 + jp + j) + k0 : nullptr;
+      for (int64_t k = 0; k < kc; ++k) dst[k * w + j] = src ? src[k] : 0.0f;
+    }
 #endif
   }
 }
@@ -318,6 +324,50 @@ void gemm_detail::gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n
       }
     }
   }
+}
+
+namespace {
+
+// gemm_row's columns [0, 16 * NV) of c (NV full vectors, or the last one w lanes wide): every K block's FMA chains
+// in registers, then the micro-kernel's write-back with alpha = 1 (C = acc, then C = acc + C).
+template <int NV>
+__attribute__((always_inline)) inline void row_vectors(float* c, const float* a, const float* B, int64_t ldb,
+                                                       int64_t K, int64_t kb, int w) {
+  const V one = vbcast(1.0f);
+  for (int64_t pc = 0; pc < K; pc += kb) {
+    const int64_t k1 = std::min(K, pc + kb);
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = vzero();
+    for (int64_t k = pc; k < k1; ++k) {
+      const V ak = vbcast(a[k]);
+      const float* bk = B + k * ldb;
+      for (int v = 0; v < NV; ++v)
+        acc[v] = vfma(ak, v < NV - 1 || w == 16 ? vload(bk + 16 * v) : vload(bk + 16 * v, w), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int wv = v < NV - 1 ? 16 : w;
+      V r = acc[v];
+      if (pc > 0) r = vfma(one, acc[v], vmul(one, wv == 16 ? vload(c + 16 * v) : vload(c + 16 * v, wv)));
+      if (wv == 16)
+        vstore(c + 16 * v, r);
+      else
+        vstore(c + 16 * v, r, wv);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_detail::gemm_row(float* c, const float* a, const float* B, int64_t ldb, int64_t N, int64_t K) {
+  if (N <= 0) return;
+  if (K <= 0) {
+    std::fill(c, c + N, 0.0f);
+    return;
+  }
+  const int64_t kb = gemm_k_block(K);
+  int64_t j = 0;
+  for (; j + 128 <= N; j += 128) row_vectors<8>(c + j, a, B + j, ldb, K, kb, 16);  // 8 independent FMA chains
+  for (; j < N; j += 16) row_vectors<1>(c + j, a, B + j, ldb, K, kb, (int)std::min<int64_t>(16, N - j));
 }
 
 int64_t gemm_detail::packed_b_floats(int64_t K, int64_t cols) { return K * ((cols + 15) / 16 * 16); }

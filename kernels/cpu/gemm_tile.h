@@ -18,11 +18,11 @@ struct Operands {
   int64_t lda, ldb, ldc, M, N, K;
   bool ta, tb;
   float alpha, beta;
-  // Optional row gathers, folded into the packing (nothing is copied beforehand). Only for a non-transposed
-  // operand, whose rows are what a gather picks:
-  //   a_rows: row i of A (op(A) = A, [M, K]) is A + (a_rows[i] / a_div) * lda      [M]
+  // Optional row gathers of the stored matrices, folded into the packing (nothing is copied beforehand):
+  //   a_rows: row i of A (op(A) = A, [M, K]) is A + (a_rows[i] / a_div) * lda      [M]; not for ta
   //   b_rows: row k of B (op(B) = B, [K, N]) is B + (b_rows[k] / b_div) * ldb      [K]
-  // nullptr: row i is A + i * lda (resp. B + k * ldb). The indices are not checked.
+  //           or, with tb, row j of B (op(B) = B^T, B [N, K]: column j of op(B))  [N]
+  // nullptr: row i is A + i * lda (resp. B + k * ldb, B + j * ldb). The indices are not checked.
   const int32_t* a_rows = nullptr;
   int64_t a_div = 1;
   const int32_t* b_rows = nullptr;
@@ -38,6 +38,13 @@ void gemm_tile(const Operands& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1
 // op(B)[:, n0:n1] packed for gemm_tile, every K block (gemm_k_block(K)) in turn: dst [packed_b_floats(K, n1 - n0)].
 int64_t packed_b_floats(int64_t K, int64_t cols);
 void pack_b_panel(float* dst, const Operands& p, int64_t n0, int64_t n1);
+
+// One row of a product without packing: c[0:N] = a[0:K] B, B [K, N] row-major at ldb (op(B) = B), with the
+// arithmetic of gemm_tile for a C element (K blocks of gemm_k_block(K); alpha = 1, beta = 0), so the bits of
+// cm::cpu::gemm's row. For products with a short K (a router level's b children) whose rows go to different
+// places: a tile would pack B and A for arithmetic that costs less than the packing. Not counted in
+// gemm_multiply_adds (the caller counts).
+void gemm_row(float* c, const float* a, const float* B, int64_t ldb, int64_t N, int64_t K);
 
 int tile_mr();       // rows of the register tile: tile heights are multiples of it
 int tile_nr();       // columns of the register tile: tile widths are multiples of it

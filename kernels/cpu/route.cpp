@@ -1,16 +1,21 @@
 // CPU router level kernels (kernels/route.h). The logits of a level with several nodes: the pairs are grouped by
-// node (a stable counting sort), each node's token rows gathered, and one cpu::gemm per node's segment against its
-// b router rows; the results go back to pair order. This is the arithmetic of the composite the op replaced (sort,
-// index_select, per-node matmul, concat, index_select), so logits and gradients keep its bits, and it runs at the
-// GEMM's speed. The backward passes are the same products' gradients, in the same order.
+// node (a stable counting sort) and each node's pairs meet its b router rows in the GEMM's tiles (cpu::gemm's tile
+// routine, the token rows gathered in the packing); the results go back to pair order. This is the arithmetic of
+// the composite the op replaced (sort, index_select, per-node matmul, concat, index_select), so logits and
+// gradients keep its bits, and it runs at the GEMM's speed. The backward passes are the same products' gradients,
+// in the same order. A narrow level (b < 16 children, the cluster router's) computes its logits transposed and its
+// dh by rows, so that b children do not leave most of each vector idle.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "engine/check.h"
 #include "kernels/gemm.h"
+#include "kernels/grouped_gemm.h"
 #include "kernels/reduce.h"
 #include "kernels/route.h"
+#include "kernels/cpu/gemm_tile.h"
 #include "kernels/cpu/rows.h"
 #include "kernels/cpu/stream.h"
 #include "kernels/softmax.h"
@@ -54,88 +59,117 @@ struct FastMod {
   uint64_t M, d;
 };
 
-// Pairs grouped by node: node j's pairs are order[offsets[j] .. offsets[j+1]), increasing p (stable).
+// Pairs grouped by node: node j's pairs are order[offsets[j] .. offsets[j+1]), increasing p (stable); offsets has
+// n + 1 entries (nodes no pair reached: empty ranges).
 struct ByNode {
-  std::vector<int64_t> offsets, order, pos;  // pos[p]: p's row in the node-major order
-  ByNode(const int32_t* node, int64_t P) {
-    int64_t n = 0;
-    for (int64_t p = 0; p < P; ++p) n = std::max<int64_t>(n, (int64_t)node[p] + 1);
-    offsets.assign((size_t)n + 1, 0);
+  std::vector<int64_t> offsets, pos;  // pos[p]: p's row in the node-major order
+  std::vector<int32_t> order;         // i32: a grouped GEMM's row gather (kernels/grouped_gemm.h)
+  ByNode(const int32_t* node, int64_t P, int64_t n) : offsets((size_t)n + 1, 0), pos((size_t)P), order((size_t)P) {
     for (int64_t p = 0; p < P; ++p) ++offsets[(size_t)node[p] + 1];
     for (int64_t j = 0; j < n; ++j) offsets[j + 1] += offsets[j];
     std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
-    order.resize((size_t)P);
-    pos.resize((size_t)P);
     for (int64_t p = 0; p < P; ++p) {
       pos[(size_t)p] = next[node[p]]++;
-      order[(size_t)pos[(size_t)p]] = p;
+      order[(size_t)pos[(size_t)p]] = (int32_t)p;
     }
   }
-  int64_t nodes() const { return (int64_t)offsets.size() - 1; }
 };
 
-// rows [P, w] in node-major order: rows[i] = src[order[i] / div] (div = Kp: token rows; 1: pair rows).
-std::vector<float> gather_rows(const float* src, const ByNode& g, int64_t div, int64_t w) {
-  const int64_t P = (int64_t)g.order.size();
-  std::vector<float> rows((size_t)(P * w));
-#pragma omp parallel for schedule(static) if (P * w >= kParallelMin)
-  for (int64_t i = 0; i < P; ++i) std::copy_n(src + (g.order[(size_t)i] / div) * w, w, rows.data() + i * w);
-  return rows;
-}
+// Threads for a product of `flops`: the GEMM's rule (small products stay on the calling thread).
+int threads_for(double flops) { return flops < 4e6 ? 1 : gemm_detail::max_threads(); }
+
+// A level is narrow when b < kNarrow: its b logits fill less than one 16-lane vector of the GEMM's register tile.
+// A narrow level's logits are computed transposed, and its dh one row at a time (below).
+constexpr int64_t kNarrow = 16;
 
 }  // namespace
 
+// The logits of a narrow level are computed transposed: lt [b, P] = W_j (the token rows of node j's pairs)^T, node
+// by node, pairs in node-major order. W_j's b rows are broadcast and the pairs fill the vectors, where h W_j^T
+// [P, b] would fill b lanes of each. A logit is the same chain of fused multiply-adds over C either way (a product
+// commutes), so the bits are gemm's. The token rows are gathered in the packing; lt goes back to pair order.
+// A wide level with nodes is one grouped GEMM, the gather folded into the packing of its rows.
 void route_logits_forward(float* logits, const float* h, const float* W, const int32_t* node, int64_t P, int64_t Kp,
-                          int64_t /*n*/, int64_t b, int64_t C) {
+                          int64_t n, int64_t b, int64_t C) {
   if (P == 0 || b == 0) return;
-  if (!node) {  // one node: every pair is token p (Kp = 1)
+  if (b >= kNarrow && !node) {  // one node: every pair is token p (Kp = 1)
     gemm(logits, b, h, C, W, C, P, b, C, false, true);
     return;
   }
-  const ByNode g(node, P);
-  const std::vector<float> hs = gather_rows(h, g, Kp, C);  // [P, C] node-major
-  std::vector<float> ls((size_t)(P * b));                  // [P, b] node-major
-  for (int64_t j = 0; j < g.nodes(); ++j) {
-    const int64_t a = g.offsets[j], e = g.offsets[j + 1];
-    if (a < e) gemm(ls.data() + a * b, b, hs.data() + a * C, C, W + j * b * C, C, e - a, b, C, false, true);
+  std::optional<ByNode> g;
+  if (node) g.emplace(node, P, n);
+  const std::vector<int64_t> one_node = {0, P};
+  const int64_t* offsets = g ? g->offsets.data() : one_node.data();
+  const int32_t* order = g ? g->order.data() : nullptr;
+  std::vector<float> out((size_t)(P * b));  // node-major: lt [b, P] (narrow), or [P, b] (wide)
+  if (b >= kNarrow) {
+    std::vector<const float*> Wj((size_t)n);
+    for (int64_t j = 0; j < n; ++j) Wj[(size_t)j] = W + j * b * C;
+    grouped_gemm_forward(out.data(), h, Wj.data(), offsets, n, P, b, C, nullptr, false, RowGather{order, Kp});
+    for (int64_t p = 0; p < P; ++p) std::copy_n(out.data() + g->pos[(size_t)p] * b, b, logits + p * b);
+    return;
   }
-  for (int64_t p = 0; p < P; ++p) std::copy_n(ls.data() + g.pos[(size_t)p] * b, b, logits + p * b);
+  // Work items: column tiles (pairs) of each node, at most the GEMM's widest tile.
+  struct Item {
+    int64_t j, c0, c1;
+  };
+  std::vector<Item> items;
+  const int64_t NC = gemm_detail::tile_nc();
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c0 = offsets[j]; c0 < offsets[j + 1]; c0 += NC)
+      items.push_back({j, c0, std::min(offsets[j + 1], c0 + NC)});
+  gemm_detail::count_multiply_adds(P * b * C);
+  const int64_t n_items = (int64_t)items.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(2.0 * P * b * C)) if (n_items > 1)
+  for (int64_t i = 0; i < n_items; ++i) {
+    const Item& it = items[(size_t)i];
+    gemm_detail::Operands o{W + it.j * b * C, h, out.data(), C, C, P, b, P, C, false, true, 1.0f, 0.0f};
+    o.b_rows = order, o.b_div = Kp;  // column c of lt: token row order[c] / Kp (no node: row c)
+    gemm_detail::gemm_tile(o, 0, b, it.c0, it.c1);
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t at = g ? g->pos[(size_t)p] : p;
+    for (int64_t c = 0; c < b; ++c) logits[p * b + c] = out[(size_t)(c * P + at)];
+  }
 }
 
+// A narrow level's dh is made a pair's row at a time (gemm_row: the GEMM's bits for a row of dlogits W_j, with no
+// packing for a K of b) and added into the token's row at once: no [P, C] intermediate. A wide level with nodes
+// takes the same path; one node with many children (flat routing) is one GEMM, whose W is reused across rows.
 void route_logits_backward_h(float* dh, const float* dlogits, const float* W, const int32_t* node, int64_t T,
                              int64_t Kp, int64_t /*n*/, int64_t b, int64_t C) {
   if (T == 0 || C == 0) return;
-  if (!node) {  // one node: dh = dlogits W, as matmul's backward computes it
+  if (!node && b >= kNarrow) {  // one node: dh = dlogits W, as matmul's backward computes it
     gemm(dh, C, dlogits, b, W, C, T, C, b, false, false);
     return;
   }
-  const int64_t P = T * Kp;
-  const ByNode g(node, P);
-  const std::vector<float> dls = gather_rows(dlogits, g, 1, b);  // [P, b] node-major
-  std::vector<float> dhs((size_t)(P * C));                        // [P, C] node-major: dls_j W_j
-  for (int64_t j = 0; j < g.nodes(); ++j) {
-    const int64_t a = g.offsets[j], e = g.offsets[j + 1];
-    if (a < e) gemm(dhs.data() + a * C, C, dls.data() + a * b, b, W + j * b * C, C, e - a, C, b, false, false);
-  }
-  // dh[t] = 0 + its pairs' rows in node-major order (index_add of the rows into zeros), token-parallel.
-#pragma omp parallel if (P * C >= kParallelMin)
+  gemm_detail::count_multiply_adds(T * Kp * b * C);
+#pragma omp parallel num_threads(threads_for(2.0 * T * Kp * b * C))
   {
-    std::vector<int64_t> rows((size_t)Kp);
+    std::vector<int64_t> pairs((size_t)Kp);
+    std::vector<float> row((size_t)C);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t i = 0; i < Kp; ++i) rows[(size_t)i] = g.pos[(size_t)(t * Kp + i)];
-      std::sort(rows.begin(), rows.end());
       float* out = dh + t * C;
+      if (!node) {  // one node: dh[t] = dlogits[t] W, the GEMM's row
+        gemm_detail::gemm_row(out, dlogits + t * b, W, C, C, b);
+        continue;
+      }
+      // dh[t] = 0 + its pairs' rows in increasing node order (the composite's index_add of node-major rows)
+      for (int64_t i = 0; i < Kp; ++i) pairs[(size_t)i] = t * Kp + i;
+      std::sort(pairs.begin(), pairs.end(),
+                [&](int64_t x, int64_t y) { return node[x] != node[y] ? node[x] < node[y] : x < y; });
       std::fill(out, out + C, 0.f);
-      for (int64_t r : rows) {
-        const float* src = dhs.data() + r * C;
+      for (int64_t p : pairs) {
+        gemm_detail::gemm_row(row.data(), dlogits + p * b, W + (int64_t)node[p] * b * C, C, C, b);
 #pragma omp simd
-        for (int64_t q = 0; q < C; ++q) out[q] += src[q];
+        for (int64_t q = 0; q < C; ++q) out[q] += row[(size_t)q];
       }
     }
   }
 }
 
+// dW: one grouped GEMM over the nodes (dW_j = dlogits_j^T h_j), the token rows gathered in the packing.
 void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
                              int64_t Kp, int64_t n, int64_t b, int64_t C) {
   if (n * b == 0 || C == 0) return;
@@ -143,16 +177,13 @@ void route_logits_backward_w(float* dW, const float* dlogits, const float* h, co
     gemm(dW, C, dlogits, b, h, C, b, C, P, true, false);
     return;
   }
-  const ByNode g(node, P);
-  const std::vector<float> hs = gather_rows(h, g, Kp, C);         // [P, C] node-major
-  const std::vector<float> dls = gather_rows(dlogits, g, 1, b);   // [P, b] node-major
-  for (int64_t j = 0; j < n; ++j) {  // dW_j = dls_j^T hs_j; nodes no pair reached: 0
-    const int64_t a = j < g.nodes() ? g.offsets[j] : P, e = j < g.nodes() ? g.offsets[j + 1] : P;
-    if (a < e)
-      gemm(dW + j * b * C, C, dls.data() + a * b, b, hs.data() + a * C, C, b, C, e - a, true, false);
-    else
-      std::fill(dW + j * b * C, dW + (j + 1) * b * C, 0.f);
-  }
+  const ByNode g(node, P, n);
+  std::vector<float> dls((size_t)(P * b));  // [P, b] node-major
+  for (int64_t i = 0; i < P; ++i) std::copy_n(dlogits + (int64_t)g.order[(size_t)i] * b, b, dls.data() + i * b);
+  std::vector<float*> dWj((size_t)n);
+  for (int64_t j = 0; j < n; ++j) dWj[(size_t)j] = dW + j * b * C;  // nodes no pair reached: 0
+  grouped_gemm_backward_weight(dWj.data(), nullptr, dls.data(), h, g.offsets.data(), n, P, b, C, false,
+                               RowGather{g.order.data(), Kp});
 }
 
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate) {
