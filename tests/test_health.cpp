@@ -116,6 +116,41 @@ TEST_SUITE("health") {
     CHECK(st[0] == std::clamp(0.9f * rel1, 1e-3f, 1.f));
   }
 
+  TEST_CASE("health kernels: row norms sixteen rows at a time give the row-by-row sums' bits and verdicts") {
+    // S = 37: two blocks of sixteen rows and five rows alone; C = 20 and 128: a short column strip and full ones.
+    // Values over six orders of magnitude (an order-sensitive double sum), a NaN row and an infinite row inside a
+    // block, and an outlier row in the tail.
+    for (int64_t C : {20, 128}) {
+      CAPTURE(C);
+      const int64_t S = 37;
+      Tensor y = uniform({S, C}, 31 + C);
+      float* p = y.f32();
+      for (int64_t i = 0; i < S * C; ++i) p[i] *= std::pow(10.f, (float)(i % 7) - 3.f);
+      p[3 * C + C - 1] = std::numeric_limits<float>::quiet_NaN();
+      p[18 * C + 1] = std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < C; ++c) p[35 * C + c] *= 1e4f;
+      float state[4] = {1.f, 50.f, 0.f, 1.f};  // running row norm 50: factor 20 allows up to 1000
+      double pend[5] = {}, norms[S];
+      int32_t ok = -1, counts[2] = {-1, -1};
+      cpu::expert_guard_forward(nullptr, &ok, counts, pend, norms, p, nullptr, 1, S, C, state, 20.f, false, true,
+                                false);
+      int64_t outliers = 0;
+      for (int64_t i = 0; i < S; ++i) {
+        double ss = 0.0;
+        for (int64_t c = 0; c < C; ++c) ss += (double)p[i * C + c] * p[i * C + c];
+        const double nm = std::sqrt(ss);
+        const bool bad = !std::isfinite(nm) || nm > 20.0 * 50.0;
+        outliers += std::isfinite(nm) && bad;
+        if (bad)
+          CHECK(norms[i] == -1.0);  // marked
+        else
+          CHECK(norms[i] == nm);
+      }
+      CHECK(outliers >= 1);
+      CHECK((counts[0] == 2 && counts[1] == outliers));
+    }
+  }
+
   TEST_CASE("health kernels: experts judged each on its own rows and statistics; a cut expert's rows zeroed") {
     // Three experts over 7 rows: expert 0 rows 0-2 (a NaN in row 1), expert 1 none, expert 2 rows 3-6 (row 5 an
     // outlier against its running norm 1; expert 0 has no statistics yet, so a huge row there is not an outlier).

@@ -5,22 +5,58 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/transpose.h"
+
 namespace cm::cpu {
 
 namespace {
+
 int64_t first_row(const int64_t* offsets, int64_t e) { return offsets ? offsets[e] : 0; }
+
+// A row's norm: the square root of its double sum of squares, in column order.
+double row_norm(const float* r, int64_t C) {
+  double ss = 0.0;
+  for (int64_t c = 0; c < C; ++c) ss += (double)r[c] * r[c];
+  return std::sqrt(ss);
+}
+
+#if defined(__AVX512F__)
+// row_norm of the sixteen rows y[0 .. 16) at once, a row per lane (two vectors of eight doubles): each strip of 16
+// columns transposed in registers, then one chain per row in column order, as row_norm's. A float squared in
+// double is exact (a 48-bit product), so the fused multiply-add rounds as ss + x * x does: row_norm's bits. One row
+// alone is a chain of C dependent adds; sixteen of them side by side run at the adds' throughput, not latency.
+void row_norms16(double* norms, const float* y, int64_t C) {
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();  // rows 0-7, 8-15
+  for (int64_t c = 0; c < C; c += 16) {
+    const int cols = (int)std::min<int64_t>(16, C - c);
+    const __mmask16 in = (__mmask16)((1u << cols) - 1);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(in, y + i * C + c);
+    transpose16(r);  // r[t] lane i: row i, column c + t
+    for (int t = 0; t < cols; ++t) {
+      const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(r[t]));
+      const __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r[t]), 1)));
+      lo = _mm512_fmadd_pd(a, a, lo);
+      hi = _mm512_fmadd_pd(b, b, hi);
+    }
+  }
+  _mm512_storeu_pd(norms, _mm512_sqrt_pd(lo));
+  _mm512_storeu_pd(norms + 8, _mm512_sqrt_pd(hi));
+}
+#endif
+
 }  // namespace
 
 void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend, double* norms, const float* y,
                           const int64_t* offsets, int64_t N, int64_t S, int64_t C, const float* state, float factor,
                           bool zero_bad, bool count, bool count_traffic) {
+  int64_t done = 0;  // rows whose norm is made sixteen at a time
+#if defined(__AVX512F__)
+  done = S / 16 * 16;
 #pragma omp parallel for schedule(static) if (S * C >= (1 << 16))
-  for (int64_t i = 0; i < S; ++i) {
-    const float* r = y + i * C;
-    double ss = 0.0;
-    for (int64_t c = 0; c < C; ++c) ss += (double)r[c] * r[c];
-    norms[i] = std::sqrt(ss);
-  }
+  for (int64_t i = 0; i < done; i += 16) row_norms16(norms + i, y + i * C, C);
+#endif
+  for (int64_t i = done; i < S; ++i) norms[i] = row_norm(y + i * C, C);
   // Classification and counters per expert in row order (deterministic double sums).
   int64_t nonfinite = 0, outlier = 0;
   for (int64_t e = 0; e < N; ++e) {

@@ -18,6 +18,7 @@
 #include "kernels/cpu/gemm_tile.h"
 #include "kernels/cpu/rows.h"
 #include "kernels/cpu/stream.h"
+#include "kernels/cpu/transpose.h"
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
 
@@ -351,35 +352,11 @@ void route_group_select(int32_t* ids, const float* probs, const float* abias, co
 
 namespace {
 
-// dst[j * ds + l] = src[l * ss + j] for a 16 x 16 block: rows to columns. With AVX-512, sixteen row loads, four
-// rounds of in-register shuffles (pairs of lanes, then pairs of pairs, then 128-bit and 256-bit blocks) and sixteen
-// stores, where element-by-element loads cost a load and an insert for each of the 256.
-inline void transpose16(float* __restrict dst, int64_t ds, const float* __restrict src, int64_t ss) {
+// dst[j * ds + l] = src[l * ss + j] for a 16 x 16 block: rows to columns, in registers with AVX-512
+// (kernels/cpu/transpose.h), where element-by-element loads cost a load and an insert for each of the 256.
+inline void transpose_block(float* __restrict dst, int64_t ds, const float* __restrict src, int64_t ss) {
 #if defined(__AVX512F__)
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
-  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single elements
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4)  // 2 x 2 blocks of pairs
-    for (int h = 0; h < 2; ++h) {
-      r[i + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + h]), _mm512_castps_pd(t[i + 2 + h])));
-      r[i + 2 + h] =
-          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + h]), _mm512_castps_pd(t[i + 2 + h])));
-    }
-  for (int i = 0; i < 16; i += 8)  // 2 x 2 blocks of 128-bit quarters
-    for (int h = 0; h < 4; ++h) {
-      t[i + h] = _mm512_shuffle_f32x4(r[i + h], r[i + 4 + h], 0x88);
-      t[i + 4 + h] = _mm512_shuffle_f32x4(r[i + h], r[i + 4 + h], 0xDD);
-    }
-  for (int h = 0; h < 8; ++h) {  // 2 x 2 blocks of 256-bit halves
-    r[h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0x88);
-    r[8 + h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0xDD);
-  }
-  // r[q] now holds column c(q) of the source: the shuffles above leave the columns in a fixed permutation.
-  static constexpr int col[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-  for (int q = 0; q < 16; ++q) _mm512_storeu_ps(dst + col[q] * ds, r[q]);
+  transpose_strip(dst, ds, [&](int l) { return src + l * ss; }, 16, 16, 16);
 #else
   for (int j = 0; j < 16; ++j)
     for (int l = 0; l < 16; ++l) dst[j * ds + l] = src[l * ss + j];
@@ -405,7 +382,7 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
                     const int64_t* a) {
   float e[B][16];
   if (B % 16 == 0)
-    for (int j = 0; j < B; j += 16) transpose16(&e[j][0], 16, x + j, B);
+    for (int j = 0; j < B; j += 16) transpose_block(&e[j][0], 16, x + j, B);
   else
     for (int j = 0; j < B; ++j)
       for (int l = 0; l < 16; ++l) e[j][l] = x[l * B + j];
@@ -521,7 +498,7 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
 #endif
   if (nan) return false;
   if (B % 16 == 0)
-    for (int j = 0; j < B; j += 16) transpose16(probs + j, B, &e[j][0], 16);
+    for (int j = 0; j < B; j += 16) transpose_block(probs + j, B, &e[j][0], 16);
   else
     for (int l = 0; l < 16; ++l)
       for (int j = 0; j < B; ++j) probs[l * B + j] = e[j][l];
