@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "kernels/copy.h"
+#include "kernels/cpu/parallel.h"
 #if CM_CUDA
 #include "engine/cuda.h"
 #endif
@@ -29,7 +30,7 @@ void accumulate(const Tensor& a, const Tensor& b) {
   float* __restrict pa = a.f32();
   const float* __restrict pb = bc.f32();
   const int64_t n = a.numel();
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
+#pragma omp parallel for schedule(static) if (n >= cpu::parallel_min())
   for (int64_t i = 0; i < n; ++i) pa[i] += pb[i];
 }
 

@@ -1,6 +1,7 @@
 // CPU activation kernels: one independent loop per call, threads over contiguous chunks.
 #include "kernels/activation.h"
 #include "kernels/cpu/fastmath.h"
+#include "kernels/cpu/parallel.h"
 
 #include <cmath>
 #include <cstring>
@@ -8,7 +9,6 @@
 namespace cm::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 14;  // transcendental maps are worth threads earlier than plain adds
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kGeluCoef = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
@@ -58,7 +58,7 @@ inline float tanh1(float x) {
 // Calls f(i) for i in [0, n), threads over contiguous chunks; f writes element i only.
 template <class F>
 inline void each(int64_t n, F f) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min_compute())
   for (int64_t i = 0; i < n; ++i) f(i);
 }
 

@@ -11,12 +11,12 @@
 #include <vector>
 
 #include "engine/check.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/reduce.h"
 
 namespace cm::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 14;
 
 // What every element of one step shares.
 struct Hyper {
@@ -60,7 +60,7 @@ void adamw_step(float* param, float* m, float* v, const float* grad, int64_t n, 
   if (skip_if_nonfinite && !std::isfinite(*skip_if_nonfinite)) return;
   const Hyper h = hyper_for(lr, beta1, beta2, eps, t);
   const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * kSumBlock, len = std::min(kSumBlock, n - lo);
     update(param + lo, m + lo, v + lo, grad + lo, len, h, weight_decay);
@@ -89,7 +89,7 @@ void adamw_step_multi(const AdamWSlice* slices, int64_t count, float lr, float b
   std::vector<double> part_g(sums_grad ? (size_t)blocks[(size_t)count] : 0);
   // Dynamic: on a shared machine a thread that was descheduled takes fewer runs (results do not depend on who
   // takes which).
-#pragma omp parallel for schedule(dynamic, 1) if (total >= kParallelMin && items > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (total >= parallel_min() && items > 1)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t s = (int64_t)(std::upper_bound(first.begin(), first.end(), it) - first.begin()) - 1;
     const AdamWSlice& sl = slices[s];
@@ -115,7 +115,7 @@ void clip_scale(float* g, int64_t n, const float* norm, float max_norm) {
   const float nv = *norm;
   if (!(max_norm > 0.f && std::isfinite(nv) && nv > max_norm)) return;
   const float scale = max_norm / (nv + 1e-6f);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
   for (int64_t i = 0; i < n; ++i) g[i] *= scale;
 }
 

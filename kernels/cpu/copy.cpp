@@ -3,6 +3,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/parallel.h"
+
 namespace cm::cpu {
 
 namespace {
@@ -34,7 +36,7 @@ void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const 
   if (rows == 0 || n == 0) return;
   // Each outer row is independent: split rows across threads. Large rows are cheap to index; tiny ones are
   // memory bound either way.
-#pragma omp parallel for schedule(static) if (rows * n > (1 << 16))
+#pragma omp parallel for schedule(static) if (rows * n >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
     int64_t rem = r, doff = 0, soff = 0;
     for (int64_t d = rank - 2; d >= 0; --d) {
@@ -57,7 +59,7 @@ void strided_add(float* dst, const int64_t* dst_strides, const float* src, const
   for (int64_t d = 0; d + 1 < rank; ++d) rows *= shape[d];
   const int64_t n = shape[rank - 1], ds = dst_strides[rank - 1];
   if (rows == 0 || n == 0) return;
-#pragma omp parallel for schedule(static) if (rows * n > (1 << 16))
+#pragma omp parallel for schedule(static) if (rows * n >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
     int64_t rem = r, doff = 0;
     for (int64_t d = rank - 2; d >= 0; --d) {

@@ -7,6 +7,7 @@
 
 #include "engine/check.h"
 #include "kernels/cpu/fastmath.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/stream.h"
 
 #ifdef _OPENMP
@@ -171,7 +172,7 @@ constexpr int64_t kTokenOrderBytes = (int64_t)4 << 20;
 void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64_t Ap, int64_t K, int64_t C) {
   const uint32_t k = (uint32_t)K;  // a slot's token a / K in 32 bits: a 64-bit idiv a row cost more than its copy
   if (Ap * C * (int64_t)sizeof(float) < kTokenOrderBytes) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (Ap * C >= parallel_min())
     for (int64_t r = 0; r < Ap; ++r) {
       const int32_t a = assign_of[r];
       if (a < 0) std::memset(xe + r * C, 0, (size_t)C * sizeof(float));  // a row no slot fills: zeros
@@ -182,7 +183,7 @@ void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64
   // The rows' slots inverted, inv[a] = r (-1: a dropped slot), up to the largest slot a row holds; rows no slot
   // fills are zeroed on the way.
   int32_t amax = -1;
-#pragma omp parallel for schedule(static) reduction(max : amax)
+#pragma omp parallel for schedule(static) reduction(max : amax) if (Ap >= parallel_min())
   for (int64_t r = 0; r < Ap; ++r) amax = std::max(amax, assign_of[r]);
   static thread_local std::vector<int32_t> inv_buf;
   inv_buf.assign((size_t)amax + 1, -1);
@@ -217,7 +218,7 @@ void dispatch_permute(float* xe, const float* x, const int32_t* assign_of, int64
 // dx[t] = (0 + d_xe[first kept row]) + d_xe[second] + ...: the sum from zero as index_add made it (0 + -0 is +0),
 // each row of dx written once, without a pass zeroing it first.
 void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_of, int64_t T, int64_t K, int64_t C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * K * C >= parallel_min())
   for (int64_t t = 0; t < T; ++t) {
     float* __restrict o = dx + t * C;
     bool first = true;
@@ -240,7 +241,7 @@ void dispatch_permute_backward(float* dx, const float* d_xe, const int32_t* row_
 // pass and a read of the row back.
 void dispatch_combine(float* out, const float* ye, const float* gate, const int32_t* row_of, int64_t T, int64_t K,
                       int64_t C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * K * C >= parallel_min())
   for (int64_t t = 0; t < T; ++t) {
     float* __restrict o = out + t * C;
     bool first = true;
@@ -268,10 +269,10 @@ void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, c
   // this kernel's time. The same arithmetic per row and per gate: the same bits.
   const int64_t A = T * K;
   if (d_gate)
-#pragma omp parallel for schedule(static) if (A >= 16384)
+#pragma omp parallel for schedule(static) if (A >= parallel_min())
     for (int64_t a = 0; a < A; ++a)
       if (row_of[a] < 0) d_gate[a] = 0.f;  // a dropped slot
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (Ap * C >= parallel_min())
   for (int64_t r = 0; r < Ap; ++r) {
     const int64_t a = assign_of[r];
     if (a < 0) continue;  // a row no slot fills (a nowait plan's tail)

@@ -3,16 +3,16 @@
 #include "kernels/dropout.h"
 
 #include "engine/rng.h"
+#include "kernels/cpu/parallel.h"
 
 namespace cm::cpu {
 
-static constexpr int64_t kParallelMin = 1 << 14;
 
 // Forward and backward are the same masked scaling; one body keeps them from drifting apart.
 static void dropout_apply(float* out, const float* inp, int64_t n, float p, uint64_t seed, uint64_t offset) {
   const float scale = 1.0f / (1.0f - p);
   const int64_t nblocks = (n + 3) / 4;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min_compute())
   for (int64_t b = 0; b < nblocks; ++b) {
     Philox4 r = philox4x32(offset + (uint64_t)b, seed);
     for (int64_t j = 0; j < 4; ++j) {

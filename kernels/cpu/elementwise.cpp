@@ -6,10 +6,11 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/parallel.h"
+
 namespace cm::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;  // below this many elements threads cost more than they save
 
 // i32 arithmetic wraps (two's complement) instead of overflowing into undefined behaviour.
 struct AddF {
@@ -92,13 +93,13 @@ struct Walk {
 
 template <class T, class F>
 void binary_same(F f, T* out, const T* a, const T* b, int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
   for (int64_t i = 0; i < n; ++i) out[i] = f(a[i], b[i]);
 }
 
 template <class T, class F>
 void binary_rows_impl(F f, T* __restrict out, const T* a, const T* b, int64_t R, int64_t C) {
-#pragma omp parallel for schedule(static) if (R * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (R * C >= parallel_min())
   for (int64_t r = 0; r < R; ++r) {
     T* __restrict o = out + r * C;
     const T* __restrict x = a + r * C;
@@ -111,7 +112,7 @@ template <class T, class F>
 void binary_walk(F f, T* __restrict out, const T* a, const T* b, const Walk<2>& w) {
   const int64_t n = w.inner(), rows = w.rows();
   const int64_t sa = w.stride.back()[0], sb = w.stride.back()[1];
-#pragma omp parallel for schedule(static) if (w.numel >= kParallelMin)
+#pragma omp parallel for schedule(static) if (w.numel >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
     std::array<int64_t, 2> off = w.row_offsets(r);
     T* __restrict o = out + r * n;
@@ -136,7 +137,7 @@ template <class T>
 void broadcast_impl(T* __restrict out, const T* a, int64_t D, const int64_t* shape, const int64_t* a_strides) {
   Walk<1> w(D, shape, {a_strides});
   const int64_t n = w.inner(), rows = w.rows(), sa = w.stride.back()[0];
-#pragma omp parallel for schedule(static) if (w.numel >= kParallelMin)
+#pragma omp parallel for schedule(static) if (w.numel >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict x = a + w.row_offsets(r)[0];
     T* __restrict o = out + r * n;
@@ -152,7 +153,7 @@ void broadcast_impl(T* __restrict out, const T* a, int64_t D, const int64_t* sha
 
 template <class F>
 void map(F f, float* out, const float* a, int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
   for (int64_t i = 0; i < n; ++i) out[i] = f(a[i]);
 }
 
@@ -209,11 +210,11 @@ void unary(Unary op, float* out, const float* a, int64_t n) {
 
 void pow_backward(float* dx, const float* dy, const float* a, float p, int64_t n) {
   if (p == 0.f) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
     for (int64_t i = 0; i < n; ++i) dx[i] = 0.f;
     return;
   }
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
   for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * p * std::pow(a[i], p - 1.f);
 }
 

@@ -5,13 +5,14 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/parallel.h"
+
 namespace cm::cpu {
 
-static constexpr int64_t kParallelMin = 1 << 14;
 
 void embedding_forward(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C) {
   (void)V;
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min())
   for (int64_t n = 0; n < N; ++n) std::memcpy(out + n * C, weight + (int64_t)ids[n] * C, (size_t)C * sizeof(float));
 }
 
@@ -28,7 +29,7 @@ void embedding_backward(float* dweight, const float* dout, const int32_t* ids, i
   for (int64_t v = 0; v < V; ++v)
     if (start[(size_t)v + 1] > start[(size_t)v]) used.push_back((int32_t)v);
   const int64_t U = (int64_t)used.size();
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min())
   for (int64_t u = 0; u < U; ++u) {
     const int64_t v = used[(size_t)u];
     float* __restrict dw = dweight + v * C;

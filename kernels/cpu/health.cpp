@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/transpose.h"
 
 namespace cm::cpu {
@@ -53,7 +54,7 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
   int64_t done = 0;  // rows whose norm is made sixteen at a time
 #if defined(__AVX512F__)
   done = S / 16 * 16;
-#pragma omp parallel for schedule(static) if (S * C >= (1 << 16))
+#pragma omp parallel for schedule(static) if (S * C >= parallel_min())
   for (int64_t i = 0; i < done; i += 16) row_norms16(norms + i, y + i * C, C);
 #endif
   for (int64_t i = done; i < S; ++i) norms[i] = row_norm(y + i * C, C);
@@ -91,7 +92,7 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
     counts[1] = (int32_t)outlier;
   }
   if (!out) return;
-#pragma omp parallel for schedule(static) if (S * C >= (1 << 16))
+#pragma omp parallel for schedule(static) if (S * C >= parallel_min())
   for (int64_t i = 0; i < S; ++i) {
     if (zero_bad && norms[i] < 0.0)
       std::memset(out + i * C, 0, (size_t)C * sizeof(float));

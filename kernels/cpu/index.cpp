@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kernels/cpu/parallel.h"
+
 namespace cm::cpu {
 namespace {
 
@@ -15,7 +17,7 @@ template <class T>
 void concat_piece_t(T* dst, const T* src, int64_t O, int64_t Dd, int64_t at, int64_t Ds, int64_t I) {
   const int64_t row = Ds * I;  // one outer slice of src is contiguous, and lands contiguously in dst
   if (row == 0) return;        // an empty piece: its pointers may be null, which memcpy must not get
-#pragma omp parallel for schedule(static) if (O * row > 32768)
+#pragma omp parallel for schedule(static) if (O * row >= parallel_min())
   for (int64_t o = 0; o < O; ++o) std::memcpy(dst + (o * Dd + at) * I, src + o * row, (size_t)row * sizeof(T));
 }
 
@@ -23,14 +25,14 @@ template <class T>
 void split_piece_t(T* dst, const T* src, int64_t O, int64_t Ds, int64_t at, int64_t Dd, int64_t I) {
   const int64_t row = Dd * I;
   if (row == 0) return;  // as in concat_piece_t
-#pragma omp parallel for schedule(static) if (O * row > 32768)
+#pragma omp parallel for schedule(static) if (O * row >= parallel_min())
   for (int64_t o = 0; o < O; ++o) std::memcpy(dst + o * row, src + (o * Ds + at) * I, (size_t)row * sizeof(T));
 }
 
 template <class T>
 void index_select_t(T* out, const T* a, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
   if (I == 0) return;  // rows of no elements: `a` and `out` may be null
-#pragma omp parallel for schedule(static) if (O * n * I > 32768)
+#pragma omp parallel for schedule(static) if (O * n * I >= parallel_min())
   for (int64_t oj = 0; oj < O * n; ++oj) {
     int64_t o = oj / n, j = oj % n;
     std::memcpy(out + oj * I, a + (o * D + index[j]) * I, (size_t)I * sizeof(T));
@@ -39,7 +41,7 @@ void index_select_t(T* out, const T* a, const int32_t* index, int64_t O, int64_t
 
 template <class T>
 void gather_t(T* out, const T* a, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
-#pragma omp parallel for schedule(static) if (O * m * I > 32768)
+#pragma omp parallel for schedule(static) if (O * m * I >= parallel_min())
   for (int64_t oj = 0; oj < O * m; ++oj) {
     const int64_t o = oj / m;
     const T* ao = a + o * D * I;
@@ -95,7 +97,7 @@ void gather(int32_t* out, const int32_t* a, const int32_t* index, int64_t O, int
 
 void index_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t n, int64_t I) {
   const int64_t nb = (I + IB - 1) / IB;
-#pragma omp parallel for schedule(static) if (O * n * I > 32768)
+#pragma omp parallel for schedule(static) if (O * n * I >= parallel_min())
   for (int64_t tile = 0; tile < O * nb; ++tile) {
     const int64_t o = tile / nb, i0 = (tile % nb) * IB, i1 = std::min(I, i0 + IB);
     for (int64_t j = 0; j < n; ++j) {  // in order: repeated indices add up the same way every run
@@ -108,7 +110,7 @@ void index_add(float* out, const float* src, const int32_t* index, int64_t O, in
 
 void scatter_add(float* out, const float* src, const int32_t* index, int64_t O, int64_t D, int64_t m, int64_t I) {
   const int64_t nb = (I + IB - 1) / IB;
-#pragma omp parallel for schedule(static) if (O * m * I > 32768)
+#pragma omp parallel for schedule(static) if (O * m * I >= parallel_min())
   for (int64_t tile = 0; tile < O * nb; ++tile) {
     const int64_t o = tile / nb, i0 = (tile % nb) * IB, i1 = std::min(I, i0 + IB);
     float* yo = out + o * D * I;
@@ -128,7 +130,7 @@ void where(float* out, const int32_t* mask, const float* a, const float* b, int6
   const int64_t inner = ndim > 0 ? shape[ndim - 1] : 1, rows = numel / inner;
   const int64_t ms = ndim > 0 ? mask_strides[ndim - 1] : 0, as = ndim > 0 ? a_strides[ndim - 1] : 0,
                 bs = ndim > 0 ? b_strides[ndim - 1] : 0;
-#pragma omp parallel for schedule(static) if (numel > 32768)
+#pragma omp parallel for schedule(static) if (numel >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* __restrict m = mask + row_offset(r, ndim, shape, mask_strides);
     const float* __restrict x = a + row_offset(r, ndim, shape, a_strides);
@@ -149,7 +151,7 @@ void masked_fill(float* out, const float* a, const int32_t* mask, float value, i
   if (numel == 0) return;
   const int64_t inner = ndim > 0 ? shape[ndim - 1] : 1, rows = numel / inner;
   const int64_t ms = ndim > 0 ? mask_strides[ndim - 1] : 0;
-#pragma omp parallel for schedule(static) if (numel > 32768)
+#pragma omp parallel for schedule(static) if (numel >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* __restrict m = mask + row_offset(r, ndim, shape, mask_strides);
     const float* __restrict x = a + r * inner;

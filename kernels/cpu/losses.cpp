@@ -8,14 +8,14 @@
 #include <vector>
 
 #include "kernels/cpu/fastmath.h"
+#include "kernels/cpu/parallel.h"
 
 namespace cm::cpu {
 
-static constexpr int64_t kParallelMin = 1 << 15;
 
 void cross_entropy_forward(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
                            int64_t V, int32_t ignore_index) {
-#pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * V >= parallel_min_compute())
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict x = logits + n * V;
     float m = -INFINITY;
@@ -39,7 +39,7 @@ void cross_entropy_inv_valid(float* inv_valid, const int32_t* targets, int64_t N
 }
 
 void z_loss_forward(float* loss, float* lse, const float* logits, int64_t R, int64_t E, float weight) {
-#pragma omp parallel for schedule(static) if (R * E >= kParallelMin)
+#pragma omp parallel for schedule(static) if (R * E >= parallel_min_compute())
   for (int64_t r = 0; r < R; ++r) {  // the cross-entropy's logsumexp
     const float* __restrict x = logits + r * E;
     float m = -INFINITY;
@@ -58,7 +58,7 @@ void z_loss_forward(float* loss, float* lse, const float* logits, int64_t R, int
 void z_loss_backward(float* dlogits, const float* dloss, const float* logits, const float* lse, int64_t R,
                      int64_t E, float weight) {
   const float k = dloss[0] * weight * 2.0f / (float)R;
-#pragma omp parallel for schedule(static) if (R * E >= kParallelMin)
+#pragma omp parallel for schedule(static) if (R * E >= parallel_min_compute())
   for (int64_t r = 0; r < R; ++r) {
     const float l = lse[r];
     for (int64_t e = 0; e < E; ++e) dlogits[r * E + e] = k * l * fast_exp(logits[r * E + e] - l);
@@ -67,7 +67,7 @@ void z_loss_backward(float* dlogits, const float* dloss, const float* logits, co
 
 void cross_entropy_backward(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
                             float scale, int64_t N, int64_t V, int32_t ignore_index) {
-#pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * V >= parallel_min_compute())
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict x = logits + n * V;
     float* __restrict dx = dlogits + n * V;
@@ -126,7 +126,7 @@ void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tok
   }
   constexpr int64_t kCols = 64;  // columns per task: a cache line or more of each row
   const int64_t blocks = (E + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static) if (R * E >= kParallelMin)
+#pragma omp parallel for schedule(static) if (R * E >= parallel_min_compute())
   for (int64_t cb = 0; cb < blocks; ++cb) {
     const int64_t e0 = cb * kCols, e1 = std::min(E, e0 + kCols);
     for (int64_t r = 0; r < R; ++r) {
@@ -164,7 +164,7 @@ void load_balance_backward(float* dprobs, const float* dloss, const float* frac,
   for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
   const float k =
       tall > 0 ? (float)((double)dloss[0] * (double)weight * (inv_share ? 1.0 : (double)E) / tall) : 0.f;
-#pragma omp parallel for schedule(static) if (R * E >= kParallelMin)
+#pragma omp parallel for schedule(static) if (R * E >= parallel_min_compute())
   for (int64_t r = 0; r < R; ++r) {
     const int64_t g = group ? group[r] : 0;
     float* __restrict d = dprobs + r * E;

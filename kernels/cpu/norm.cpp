@@ -8,16 +8,17 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/parallel.h"
+
 namespace cm::cpu {
 
-static constexpr int64_t kParallelMin = 1 << 14;
 
 // Row chunks for the parameter-gradient reduction: at most 64 chunks of at least 16 rows. Depends on N only.
 static int64_t chunk_rows(int64_t N) { return std::max<int64_t>(16, (N + 63) / 64); }
 
 // Adds part [nchunks, C] over chunks, in chunk order, into dst [C] (overwritten).
 static void sum_chunks(float* dst, const float* part, int64_t nchunks, int64_t C) {
-#pragma omp parallel for schedule(static) if (nchunks * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (nchunks * C >= parallel_min())
   for (int64_t c = 0; c < C; ++c) {
     float s = 0.0f;
     for (int64_t k = 0; k < nchunks; ++k) s += part[k * C + c];
@@ -27,7 +28,7 @@ static void sum_chunks(float* dst, const float* part, int64_t nchunks, int64_t C
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
                        const float* bias, int64_t N, int64_t C, float eps) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min())
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict x = inp + n * C;
     float* __restrict y = out + n * C;
@@ -54,7 +55,7 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
                         const float* weight, const float* mean, const float* rstd, int64_t N, int64_t C) {
   const int64_t rows = chunk_rows(N), nchunks = (N + rows - 1) / rows;
   std::vector<float> pw((size_t)(nchunks * C), 0.0f), pb((size_t)(nchunks * C), 0.0f);  // [nchunks, C]
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min())
   for (int64_t k = 0; k < nchunks; ++k) {
     float* __restrict gw = pw.data() + k * C;
     float* __restrict gb = pb.data() + k * C;
@@ -89,7 +90,7 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
 
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int64_t C,
                      float eps) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min())
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict x = inp + n * C;
     float* __restrict y = out + n * C;
@@ -106,7 +107,7 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
                       const float* rstd, int64_t N, int64_t C) {
   const int64_t rows = chunk_rows(N), nchunks = (N + rows - 1) / rows;
   std::vector<float> pw((size_t)(nchunks * C), 0.0f);  // [nchunks, C]
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min())
   for (int64_t k = 0; k < nchunks; ++k) {
     float* __restrict gw = pw.data() + k * C;
     for (int64_t n = k * rows; n < std::min(N, (k + 1) * rows); ++n) {

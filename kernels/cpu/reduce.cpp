@@ -3,6 +3,7 @@
 //     (lane j takes elements j, j+8, ...), and the block partials are added in block order;
 //   - an axis sum over [O, R, I] gives each output element to one thread, which adds its R values in order.
 #include "kernels/reduce.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/rows.h"
 
 #include <algorithm>
@@ -20,7 +21,6 @@ namespace {
 constexpr int64_t kBlock = kSumBlock;      // elements per partial of a long sum (fixed: part of the result)
 constexpr int64_t kChunk = 256;            // most inner elements per tile of an axis reduction
 constexpr int64_t kRowBlock = 256;         // rows per partial of a column sum (fixed: part of the result)
-constexpr int64_t kParallelMin = 1 << 15;  // below this many inputs threads cost more than they save
 
 // Sum of a [n] (or of its squares) by blocks. `parallel` only decides who computes the partials, not how they are
 // combined, so both settings give the same bits.
@@ -29,7 +29,7 @@ double long_sum(const float* a, int64_t n, bool parallel) {
   if (n <= kBlock) return block_sum<Square>(a, n);
   const int64_t nb = (n + kBlock - 1) / kBlock;
   std::vector<double> part(nb);
-#pragma omp parallel for schedule(static) if (parallel && n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (parallel && n >= parallel_min())
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * kBlock, len = (n - lo < kBlock) ? n - lo : kBlock;
     part[b] = block_sum<Square>(a + lo, len);
@@ -123,7 +123,7 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
   const double sc = scale;
   if (I == 1) {  // each output is a contiguous row of R
     if (O == 1) return sum_all(out, a, R, scale);
-#pragma omp parallel for schedule(static) if (O * R >= kParallelMin)
+#pragma omp parallel for schedule(static) if (O * R >= parallel_min())
     for (int64_t o = 0; o < O; ++o) out[o] = (float)(sc * long_sum(a + o * R, R, false));
     return;
   }
@@ -133,7 +133,7 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
   if (O == 1 && R > kRowBlock && I <= 8192) {
     const int64_t nb = (R + kRowBlock - 1) / kRowBlock;
     std::vector<double> part((size_t)(nb * I));
-#pragma omp parallel for schedule(static) if (R * I >= kParallelMin)
+#pragma omp parallel for schedule(static) if (R * I >= parallel_min())
     for (int64_t b = 0; b < nb; ++b) {
       double* __restrict acc = part.data() + b * I;
       for (int64_t i = 0; i < I; ++i) acc[i] = 0;
@@ -154,7 +154,7 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
   // Tiles of (o, W inner elements): a thread walks r in order and adds whole contiguous row pieces into
   // double accumulators, so the loads stream through memory and the adds vectorise.
   const int64_t W = tile_width(O, I), chunks = (I + W - 1) / W;
-#pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
+#pragma omp parallel for schedule(static) if (O * R * I >= parallel_min())
   for (int64_t t = 0; t < O * chunks; ++t) {
     const int64_t o = t / chunks, i0 = (t % chunks) * W;
     const int64_t w = (I - i0 < W) ? I - i0 : W;
@@ -191,7 +191,7 @@ void sum_to(float* out, const float* a, int64_t D, const int64_t* a_shape, const
   int64_t nred = 0;
   for (const Group& x : g) nred += x.reduce;
   if (nred == 0) {  // nothing to reduce: a copy
-#pragma omp parallel for schedule(static) if (out_n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (out_n >= parallel_min())
     for (int64_t i = 0; i < out_n; ++i) out[i] = a[i];
     return;
   }
@@ -221,7 +221,7 @@ void max_all(float* out, int64_t* idx, const float* a, int64_t n) {
   const int64_t nb = (n + kBlock - 1) / kBlock;
   std::vector<float> bv(nb);
   std::vector<int64_t> bi(nb);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) if (n >= parallel_min())
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * kBlock, hi = (n - lo < kBlock) ? n : lo + kBlock;
     const int64_t at = lo + row_argmax(a + lo, hi - lo);
@@ -239,7 +239,7 @@ void max_all(float* out, int64_t* idx, const float* a, int64_t n) {
 
 void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, int64_t I) {
   if (I == 1) {  // each output is a contiguous row of R
-#pragma omp parallel for schedule(static) if (O * R >= kParallelMin)
+#pragma omp parallel for schedule(static) if (O * R >= parallel_min())
     for (int64_t o = 0; o < O; ++o) {
       const int64_t at = row_argmax(a + o * R, R);
       if (out) out[o] = a[o * R + at];
@@ -248,7 +248,7 @@ void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, in
     return;
   }
   const int64_t W = tile_width(O, I), chunks = (I + W - 1) / W;
-#pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
+#pragma omp parallel for schedule(static) if (O * R * I >= parallel_min())
   for (int64_t t = 0; t < O * chunks; ++t) {
     const int64_t o = t / chunks, i0 = (t % chunks) * W;
     const int64_t w = (I - i0 < W) ? I - i0 : W;
@@ -272,7 +272,7 @@ void max_axis(float* out, int32_t* idx, const float* a, int64_t O, int64_t R, in
 }
 
 void max_axis_backward(float* dx, const float* dy, const int32_t* idx, int64_t O, int64_t R, int64_t I) {
-#pragma omp parallel for schedule(static) if (O * R * I >= kParallelMin)
+#pragma omp parallel for schedule(static) if (O * R * I >= parallel_min())
   for (int64_t o = 0; o < O; ++o) {
     float* d = dx + o * R * I;
     for (int64_t j = 0; j < R * I; ++j) d[j] = 0.f;

@@ -11,14 +11,15 @@
 #include <vector>
 
 #include "engine/check.h"
+#include "kernels/cpu/gemm_tile.h"
+#include "kernels/cpu/parallel.h"
+#include "kernels/cpu/rows.h"
+#include "kernels/cpu/stream.h"
+#include "kernels/cpu/transpose.h"
 #include "kernels/gemm.h"
 #include "kernels/grouped_gemm.h"
 #include "kernels/reduce.h"
 #include "kernels/route.h"
-#include "kernels/cpu/gemm_tile.h"
-#include "kernels/cpu/rows.h"
-#include "kernels/cpu/stream.h"
-#include "kernels/cpu/transpose.h"
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
 
@@ -37,7 +38,6 @@ namespace cm::cpu {
 
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;  // elements below which a parallel region costs more than it saves
 
 // A row's sum as cpu::sum_axis makes it: block_sum in double, then float (through sum_axis itself past a block of
 // the long sums).
@@ -298,7 +298,7 @@ float mean_of_rows(const std::vector<double>& row, int64_t P) {
 
 void route_mean_entropy(float* entropy, const float* p, const float* s, int64_t P, int64_t b) {
   std::vector<double> row((size_t)P);
-#pragma omp parallel for schedule(static) if (P * b >= (1 << 15))
+#pragma omp parallel for schedule(static) if (P * b >= parallel_min_compute())
   for (int64_t r = 0; r < P; ++r) row[r] = row_entropy(p + r * b, s + r * b, b);
   entropy[0] = mean_of_rows(row, P);
 }
@@ -573,7 +573,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   // Large probabilities (flat routing over many experts) are made row by row in L1 and written by streaming stores
   // (kernels/cpu/stream.h); not with the entropy statistic, which reads the block's rows back.
   const bool stream = !entropy && stream_rows(probs, P * b, b);
-#pragma omp parallel if (P * b >= kParallelMin)
+#pragma omp parallel if (P * b >= parallel_min_compute())
   {
     std::vector<float> s((size_t)(scaled ? R * b : 0)), scores((size_t)(biased ? b : 0));
     std::vector<float> top((size_t)k);  // the selected scores (unused: the gates come from probs)
@@ -663,7 +663,7 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
   // (block_sum in double, then float). One parallel region: the steps of a pair need only its own k slots. A large
   // dprobs is made row by row in L1 and written by streaming stores (kernels/cpu/stream.h).
   const bool stream = stream_rows(dprobs, P * b, b);
-#pragma omp parallel if (P * b >= kParallelMin || P * k >= kParallelMin / 4)
+#pragma omp parallel if (P * b >= parallel_min_compute() || P * k >= parallel_min_compute() / 4)
   {
     std::vector<float> buf((size_t)(stream ? b : 0)), sel((size_t)k), gate((size_t)k), dsel((size_t)k),
         tmp((size_t)k);

@@ -5,6 +5,7 @@
 // deterministic. Softmax's sum has its order written out (softmax_row), shared with the router's selection.
 #include "kernels/softmax.h"
 #include "kernels/cpu/fastmath.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/rows.h"
 #include "kernels/cpu/stream.h"
 
@@ -13,17 +14,16 @@
 namespace cm::cpu {
 
 // Below this many elements a parallel region costs more than it saves (same result either way).
-static constexpr int64_t kParallelMin = 1 << 15;
 
 void softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min_compute())
   for (int64_t n = 0; n < N; ++n) softmax_row(out + n * C, inp + n * C, C);
 }
 
 // dx = y * (dy - dot(dy, y)) per row; a large dx by streaming stores (kernels/cpu/stream.h), the same values.
 void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {
   const bool stream = stream_rows(dinp, N * C, C);
-#pragma omp parallel if (N * C >= kParallelMin)
+#pragma omp parallel if (N * C >= parallel_min_compute())
   {
 #pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t n = 0; n < N; ++n) {
@@ -48,7 +48,7 @@ void softmax_backward(float* dinp, const float* dout, const float* out, int64_t 
 }
 
 void log_softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min_compute())
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict x = inp + n * C;
     float* __restrict y = out + n * C;
@@ -63,7 +63,7 @@ void log_softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
 }
 
 void log_softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+#pragma omp parallel for schedule(static) if (N * C >= parallel_min_compute())
   for (int64_t n = 0; n < N; ++n) {
     const float* __restrict dy = dout + n * C;
     const float* __restrict y = out + n * C;

@@ -1,5 +1,6 @@
 // CPU top-k. See kernels/topk.h for the order (descending, ties -> lower index, NaN first) and the paths.
 #include "kernels/topk.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/rows.h"
 
 #include <algorithm>
@@ -312,7 +313,7 @@ void topk_rows(float* values, int32_t* indices, const float* x, int64_t R, int64
 void topk_forward(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k) {
   if (R == 0 || k == 0) return;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, 256));
-#pragma omp parallel for schedule(static) if (R * n > 32768)  // below that, thread start-up costs more
+#pragma omp parallel for schedule(static) if (R * n >= parallel_min_compute())
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t r0 = R * c / chunks, r1 = R * (c + 1) / chunks;
     topk_rows(values + r0 * k, indices + r0 * k, x + r0 * n, r1 - r0, n, k);
@@ -320,7 +321,7 @@ void topk_forward(float* values, int32_t* indices, const float* x, int64_t R, in
 }
 
 void topk_backward(float* dx, const float* dvalues, const int32_t* indices, int64_t R, int64_t n, int64_t k) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * n >= parallel_min())
   for (int64_t r = 0; r < R; ++r) {
     float* dr = dx + r * n;
     std::memset(dr, 0, (size_t)n * sizeof(float));
