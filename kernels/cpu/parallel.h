@@ -3,9 +3,9 @@
 //
 // The programs wait passively between regions (OMP_WAIT_POLICY=passive, model/trainer.h): the other threads sleep,
 // and each region's start wakes them through the kernel. On the 2-core machines this project is measured on that
-// costs 35-40 us, where one core streams a [768, 128] float tensor in 5-15 us: the expert guard over 1536 x 128 rows
-// took 76 us on two threads and 30 us on one (bench/RESULTS.md). So a kernel runs on threads only when its work on
-// one is clearly longer than the wake-up:
+// costs tens of microseconds, where one core streams a [768, 128] float tensor in 5-15: train_bench's step took 1-13%
+// less time once its small kernels stopped opening regions (bench/RESULTS.md). So a kernel runs on threads only
+// when its work on one is clearly longer than the wake-up:
 //   parallel_min()          elements of a memory-bound pass (a copy, an add, a gather, a sum, a norm): 2^18, 1 MiB
 //                           of floats per array;
 //   parallel_min_compute()  elements of a pass with a transcendental, a random draw or a selection per element (exp,
