@@ -185,7 +185,6 @@ inline const float* b_row(const Operands& p, int64_t r) {
   return p.B + (p.b_rows ? (int64_t)p.b_rows[r] / p.b_div : r) * p.ldb;
 }
 
-
 // Ap[k*MR + i] = op(A)[i0+i][k0+k], i < mi.
 void pack_a(float* __restrict ap, const Operands& p, int64_t i0, int mi, int64_t k0, int64_t kc) {
   if (p.ta) {  // op(A)[i][k] = A[k*lda + i]: each k is a contiguous run of mi floats
