@@ -17,7 +17,6 @@
 namespace cm::cpu {
 namespace {
 
-
 // What every element of one step shares.
 struct Hyper {
   float lr, beta1, beta2, eps, bc1, bc2;

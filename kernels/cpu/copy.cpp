@@ -22,6 +22,25 @@ inline void copy_row(char* d, int64_t ds, const char* s, int64_t ss, int64_t n, 
   }
 }
 
+// The rows of a strided walk: every dimension but the last (row-major order).
+inline int64_t outer_rows(const int64_t* shape, int64_t rank) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < rank; ++d) rows *= shape[d];
+  return rows;
+}
+
+// Element offsets of outer row r under S stride sets at once (one index decomposition for all of them).
+template <int S>
+inline void row_offsets(int64_t r, const int64_t* shape, int64_t rank, const int64_t* const (&strides)[S],
+                        int64_t (&off)[S]) {
+  for (int s = 0; s < S; ++s) off[s] = 0;
+  for (int64_t d = rank - 2; d >= 0; --d) {
+    const int64_t i = r % shape[d];
+    r /= shape[d];
+    for (int s = 0; s < S; ++s) off[s] += i * strides[s][d];
+  }
+}
+
 }  // namespace
 
 void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const int64_t* src_strides,
@@ -30,22 +49,15 @@ void strided_copy(void* dst, const int64_t* dst_strides, const void* src, const 
     std::memcpy(dst, src, (size_t)esize);
     return;
   }
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < rank; ++d) rows *= shape[d];
-  const int64_t n = shape[rank - 1];
+  const int64_t rows = outer_rows(shape, rank), n = shape[rank - 1];
   if (rows == 0 || n == 0) return;
   // Each outer row is independent: split rows across threads. Large rows are cheap to index; tiny ones are
   // memory bound either way.
 #pragma omp parallel for schedule(static) if (rows * n >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
-    int64_t rem = r, doff = 0, soff = 0;
-    for (int64_t d = rank - 2; d >= 0; --d) {
-      int64_t i = rem % shape[d];
-      rem /= shape[d];
-      doff += i * dst_strides[d];
-      soff += i * src_strides[d];
-    }
-    copy_row((char*)dst + doff * esize, dst_strides[rank - 1], (const char*)src + soff * esize,
+    int64_t off[2];  // dst, src
+    row_offsets<2>(r, shape, rank, {dst_strides, src_strides}, off);
+    copy_row((char*)dst + off[0] * esize, dst_strides[rank - 1], (const char*)src + off[1] * esize,
              src_strides[rank - 1], n, esize);
   }
 }
@@ -55,18 +67,13 @@ void strided_add(float* dst, const int64_t* dst_strides, const float* src, const
     dst[0] += src[0];
     return;
   }
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < rank; ++d) rows *= shape[d];
-  const int64_t n = shape[rank - 1], ds = dst_strides[rank - 1];
+  const int64_t rows = outer_rows(shape, rank), n = shape[rank - 1], ds = dst_strides[rank - 1];
   if (rows == 0 || n == 0) return;
 #pragma omp parallel for schedule(static) if (rows * n >= parallel_min())
   for (int64_t r = 0; r < rows; ++r) {
-    int64_t rem = r, doff = 0;
-    for (int64_t d = rank - 2; d >= 0; --d) {
-      doff += rem % shape[d] * dst_strides[d];
-      rem /= shape[d];
-    }
-    float* __restrict dp = dst + doff;
+    int64_t off[1];
+    row_offsets<1>(r, shape, rank, {dst_strides}, off);
+    float* __restrict dp = dst + off[0];
     const float* __restrict sp = src + r * n;
     if (ds == 1)
       for (int64_t i = 0; i < n; ++i) dp[i] += sp[i];

@@ -7,7 +7,6 @@
 
 namespace cm::cpu {
 
-
 // Forward and backward are the same masked scaling; one body keeps them from drifting apart.
 static void dropout_apply(float* out, const float* inp, int64_t n, float p, uint64_t seed, uint64_t offset) {
   const float scale = 1.0f / (1.0f - p);

@@ -11,7 +11,6 @@
 namespace cm::cpu {
 namespace {
 
-
 // i32 arithmetic wraps (two's complement) instead of overflowing into undefined behaviour.
 struct AddF {
   float operator()(float a, float b) const { return a + b; }

@@ -9,7 +9,6 @@
 
 namespace cm::cpu {
 
-
 void embedding_forward(float* out, const float* weight, const int32_t* ids, int64_t N, int64_t V, int64_t C) {
   (void)V;
 #pragma omp parallel for schedule(static) if (N * C >= parallel_min())

@@ -363,6 +363,7 @@ int gemm_detail::max_threads() {
   return 1;
 #endif
 }
+int gemm_detail::threads_for(double flops) { return flops < 4e6 ? 1 : max_threads(); }
 int gemm_detail::tile_mr() { return MR; }
 int gemm_detail::tile_nr() { return NR; }
 int64_t gemm_detail::tile_nc() { return NC; }
@@ -384,7 +385,7 @@ void gemm_strided_batched(float* C, int64_t ldc, int64_t stride_c, const float* 
   // task packs its own panels, so more tiles cost more packing; dynamic scheduling absorbs uneven edge tiles
   // and neighbours on the same cores. Small products stay on the calling thread.
   const double flops = 2.0 * (double)M * (double)N * (double)K * (double)batch;
-  const int threads = flops < 4e6 ? 1 : gemm_detail::max_threads();
+  const int threads = gemm_detail::threads_for(flops);
   const int64_t ncb = (N + NC - 1) / NC;
   const int64_t nb = ((N + ncb - 1) / ncb + NR - 1) / NR * NR;  // tile width, a multiple of NR, <= NC
   const int64_t ncols = (N + nb - 1) / nb;

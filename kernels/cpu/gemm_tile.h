@@ -50,6 +50,7 @@ int tile_mr();       // rows of the register tile: tile heights are multiples of
 int tile_nr();       // columns of the register tile: tile widths are multiples of it
 int64_t tile_nc();   // the widest tile
 int max_threads();   // OpenMP threads available here (1 inside a parallel region)
+int threads_for(double flops);  // the GEMMs' rule: products under ~4 MFLOP on the calling thread, else max_threads()
 void count_multiply_adds(int64_t n);  // adds to cm::cpu::gemm_multiply_adds()
 
 }  // namespace cm::cpu::gemm_detail

@@ -50,8 +50,6 @@ std::atomic<int>& shared_packing_flag() {
 }
 bool shared_packing() { return shared_packing_flag().load(std::memory_order_relaxed) != 0; }
 
-// Threads for a call of `flops` in all: small calls stay on the calling thread, as in cpu::gemm.
-int threads_for(double flops) { return flops < 4e6 ? 1 : gemm_detail::max_threads(); }
 
 // One work item: rows [m0, m1) and columns [n0, n1) of group g's product (rows and columns of its C).
 struct Item {
@@ -169,7 +167,7 @@ void grouped_gemm_forward(float* Y, const float* X, const float* const* W, const
   check_args("cpu::grouped_gemm_forward", offsets, G, M, N, Kd, gather);
   if (M == 0 || N == 0) return;
   gemm_detail::count_multiply_adds(M * N * Kd);
-  const int threads = threads_for(2.0 * (double)M * (double)N * (double)Kd);
+  const int threads = gemm_detail::threads_for(2.0 * (double)M * (double)N * (double)Kd);
   const RowWork w = row_work(offsets, G, M, Kd, N, threads);
   const int64_t n_items = (int64_t)w.items.size(), n_packs = (int64_t)w.packs.size();
   float* panels = n_packs ? shared_panels(w.floats) : nullptr;
@@ -214,7 +212,7 @@ void grouped_gemm_backward_input(float* dX, const float* dY, const float* const*
   check_args("cpu::grouped_gemm_backward_input", offsets, G, M, N, Kd, RowGather{});
   if (M == 0 || Kd == 0) return;
   gemm_detail::count_multiply_adds(M * N * Kd);
-  const int threads = threads_for(2.0 * (double)M * (double)N * (double)Kd);
+  const int threads = gemm_detail::threads_for(2.0 * (double)M * (double)N * (double)Kd);
   const RowWork w = row_work(offsets, G, M, N, Kd, threads);
   const int64_t n_items = (int64_t)w.items.size(), n_packs = (int64_t)w.packs.size();
   float* panels = n_packs ? shared_panels(w.floats) : nullptr;
@@ -251,7 +249,7 @@ void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const floa
   check_args("cpu::grouped_gemm_backward_weight", offsets, G, M, N, Kd, gather);
   if (N == 0) return;
   gemm_detail::count_multiply_adds(M * N * Kd);
-  const int threads = threads_for(2.0 * (double)M * (double)N * (double)Kd);
+  const int threads = gemm_detail::threads_for(2.0 * (double)M * (double)N * (double)Kd);
   // Items: tiles of each dW[g] [N, Kd], a group's K being its rows. Each dW[g] is cut into `split` row bands so
   // that the call has about four items per thread (bands at least 4 MR rows: each band packs X_g once); an empty
   // group has no items when accumulating (left untouched), else items that write zeros. The items with n0 == 0

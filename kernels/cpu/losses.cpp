@@ -12,7 +12,6 @@
 
 namespace cm::cpu {
 
-
 void cross_entropy_forward(float* losses, float* lse, const float* logits, const int32_t* targets, int64_t N,
                            int64_t V, int32_t ignore_index) {
 #pragma omp parallel for schedule(static) if (N * V >= parallel_min_compute())

@@ -12,7 +12,6 @@
 
 namespace cm::cpu {
 
-
 // Row chunks for the parameter-gradient reduction: at most 64 chunks of at least 16 rows. Depends on N only.
 static int64_t chunk_rows(int64_t N) { return std::max<int64_t>(16, (N + 63) / 64); }
 

@@ -38,7 +38,6 @@ namespace cm::cpu {
 
 namespace {
 
-
 // A row's sum as cpu::sum_axis makes it: block_sum in double, then float (through sum_axis itself past a block of
 // the long sums).
 float sum_of_row(const float* a, int64_t n) {
@@ -76,9 +75,6 @@ struct ByNode {
   }
 };
 
-// Threads for a product of `flops`: the GEMM's rule (small products stay on the calling thread).
-int threads_for(double flops) { return flops < 4e6 ? 1 : gemm_detail::max_threads(); }
-
 // A level is narrow when b < kNarrow: its b logits fill less than one 16-lane vector of the GEMM's register tile.
 // A narrow level's logits are computed transposed, and its dh one row at a time (below).
 constexpr int64_t kNarrow = 16;
@@ -97,6 +93,7 @@ void route_logits_forward(float* logits, const float* h, const float* W, const i
     gemm(logits, b, h, C, W, C, P, b, C, false, true);
     return;
   }
+  if (!node) n = 1;  // the contract's one node, whatever the caller passed
   std::optional<ByNode> g;
   if (node) g.emplace(node, P, n);
   const std::vector<int64_t> one_node = {0, P};
@@ -121,7 +118,7 @@ void route_logits_forward(float* logits, const float* h, const float* W, const i
       items.push_back({j, c0, std::min(offsets[j + 1], c0 + NC)});
   gemm_detail::count_multiply_adds(P * b * C);
   const int64_t n_items = (int64_t)items.size();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(2.0 * P * b * C)) if (n_items > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(gemm_detail::threads_for(2.0 * P * b * C)) if (n_items > 1)
   for (int64_t i = 0; i < n_items; ++i) {
     const Item& it = items[(size_t)i];
     gemm_detail::Operands o{W + it.j * b * C, h, out.data(), C, C, P, b, P, C, false, true, 1.0f, 0.0f};
@@ -145,7 +142,7 @@ void route_logits_backward_h(float* dh, const float* dlogits, const float* W, co
     return;
   }
   gemm_detail::count_multiply_adds(T * Kp * b * C);
-#pragma omp parallel num_threads(threads_for(2.0 * T * Kp * b * C))
+#pragma omp parallel num_threads(gemm_detail::threads_for(2.0 * T * Kp * b * C))
   {
     std::vector<int64_t> pairs((size_t)Kp);
     std::vector<float> row((size_t)C);
