@@ -70,7 +70,7 @@ Tensor routed_logits(const Tensor& h, const Tensor& W, const Tensor& node, int64
 
 LevelSelection route_select(const Tensor& logits, const Tensor& node, const Tensor& path_parent,
                             const Tensor& logit_bias, const Tensor& aux_bias, int64_t n, float temperature, int64_t k,
-                            bool renorm, bool entropy) {
+                            bool renorm, bool entropy, bool probs_grad) {
   CM_REQUIRE(logits.defined() && logits.dtype() == DType::F32 && logits.dim() == 2,
              "route_select: logits must be f32 [P, b], got ", logits.defined() ? shape_str(logits.shape()) : "undefined");
   const int64_t P = logits.size(0), b = logits.size(1);
@@ -118,9 +118,23 @@ LevelSelection route_select(const Tensor& logits, const Tensor& node, const Tens
     CM_KERNEL(pd.device(), softmax_backward, dx.f32(), g.f32(), pd.f32(), pd.size(0), pd.size(1));
     return grads{inv_temp != 1.f ? mul(dx, inv_temp) : dx};
   });
-  // path -> probs (the selected columns) and path_parent.
   const bool need_parent = path_parent.defined() && path_parent.requires_grad();
   Tensor child = out.child;
+  if (!probs_grad) {  // path -> logits (through the softmax and the temperature) and path_parent, in one kernel
+    out.path = record("route_gates_logits", out.path, {logits, path_parent},
+                      [pd, child, par, inv_temp, k, renorm, need_parent](const Tensor& gy) {
+                        const int64_t P = pd.size(0), b = pd.size(1);
+                        Tensor g = gy.contiguous();
+                        Tensor dlogits = Tensor::empty({P, b}, DType::F32, pd.device()), dparent;
+                        if (need_parent) dparent = Tensor::empty(par.shape(), DType::F32, pd.device());
+                        CM_KERNEL(pd.device(), route_select_backward_logits, dlogits.f32(),
+                                  need_parent ? dparent.f32() : nullptr, g.f32(), pd.f32(), child.i32(),
+                                  par.defined() ? par.f32() : nullptr, inv_temp, P, b, k, renorm);
+                        return grads{dlogits, dparent};
+                      });
+    return out;
+  }
+  // path -> probs (the selected columns) and path_parent.
   out.path = record("route_gates", out.path, {out.probs, path_parent},
                     [pd, child, par, k, renorm, need_parent](const Tensor& gy) {
                       const int64_t P = pd.size(0), b = pd.size(1);

@@ -21,6 +21,12 @@ Tensor routed_logits(const Tensor& h, const Tensor& W, const Tensor& node, int64
 //   logit_bias [n * b] (log reliability, -inf for pruned children; no gradient) or undefined; aux_bias [n * b]
 //   (selection only) or undefined. All on logits' device.
 // Gradients: probs -> logits; path -> probs (its selected columns) and path_parent. The selection has none.
+// probs_grad: whether the caller also differentiates a loss of its own through probs (the router's load-balance
+// term). Every gradient is correct either way; what differs is the arithmetic. With it, path's gradient joins that
+// loss's gradient of probs, and one softmax backward takes both. Without it, path's gradient goes straight to the
+// logits in one kernel (route_select_backward_logits): one pass over probs, where the dense [P, b] gradient of probs
+// was written and read back (64 MB each way at 16384 tokens and 1024 experts). The bits are the same as with it
+// when nothing else reaches probs.
 struct LevelSelection {
   Tensor probs;    // [P, b] softmax(logits / temperature + logit_bias)
   Tensor path;     // [P * k] path_parent * gate, token-major like the pairs: pair p's kept children p*k .. p*k+k-1
@@ -30,6 +36,6 @@ struct LevelSelection {
 };
 LevelSelection route_select(const Tensor& logits, const Tensor& node, const Tensor& path_parent,
                             const Tensor& logit_bias, const Tensor& aux_bias, int64_t n, float temperature, int64_t k,
-                            bool renorm, bool entropy);
+                            bool renorm, bool entropy, bool probs_grad);
 
 }  // namespace cm

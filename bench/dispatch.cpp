@@ -275,13 +275,15 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
       t = now;
     };
     // model/router.cpp: per level the fused selection (renorm_last: the last level's kept siblings share 1 when
-    // k > 1; no entropy statistic, which train_lm turns off: timed on its own below) and the level's counts.
+    // k > 1; no entropy statistic, which train_lm turns off: timed on its own below; no loss on the probabilities,
+    // as with aux-free balancing: the gates' gradient goes straight to the logits) and the level's counts.
     Tensor node, path;
     int64_t Pl = T, nodes = 1;
     for (size_t l = 0; l < levels.size(); ++l) {
       const Level& lv = levels[l];
       const bool renorm = l + 1 == levels.size() && lv.k > 1;
-      LevelSelection sel = route_select(logits[l], node, path, Tensor(), Tensor(), nodes, 1.0f, lv.k, renorm, false);
+      LevelSelection sel =
+          route_select(logits[l], node, path, Tensor(), Tensor(), nodes, 1.0f, lv.k, renorm, false, false);
       lap(0);
       Tensor counts = Tensor::empty({nodes * lv.b}, DType::I32);
       cpu::route_histogram(counts.i32(), sel.child.i32(), Pl * lv.k, nodes * lv.b, false);
@@ -411,7 +413,7 @@ bool run_layer(int64_t T, const char* router, const std::vector<Level>& levels, 
       const auto t0 = std::chrono::steady_clock::now();
       const Level& lv = levels[0];
       LevelSelection sel = route_select(logits[0], Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.0f, lv.k,
-                                        levels.size() == 1 && lv.k > 1, ent);
+                                        levels.size() == 1 && lv.k > 1, ent, false);
       (ent ? sel_ent : sel_plain).push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
   std::string stages;
@@ -468,7 +470,7 @@ bool run_select() {
     for (int64_t k : {1, 2}) {
       const Tensor x = Tensor::randn({T, b}, g);
       const double s = bench::median_seconds(
-          [&] { route_select(x, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, k > 1, false); }, 101);
+          [&] { route_select(x, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, k > 1, false, false); }, 101);
       std::printf("| %lld | %lld | %.1f |\n", (long long)b, (long long)k, s * 1e9 / (double)T);
     }
 #ifdef _OPENMP
@@ -483,9 +485,9 @@ bool run_select() {
     const Tensor w = Tensor::randn({T * 2}, g);
     std::vector<double> fwd, bwd;
     for (int r = 0; r <= 101; ++r) {  // run 0 warms up
-      LevelSelection s0 = route_select(x0, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 1, false, false);
+      LevelSelection s0 = route_select(x0, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 1, false, false, false);
       const auto t0 = std::chrono::steady_clock::now();
-      LevelSelection s1 = route_select(x1, s0.child, s0.path, Tensor(), Tensor(), b, 1.f, 2, true, false);
+      LevelSelection s1 = route_select(x1, s0.child, s0.path, Tensor(), Tensor(), b, 1.f, 2, true, false, false);
       const auto t1 = std::chrono::steady_clock::now();
       Tensor loss = sum(mul(s1.path, w));
       const auto t2 = std::chrono::steady_clock::now();

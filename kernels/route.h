@@ -163,6 +163,19 @@ void route_select_backward(float* dprobs,             // [P, b]
                            const float* path_parent,  // [P] or nullptr
                            int64_t P, int64_t b, int64_t k, bool renorm);
 
+// route_select_backward carried on through the softmax and the temperature: dlogits [P, b] (overwritten) is the
+// gradient of the logits when path is the only output differentiated, what softmax_backward and a product by
+// inv_temp would make of route_select_backward's dprobs, without making the dense dprobs. The CPU twin reproduces
+// those kernels' bits: softmax_backward's dot (dot_row, kernels/cpu/rows.h) over a row that is zero off the kept
+// children gains only their terms. dparent as route_select_backward's.
+void route_select_backward_logits(float* dlogits,            // [P, b]
+                                  float* dparent,            // [P] or nullptr
+                                  const float* dpath,        // [P * k]
+                                  const float* probs,        // [P, b]
+                                  const int32_t* child,      // [P * k]
+                                  const float* path_parent,  // [P] or nullptr
+                                  float inv_temp, int64_t P, int64_t b, int64_t k, bool renorm);
+
 }  // namespace cm::cpu
 
 namespace cm::shared {
@@ -211,6 +224,11 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
 void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
                            const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
                            bool renorm);
+// One warp per pair; the dot over the kept children in the CPU twin's order, the pair's gradients in
+// route_select_backward's (within float rounding of the CPU's).
+void route_select_backward_logits(float* dlogits, float* dparent, const float* dpath, const float* probs,
+                                  const int32_t* child, const float* path_parent, float inv_temp, int64_t P,
+                                  int64_t b, int64_t k, bool renorm);
 // One warp per row (the terms of route_select_forward's entropy), then one block for the mean.
 void route_mean_entropy(float* entropy, const float* probs, const float* s, int64_t P, int64_t b);
 // One thread per token walks the levels (the per-token work is a few sums over its leaves); depth at most 16.

@@ -225,8 +225,10 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
     if (aux_free_) ab_t = aux_running(l, dev);
     // renorm_last: the last level's kept siblings share 1 (only when k > 1: a lone child's share would be 1).
     const bool renorm = gate_mode_ == GateMode::RenormLast && l == D - 1 && k > 1;
-    LevelSelection sel =
-        route_select(logits, node, path, lb_t, ab_t, n_nodes, temperature_, k, renorm, l == 0 && entropy_);
+    // Whether the balance term below differentiates probs too (ops_route.h: else the gates' gradient goes straight
+    // to the logits).
+    LevelSelection sel = route_select(logits, node, path, lb_t, ab_t, n_nodes, temperature_, k, renorm,
+                                      l == 0 && entropy_, lb_w_ > 0.f);
     if (l == 0) r.entropy_dev = sel.entropy;
     // How often each child was selected: a histogram of the child ids, on the device.
     r.level_counts_dev[l] = Tensor::empty({n_nodes * b}, DType::I32, dev);

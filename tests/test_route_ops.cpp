@@ -361,7 +361,7 @@ TEST_SUITE("routing") {
       for (Tensor* t : {&l1, &par1, &l2, &par2}) t->requires_grad_(true);
       LevelSelection a = route_select(l1, node.empty() ? Tensor() : Tensor::from_vector(node, {P}),
                                       cs.parent ? par1 : Tensor(), opt_tensor(lb), opt_tensor(ab), cs.n, cs.temperature,
-                                      cs.k, cs.renorm, true);
+                                      cs.k, cs.renorm, true, true);
       OldSelection r = old_select(l2, node, cs.parent ? par2 : Tensor(), lb, ab, cs.n, cs.temperature, cs.k, cs.renorm);
       CHECK(a.child.to_i32_vector() == r.child);
       CHECK(a.probs.to_f32_vector() == r.probs.to_f32_vector());
@@ -375,6 +375,54 @@ TEST_SUITE("routing") {
       (sum(mul(r.probs, wp)) + sum(mul(r.path, wg))).backward();
       CHECK(l1.grad().to_f32_vector() == l2.grad().to_f32_vector());
       if (cs.parent) CHECK(par1.grad().to_f32_vector() == par2.grad().to_f32_vector());
+    }
+  }
+
+  TEST_CASE("route select: the gates' gradient straight to the logits has the composite's bits") {
+    // A loss on path alone: route_select_backward_logits against the gradient through dprobs, softmax_backward and
+    // the temperature's product (route_select with probs_grad) and against the generic ops' composite, bit for bit,
+    // k = 1 to 6, with and without parent, renorm, temperature, biases; kept children sharing a lane of the dot's
+    // sixteen (48 and 32 children, k = 6 and 5). With a loss on probs as well, the two gradients are summed where
+    // one softmax backward took both: equal within rounding.
+    std::vector<SelCase> cases(std::begin(kSelCases), std::end(kSelCases));
+    cases.push_back({50, 1, 1, 48, 6, 0.9f, false, false, true, false});
+    cases.push_back({40, 2, 3, 32, 5, 1.f, true, true, false, true});
+    for (const SelCase& cs : cases) {
+      CAPTURE(cs.k);
+      CAPTURE(cs.b);
+      const int64_t P = cs.T * cs.Kp;
+      std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 80 + cs.k);
+      std::vector<float> lb = case_lbias(cs, 81), ab = case_abias(cs, 82);
+      Tensor nt = node.empty() ? Tensor() : Tensor::from_vector(node, {P});
+      Tensor l0 = uniform({P, cs.b}, 83, -3.f, 3.f), par0 = uniform({P}, 84, 0.1f, 1.f);
+      Tensor wp = uniform({P, cs.b}, 85), wg = uniform({P * cs.k}, 86, -1.f, 1.f);
+      for (bool probs_loss : {false, true}) {
+        CAPTURE(probs_loss);
+        Tensor l[3], par[3];
+        for (int i = 0; i < 3; ++i) {
+          l[i] = l0.clone().detach().requires_grad_(true);
+          par[i] = par0.clone().detach().requires_grad_(true);
+        }
+        Tensor loss[3];
+        for (int i = 0; i < 2; ++i) {  // 0: straight to the logits, 1: through dprobs
+          LevelSelection s = route_select(l[i], nt, cs.parent ? par[i] : Tensor(), opt_tensor(lb), opt_tensor(ab),
+                                          cs.n, cs.temperature, cs.k, cs.renorm, false, i == 1);
+          CHECK(std::string(s.path.impl().grad_fn->name) == (i == 1 ? "route_gates" : "route_gates_logits"));
+          loss[i] = probs_loss ? sum(mul(s.path, wg)) + sum(mul(s.probs, wp)) : sum(mul(s.path, wg));
+        }
+        OldSelection r = old_select(l[2], node, cs.parent ? par[2] : Tensor(), lb, ab, cs.n, cs.temperature, cs.k,
+                                    cs.renorm);
+        loss[2] = probs_loss ? sum(mul(r.path, wg)) + sum(mul(r.probs, wp)) : sum(mul(r.path, wg));
+        for (Tensor& t : loss) t.backward();
+        if (!probs_loss) {
+          CHECK(bits_of(l[0].grad()) == bits_of(l[1].grad()));
+          CHECK(bits_of(l[0].grad()) == bits_of(l[2].grad()));
+          if (cs.parent) CHECK(bits_of(par[0].grad()) == bits_of(par[1].grad()));
+        } else {
+          CHECK_CLOSE(l[0].grad(), l[1].grad().to_f32_vector(), 1e-6f, 1e-5f);
+          CHECK(bits_of(l[1].grad()) == bits_of(l[2].grad()));
+        }
+      }
     }
   }
 
@@ -410,7 +458,7 @@ TEST_SUITE("routing") {
         NoGrad ng;
         LevelSelection a = route_select(l, node.empty() ? Tensor() : Tensor::from_vector(node, {P}),
                                         cs.parent ? par : Tensor(), opt_tensor(lb), opt_tensor(ab), cs.n,
-                                        cs.temperature, cs.k, cs.renorm, true);
+                                        cs.temperature, cs.k, cs.renorm, true, true);
         OldSelection r = old_select(l, node, cs.parent ? par : Tensor(), lb, ab, cs.n, cs.temperature, cs.k, cs.renorm);
         CHECK(a.child.to_i32_vector() == r.child);
         CHECK(bits_of(a.probs) == bits_of(r.probs));
@@ -442,25 +490,30 @@ TEST_SUITE("routing") {
     }
     l.requires_grad_(true);
     ls.requires_grad_(true);
-    LevelSelection a = route_select(l, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, true, false);
-    LevelSelection r = route_select(ls, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, true, false);
-    sum(mul(a.path, wg)).backward();
-    sum(mul(r.path, ws)).backward();
-    const std::vector<uint32_t> pa = bits_of(a.probs), pr = bits_of(r.probs), ga = bits_of(l.grad()),
-                                gr = bits_of(ls.grad()), ya = bits_of(a.path), yr = bits_of(r.path);
-    const std::vector<int32_t> ca = a.child.to_i32_vector(), cr = r.child.to_i32_vector();
-    int64_t differ = 0;
-    for (size_t i = 0; i < rows.size(); ++i) {
-      for (int64_t c = 0; c < b; ++c) {
-        differ += pa[(size_t)(rows[i] * b + c)] != pr[i * b + (size_t)c];
-        differ += ga[(size_t)(rows[i] * b + c)] != gr[i * b + (size_t)c];
+    for (bool probs_grad : {true, false}) {  // the logits' gradient through dprobs, or straight from the gates
+      CAPTURE(probs_grad);
+      LevelSelection a = route_select(l, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, true, false, probs_grad);
+      LevelSelection r = route_select(ls, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, k, true, false, probs_grad);
+      sum(mul(a.path, wg)).backward();
+      sum(mul(r.path, ws)).backward();
+      const std::vector<uint32_t> pa = bits_of(a.probs), pr = bits_of(r.probs), ga = bits_of(l.grad()),
+                                  gr = bits_of(ls.grad()), ya = bits_of(a.path), yr = bits_of(r.path);
+      const std::vector<int32_t> ca = a.child.to_i32_vector(), cr = r.child.to_i32_vector();
+      int64_t differ = 0;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        for (int64_t c = 0; c < b; ++c) {
+          differ += pa[(size_t)(rows[i] * b + c)] != pr[i * b + (size_t)c];
+          differ += ga[(size_t)(rows[i] * b + c)] != gr[i * b + (size_t)c];
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          differ += ya[(size_t)(rows[i] * k + j)] != yr[i * k + (size_t)j];
+          differ += ca[(size_t)(rows[i] * k + j)] != cr[i * k + (size_t)j];
+        }
       }
-      for (int64_t j = 0; j < k; ++j) {
-        differ += ya[(size_t)(rows[i] * k + j)] != yr[i * k + (size_t)j];
-        differ += ca[(size_t)(rows[i] * k + j)] != cr[i * k + (size_t)j];
-      }
+      CHECK(differ == 0);
+      l.zero_grad();
+      ls.zero_grad();
     }
-    CHECK(differ == 0);
   }
 
   TEST_CASE("route select: finite-difference gradients through the probabilities, the gates and the parent path") {
@@ -472,15 +525,19 @@ TEST_SUITE("routing") {
       Tensor lb = opt_tensor(case_lbias(cs, 51)), ab = opt_tensor(case_abias(cs, 52));
       Tensor logits = cm::test::param({P, cs.b}, 53, -3.f, 3.f), par = cm::test::param({P}, 54, 0.1f, 1.f);
       Tensor wp = uniform({P, cs.b}, 55);
-      // The selection is piecewise constant: eps small against the gaps between random probabilities.
-      GradcheckResult g = gradcheck(
-          [&](const std::vector<Tensor>& x) {
-            LevelSelection s = route_select(x[0], nt, cs.parent ? x[1] : Tensor(), lb, ab, cs.n, cs.temperature, cs.k,
-                                            cs.renorm, false);
-            return concat({mul(s.probs, wp).view({P * cs.b}), s.path}, 0);
-          },
-          {logits, par}, 1e-3f, 2e-3f, 2e-2f);
-      CHECK_MESSAGE(g.ok, g.message);
+      // The selection is piecewise constant: eps small against the gaps between random probabilities. Without
+      // probs_grad the path's gradient goes straight to the logits, and probs still has its own (both summed).
+      for (bool probs_grad : {true, false}) {
+        CAPTURE(probs_grad);
+        GradcheckResult g = gradcheck(
+            [&](const std::vector<Tensor>& x) {
+              LevelSelection s = route_select(x[0], nt, cs.parent ? x[1] : Tensor(), lb, ab, cs.n, cs.temperature,
+                                              cs.k, cs.renorm, false, probs_grad);
+              return concat({mul(s.probs, wp).view({P * cs.b}), s.path}, 0);
+            },
+            {logits, par}, 1e-3f, 2e-3f, 2e-2f);
+        CHECK_MESSAGE(g.ok, g.message);
+      }
     }
   }
 
@@ -546,15 +603,15 @@ TEST_SUITE("routing") {
 
   TEST_CASE("route select: bad arguments and a node with fewer than k selectable children are refused") {
     Tensor logits = uniform({4, 3}, 1);
-    CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 4, false, false),
+    CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), Tensor(), Tensor(), 1, 1.f, 4, false, false, true),
                       doctest::Contains("k = 4 outside [1, b = 3]"));
     CHECK_THROWS_WITH(route_select(logits, Tensor::from_vector(std::vector<int32_t>{0, 1, 2, 0}, {4}), Tensor(),
-                                   Tensor(), Tensor(), 2, 1.f, 1, false, false),
+                                   Tensor(), Tensor(), 2, 1.f, 1, false, false, true),
                       doctest::Contains("node 2 of pair 2 outside [0, 2)"));
-    CHECK_THROWS_WITH(route_select(logits, Tensor(), uniform({3}, 2), Tensor(), Tensor(), 1, 1.f, 1, false, false),
+    CHECK_THROWS_WITH(route_select(logits, Tensor(), uniform({3}, 2), Tensor(), Tensor(), 1, 1.f, 1, false, false, true),
                       doctest::Contains("path_parent must be f32 [4]"));
     Tensor pruned = Tensor::from_vector(std::vector<float>{0.f, -INFINITY, -INFINITY}, {3});
-    CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), pruned, Tensor(), 1, 1.f, 2, false, false),
+    CHECK_THROWS_WITH(route_select(logits, Tensor(), Tensor(), pruned, Tensor(), 1, 1.f, 2, false, false, true),
                       doctest::Contains("node 0 has fewer than 2 selectable children"));
   }
 
@@ -788,21 +845,32 @@ TEST_SUITE("cuda") {
       Tensor ld = logits.to(Device::CUDA), pd = par.to(Device::CUDA);
       for (Tensor* t : {&logits, &par, &ld, &pd}) t->requires_grad_(true);
       auto on = [](const Tensor& t) { return t.defined() ? t.to(Device::CUDA) : Tensor(); };
-      LevelSelection r = route_select(logits, nt, cs.parent ? par : Tensor(), lb, ab, cs.n, cs.temperature, cs.k,
-                                      cs.renorm, true);
-      LevelSelection g = route_select(ld, on(nt), cs.parent ? pd : Tensor(), on(lb), on(ab), cs.n, cs.temperature,
-                                      cs.k, cs.renorm, true);
-      CHECK(g.child.device() == Device::CUDA);
-      CHECK(g.child.to_i32_vector() == r.child.to_i32_vector());
-      CHECK(g.idx.to_i32_vector() == r.idx.to_i32_vector());
-      CHECK_CLOSE(g.probs, r.probs.to_f32_vector(), 1e-6f, 1e-5f);
-      CHECK_CLOSE(g.path, r.path.to_f32_vector(), 1e-6f, 1e-5f);
-      CHECK(g.entropy.item() == doctest::Approx(r.entropy.item()).epsilon(1e-5));
-      Tensor wp = uniform({P, cs.b}, 65), wg = uniform({P * cs.k}, 66);
-      (sum(mul(r.probs, wp)) + sum(mul(r.path, wg))).backward();
-      (sum(mul(g.probs, wp.to(Device::CUDA))) + sum(mul(g.path, wg.to(Device::CUDA)))).backward();
-      CHECK_CLOSE(ld.grad(), logits.grad().to_f32_vector(), 1e-6f, 1e-4f);
-      if (cs.parent) CHECK_CLOSE(pd.grad(), par.grad().to_f32_vector(), 1e-6f, 1e-5f);
+      // probs_grad: a loss on probs and path, the gradient through dprobs; without, a loss on path alone, its
+      // gradient straight to the logits (route_select_backward_logits).
+      for (bool probs_grad : {true, false}) {
+        CAPTURE(probs_grad);
+        LevelSelection r = route_select(logits, nt, cs.parent ? par : Tensor(), lb, ab, cs.n, cs.temperature, cs.k,
+                                        cs.renorm, true, probs_grad);
+        LevelSelection g = route_select(ld, on(nt), cs.parent ? pd : Tensor(), on(lb), on(ab), cs.n, cs.temperature,
+                                        cs.k, cs.renorm, true, probs_grad);
+        CHECK(g.child.device() == Device::CUDA);
+        CHECK(g.child.to_i32_vector() == r.child.to_i32_vector());
+        CHECK(g.idx.to_i32_vector() == r.idx.to_i32_vector());
+        CHECK_CLOSE(g.probs, r.probs.to_f32_vector(), 1e-6f, 1e-5f);
+        CHECK_CLOSE(g.path, r.path.to_f32_vector(), 1e-6f, 1e-5f);
+        CHECK(g.entropy.item() == doctest::Approx(r.entropy.item()).epsilon(1e-5));
+        Tensor wp = uniform({P, cs.b}, 65), wg = uniform({P * cs.k}, 66);
+        Tensor lr = sum(mul(r.path, wg)), lg = sum(mul(g.path, wg.to(Device::CUDA)));
+        if (probs_grad) {
+          lr = lr + sum(mul(r.probs, wp));
+          lg = lg + sum(mul(g.probs, wp.to(Device::CUDA)));
+        }
+        lr.backward();
+        lg.backward();
+        CHECK_CLOSE(ld.grad(), logits.grad().to_f32_vector(), 1e-6f, 1e-4f);
+        if (cs.parent) CHECK_CLOSE(pd.grad(), par.grad().to_f32_vector(), 1e-6f, 1e-5f);
+        for (Tensor* t : {&logits, &par, &ld, &pd}) t->zero_grad();
+      }
     }
   }
 

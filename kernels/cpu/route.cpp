@@ -650,25 +650,31 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
     }
 }
 
-void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
-                           const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
-                           bool renorm) {
+namespace {
+
+// The selection's backward, one pair at a time, into dprobs [P, b] (to_logits false) or straight into the logits'
+// gradient [P, b] (to_logits: the softmax's and the temperature's rules applied to the pair's row as well).
+void select_backward(float* out, bool to_logits, float inv_temp, float* dparent, const float* dpath,
+                     const float* probs, const int32_t* child, const float* path_parent, int64_t P, int64_t b,
+                     int64_t k, bool renorm) {
   if (P == 0) return;
   const FastMod col(b);  // a child's column in its node's row: child % b
   // The composite's rules, in its order, pair by pair: path = parent * gate (mul), gate = sel / sum(sel) (div,
   // sum), sel = gather(probs). The sums over the k siblings are the row sums cpu::sum_axis made for sum and sum_to
   // (block_sum in double, then float). One parallel region: the steps of a pair need only its own k slots. A large
-  // dprobs is made row by row in L1 and written by streaming stores (kernels/cpu/stream.h).
-  const bool stream = stream_rows(dprobs, P * b, b);
+  // output is made row by row in L1 and written by streaming stores (kernels/cpu/stream.h).
+  const bool stream = stream_rows(out, P * b, b);
 #pragma omp parallel if (P * b >= parallel_min_compute() || P * k >= parallel_min_compute() / 4)
   {
     std::vector<float> buf((size_t)(stream ? b : 0)), sel((size_t)k), gate((size_t)k), dsel((size_t)k),
         tmp((size_t)k);
+    std::vector<int64_t> at((size_t)k);  // the kept children's columns, ascending (to_logits)
 #pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t p = 0; p < P; ++p) {
       const int32_t* ch = child + p * k;
       const float* dp = dpath + p * k;
-      for (int64_t j = 0; j < k; ++j) sel[(size_t)j] = probs[p * b + col((uint32_t)ch[j])];
+      const float* pr = probs + p * b;
+      for (int64_t j = 0; j < k; ++j) sel[(size_t)j] = pr[col((uint32_t)ch[j])];
       float S = 1.f;
       if (renorm) {
         S = sum_of_row(sel.data(), k);
@@ -688,16 +694,51 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
         const float db = sum_of_row(tmp.data(), k);
         for (int64_t j = 0; j < k; ++j) dsel[(size_t)j] = dsel[(size_t)j] + -db;
       }
-      // dprobs: the pair's row zeroed, then its k slots' gradients added (distinct children: one term each).
-      float* row = stream ? buf.data() : dprobs + p * b;
-      std::fill(row, row + b, 0.f);
-      for (int64_t j = 0; j < k; ++j) row[col((uint32_t)ch[j])] += dsel[(size_t)j];
+      // The row of d probs: zeroed, then its k slots' gradients added (distinct children: 0.f + dsel each).
+      float* row = stream ? buf.data() : out + p * b;
+      if (!to_logits) {
+        std::fill(row, row + b, 0.f);
+        for (int64_t j = 0; j < k; ++j) row[col((uint32_t)ch[j])] += dsel[(size_t)j];
+      } else {
+        // softmax_backward on that row without making it: its dot_row gains only the kept children's terms (a
+        // zero term leaves a lane's sum as it is), added to their lanes in ascending column order; off the kept
+        // children the row's gradient is probs * (0 - dot). Then the temperature's factor, as a separate product.
+        for (int64_t j = 0; j < k; ++j) at[(size_t)j] = j;
+        std::sort(at.begin(), at.end(), [&](int64_t x, int64_t y) { return col((uint32_t)ch[x]) < col((uint32_t)ch[y]); });
+        float acc[16] = {0};
+        for (int64_t j : at) {
+          const int64_t c = col((uint32_t)ch[j]);
+          acc[c % 16] = fmadd(0.f + dsel[(size_t)j], pr[c], acc[c % 16]);
+        }
+        const float dot = fold16(acc), off = 0.f - dot;
+        for (int64_t c = 0; c < b; ++c) row[c] = pr[c] * off;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t c = col((uint32_t)ch[j]);
+          row[c] = pr[c] * ((0.f + dsel[(size_t)j]) - dot);
+        }
+        if (inv_temp != 1.f)
+          for (int64_t c = 0; c < b; ++c) row[c] = row[c] * inv_temp;
+      }
 #if defined(__AVX512F__)
-      if (stream) stream_row(dprobs + p * b, row, b);
+      if (stream) stream_row(out + p * b, row, b);
 #endif
     }
     if (stream) stream_fence();
   }
+}
+
+}  // namespace
+
+void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
+                           const int32_t* child, const float* path_parent, int64_t P, int64_t b, int64_t k,
+                           bool renorm) {
+  select_backward(dprobs, false, 1.f, dparent, dpath, probs, child, path_parent, P, b, k, renorm);
+}
+
+void route_select_backward_logits(float* dlogits, float* dparent, const float* dpath, const float* probs,
+                                  const int32_t* child, const float* path_parent, float inv_temp, int64_t P,
+                                  int64_t b, int64_t k, bool renorm) {
+  select_backward(dlogits, true, inv_temp, dparent, dpath, probs, child, path_parent, P, b, k, renorm);
 }
 
 void route_bias_forward(float* bias, const float* rel, const float* use, const float* pruned,

@@ -20,6 +20,13 @@ inline float row_max(const float* __restrict x, int64_t C) {
   return m;
 }
 
+// Sixteen lane sums folded as a tree: lane j += lane j + 8, then + 4, + 2, + 1; the result is lane 0.
+inline float fold16(float* acc) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
 // y [C] = softmax(x [C]): the max, e = exp(x - max) (our fast_exp), their sum, e / sum. The sum's order is written
 // out rather than left to `omp simd`: 16 lane sums (lane j adds e[j], e[j + 16], e[j + 32], ... in turn, from 0),
 // taken in the exp pass, then the lanes folded as a tree (lane j += lane j + 8, then + 4, + 2, + 1). The order is
@@ -50,11 +57,38 @@ inline void softmax_row(float* __restrict y, const float* __restrict x, int64_t 
     y[c + j] = e;
     acc[j] += e;
   }
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   // acc[0] >= 1 (the max contributes exp(0)) unless the row is NaN/all -inf, where NaN is the honest answer.
-  const float inv = 1.0f / acc[0];
+  const float inv = 1.0f / fold16(acc);
   for (int64_t i = 0; i < C; ++i) y[i] *= inv;
+}
+
+// a * b + c rounded once where the machine has fused multiply-add (as the compiler contracts a * b + c there), twice
+// where it has not: written out so that code reproducing another's sums can name the same operation.
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The dot product of x [C] and y [C] in a written-out order, as softmax_row's sum: 16 lane sums (lane j takes
+// x[j] y[j], x[j + 16] y[j + 16], ... in turn, from 0, each a fused multiply-add), then the lanes folded as a tree.
+// softmax_backward's dot; the router's selection backward reproduces it over a row that is zero off the kept
+// children (a zero term leaves a lane's sum as it is), kernels/cpu/route.cpp.
+inline float dot_row(const float* __restrict x, const float* __restrict y, int64_t C) {
+  float acc[16] = {0};
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  __m512 acc16 = _mm512_setzero_ps();
+  for (; c + 16 <= C; c += 16) acc16 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), _mm512_loadu_ps(y + c), acc16);
+  _mm512_storeu_ps(acc, acc16);
+#else
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) acc[j] = fmadd(x[c + j], y[c + j], acc[j]);
+#endif
+  for (int j = 0; c + j < C; ++j) acc[j] = fmadd(x[c + j], y[c + j], acc[j]);
+  return fold16(acc);
 }
 
 // Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a

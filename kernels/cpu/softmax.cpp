@@ -2,7 +2,8 @@
 // passes over contiguous memory that GCC vectorises (fast_exp is branch-free; softmax's row: kernels/cpu/rows.h).
 // The other row reductions use `omp simd reduction`: the compiler may reassociate the sum across SIMD lanes (we
 // build without -ffast-math, so it would not otherwise), with a lane split fixed at compile time: still
-// deterministic. Softmax's sum has its order written out (softmax_row), shared with the router's selection.
+// deterministic. Softmax's sum and its backward's dot have their order written out (softmax_row, dot_row), which the
+// router's selection and its backward reproduce.
 #include "kernels/softmax.h"
 #include "kernels/cpu/fastmath.h"
 #include "kernels/cpu/parallel.h"
@@ -20,7 +21,7 @@ void softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
   for (int64_t n = 0; n < N; ++n) softmax_row(out + n * C, inp + n * C, C);
 }
 
-// dx = y * (dy - dot(dy, y)) per row; a large dx by streaming stores (kernels/cpu/stream.h), the same values.
+// dx = y * (dy - dot(dy, y)) per row (the dot: dot_row); a large dx by streaming stores (kernels/cpu/stream.h), the same values.
 void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {
   const bool stream = stream_rows(dinp, N * C, C);
 #pragma omp parallel if (N * C >= parallel_min_compute())
@@ -30,9 +31,7 @@ void softmax_backward(float* dinp, const float* dout, const float* out, int64_t 
       const float* __restrict dy = dout + n * C;
       const float* __restrict y = out + n * C;
       float* __restrict dx = dinp + n * C;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < C; ++c) dot += dy[c] * y[c];
+      const float dot = dot_row(dy, y, C);
 #if defined(__AVX512F__)
       if (stream) {
         const __m512 d = _mm512_set1_ps(dot);

@@ -240,6 +240,58 @@ __global__ void select_backward_kernel(float* __restrict__ dprobs, float* __rest
   }
 }
 
+// route_select_backward on through the softmax and the temperature, one warp per pair: every lane works out the
+// pair's kept gradients (k is small), the softmax's dot takes them in the CPU twin's order (16 lane sums in ascending
+// column order, then the tree fold), and the lanes write the row's gradient.
+__global__ void select_backward_logits_kernel(float* __restrict__ dlogits, float* __restrict__ dparent,
+                                              const float* __restrict__ dpath, const float* __restrict__ probs,
+                                              const int32_t* __restrict__ child,
+                                              const float* __restrict__ path_parent, float inv_temp, int64_t P, int b,
+                                              int k, bool renorm) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t p = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
+    const float* pr = probs + p * b;
+    const int32_t* ch = child + p * k;
+    const float* dp = dpath + p * k;
+    const float par = path_parent ? path_parent[p] : 1.f;
+    float S = 0.f, dot = 0.f, dpar = 0.f;
+    for (int i = 0; i < k; ++i) S += pr[ch[i] % b];
+    for (int i = 0; i < k; ++i) {
+      const float sel = pr[ch[i] % b], gate = renorm ? sel / S : sel;
+      const float dg = path_parent ? dp[i] * par : dp[i];
+      dpar += dp[i] * gate;
+      dot += dg * sel;
+    }
+    // d of kept probability i, as a zeroed row's entry after the add (0.f + d)
+    auto dsel = [&](int i) {
+      const float dg = path_parent ? dp[i] * par : dp[i];
+      return 0.f + (renorm ? dg / S - dot / (S * S) : dg);
+    };
+    float acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = 0.f;
+    for (int n = 0, last = -1; n < k; ++n) {  // the kept children in ascending column order
+      int next = -1;
+      for (int i = 0; i < k; ++i) {
+        const int c = ch[i] % b;
+        if (c > last && (next < 0 || c < ch[next] % b)) next = i;
+      }
+      last = ch[next] % b;
+      acc[last % 16] = fmaf(dsel(next), pr[last], acc[last % 16]);
+    }
+    for (int w = 8; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+    const float sdot = acc[0];
+    for (int c = lane; c < b; c += kWarp) {
+      float v = pr[c] * (0.f - sdot);
+      for (int i = 0; i < k; ++i)
+        if (ch[i] % b == c) v = pr[c] * (dsel(i) - sdot);
+      dlogits[p * b + c] = inv_temp != 1.f ? v * inv_temp : v;
+    }
+    if (lane == 0 && dparent) dparent[p] = dpar;
+  }
+}
+
 // Each row's entropy, one warp per row: rows [P] from probs and s [P, b].
 __global__ void entropy_rows_kernel(float* __restrict__ rows, const float* __restrict__ probs,
                                     const float* __restrict__ s, int64_t P, int b) {
@@ -563,6 +615,17 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
                                                                                    child, path_parent, P, (int)b,
                                                                                    (int)k, renorm);
   cudaCheckLaunch("route select_backward_kernel");
+}
+
+void route_select_backward_logits(float* dlogits, float* dparent, const float* dpath, const float* probs,
+                                  const int32_t* child, const float* path_parent, float inv_temp, int64_t P,
+                                  int64_t b, int64_t k, bool renorm) {
+  CM_CHECK(P >= 0 && b >= 1 && k >= 1 && k <= b && b <= INT32_MAX, "cuda::route_select_backward_logits: P=", P,
+           " b=", b, " k=", k);
+  if (P == 0) return;
+  select_backward_logits_kernel<<<grid_for(P, kThreads / kWarp), kThreads, 0, stream()>>>(
+      dlogits, dparent, dpath, probs, child, path_parent, inv_temp, P, (int)b, (int)k, renorm);
+  cudaCheckLaunch("route select_backward_logits_kernel");
 }
 
 void route_mean_entropy(float* entropy, const float* probs, const float* s, int64_t P, int64_t b) {
