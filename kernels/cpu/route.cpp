@@ -41,6 +41,10 @@ namespace {
 // A row's sum as cpu::sum_axis makes it: block_sum in double, then float (through sum_axis itself past a block of
 // the long sums).
 float sum_of_row(const float* a, int64_t n) {
+  if (n <= 8) {  // block_sum's lanes hold one term each (0.0 + a[i]) or none (+0): its fold, in registers
+    auto t = [&](int64_t i) { return i < n ? 0.0 + (double)a[i] : 0.0; };
+    return (float)(((t(0) + t(1)) + (t(2) + t(3))) + ((t(4) + t(5)) + (t(6) + t(7))));
+  }
   if (n <= kSumBlock) return (float)block_sum(a, n);
   float s;
   sum_axis(&s, a, 1, n, 1, 1.f);
@@ -668,13 +672,16 @@ void select_backward(float* out, bool to_logits, float inv_temp, float* dparent,
   {
     std::vector<float> buf((size_t)(stream ? b : 0)), sel((size_t)k), gate((size_t)k), dsel((size_t)k),
         tmp((size_t)k);
-    std::vector<int64_t> at((size_t)k);  // the kept children's columns, ascending (to_logits)
+    std::vector<int64_t> cols((size_t)k), at((size_t)k);  // the kept children's columns; at: ascending (to_logits)
 #pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t p = 0; p < P; ++p) {
       const int32_t* ch = child + p * k;
       const float* dp = dpath + p * k;
       const float* pr = probs + p * b;
-      for (int64_t j = 0; j < k; ++j) sel[(size_t)j] = pr[col((uint32_t)ch[j])];
+      for (int64_t j = 0; j < k; ++j) {
+        cols[(size_t)j] = col((uint32_t)ch[j]);
+        sel[(size_t)j] = pr[cols[(size_t)j]];
+      }
       float S = 1.f;
       if (renorm) {
         S = sum_of_row(sel.data(), k);
@@ -698,22 +705,34 @@ void select_backward(float* out, bool to_logits, float inv_temp, float* dparent,
       float* row = stream ? buf.data() : out + p * b;
       if (!to_logits) {
         std::fill(row, row + b, 0.f);
-        for (int64_t j = 0; j < k; ++j) row[col((uint32_t)ch[j])] += dsel[(size_t)j];
+        for (int64_t j = 0; j < k; ++j) row[cols[(size_t)j]] += dsel[(size_t)j];
       } else {
         // softmax_backward on that row without making it: its dot_row gains only the kept children's terms (a
         // zero term leaves a lane's sum as it is), added to their lanes in ascending column order; off the kept
         // children the row's gradient is probs * (0 - dot). Then the temperature's factor, as a separate product.
-        for (int64_t j = 0; j < k; ++j) at[(size_t)j] = j;
-        std::sort(at.begin(), at.end(), [&](int64_t x, int64_t y) { return col((uint32_t)ch[x]) < col((uint32_t)ch[y]); });
+        for (int64_t j = 0; j < k; ++j) {  // insertion sort of the k slots by column (k is small)
+          int64_t i = j;
+          for (; i > 0 && cols[(size_t)at[(size_t)i - 1]] > cols[(size_t)j]; --i) at[(size_t)i] = at[(size_t)i - 1];
+          at[(size_t)i] = j;
+        }
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();  // in registers: lane c % 16 alone takes the term
+        for (int64_t j : at) {
+          const int64_t c = cols[(size_t)j];
+          acc = _mm512_mask3_fmadd_ps(_mm512_set1_ps(0.f + dsel[(size_t)j]), _mm512_set1_ps(pr[c]), acc,
+                                      (__mmask16)(1u << (c % 16)));
+        }
+#else
         float acc[16] = {0};
         for (int64_t j : at) {
-          const int64_t c = col((uint32_t)ch[j]);
+          const int64_t c = cols[(size_t)j];
           acc[c % 16] = fmadd(0.f + dsel[(size_t)j], pr[c], acc[c % 16]);
         }
+#endif
         const float dot = fold16(acc), off = 0.f - dot;
         for (int64_t c = 0; c < b; ++c) row[c] = pr[c] * off;
         for (int64_t j = 0; j < k; ++j) {
-          const int64_t c = col((uint32_t)ch[j]);
+          const int64_t c = cols[(size_t)j];
           row[c] = pr[c] * ((0.f + dsel[(size_t)j]) - dot);
         }
         if (inv_temp != 1.f)

@@ -26,6 +26,17 @@ inline float fold16(float* acc) {
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   return acc[0];
 }
+#if defined(__AVX512F__)
+// The same fold of a vector's sixteen lanes, in registers (the same adds of the same pairs: the same bits), where
+// storing the vector and adding its lanes back from memory stalls on every reload.
+inline float fold16(__m512 v) {
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+#endif
 
 // y [C] = softmax(x [C]): the max, e = exp(x - max) (our fast_exp), their sum, e / sum. The sum's order is written
 // out rather than left to `omp simd`: 16 lane sums (lane j adds e[j], e[j + 16], e[j + 32], ... in turn, from 0),
@@ -77,18 +88,22 @@ inline float fmadd(float a, float b, float c) {
 // softmax_backward's dot; the router's selection backward reproduces it over a row that is zero off the kept
 // children (a zero term leaves a lane's sum as it is), kernels/cpu/route.cpp.
 inline float dot_row(const float* __restrict x, const float* __restrict y, int64_t C) {
-  float acc[16] = {0};
   int64_t c = 0;
 #if defined(__AVX512F__)
   __m512 acc16 = _mm512_setzero_ps();
   for (; c + 16 <= C; c += 16) acc16 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), _mm512_loadu_ps(y + c), acc16);
-  _mm512_storeu_ps(acc, acc16);
+  if (c < C) {  // the tail's lanes only
+    const __mmask16 m = (__mmask16)((1u << (C - c)) - 1u);
+    acc16 = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, y + c), acc16, m);
+  }
+  return fold16(acc16);
 #else
+  float acc[16] = {0};
   for (; c + 16 <= C; c += 16)
     for (int j = 0; j < 16; ++j) acc[j] = fmadd(x[c + j], y[c + j], acc[j]);
-#endif
   for (int j = 0; c + j < C; ++j) acc[j] = fmadd(x[c + j], y[c + j], acc[j]);
   return fold16(acc);
+#endif
 }
 
 // Sum of a [n] (n <= a few blocks) in double: 8 independent lanes (the compiler vectorises the lane loop), then a
