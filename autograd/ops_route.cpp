@@ -118,33 +118,26 @@ LevelSelection route_select(const Tensor& logits, const Tensor& node, const Tens
     CM_KERNEL(pd.device(), softmax_backward, dx.f32(), g.f32(), pd.f32(), pd.size(0), pd.size(1));
     return grads{inv_temp != 1.f ? mul(dx, inv_temp) : dx};
   });
+  // path -> probs (the selected columns) and path_parent; without probs_grad, path -> logits through the softmax
+  // and the temperature in one kernel (ops_route.h).
   const bool need_parent = path_parent.defined() && path_parent.requires_grad();
   Tensor child = out.child;
-  if (!probs_grad) {  // path -> logits (through the softmax and the temperature) and path_parent, in one kernel
-    out.path = record("route_gates_logits", out.path, {logits, path_parent},
-                      [pd, child, par, inv_temp, k, renorm, need_parent](const Tensor& gy) {
-                        const int64_t P = pd.size(0), b = pd.size(1);
-                        Tensor g = gy.contiguous();
-                        Tensor dlogits = Tensor::empty({P, b}, DType::F32, pd.device()), dparent;
-                        if (need_parent) dparent = Tensor::empty(par.shape(), DType::F32, pd.device());
-                        CM_KERNEL(pd.device(), route_select_backward_logits, dlogits.f32(),
-                                  need_parent ? dparent.f32() : nullptr, g.f32(), pd.f32(), child.i32(),
-                                  par.defined() ? par.f32() : nullptr, inv_temp, P, b, k, renorm);
-                        return grads{dlogits, dparent};
-                      });
-    return out;
-  }
-  // path -> probs (the selected columns) and path_parent.
-  out.path = record("route_gates", out.path, {out.probs, path_parent},
-                    [pd, child, par, k, renorm, need_parent](const Tensor& gy) {
+  out.path = record(probs_grad ? "route_gates" : "route_gates_logits", out.path,
+                    {probs_grad ? out.probs : logits, path_parent},
+                    [pd, child, par, inv_temp, k, renorm, need_parent, probs_grad](const Tensor& gy) {
                       const int64_t P = pd.size(0), b = pd.size(1);
                       Tensor g = gy.contiguous();
-                      Tensor dprobs = Tensor::empty({P, b}, DType::F32, pd.device()), dparent;
+                      Tensor d = Tensor::empty({P, b}, DType::F32, pd.device()), dparent;
                       if (need_parent) dparent = Tensor::empty(par.shape(), DType::F32, pd.device());
-                      CM_KERNEL(pd.device(), route_select_backward, dprobs.f32(),
-                                need_parent ? dparent.f32() : nullptr, g.f32(), pd.f32(), child.i32(),
-                                par.defined() ? par.f32() : nullptr, P, b, k, renorm);
-                      return grads{dprobs, dparent};
+                      float* dp = need_parent ? dparent.f32() : nullptr;
+                      const float* pp = par.defined() ? par.f32() : nullptr;
+                      if (probs_grad)
+                        CM_KERNEL(pd.device(), route_select_backward, d.f32(), dp, g.f32(), pd.f32(), child.i32(), pp,
+                                  P, b, k, renorm);
+                      else
+                        CM_KERNEL(pd.device(), route_select_backward_logits, d.f32(), dp, g.f32(), pd.f32(),
+                                  child.i32(), pp, inv_temp, P, b, k, renorm);
+                      return grads{d, dparent};
                     });
   return out;
 }
