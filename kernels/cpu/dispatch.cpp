@@ -8,6 +8,7 @@
 #include "engine/check.h"
 #include "kernels/cpu/fastmath.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/cpu/rows.h"
 #include "kernels/cpu/stream.h"
 
 #ifdef _OPENMP
@@ -96,18 +97,6 @@ inline void copy_row(float* __restrict dst, const float* __restrict src, int64_t
 #else
   std::memcpy(dst, src, (size_t)C * sizeof(float));
 #endif
-}
-
-// dot(a, b) with 16 partial sums in a fixed order: vectorises without -ffast-math and is reproducible.
-inline float dot16(const float* __restrict a, const float* __restrict b, int64_t C) {
-  float acc[16] = {0};
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[c + j] * b[c + j];
-  for (int j = 0; c + j < C; ++j) acc[j] += a[c + j] * b[c + j];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
 }
 
 }  // namespace
@@ -282,7 +271,7 @@ void dispatch_combine_backward(float* d_ye, float* d_gate, const float* d_out, c
       const float s = gate[a];
       for (int64_t c = 0; c < C; ++c) dy[c] = s * g[c];
     }
-    if (d_gate) d_gate[a] = dot16(g, ye + r * C, C);
+    if (d_gate) d_gate[a] = dot_row(g, ye + r * C, C);
   }
 }
 

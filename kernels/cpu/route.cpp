@@ -41,10 +41,6 @@ namespace {
 // A row's sum as cpu::sum_axis makes it: block_sum in double, then float (through sum_axis itself past a block of
 // the long sums).
 float sum_of_row(const float* a, int64_t n) {
-  if (n <= 8) {  // block_sum's lanes hold one term each (0.0 + a[i]) or none (+0): its fold, in registers
-    auto t = [&](int64_t i) { return i < n ? 0.0 + (double)a[i] : 0.0; };
-    return (float)(((t(0) + t(1)) + (t(2) + t(3))) + ((t(4) + t(5)) + (t(6) + t(7))));
-  }
   if (n <= kSumBlock) return (float)block_sum(a, n);
   float s;
   sum_axis(&s, a, 1, n, 1, 1.f);

@@ -29,12 +29,15 @@ inline float fold16(float* acc) {
 #if defined(__AVX512F__)
 // The same fold of a vector's sixteen lanes, in registers (the same adds of the same pairs: the same bits), where
 // storing the vector and adding its lanes back from memory stalls on every reload.
+// (The masked forms with every lane set: GCC 12's unmasked ones merge into an undefined vector, which
+// -Wmaybe-uninitialized reports once inlined.)
 inline float fold16(__m512 v) {
-  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+  constexpr __mmask16 all = 0xFFFF;
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, all, v, v, _MM_SHUFFLE(1, 0, 3, 2)));  // j < 8: += lane j + 8
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, all, v, v, _MM_SHUFFLE(2, 3, 0, 1)));  // j < 4: += lane j + 4
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, all, v, _MM_SHUFFLE(1, 0, 3, 2)));        // j < 2: += lane j + 2
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, all, v, _MM_SHUFFLE(2, 3, 0, 1)));        // lane 0 += lane 1
+  return _mm512_cvtss_f32(v);
 }
 #endif
 
@@ -85,8 +88,9 @@ inline float fmadd(float a, float b, float c) {
 
 // The dot product of x [C] and y [C] in a written-out order, as softmax_row's sum: 16 lane sums (lane j takes
 // x[j] y[j], x[j + 16] y[j + 16], ... in turn, from 0, each a fused multiply-add), then the lanes folded as a tree.
-// softmax_backward's dot; the router's selection backward reproduces it over a row that is zero off the kept
-// children (a zero term leaves a lane's sum as it is), kernels/cpu/route.cpp.
+// softmax_backward's dot and combine's gate gradient (kernels/cpu/dispatch.cpp); the router's selection backward
+// reproduces it over a row that is zero off the kept children (a zero term leaves a lane's sum as it is),
+// kernels/cpu/route.cpp.
 inline float dot_row(const float* __restrict x, const float* __restrict y, int64_t C) {
   int64_t c = 0;
 #if defined(__AVX512F__)
@@ -114,6 +118,10 @@ template <bool Square = false>
 inline double block_sum(const float* a, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   auto term = [](float v) { return Square ? (double)v * (double)v : (double)v; };
+  if (n <= 8) {  // a lane holds one term (0.0 + it) or none (+0): the same fold, in registers, not through the stack
+    auto t = [&](int64_t i) { return i < n ? 0.0 + term(a[i]) : 0.0; };
+    return ((t(0) + t(1)) + (t(2) + t(3))) + ((t(4) + t(5)) + (t(6) + t(7)));
+  }
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int j = 0; j < 8; ++j) acc[j] += term(a[i + j]);

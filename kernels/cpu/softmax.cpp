@@ -21,7 +21,8 @@ void softmax_forward(float* out, const float* inp, int64_t N, int64_t C) {
   for (int64_t n = 0; n < N; ++n) softmax_row(out + n * C, inp + n * C, C);
 }
 
-// dx = y * (dy - dot(dy, y)) per row (the dot: dot_row); a large dx by streaming stores (kernels/cpu/stream.h), the same values.
+// dx = y * (dy - dot(dy, y)) per row (the dot: dot_row); a large dx by streaming stores (kernels/cpu/stream.h),
+// the same values.
 void softmax_backward(float* dinp, const float* dout, const float* out, int64_t N, int64_t C) {
   const bool stream = stream_rows(dinp, N * C, C);
 #pragma omp parallel if (N * C >= parallel_min_compute())

@@ -321,7 +321,7 @@ __global__ void combine_kernel(V* __restrict__ out, const V* __restrict__ ye, co
 }
 
 // A warp per row of the plan, as the CPU twin walks them (assign_of: the row's slot): its d_ye row (written whole by
-// the warp) and its slot's d_gate (a dot product). The dot mirrors the CPU's dot16: 16 partial
+// the warp) and its slot's d_gate (a dot product). The dot mirrors the CPU's dot_row (kernels/cpu/rows.h): 16 partial
 // sums, partial j over columns c = j mod 16 in increasing c, then halved 8, 4, 2, 1; lanes 0..15 hold the
 // partials, so with the same fused multiply-adds the result can match the CPU's to the bit.
 __global__ void combine_backward_kernel(float* __restrict__ d_ye, float* __restrict__ d_gate,
