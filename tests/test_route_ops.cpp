@@ -430,10 +430,13 @@ TEST_SUITE("routing") {
     // Rows split unevenly over 1 and 2 threads, in blocks of rows (the last one short); the reference is the
     // composite above (separate softmax, top-k, gather passes over all rows) and route_mean_entropy over all rows.
     const SelCase cases[] = {
+        // Long rows of unbiased scores (b > 64, a multiple of 16): softmax and top k fused (softmax_topk_long)
         {100, 1, 1, 1024, 2, 1.f, false, false, true, false},  // a flat 1024-expert level
+        {130, 1, 1, 256, 1, 1.f, false, false, false, false},  // k = 1
+        {140, 1, 1, 80, 2, 0.7f, false, false, true, false},   // a temperature: the scores scaled first
         {450, 2, 3, 300, 2, 0.7f, true, true, true, true},     // reliability, pruning, aux-free
         {7001, 1, 1, 5, 3, 1.f, false, true, false, false},    // many short rows
-        {60, 1, 1, 700, 9, 1.3f, true, false, false, false},   // k = 9: the general top-k path
+        {160, 1, 1, 700, 9, 1.3f, true, false, false, false},  // k = 9: the general top-k path
         // Sixteen rows at a time, some of them NaN (a NaN or an infinite logit: such a block's rows go one by one)
         {500, 2, 4, 16, 2, 1.f, true, true, true, true},
         {301, 1, 1, 32, 1, 0.8f, true, false, false, false},
@@ -450,11 +453,17 @@ TEST_SUITE("routing") {
         std::vector<int32_t> node = cs.n == 1 ? std::vector<int32_t>{} : random_nodes(cs.T, cs.Kp, cs.n, 60 + cs.k);
         std::vector<float> lb = case_lbias(cs, 61), ab = case_abias(cs, 62);
         Tensor l = uniform({P, cs.b}, 63, -3.f, 3.f), par = uniform({P}, 64, 0.1f, 1.f);
-        if (cs.b <= 64)
-          for (int64_t p : {int64_t{37}, int64_t{50}, int64_t{123}}) {  // an all-NaN row, a NaN, an infinity
-            for (int64_t c = 0; c < (p == 37 ? cs.b : 1); ++c) l.f32()[p * cs.b + c] = NAN;
-            if (p == 123) l.f32()[p * cs.b + 1] = INFINITY;
-          }
+        REQUIRE(P > 92);
+        for (int64_t p : {int64_t{37}, int64_t{50}, int64_t{123} % P}) {  // an all-NaN row, a NaN, an infinity
+          for (int64_t c = 0; c < (p == 37 ? cs.b : 1); ++c) l.f32()[p * cs.b + c] = NAN;
+          if (p != 37 && p != 50) l.f32()[p * cs.b + 1] = INFINITY;
+        }
+        // Ties: a row of equal scores; three equal largest scores far apart; the k-th largest shared by two
+        // children (the lower index kept).
+        for (int64_t c = 0; c < cs.b; ++c) l.f32()[77 * cs.b + c] = 0.25f;
+        for (int64_t c : {cs.b - 1, cs.b / 2, int64_t{1}}) l.f32()[91 * cs.b + c] = 5.f;
+        for (int64_t c : {cs.b - 2, int64_t{3}}) l.f32()[92 * cs.b + c] = 4.f;
+        l.f32()[92 * cs.b + cs.b / 3] = 6.f;
         NoGrad ng;
         LevelSelection a = route_select(l, node.empty() ? Tensor() : Tensor::from_vector(node, {P}),
                                         cs.parent ? par : Tensor(), opt_tensor(lb), opt_tensor(ab), cs.n,

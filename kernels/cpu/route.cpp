@@ -528,6 +528,62 @@ SelectBlock select_block(int64_t b, int64_t k) {
   return k == 1 ? select_block_for<1>(b) : k == 2 && b >= 2 ? select_block_for<2>(b) : nullptr;
 }
 
+#if defined(__AVX512F__)
+// softmax_row, then topk_rows on its output, over a long row of unbiased scores (n > 64 children, a multiple of
+// 16: flat routing over many experts), in three passes over the row where the two take five (max; exp and sum;
+// scale; the top k's two steps):
+//   1. the max (row_max);
+//   2. e = exp(x - max) and its lane sums, as softmax_row makes them, each block also going down the top k's
+//      lanes (LongTopK::down): e orders the children as the probabilities do, and as the scale rounds monotonically
+//      the K-th largest probability is the K-th largest e times the scale;
+//   3. the scale (y = e / sum as softmax_row's y *= inv) and the top k's second step against that w.
+// Then the row's copy to stream_to by streaming stores, when given (in pass 3 itself, between its loads and
+// stores, they made the selection at T = 16384, 1024 children slower: 630 against 580 ns a row at k = 1).
+// The same operations on the same values: softmax_row's and topk_rows' bits. A row holding a NaN (then every
+// probability is NaN) goes to topk_rows, which orders NaN as topk_forward does. At 1024 children and k = 2,
+// 10% faster than the two kernels (bench/dispatch --select, one thread); the same at k = 1.
+template <int K>
+void softmax_topk_long(float* __restrict y, float* __restrict stream_to, int32_t* ix, const float* __restrict x,
+                       int64_t n) {
+  const __m512 mx = _mm512_set1_ps(row_max(x, n));
+  LongTopK<K> top;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512 e = fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), mx));
+    _mm512_storeu_ps(y + c, e);
+    acc = _mm512_add_ps(acc, e);
+    top.down(e);
+  }
+  const float inv = 1.0f / fold16(acc);
+  const bool nan = top.nan != 0;
+  const float w = nan ? 0.f : top.kth() * inv;
+  const __m512 iv = _mm512_set1_ps(inv), wv = _mm512_set1_ps(w);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(y + c), iv);
+    _mm512_storeu_ps(y + c, v);
+    if (!nan) top.take(_mm512_cmp_ps_mask(v, wv, _CMP_GE_OQ), c, y, w);
+  }
+  if (stream_to) stream_row(stream_to, y, n);
+  float val[K];
+  if (nan)
+    topk_rows(val, ix, y, 1, n, K);
+  else
+    top.result(val, ix, y);
+}
+#endif
+
+using LongSelect = void (*)(float*, float*, int32_t*, const float*, int64_t);
+
+// The fused long-row kernel for b children and k kept, or nullptr.
+LongSelect long_select(int64_t b, int64_t k) {
+#if defined(__AVX512F__)
+  if (b > 64 && b % 16 == 0) return k == 1 ? softmax_topk_long<1> : k == 2 ? softmax_topk_long<2> : nullptr;
+#else
+  (void)b, (void)k;
+#endif
+  return nullptr;
+}
+
 }  // namespace
 
 void route_select_forward(float* probs, float* path, int32_t* child, int32_t* idx, float* entropy,
@@ -570,33 +626,39 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
   // Large probabilities (flat routing over many experts) are made row by row in L1 and written by streaming stores
   // (kernels/cpu/stream.h); not with the entropy statistic, which reads the block's rows back.
   const bool stream = !entropy && stream_rows(probs, P * b, b);
+  // Long unbiased rows (flat routing over many experts) take softmax_topk_long: the same bits in fewer passes.
+  const LongSelect fused = biased ? nullptr : long_select(b, k);
 #pragma omp parallel if (P * b >= parallel_min_compute())
   {
     std::vector<float> s((size_t)(scaled ? R * b : 0)), scores((size_t)(biased ? b : 0));
     std::vector<float> top((size_t)k);  // the selected scores (unused: the gates come from probs)
     std::vector<float> buf((size_t)(stream ? b : 0));
-    // One row by the row units: softmax_row, then the selection scores and topk_rows.
+    // One row by the row units: softmax_row, then the selection scores and topk_rows (or the two fused).
     auto select_row = [&](int64_t p, const float* sp) {
       float* pr = stream ? buf.data() : probs + p * b;
-      softmax_row(pr, sp, b);
-      // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
-      // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
-      // all-NaN row this still takes the first k selectable children).
-      const float* sc = pr;
-      if (biased) {
-        const int64_t a = at(p);
-        for (int64_t c = 0; c < b; ++c) {
-          const float v = pr[c] + (abias ? abias[a + c] : 0.f);
-          const bool pruned = any_pruned && prunes(lbias[a + c]);
-          scores[(size_t)c] = pruned ? -INFINITY : v;
+      if (fused) {
+        fused(pr, stream ? probs + p * b : nullptr, ix + p * k, sp, b);
+      } else {
+        softmax_row(pr, sp, b);
+        // Selection scores: the probabilities, + aux-free bias, -inf for pruned children (ranked below every
+        // selectable child; NaN ranks first in topk_forward, but a softmax row is all NaN or NaN-free, and on an
+        // all-NaN row this still takes the first k selectable children).
+        const float* sc = pr;
+        if (biased) {
+          const int64_t a = at(p);
+          for (int64_t c = 0; c < b; ++c) {
+            const float v = pr[c] + (abias ? abias[a + c] : 0.f);
+            const bool pruned = any_pruned && prunes(lbias[a + c]);
+            scores[(size_t)c] = pruned ? -INFINITY : v;
+          }
+          sc = scores.data();
         }
-        sc = scores.data();
-      }
-      topk_rows(top.data(), ix + p * k, sc, 1, b, k);
-      for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = pr[ix[p * k + j]];  // the kept probabilities
+        topk_rows(top.data(), ix + p * k, sc, 1, b, k);
 #if defined(__AVX512F__)
-      if (stream) stream_row(probs + p * b, pr, b);
+        if (stream) stream_row(probs + p * b, pr, b);
 #endif
+      }
+      for (int64_t j = 0; j < k; ++j) sel[(size_t)(p * k + j)] = pr[ix[p * k + j]];  // the kept probabilities
     };
 #pragma omp for schedule(static) nowait  // the region's end is the barrier
     for (int64_t blk = 0; blk < blocks; ++blk) {

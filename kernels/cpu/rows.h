@@ -8,6 +8,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "kernels/cpu/fastmath.h"
 
@@ -128,6 +129,89 @@ inline double block_sum(const float* a, int64_t n) {
   for (int j = 0; i < n; ++i, ++j) acc[j] += term(a[i]);
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
+
+#if defined(__AVX512F__)
+// The largest score of v, in every lane (exact in any order for scores without NaN). (Masked forms with every
+// lane set, as in fold16.)
+inline __m512 hmax16(__m512 v) {
+  constexpr __mmask16 all = 0xFFFF;
+  v = _mm512_maskz_max_ps(all, v, _mm512_mask_shuffle_f32x4(v, all, v, v, 0x4E));  // 256-bit halves
+  v = _mm512_maskz_max_ps(all, v, _mm512_mask_shuffle_f32x4(v, all, v, v, 0xB1));  // 128-bit quarters
+  v = _mm512_maskz_max_ps(all, v, _mm512_mask_permute_ps(v, all, v, 0x4E));        // pairs within a quarter
+  return _mm512_maskz_max_ps(all, v, _mm512_mask_permute_ps(v, all, v, 0xB1));     // neighbours
+}
+
+// The K largest scores of a long row in topk_forward's order (the largest first, ties to the lower index), in two
+// steps that test no candidate one by one:
+//   1. down(): blocks of 16 scores go down K registers that keep the K largest of each lane sorted (a sorting
+//      network's column: K max/min pairs, no branch). The row's K largest, counted with multiplicity, are among
+//      these 16 K, so kth() is the row's K-th largest score w;
+//   2. take(): the scores >= w, in index order (a vector compare per block, almost always empty). Fewer than K are
+//      above w, and all of them are kept; the rest of the K are the first scores equal to w, by index. result()
+//      writes the K.
+// A row holding a NaN (which ranks above every number) sets `nan` in step 1: the caller takes another path.
+template <int K>
+struct LongTopK {
+  static constexpr __mmask16 all = 0xFFFF;
+  __m512 t[K];
+  __mmask16 nan = 0;
+  float above[K];                    // step 2: the scores > w, in index order
+  int32_t above_at[K], equal_at[K];  // their indices; the first indices whose score == w
+  int na = 0, ne = 0;
+
+  LongTopK() {
+    for (__m512& v : t) v = _mm512_set1_ps(-INFINITY);
+  }
+  void down(__m512 v) {
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    for (int j = 0; j < K; ++j) {
+      const __m512 hi = _mm512_maskz_max_ps(all, t[j], v);
+      v = _mm512_maskz_min_ps(all, t[j], v);
+      t[j] = hi;
+    }
+  }
+  // K - 1 times take the largest head off its lane (that lane's list moves up one), then the largest head.
+  float kth() {
+    __m512 w = hmax16(t[0]);
+    for (int r = 1; r < K; ++r) {
+      const __mmask16 lane = (__mmask16)(1u << __builtin_ctz(_mm512_cmp_ps_mask(t[0], w, _CMP_EQ_OQ)));
+      for (int j = 0; j + 1 < K; ++j) t[j] = _mm512_mask_blend_ps(lane, t[j], t[j + 1]);
+      t[K - 1] = _mm512_mask_blend_ps(lane, t[K - 1], _mm512_set1_ps(-INFINITY));
+      w = hmax16(t[0]);
+    }
+    return _mm512_cvtss_f32(w);
+  }
+  // Step 2 on the block at x + i of the row x, whose scores >= w are the bits of m.
+  void take(uint32_t m, int64_t i, const float* x, float w) {
+    for (; m != 0; m &= m - 1) {
+      const int32_t at = (int32_t)(i + __builtin_ctz(m));
+      if (x[at] > w) {
+        // Fewer than K scores are above the K-th largest (none when K = 1): the test never fails.
+        if constexpr (K > 1)
+          if (na < K - 1) {
+            above[na] = x[at];
+            above_at[na++] = at;
+          }
+      } else if (ne < K) {
+        equal_at[ne++] = at;
+      }
+    }
+  }
+  // The scores above w by rank (a stable insertion sort: equal scores keep their index order), then those equal.
+  void result(float* values, int32_t* indices, const float* x) {
+    if constexpr (K > 1)  // (with K = 1 none is above w)
+      for (int a = 1; a < na; ++a)
+        for (int p = a; p > 0 && above[p] > above[p - 1]; --p) {
+          std::swap(above[p], above[p - 1]);
+          std::swap(above_at[p], above_at[p - 1]);
+        }
+    for (int r = 0; r < K; ++r) {
+      indices[r] = r < na ? above_at[r] : equal_at[r - na];
+      values[r] = x[indices[r]];
+    }
+  }
+};
+#endif
 
 // topk_forward's arithmetic on R rows, on the calling thread (kernels/topk.h: order, ties, NaN).
 void topk_rows(float* values, int32_t* indices, const float* x, int64_t R, int64_t n, int64_t k);

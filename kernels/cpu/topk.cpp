@@ -177,79 +177,26 @@ bool topk_row_short(float* __restrict values, int32_t* __restrict indices, const
 }
 
 #if defined(__AVX512F__)
-// The largest score of v, in every lane (exact in any order for scores without NaN).
-inline __m512 hmax16(__m512 v) {
-  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // 256-bit halves
-  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // 128-bit quarters
-  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0x4E));         // pairs within a quarter
-  return _mm512_max_ps(v, _mm512_permute_ps(v, 0xB1));      // neighbours
-}
-
-// Long rows (n > 64: flat routing over many experts), in two passes, neither testing candidates one by one:
-//   1. the K largest per lane, kept sorted in K registers (a block of 16 scores goes down them as a sorting
-//      network's column: K max/min pairs, no branch). The row's K largest, counted with multiplicity, are among
-//      these 16 K, so the K-th of them is the row's K-th largest score w;
-//   2. the scores >= w, in index order (a vector compare per block, almost always empty). Fewer than K are above
-//      w, and all of them are kept; the rest of the K are the first scores equal to w, by index.
-// The same answer as the streaming path (the largest first, ties and -0.0 against +0.0 to the lower index), at
-// 1024 scores and k = 2 about twice as fast: a random row makes the streaming path insert about K ln(n / K)
-// times, each a mispredicted branch. A row holding a NaN returns false, having written nothing.
+// Long rows (n > 64: flat routing over many experts): LongTopK's two steps (kernels/cpu/rows.h), neither testing
+// candidates one by one. The same answer as the streaming path (the largest first, ties and -0.0 against +0.0 to
+// the lower index), at 1024 scores and k = 2 about twice as fast: a random row makes the streaming path insert
+// about K ln(n / K) times, each a mispredicted branch. A row holding a NaN returns false, having written nothing.
 template <int K>
 bool topk_row_long(float* __restrict values, int32_t* __restrict indices, const float* __restrict x, int64_t n) {
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  __m512 t[K];
-  for (int j = 0; j < K; ++j) t[j] = ninf;
-  __mmask16 nan = 0;
   const int64_t tail = n % 16, whole = n - tail;
   const __mmask16 tail_mask = (__mmask16)((1u << tail) - 1u);
-  auto down = [&](__m512 v) {
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    for (int j = 0; j < K; ++j) {
-      const __m512 hi = _mm512_max_ps(t[j], v);
-      v = _mm512_min_ps(t[j], v);
-      t[j] = hi;
-    }
-  };
-  for (int64_t i = 0; i < whole; i += 16) down(_mm512_loadu_ps(x + i));
-  if (tail) down(_mm512_mask_loadu_ps(ninf, tail_mask, x + whole));  // reads no lane past the row
-  if (nan) return false;
-  // w: K - 1 times take the largest head off its lane (that lane's list moves up one), then the largest head.
-  __m512 w = hmax16(t[0]);
-  for (int r = 1; r < K; ++r) {
-    const __mmask16 lane = (__mmask16)(1u << __builtin_ctz(_mm512_cmp_ps_mask(t[0], w, _CMP_EQ_OQ)));
-    for (int j = 0; j + 1 < K; ++j) t[j] = _mm512_mask_blend_ps(lane, t[j], t[j + 1]);
-    t[K - 1] = _mm512_mask_blend_ps(lane, t[K - 1], ninf);
-    w = hmax16(t[0]);
-  }
-  const float wv = _mm512_cvtss_f32(w);
-  float above[K];  // the scores > w, in index order (fewer than K)
-  int32_t above_at[K];
-  int32_t equal_at[K];  // the first indices whose score == w
-  int na = 0, ne = 0;
+  LongTopK<K> top;
+  for (int64_t i = 0; i < whole; i += 16) top.down(_mm512_loadu_ps(x + i));
+  if (tail) top.down(_mm512_mask_loadu_ps(ninf, tail_mask, x + whole));  // reads no lane past the row
+  if (top.nan) return false;
+  const float w = top.kth();
+  const __m512 wv = _mm512_set1_ps(w);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = i < whole ? (__mmask16)0xFFFF : tail_mask;
-    const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
-    for (uint32_t m = _mm512_mask_cmp_ps_mask(in, v, w, _CMP_GE_OQ); m != 0; m &= m - 1) {
-      const int32_t at = (int32_t)(i + __builtin_ctz(m));
-      if (x[at] > wv) {
-        if (na == K - 1) continue;  // not reached: fewer than K scores are above the K-th largest
-        above[na] = x[at];
-        above_at[na++] = at;
-      } else if (ne < K) {
-        equal_at[ne++] = at;
-      }
-    }
+    top.take(_mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, x + i), wv, _CMP_GE_OQ), i, x, w);
   }
-  // The scores above w by rank (a stable insertion sort: equal scores keep their index order), then those equal.
-  for (int a = 1; a < na; ++a)
-    for (int p = a; p > 0 && above[p] > above[p - 1]; --p) {
-      std::swap(above[p], above[p - 1]);
-      std::swap(above_at[p], above_at[p - 1]);
-    }
-  for (int r = 0; r < K; ++r) {
-    indices[r] = r < na ? above_at[r] : equal_at[r - na];
-    values[r] = x[indices[r]];
-  }
+  top.result(values, indices, x);
   return true;
 }
 #endif
