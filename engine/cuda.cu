@@ -4,7 +4,6 @@
 
 #include <atomic>
 #include <cstring>
-#include <deque>
 #include <vector>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +14,7 @@
 #include "engine/check.h"
 #include "engine/device.h"
 #include "engine/host_sync.h"
+#include "engine/ring.h"
 
 namespace cm {
 
@@ -324,21 +324,17 @@ namespace {
 // the device is queued from there: the host does not wait for the stream. The caller's buffer is free as soon as
 // upload() returns (its bytes are in the ring). A region of the ring is written again only after the copy that read
 // it has run: each upload records an event, and a new upload first waits for the events of the regions it
-// overwrites - normally long finished, since the ring holds many steps' uploads; a wait for a copy that has not
-// run yet is counted as a stream synchronisation (engine/host_sync.h), one that has run costs and counts nothing. An upload larger than a quarter of the ring waits for its own copy instead.
+// overwrites (engine/ring.h) - normally long finished, since the ring holds many steps' uploads; a wait for a copy
+// that has not run yet is counted as a stream synchronisation (engine/host_sync.h), one that has run costs and
+// counts nothing. An upload larger than a quarter of the ring waits for its own copy instead.
 // (Pageable memory cannot be used this way: CUDA only promises that an async copy from it "might be synchronous".)
 constexpr size_t kRingBytes = size_t(8) << 20;
 
 struct Ring {
   std::mutex mu;
-  char* host = nullptr;  // [kRingBytes] pinned
-  size_t head = 0;       // next free byte
-  struct Use {
-    size_t begin, end;
-    cudaEvent_t done;
-  };
-  std::deque<Use> uses;             // regions read by queued copies, oldest first
-  std::vector<cudaEvent_t> spare;  // recycled events
+  char* host = nullptr;                          // [kRingBytes] pinned
+  StagingRing<cudaEvent_t> regions{kRingBytes};  // regions read by queued copies, each with its copy's event
+  std::vector<cudaEvent_t> spare;                // recycled events
 };
 
 Ring& ring() {
@@ -370,25 +366,21 @@ void upload(void* dst, const void* src, size_t nbytes) {
   }
   Ring& r = ring();
   std::lock_guard<std::mutex> lock(r.mu);
-  const size_t n = (nbytes + 255) / 256 * 256;
-  if (r.head + n > kRingBytes) r.head = 0;  // wrap
-  const size_t begin = r.head, end = begin + n;
-  // Wait for the copies that still read [begin, end). Regions are handed out in ring order, so they are the oldest.
-  // A copy that has already run costs no wait (and counts none): usually all of them, the ring holding many steps.
+  // Wait for the copies that still read the region this one takes (or skips, wrapping: engine/ring.h). A copy
+  // that has already run costs no wait (and counts none): usually all of them, the ring holding many steps.
   bool waited = false;
-  while (!r.uses.empty() && r.uses.front().begin < end && begin < r.uses.front().end) {
-    const cudaError_t q = cudaEventQuery(r.uses.front().done);
+  const size_t begin = r.regions.take((nbytes + 255) / 256 * 256, [&](cudaEvent_t done) {
+    const cudaError_t q = cudaEventQuery(done);
     if (q == cudaErrorNotReady) {
       (void)cudaGetLastError();  // "not ready" is an answer, not an error
       if (!waited) note_stream_sync();
       waited = true;
-      cudaCheck(cudaEventSynchronize(r.uses.front().done));
+      cudaCheck(cudaEventSynchronize(done));
     } else {
       cudaCheck(q);
     }
-    r.spare.push_back(r.uses.front().done);
-    r.uses.pop_front();
-  }
+    r.spare.push_back(done);
+  });
   std::memcpy(r.host + begin, src, nbytes);
   cudaCheck(cudaMemcpyAsync(dst, r.host + begin, nbytes, cudaMemcpyHostToDevice, s));
   cudaEvent_t ev;
@@ -399,8 +391,7 @@ void upload(void* dst, const void* src, size_t nbytes) {
     r.spare.pop_back();
   }
   cudaCheck(cudaEventRecord(ev, s));
-  r.uses.push_back({begin, end, ev});
-  r.head = end;
+  r.regions.record(begin, (nbytes + 255) / 256 * 256, ev);
 }
 
 // ---------------------------------------------------------------- graphs

@@ -142,6 +142,8 @@ const SelCase kSelCases[] = {
     {16, 2, 4, 32, 2, 1.f, true, true, true, true},     // everything at once
     {37, 1, 1, 2, 1, 1.f, false, false, false, false},  // two children
     {16, 2, 2, 64, 2, 1.f, false, true, true, true},    // 64 children: four 16 x 16 transposes a row block
+    // More kept children than a warp has lanes (the CUDA kernel's slots past 32)
+    {6, 2, 3, 40, 33, 0.8f, true, true, true, true},
 };
 
 // Biases for a case: log reliabilities in (log 0.5, 0], one pruned child per node (never enough to leave fewer

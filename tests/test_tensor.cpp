@@ -1,6 +1,7 @@
 // Tensor: creation, views, copies, RNG, printing, error messages.
 #include "helpers.h"
 #include "engine/host_sync.h"
+#include "engine/ring.h"
 #include "model/optim.h"
 
 using namespace cm;
@@ -55,6 +56,39 @@ TEST_CASE("storage: a freed block over 32 MiB is reused by the next tensor of it
   CHECK(e.f32()[0] == 5.f);
   CHECK(e.f32()[n - 1] == 5.f);
 #endif
+}
+
+TEST_CASE("staging ring: a region is handed out only after every reader of its bytes, the skipped tail's too") {
+  // engine/ring.h, the bookkeeping of CUDA's pinned upload ring, on plain numbers: readers are retired oldest
+  // first, never a pending region is overlapped, and the pending count stays bounded. The sequences wrap with a
+  // previous lap's region left in the tail the wrap skips (the case that once stopped all retiring), and at random.
+  const size_t kib = 1024, ring_bytes = 8192 * kib;
+  std::vector<std::vector<size_t>> sequences = {
+      {1536, 1536, 1536, 1536, 1536, 512, 1536, 1536, 1536, 1536, 1536, 1536, 1536, 1536, 1536, 1536, 1536, 1536},
+      {2048, 2048, 2048, 1024, 1024, 2048, 2048, 2048, 2048, 2048, 1024, 3072, 256, 2048, 2048, 2048, 2048, 2048}};
+  Generator g(5);
+  std::vector<float> u = Tensor::rand({4000}, g).to_f32_vector();
+  sequences.emplace_back();
+  for (float x : u) sequences.back().push_back((size_t)(64 + x * 1984));  // 64 KiB to 2 MiB
+  for (const std::vector<size_t>& sizes : sequences) {
+    StagingRing<int> ring(ring_bytes);
+    std::vector<int> retired;
+    size_t most = 0;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const size_t n = sizes[i] * kib;
+      const size_t begin = ring.take(n, [&](int tag) { retired.push_back(tag); });
+      REQUIRE(begin + n <= ring_bytes);
+      CHECK_FALSE(ring.pending_overlaps(begin, n));
+      ring.record(begin, n, (int)i);
+      most = std::max(most, ring.pending());
+    }
+    for (size_t j = 1; j < retired.size(); ++j) CHECK(retired[j] == retired[j - 1] + 1);  // oldest first
+    CHECK(retired.size() + ring.pending() == sizes.size());
+    // Pending regions never overlap, so no more are pending than regions of the smallest size fit in the ring.
+    CHECK(most <= 8192 / *std::min_element(sizes.begin(), sizes.end()));
+  }
+  StagingRing<int> ring(ring_bytes);
+  CHECK_THROWS_WITH(ring.take(ring_bytes + 1, [](int) {}), doctest::Contains("in a ring of"));
 }
 
 TEST_CASE("creation: bad shapes and sizes are errors") {

@@ -162,10 +162,11 @@ __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ pat
       if (lane == 0) ent_rows[p] = e;
     }
     // k rounds of arg-best over the scores; round i takes the best that ranks below winner i-1 (a strict order:
-    // "below the previous winner" is "not taken yet"). Each lane rereads only the probabilities it wrote.
-    float pv = 0.f, sel = 0.f, total = 0.f;
-    int pi = -1, mine = 0;
-    bool bad = false;
+    // "below the previous winner" is "not taken yet"). Each lane rereads only the probabilities it wrote. Slot i
+    // belongs to lane i % 32: the round writes its child and index, and its kept probability into path (NaN for a
+    // pruned child or a bad node), which the same lane turns into the gate once the rounds have the renorm's sum.
+    float pv = 0.f, total = 0.f;
+    int pi = -1;
     for (int i = 0; i < k; ++i) {
       float v = -INFINITY;
       int vi = INT_MAX;
@@ -180,21 +181,21 @@ __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ pat
       warp_best(v, vi);
       const float g = pr[vi];  // every lane reads the winner's probability (written by its lane: sync first)
       total += g;              // renorm's sum, in selection order (the CPU sums in double: within rounding)
-      if (lane == i) {
-        mine = vi;
-        sel = g;
-        bad = lbias && isinf(lbias[a + vi]) && lbias[a + vi] < 0;
+      if (lane == i % kWarp) {
+        const bool bad = lbias && isinf(lbias[a + vi]) && lbias[a + vi] < 0;
+        path[p * k + i] = bad || !ok ? NAN : g;
+        child[p * k + i] = (int32_t)(a + vi);
+        if (idx) idx[p * k + i] = vi;
       }
       pv = v;
       pi = vi;
       __syncwarp();
     }
-    if (lane < k) {
-      float gate = renorm ? sel / total : sel;
-      float out = path_parent ? path_parent[p] * gate : gate;
-      path[p * k + lane] = bad || !ok ? NAN : out;
-      child[p * k + lane] = (int32_t)(a + mine);
-      if (idx) idx[p * k + lane] = mine;
+    for (int i = lane; i < k; i += kWarp) {
+      const float sel = path[p * k + i];
+      const float gate = renorm ? sel / total : sel;
+      const float out = path_parent ? path_parent[p] * gate : gate;
+      path[p * k + i] = sel != sel ? NAN : out;  // NaN stays NaN
     }
   }
 }
