@@ -438,6 +438,7 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
       nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     }
     nan = nan_lanes != 0;
+    constexpr __mmask16 all = 0xFFFF;  // (the masked forms, as in kernels/cpu/fastmath.h)
     // up = v > best (false against a NaN, as the scalar compare); best, at = up ? (v, j) : (best, at).
     __m512 b0 = _mm512_loadu_ps(sc[0]), b1 = b0;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0;
@@ -449,16 +450,19 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
       b0 = _mm512_mask_blend_ps(up, b0, v);
       a0 = _mm512_mask_blend_epi32(up, a0, _mm512_set1_epi32(1));
     }
+    // The best values by max and min (max(v, b) is v > b ? v : b, min(v, b) is v < b ? v : b), so that a column's
+    // compare is off the chain from one column's best to the next: the same values (up to the sign of an equal
+    // zero, which no compare sees) and the same masks.
     for (int j = K; j < B; ++j) {
       const __m512 v = _mm512_loadu_ps(sc[j]);
       const __m512i jv = _mm512_set1_epi32(j);
       const __mmask16 up0 = _mm512_cmp_ps_mask(v, b0, _CMP_GT_OQ);
       if (K == 2) {
         const __mmask16 up1 = _mm512_cmp_ps_mask(v, b1, _CMP_GT_OQ);
-        b1 = _mm512_mask_blend_ps(up0, _mm512_mask_blend_ps(up1, b1, v), b0);
+        b1 = _mm512_maskz_max_ps(all, _mm512_maskz_min_ps(all, v, b0), b1);
         a1 = _mm512_mask_blend_epi32(up0, _mm512_mask_blend_epi32(up1, a1, jv), a0);
       }
-      b0 = _mm512_mask_blend_ps(up0, b0, v);
+      b0 = _mm512_maskz_max_ps(all, v, b0);
       a0 = _mm512_mask_blend_epi32(up0, a0, jv);
     }
     _mm512_storeu_si512(at[0], a0);
