@@ -369,7 +369,8 @@ void upload(void* dst, const void* src, size_t nbytes) {
   // Wait for the copies that still read the region this one takes (or skips, wrapping: engine/ring.h). A copy
   // that has already run costs no wait (and counts none): usually all of them, the ring holding many steps.
   bool waited = false;
-  const size_t begin = r.regions.take((nbytes + 255) / 256 * 256, [&](cudaEvent_t done) {
+  const size_t n = (nbytes + 255) / 256 * 256;
+  const size_t begin = r.regions.take(n, [&](cudaEvent_t done) {
     const cudaError_t q = cudaEventQuery(done);
     if (q == cudaErrorNotReady) {
       (void)cudaGetLastError();  // "not ready" is an answer, not an error
@@ -391,7 +392,7 @@ void upload(void* dst, const void* src, size_t nbytes) {
     r.spare.pop_back();
   }
   cudaCheck(cudaEventRecord(ev, s));
-  r.regions.record(begin, (nbytes + 255) / 256 * 256, ev);
+  r.regions.record(begin, n, ev);
 }
 
 // ---------------------------------------------------------------- graphs

@@ -194,8 +194,7 @@ __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ pat
     for (int i = lane; i < k; i += kWarp) {
       const float sel = path[p * k + i];
       const float gate = renorm ? sel / total : sel;
-      const float out = path_parent ? path_parent[p] * gate : gate;
-      path[p * k + i] = sel != sel ? NAN : out;  // NaN stays NaN
+      path[p * k + i] = path_parent ? path_parent[p] * gate : gate;  // a NaN kept probability stays NaN
     }
   }
 }
