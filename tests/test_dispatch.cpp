@@ -204,6 +204,47 @@ TEST_SUITE("kernels") {
     }
   }
 
+  TEST_CASE("dispatch combine backward: past the last-level cache, d_ye by streaming stores, the same products; "
+            "each gate's dot product as at a small size") {
+    // (T + 2 * Ap) * C floats touched >= 32 MB: C = 128 streams d_ye; C = 120 (rows ending mid-line) stores plainly.
+    // The nowait plan's unfilled rows keep what was there. d_gate against the same rows' dot product computed by
+    // the kernel on a one-token problem (the dot's bits do not depend on the size).
+    for (int64_t C : {128, 120}) {
+      CAPTURE(C);
+      const int64_t T = 14000, K = 2, N = 16;
+      auto expert = random_experts(T * K, N, 0.1f, 31);
+      std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
+      std::vector<int32_t> row_of((size_t)(T * K)), assign_of((size_t)(T * K));
+      cpu::dispatch_plan_nowait(counts.data(), offsets.data(), row_of.data(), assign_of.data(), expert.data(), T * K, N);
+      const int64_t Ap = T * K;
+      REQUIRE((T + 2 * Ap) * C * 4 >= (int64_t)32 << 20);
+      REQUIRE(offsets[(size_t)N] < Ap);  // some rows unfilled
+      auto ye = random_floats(Ap * C, 32), gate = random_floats(T * K, 33, 0.f, 1.f), dout = random_floats(T * C, 34);
+      std::unique_ptr<float, decltype(&std::free)> buf(
+          static_cast<float*>(std::aligned_alloc(64, (size_t)(Ap * C) * sizeof(float))), &std::free);
+      float* dye = buf.get();
+      std::fill(dye, dye + Ap * C, 99.f);
+      std::vector<float> dgate((size_t)(T * K), 99.f);
+      cpu::dispatch_combine_backward(dye, dgate.data(), dout.data(), ye.data(), gate.data(), row_of.data(),
+                                     assign_of.data(), T, Ap, K, C);
+      int64_t wrong = 0, wrong_gate = 0;
+      for (int64_t r = 0; r < Ap; ++r) {
+        const int32_t a = assign_of[(size_t)r];
+        for (int64_t c = 0; c < C; ++c)
+          wrong += dye[(size_t)(r * C + c)] != (a < 0 ? 99.f : gate[(size_t)a] * dout[(size_t)(a / K * C + c)]);
+        if (a < 0 || r % 97) continue;  // every 97th row's gate, against a one-row problem
+        const int32_t one_row = 0, one_assign = 0;
+        float g1 = 0.f;
+        cpu::dispatch_combine_backward(nullptr, &g1, dout.data() + a / K * C, ye.data() + r * C, gate.data() + a,
+                                       &one_row, &one_assign, 1, 1, 1, C);
+        wrong_gate += dgate[(size_t)a] != g1;
+      }
+      for (int64_t a = 0; a < T * K; ++a) wrong_gate += row_of[(size_t)a] < 0 && dgate[(size_t)a] != 0.f;
+      CHECK(wrong == 0);
+      CHECK(wrong_gate == 0);
+    }
+  }
+
   TEST_CASE("dispatch combine and backward vs naive double, dropped slots") {
     const int64_t T = 97, K = 4, N = 9, C = 53;  // C not a multiple of 16: the dot's tail runs
     auto expert = random_experts(T * K, N, 0.2f, 11);
