@@ -74,6 +74,28 @@ Plan our_plan(const std::vector<int32_t>& expert, int64_t N, int64_t* bad = null
   return p;
 }
 
+// The plan a training step makes without the host: a row per slot, the dropped slots' rows (past offsets[N])
+// unfilled (assign_of -1).
+Plan nowait_plan(const std::vector<int32_t>& expert, int64_t N) {
+  Plan p;
+  const int64_t A = (int64_t)expert.size();
+  p.counts.assign((size_t)N, 0);
+  p.offsets.assign((size_t)N + 1, 0);
+  p.row_of.assign((size_t)A, 0);
+  p.assign_of.assign((size_t)A, 0);
+  cpu::dispatch_plan_nowait(p.counts.data(), p.offsets.data(), p.row_of.data(), p.assign_of.data(), expert.data(), A,
+                            N);
+  return p;
+}
+
+// n floats set to `fill`, 64-byte aligned as a tensor's storage is (rows of 16k floats are then whole lines).
+std::unique_ptr<float, decltype(&std::free)> aligned_floats(int64_t n, float fill) {
+  std::unique_ptr<float, decltype(&std::free)> buf(
+      static_cast<float*>(std::aligned_alloc(64, (size_t)n * sizeof(float))), &std::free);
+  std::fill(buf.get(), buf.get() + n, fill);
+  return buf;
+}
+
 void set_threads(int n) {
 #ifdef _OPENMP
   omp_set_num_threads(n);
@@ -181,18 +203,14 @@ TEST_SUITE("kernels") {
       const int64_t T = 9000, K = 2, N = 16;
       auto expert = random_experts(T * K, N, 0.1f, 21);
       for (int64_t a = (T - 3) * K; a < T * K; ++a) expert[(size_t)a] = -1;
-      std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
-      std::vector<int32_t> row_of((size_t)(T * K)), assign_of((size_t)(T * K));
-      cpu::dispatch_plan_nowait(counts.data(), offsets.data(), row_of.data(), assign_of.data(), expert.data(), T * K, N);
+      const Plan p = nowait_plan(expert, N);
+      const std::vector<int32_t>& assign_of = p.assign_of;
       const int64_t Ap = T * K;
       REQUIRE(Ap * C * 4 >= (int64_t)4 << 20);
-      REQUIRE(offsets[(size_t)N] < Ap);  // some rows unfilled
+      REQUIRE(p.offsets[(size_t)N] < Ap);  // some rows unfilled
       auto x = random_floats(T * C, 22);
-      // 64-byte aligned, as a tensor's storage: the rows of 128 are then whole lines, stored by streaming stores
-      std::unique_ptr<float, decltype(&std::free)> buf(
-          static_cast<float*>(std::aligned_alloc(64, (size_t)(Ap * C) * sizeof(float))), &std::free);
+      auto buf = aligned_floats(Ap * C, 99.f);
       float* xe = buf.get();
-      std::fill(xe, xe + Ap * C, 99.f);
       cpu::dispatch_permute(xe, x.data(), assign_of.data(), Ap, K, C);
       int64_t wrong = 0;
       for (int64_t r = 0; r < Ap; ++r) {
@@ -212,18 +230,15 @@ TEST_SUITE("kernels") {
     for (int64_t C : {128, 120}) {
       CAPTURE(C);
       const int64_t T = 14000, K = 2, N = 16;
-      auto expert = random_experts(T * K, N, 0.1f, 31);
-      std::vector<int64_t> counts((size_t)N), offsets((size_t)N + 1);
-      std::vector<int32_t> row_of((size_t)(T * K)), assign_of((size_t)(T * K));
-      cpu::dispatch_plan_nowait(counts.data(), offsets.data(), row_of.data(), assign_of.data(), expert.data(), T * K, N);
+      const Plan p = nowait_plan(random_experts(T * K, N, 0.1f, 31), N);
+      const std::vector<int32_t>& row_of = p.row_of;
+      const std::vector<int32_t>& assign_of = p.assign_of;
       const int64_t Ap = T * K;
       REQUIRE((T + 2 * Ap) * C * 4 >= (int64_t)32 << 20);
-      REQUIRE(offsets[(size_t)N] < Ap);  // some rows unfilled
+      REQUIRE(p.offsets[(size_t)N] < Ap);  // some rows unfilled
       auto ye = random_floats(Ap * C, 32), gate = random_floats(T * K, 33, 0.f, 1.f), dout = random_floats(T * C, 34);
-      std::unique_ptr<float, decltype(&std::free)> buf(
-          static_cast<float*>(std::aligned_alloc(64, (size_t)(Ap * C) * sizeof(float))), &std::free);
+      auto buf = aligned_floats(Ap * C, 99.f);
       float* dye = buf.get();
-      std::fill(dye, dye + Ap * C, 99.f);
       std::vector<float> dgate((size_t)(T * K), 99.f);
       cpu::dispatch_combine_backward(dye, dgate.data(), dout.data(), ye.data(), gate.data(), row_of.data(),
                                      assign_of.data(), T, Ap, K, C);
