@@ -619,6 +619,10 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   };
   std::vector<Pending> pending;
   StepRecord last{};
+  // A step's time: the pending steps' interval, from the first one's start to their read-out, shared evenly. A
+  // device step that waits for nothing returns once its work is queued, so its own host time is not its cost: the
+  // read-out waits for all of it. (On the CPU every step runs where it is timed; the share is their mean.)
+  auto interval_start = std::chrono::steady_clock::now();
   auto flush = [&] {
     if (pending.empty()) return;
     std::vector<Tensor> parts;
@@ -629,8 +633,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
       parts.push_back(p.norm);
     }
     const std::vector<float> v = (parts.size() == 1 ? parts[0] : concat(parts, 0)).to_f32_vector();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - interval_start)
+                          .count() / (double)pending.size();
     size_t at = 0;
-    for (const Pending& p : pending) {
+    for (Pending& p : pending) {
+      p.ms = ms;
+      ema_ms = ema_ms < 0 ? ms : 0.9 * ema_ms + 0.1 * ms;
       double loss = 0, aux = 0;
       for (size_t i = 0; i < p.losses.size(); ++i) loss += v[at++] / (double)o.grad_accum;
       for (const Tensor& t : p.auxes) aux += (t.defined() ? v[at++] : 0.0) / (double)o.grad_accum;
@@ -685,7 +693,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   };
 #endif
   while (step < o.max_steps) {
-    auto t0 = std::chrono::steady_clock::now();
+    if (pending.empty()) interval_start = std::chrono::steady_clock::now();  // evaluations and saves left out
     const int64_t syncs0 = host_sync_stats().stream_syncs;
     const float lr = lr_at(step, sched);
     Pending pd{step + 1, lr, 0.0, {}, {}, Tensor()};
@@ -731,9 +739,6 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     ++step;
     res.final_step = step;
 
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    ema_ms = ema_ms < 0 ? ms : 0.9 * ema_ms + 0.1 * ms;
-    pd.ms = ms;
     pending.push_back(std::move(pd));
     const bool logs = o.log_every > 0 && (step % o.log_every == 0 || step == o.max_steps);
     // At most 64 steps stay pending (a run that never logs still stops soon after a non-finite loss).
@@ -749,12 +754,12 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
       if (dev == Device::CUDA) {
         // H100 SXM dense peaks: 67 TFLOP/s fp32, 495 TFLOP/s TF32.
         double peak = o.tf32 ? 494.7e12 : 66.9e12;
-        mfu = fmt(" | MFU %.1f%%", 100.0 * flops_per_step / (ms / 1000.0) / peak);
+        mfu = fmt(" | MFU %.1f%%", 100.0 * flops_per_step / (last.ms / 1000.0) / peak);
       }
       char line[256];
       std::snprintf(line, sizeof line,
                     "step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s%s | ETA %s\n",
-                    (long long)step, (long long)o.max_steps, last.loss, last.aux, lr, last.grad_norm, ms,
+                    (long long)step, (long long)o.max_steps, last.loss, last.aux, lr, last.grad_norm, last.ms,
                     last.tok_per_s, mfu.c_str(),
                     format_duration(ema_ms / 1000.0 * (double)(o.max_steps - step)).c_str());
       out << line;
