@@ -285,7 +285,10 @@ void deallocate(void* p) {
   }
   const size_t size = it->second.size;
   a.st.in_use -= size;
-  auto pool = it->second.pool ? a.pools.find(it->second.pool) : a.pools.end();
+  // A graph's block goes back to its pool; so does a block made before a capture and freed while it runs: the
+  // graph's replays may use it, so no later eager tensor may get it.
+  const int owner = it->second.pool ? it->second.pool : a.capture_pool;
+  auto pool = owner ? a.pools.find(owner) : a.pools.end();
 #if defined(CM_CUDA_EMU)
   // A cached block: any use of it is reported until it is handed out again. Not a graph's: its replays write it.
   cudaEmuSetValidRange(p, pool != a.pools.end() ? size : 0, size);
@@ -426,7 +429,12 @@ void Graph::capture_begin() {
     Allocator& a = allocator();
     std::lock_guard<std::mutex> lock(a.mu);
     pool_ = a.next_pool++;
-    a.pools[pool_];
+    // The blocks the eager steps freed seed the graph's pool: the capture reuses them instead of holding a second
+    // working set beside them for the rest of the run (its replays run after the work that freed them, in stream
+    // order). Later eager work (evaluations) takes fresh blocks.
+    std::multimap<size_t, void*>& pool = a.pools[pool_];
+    pool.insert(a.cached.begin(), a.cached.end());
+    a.cached.clear();
     a.capture_pool = pool_;
   }
   // Relaxed: the allocator may call cudaMalloc while the capture runs (it never frees or waits then).

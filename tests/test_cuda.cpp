@@ -229,6 +229,8 @@ TEST_CASE("cuda: a graph replays its capture on new input values; its memory is 
   Tensor x = dev(uniform({257}, 1)), w = dev(uniform({257, 8}, 2));
   Tensor y;
   void* scratch = nullptr;  // a block freed during the capture, which each replay still writes
+  Tensor pre = Tensor::empty({257}, DType::F32, Device::CUDA);
+  void* pre_block = pre.raw();  // made before the capture, written by it and freed during it: each replay writes it
   {
     cuda::Graph g;
     g.capture_begin();
@@ -236,6 +238,8 @@ TEST_CASE("cuda: a graph replays its capture on new input values; its memory is 
       Tensor t = exp(mul(x, 2.f));  // made and freed while capturing: a block of the graph's pool
       scratch = t.raw();
       y = sum(matmul(t.view({1, 257}), w));  // cuBLAS is captured too
+      pre.copy_(t);
+      pre = Tensor();
     }
     CHECK(cuda::capturing());
     g.capture_end();
@@ -247,6 +251,7 @@ TEST_CASE("cuda: a graph replays its capture on new input values; its memory is 
       // A tensor made after the capture never gets a block of the graph (the replay would overwrite it).
       Tensor other = Tensor::empty({257}, DType::F32, Device::CUDA);
       CHECK(other.raw() != scratch);
+      CHECK(other.raw() != pre_block);
       other.fill_(7.f);
       g.replay();
       Tensor ref = sum(matmul(exp(mul(xv, 2.f)).view({1, 257}), w.to(Device::CPU)));
