@@ -287,6 +287,15 @@ inline int __float_as_int(float x) { return (int)(uint32_t)::cm_emu::to_bits(x);
 inline float __uint_as_float(unsigned x) { return ::cm_emu::from_bits<float>(x); }
 inline unsigned __float_as_uint(float x) { return (uint32_t)::cm_emu::to_bits(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// Rounded products and sums that never fuse into an fma (the volatile result is a rounded float in memory).
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
+inline float __fadd_rn(float a, float b) {
+  volatile float r = a + b;
+  return r;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

@@ -2075,6 +2075,12 @@ TEST_CASE("cuda ops: the kernels find bad indices without a wait; the next read-
          return index_add(a, 0, dev(i32s(ix, {100})), dev(uniform({100, 4}, 5)));
        },
        "index_add: index 3 (at position 57) is out of range [0, 3)"},
+      {"index_add, a bad index in a run of more than kRunChunk: its first position, whichever chunk records it", [&] {
+         std::vector<int32_t> ix(40 + 3 * cuda::kRunChunk, 3);
+         for (int i = 0; i < 40; ++i) ix[(size_t)i] = i % 3;
+         return index_add(a, 0, dev(i32s(ix, {(int64_t)ix.size()})), dev(uniform({(int64_t)ix.size(), 4}, 5)));
+       },
+       "index_add: index 3 (at position 40) is out of range [0, 3)"},
       {"gather", [&] { return gather(a, 1, dev(i32s({0, 1, 7}, {3, 1}))); },  // index [3, 1]: a's other dims
        "gather: index 7 (at position 2) is out of range [0, 4)"},
       {"scatter_add", [&] { return scatter_add(a, 1, dev(i32s({5, 1, 0}, {3, 1})), dev(uniform({3, 1}, 6))); },

@@ -626,12 +626,14 @@ TEST_SUITE("cuda") {
         bits(gmv, Vf{mv}, "max_all value n " + std::to_string(n));
         CHECK(read_i64(gmi, 1)[0] == mi);
       }
-    // Axis reductions over [O, R, I] with every axis empty in turn; ties and NaN along R.
+    // Axis reductions over [O, R, I] with every axis empty in turn; ties and NaN along R. The last shape has more
+    // blocks of 256 rows than a grid's y dimension takes at once (kGridCapY: 255 under the emulator).
     struct ORI {
       int64_t O, R, I;
     };
     const ORI shapes[] = {{0, 3, 2},   {2, 0, 3},   {3, 2, 0},    {1, 1, 1},    {1, 1025, 1},
-                          {2, 33, 31}, {1, 32, 33}, {3, 1, 1024}, {1, 1023, 2}, {31, 3, 1}};
+                          {2, 33, 31}, {1, 32, 33}, {3, 1, 1024}, {1, 1023, 2}, {31, 3, 1},
+                          {2, (cuda::kGridCapY + 2) * 256 + 3, 2}};
     for (const ORI& s : shapes) {
       const int64_t n = s.O * s.R * s.I;
       Vf a = spiced(n, ++seed, {kNaN, 0.5f, 0.5f, -kInf, kBig, kBig, -0.f, 0.f});

@@ -236,7 +236,8 @@ void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const floa
   if (run)
     for (int64_t k = 0; k < N; ++k)
       if (has[k])
-        for (int64_t q = 0; q < C; ++q) run[k * C + q] = 0.9f * run[k * C + q] + 0.1f * m[k * C + q];
+        // one fma, written out: the CUDA twin's bits whatever either compiler would contract
+        for (int64_t q = 0; q < C; ++q) run[k * C + q] = std::fma(0.9f, run[k * C + q], 0.1f * m[k * C + q]);
 }
 
 void route_pair_keys(int32_t* keys, const int32_t* expert, const int32_t* tokens, int64_t A, int64_t K, int64_t N,

@@ -118,7 +118,7 @@ __global__ void run_chunk_kernel(float* __restrict__ out, float* __restrict__ pa
     const int64_t e = first_key_at_least(sorted, p + 1, n, key, mask, true);  // the run's end
     const int32_t d = sorted[s];
     if (d < 0 || d >= D) {  // a bad value: the run is skipped (sums of such a step are not to be trusted)
-      if (lane == 0) record_bad_index(rec, op, d, pos[p], D);
+      if (lane == 0) record_bad_index(rec, op, d, pos[s], D);  // where d is (position p may hold another value)
       continue;
     }
     const int64_t q1 = p + kRunChunk < e ? p + kRunChunk : e;
@@ -247,7 +247,7 @@ int64_t index_first_bad(const int32_t* index, int64_t n, int64_t D) {
   Scratch s(sizeof(unsigned long long));
   unsigned long long* first = s.at<unsigned long long>();
   const unsigned long long none = ~0ull;
-  cudaCheck(cudaMemcpyAsync(first, &none, sizeof none, cudaMemcpyHostToDevice, stream()));
+  cudaCheck(cudaMemsetAsync(first, 0xff, sizeof none, stream()));  // none: every byte 0xff
   first_bad_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(first, index, n, D);
   cudaCheckLaunch("first_bad_kernel");
   unsigned long long h = 0;

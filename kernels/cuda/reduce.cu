@@ -55,19 +55,21 @@ __global__ void row_sums_kernel(float* __restrict__ out, const float* __restrict
   }
 }
 
-// Column sums of [O, R, I] with rows in blocks of kRowBlock: part[b, o, i] = sum over the block's r, in order.
-// grid.y = row blocks; threads over the O * I outputs (consecutive i: coalesced).
+// Column sums of [O, R, I] with rows in nb blocks of kRowBlock: part[b, o, i] = sum over the block's r, in order.
+// grid.y strides over the row blocks (at most kGridCapY of them at once); threads over the O * I outputs
+// (consecutive i: coalesced).
 __global__ void col_partials_kernel(double* __restrict__ part, const float* __restrict__ a, int64_t O, int64_t R,
-                                    int64_t I) {
-  const int64_t b = blockIdx.y;
-  const int64_t r0 = b * kRowBlock, r1 = r0 + kRowBlock < R ? r0 + kRowBlock : R;
+                                    int64_t I, int64_t nb) {
   const int64_t OI = O * I;
-  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < OI; j += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t o = j / I, i = j - o * I;
-    const float* col = a + o * R * I + i;
-    double acc = 0.0;
-    for (int64_t r = r0; r < r1; ++r) acc += (double)col[r * I];
-    part[b * OI + j] = acc;
+  for (int64_t b = blockIdx.y; b < nb; b += gridDim.y) {
+    const int64_t r0 = b * kRowBlock, r1 = r0 + kRowBlock < R ? r0 + kRowBlock : R;
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < OI; j += (int64_t)gridDim.x * blockDim.x) {
+      const int64_t o = j / I, i = j - o * I;
+      const float* col = a + o * R * I + i;
+      double acc = 0.0;
+      for (int64_t r = r0; r < r1; ++r) acc += (double)col[r * I];
+      part[b * OI + j] = acc;
+    }
   }
 }
 
@@ -205,11 +207,10 @@ void sum_axis(float* out, const float* a, int64_t O, int64_t R, int64_t I, float
     return;
   }
   const int64_t OI = O * I, nb = R > 0 ? ceil_div(R, kRowBlock) : 1;
-  CM_CHECK(nb <= 65535, "cuda::sum_axis: R=", R, " exceeds ", 65535 * kRowBlock, " rows");
   Scratch s((size_t)(nb * OI) * sizeof(double));
   double* part = s.at<double>();
-  const dim3 grid(grid_for(OI, kThreads, kColumnCap), (unsigned)nb);
-  col_partials_kernel<<<grid, kThreads, 0, stream()>>>(part, a, O, R, I);  // R == 0: one block of zeros
+  const dim3 grid(grid_for(OI, kThreads, kColumnCap), (unsigned)(nb < kGridCapY ? nb : kGridCapY));
+  col_partials_kernel<<<grid, kThreads, 0, stream()>>>(part, a, O, R, I, nb);  // R == 0: one block of zeros
   cudaCheckLaunch("col_partials_kernel");
   col_finish_kernel<<<grid_for(OI, kThreads), kThreads, 0, stream()>>>(out, part, nb, OI, scale);
   cudaCheckLaunch("col_finish_kernel");

@@ -140,8 +140,9 @@ __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ pat
     float* pr = probs + p * b;
     auto s_of = [&](int c) {
       float v = lr[c];
-      if (inv_temp != 1.f) v = v * inv_temp;
-      if (lbias) v = v + lbias[a + c];
+      // Two roundings, as the CPU's two passes make them: written as one expression, nvcc fuses them into an fma.
+      if (inv_temp != 1.f) v = __fmul_rn(v, inv_temp);
+      if (lbias) v = __fadd_rn(v, lbias[a + c]);
       return ok ? v : NAN;
     };
     float m = -INFINITY;
@@ -232,7 +233,8 @@ __global__ void select_backward_kernel(float* __restrict__ dprobs, float* __rest
       for (int i = 0; i < k; ++i) {
         const float dg = path_parent ? dpath[p * k + i] * par : dpath[p * k + i];
         // renorm: d(sel_i / S) = dg_i / S - sum_j dg_j sel_j / S^2
-        dr[child[p * k + i] % b] = renorm ? dg / S - dot / (S * S) : dg;
+        // into the zeroed row, as the CPU adds it (0.f + -0.f is +0.f)
+        dr[child[p * k + i] % b] = 0.f + (renorm ? dg / S - dot / (S * S) : dg);
       }
       if (dparent) dparent[p] = dp;
     }
@@ -551,7 +553,7 @@ __global__ void ac_scale_kernel(float* __restrict__ m, float* __restrict__ run, 
     for (int64_t k = 0; k < N; ++k) {
       const int64_t i = k * C + q;
       m[i] = has[k] ? (float)((cl < w[i] ? cl : w[i]) / mq) : 1.0f;
-      if (run && has[k]) run[i] = 0.9f * run[i] + 0.1f * m[i];
+      if (run && has[k]) run[i] = fmaf(0.9f, run[i], 0.1f * m[i]);  // the CPU twin's one fma
     }
   }
 }
