@@ -1064,8 +1064,9 @@ TEST_CASE("cuda kernels: clip scale and the norm from sums read their values on 
 
 TEST_CASE("cuda kernels: the experts' guard and health update match their CPU twins" * needs_device()) {
   uint64_t seed = 1500;
-  // N = 1 without offsets (a dense FFN), and 5 experts with uneven rows (one empty) over the same S rows.
-  for (int64_t N : {int64_t(1), int64_t(5)})
+  // N = 1 without offsets (a dense FFN), and 5 and 11 experts (more than the kernel's 8 warps) with uneven rows (one
+  // empty) over the same S rows.
+  for (int64_t N : {int64_t(1), int64_t(5), int64_t(11)})
     for (int64_t S : {int64_t(1), int64_t(37), int64_t(300)})
       for (int64_t C : {int64_t(1), int64_t(33)})
         for (float ema : {0.f, 1.5f}) {

@@ -1,7 +1,7 @@
 // CUDA twin of the experts' fault guard and health update (contract in kernels/health.h). Row norms: one thread
 // per row walks the row in column order, so the double sum has the CPU's order and bits. The classification and the
-// counters: one thread per expert walks its rows in order (deterministic sums, as on the CPU), O(S / N) each, small
-// next to the GEMMs that made y. The health update is one thread's loop over the experts, as on the CPU.
+// counters: one warp per expert, 32 rows at a time, its sums in row order (deterministic, as on the CPU), small next
+// to the GEMMs that made y. The health update is one thread's loop over the experts, as on the CPU.
 #include "kernels/health.h"
 #include "kernels/cuda/common.cuh"
 
@@ -20,48 +20,61 @@ __global__ void row_norms_kernel(double* __restrict__ norms, const float* __rest
   }
 }
 
-// One block: thread t classifies experts t, t + blockDim, ... in row order (bad rows get norm -1), counts, sets the
-// flags; thread 0 adds the per-thread row counts in thread order.
+// One block; warp w classifies experts w, w + 8, ... (bad rows get norm -1), its lanes 32 rows at a time: each lane
+// judges its row, the warp counts by ballot, and every lane adds the good rows' norms in row order (each taken from
+// its lane by a shuffle): the CPU twin's serial double sum, its bits. Lane 0 of each warp writes its experts' flags
+// and counters; thread 0 adds the warps' row counts in warp order. (One thread per expert walked a dense layer's
+// every row alone: thousands of loads one after another.)
 __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ counts, double* __restrict__ pend,
                                 double* __restrict__ norms, const int64_t* __restrict__ offsets, int64_t N, int64_t S,
                                 const float* __restrict__ state, float factor, bool count, bool count_traffic) {
-  __shared__ int64_t inf_rows[kThreads], far_rows[kThreads];
+  constexpr int kWarps = kThreads / kWarp;
+  __shared__ int64_t inf_rows[kWarps], far_rows[kWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   int64_t nonfinite = 0, outlier = 0;
-  for (int64_t e = threadIdx.x; e < N; e += blockDim.x) {
+  for (int64_t e = warp; e < N; e += kWarps) {
     const int64_t a = offsets ? offsets[e] : 0, z = offsets ? offsets[e + 1] : S;
     const float ema = state[N + e];
     int64_t bad = 0, good = 0;
     double norm_sum = 0.0;
-    for (int64_t i = a; i < z; ++i) {
-      const double nm = norms[i];
-      const bool inf = !isfinite(nm), far = !inf && ema > 0.f && nm > (double)factor * ema;
-      if (inf || far) {
-        ++bad;
-        nonfinite += inf;
-        outlier += far;
-        norms[i] = -1.0;
-      } else {
-        ++good;
-        norm_sum += nm;
+    for (int64_t i0 = a; i0 < z; i0 += kWarp) {
+      const int64_t i = i0 + lane;
+      const bool in = i < z;
+      const double nm = in ? norms[i] : 0.0;
+      const bool inf = in && !isfinite(nm), far = in && !inf && ema > 0.f && nm > (double)factor * ema;
+      if (inf || far) norms[i] = -1.0;
+      const unsigned inf_m = __ballot_sync(0xffffffffu, inf), far_m = __ballot_sync(0xffffffffu, far),
+                     good_m = __ballot_sync(0xffffffffu, in && !inf && !far);
+      bad += __popc(inf_m | far_m);
+      nonfinite += __popc(inf_m);
+      outlier += __popc(far_m);
+      good += __popc(good_m);
+      for (int l = 0; l < kWarp; ++l) {
+        const double v = __shfl_sync(0xffffffffu, nm, l);
+        if (good_m >> l & 1u) norm_sum += v;
       }
     }
-    ok[e] = bad == 0 ? 1 : 0;
-    if (count) {
-      pend[e] += (double)(z - a);
-      pend[N + e] += (double)bad;
-      pend[2 * N + e] += (double)good;
-      pend[3 * N + e] += norm_sum;
-      if (count_traffic) pend[4 * N + e] += (double)(z - a);
+    if (lane == 0) {
+      ok[e] = bad == 0 ? 1 : 0;
+      if (count) {
+        pend[e] += (double)(z - a);
+        pend[N + e] += (double)bad;
+        pend[2 * N + e] += (double)good;
+        pend[3 * N + e] += norm_sum;
+        if (count_traffic) pend[4 * N + e] += (double)(z - a);
+      }
     }
   }
-  inf_rows[threadIdx.x] = nonfinite;
-  far_rows[threadIdx.x] = outlier;
+  if (lane == 0) {
+    inf_rows[warp] = nonfinite;
+    far_rows[warp] = outlier;
+  }
   __syncthreads();
   if (threadIdx.x == 0 && counts) {
     int64_t a = 0, b = 0;
-    for (unsigned t = 0; t < blockDim.x; ++t) {
-      a += inf_rows[t];
-      b += far_rows[t];
+    for (int w = 0; w < kWarps; ++w) {
+      a += inf_rows[w];
+      b += far_rows[w];
     }
     counts[0] = (int32_t)a;
     counts[1] = (int32_t)b;
