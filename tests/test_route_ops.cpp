@@ -670,8 +670,10 @@ TEST_SUITE("cuda") {
     struct Case {
       int64_t T, Kp, n, b, C;
     };
-    // Odd sizes: C not a multiple of 32 (lane tails), one node, many pairs on one node.
-    for (Case cs : {Case{9, 2, 5, 3, 37, }, Case{33, 1, 1, 7, 40}, Case{70, 4, 4, 2, 16}, Case{3, 1, 2, 5, 65}}) {
+    // Odd sizes: C not a multiple of 32 (lane tails), one node, many pairs on one node; nodes of more than 384 pairs
+    // (dW in more than one K block of the CPU GEMM, summed side by side on the device).
+    for (Case cs : {Case{9, 2, 5, 3, 37}, Case{33, 1, 1, 7, 40}, Case{70, 4, 4, 2, 16}, Case{3, 1, 2, 5, 65},
+                    Case{900, 2, 3, 4, 33}, Case{1000, 1, 2, 3, 20}}) {
       CAPTURE(cs.T);
       CAPTURE(cs.C);
       const int64_t P = cs.T * cs.Kp;
@@ -688,6 +690,10 @@ TEST_SUITE("cuda") {
       sum(mul(got, gy.to(Device::CUDA))).backward();
       CHECK_CLOSE(hd.grad(), h.grad().to_f32_vector(), 1e-5f, 1e-5f);
       CHECK_CLOSE(Wd.grad(), W.grad().to_f32_vector(), 1e-5f, 1e-5f);
+#if defined(__FMA__) || defined(__AVX512F__)
+      // dW: the CPU GEMM's K blocks and fused multiply-adds, so its bits (kernels/cuda/route.cu)
+      if (nt.defined()) CHECK(Wd.grad().to_f32_vector() == W.grad().to_f32_vector());
+#endif
       // The same bits on a second run (fixed summation orders, no float atomics).
       Tensor again = routed_logits(hd.detach(), Wd.detach(), nt.defined() ? nt.to(Device::CUDA) : Tensor(), cs.b);
       CHECK(again.to_f32_vector() == got.to_f32_vector());

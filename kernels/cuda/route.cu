@@ -83,26 +83,64 @@ __global__ void histogram_kernel(int32_t* __restrict__ counts, const int32_t* __
   }
 }
 
-// One warp per dW row (node j, child c); order/offsets: the pairs sorted by node (stable: increasing p).
-__global__ void backward_w_kernel(float* __restrict__ dW, const float* __restrict__ dlogits,
-                                  const float* __restrict__ h, const int32_t* __restrict__ order,
-                                  const int64_t* __restrict__ offsets, int64_t Kp, int64_t n, int64_t b, int64_t C) {
+// dW of a routed level, element by element as the CPU twin's grouped GEMM makes it (kernels/grouped_gemm.h,
+// backward_weight): node j's pairs, in order (order[offsets[j] .. offsets[j + 1]), stable), in K blocks of
+// gemm_k_block(m_j) pairs; per block the sum from 0 by fused multiply-adds in pair order; then dW = block 0's sum,
+// dW = block i's + dW. The blocks run side by side (a node's pairs were one warp's serial walk: a few warps for the
+// whole level), their sums in part, and a second kernel adds them in block order: the CPU's bits on every run.
+
+// cnt[j] = the number of K blocks of node j's pairs (0 for a node no pair reached).
+__global__ void w_blocks_kernel(unsigned long long* __restrict__ cnt, const int64_t* __restrict__ offsets, int64_t n) {
+  for (int64_t j = gtid(); j < n; j += gstride()) {
+    const int64_t m = offsets[j + 1] - offsets[j], kb = cpu::gemm_k_block(m);
+    cnt[j] = m > 0 ? (unsigned long long)((m + kb - 1) / kb) : 0ull;
+  }
+}
+
+// One warp per (K block g, child c), lanes over C: part[g, c, :] = that block's sum. first[j] is node j's first
+// block (first[n] blocks in all); tasks = an upper bound on blocks * b (the host does not read first[n]).
+__global__ void w_block_sums_kernel(float* __restrict__ part, const float* __restrict__ dlogits,
+                                    const float* __restrict__ h, const int32_t* __restrict__ order,
+                                    const int64_t* __restrict__ offsets, const int64_t* __restrict__ first,
+                                    int64_t Kp, int64_t n, int64_t b, int64_t C, int64_t tasks) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
-  for (int64_t row = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; row < n * b; row += warps) {
-    const int64_t j = row / b, c = row % b;
-    const int64_t a0 = offsets[j], a1 = offsets[j + 1];
+  for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks; w += warps) {
+    const int64_t g = w / b, c = w % b;
+    if (g >= first[n]) continue;
+    int64_t lo = 0, hi = n;  // the node of block g: first[lo] <= g < first[lo + 1]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (first[mid] <= g) lo = mid;
+      else hi = mid;
+    }
+    const int64_t a = offsets[lo], z = offsets[lo + 1], kb = cpu::gemm_k_block(z - a);
+    const int64_t s0 = a + (g - first[lo]) * kb, s1 = s0 + kb < z ? s0 + kb : z;
     for (int64_t q = lane; q < C; q += kWarp) {
       float acc = 0.f;
-      for (int64_t s = a0; s < a1; ++s) {
+      for (int64_t s = s0; s < s1; ++s) {
         const int64_t p = order[s];
         acc = fmaf(dlogits[p * b + c], h[(p / Kp) * C + q], acc);
       }
-      dW[row * C + q] = acc;
+      part[(g * b + c) * C + q] = acc;
     }
   }
 }
 
+// dW[j, c, q] = its node's block sums added in block order (0 for a node no pair reached).
+__global__ void w_blocks_add_kernel(float* __restrict__ dW, const float* __restrict__ part,
+                                    const int64_t* __restrict__ first, int64_t n, int64_t b, int64_t C) {
+  const int64_t bc = b * C;
+  for (int64_t i = gtid(); i < n * bc; i += gstride()) {
+    const int64_t j = i / bc, r = i - j * bc, g0 = first[j], g1 = first[j + 1];
+    float v = 0.f;
+    if (g1 > g0) {
+      v = part[g0 * bc + r];
+      for (int64_t g = g0 + 1; g < g1; ++g) v = part[g * bc + r] + v;
+    }
+    dW[i] = v;
+  }
+}
 
 // ---------------------------------------------------------------- the fused selection, one warp per pair
 
@@ -417,13 +455,18 @@ void route_logits_backward_w(float* dW, const float* dlogits, const float* h, co
     gemm(dW, C, dlogits, b, h, C, b, C, P, true, false);
     return;
   }
-  // Scratch: counts [n] (u64), offsets [n+1] (i64), row_of [P], order [P] (i32).
+  // Scratch: counts and blocks per node [n] (u64), their offsets [n+1] (i64), row_of [P], order [P] (i32), the
+  // block sums [blocks, b, C]. Blocks: at most ceil(m_j / 384) per node, so at most P / 384 + n in all.
+  const int64_t max_blocks = P / cpu::kGemmKC + n;
   const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
-  Scratch s(cb + ob + 2 * pb);
+  Scratch s(2 * cb + 2 * ob + 2 * pb + (size_t)(max_blocks * b * C) * 4);
   unsigned long long* counts = s.at<unsigned long long>();
-  int64_t* offsets = s.at<int64_t>(cb);
-  int32_t* row_of = s.at<int32_t>(cb + ob);
-  int32_t* order = s.at<int32_t>(cb + ob + pb);
+  unsigned long long* blocks = s.at<unsigned long long>(cb);
+  int64_t* offsets = s.at<int64_t>(2 * cb);
+  int64_t* first = s.at<int64_t>(2 * cb + ob);
+  int32_t* row_of = s.at<int32_t>(2 * cb + 2 * ob);
+  int32_t* order = s.at<int32_t>(2 * cb + 2 * ob + pb);
+  float* part = s.at<float>(2 * cb + 2 * ob + 2 * pb);
   cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
   if (P > 0) {
     count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
@@ -431,9 +474,17 @@ void route_logits_backward_w(float* dW, const float* dlogits, const float* h, co
   }
   dispatch_offsets(offsets, (const int64_t*)counts, n);
   if (P > 0) dispatch_scatter(row_of, order, node, offsets, P, n);
-  backward_w_kernel<<<grid_for(n * b, kThreads / kWarp), kThreads, 0, stream()>>>(dW, dlogits, h, order, offsets, Kp,
-                                                                                  n, b, C);
-  cudaCheckLaunch("route backward_w_kernel");
+  w_blocks_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(blocks, offsets, n);
+  cudaCheckLaunch("route w_blocks_kernel");
+  dispatch_offsets(first, (const int64_t*)blocks, n);
+  if (P > 0) {
+    const int64_t tasks = max_blocks * b;
+    w_block_sums_kernel<<<grid_for(tasks, kThreads / kWarp), kThreads, 0, stream()>>>(
+        part, dlogits, h, order, offsets, first, Kp, n, b, C, tasks);
+    cudaCheckLaunch("route w_block_sums_kernel");
+  }
+  w_blocks_add_kernel<<<grid_for(n * b * C, kThreads), kThreads, 0, stream()>>>(dW, part, first, n, b, C);
+  cudaCheckLaunch("route w_blocks_add_kernel");
 }
 
 void route_histogram(int32_t* counts, const int32_t* ids, int64_t A, int64_t n, bool accumulate) {
