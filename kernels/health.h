@@ -14,6 +14,7 @@
 // same bits.
 // Letters: S rows, C columns (d_model), N experts.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "engine/hd.h"
@@ -81,6 +82,25 @@ CM_HD void expert_prune_pass(float* low_steps, float* pruned, int64_t* load, con
       if (live - 1 >= k) pruned[e] = 1.f;
     }
   for (int64_t e = 0; e < N; ++e) load[e] = 0;
+}
+
+// The guard's pass over one expert's rows, the parts both twins share: whether a row norm is bad (non-finite, or an
+// outlier: past factor times the expert's running norm, when it has one), and what the expert's z - a rows leave
+// behind (its verdict, and with `count` its pending counters: rows, bad, good, the good rows' norm sum, and with
+// count_traffic its routed rows).
+CM_HD bool guard_nonfinite(double nm) { return !std::isfinite(nm); }
+CM_HD bool guard_outlier(double nm, float ema, float factor) {
+  return std::isfinite(nm) && ema > 0.f && nm > (double)factor * ema;
+}
+CM_HD void guard_record(int32_t* ok, double* pend, int64_t e, int64_t N, int64_t rows, int64_t bad, int64_t good,
+                        double norm_sum, bool count, bool count_traffic) {
+  ok[e] = bad == 0 ? 1 : 0;
+  if (!count) return;
+  pend[e] += (double)rows;
+  pend[N + e] += (double)bad;
+  pend[2 * N + e] += (double)good;
+  pend[3 * N + e] += norm_sum;
+  if (count_traffic) pend[4 * N + e] += (double)rows;
 }
 }  // namespace cm::shared
 

@@ -67,7 +67,7 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
     double norm_sum = 0.0;
     for (int64_t i = a; i < z; ++i) {
       const double nm = norms[i];
-      const bool inf = !std::isfinite(nm), far = !inf && ema > 0.f && nm > (double)factor * ema;
+      const bool inf = shared::guard_nonfinite(nm), far = shared::guard_outlier(nm, ema, factor);
       if (inf || far) {
         ++bad;
         nonfinite += inf;
@@ -78,14 +78,7 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
         norm_sum += nm;
       }
     }
-    ok[e] = bad == 0 ? 1 : 0;
-    if (count) {
-      pend[e] += (double)(z - a);
-      pend[N + e] += (double)bad;
-      pend[2 * N + e] += (double)good;
-      pend[3 * N + e] += norm_sum;
-      if (count_traffic) pend[4 * N + e] += (double)(z - a);
-    }
+    shared::guard_record(ok, pend, e, N, z - a, bad, good, norm_sum, count, count_traffic);
   }
   if (counts) {
     counts[0] = (int32_t)nonfinite;

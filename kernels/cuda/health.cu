@@ -41,7 +41,7 @@ __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ 
       const int64_t i = i0 + lane;
       const bool in = i < z;
       const double nm = in ? norms[i] : 0.0;
-      const bool inf = in && !isfinite(nm), far = in && !inf && ema > 0.f && nm > (double)factor * ema;
+      const bool inf = in && shared::guard_nonfinite(nm), far = in && shared::guard_outlier(nm, ema, factor);
       if (inf || far) norms[i] = -1.0;
       const unsigned inf_m = __ballot_sync(0xffffffffu, inf), far_m = __ballot_sync(0xffffffffu, far),
                      good_m = __ballot_sync(0xffffffffu, in && !inf && !far);
@@ -54,16 +54,7 @@ __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ 
         if (good_m >> l & 1u) norm_sum += v;
       }
     }
-    if (lane == 0) {
-      ok[e] = bad == 0 ? 1 : 0;
-      if (count) {
-        pend[e] += (double)(z - a);
-        pend[N + e] += (double)bad;
-        pend[2 * N + e] += (double)good;
-        pend[3 * N + e] += norm_sum;
-        if (count_traffic) pend[4 * N + e] += (double)(z - a);
-      }
-    }
+    if (lane == 0) shared::guard_record(ok, pend, e, N, z - a, bad, good, norm_sum, count, count_traffic);
   }
   if (lane == 0) {
     inf_rows[warp] = nonfinite;
