@@ -513,6 +513,20 @@ TEST_SUITE("trainer") {
     TrainResult r = train(options(args), out);
     CHECK(r.quiet_steps == 6);  // steps 4 and 8 log
     CHECK(r.quiet_step_syncs == 0);
+    // A step's time is its share of its logging interval (a device step that waits for nothing returns before its
+    // work is done): log.csv gives steps 1-4 one value and 5-8 another.
+    std::map<int64_t, std::string> ms;  // step -> the ms field of its train row
+    std::istringstream csv(read_bytes(dir.file("out") + "/log.csv"));
+    for (std::string line; std::getline(csv, line);) {
+      std::vector<std::string> f;
+      std::istringstream row(line);
+      for (std::string x; std::getline(row, x, ',');) f.push_back(x);
+      if (f.size() == 9 && f[1] == "train") ms[std::stoll(f[0])] = f[7];
+    }
+    REQUIRE(ms.size() == 8);
+    for (int64_t s : {2, 3, 4}) CHECK(ms[s] == ms[1]);
+    for (int64_t s : {6, 7, 8}) CHECK(ms[s] == ms[5]);
+    CHECK(std::stod(ms[1]) > 0.0);
     Ran ran = train_lm(args + std::vector<std::string>{"--out_dir", dir.file("out2")});
     REQUIRE(ran.rc == 0);
     CHECK(contains(ran.out, "| host syncs/step 0\n"));
