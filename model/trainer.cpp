@@ -613,7 +613,6 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
   struct Pending {
     int64_t step;
     float lr;
-    double ms;
     std::vector<Tensor> losses, auxes;  // [1] per micro-batch (aux: undefined when the model has none)
     Tensor norm;                        // [1]
   };
@@ -636,8 +635,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - interval_start)
                           .count() / (double)pending.size();
     size_t at = 0;
-    for (Pending& p : pending) {
-      p.ms = ms;
+    for (const Pending& p : pending) {
       ema_ms = ema_ms < 0 ? ms : 0.9 * ema_ms + 0.1 * ms;
       double loss = 0, aux = 0;
       for (size_t i = 0; i < p.losses.size(); ++i) loss += v[at++] / (double)o.grad_accum;
@@ -649,7 +647,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
                  ". A lower --lr or a --grad_clip may help.");
       if (!std::isfinite(norm)) out << "step " << p.step << ": gradient norm is " << norm << ", update skipped\n";
       res.step_losses.push_back(loss);
-      last = {p.step, loss, aux, p.lr, norm, p.ms, tokens_per_step / (p.ms / 1000.0)};
+      last = {p.step, loss, aux, p.lr, norm, ms, tokens_per_step / (ms / 1000.0)};
       report.add_step(last);
     }
     pending.clear();
@@ -696,7 +694,7 @@ TrainResult train(const TrainOptions& o_in, std::ostream& out) {
     if (pending.empty()) interval_start = std::chrono::steady_clock::now();  // evaluations and saves left out
     const int64_t syncs0 = host_sync_stats().stream_syncs;
     const float lr = lr_at(step, sched);
-    Pending pd{step + 1, lr, 0.0, {}, {}, Tensor()};
+    Pending pd{step + 1, lr, {}, {}, Tensor()};
     std::vector<std::pair<Tensor, Tensor>> batches;
     for (int64_t micro = 0; micro < o.grad_accum; ++micro)
       batches.push_back(ds.batch(Split::Train, o.batch_size, data_gen, dev));
