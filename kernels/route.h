@@ -77,10 +77,11 @@ void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t
 // layer's top-1 expert): h [T, C]; order [T]: the tokens labelled k are order[offsets[k] .. offsets[k+1]), in
 // increasing t; offsets [N + 1] (int64). For each labelled k (offsets[k+1] > offsets[k], n_k tokens) and feature q,
 // in double: mean = sum_t h[t, q] / n_k, s = sum_t |h[t, q] - mean| / n_k (t increasing), w = 1 / (s + 1e-4); then
-// w = min(w, clip) with clip = 10 x the mean of w over the labelled (k, q) (summed k-major, q inner);
+// w = min(w, clip) with clip = 10 x the mean of w over the labelled (k, q) (each labelled k's sum over q, those sums
+// added in k order);
 // m[k, q] = w / (the mean over labelled k' of w[k', q], summed in k order), as float; m = 1 for unlabelled k.
 // has [N] i32: 1 for labelled k. run [N, C] (null: skipped): the running m of evaluation, for labelled k
-// run = 0.9f * run + 0.1f * m. w [N * C + 2] double scratch. The arithmetic of model/router.cpp's ac_scales(): the
+// run = 0.9f * run + 0.1f * m. w [N * C + N + 2] double scratch. The arithmetic of model/router.cpp's ac_scales(): the
 // same bits on both twins.
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);

@@ -184,6 +184,8 @@ const GroupCase kGroupCases[] = {
     {{2, 4}, {1, 2}, true, false},      // ClusterMoE's shape, aux-free bias
     {{3, 2, 4}, {2, 1, 2}, true, true},  // depth 3, aux-free bias and pruned children
     {{2, 2, 2}, {2, 2, 1}, false, true},  // depth 3, both children kept on the upper levels, pruned leaves
+    {{40, 3}, {3, 2}, true, true},        // more children than a warp has lanes (the CUDA kernel's lane loop)
+    {{2100}, {3}, false, false},          // wider than the CUDA kernel's shared score cache (2048): scored per round
 };
 
 // One input of a case: probs [T, N], rows of random positive probabilities, except every third token's row, which
@@ -799,9 +801,11 @@ TEST_SUITE("cuda") {
       for (int64_t t = 0; t < T; ++t) labels[t] = (int32_t)(u[t] * (float)N) / 2 * 2 % N;  // odd labels empty
       const Segments sg = counting_sort(labels, N);
       Tensor h = uniform({T, C}, 40 + N, -2.f, 2.f), run0 = uniform({N, C}, 50 + N, 0.5f, 2.f);
+      for (int64_t t = 0; t < T; ++t)  // label 0's feature 5 constant: w = 1e4 there, past the clip
+        if (labels[t] == 0) h.f32()[t * C + 5] = 0.25f;
       std::vector<float> m((size_t)(N * C)), run = run0.to_f32_vector();
       std::vector<int32_t> has((size_t)N);
-      std::vector<double> w((size_t)(N * C + 2));
+      std::vector<double> w((size_t)(N * C + N + 2));
       cpu::ac_scales_forward(m.data(), has.data(), run.data(), w.data(), h.f32(), sg.order.data(), sg.offsets.data(),
                              N, C);
       std::vector<int32_t> off_words((size_t)(2 * (N + 1)));
@@ -810,9 +814,11 @@ TEST_SUITE("cuda") {
       Tensor od = Tensor::from_vector(sg.order, {T}).to(Device::CUDA);
       Tensor offd = Tensor::from_vector(off_words, {2 * (N + 1)}).to(Device::CUDA);
       Tensor md = Tensor::empty({N, C}, DType::F32, Device::CUDA), hasd = Tensor::empty({N}, DType::I32, Device::CUDA);
-      Tensor wd = Tensor::empty({2 * (N * C + 2)}, DType::F32, Device::CUDA);
+      Tensor wd = Tensor::empty({2 * (N * C + N + 2)}, DType::F32, Device::CUDA);
       cuda::ac_scales_forward(md.f32(), hasd.i32(), rd.f32(), static_cast<double*>(wd.raw()), hd.f32(), od.i32(),
                               static_cast<const int64_t*>(offd.raw()), N, C);
+      REQUIRE(has[0] == 1);
+      CHECK(w[5] < 5e3);  // the clip fired (w keeps min(w, clip); unclipped 1e4)
       CHECK(hasd.to_i32_vector() == has);
       CHECK(cm::test::first_mismatch(md.to_f32_vector(), m, 1e-6f, 1e-5f) < 0);
       CHECK(cm::test::first_mismatch(rd.to_f32_vector(), run, 1e-6f, 1e-5f) < 0);

@@ -212,14 +212,16 @@ void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const floa
     for (int64_t q = 0; q < C; ++q) w[k * C + q] = 0.0;
     if (n == 0) continue;
     ++labelled;
+    double row = 0.0;  // the label's sum over q, then added to the others in k order (the CUDA twin's two steps)
     for (int64_t q = 0; q < C; ++q) {
       double mean = 0.0, mad = 0.0;
       for (int64_t i = a; i < a + n; ++i) mean += h[(int64_t)order[i] * C + q];
       mean /= (double)n;
       for (int64_t i = a; i < a + n; ++i) mad += std::fabs(h[(int64_t)order[i] * C + q] - mean);
       w[k * C + q] = 1.0 / (mad / (double)n + 1e-4);
-      wsum += w[k * C + q];
+      row += w[k * C + q];
     }
+    wsum += row;
   }
   for (int64_t i = 0; i < N * C; ++i) m[i] = 1.0f;
   if (!labelled) return;

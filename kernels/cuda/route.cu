@@ -10,8 +10,9 @@
 //                    kernels/topk.h's order; lanes 0..k-1 write the gates, path and child ids.
 //   entropy:         one warp per row, the same per-row terms as the selection's (RowEntropy), then one block adds
 //                    the rows in a fixed order.
-//   group_limited:   one thread per token walks the levels: per kept node, k rounds of arg-best over its children's
-//                    scores (a double sum over each child's leaves, + aux-free bias), in kernels/topk.h's order.
+//   group_limited:   one warp per token walks the levels: per kept node, the lanes score its children (a double
+//                    sum over each child's leaves in leaf order, + aux-free bias), once when they fit the warp's
+//                    shared cache, then k rounds of warp arg-best in kernels/topk.h's order.
 // All floating-point sums have a fixed order: the same bits on every run. Only the integer counts use atomics.
 #include <climits>
 #include <cstdint>
@@ -350,13 +351,16 @@ __global__ void entropy_rows_kernel(float* __restrict__ rows, const float* __res
   }
 }
 
-// ---------------------------------------------------------------- group_limited selection, one thread per token
+// ---------------------------------------------------------------- group_limited selection, one warp per token
 
 constexpr int kMaxDepth = 16;
 struct TreeShape {  // passed by value: the launch carries the shape, no upload
   int D;
   int64_t b[kMaxDepth], k[kMaxDepth];
 };
+// A warp keeps a node's child scores in shared memory when the widest level has at most this many children (32 KB
+// for the block's four warps); wider levels score a lane's children again in each round.
+constexpr int64_t kGroupCache = 2048;
 
 // The score of child i of a level (kernels/route.h route_group_select): its leaves' probability mass, summed in
 // double in leaf order as on the CPU (the same bits), + aux-free bias; -inf for a pruned child.
@@ -372,41 +376,53 @@ __device__ __forceinline__ float group_score(const float* prow, int64_t i, int64
 
 __global__ void group_select_kernel(int32_t* __restrict__ ids, const float* __restrict__ probs,
                                     const float* __restrict__ abias, const float* __restrict__ lbias, TreeShape sh,
-                                    int64_t T, int64_t N, int64_t* err) {
-  for (int64_t t = gtid(); t < T; t += gstride()) {
+                                    int64_t T, int64_t N, int64_t cache, int64_t* err) {
+  extern __shared__ float gs_smem[];
+  float* scores = gs_smem + (threadIdx.x / kWarp) * cache;  // this warp's [cache] (none when cache is 0)
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t t = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; t < T; t += warps) {
     const float* prow = probs + t * N;   // [N] the token's one softmax over all leaves
     const int32_t* parent = nullptr;     // [Kp] the nodes the token kept at the level above (its block of ids)
     int32_t* level_ids = ids;            // the level's block [T * Kp * k]
     int64_t Kp = 1, n = 1, span = N, bias_at = 0;
     for (int l = 0; l < sh.D; ++l) {
-      const int64_t b = sh.b[l], k = sh.k[l];
+      const int b = (int)sh.b[l];
+      const int64_t k = sh.k[l];
       span /= b;  // leaves under one child
       const float* ab = abias ? abias + bias_at : nullptr;  // [n * b] this level's
       const float* lb = lbias ? lbias + bias_at : nullptr;
       int32_t* out = level_ids + t * Kp * k;  // the token's Kp * k kept children, node after node
       for (int64_t q = 0; q < Kp; ++q) {
         const int64_t j = parent ? (int64_t)parent[q] : 0;
-        // k rounds of arg-best over the node's children; round r takes the best that ranks below winner r-1 (a
+        // Lane c scores children c, c + 32, ...; with the cache, once: a lane rereads only the scores it wrote.
+        if (cache)
+          for (int c = lane; c < b; c += kWarp) scores[c] = group_score(prow, j * b + c, span, ab, lb);
+        // k rounds of warp arg-best over the node's children; round r takes the best that ranks below winner r-1 (a
         // strict order: "below the previous winner" is "not taken yet").
         float pv = 0.f;
-        int64_t pi = -1;
+        int pi = -1;
         for (int64_t r = 0; r < k; ++r) {
           float v = -INFINITY;
-          int64_t vi = INT64_MAX;
-          for (int64_t c = 0; c < b; ++c) {
-            const float sc = group_score(prow, j * b + c, span, ab, lb);
+          int vi = INT_MAX;
+          for (int c = lane; c < b; c += kWarp) {
+            const float sc = cache ? scores[c] : group_score(prow, j * b + c, span, ab, lb);
             if ((r == 0 || beats(pv, pi, sc, c)) && beats(sc, c, v, vi)) {
               v = sc;
               vi = c;
             }
           }
-          // A pruned child won: its node has fewer than k selectable children (recorded; raised at a read-out).
-          if (lb && isinf(lb[j * b + vi]) && lb[j * b + vi] < 0) record_bad_index(err, IndexOp::GroupSelect, l, j, k);
-          out[q * k + r] = (int32_t)(j * b + vi);
+          warp_best(v, vi);
+          if (lane == 0) {
+            // A pruned child won: its node has fewer than k selectable children (recorded; raised at a read-out).
+            if (lb && isinf(lb[j * b + vi]) && lb[j * b + vi] < 0) record_bad_index(err, IndexOp::GroupSelect, l, j, k);
+            out[q * k + r] = (int32_t)(j * b + vi);
+          }
           pv = v;
           pi = vi;
         }
       }
+      __syncwarp();  // the next level reads the ids lane 0 wrote
       parent = out;
       level_ids += T * Kp * k;
       Kp *= k;
@@ -571,9 +587,20 @@ __global__ void ac_weights_kernel(double* __restrict__ w, int32_t* __restrict__ 
   }
 }
 
-// One thread: the clip from the sum of w over the labelled (k, q) in the CPU's order (k-major), into clip[0];
-// labelled count into clip[1].
-__global__ void ac_clip_kernel(double* __restrict__ clip, const double* __restrict__ w,
+// Thread k: the sum of w over q of a labelled k, in q order (0 for an unlabelled one), into rows[k].
+__global__ void ac_rows_kernel(double* __restrict__ rows, const double* __restrict__ w,
+                               const int64_t* __restrict__ offsets, int64_t N, int64_t C) {
+  for (int64_t k = gtid(); k < N; k += gstride()) {
+    double row = 0.0;
+    if (offsets[k + 1] != offsets[k])
+      for (int64_t q = 0; q < C; ++q) row += w[k * C + q];
+    rows[k] = row;
+  }
+}
+
+// One thread: the clip from the labelled rows' sums added in k order (the CPU twin's), into clip[0]; the labelled
+// count into clip[1].
+__global__ void ac_clip_kernel(double* __restrict__ clip, const double* __restrict__ rows,
                                const int64_t* __restrict__ offsets, int64_t N, int64_t C) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   double wsum = 0.0;
@@ -581,7 +608,7 @@ __global__ void ac_clip_kernel(double* __restrict__ clip, const double* __restri
   for (int64_t k = 0; k < N; ++k) {
     if (offsets[k + 1] == offsets[k]) continue;
     ++labelled;
-    for (int64_t q = 0; q < C; ++q) wsum += w[k * C + q];
+    wsum += rows[k];
   }
   clip[0] = labelled ? 10.0 * wsum / (double)(labelled * C) : 0.0;
   clip[1] = (double)labelled;
@@ -613,10 +640,13 @@ __global__ void ac_scale_kernel(float* __restrict__ m, float* __restrict__ run, 
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C) {
   CM_CHECK(N >= 1 && C >= 1, "cuda::ac_scales_forward: N=", N, " C=", C);
-  double* clip = w + N * C;  // the clip and the labelled count
+  double* rows = w + N * C;  // each label's sum of w
+  double* clip = rows + N;   // the clip and the labelled count
   ac_weights_kernel<<<grid_for(N * C, kThreads), kThreads, 0, stream()>>>(w, has, h, order, offsets, N, C);
   cudaCheckLaunch("route ac_weights_kernel");
-  ac_clip_kernel<<<1, 1, 0, stream()>>>(clip, w, offsets, N, C);
+  ac_rows_kernel<<<grid_for(N, kThreads), kThreads, 0, stream()>>>(rows, w, offsets, N, C);
+  cudaCheckLaunch("route ac_rows_kernel");
+  ac_clip_kernel<<<1, 1, 0, stream()>>>(clip, rows, offsets, N, C);
   cudaCheckLaunch("route ac_clip_kernel");
   ac_scale_kernel<<<grid_for(C, kThreads), kThreads, 0, stream()>>>(m, run, w, clip, has, N, C);
   cudaCheckLaunch("route ac_scale_kernel");
@@ -699,17 +729,21 @@ void route_group_select(int32_t* ids, const float* probs, const float* abias, co
   CM_CHECK(D >= 1 && D <= kMaxDepth && T >= 0, "cuda::route_group_select: depth ", D, " (1..", kMaxDepth, "), T=", T);
   TreeShape sh{};
   sh.D = (int)D;
-  int64_t N = 1;
+  int64_t N = 1, widest = 1;
   for (int64_t l = 0; l < D; ++l) {
     CM_CHECK(branching[l] >= 1 && top_k[l] >= 1 && top_k[l] <= branching[l], "cuda::route_group_select: level ", l,
              " keeps ", top_k[l], " of ", branching[l], " children");
     sh.b[l] = branching[l];
     sh.k[l] = top_k[l];
     N *= branching[l];
+    widest = branching[l] > widest ? branching[l] : widest;
   }
   if (T == 0) return;
-  group_select_kernel<<<grid_for(T, kThreads), kThreads, 0, stream()>>>(ids, probs, abias, lbias, sh, T, N,
-                                                                        index_error_record());
+  CM_CHECK(widest <= INT32_MAX, "cuda::route_group_select: ", widest, " children at one level");
+  const int64_t cache = widest <= kGroupCache ? widest : 0;
+  const size_t smem = (size_t)(kThreads / kWarp * cache) * sizeof(float);
+  group_select_kernel<<<grid_for(T, kThreads / kWarp), kThreads, smem, stream()>>>(ids, probs, abias, lbias, sh, T, N,
+                                                                                  cache, index_error_record());
   cudaCheckLaunch("route group_select_kernel");
 }
 
