@@ -855,6 +855,64 @@ cudaError_t ret(cudaError_t e) {
 }
 }  // namespace
 
+// ---------------------------------------------------------------- pinned host memory: the slowest device allowed
+// A copy queued from pinned host memory (cudaHostAlloc) reads its source whenever the device gets to it, so the host
+// may not write that memory until an event recorded after the copy, or a synchronisation, has shown the copy done.
+// The emulator copies at once (the kernels queued after it see the bytes, in stream order) and models the slowest
+// device the rules allow: the copy stays pending, and an event recorded after it unreached (cudaEventQuery:
+// cudaErrorNotReady), until the host synchronises past it: cudaStreamSynchronize, cudaDeviceSynchronize,
+// cudaEventSynchronize (up to its event), a copy to or from pageable host memory, cudaFree, cudaFreeHost. Then each
+// pending copy's source must still hold the bytes it copied: a write in between is reported on stderr and returned
+// by that synchronising call (cudaErrorUnknown; an abort with CM_EMU_ABORT=1). Copies into pinned memory are not
+// deferred (the engine reads nothing through them).
+namespace {
+struct PendingRead {
+  const char* src;
+  std::vector<char> bytes;  // what the copy read
+  uint64_t pos;             // its place among the queued pinned copies, from 1
+};
+std::map<uintptr_t, size_t>& pinned_blocks() {
+  static auto* m = new std::map<uintptr_t, size_t>;
+  return *m;
+}
+std::deque<PendingRead> g_reads;
+uint64_t g_queued = 0;   // pinned copies queued so far
+uint64_t g_reached = 0;  // the host has synchronised past the first g_reached of them
+
+bool in_pinned(const void* p, size_t n) {
+  auto& m = pinned_blocks();
+  const uintptr_t a = (uintptr_t)p;
+  auto it = m.upper_bound(a);
+  if (it == m.begin()) return false;
+  --it;
+  return a - it->first <= it->second && n <= it->second - (a - it->first);
+}
+
+// The host has synchronised past the first pos pinned copies: check their sources.
+cudaError_t reach(uint64_t pos) {
+  cudaError_t e = cudaSuccess;
+  while (!g_reads.empty() && g_reads.front().pos <= pos) {
+    const PendingRead& r = g_reads.front();
+    if (std::memcmp(r.src, r.bytes.data(), r.bytes.size()) != 0) {
+      std::fprintf(stderr,
+                   "cuda-emu: pinned host memory (%zu bytes at %p) was written while the copy queued from it could "
+                   "still be reading it (no event after the copy, nor a synchronisation, had shown it done)\n",
+                   r.bytes.size(), (const void*)r.src);
+      if (settings().abort_on_error) std::abort();
+      e = cudaErrorUnknown;
+    }
+    g_reads.pop_front();
+  }
+  g_reached = std::max(g_reached, pos);
+  return e == cudaSuccess ? e : ret(e);
+}
+// A synchronising call: every queued pinned copy done, then any kernel failure not reported yet.
+cudaError_t sync_all() {
+  const cudaError_t r = reach(g_queued), k = sync_status();
+  return k != cudaSuccess ? k : r;
+}
+}  // namespace
+
 // ---------------------------------------------------------------- runtime API: device
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return ret(cudaErrorInvalidValue);
@@ -894,7 +952,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
 }
 cudaError_t cudaDeviceSynchronize() {
   std::lock_guard<std::recursive_mutex> lock(g_mu);
-  return sync_status();
+  return sync_all();
 }
 cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
   std::lock_guard<std::recursive_mutex> lock(g_mu);
@@ -913,6 +971,7 @@ struct CUstream_st {
 struct CUevent_st {
   std::chrono::steady_clock::time_point t{};
   bool recorded = false;
+  uint64_t pos = 0;  // the pinned-memory copies queued before it (pinned_queued() at the record)
 };
 cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
@@ -929,7 +988,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   std::lock_guard<std::recursive_mutex> lock(g_mu);
   if (s && s->capturing) return ret(cudaErrorStreamCaptureUnsupported);
-  return sync_status();
+  return sync_all();
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) {
   if (!e) return ret(cudaErrorInvalidValue);
@@ -943,18 +1002,22 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
   if (!e) return ret(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
   e->t = std::chrono::steady_clock::now();
   e->recorded = true;
+  e->pos = g_queued;
   return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
   if (!e) return ret(cudaErrorInvalidResourceHandle);
-  return cudaSuccess;
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
+  return e->pos <= g_reached ? cudaSuccess : ret(cudaErrorNotReady);  // the slowest device: not before a wait
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (!e) return ret(cudaErrorInvalidResourceHandle);
   std::lock_guard<std::recursive_mutex> lock(g_mu);
-  return sync_status();
+  const cudaError_t r = reach(e->pos), k = sync_status();
+  return k != cudaSuccess ? k : r;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   if (!ms) return ret(cudaErrorInvalidValue);
@@ -992,7 +1055,28 @@ cudaError_t cudaFree(void* p) {
   g_allocated -= it->second.size;
   blocks().erase(it);
   std::free(p);
-  return sync_status();
+  return sync_all();
+}
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags) {
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
+  if (!p || flags != cudaHostAllocDefault) return ret(cudaErrorInvalidValue);
+  *p = nullptr;
+  if (n == 0) return cudaSuccess;
+  void* m = nullptr;
+  if (posix_memalign(&m, 4096, n) != 0 || !m) return ret(cudaErrorMemoryAllocation);
+  pinned_blocks()[(uintptr_t)m] = n;
+  *p = m;
+  return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* p) {
+  std::lock_guard<std::recursive_mutex> lock(g_mu);
+  if (!p) return cudaSuccess;
+  auto it = pinned_blocks().find((uintptr_t)p);
+  if (it == pinned_blocks().end()) return ret(cudaErrorInvalidValue);
+  const cudaError_t r = sync_all();  // frees only once every copy from it is done
+  pinned_blocks().erase(it);
+  std::free(p);
+  return r;
 }
 
 namespace {
@@ -1009,7 +1093,7 @@ void replay_copy(void* ctx) {
 }
 void destroy_copy(void* ctx) { delete static_cast<CopyOp*>(ctx); }
 
-cudaError_t memcpy_impl(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t s) {
+cudaError_t memcpy_impl(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t s, bool async) {
   std::lock_guard<std::recursive_mutex> lock(g_mu);
   if (n == 0) return cudaSuccess;
   if (!dst || !src) return ret(cudaErrorInvalidValue);
@@ -1036,7 +1120,13 @@ cudaError_t memcpy_impl(void* dst, const void* src, size_t n, cudaMemcpyKind kin
     return cudaSuccess;
   }
   std::memmove(dst, src, n);
-  return kind == cudaMemcpyDeviceToDevice ? cudaSuccess : sync_status();
+  if (dd && sd) return cudaSuccess;
+  if (async && dd && in_pinned(src, n)) {  // queued: the source stays the copy's until the host waits past it
+    g_reads.push_back({static_cast<const char*>(src), std::vector<char>((const char*)src, (const char*)src + n),
+                       ++g_queued});
+    return cudaSuccess;
+  }
+  return sync_all();  // pageable host memory (or a blocking copy): the stream is synchronised
 }
 
 cudaError_t memset_impl(void* p, int value, size_t n, cudaStream_t s) {
@@ -1057,10 +1147,10 @@ cudaError_t memset_impl(void* p, int value, size_t n, cudaStream_t s) {
 }  // namespace
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
-  return memcpy_impl(dst, src, n, kind, nullptr);
+  return memcpy_impl(dst, src, n, kind, nullptr, false);
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t s) {
-  return memcpy_impl(dst, src, n, kind, s);
+  return memcpy_impl(dst, src, n, kind, s, true);
 }
 cudaError_t cudaMemset(void* p, int value, size_t n) { return memset_impl(p, value, n, nullptr); }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t s) { return memset_impl(p, value, n, s); }

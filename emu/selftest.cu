@@ -342,4 +342,47 @@ TEST_CASE("emu: stream capture records launches and device copies; a graph repla
   cudaStreamDestroy(s);
 }
 
+TEST_CASE("emu: a copy from pinned memory is pending until the host waits past it; a write before is reported") {
+  cudaStream_t s;
+  REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess);
+  const int n = 64;
+  float* h = nullptr;
+  REQUIRE(cudaHostAlloc((void**)&h, n * 4, cudaHostAllocDefault) == cudaSuccess);
+  float* d = dalloc<float>(n);
+  cudaEvent_t e;
+  REQUIRE(cudaEventCreate(&e) == cudaSuccess);
+  for (int i = 0; i < n; ++i) h[i] = (float)i;
+  // Waited for by its event: the host may write the source afterwards.
+  REQUIRE(cudaMemcpyAsync(d, h, n * 4, cudaMemcpyHostToDevice, s) == cudaSuccess);
+  REQUIRE(cudaEventRecord(e, s) == cudaSuccess);
+  CHECK(cudaEventQuery(e) == cudaErrorNotReady);  // the slowest device: not before a wait
+  CHECK(cudaGetLastError() == cudaErrorNotReady);
+  REQUIRE(cudaEventSynchronize(e) == cudaSuccess);
+  CHECK(cudaEventQuery(e) == cudaSuccess);
+  h[0] = -1.f;
+  CHECK(cudaStreamSynchronize(s) == cudaSuccess);
+  // Written before any wait: the synchronisation reports it; the device got the bytes of the copy's time.
+  REQUIRE(cudaMemcpyAsync(d, h, n * 4, cudaMemcpyHostToDevice, s) == cudaSuccess);
+  REQUIRE(cudaEventRecord(e, s) == cudaSuccess);
+  h[1] = -2.f;
+  CHECK(cudaStreamSynchronize(s) == cudaErrorUnknown);
+  CHECK(cudaGetLastError() == cudaErrorUnknown);
+  CHECK(down(d, 2) == std::vector<float>{-1.f, 1.f});
+  CHECK(cudaEventQuery(e) == cudaSuccess);  // the synchronisation reached it
+  // cudaFreeHost waits for the copies from it, and reports a write made before.
+  REQUIRE(cudaMemcpyAsync(d, h, n * 4, cudaMemcpyHostToDevice, s) == cudaSuccess);
+  h[2] = -3.f;
+  CHECK(cudaFreeHost(h) == cudaErrorUnknown);
+  CHECK(cudaGetLastError() == cudaErrorUnknown);
+  // Pageable memory: the copy has read it when the call returns.
+  std::vector<float> pageable(n, 5.f);
+  REQUIRE(cudaMemcpyAsync(d, pageable.data(), n * 4, cudaMemcpyHostToDevice, s) == cudaSuccess);
+  pageable[0] = 6.f;
+  CHECK(cudaStreamSynchronize(s) == cudaSuccess);
+  CHECK(down(d, 1)[0] == 5.f);
+  cudaEventDestroy(e);
+  cudaFree(d);
+  cudaStreamDestroy(s);
+}
+
 }  // TEST_SUITE("emu")

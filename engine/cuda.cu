@@ -343,12 +343,7 @@ struct Ring {
 Ring& ring() {
   static Ring* r = [] {
     auto* x = new Ring;  // never destroyed, for the reason given at context()
-#if defined(CM_CUDA_EMU)
-    x->host = static_cast<char*>(std::malloc(kRingBytes));  // the emulator's copies are synchronous
-    CM_CHECK(x->host, "no memory for the upload ring");
-#else
     cudaCheck(cudaHostAlloc(reinterpret_cast<void**>(&x->host), kRingBytes, cudaHostAllocDefault));
-#endif
     return x;
   }();
   return *r;

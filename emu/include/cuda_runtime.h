@@ -1,7 +1,9 @@
 // The CUDA runtime API as the CPU-hosted emulator provides it (see emu/cuda_emu.h). Only the part this project
 // calls, with the real names, values and signatures, so that engine/cuda.cu and the kernels compile unchanged with
 // g++. Everything runs synchronously on the host: a "stream" orders nothing that is not already ordered, a kernel
-// has finished when its launch returns, and an event records the host clock.
+// has finished when its launch returns, and an event records the host clock. One exception models the device's lag:
+// a copy queued from pinned host memory counts as pending, and an event after it as not reached, until the host
+// synchronises past it; a write to its source before then is reported (emu/emu.cpp, "pinned host memory").
 //
 // Device memory is host memory from a registry of its own (the "arena"): cudaMalloc returns an exact-size block
 // (so AddressSanitizer sees a read one past its end), cudaMemcpy checks that each side lies where its kind says,
@@ -104,7 +106,7 @@ cudaError_t cudaEventCreate(cudaEvent_t* e);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
-cudaError_t cudaEventQuery(cudaEvent_t e);  // the emulator runs work at once: recorded work is complete
+cudaError_t cudaEventQuery(cudaEvent_t e);  // not ready past a pending copy from pinned memory (emu/emu.cpp)
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
 
 // ---------------------------------------------------------------- memory
@@ -121,6 +123,9 @@ inline cudaError_t cudaMalloc(T** p, size_t nbytes) {
   return cudaMalloc((void**)p, nbytes);
 }
 cudaError_t cudaFree(void* p);
+enum : unsigned { cudaHostAllocDefault = 0 };
+cudaError_t cudaHostAlloc(void** p, size_t nbytes, unsigned flags);
+cudaError_t cudaFreeHost(void* p);
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t nbytes, cudaMemcpyKind kind);
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t nbytes, cudaMemcpyKind kind, cudaStream_t s = nullptr);
 cudaError_t cudaMemset(void* p, int value, size_t nbytes);
