@@ -212,6 +212,7 @@ clean:
 # ---------------------------------------------------------------- fuzzing (clang + libFuzzer; README "Fuzzing the inputs")
 #   make fuzz            build the libFuzzer targets fuzz/*.cpp into build-fuzz/ (ASan + UBSan)
 #   make fuzz-run        run each for FUZZ_SECONDS (default 30) on its committed corpus; a finding fails the run
+#                        (one target per job: make -j2 fuzz-run runs two at a time)
 # A separate build dir and flags: nothing here touches build/. No OpenMP: a fuzz input runs on one thread.
 FUZZ_CXX     ?= clang++
 FUZZ_BUILD   := build-fuzz
@@ -222,7 +223,8 @@ FUZZ_LIB_SRC := $(wildcard engine/*.cpp autograd/*.cpp kernels/cpu/*.cpp model/*
 FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
 FUZZ_SRC     := $(wildcard fuzz/*.cpp)
 FUZZ_BIN     := $(FUZZ_SRC:fuzz/%.cpp=$(FUZZ_BUILD)/fuzz_%)
-.PHONY: fuzz fuzz-run
+FUZZ_RUNS    := $(FUZZ_SRC:fuzz/%.cpp=fuzz-run-%)
+.PHONY: fuzz fuzz-run $(FUZZ_RUNS)
 .SECONDARY: $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
 fuzz: $(FUZZ_BIN)
 $(FUZZ_BUILD)/%.o: %.cpp
@@ -233,12 +235,12 @@ $(FUZZ_BUILD)/libcm_fuzz.a: $(FUZZ_LIB_OBJ)
 	ar rcs $@ $^
 $(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/fuzz/%.o $(FUZZ_BUILD)/libcm_fuzz.a
 	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer $^ -o $@ -lpthread
-fuzz-run: $(FUZZ_BIN)
-	@for b in $(FUZZ_BIN); do t=$${b#$(FUZZ_BUILD)/fuzz_}; mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
-	  echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
-	  ./$$b -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-	    -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t \
-	    > $(FUZZ_BUILD)/$$t.log 2>&1 || { tail -n 60 $(FUZZ_BUILD)/$$t.log; exit 1; }; \
-	  grep -E 'stat::number_of_executed_units' $(FUZZ_BUILD)/$$t.log; done
+fuzz-run: $(FUZZ_RUNS)
+$(FUZZ_RUNS): fuzz-run-%: $(FUZZ_BUILD)/fuzz_%
+	@mkdir -p $(FUZZ_BUILD)/corpus/$*
+	@./$< -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	  -artifact_prefix=$(FUZZ_BUILD)/crash-$*- $(FUZZ_BUILD)/corpus/$* fuzz/corpus/$* \
+	  > $(FUZZ_BUILD)/$*.log 2>&1 || { tail -n 60 $(FUZZ_BUILD)/$*.log; exit 1; }
+	@echo "fuzz $*: $(FUZZ_SECONDS) s, $$(grep -E 'stat::number_of_executed_units' $(FUZZ_BUILD)/$*.log)"
 
 -include $(FUZZ_LIB_OBJ:.o=.d)
