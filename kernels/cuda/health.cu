@@ -1,5 +1,6 @@
-// CUDA twin of the experts' fault guard and health update (contract in kernels/health.h). Row norms: one thread
-// per row walks the row in column order, so the double sum has the CPU's order and bits. The classification and the
+// CUDA twin of the experts' fault guard and health update (contract in kernels/health.h). Row norms: a warp per 32
+// rows reads them in coalesced tiles, and each lane walks its row in column order, so the double sum has the CPU's
+// order and bits. The classification and the
 // counters: one warp per expert, 32 rows at a time, its sums in row order (deterministic, as on the CPU), small next
 // to the GEMMs that made y. The health update is one thread's loop over the experts, as on the CPU.
 #include "kernels/health.h"
@@ -11,12 +12,33 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Row norms, a warp per 32 rows: the warp reads each 32 x 32 tile of its rows a row at a time (32 consecutive
+// floats per load) into shared memory, then lane l adds row l's squares from it in column order: each row's double
+// sum walks its columns in order, the CPU twin's order and bits. (A thread per row reading its own row put 32 rows'
+// cache lines behind every load.)
+constexpr int kNormThreads = 128;
 __global__ void row_norms_kernel(double* __restrict__ norms, const float* __restrict__ y, int64_t S, int64_t C) {
-  for (int64_t i = gtid(); i < S; i += gstride()) {
-    const float* r = y + i * C;
+  constexpr int kWarps = kNormThreads / kWarp;
+  __shared__ float tiles[kWarps][kWarp][kWarp + 1];  // + 1: lane l's row l falls in bank l + c
+  const int lane = threadIdx.x % kWarp;
+  float(*tile)[kWarp + 1] = tiles[threadIdx.x / kWarp];
+  const int64_t warps = (int64_t)gridDim.x * kWarps;
+  for (int64_t r0 = ((int64_t)blockIdx.x * kWarps + threadIdx.x / kWarp) * kWarp; r0 < S; r0 += warps * kWarp) {
+    const int rows = (int)(S - r0 < kWarp ? S - r0 : kWarp);
     double ss = 0.0;
-    for (int64_t c = 0; c < C; ++c) ss += (double)r[c] * r[c];
-    norms[i] = sqrt(ss);
+    for (int64_t c0 = 0; c0 < C; c0 += kWarp) {
+      const int cols = (int)(C - c0 < kWarp ? C - c0 : kWarp);
+      if (lane < cols)
+        for (int r = 0; r < rows; ++r) tile[r][lane] = y[(r0 + r) * C + c0 + lane];
+      __syncwarp();
+      if (lane < rows)
+        for (int c = 0; c < cols; ++c) {
+          const double v = tile[lane][c];
+          ss += v * v;
+        }
+      __syncwarp();  // the tile is read before the next one is written
+    }
+    if (lane < rows) norms[r0 + lane] = sqrt(ss);
   }
 }
 
@@ -165,7 +187,8 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
   CM_CHECK(S >= 0 && C > 0 && N >= 1 && (offsets || N == 1), "cuda::expert_guard_forward: bad sizes S = ", S,
            ", C = ", C, ", N = ", N);
   if (S > 0) {
-    row_norms_kernel<<<grid_for(S, kThreads), kThreads, 0, stream()>>>(norms, y, S, C);
+    row_norms_kernel<<<grid_for(ceil_div(S, kWarp), kNormThreads / kWarp), kNormThreads, 0, stream()>>>(norms, y, S,
+                                                                                                      C);
     cudaCheckLaunch("row_norms_kernel");
   }
   classify_kernel<<<1, kThreads, 0, stream()>>>(ok, counts, pend, norms, offsets, N, S, state, factor, count,
