@@ -182,7 +182,9 @@ __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restric
 }
 
 // Target shares, before stage 2 (kernels/losses.h): on [1] = 1 when some entry of log_bias [G, E] is nonzero (one
-// block: the decision for the whole array), else 0; inv_share [G, E] = rsum / rho, one thread per group, in double.
+// block: the decision for the whole array), else 0; inv_share [G, E] = rsum / rho in double: rho a thread per
+// (g, e), then a warp per group, whose lane 0 adds the group's rho in e order (the CPU twin's sum) and whose lanes
+// write its shares. (One thread per group made a flat router's E exponentials one after another, twice.)
 __global__ void lb_bias_on_kernel(int32_t* __restrict__ on, const float* __restrict__ log_bias, int64_t GE) {
   __shared__ int32_t sh[kWarp];
   int32_t any = 0;
@@ -191,16 +193,21 @@ __global__ void lb_bias_on_kernel(int32_t* __restrict__ on, const float* __restr
   if (threadIdx.x == 0) *on = any > 0;
 }
 
-__global__ void lb_inv_share_kernel(float* __restrict__ inv_share, const float* __restrict__ log_bias, int64_t E,
+__global__ void lb_rho_kernel(double* __restrict__ rho, const float* __restrict__ log_bias, int64_t GE) {
+  for (int64_t i = gtid(); i < GE; i += gstride()) rho[i] = exp((double)log_bias[i]);  // exp(-inf) = 0: pruned
+}
+
+__global__ void lb_inv_share_kernel(float* __restrict__ inv_share, const double* __restrict__ rho, int64_t E,
                                     int64_t G) {
-  for (int64_t g = gtid(); g < G; g += gstride()) {
-    const float* lb = log_bias + g * E;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
+  for (int64_t g = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; g < G; g += warps) {
+    const double* r = rho + g * E;
     double rsum = 0.0;
-    for (int64_t e = 0; e < E; ++e) rsum += exp((double)lb[e]);  // exp(-inf) = 0 for pruned children
-    for (int64_t e = 0; e < E; ++e) {
-      const double rho = exp((double)lb[e]);
-      inv_share[g * E + e] = rho > 0.0 ? (float)(rsum / rho) : 0.f;
-    }
+    if (lane == 0)
+      for (int64_t e = 0; e < E; ++e) rsum += r[e];
+    rsum = __shfl_sync(0xffffffffu, rsum, 0);
+    for (int64_t e = lane; e < E; e += kWarp) inv_share[g * E + e] = r[e] > 0.0 ? (float)(rsum / r[e]) : 0.f;
   }
 }
 
@@ -283,7 +290,10 @@ void lb_target_shares(float* inv_share, int32_t* on, const float* log_bias, int6
   if (!log_bias) return;
   lb_bias_on_kernel<<<1, 1024, 0, stream()>>>(on, log_bias, G * E);
   cudaCheckLaunch("lb_bias_on_kernel");
-  lb_inv_share_kernel<<<grid_for(G, 256), 256, 0, stream()>>>(inv_share, log_bias, E, G);
+  Scratch rho((size_t)(G * E) * sizeof(double));
+  lb_rho_kernel<<<grid_for(G * E, 256), 256, 0, stream()>>>(rho.at<double>(), log_bias, G * E);
+  cudaCheckLaunch("lb_rho_kernel");
+  lb_inv_share_kernel<<<grid_for(G, 256 / kWarp), 256, 0, stream()>>>(inv_share, rho.at<double>(), E, G);
   cudaCheckLaunch("lb_inv_share_kernel");
 }
 
