@@ -68,6 +68,8 @@ namespace cm_emu {
 // ---------------------------------------------------------------- barriers and warp collectives (emu/emu.cpp)
 enum class WarpOp : int { Sync, Shfl, ShflUp, ShflDown, ShflXor, Ballot, MatchAny, Any, All };
 void syncthreads(const char* file, int line);
+// The barrier; returns how many threads reached it with pred != 0, and *released how many it released.
+int syncthreads_count(int pred, const char* file, int line, int* released);
 // Waits until every lane named in `mask` has reached a collective of this kind; returns this lane's result.
 // `value` is the lane's operand (the low `bytes` bytes of it), `arg` the source lane / delta / lane mask.
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, int arg, int width, const char* file,
@@ -199,6 +201,17 @@ inline Launcher<Fn> launch(dim3 grid, dim3 block, Fn fn, const char* file = __bu
 // ---------------------------------------------------------------- barriers and warp intrinsics
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::cm_emu::syncthreads(file, line);
+}
+inline int __syncthreads_count(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::cm_emu::syncthreads_count(pred, file, line, nullptr);
+}
+inline int __syncthreads_and(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  int released = 0;
+  const int n = ::cm_emu::syncthreads_count(pred, file, line, &released);
+  return n == released;
+}
+inline int __syncthreads_or(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::cm_emu::syncthreads_count(pred, file, line, nullptr) > 0;
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
                        int line = __builtin_LINE()) {

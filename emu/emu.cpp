@@ -229,6 +229,8 @@ struct Run {  // the launch being executed
   std::vector<Warp> warps;
   int live = 0, exited = 0;
   int bar_count = 0;
+  int bar_pred = 0;                   // threads at the barrier with a nonzero __syncthreads_count predicate
+  int bar_counted = 0, bar_seen = 0;  // at the last release: bar_pred, and the threads it released
   const char* bar_file = nullptr;
   int bar_line = 0;
   Thread* cur = nullptr;
@@ -344,7 +346,10 @@ void release_barrier() {
         return;
       }
   }
+  r.bar_counted = r.bar_pred;
+  r.bar_seen = r.bar_count;
   r.bar_count = 0;
+  r.bar_pred = 0;
   for (size_t i = 0; i < r.threads.size(); ++i)
     if (r.threads[i].st == St::Barrier) make_ready((int)i);
 }
@@ -480,6 +485,15 @@ void syncthreads(const char* file, int line) {
   yield_to_scheduler(false);
 }
 
+int syncthreads_count(int pred, const char* file, int line, int* released) {
+  Run& r = g_run;
+  r.bar_pred += pred != 0;
+  syncthreads(file, line);
+  // Read before this thread's next barrier can complete: that needs every thread, this one included.
+  if (released) *released = r.bar_seen;
+  return r.bar_counted;
+}
+
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, int arg, int width, const char* file,
                          int line) {
   Run& r = g_run;
@@ -588,6 +602,7 @@ void run_block() {
   r.live = n;
   r.exited = 0;
   r.bar_count = 0;
+  r.bar_pred = 0;
   r.cur_warp = -1;
   r.fifo.clear();
   const int nw = (n + 31) / 32;

@@ -65,9 +65,40 @@ bool two_sums_right(bool first_barrier) {
   return ok;
 }
 
+// Per block of 96 threads, three rounds of __syncthreads_count / _and / _or on thread-dependent predicates (the _or's
+// on the _count's answer); thread 0 writes each round's answers.
+__global__ void vote_kernel(int* out) {
+  for (int round = 0; round < 3; ++round) {
+    const int c = __syncthreads_count((int)threadIdx.x % (round + 2) == 0);
+    const int all = __syncthreads_and((int)threadIdx.x < 96 - round);
+    const int any = __syncthreads_or((int)threadIdx.x == 95 - c % 7);
+    if (threadIdx.x == 0) {
+      out[blockIdx.x * 9 + round * 3] = c;
+      out[blockIdx.x * 9 + round * 3 + 1] = all;
+      out[blockIdx.x * 9 + round * 3 + 2] = any;
+    }
+  }
+}
+
 }  // namespace
 
 TEST_SUITE("emu") {
+
+TEST_CASE("emu: __syncthreads_count, _and and _or count the whole block, every round, under every schedule") {
+  int* d = dalloc<int>(2 * 9);
+  for (int sched = 0; sched < 3; ++sched) {
+    ModeGuard guard(sched, 7, true);
+    vote_kernel<<<2, 96>>>(d);
+    REQUIRE(cudaGetLastError() == cudaSuccess);
+    const std::vector<int> h = down(d, 2 * 9);
+    // Round r: threads with tid % (r + 2) == 0 count (48, 32, 24 of 96); all < 96 - r holds only in round 0; the
+    // one thread 95 - c % 7 exists in every round.
+    const std::vector<int> want = {48, 1, 1, 32, 0, 1, 24, 0, 1};
+    CHECK(std::vector<int>(h.begin(), h.begin() + 9) == want);
+    CHECK(std::vector<int>(h.begin() + 9, h.end()) == want);
+  }
+  cudaFree(d);
+}
 
 TEST_CASE("emu: a block reduction is right under every schedule; without its first barrier only warp-priority "
           "exposes the race") {

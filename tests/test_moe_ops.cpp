@@ -471,6 +471,29 @@ TEST_SUITE("cuda") {
     for (size_t i = 0; i < want.size(); ++i) CHECK(cm::test::first_mismatch(first[i], want[i], 1e-5f, 1e-4f) < 0);
   }
 
+  TEST_CASE("cuda ops: capacity with a hot expert (rows past one block, blocks across experts) equals the CPU" *
+            needs_device()) {
+    // 3000 slots over 5 experts, about a ninth dropped, expert 3 taking two thirds of the rest (1790 rows: seven of
+    // the kernel's 256-row chunks); gates with ties and NaNs.
+    const int64_t A = 3000, N = 5, K = 2;
+    std::vector<int32_t> ex = random_experts(A, N, 1700, 9);
+    Tensor r = uniform({2 * A}, 1701, 0.f, 1.f);
+    std::vector<float> gv((size_t)A);
+    for (int64_t a = 0; a < A; ++a) {
+      if (ex[a] >= 0 && r.f32()[A + a] < 0.6f) ex[a] = 3;
+      gv[a] = a % 97 == 5 ? std::nanf("") : std::floor(r.f32()[a] * 50.f) / 50.f;
+    }
+    Tensor ecpu = Tensor::from_vector(ex, {A}), edev = ecpu.to(Device::CUDA);
+    DispatchPlan pc = make_dispatch_plan(ecpu, K, N), pd = make_dispatch_plan(edev, K, N);
+    REQUIRE(pc.offsets[4] - pc.offsets[3] > 6 * 256);
+    const Tensor gh = Tensor::from_vector(gv, {A});
+    for (int64_t cap : {(int64_t)0, (int64_t)1, (int64_t)255, (int64_t)300, (int64_t)1500, A}) {
+      const std::vector<int32_t> want = capacity_ref(ex, gv, cap);
+      CHECK_MESSAGE(capacity_filter(ecpu, gh, pc, cap).to_i32_vector() == want, "cap=", cap);
+      CHECK_MESSAGE(capacity_filter(edev, gh.to(Device::CUDA), pd, cap).to_i32_vector() == want, "cap=", cap);
+    }
+  }
+
   TEST_CASE("cuda ops: MoE dispatch ops (plan, capacity, permute, combine, grouped_linear) equal the CPU" *
             needs_device()) {
     const int64_t N = 6, C = 9, F = 11;

@@ -1,7 +1,10 @@
 // CUDA capacity filter: the contract and rule of kernels/capacity.h. A copy of `expert`, then one thread per row of
-// the unfiltered plan: if its expert is over capacity, it counts the rows of that expert ranking ahead of it
-// (the expert's rows are contiguous in assign_of) and writes -1 when that rank reaches cap. Each output element
-// has one writer; comparisons only: the CPU's ids exactly.
+// the unfiltered plan: if its expert is over capacity, it counts the rows of that expert ranking ahead of it (the
+// expert's rows are contiguous in assign_of) and writes -1 when that rank reaches cap. A block's 256 rows read the
+// rows they rank against together, 256 at a time through shared memory: the rows of the experts its rows belong to
+// (contiguous too), each thread counting within its own expert's. Each output element has one writer; integer
+// counts of comparisons: the CPU's ids exactly. (A thread walking its expert's rows alone made a hot expert's m rows
+// m dependent gathers each, on m threads: milliseconds once routing collapses onto one expert.)
 #include "kernels/capacity.h"
 #include "kernels/cuda/common.cuh"
 
@@ -9,31 +12,64 @@ namespace cm::cuda {
 
 namespace {
 
-__device__ __forceinline__ bool ahead(const float* gate, int32_t a, int32_t b) {
-  const float ga = gate[a], gb = gate[b];
+constexpr int kCapThreads = 256;
+
+// Whether slot a (gate ga) ranks ahead of slot b (gate gb): NaN last, then the larger gate, then the lower slot.
+__device__ __forceinline__ bool ahead(float ga, int32_t a, float gb, int32_t b) {
   const bool na = ga != ga, nb = gb != gb;
   if (na != nb) return nb;
   if (!na && ga != gb) return ga > gb;
   return a < b;
 }
 
-// Row r belongs to the expert whose [offsets[e], offsets[e+1]) holds it: binary search over N+1 offsets.
-__global__ void capacity_kernel(int32_t* expert_out, const float* gate, const int32_t* assign_of,
-                                const int64_t* offsets, int64_t N, int64_t cap) {
+// The expert whose rows [offsets[e], offsets[e+1]) hold row r (binary search over the N+1 offsets).
+__device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t N, int64_t r) {
+  int64_t lo = 0, hi = N;  // invariant: offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (offsets[mid] <= r) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+__global__ void capacity_kernel(int32_t* __restrict__ expert_out, const float* __restrict__ gate,
+                                const int32_t* __restrict__ assign_of, const int64_t* __restrict__ offsets, int64_t N,
+                                int64_t cap) {
+  __shared__ float g_chunk[kCapThreads];
+  __shared__ int32_t a_chunk[kCapThreads];
   const int64_t Ap = offsets[N];
-  for (int64_t r = gtid(); r < Ap; r += gstride()) {
-    int64_t lo = 0, hi = N;  // invariant: offsets[lo] <= r < offsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (offsets[mid] <= r) lo = mid;
-      else hi = mid;
+  for (int64_t t0 = (int64_t)blockIdx.x * kCapThreads; t0 < Ap; t0 += (int64_t)gridDim.x * kCapThreads) {
+    const int64_t r = t0 + threadIdx.x, t1 = t0 + kCapThreads < Ap ? t0 + kCapThreads : Ap;
+    const bool have = r < Ap;
+    int64_t r0 = 0, r1 = 0, rank = 0;
+    int32_t a = 0;
+    float ga = 0.f;
+    if (have) {
+      const int64_t e = expert_of_row(offsets, N, r);
+      r0 = offsets[e];
+      r1 = offsets[e + 1];
+      a = assign_of[r];
+      ga = gate[a];
     }
-    const int64_t r0 = offsets[lo], r1 = offsets[lo + 1];
-    if (r1 - r0 <= cap) continue;
-    const int32_t a = assign_of[r];
-    int64_t rank = 0;
-    for (int64_t q = r0; q < r1 && rank < cap; ++q) rank += ahead(gate, assign_of[q], a);
-    if (rank >= cap) expert_out[a] = -1;
+    bool done = !have || r1 - r0 <= cap;  // decided: under capacity, or ranked past cap
+    // The rows of the experts of the tile's first and last rows, and of every expert between.
+    const int64_t u0 = offsets[expert_of_row(offsets, N, t0)], u1 = offsets[expert_of_row(offsets, N, t1 - 1) + 1];
+    for (int64_t c0 = u0; c0 < u1; c0 += kCapThreads) {
+      if (__syncthreads_and(done)) break;  // also: every thread is done with the previous chunk
+      const int64_t q = c0 + threadIdx.x;
+      if (q < u1) {
+        a_chunk[threadIdx.x] = assign_of[q];
+        g_chunk[threadIdx.x] = gate[a_chunk[threadIdx.x]];
+      }
+      __syncthreads();
+      if (!done) {
+        const int64_t q0 = c0 > r0 ? c0 : r0, q1 = c0 + kCapThreads < r1 ? c0 + kCapThreads : r1;
+        for (int64_t j = q0; j < q1 && rank < cap; ++j) rank += ahead(g_chunk[j - c0], a_chunk[j - c0], ga, a);
+        done = rank >= cap;
+      }
+    }
+    if (have && r1 - r0 > cap && rank >= cap) expert_out[a] = -1;
   }
 }
 
@@ -46,7 +82,8 @@ void capacity_filter(int32_t* expert_out, const int32_t* expert, const float* ga
   if (cap < 0) cap = 0;
   cudaCheck(cudaMemcpyAsync(expert_out, expert, (size_t)A * sizeof(int32_t), cudaMemcpyDeviceToDevice, stream()));
   // Rows of the plan: at most A (the exact count lives on the device; threads past it exit at once).
-  capacity_kernel<<<grid_for(A, 256), 256, 0, stream()>>>(expert_out, gate, assign_of, offsets, N, cap);
+  capacity_kernel<<<grid_for(A, kCapThreads), kCapThreads, 0, stream()>>>(expert_out, gate, assign_of, offsets, N,
+                                                                          cap);
   cudaCheckLaunch("capacity_kernel");
 }
 
