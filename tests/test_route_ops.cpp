@@ -673,9 +673,10 @@ TEST_SUITE("cuda") {
       int64_t T, Kp, n, b, C;
     };
     // Odd sizes: C not a multiple of 32 (lane tails), one node, many pairs on one node; nodes of more than 384 pairs
-    // (dW in more than one K block of the CPU GEMM, summed side by side on the device).
+    // (dW in more than one K block of the CPU GEMM, summed side by side on the device); more than 384 channels (the
+    // forward's K blocks) and more than 64 children (two column tiles of the device's grouped GEMM).
     for (Case cs : {Case{9, 2, 5, 3, 37}, Case{33, 1, 1, 7, 40}, Case{70, 4, 4, 2, 16}, Case{3, 1, 2, 5, 65},
-                    Case{900, 2, 3, 4, 33}, Case{1000, 1, 2, 3, 20}}) {
+                    Case{900, 2, 3, 4, 33}, Case{1000, 1, 2, 3, 20}, Case{40, 2, 3, 5, 400}, Case{50, 1, 2, 70, 24}}) {
       CAPTURE(cs.T);
       CAPTURE(cs.C);
       const int64_t P = cs.T * cs.Kp;
@@ -693,7 +694,8 @@ TEST_SUITE("cuda") {
       CHECK_CLOSE(hd.grad(), h.grad().to_f32_vector(), 1e-5f, 1e-5f);
       CHECK_CLOSE(Wd.grad(), W.grad().to_f32_vector(), 1e-5f, 1e-5f);
 #if defined(__FMA__) || defined(__AVX512F__)
-      // dW: the CPU GEMM's K blocks and fused multiply-adds, so its bits (kernels/cuda/route.cu)
+      // The logits and dW: the CPU GEMM's K blocks and fused multiply-adds, so its bits (kernels/cuda/route.cu)
+      if (nt.defined()) CHECK(got.to_f32_vector() == ref.to_f32_vector());
       if (nt.defined()) CHECK(Wd.grad().to_f32_vector() == W.grad().to_f32_vector());
 #endif
       // The same bits on a second run (fixed summation orders, no float atomics).

@@ -1,6 +1,7 @@
 // CUDA router level kernels (kernels/route.h). Nothing here waits for the stream.
-//   logits forward:  one warp per logit (pair p, child c): lanes stride over the channels, a warp_sum adds them in
-//                    a fixed tree.
+//   logits forward:  the pairs sorted by node (as for dW below), then one grouped GEMM (kernels/cuda/grouped_gemm.cu,
+//                    the token rows gathered, each node's b rows of W as its weight) and the rows put back in pair
+//                    order: the CPU twin's GEMM, so its bits, and each W tile read once per 64 pairs of its node.
 //   dh:              one warp per token; each lane owns channels q, q+32, ... and adds, in pair order, child by
 //                    child, dlogits[p, c] W[node * b + c, q]: one thread per output element, a fixed order.
 //   dW:              the pairs are sorted by node (integer histogram, dispatch_offsets, the stable dispatch_scatter);
@@ -21,6 +22,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/dispatch.h"
 #include "kernels/gemm.h"
+#include "kernels/grouped_gemm.h"
 #include "kernels/route.h"
 
 namespace cm::cuda {
@@ -29,22 +31,19 @@ namespace {
 
 constexpr int kThreads = 128;  // 4 warps per block
 
-__global__ void logits_kernel(float* __restrict__ logits, const float* __restrict__ h, const float* __restrict__ W,
-                              const int32_t* __restrict__ node, int64_t P, int64_t Kp, int64_t b, int64_t C,
-                              int64_t n) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
-  for (int64_t o = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; o < P * b; o += warps) {
-    const int64_t p = o / b, c = o % b;
-    const int64_t j = node ? (int64_t)node[p] : 0;
-    const bool ok = j >= 0 && j < n;
-    const float* hr = h + (p / Kp) * C;
-    const float* wr = W + (ok ? (j * b + c) * C : 0);
-    float acc = 0.f;
-    if (ok)
-      for (int64_t q = lane; q < C; q += kWarp) acc = fmaf(hr[q], wr[q], acc);
-    acc = warp_sum(acc);
-    if (lane == 0) logits[o] = ok ? acc : NAN;
+// W_j of a routed level's nodes, for the grouped GEMM: ptr[j] = W + j * b * C (made on the device: no upload).
+__global__ void node_weights_kernel(const float** __restrict__ ptr, const float* __restrict__ W, int64_t n,
+                                    int64_t bC) {
+  for (int64_t j = gtid(); j < n; j += gstride()) ptr[j] = W + j * bC;
+}
+
+// logits[p] = rows[row_of[p]]: the node-major rows back in pair order; NaN for a pair whose node is out of range
+// (it has no row; the index check reports it).
+__global__ void unsort_rows_kernel(float* __restrict__ logits, const float* __restrict__ rows,
+                                   const int32_t* __restrict__ row_of, int64_t P, int64_t b) {
+  for (int64_t i = gtid(); i < P * b; i += gstride()) {
+    const int32_t r = row_of[i / b];
+    logits[i] = r >= 0 ? rows[(int64_t)r * b + i % b] : NAN;
   }
 }
 
@@ -446,8 +445,27 @@ void route_logits_forward(float* logits, const float* h, const float* W, const i
     gemm(logits, b, h, C, W, C, P, b, C, false, true);
     return;
   }
-  logits_kernel<<<grid_for(P * b, kThreads / kWarp), kThreads, 0, stream()>>>(logits, h, W, node, P, Kp, b, C, n);
-  cudaCheckLaunch("route logits_kernel");
+  CM_CHECK(n >= 1 && n <= 12288, "cuda::route_logits_forward: n=", n, " nodes (the dispatch sort takes 1..12288)");
+  // Scratch: counts [n] (u64), offsets [n+1] (i64), row_of and order [P] (i32), the nodes' W pointers [n], the
+  // node-major logits [P, b].
+  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
+  Scratch s(cb + ob + 2 * pb + cb + (size_t)(P * b) * 4);
+  unsigned long long* counts = s.at<unsigned long long>();
+  int64_t* offsets = s.at<int64_t>(cb);
+  int32_t* row_of = s.at<int32_t>(cb + ob);
+  int32_t* order = s.at<int32_t>(cb + ob + pb);
+  const float** wj = s.at<const float*>(cb + ob + 2 * pb);
+  float* rows = s.at<float>(2 * cb + ob + 2 * pb);
+  cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
+  count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
+  cudaCheckLaunch("route count_kernel");
+  dispatch_offsets(offsets, (const int64_t*)counts, n);
+  dispatch_scatter(row_of, order, node, offsets, P, n);
+  node_weights_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(wj, W, n, b * C);
+  cudaCheckLaunch("route node_weights_kernel");
+  grouped_gemm_forward(rows, h, wj, offsets, n, P, b, C, nullptr, false, RowGather{order, Kp});
+  unsort_rows_kernel<<<grid_for(P * b, kThreads), kThreads, 0, stream()>>>(logits, rows, row_of, P, b);
+  cudaCheckLaunch("route unsort_rows_kernel");
 }
 
 void route_logits_backward_h(float* dh, const float* dlogits, const float* W, const int32_t* node, int64_t T,
