@@ -2,8 +2,9 @@
 //   logits forward:  the pairs sorted by node (as for dW below), then one grouped GEMM (kernels/cuda/grouped_gemm.cu,
 //                    the token rows gathered, each node's b rows of W as its weight) and the rows put back in pair
 //                    order: the CPU twin's GEMM, so its bits, and each W tile read once per 64 pairs of its node.
-//   dh:              one warp per token; each lane owns channels q, q+32, ... and adds, in pair order, child by
-//                    child, dlogits[p, c] W[node * b + c, q]: one thread per output element, a fixed order.
+//   dh:              the same sort, each pair's row dlogits[p] W_j by the grouped GEMM's backward (the CPU's
+//                    gemm_row bits), then a thread per (token, channel) adds its pairs' rows to 0 in increasing
+//                    node order, as the CPU does: its bits.
 //   dW:              the pairs are sorted by node (integer histogram, dispatch_offsets, the stable dispatch_scatter);
 //                    then one warp per row (node, child) walks its node's pairs in increasing p, lanes over q.
 //   selection:       one warp per pair: softmax of the scaled, biased logits (warp max and sum), the probabilities
@@ -47,24 +48,34 @@ __global__ void unsort_rows_kernel(float* __restrict__ logits, const float* __re
   }
 }
 
-__global__ void backward_h_kernel(float* __restrict__ dh, const float* __restrict__ dlogits,
-                                  const float* __restrict__ W, const int32_t* __restrict__ node, int64_t T,
-                                  int64_t Kp, int64_t b, int64_t C, int64_t n) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
-  for (int64_t t = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; t < T; t += warps) {
-    for (int64_t q = lane; q < C; q += kWarp) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < Kp; ++i) {
-        const int64_t p = t * Kp + i;
-        const int64_t j = node ? (int64_t)node[p] : 0;
-        if (j < 0 || j >= n) continue;
-        const float* g = dlogits + p * b;
-        const float* w = W + j * b * C + q;
-        for (int64_t c = 0; c < b; ++c) acc = fmaf(g[c], w[c * C], acc);
+// dlogits' rows in node-major order for the grouped GEMM: sorted[i] = dlogits[order[i]].
+__global__ void sort_rows_kernel(float* __restrict__ sorted, const float* __restrict__ dlogits,
+                                 const int32_t* __restrict__ order, const int64_t* __restrict__ offsets, int64_t n,
+                                 int64_t b) {
+  const int64_t rows = offsets[n];
+  for (int64_t i = gtid(); i < rows * b; i += gstride()) sorted[i] = dlogits[(int64_t)order[i / b] * b + i % b];
+}
+
+// dh[t, q] = 0 + the rows of token t's pairs (rows [row_of[p], C]), in increasing (node, p) order: the CPU twin's
+// sum. Pairs out of range (no row) add nothing.
+__global__ void pair_rows_sum_kernel(float* __restrict__ dh, const float* __restrict__ rows,
+                                     const int32_t* __restrict__ row_of, const int32_t* __restrict__ node, int64_t T,
+                                     int64_t Kp, int64_t C) {
+  for (int64_t i = gtid(); i < T * C; i += gstride()) {
+    const int64_t t = i / C, q = i % C;
+    const int32_t* nt = node + t * Kp;
+    float acc = 0.f;
+    for (int64_t m = 0, last = -1; m < Kp; ++m) {  // the next pair in (node, p) order after `last`
+      int64_t next = -1;
+      for (int64_t k = 0; k < Kp; ++k) {
+        const bool after = last < 0 || nt[k] > nt[last] || (nt[k] == nt[last] && k > last);
+        if (after && (next < 0 || nt[k] < nt[next] || (nt[k] == nt[next] && k < next))) next = k;
       }
-      dh[t * C + q] = acc;
+      last = next;
+      const int32_t r = row_of[t * Kp + next];
+      if (r >= 0) acc += rows[(int64_t)r * C + q];
     }
+    dh[i] = acc;
   }
 }
 
@@ -476,8 +487,32 @@ void route_logits_backward_h(float* dh, const float* dlogits, const float* W, co
     gemm(dh, C, dlogits, b, W, C, T, C, b, false, false);
     return;
   }
-  backward_h_kernel<<<grid_for(T, kThreads / kWarp), kThreads, 0, stream()>>>(dh, dlogits, W, node, T, Kp, b, C, n);
-  cudaCheckLaunch("route backward_h_kernel");
+  CM_CHECK(n >= 1 && n <= 12288, "cuda::route_logits_backward_h: n=", n, " nodes (the dispatch sort takes 1..12288)");
+  const int64_t P = T * Kp;
+  // Scratch: counts [n] (u64), offsets [n+1] (i64), row_of and order [P] (i32), the nodes' W pointers [n],
+  // dlogits node-major [P, b], the pairs' rows node-major [P, C].
+  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
+  const size_t lb = align256((size_t)(P * b) * 4);
+  Scratch s(cb + ob + 2 * pb + cb + lb + (size_t)(P * C) * 4);
+  unsigned long long* counts = s.at<unsigned long long>();
+  int64_t* offsets = s.at<int64_t>(cb);
+  int32_t* row_of = s.at<int32_t>(cb + ob);
+  int32_t* order = s.at<int32_t>(cb + ob + pb);
+  const float** wj = s.at<const float*>(cb + ob + 2 * pb);
+  float* dls = s.at<float>(2 * cb + ob + 2 * pb);
+  float* rows = s.at<float>(2 * cb + ob + 2 * pb + lb);
+  cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
+  count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
+  cudaCheckLaunch("route count_kernel");
+  dispatch_offsets(offsets, (const int64_t*)counts, n);
+  dispatch_scatter(row_of, order, node, offsets, P, n);
+  node_weights_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(wj, W, n, b * C);
+  cudaCheckLaunch("route node_weights_kernel");
+  sort_rows_kernel<<<grid_for(P * b, kThreads), kThreads, 0, stream()>>>(dls, dlogits, order, offsets, n, b);
+  cudaCheckLaunch("route sort_rows_kernel");
+  grouped_gemm_backward_input(rows, dls, wj, offsets, n, P, b, C, false);
+  pair_rows_sum_kernel<<<grid_for(T * C, kThreads), kThreads, 0, stream()>>>(dh, rows, row_of, node, T, Kp, C);
+  cudaCheckLaunch("route pair_rows_sum_kernel");
 }
 
 void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
