@@ -446,6 +446,41 @@ void check_sizes(const char* what, int64_t P, int64_t Kp, int64_t b, int64_t C) 
   CM_CHECK(P >= 0 && Kp >= 1 && b >= 0 && C >= 0 && P % Kp == 0, what, ": P=", P, " Kp=", Kp, " b=", b, " C=", C);
 }
 
+// A routed level's P pairs grouped by node on the device, by the dispatch plan's stable counting sort: offsets
+// [n + 1] (node j's rows), row_of [P] (a pair's row in node-major order; -1 for a node out of range), order [P]
+// (the pair at each row), and, given W [n * b, C], the nodes' weights for the grouped GEMM (wj[j] = W + j * b * C).
+// Everything lives in scratch of its own, freed with it (later work on the stream runs after what reads it).
+struct NodeSort {
+  Scratch s;
+  int64_t* offsets;
+  int32_t *row_of, *order;
+  const float** wj;
+  NodeSort(const char* what, const int32_t* node, int64_t P, int64_t n, const float* W = nullptr, int64_t bC = 0)
+      : s(bytes(P, n)) {
+    CM_CHECK(n >= 1 && n <= 12288, what, ": n=", n, " nodes (the dispatch sort takes 1..12288)");
+    const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
+    auto* counts = s.at<unsigned long long>();
+    offsets = s.at<int64_t>(cb);
+    row_of = s.at<int32_t>(cb + ob);
+    order = s.at<int32_t>(cb + ob + pb);
+    wj = s.at<const float*>(cb + ob + 2 * pb);
+    cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
+    if (P > 0) {
+      count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
+      cudaCheckLaunch("route count_kernel");
+    }
+    dispatch_offsets(offsets, (const int64_t*)counts, n);
+    if (P > 0) dispatch_scatter(row_of, order, node, offsets, P, n);
+    if (W) {
+      node_weights_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(wj, W, n, bC);
+      cudaCheckLaunch("route node_weights_kernel");
+    }
+  }
+  static size_t bytes(int64_t P, int64_t n) {
+    return 2 * align256((size_t)n * 8) + align256((size_t)(n + 1) * 8) + 2 * align256((size_t)P * 4 + 4);
+  }
+};
+
 }  // namespace
 
 void route_logits_forward(float* logits, const float* h, const float* W, const int32_t* node, int64_t P, int64_t Kp,
@@ -456,26 +491,10 @@ void route_logits_forward(float* logits, const float* h, const float* W, const i
     gemm(logits, b, h, C, W, C, P, b, C, false, true);
     return;
   }
-  CM_CHECK(n >= 1 && n <= 12288, "cuda::route_logits_forward: n=", n, " nodes (the dispatch sort takes 1..12288)");
-  // Scratch: counts [n] (u64), offsets [n+1] (i64), row_of and order [P] (i32), the nodes' W pointers [n], the
-  // node-major logits [P, b].
-  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
-  Scratch s(cb + ob + 2 * pb + cb + (size_t)(P * b) * 4);
-  unsigned long long* counts = s.at<unsigned long long>();
-  int64_t* offsets = s.at<int64_t>(cb);
-  int32_t* row_of = s.at<int32_t>(cb + ob);
-  int32_t* order = s.at<int32_t>(cb + ob + pb);
-  const float** wj = s.at<const float*>(cb + ob + 2 * pb);
-  float* rows = s.at<float>(2 * cb + ob + 2 * pb);
-  cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
-  count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
-  cudaCheckLaunch("route count_kernel");
-  dispatch_offsets(offsets, (const int64_t*)counts, n);
-  dispatch_scatter(row_of, order, node, offsets, P, n);
-  node_weights_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(wj, W, n, b * C);
-  cudaCheckLaunch("route node_weights_kernel");
-  grouped_gemm_forward(rows, h, wj, offsets, n, P, b, C, nullptr, false, RowGather{order, Kp});
-  unsort_rows_kernel<<<grid_for(P * b, kThreads), kThreads, 0, stream()>>>(logits, rows, row_of, P, b);
+  const NodeSort g("cuda::route_logits_forward", node, P, n, W, b * C);
+  Scratch rows((size_t)(P * b) * 4);  // the logits node-major
+  grouped_gemm_forward(rows.at<float>(), h, g.wj, g.offsets, n, P, b, C, nullptr, false, RowGather{g.order, Kp});
+  unsort_rows_kernel<<<grid_for(P * b, kThreads), kThreads, 0, stream()>>>(logits, rows.at<float>(), g.row_of, P, b);
   cudaCheckLaunch("route unsort_rows_kernel");
 }
 
@@ -487,62 +506,37 @@ void route_logits_backward_h(float* dh, const float* dlogits, const float* W, co
     gemm(dh, C, dlogits, b, W, C, T, C, b, false, false);
     return;
   }
-  CM_CHECK(n >= 1 && n <= 12288, "cuda::route_logits_backward_h: n=", n, " nodes (the dispatch sort takes 1..12288)");
   const int64_t P = T * Kp;
-  // Scratch: counts [n] (u64), offsets [n+1] (i64), row_of and order [P] (i32), the nodes' W pointers [n],
-  // dlogits node-major [P, b], the pairs' rows node-major [P, C].
-  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
-  const size_t lb = align256((size_t)(P * b) * 4);
-  Scratch s(cb + ob + 2 * pb + cb + lb + (size_t)(P * C) * 4);
-  unsigned long long* counts = s.at<unsigned long long>();
-  int64_t* offsets = s.at<int64_t>(cb);
-  int32_t* row_of = s.at<int32_t>(cb + ob);
-  int32_t* order = s.at<int32_t>(cb + ob + pb);
-  const float** wj = s.at<const float*>(cb + ob + 2 * pb);
-  float* dls = s.at<float>(2 * cb + ob + 2 * pb);
-  float* rows = s.at<float>(2 * cb + ob + 2 * pb + lb);
-  cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
-  count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
-  cudaCheckLaunch("route count_kernel");
-  dispatch_offsets(offsets, (const int64_t*)counts, n);
-  dispatch_scatter(row_of, order, node, offsets, P, n);
-  node_weights_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(wj, W, n, b * C);
-  cudaCheckLaunch("route node_weights_kernel");
-  sort_rows_kernel<<<grid_for(P * b, kThreads), kThreads, 0, stream()>>>(dls, dlogits, order, offsets, n, b);
+  const NodeSort g("cuda::route_logits_backward_h", node, P, n, W, b * C);
+  Scratch dls((size_t)(P * b) * 4), rows((size_t)(P * C) * 4);  // dlogits and the pairs' rows, node-major
+  sort_rows_kernel<<<grid_for(P * b, kThreads), kThreads, 0, stream()>>>(dls.at<float>(), dlogits, g.order,
+                                                                        g.offsets, n, b);
   cudaCheckLaunch("route sort_rows_kernel");
-  grouped_gemm_backward_input(rows, dls, wj, offsets, n, P, b, C, false);
-  pair_rows_sum_kernel<<<grid_for(T * C, kThreads), kThreads, 0, stream()>>>(dh, rows, row_of, node, T, Kp, C);
+  grouped_gemm_backward_input(rows.at<float>(), dls.at<float>(), g.wj, g.offsets, n, P, b, C, false);
+  pair_rows_sum_kernel<<<grid_for(T * C, kThreads), kThreads, 0, stream()>>>(dh, rows.at<float>(), g.row_of, node, T,
+                                                                            Kp, C);
   cudaCheckLaunch("route pair_rows_sum_kernel");
 }
 
 void route_logits_backward_w(float* dW, const float* dlogits, const float* h, const int32_t* node, int64_t P,
                              int64_t Kp, int64_t n, int64_t b, int64_t C) {
   check_sizes("cuda::route_logits_backward_w", P, Kp, b, C);
-  CM_CHECK(n >= 1 && n <= 12288, "cuda::route_logits_backward_w: n=", n, " nodes (the dispatch sort takes 1..12288)");
   if (n * b * C == 0) return;
   if (!node) {  // one node: dlogits^T h by cuBLAS
     gemm(dW, C, dlogits, b, h, C, b, C, P, true, false);
     return;
   }
-  // Scratch: counts and blocks per node [n] (u64), their offsets [n+1] (i64), row_of [P], order [P] (i32), the
-  // block sums [blocks, b, C]. Blocks: at most ceil(m_j / 384) per node, so at most P / 384 + n in all.
+  const NodeSort g("cuda::route_logits_backward_w", node, P, n);
+  const int64_t* offsets = g.offsets;
+  const int32_t* order = g.order;
+  // Scratch: blocks per node [n] (u64), their offsets [n+1] (i64), the block sums [blocks, b, C]. Blocks: at most
+  // ceil(m_j / 384) per node, so at most P / 384 + n in all.
   const int64_t max_blocks = P / cpu::kGemmKC + n;
-  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8), pb = align256((size_t)P * 4 + 4);
-  Scratch s(2 * cb + 2 * ob + 2 * pb + (size_t)(max_blocks * b * C) * 4);
-  unsigned long long* counts = s.at<unsigned long long>();
-  unsigned long long* blocks = s.at<unsigned long long>(cb);
-  int64_t* offsets = s.at<int64_t>(2 * cb);
-  int64_t* first = s.at<int64_t>(2 * cb + ob);
-  int32_t* row_of = s.at<int32_t>(2 * cb + 2 * ob);
-  int32_t* order = s.at<int32_t>(2 * cb + 2 * ob + pb);
-  float* part = s.at<float>(2 * cb + 2 * ob + 2 * pb);
-  cudaCheck(cudaMemsetAsync(counts, 0, (size_t)n * 8, stream()));
-  if (P > 0) {
-    count_kernel<<<grid_for(P, kThreads), kThreads, 0, stream()>>>(counts, node, P, n);
-    cudaCheckLaunch("route count_kernel");
-  }
-  dispatch_offsets(offsets, (const int64_t*)counts, n);
-  if (P > 0) dispatch_scatter(row_of, order, node, offsets, P, n);
+  const size_t cb = align256((size_t)n * 8), ob = align256((size_t)(n + 1) * 8);
+  Scratch s(cb + ob + (size_t)(max_blocks * b * C) * 4);
+  unsigned long long* blocks = s.at<unsigned long long>();
+  int64_t* first = s.at<int64_t>(cb);
+  float* part = s.at<float>(cb + ob);
   w_blocks_kernel<<<grid_for(n, kThreads), kThreads, 0, stream()>>>(blocks, offsets, n);
   cudaCheckLaunch("route w_blocks_kernel");
   dispatch_offsets(first, (const int64_t*)blocks, n);
