@@ -88,8 +88,8 @@ void z_loss_backward(float* dlogits, const float* dloss, const float* logits, co
 // and within float rounding of the CPU's double sums (tests/test_cuda.cpp: loss and mean_prob to 1e-5 relative;
 // frac, tokens and the backward bit for bit). G * E <= 4096 keeps a chunk's sums in shared memory; larger levels
 // keep them in global scratch, with fewer chunks: about 2^22 (g, e) partials (32 MiB), at least one chunk.
-// The inverse shares are made on the device from log_bias (the any-nonzero decision by one block, the shares one
-// thread per group, exp in double): the host never reads the bias.
+// The inverse shares are made on the device from log_bias (the any-nonzero decision by one block, the exponentials
+// in double a thread each, each group's sum in child order by one lane): the host never reads the bias.
 void load_balance_forward(float* loss, float* frac, float* mean_prob, float* tokens, const float* probs,
                           const int32_t* indices, const int32_t* group, const float* log_bias, int64_t R, int64_t E,
                           int64_t K, int64_t G, float weight);
