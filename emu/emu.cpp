@@ -921,11 +921,13 @@ cudaError_t reach(uint64_t pos) {
   g_reached = std::max(g_reached, pos);
   return e == cudaSuccess ? e : ret(e);
 }
-// A synchronising call: every queued pinned copy done, then any kernel failure not reported yet.
-cudaError_t sync_all() {
-  const cudaError_t r = reach(g_queued), k = sync_status();
+// A synchronising call up to the first pos pinned copies (all of them: sync_all): any kernel failure not reported
+// yet, else what the copies' check found.
+cudaError_t sync_to(uint64_t pos) {
+  const cudaError_t r = reach(pos), k = sync_status();
   return k != cudaSuccess ? k : r;
 }
+cudaError_t sync_all() { return sync_to(g_queued); }
 }  // namespace
 
 // ---------------------------------------------------------------- runtime API: device
@@ -986,7 +988,7 @@ struct CUstream_st {
 struct CUevent_st {
   std::chrono::steady_clock::time_point t{};
   bool recorded = false;
-  uint64_t pos = 0;  // the pinned-memory copies queued before it (pinned_queued() at the record)
+  uint64_t pos = 0;  // the pinned-memory copies queued before it (g_queued at the record)
 };
 cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
@@ -1031,8 +1033,7 @@ cudaError_t cudaEventQuery(cudaEvent_t e) {
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (!e) return ret(cudaErrorInvalidResourceHandle);
   std::lock_guard<std::recursive_mutex> lock(g_mu);
-  const cudaError_t r = reach(e->pos), k = sync_status();
-  return k != cudaSuccess ? k : r;
+  return sync_to(e->pos);
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   if (!ms) return ret(cudaErrorInvalidValue);

@@ -10,7 +10,21 @@
 // An expert keeps the cap assignments that rank first. Integer output from comparisons only: the CUDA twin
 // gives the CPU's ids exactly, for any thread count.
 #pragma once
+#include <cmath>
 #include <cstdint>
+
+#include "engine/hd.h"
+
+namespace cm::shared {
+// Does assignment a (gate ga) rank ahead of b (gate gb)? The rule above, for both twins: a strict total order, so
+// sorting by it is well defined.
+CM_HD bool capacity_ahead(float ga, int32_t a, float gb, int32_t b) {
+  const bool na = std::isnan(ga), nb = std::isnan(gb);
+  if (na != nb) return nb;  // a number ranks ahead of a NaN
+  if (!na && ga != gb) return ga > gb;
+  return a < b;
+}
+}  // namespace cm::shared
 
 namespace cm::cpu {
 
@@ -25,8 +39,8 @@ void capacity_filter(int32_t* expert_out,       // [A] expert[a], or -1 where dr
 
 #if CM_CUDA
 // CUDA twin (kernels/cuda/capacity.cu): same contract on device pointers (offsets too), on the engine's stream,
-// no wait. One thread per row counts the rows of its expert that rank ahead of it: O(sum over experts of n_e^2)
-// comparisons, for experts over capacity only.
+// no wait. Each row counts the rows of its expert that rank ahead of it, a block's rows together through shared
+// memory: O(sum over experts of n_e^2) comparisons, for experts over capacity only, spread over the whole grid.
 namespace cm::cuda {
 
 void capacity_filter(int32_t* expert_out, const int32_t* expert, const float* gate, const int32_t* assign_of,

@@ -4,24 +4,10 @@
 #include "kernels/capacity.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace cm::cpu {
-
-namespace {
-
-// Does assignment a rank ahead of b (kernels/capacity.h)? A strict total order, so sorting by it is well defined.
-inline bool ahead(const float* gate, int32_t a, int32_t b) {
-  const float ga = gate[a], gb = gate[b];
-  const bool na = std::isnan(ga), nb = std::isnan(gb);
-  if (na != nb) return nb;  // a number ranks ahead of a NaN
-  if (!na && ga != gb) return ga > gb;
-  return a < b;
-}
-
-}  // namespace
 
 void capacity_filter(int32_t* expert_out, const int32_t* expert, const float* gate, const int32_t* assign_of,
                      const int64_t* offsets, int64_t A, int64_t N, int64_t cap) {
@@ -32,7 +18,8 @@ void capacity_filter(int32_t* expert_out, const int32_t* expert, const float* ga
     const int64_t r0 = offsets[e], r1 = offsets[e + 1];
     if (r1 - r0 <= cap) continue;
     std::vector<int32_t> rows(assign_of + r0, assign_of + r1);
-    std::sort(rows.begin(), rows.end(), [gate](int32_t a, int32_t b) { return ahead(gate, a, b); });
+    std::sort(rows.begin(), rows.end(),
+              [gate](int32_t a, int32_t b) { return shared::capacity_ahead(gate[a], a, gate[b], b); });
     for (size_t i = (size_t)cap; i < rows.size(); ++i) expert_out[rows[i]] = -1;
   }
 }

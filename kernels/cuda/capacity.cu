@@ -14,25 +14,6 @@ namespace {
 
 constexpr int kCapThreads = 256;
 
-// Whether slot a (gate ga) ranks ahead of slot b (gate gb): NaN last, then the larger gate, then the lower slot.
-__device__ __forceinline__ bool ahead(float ga, int32_t a, float gb, int32_t b) {
-  const bool na = ga != ga, nb = gb != gb;
-  if (na != nb) return nb;
-  if (!na && ga != gb) return ga > gb;
-  return a < b;
-}
-
-// The expert whose rows [offsets[e], offsets[e+1]) hold row r (binary search over the N+1 offsets).
-__device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t N, int64_t r) {
-  int64_t lo = 0, hi = N;  // invariant: offsets[lo] <= r < offsets[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (offsets[mid] <= r) lo = mid;
-    else hi = mid;
-  }
-  return lo;
-}
-
 __global__ void capacity_kernel(int32_t* __restrict__ expert_out, const float* __restrict__ gate,
                                 const int32_t* __restrict__ assign_of, const int64_t* __restrict__ offsets, int64_t N,
                                 int64_t cap) {
@@ -46,7 +27,7 @@ __global__ void capacity_kernel(int32_t* __restrict__ expert_out, const float* _
     int32_t a = 0;
     float ga = 0.f;
     if (have) {
-      const int64_t e = expert_of_row(offsets, N, r);
+      const int64_t e = segment_of(offsets, N, r);
       r0 = offsets[e];
       r1 = offsets[e + 1];
       a = assign_of[r];
@@ -54,7 +35,7 @@ __global__ void capacity_kernel(int32_t* __restrict__ expert_out, const float* _
     }
     bool done = !have || r1 - r0 <= cap;  // decided: under capacity, or ranked past cap
     // The rows of the experts of the tile's first and last rows, and of every expert between.
-    const int64_t u0 = offsets[expert_of_row(offsets, N, t0)], u1 = offsets[expert_of_row(offsets, N, t1 - 1) + 1];
+    const int64_t u0 = offsets[segment_of(offsets, N, t0)], u1 = offsets[segment_of(offsets, N, t1 - 1) + 1];
     for (int64_t c0 = u0; c0 < u1; c0 += kCapThreads) {
       if (__syncthreads_and(done)) break;  // also: every thread is done with the previous chunk
       const int64_t q = c0 + threadIdx.x;
@@ -65,7 +46,8 @@ __global__ void capacity_kernel(int32_t* __restrict__ expert_out, const float* _
       __syncthreads();
       if (!done) {
         const int64_t q0 = c0 > r0 ? c0 : r0, q1 = c0 + kCapThreads < r1 ? c0 + kCapThreads : r1;
-        for (int64_t j = q0; j < q1 && rank < cap; ++j) rank += ahead(g_chunk[j - c0], a_chunk[j - c0], ga, a);
+        for (int64_t j = q0; j < q1 && rank < cap; ++j)
+          rank += shared::capacity_ahead(g_chunk[j - c0], a_chunk[j - c0], ga, a);
         done = rank >= cap;
       }
     }

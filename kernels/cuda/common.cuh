@@ -112,6 +112,18 @@ __device__ __forceinline__ void strided_offsets(const Strided<K>& L, int64_t i, 
 __device__ __forceinline__ int64_t gtid() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t gstride() { return (int64_t)gridDim.x * blockDim.x; }
 
+// The segment s whose [offsets[s], offsets[s + 1]) holds r, for 0 <= r < offsets[n] (binary search over n + 1
+// nondecreasing offsets; empty segments are skipped).
+__device__ __forceinline__ int64_t segment_of(const int64_t* offsets, int64_t n, int64_t r) {
+  int64_t lo = 0, hi = n;  // invariant: offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (offsets[mid] <= r) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

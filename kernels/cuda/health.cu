@@ -1,8 +1,8 @@
 // CUDA twin of the experts' fault guard and health update (contract in kernels/health.h). Row norms: a warp per 32
 // rows reads them in coalesced tiles, and each lane walks its row in column order, so the double sum has the CPU's
-// order and bits. The classification and the
-// counters: one warp per expert, 32 rows at a time, its sums in row order (deterministic, as on the CPU), small next
-// to the GEMMs that made y. The health update is one thread's loop over the experts, as on the CPU.
+// order and bits. The classification and the counters: one warp per expert, 32 rows at a time, its sums in row
+// order (deterministic, as on the CPU), small next to the GEMMs that made y. The health update is one thread's loop
+// over the experts, as on the CPU.
 #include "kernels/health.h"
 #include "kernels/cuda/common.cuh"
 

@@ -5,8 +5,8 @@
 //   dh:              the same sort, each pair's row dlogits[p] W_j by the grouped GEMM's backward (the CPU's
 //                    gemm_row bits), then a thread per (token, channel) adds its pairs' rows to 0 in increasing
 //                    node order, as the CPU does: its bits.
-//   dW:              the pairs are sorted by node (integer histogram, dispatch_offsets, the stable dispatch_scatter);
-//                    then one warp per row (node, child) walks its node's pairs in increasing p, lanes over q.
+//   dW:              the same sort (integer histogram, dispatch_offsets, the stable dispatch_scatter); then each
+//                    node's pairs in the CPU GEMM's K blocks, summed side by side and added in block order.
 //   selection:       one warp per pair: softmax of the scaled, biased logits (warp max and sum), the probabilities
 //                    written, then k rounds of warp arg-best over probs + aux-free bias (pruned children -inf) in
 //                    kernels/topk.h's order; lanes 0..k-1 write the gates, path and child ids.
@@ -119,14 +119,9 @@ __global__ void w_block_sums_kernel(float* __restrict__ part, const float* __res
   for (int64_t w = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; w < tasks; w += warps) {
     const int64_t g = w / b, c = w % b;
     if (g >= first[n]) continue;
-    int64_t lo = 0, hi = n;  // the node of block g: first[lo] <= g < first[lo + 1]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (first[mid] <= g) lo = mid;
-      else hi = mid;
-    }
-    const int64_t a = offsets[lo], z = offsets[lo + 1], kb = cpu::gemm_k_block(z - a);
-    const int64_t s0 = a + (g - first[lo]) * kb, s1 = s0 + kb < z ? s0 + kb : z;
+    const int64_t j = segment_of(first, n, g);  // the node of block g
+    const int64_t a = offsets[j], z = offsets[j + 1], kb = cpu::gemm_k_block(z - a);
+    const int64_t s0 = a + (g - first[j]) * kb, s1 = s0 + kb < z ? s0 + kb : z;
     for (int64_t q = lane; q < C; q += kWarp) {
       float acc = 0.f;
       for (int64_t s = s0; s < s1; ++s) {
