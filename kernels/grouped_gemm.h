@@ -39,8 +39,10 @@
 // k from 0 per K block of gemm_k_block, each block's sum added to C in order, the bias added first), and one
 // thread owns each output element (no atomics, dW walked in row order by one block). So the CUDA twin gives the
 // CPU's bits on every run, against a CPU build whose GEMM uses fused multiply-adds (the AVX2 and AVX-512 paths;
-// the plain C++ fallback rounds twice and agrees within tolerance only). Checked under the emulator (emu/); no
-// GPU run yet.
+// the plain C++ fallback rounds twice and agrees within tolerance only). One exception, by design: when dW[g] has
+// few tiles, backward_weight cuts a group longer than a chunk into chunks and adds their products in order
+// (cuda::grouped_wgrad_chunks below), still deterministic and the CPU's bits of those products. Checked under the
+// emulator (emu/); no GPU run yet.
 //
 // Threads (CPU): one OpenMP region over (group, tile) work items for the whole call, dynamically scheduled; the
 // tiling is cut from the total work and the thread count (it never changes a bit, see above). A group of several
@@ -93,6 +95,7 @@ bool grouped_gemm_shared_packing();
 }  // namespace cm::cpu
 
 #if CM_CUDA
+#include <algorithm>
 #include <vector>
 
 // CUDA twins (kernels/cuda/grouped_gemm.cu): the same arguments, every one in device memory: the data, offsets,
@@ -112,6 +115,29 @@ void grouped_gemm_backward_input(float* dX, const float* dY, const float* const*
 void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const float* dY, const float* X,
                                   const int64_t* offsets, int64_t G, int64_t M, int64_t N, int64_t Kd,
                                   bool accumulate, RowGather gather = {});
+
+// backward_weight's chunks. A block owns a tile of dW[g] and walks the group's rows as its inner dimension, so a
+// group far above the others (routing collapse, early in training) would keep its few tiles' blocks busy long after
+// the rest of the GPU is idle. When dW[g] has few tiles, a group of more than `rows` rows is therefore cut into
+// chunks of `rows` (the last one shorter): the first chunk is folded into dW[g] (dB[g]) as a group of that many
+// rows would be, each further chunk's product (from zero, its own K blocks) goes to scratch, and those are added
+// in chunk order, c = part + c. Deterministic; a group of at most `rows` rows keeps the CPU's bits, a longer one
+// gets the CPU's bits of that sequence of products (tests/test_grouped_gemm.cpp builds it from cpu::gemm calls).
+// `extra` = M / rows bounds the further chunks of one call (scratch: extra * (N * Kd + N) floats, at most 16 MB).
+// rows == 0: no chunks (dW[g] large enough to fill the GPU on its own, or no
+// group can be that long).
+struct WgradChunks {
+  int64_t rows = 0, extra = 0;
+};
+inline WgradChunks grouped_wgrad_chunks(int64_t M, int64_t N, int64_t Kd) {
+  constexpr int64_t kMinRows = 2048, kScratchFloats = int64_t{1} << 22;
+  const int64_t per = N * (Kd > 0 ? Kd : 0) + N;  // one chunk's dW and dB
+  const int64_t extra = per > 0 ? kScratchFloats / per : 0;
+  if (extra == 0) return {};
+  const int64_t rows = std::max(kMinRows, (M + extra - 1) / extra);
+  if (M <= rows) return {};
+  return {rows, M / rows};  // sum over groups of (ceil(rows_g / rows) - 1) <= M / rows
+}
 
 // A device copy of a host list of G device pointers, uploaded again only when the list changes: keep one per
 // pointer set (e.g. per MoE layer and weight matrix) and call get() before each launch. Parameters keep their

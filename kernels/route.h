@@ -230,9 +230,10 @@ void route_select_backward(float* dprobs, float* dparent, const float* dpath, co
 void route_select_backward_logits(float* dlogits, float* dparent, const float* dpath, const float* probs,
                                   const int32_t* child, const float* path_parent, float inv_temp, int64_t P,
                                   int64_t b, int64_t k, bool renorm);
-// One warp per row (the terms of route_select_forward's entropy), then one block for the mean.
+// One warp per row (the terms of route_select_forward's entropy), then the mean by sum_all (kernels/reduce.h).
 void route_mean_entropy(float* entropy, const float* probs, const float* s, int64_t P, int64_t b);
-// One thread per token walks the levels (the per-token work is a few sums over its leaves); depth at most 16.
+// One warp per token walks the levels: per kept node the lanes score its children, then k rounds of warp arg-best
+// (kernels/cuda/route.cu); depth at most 16.
 void route_group_select(int32_t* ids, const float* probs, const float* abias, const float* lbias,
                         const int64_t* branching, const int64_t* top_k, int64_t D, int64_t T);
 // One launch per level (a thread per node, the sums in double as on the CPU), then one for the logs and the pruned

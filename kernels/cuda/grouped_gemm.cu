@@ -12,7 +12,10 @@
 //     sum of the groups' tile counts) to find its group, and exits when t is past the last tile.
 //   backward_weight: grouped_wgrad_kernel. Block (g, tile of dW[g]) owns that tile of dW[g] [N, Kd] and walks
 //     group g's rows in order as its inner dimension; the tiles in dW's first column band also sum their rows of dB.
-//     One block per output element: deterministic, no atomics.
+//     One block per output element: deterministic, no atomics. When dW[g] has few tiles, a long group's rows past
+//     its first chunk go to further blocks, chunk by chunk (grouped_wgrad_chunks, kernels/grouped_gemm.h), whose
+//     partial products wgrad_chunks_add_kernel then adds in chunk order: a hot expert's few tiles no longer hold
+//     the whole GPU to their length.
 //
 // The CPU's bits: every output element runs cm::cpu::gemm's sequence (kernels/gemm.h, gemm_k_block): per K block,
 // acc = 0 and acc = fmaf(a_k, b_k, acc) in increasing k, then C = acc (first block, overwriting) or acc + C. The
@@ -103,28 +106,30 @@ __device__ void tile_product(float (&c)[4][4], bool& have, float& colsum, bool& 
   }
 }
 
-// The group of row tile t and the tile's first row within the group, where group g owns ceil(rows_g / TM)
-// consecutive tiles; false when t is past the last tile. Every thread of the block calls it (barriers inside) and
-// gets the same answer.
-__device__ bool locate_row_tile(const int64_t* __restrict__ offsets, int64_t G, int64_t t, int64_t& g_out,
-                                int64_t& m0_out) {
+// The group of unit t and the unit's first row within the group, where group g owns
+// ceil((rows_g - skip) / unit) consecutive units (none when rows_g <= skip), in group order, the first starting at
+// row `skip`; false when t is past the last unit. The row tiles: unit TM, skip 0; backward_weight's further chunks:
+// unit = skip = the chunk rows. Every thread of the block calls it (barriers inside) and gets the same answer.
+__device__ bool locate_unit(const int64_t* __restrict__ offsets, int64_t G, int64_t t, int64_t unit, int64_t skip,
+                            int64_t& g_out, int64_t& m0_out) {
   __shared__ int64_t warp_tot[kThreads / kWarp];
   __shared__ int64_t found[2];  // group, first row
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (threadIdx.x == 0) found[0] = -1;
-  int64_t base = 0;  // tiles of the groups before this step's 256
+  int64_t base = 0;  // units of the groups before this step's 256
   for (int64_t g0 = 0; g0 < G; g0 += kThreads) {
     const int64_t g = g0 + threadIdx.x;
-    const int64_t n = g < G ? (offsets[g + 1] - offsets[g] + TM - 1) / TM : 0;
+    const int64_t rows = g < G ? offsets[g + 1] - offsets[g] : 0;
+    const int64_t n = rows > skip ? (rows - skip + unit - 1) / unit : 0;
     const int64_t incl = warp_inclusive_scan(n);
     if (lane == kWarp - 1) warp_tot[warp] = incl;
     __syncthreads();
-    int64_t first = base + incl - n, total = base;  // first: this group's first tile
+    int64_t first = base + incl - n, total = base;  // first: this group's first unit
     for (int w = 0; w < kThreads / kWarp; ++w) {
       if (w < warp) first += warp_tot[w];
       total += warp_tot[w];
     }
-    if (n > 0 && t >= first && t < first + n) found[0] = g, found[1] = (t - first) * TM;  // one thread at most
+    if (n > 0 && t >= first && t < first + n) found[0] = g, found[1] = skip + (t - first) * unit;  // one thread
     __syncthreads();
     if (found[0] >= 0) break;  // the same in every thread
     base = total;
@@ -143,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
                         int32_t a_div, const float* const* __restrict__ W, const float* const* __restrict__ bias,
                         const int64_t* __restrict__ offsets, int64_t G, int64_t cols, int64_t K, bool accumulate) {
   int64_t g, m0;
-  if (!locate_row_tile(offsets, G, blockIdx.x, g, m0)) return;  // the whole block: past the last tile
+  if (!locate_unit(offsets, G, blockIdx.x, TM, 0, g, m0)) return;  // the whole block: past the last tile
   const int64_t r0 = offsets[g] + m0, mc = imin(TM, offsets[g + 1] - r0);
   const int64_t n0 = (int64_t)blockIdx.y * TN, nc = imin(TN, cols - n0);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -176,32 +181,45 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-// Block (g, tile): dW[g][n0 : n0+TM, k0 : k0+TN] (+)= dY[rows g]^T X[rows g] (gathered), the group's rows as the
-// inner dimension in order; tiles with k0 == 0 also fold dB[g][n0 : n0+TM] (+)= column sums of dY[rows g].
+// Block (slot, tile) of dW [N, Kd]: slot < G is group g = slot, which folds its first chunk (rows 0 .. min(rows,
+// chunk) - 1; chunk 0: all of them) into dW[g][n0 : n0+TM, k0 : k0+TN] (+)= dY^T X (gathered), the rows as the
+// inner dimension in order, and with k0 == 0 also dB[g][n0 : n0+TM] (+)= column sums of dY. Slot G + x is the
+// call's further chunk x (locate_unit, group order): the same product from zero over the chunk's rows, into
+// part[x] (dW's layout, then dB's N), and its group into part_group[x] (-1 when x is past the last chunk).
 __global__ void __launch_bounds__(kThreads)
     grouped_wgrad_kernel(float* const* __restrict__ dW, float* const* __restrict__ dB, const float* __restrict__ dY,
                          const float* __restrict__ X, const int32_t* __restrict__ x_rows, int32_t x_div,
-                         const int64_t* __restrict__ offsets, int64_t N, int64_t Kd, int64_t tiles_n,
-                         int64_t tiles_k, bool accumulate) {
-  const int64_t g = blockIdx.x / (tiles_n * tiles_k), t = blockIdx.x % (tiles_n * tiles_k);
+                         const int64_t* __restrict__ offsets, int64_t G, int64_t N, int64_t Kd, int64_t tiles_n,
+                         int64_t tiles_k, bool accumulate, int64_t chunk, float* __restrict__ part,
+                         int32_t* __restrict__ part_group) {
+  const int64_t slot = blockIdx.x / (tiles_n * tiles_k), t = blockIdx.x % (tiles_n * tiles_k);
   const int64_t n0 = t / tiles_k * TM, k0 = t % tiles_k * TN;
-  const int64_t r0 = offsets[g], rows = offsets[g + 1] - r0;
-  if (rows == 0 && accumulate) return;  // an empty group's gradients stay untouched
+  const bool further = slot >= G;
+  int64_t g = slot, m0 = 0;
+  if (further) {
+    const bool found = locate_unit(offsets, G, slot - G, chunk, chunk, g, m0);
+    if (t == 0 && threadIdx.x == 0) part_group[slot - G] = found ? (int32_t)g : -1;
+    if (!found) return;  // the whole block
+  }
+  const int64_t all = offsets[g + 1] - offsets[g];
+  if (all == 0 && accumulate) return;  // an empty group's gradients stay untouched
+  const int64_t r0 = offsets[g] + m0, rows = chunk > 0 ? imin(chunk, all - m0) : all;
+  const bool init = accumulate && !further;  // start from the stored values
   const int64_t mc = imin(TM, N - n0), nc = imin(TN, Kd - k0);  // nc may be 0 (Kd == 0): dB only
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  float* w = dW[g];
+  float* w = further ? part + (slot - G) * (N * Kd + N) : dW[g];
+  float* db = dB && k0 == 0 ? (further ? w + N * Kd : dB[g]) : nullptr;
   float c[4][4];
 #pragma unroll
   for (int r = 0; r < 4; ++r)
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int64_t i = ty + 16 * r, j = tx + 16 * s;
-      c[r][s] = accumulate && i < mc && j < nc ? w[(n0 + i) * Kd + k0 + j] : 0.f;
+      c[r][s] = init && i < mc && j < nc ? w[(n0 + i) * Kd + k0 + j] : 0.f;
     }
-  bool have = accumulate;
-  float* db = dB && k0 == 0 ? dB[g] : nullptr;
-  float colsum = db && accumulate && (int64_t)threadIdx.x < mc ? db[n0 + threadIdx.x] : 0.f;
-  bool have_cs = accumulate;
+  bool have = init;
+  float colsum = db && init && (int64_t)threadIdx.x < mc ? db[n0 + threadIdx.x] : 0.f;
+  bool have_cs = init;
   const Operand Aop{dY + r0 * N, N, nullptr, 1};                                  // dY_g [rows, N]: op(A) = dY_g^T
   const Operand Bop{x_rows ? X : X + r0 * Kd, Kd, x_rows ? x_rows + r0 : nullptr, x_div};  // X_g [rows, Kd]
   tile_product<true, false>(c, have, colsum, have_cs, db != nullptr, Aop, n0, mc, Bop, k0, nc, rows);
@@ -213,6 +231,24 @@ __global__ void __launch_bounds__(kThreads)
       if (i < mc && j < nc) w[(n0 + i) * Kd + k0 + j] = have ? c[r][s] : 0.f;
     }
   if (db && (int64_t)threadIdx.x < mc) db[n0 + threadIdx.x] = have_cs ? colsum : 0.f;
+}
+
+// Element e of part's layout (dW's N * Kd, then dB's N) for the further chunks: the thread of a group's first
+// further chunk adds that chunk and the group's next ones, in chunk order (c = part + c), into dW[g] or dB[g].
+__global__ void wgrad_chunks_add_kernel(float* const* __restrict__ dW, float* const* __restrict__ dB,
+                                        const float* __restrict__ part, const int32_t* __restrict__ part_group,
+                                        int64_t extra, int64_t N, int64_t Kd) {
+  const int64_t per = N * Kd + N;
+  for (int64_t i = gtid(); i < extra * per; i += gstride()) {
+    const int64_t x = i / per, e = i % per;
+    const int32_t g = part_group[x];
+    if (g < 0 || (x > 0 && part_group[x - 1] == g)) continue;  // no chunk, or not the group's first further one
+    if (e >= N * Kd && !dB) continue;
+    float* out = e < N * Kd ? dW[g] + e : dB[g] + (e - N * Kd);
+    float c = *out;
+    for (int64_t y = x; y < extra && part_group[y] == g; ++y) c = part[y * per + e] + c;
+    *out = c;
+  }
 }
 
 void check_args(const char* what, int64_t G, int64_t M, int64_t N, int64_t Kd, const RowGather& gather) {
@@ -253,11 +289,21 @@ void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const floa
   check_args("cuda::grouped_gemm_backward_weight", G, M, N, Kd, gather);
   if (G == 0 || N == 0) return;
   const int64_t tiles_n = ceil_div(N, TM), tiles_k = Kd > 0 ? ceil_div(Kd, TN) : 1;  // Kd == 0: dB only
-  CM_CHECK(G * tiles_n * tiles_k <= INT_MAX, "cuda::grouped_gemm_backward_weight: G=", G, " N=", N, " Kd=", Kd,
-           " too large");
-  grouped_wgrad_kernel<<<(unsigned)(G * tiles_n * tiles_k), kThreads, 0, stream()>>>(
-      dW, dB, dY, X, gather.index, (int32_t)gather.div, offsets, N, Kd, tiles_n, tiles_k, accumulate);
+  const WgradChunks ch = grouped_wgrad_chunks(M, N, Kd);
+  CM_CHECK((G + ch.extra) * tiles_n * tiles_k <= INT_MAX, "cuda::grouped_gemm_backward_weight: G=", G, " N=", N,
+           " Kd=", Kd, " too large");
+  const int64_t per = N * Kd + N;
+  Scratch s(ch.extra ? align256((size_t)(ch.extra * per) * 4) + (size_t)ch.extra * 4 : 0);
+  float* part = ch.extra ? s.at<float>() : nullptr;
+  int32_t* part_group = ch.extra ? s.at<int32_t>(align256((size_t)(ch.extra * per) * 4)) : nullptr;
+  grouped_wgrad_kernel<<<(unsigned)((G + ch.extra) * tiles_n * tiles_k), kThreads, 0, stream()>>>(
+      dW, dB, dY, X, gather.index, (int32_t)gather.div, offsets, G, N, Kd, tiles_n, tiles_k, accumulate, ch.rows,
+      part, part_group);
   cudaCheckLaunch("grouped_wgrad_kernel");
+  if (!ch.extra) return;
+  wgrad_chunks_add_kernel<<<grid_for(ch.extra * per, kThreads), kThreads, 0, stream()>>>(dW, dB, part, part_group,
+                                                                                         ch.extra, N, Kd);
+  cudaCheckLaunch("wgrad_chunks_add_kernel");
 }
 
 // ---------------------------------------------------------------- DevicePointers

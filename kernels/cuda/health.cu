@@ -3,6 +3,8 @@
 // order and bits. The classification and the counters: one warp per expert, 32 rows at a time, its sums in row
 // order (deterministic, as on the CPU), small next to the GEMMs that made y. The health update is one thread's loop
 // over the experts, as on the CPU.
+#include <algorithm>
+
 #include "kernels/health.h"
 #include "kernels/cuda/common.cuh"
 
@@ -109,13 +111,16 @@ __global__ void gate_backward_kernel(float* __restrict__ dx, const float* __rest
   for (int64_t i = gtid(); i < n; i += gstride()) dx[i] = pass ? g[i] : 0.f;
 }
 
-// Block e zeroes expert e's rows when it was cut.
+// The gridDim.y blocks of column e zero expert e's rows when it was cut (a block per row in turn, its threads along
+// the row): a cut expert that had most of the rows is spread over them, and a step with no cut expert costs one
+// read of ok per block.
 __global__ void rows_zero_kernel(float* __restrict__ x, const int32_t* __restrict__ ok,
                                  const int64_t* __restrict__ offsets, int64_t cols) {
   const int64_t e = blockIdx.x;
   if (ok[e]) return;
   const int64_t a = offsets ? offsets[e] : e, z = offsets ? offsets[e + 1] : e + 1;
-  for (int64_t k = a * cols + threadIdx.x; k < z * cols; k += blockDim.x) x[k] = 0.f;
+  for (int64_t r = a + blockIdx.y; r < z; r += gridDim.y)
+    for (int64_t k = threadIdx.x; k < cols; k += blockDim.x) x[r * cols + k] = 0.f;
 }
 
 __global__ void traffic_add_kernel(double* __restrict__ pend, const int32_t* __restrict__ counts, int64_t N) {
@@ -208,7 +213,8 @@ void expert_gate_backward(float* dx, const float* g, const int32_t* ok, int64_t 
 
 void expert_rows_zero(float* x, const int32_t* ok, const int64_t* offsets, int64_t N, int64_t cols) {
   if (N <= 0 || cols <= 0) return;
-  rows_zero_kernel<<<(unsigned)N, kThreads, 0, stream()>>>(x, ok, offsets, cols);
+  const unsigned per_expert = (unsigned)std::clamp<int64_t>(4096 / N, 1, 32);  // at most max(N, 4096) blocks
+  rows_zero_kernel<<<dim3((unsigned)N, per_expert), kThreads, 0, stream()>>>(x, ok, offsets, cols);
   cudaCheckLaunch("rows_zero_kernel");
 }
 

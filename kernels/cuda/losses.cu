@@ -253,22 +253,26 @@ __global__ void lb_loss_kernel(float* __restrict__ loss, const float* __restrict
   if (threadIdx.x == 0) *loss = tall > 0 ? (float)((double)weight * scale * acc / tall) : 0.f;
 }
 
+// k = dloss * weight * scale / T_all, T_all the tokens added in group order (the CPU twin's float expressions and
+// order): one thread, once, for every block of lb_backward_kernel.
+__global__ void lb_scale_kernel(float* __restrict__ k, const float* __restrict__ dloss,
+                                const float* __restrict__ tokens, const int32_t* __restrict__ on, int64_t E,
+                                int64_t G, float weight) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const double scale = on && *on ? 1.0 : (double)E;
+  double tall = 0.0;
+  for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
+  *k = tall > 0 ? (float)((double)dloss[0] * (double)weight * scale / tall) : 0.f;
+}
+
 // dprobs[r, e] = k * frac[g, e] (k * inv_share[g, e] * frac[g, e] with target shares: on[0]) for rows of group g in
-// [0, G), else 0; k = dloss * weight * scale / T_all: the CPU twin's float expressions.
-__global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __restrict__ dloss,
-                                   const float* __restrict__ frac, const float* __restrict__ tokens,
-                                   const int32_t* __restrict__ group, const float* __restrict__ inv_share,
-                                   const int32_t* __restrict__ on, int64_t R, int64_t E, int64_t G, float weight) {
-  __shared__ float k_sh;
+// [0, G), else 0.
+__global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __restrict__ k_in,
+                                   const float* __restrict__ frac, const int32_t* __restrict__ group,
+                                   const float* __restrict__ inv_share, const int32_t* __restrict__ on, int64_t R,
+                                   int64_t E, int64_t G) {
   const bool shares = on && *on;
-  const double scale = shares ? 1.0 : (double)E;
-  if (threadIdx.x == 0) {
-    double tall = 0.0;  // every block adds it up, in group order (the CPU's order)
-    for (int64_t g = 0; g < G; ++g) tall += (double)tokens[g];
-    k_sh = tall > 0 ? (float)((double)dloss[0] * (double)weight * scale / tall) : 0.f;
-  }
-  __syncthreads();
-  const float k = k_sh;
+  const float k = *k_in;
   const int64_t total = R * E;
   for (int64_t i = gtid(); i < total; i += gstride()) {
     const int64_t r = i / E, e = i - r * E;
@@ -387,13 +391,15 @@ void load_balance_backward(float* dprobs, const float* dloss, const float* frac,
                            float weight) {
   CM_CHECK(R >= 0 && E >= 1 && G >= 1, "cuda::load_balance_backward: R=", R, " E=", E, " G=", G);
   if (R == 0) return;
-  const size_t q_bytes = align256((size_t)(G * E) * 4);
-  Scratch s(log_bias ? q_bytes + 256 : 0);
+  const size_t q_bytes = log_bias ? align256((size_t)(G * E) * 4) : 0;
+  Scratch s(q_bytes + (log_bias ? 256 : 0) + 256);
   float* inv_share = log_bias ? s.at<float>() : nullptr;
   int32_t* on = log_bias ? s.at<int32_t>(q_bytes) : nullptr;
+  float* k = s.at<float>(q_bytes + (log_bias ? 256 : 0));
   lb_target_shares(inv_share, on, log_bias, E, G);
-  lb_backward_kernel<<<grid_for(R * E, 256), 256, 0, stream()>>>(dprobs, dloss, frac, tokens, group, inv_share, on, R,
-                                                                 E, G, weight);
+  lb_scale_kernel<<<1, 1, 0, stream()>>>(k, dloss, tokens, on, E, G, weight);
+  cudaCheckLaunch("lb_scale_kernel");
+  lb_backward_kernel<<<grid_for(R * E, 256), 256, 0, stream()>>>(dprobs, k, frac, group, inv_share, on, R, E, G);
   cudaCheckLaunch("lb_backward_kernel");
 }
 

@@ -10,8 +10,8 @@
 //   selection:       one warp per pair: softmax of the scaled, biased logits (warp max and sum), the probabilities
 //                    written, then k rounds of warp arg-best over probs + aux-free bias (pruned children -inf) in
 //                    kernels/topk.h's order; lanes 0..k-1 write the gates, path and child ids.
-//   entropy:         one warp per row, the same per-row terms as the selection's (RowEntropy), then one block adds
-//                    the rows in a fixed order.
+//   entropy:         one warp per row, the same per-row terms as the selection's (RowEntropy), then the rows'
+//                    mean by sum_all (kernels/reduce.h: fixed blocks of rows in double, then their sums).
 //   group_limited:   one warp per token walks the levels: per kept node, the lanes score its children (a double
 //                    sum over each child's leaves in leaf order, + aux-free bias), once when they fit the warp's
 //                    shared cache, then k rounds of warp arg-best in kernels/topk.h's order.
@@ -24,6 +24,7 @@
 #include "kernels/dispatch.h"
 #include "kernels/gemm.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/reduce.h"
 #include "kernels/route.h"
 
 namespace cm::cuda {
@@ -242,15 +243,6 @@ __global__ void select_kernel(float* __restrict__ probs, float* __restrict__ pat
       path[p * k + i] = path_parent ? path_parent[p] * gate : gate;  // a NaN kept probability stays NaN
     }
   }
-}
-
-// Mean of the row entropies, one block: each thread sums a fixed stride of rows in double, then a fixed tree.
-__global__ void mean_rows_kernel(float* __restrict__ out, const float* __restrict__ rows, int64_t P) {
-  __shared__ double sh[kWarp];
-  double acc = 0.0;
-  for (int64_t r = threadIdx.x; r < P; r += blockDim.x) acc += (double)rows[r];
-  acc = block_sum(acc, sh);
-  if (threadIdx.x == 0) out[0] = (float)(acc / (double)(P > 0 ? P : 1));
 }
 
 __global__ void select_backward_kernel(float* __restrict__ dprobs, float* __restrict__ dparent,
@@ -726,8 +718,7 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       n, (int)b, (int)k, renorm);
   cudaCheckLaunch("route select_kernel");
   if (entropy) {
-    mean_rows_kernel<<<1, 256, 0, stream()>>>(entropy, s.at<float>(), P);
-    cudaCheckLaunch("route mean_rows_kernel");
+    sum_all(entropy, s.at<float>(), P, (float)(1.0 / (double)P));  // the mean: fixed blocks of rows, in double
   }
 }
 
@@ -762,8 +753,7 @@ void route_mean_entropy(float* entropy, const float* probs, const float* s, int6
   Scratch rows((size_t)P * 4);
   entropy_rows_kernel<<<grid_for(P, kThreads / kWarp), kThreads, 0, stream()>>>(rows.at<float>(), probs, s, P, (int)b);
   cudaCheckLaunch("route entropy_rows_kernel");
-  mean_rows_kernel<<<1, 256, 0, stream()>>>(entropy, rows.at<float>(), P);
-  cudaCheckLaunch("route mean_rows_kernel");
+  sum_all(entropy, rows.at<float>(), P, (float)(1.0 / (double)P));
 }
 
 void route_group_select(int32_t* ids, const float* probs, const float* abias, const float* lbias,
