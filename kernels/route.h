@@ -81,8 +81,8 @@ void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t
 // added in k order);
 // m[k, q] = w / (the mean over labelled k' of w[k', q], summed in k order), as float; m = 1 for unlabelled k.
 // has [N] i32: 1 for labelled k. run [N, C] (null: skipped): the running m of evaluation, for labelled k
-// run = 0.9f * run + 0.1f * m. w [N * C + N + 2] double scratch. The arithmetic of model/router.cpp's ac_scales(): the
-// same bits on both twins.
+// run = 0.9f * run + 0.1f * m. w [N * C + N + C + 2] double scratch. The arithmetic of model/router.cpp's
+// ac_scales(): the same bits on both twins.
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);
 
@@ -196,8 +196,8 @@ CM_HD void aux_bias_node_update(float* bias, int64_t* load, int64_t b, float rat
 
 #if CM_CUDA
 // CUDA twins (kernels/cuda/route.cu), on device pointers, on the engine's stream, without waiting for it; node ==
-// nullptr goes to cuBLAS. A node outside [0, n) gives NaN logits (forward) and is skipped (backward). The histogram adds integer counts with
-// atomics: the counts are exact, so the result does not depend on the order.
+// nullptr goes to cuBLAS. A node outside [0, n) gives NaN logits (forward) and is skipped (backward). The
+// histogram adds integer counts with atomics: the counts are exact, so the result does not depend on the order.
 namespace cm::cuda {
 
 void route_logits_forward(float* logits, const float* h, const float* W, const int32_t* node, int64_t P, int64_t Kp,
@@ -214,7 +214,9 @@ void route_top1(int32_t* top1, const int32_t* expert, const float* gate, int64_t
 void route_offset_counts(int32_t* rows, const int64_t* offsets, int64_t N);
 void route_counts_add(int64_t* acc, const int32_t* counts, int64_t n);
 void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, float rate);
-// One thread per (label, feature) for the sums; the clip's sum on one thread in the CPU's order: the CPU's bits.
+// A thread per (label, feature) for the sums over the label's tokens (32 tokens' loads in flight at a time), a warp
+// per 32 labels for their sums over q, the clip's sum on one thread in k order, a thread per feature for its mean
+// over k, a thread per (label, feature) for m: every sum in the CPU's order, the CPU's bits.
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C);
 // One warp per pair; the probabilities use expf (within float rounding of the CPU's), the selection the same order.

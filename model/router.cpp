@@ -79,7 +79,7 @@ std::vector<float> ac_scales(const Tensor& h, const std::vector<int32_t>& labels
   const std::vector<float> hv = h.to_f32_vector();  // [T, C]
   std::vector<float> m((size_t)(N * C));
   std::vector<int32_t> has((size_t)N);
-  std::vector<double> w((size_t)(N * C + N + 2));
+  std::vector<double> w((size_t)(N * C + N + C + 2));
   cpu::ac_scales_forward(m.data(), has.data(), nullptr, w.data(), hv.data(), g.order.data(), g.offsets.data(), N, C);
   if (has_tokens) has_tokens->assign(has.begin(), has.end());
   return m;
@@ -189,7 +189,8 @@ Routing TreeRouter::route(const Tensor& h, const RouterBias& bias, const Tensor*
       const DispatchPlan g = make_dispatch_plan_nowait(lab, 1, N_);
       const Tensor hc = h.detach().contiguous();
       mt = Tensor::empty({N_, C_}, DType::F32, dev);
-      Tensor has = Tensor::empty({N_}, DType::I32, dev), w = Tensor::empty({2 * (N_ * C_ + N_ + 2)}, DType::F32, dev);
+      Tensor has = Tensor::empty({N_}, DType::I32, dev);
+      Tensor w = Tensor::empty({2 * (N_ * C_ + N_ + C_ + 2)}, DType::F32, dev);  // the doubles' scratch
       CM_KERNEL(dev, ac_scales_forward, mt.f32(), has.i32(), run.f32(), static_cast<double*>(w.raw()), hc.f32(),
                 g.assign_of.i32(), g.offsets_ptr(), N_, C_);
     }

@@ -799,8 +799,10 @@ TEST_SUITE("cuda") {
   TEST_CASE("cuda kernels: AC scales and the running m's update equal the CPU twin on random batches" *
             cm::test::needs_device()) {
     Generator g(9);
-    for (int64_t N : {1, 5, 16}) {
-      const int64_t T = 70, C = 24;
+    // N = 40 and C = 300: more labels than a warp's 32 rows, more features than a block's 128; T = 70 tokens under
+    // one label (N = 1): three rounds of 32.
+    for (int64_t N : {1, 5, 16, 40}) {
+      const int64_t T = N == 40 ? 400 : 70, C = N == 40 ? 300 : 24;
       CAPTURE(N);
       std::vector<float> u = Tensor::rand({T}, g).to_f32_vector();
       std::vector<int32_t> labels((size_t)T);
@@ -811,7 +813,7 @@ TEST_SUITE("cuda") {
         if (labels[t] == 0) h.f32()[t * C + 5] = 0.25f;
       std::vector<float> m((size_t)(N * C)), run = run0.to_f32_vector();
       std::vector<int32_t> has((size_t)N);
-      std::vector<double> w((size_t)(N * C + N + 2));
+      std::vector<double> w((size_t)(N * C + N + C + 2));
       cpu::ac_scales_forward(m.data(), has.data(), run.data(), w.data(), h.f32(), sg.order.data(), sg.offsets.data(),
                              N, C);
       std::vector<int32_t> off_words((size_t)(2 * (N + 1)));
@@ -820,7 +822,7 @@ TEST_SUITE("cuda") {
       Tensor od = Tensor::from_vector(sg.order, {T}).to(Device::CUDA);
       Tensor offd = Tensor::from_vector(off_words, {2 * (N + 1)}).to(Device::CUDA);
       Tensor md = Tensor::empty({N, C}, DType::F32, Device::CUDA), hasd = Tensor::empty({N}, DType::I32, Device::CUDA);
-      Tensor wd = Tensor::empty({2 * (N * C + N + 2)}, DType::F32, Device::CUDA);
+      Tensor wd = Tensor::empty({2 * (N * C + N + C + 2)}, DType::F32, Device::CUDA);
       cuda::ac_scales_forward(md.f32(), hasd.i32(), rd.f32(), static_cast<double*>(wd.raw()), hd.f32(), od.i32(),
                               static_cast<const int64_t*>(offd.raw()), N, C);
       REQUIRE(has[0] == 1);
@@ -828,6 +830,17 @@ TEST_SUITE("cuda") {
       CHECK(hasd.to_i32_vector() == has);
       CHECK(cm::test::first_mismatch(md.to_f32_vector(), m, 1e-6f, 1e-5f) < 0);
       CHECK(cm::test::first_mismatch(rd.to_f32_vector(), run, 1e-6f, 1e-5f) < 0);
+      CHECK(md.to_f32_vector() == m);  // the header's promise: every sum in the CPU's order
+      CHECK(rd.to_f32_vector() == run);
+      // m's float rounding hides most of the doubles' order; the weights themselves show it. The CPU clips w in
+      // place, the CUDA twin as it reads: equal, or clipped on the CPU to the clip (w's largest value).
+      const std::vector<float> words = wd.to_f32_vector();
+      std::vector<double> gw((size_t)(N * C));
+      std::memcpy(gw.data(), words.data(), gw.size() * sizeof(double));
+      const double clip = *std::max_element(w.begin(), w.begin() + N * C);
+      int64_t differ = 0;
+      for (size_t i = 0; i < gw.size(); ++i) differ += !(gw[i] == w[i] || (gw[i] > clip && w[i] == clip));
+      CHECK(differ == 0);
       if (N > 1) CHECK(has[1] == 0);  // an empty label keeps m = 1 and its running m
     }
   }

@@ -913,7 +913,7 @@ TEST_SUITE("routing") {
     const Segments g = counting_sort(labels, 3);
     std::vector<float> m2(18), run(18, 2.f);
     std::vector<int32_t> has2(3);
-    std::vector<double> w(3 * 6 + 3 + 2);
+    std::vector<double> w(3 * 6 + 3 + 6 + 2);
     cpu::ac_scales_forward(m2.data(), has2.data(), run.data(), w.data(), hv.data(), g.order.data(), g.offsets.data(),
                            3, 6);
     CHECK(m2 == m);

@@ -602,33 +602,67 @@ void route_aux_bias_update(float* bias, int64_t* load, int64_t n, int64_t b, flo
 }
 
 namespace {
-// w and has of each (label, feature): thread i = k * C + q walks the label's tokens in order (the CPU's sums).
-__global__ void ac_weights_kernel(double* __restrict__ w, int32_t* __restrict__ has, const float* __restrict__ h,
-                                  const int32_t* __restrict__ order, const int64_t* __restrict__ offsets, int64_t N,
-                                  int64_t C) {
-  for (int64_t i = gtid(); i < N * C; i += gstride()) {
-    const int64_t k = i / C, q = i % C, a = offsets[k], n = offsets[k + 1] - a;
-    if (q == 0) has[k] = n > 0;
-    if (n == 0) {
-      w[i] = 0.0;
-      continue;
-    }
-    double mean = 0.0, mad = 0.0;
-    for (int64_t j = a; j < a + n; ++j) mean += h[(int64_t)order[j] * C + q];
-    mean /= (double)n;
-    for (int64_t j = a; j < a + n; ++j) mad += fabs(h[(int64_t)order[j] * C + q] - mean);
-    w[i] = 1.0 / (mad / (double)n + 1e-4);
+// w and has of each (label, feature). Block (k, kThreads features): thread q walks label k's tokens in order (the CPU's
+// sums: the mean, then the mean absolute deviation), kAcTokens at a time: their ids staged in shared memory, then
+// that many loads of h in flight per thread before its adds (a thread walking the tokens alone waited on every load,
+// order[j] then h, in turn: a hot label's C threads for thousands of tokens).
+constexpr int kAcTokens = 32;
+__global__ void __launch_bounds__(kThreads)
+    ac_weights_kernel(double* __restrict__ w, int32_t* __restrict__ has, const float* __restrict__ h,
+                      const int32_t* __restrict__ order, const int64_t* __restrict__ offsets, int64_t C) {
+  __shared__ int64_t tok[kAcTokens];
+  const int64_t k = blockIdx.x, q = (int64_t)blockIdx.y * kThreads + threadIdx.x;
+  const int64_t a = offsets[k], n = offsets[k + 1] - a;
+  if (blockIdx.y == 0 && threadIdx.x == 0) has[k] = n > 0;
+  if (n == 0) {  // the same for the whole block
+    if (q < C) w[k * C + q] = 0.0;
+    return;
   }
+  double mean = 0.0, mad = 0.0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t j0 = 0; j0 < n; j0 += kAcTokens) {
+      const int cnt = (int)(n - j0 < kAcTokens ? n - j0 : kAcTokens);
+      if ((int)threadIdx.x < cnt) tok[threadIdx.x] = order[a + j0 + threadIdx.x];
+      __syncthreads();
+      float v[kAcTokens];
+#pragma unroll
+      for (int j = 0; j < kAcTokens; ++j) v[j] = q < C && j < cnt ? h[tok[j] * C + q] : 0.f;
+      for (int j = 0; j < cnt; ++j) {
+        if (pass == 0)
+          mean += v[j];
+        else
+          mad += fabs(v[j] - mean);
+      }
+      __syncthreads();  // tok is rewritten next
+    }
+    if (pass == 0) mean /= (double)n;
+  }
+  if (q < C) w[k * C + q] = 1.0 / (mad / (double)n + 1e-4);
 }
 
-// Thread k: the sum of w over q of a labelled k, in q order (0 for an unlabelled one), into rows[k].
+// rows[k] = the sum of w[k, :] over q in q order (0 for an unlabelled k), a warp per 32 rows: the warp reads each
+// 32 x 32 tile of its rows a row at a time (32 consecutive doubles per load) into shared memory, then lane l adds
+// row l's from it in column order (a thread per row read its own row: 32 rows' cache lines behind every load).
+constexpr int kAcRowWarps = 4;
 __global__ void ac_rows_kernel(double* __restrict__ rows, const double* __restrict__ w,
                                const int64_t* __restrict__ offsets, int64_t N, int64_t C) {
-  for (int64_t k = gtid(); k < N; k += gstride()) {
+  __shared__ double tiles[kAcRowWarps][kWarp][kWarp + 1];
+  const int lane = threadIdx.x % kWarp;
+  double(*tile)[kWarp + 1] = tiles[threadIdx.x / kWarp];
+  const int64_t warps = (int64_t)gridDim.x * kAcRowWarps;
+  for (int64_t r0 = ((int64_t)blockIdx.x * kAcRowWarps + threadIdx.x / kWarp) * kWarp; r0 < N; r0 += warps * kWarp) {
+    const int nr = (int)(N - r0 < kWarp ? N - r0 : kWarp);
     double row = 0.0;
-    if (offsets[k + 1] != offsets[k])
-      for (int64_t q = 0; q < C; ++q) row += w[k * C + q];
-    rows[k] = row;
+    for (int64_t c0 = 0; c0 < C; c0 += kWarp) {
+      const int cols = (int)(C - c0 < kWarp ? C - c0 : kWarp);
+      if (lane < cols)
+        for (int r = 0; r < nr; ++r) tile[r][lane] = w[(r0 + r) * C + c0 + lane];
+      __syncwarp();
+      if (lane < nr)
+        for (int c = 0; c < cols; ++c) row += tile[lane][c];
+      __syncwarp();  // the tile is read before the next one is written
+    }
+    if (lane < nr) rows[r0 + lane] = offsets[r0 + lane + 1] != offsets[r0 + lane] ? row : 0.0;
   }
 }
 
@@ -648,41 +682,54 @@ __global__ void ac_clip_kernel(double* __restrict__ clip, const double* __restri
   clip[1] = (double)labelled;
 }
 
-// Thread q: the clipped weights' mean over the labelled k in k order, then m (and the running m) of feature q.
-__global__ void ac_scale_kernel(float* __restrict__ m, float* __restrict__ run, const double* __restrict__ w,
-                                const double* __restrict__ clip, const int32_t* __restrict__ has, int64_t N,
-                                int64_t C) {
+__device__ __forceinline__ double clipped(double w, double cl) { return cl < w ? cl : w; }  // std::min's (NaN stays)
+
+// Thread q: the clipped weights' mean over the labelled k, in k order, into mq[q] (consecutive q: coalesced).
+__global__ void ac_mean_kernel(double* __restrict__ mq, const double* __restrict__ w, const double* __restrict__ clip,
+                               const int32_t* __restrict__ has, int64_t N, int64_t C) {
+  const double cl = clip[0], labelled = clip[1];
+  if (labelled == 0.0) return;  // m = 1 everywhere: mq unread
   for (int64_t q = gtid(); q < C; q += gstride()) {
-    const double cl = clip[0], labelled = clip[1];
-    if (labelled == 0.0) {
-      for (int64_t k = 0; k < N; ++k) m[k * C + q] = 1.0f;
-      continue;
-    }
-    double mq = 0.0;
+    double acc = 0.0;
     for (int64_t k = 0; k < N; ++k)
-      if (has[k]) mq += cl < w[k * C + q] ? cl : w[k * C + q];  // std::min's choice (NaN stays)
-    mq /= labelled;
-    for (int64_t k = 0; k < N; ++k) {
-      const int64_t i = k * C + q;
-      m[i] = has[k] ? (float)((cl < w[i] ? cl : w[i]) / mq) : 1.0f;
-      if (run && has[k]) run[i] = fmaf(0.9f, run[i], 0.1f * m[i]);  // the CPU twin's one fma
-    }
+      if (has[k]) acc += clipped(w[k * C + q], cl);
+    mq[q] = acc / labelled;
+  }
+}
+
+// Thread (k, q): m, and the running m of a labelled k.
+__global__ void ac_scale_kernel(float* __restrict__ m, float* __restrict__ run, const double* __restrict__ w,
+                                const double* __restrict__ clip, const double* __restrict__ mq,
+                                const int32_t* __restrict__ has, int64_t N, int64_t C) {
+  const double cl = clip[0];
+  const bool any = clip[1] != 0.0;
+  for (int64_t i = gtid(); i < N * C; i += gstride()) {
+    const int64_t k = i / C, q = i - k * C;
+    const bool on = any && has[k];
+    m[i] = on ? (float)(clipped(w[i], cl) / mq[q]) : 1.0f;
+    if (run && on) run[i] = fmaf(0.9f, run[i], 0.1f * m[i]);  // the CPU twin's one fma
   }
 }
 }  // namespace
 
 void ac_scales_forward(float* m, int32_t* has, float* run, double* w, const float* h, const int32_t* order,
                        const int64_t* offsets, int64_t N, int64_t C) {
-  CM_CHECK(N >= 1 && C >= 1, "cuda::ac_scales_forward: N=", N, " C=", C);
+  CM_CHECK(N >= 1 && C >= 1 && N <= INT32_MAX && ceil_div(C, kThreads) <= 65535, "cuda::ac_scales_forward: N=", N,
+           " C=", C);
   double* rows = w + N * C;  // each label's sum of w
   double* clip = rows + N;   // the clip and the labelled count
-  ac_weights_kernel<<<grid_for(N * C, kThreads), kThreads, 0, stream()>>>(w, has, h, order, offsets, N, C);
+  double* mq = clip + 2;     // each feature's mean clipped weight
+  ac_weights_kernel<<<dim3((unsigned)N, (unsigned)ceil_div(C, kThreads)), kThreads, 0, stream()>>>(w, has, h, order,
+                                                                                                  offsets, C);
   cudaCheckLaunch("route ac_weights_kernel");
-  ac_rows_kernel<<<grid_for(N, kThreads), kThreads, 0, stream()>>>(rows, w, offsets, N, C);
+  ac_rows_kernel<<<grid_for(ceil_div(N, kWarp), kAcRowWarps), kAcRowWarps * kWarp, 0, stream()>>>(rows, w, offsets,
+                                                                                                   N, C);
   cudaCheckLaunch("route ac_rows_kernel");
   ac_clip_kernel<<<1, 1, 0, stream()>>>(clip, rows, offsets, N, C);
   cudaCheckLaunch("route ac_clip_kernel");
-  ac_scale_kernel<<<grid_for(C, kThreads), kThreads, 0, stream()>>>(m, run, w, clip, has, N, C);
+  ac_mean_kernel<<<grid_for(C, kThreads), kThreads, 0, stream()>>>(mq, w, clip, has, N, C);
+  cudaCheckLaunch("route ac_mean_kernel");
+  ac_scale_kernel<<<grid_for(N * C, kThreads), kThreads, 0, stream()>>>(m, run, w, clip, mq, has, N, C);
   cudaCheckLaunch("route ac_scale_kernel");
 }
 
