@@ -1,7 +1,8 @@
 // Routing kernels on the GPU lab: the fused router softmax + top-k, the dispatch plan (histogram, scan, stable
 // scatter), permute (gather rows to experts), unpermute (permute backward: rows back to tokens), combine (the
-// gate-weighted sum per token), the load-balance loss, and the sorted add of the embedding backward (and of
-// index_add with long index lists) on skewed ids. Each stage runs two versions:
+// gate-weighted sum per token), the load-balance loss, the sorted add of the embedding backward (and of
+// index_add with long index lists) on skewed ids, and the experts' weight gradient with a hot expert. Each stage
+// runs two versions:
 //   naive: the straightforward CUDA code (a thread per row or per element, a single thread for the counting sort,
 //          a block per expert column for the loss) - what one writes first;
 //   ours:  the kernels of kernels/cuda/ (topk.cu, dispatch.cu, losses.cu, embedding.cu), as the engine calls them.
@@ -33,6 +34,7 @@
 #include "kernels/cuda/sort.cuh"
 #include "kernels/dispatch.h"
 #include "kernels/embedding.h"
+#include "kernels/grouped_gemm.h"
 #include "kernels/losses.h"
 #include "kernels/softmax.h"
 #include "kernels/topk.h"
@@ -484,6 +486,44 @@ double copy_bandwidth() {
 
 }  // namespace
 
+// The experts' weight gradient (kernels/grouped_gemm.h backward_weight) of G experts over M = T * K rows, one
+// expert holding `share` of them (0: all even): chunked (ours, the engine's default) against each expert's rows
+// walked by its own tiles' blocks alone (naive: grouped_wgrad_set_chunks(false), the kernel before chunks). Checked
+// against each other within float tolerance (the chunked sums are another order), then timed.
+void lab_grouped_wgrad(int64_t M, int64_t G, int64_t N, int64_t Kd, double share) {
+  const std::string shape = "M=" + std::to_string(M) + " G=" + std::to_string(G) + " " + std::to_string(N) + "x" +
+                            std::to_string(Kd) + " hot " + std::to_string((int)(100 * share)) + "%";
+  std::vector<int64_t> off((size_t)G + 1, 0);
+  const int64_t hot = (int64_t)(share * (double)M), rest = M - hot;
+  for (int64_t g = 0; g < G; ++g) off[(size_t)g + 1] = off[(size_t)g] + (g == 0 ? hot : 0) + rest / G + (g < rest % G);
+  std::vector<int32_t> words(2 * off.size());
+  std::memcpy(words.data(), off.data(), off.size() * sizeof(int64_t));
+  Tensor doff = dev_i32(words, {(int64_t)words.size()});
+  Tensor dY = dev_f32(randoms(M * N, 41, -1.f, 1.f), {M, N}), X = dev_f32(randoms(M * Kd, 42, -1.f, 1.f), {M, Kd});
+  Tensor dW = dev_empty({G, N, Kd}), ndW = dev_empty({G, N, Kd});
+  std::vector<float*> hp, np;
+  for (int64_t g = 0; g < G; ++g) hp.push_back(dW.f32() + g * N * Kd), np.push_back(ndW.f32() + g * N * Kd);
+  cuda::DevicePointers pp, pn;
+  float* const* dp = pp.get(hp);
+  float* const* dn = pn.get(np);
+  const int64_t* o = static_cast<const int64_t*>(doff.raw());
+  auto ours = [&] { cuda::grouped_gemm_backward_weight(dp, nullptr, dY.f32(), X.f32(), o, G, M, N, Kd, false); };
+  auto naive = [&] {
+    cuda::grouped_wgrad_set_chunks(false);
+    cuda::grouped_gemm_backward_weight(dn, nullptr, dY.f32(), X.f32(), o, G, M, N, Kd, false);
+    cuda::grouped_wgrad_set_chunks(true);
+  };
+  ours();
+  naive();
+  if (!close_all(dW.to_f32_vector(), ndW.to_f32_vector(), 1e-3f, 1e-4f, "grouped wgrad, chunked against whole"))
+    return;
+  const float t_ours = median_ms(ours), t_naive = median_ms(naive);
+  const double flops = 2.0 * (double)M * (double)N * (double)Kd;
+  std::printf("  %-14s %-34s ours %8.4f ms %6.1f TFLOP/s | unchunked %8.4f ms %6.1f TFLOP/s | x%.1f\n",
+              "expert wgrad", shape.c_str(), t_ours, flops / (t_ours * 1e-3) / 1e12, t_naive,
+              flops / (t_naive * 1e-3) / 1e12, t_naive / t_ours);
+}
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) g_quick = g_quick || std::strcmp(argv[i], "--quick") == 0;
   try {
@@ -507,6 +547,9 @@ int main(int argc, char** argv) {
       for (int64_t K : {1, 2})
         if (K <= E) lab_load_balance(T, E, K);
     for (double share : {0.0, 0.2, 0.9}) lab_embedding_backward(T, g_quick ? 256 : 768, share);
+    // fine-grained experts (24 dW tiles each: chunked), then wide ones (256 tiles each: at most 3 chunks)
+    for (double share : {0.0, 0.5, 0.9}) lab_grouped_wgrad(2 * T, 64, 384, 256, share);
+    for (double share : {0.0, 0.9}) lab_grouped_wgrad(2 * T, 8, 1024, 1024, share);
     return 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "cuda_routing: %s\n", e.what());

@@ -129,6 +129,9 @@ void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const floa
 struct WgradChunks {
   int64_t rows = 0, extra = 0;
 };
+// Chunks on (the default) or off (every group walked by its own tiles' blocks alone): the bench's before/after
+// (bench/cuda_routing.cu) and the tests' unchunked bits. Off, grouped_wgrad_chunks still answers the rule.
+void grouped_wgrad_set_chunks(bool on);
 inline WgradChunks grouped_wgrad_chunks(int64_t M, int64_t N, int64_t Kd) {
   constexpr int64_t kMinRows = 2048, kScratchFloats = int64_t{1} << 22;
   const int64_t per = N * (Kd > 0 ? Kd : 0) + N;  // one chunk's dW and dB

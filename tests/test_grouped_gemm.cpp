@@ -547,6 +547,21 @@ TEST_CASE("cuda kernels: grouped gemm's weight gradient cuts a long group into c
   q.bias = true;
   CHECK(!compare_bits(run_cpu_chunked(q, 2048), run_cpu(q), "").empty());
 #endif
+  // chunks off (the bench's before): each group walked whole, the CPU kernel's bits
+  cuda::grouped_wgrad_set_chunks(false);
+  {
+    Problem q = p;
+    q.bias = true, q.gather = true;
+    int64_t syncs = -1;
+    const Outputs got = run_cuda(q, syncs);
+#if defined(__FMA__) || defined(__AVX512F__)
+    const std::string bits = compare_bits(got, run_cpu(q), "CUDA unchunked against the CPU");
+    CHECK_MESSAGE(bits.empty(), bits);
+#endif
+    const std::string err = check_reference(q, got);
+    CHECK_MESSAGE(err.empty(), err);
+  }
+  cuda::grouped_wgrad_set_chunks(true);
   // one further chunk against M / 2048 = 2 slots: the second finds no chunk; Kd = 0: dB's chunks alone
   check_cuda(make_problem({2000, 2000, 2100}, 5, 3, 42), {1, 2, 5});
   check_cuda(make_problem({3000, 1200}, 6, 0, 43), {1, 3});

@@ -22,6 +22,7 @@
 // padding of a partial TK step is never multiplied (the k loop stops at the block's end), and a padded row or
 // column is never stored, so edges change nothing.
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <vector>
 
@@ -251,6 +252,11 @@ __global__ void wgrad_chunks_add_kernel(float* const* __restrict__ dW, float* co
   }
 }
 
+std::atomic<bool>& wgrad_chunks_on() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 void check_args(const char* what, int64_t G, int64_t M, int64_t N, int64_t Kd, const RowGather& gather) {
   CM_CHECK(G >= 0 && M >= 0 && N >= 0 && Kd >= 0, what, ": G=", G, " M=", M, " N=", N, " Kd=", Kd);
   CM_CHECK(gather.div > 0 && gather.div <= INT32_MAX, what, ": gather.div=", gather.div);
@@ -283,13 +289,15 @@ void grouped_gemm_backward_input(float* dX, const float* dY, const float* const*
   cudaCheckLaunch("grouped_rows_kernel<backward_input>");
 }
 
+void grouped_wgrad_set_chunks(bool on) { wgrad_chunks_on().store(on); }
+
 void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const float* dY, const float* X,
                                   const int64_t* offsets, int64_t G, int64_t M, int64_t N, int64_t Kd,
                                   bool accumulate, RowGather gather) {
   check_args("cuda::grouped_gemm_backward_weight", G, M, N, Kd, gather);
   if (G == 0 || N == 0) return;
   const int64_t tiles_n = ceil_div(N, TM), tiles_k = Kd > 0 ? ceil_div(Kd, TN) : 1;  // Kd == 0: dB only
-  const WgradChunks ch = grouped_wgrad_chunks(M, N, Kd);
+  const WgradChunks ch = wgrad_chunks_on().load() ? grouped_wgrad_chunks(M, N, Kd) : WgradChunks{};
   CM_CHECK((G + ch.extra) * tiles_n * tiles_k <= INT_MAX, "cuda::grouped_gemm_backward_weight: G=", G, " N=", N,
            " Kd=", Kd, " too large");
   const int64_t per = N * Kd + N;
