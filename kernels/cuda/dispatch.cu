@@ -88,8 +88,8 @@ __global__ void bucket_totals_kernel(int64_t* __restrict__ counts, int64_t* __re
 }
 
 // One block: offsets[0] = 0, offsets[e + 1] = offsets[e] + counts[e]. Each thread scans a contiguous segment.
-__global__ void exclusive_scan_kernel(int64_t* __restrict__ offsets, const int64_t* __restrict__ counts,
-                                      int64_t NB) {
+__global__ void __launch_bounds__(1024)
+    exclusive_scan_kernel(int64_t* __restrict__ offsets, const int64_t* __restrict__ counts, int64_t NB) {
   __shared__ int64_t warp_tot[kWarp];
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x / kWarp;
   const int64_t per = (NB + blockDim.x - 1) / blockDim.x;

@@ -69,8 +69,9 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits, const
 
 // inv_valid[0] = 1 / (targets in [0, V) that are not ignore_index), 0 when there is none; bad targets are
 // recorded. One block: integer counts, so the order of the additions does not matter.
-__global__ void cross_entropy_inv_valid_kernel(float* __restrict__ inv_valid, const int32_t* __restrict__ targets,
-                                               int64_t N, int64_t V, int32_t ignore_index, int64_t* rec) {
+__global__ void __launch_bounds__(1024)
+    cross_entropy_inv_valid_kernel(float* __restrict__ inv_valid, const int32_t* __restrict__ targets, int64_t N,
+                                   int64_t V, int32_t ignore_index, int64_t* rec) {
   __shared__ unsigned long long count;
   if (threadIdx.x == 0) count = 0;
   __syncthreads();
@@ -109,8 +110,8 @@ __global__ void row_logsumexp_kernel(float* __restrict__ lse, const float* __res
 }
 
 // One block: loss = weight / R * sum_r lse[r]^2, accumulated in double in a fixed order.
-__global__ void z_loss_reduce_kernel(float* __restrict__ loss, const float* __restrict__ lse, int64_t R,
-                                     float weight) {
+__global__ void __launch_bounds__(1024)
+    z_loss_reduce_kernel(float* __restrict__ loss, const float* __restrict__ lse, int64_t R, float weight) {
   __shared__ double sh[kWarp];
   double acc = 0.0;
   for (int64_t r = threadIdx.x; r < R; r += blockDim.x) acc += (double)lse[r] * (double)lse[r];
@@ -185,7 +186,8 @@ __global__ void lb_partial_kernel(float* __restrict__ s_part, int32_t* __restric
 // block: the decision for the whole array), else 0; inv_share [G, E] = rsum / rho in double: rho a thread per
 // (g, e), then a warp per group, whose lane 0 adds the group's rho in e order (the CPU twin's sum) and whose lanes
 // write its shares. (One thread per group made a flat router's E exponentials one after another, twice.)
-__global__ void lb_bias_on_kernel(int32_t* __restrict__ on, const float* __restrict__ log_bias, int64_t GE) {
+__global__ void __launch_bounds__(1024)
+    lb_bias_on_kernel(int32_t* __restrict__ on, const float* __restrict__ log_bias, int64_t GE) {
   __shared__ int32_t sh[kWarp];
   int32_t any = 0;
   for (int64_t i = threadIdx.x; i < GE; i += blockDim.x) any |= log_bias[i] != 0.f;  // NaN counts as nonzero
@@ -240,9 +242,9 @@ __global__ void lb_columns_kernel(float* __restrict__ frac, float* __restrict__ 
 
 // Stage 3, one block: loss = weight * scale * sum(term) / T_all (0 when no row counted), scale = E without
 // target shares, else 1. Never inf or NaN for finite probabilities: an empty group contributes 0, T_all = 0 gives 0.
-__global__ void lb_loss_kernel(float* __restrict__ loss, const float* __restrict__ term,
-                               const float* __restrict__ tokens, const int32_t* __restrict__ on, int64_t E, int64_t G,
-                               float weight) {
+__global__ void __launch_bounds__(1024)
+    lb_loss_kernel(float* __restrict__ loss, const float* __restrict__ term, const float* __restrict__ tokens,
+                   const int32_t* __restrict__ on, int64_t E, int64_t G, float weight) {
   __shared__ double sh[kWarp];
   const double scale = on && *on ? 1.0 : (double)E;
   double acc = 0.0, tall = 0.0;

@@ -31,8 +31,8 @@ __global__ void block_sums_kernel(double* __restrict__ part, const float* __rest
 }
 
 // out[0] = scale * sum of part[nb] (one block).
-__global__ void finish_sum_kernel(float* __restrict__ out, const double* __restrict__ part, int64_t nb,
-                                  float scale, const float* __restrict__ scale_at) {
+__global__ void __launch_bounds__(1024) finish_sum_kernel(float* __restrict__ out, const double* __restrict__ part,
+                                                          int64_t nb, float scale, const float* __restrict__ scale_at) {
   __shared__ double sh[kWarp];
   if (scale_at) scale = *scale_at;
   double acc = 0.0;
@@ -107,8 +107,9 @@ __global__ void block_max_kernel(float* __restrict__ pv, int64_t* __restrict__ p
   }
 }
 
-__global__ void finish_max_kernel(float* __restrict__ out, int64_t* __restrict__ idx, const float* __restrict__ pv,
-                                  const int64_t* __restrict__ pi, int64_t nb) {
+__global__ void __launch_bounds__(1024)
+    finish_max_kernel(float* __restrict__ out, int64_t* __restrict__ idx, const float* __restrict__ pv,
+                      const int64_t* __restrict__ pi, int64_t nb) {
   __shared__ float sv[kWarp];
   __shared__ int64_t si[kWarp];
   float v = -INFINITY;
