@@ -124,6 +124,28 @@ __device__ __forceinline__ int64_t segment_of(const int64_t* offsets, int64_t n,
   return lo;
 }
 
+// Lane l's sum in double of term(a[r0 + l][c]) over the row's C columns in column order (0 for lanes at or past
+// `rows`, rows <= 32), the loop a thread walking its own row would run, with coalesced loads: the warp reads its
+// rows 32 x 32 at a time into its tile, a row per load (32 consecutive values), then each lane adds its row's
+// terms from the tile. (A thread reading its own row put 32 rows' cache lines behind every load.) Every lane of
+// the warp calls it. The + 1 column puts lane l's row l in bank l + c.
+template <class T, class F>
+__device__ double warp_row_sums(const T* __restrict__ a, int64_t r0, int rows, int64_t C, T (*tile)[kWarp + 1],
+                                F term) {
+  const int lane = threadIdx.x % kWarp;
+  double s = 0.0;
+  for (int64_t c0 = 0; c0 < C; c0 += kWarp) {
+    const int cols = (int)(C - c0 < kWarp ? C - c0 : kWarp);
+    if (lane < cols)
+      for (int r = 0; r < rows; ++r) tile[r][lane] = a[(r0 + r) * C + c0 + lane];
+    __syncwarp();
+    if (lane < rows)
+      for (int c = 0; c < cols; ++c) s += term(tile[lane][c]);
+    __syncwarp();  // the tile is read before the next one is written
+  }
+  return s;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -14,32 +14,20 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Row norms, a warp per 32 rows: the warp reads each 32 x 32 tile of its rows a row at a time (32 consecutive
-// floats per load) into shared memory, then lane l adds row l's squares from it in column order: each row's double
-// sum walks its columns in order, the CPU twin's order and bits. (A thread per row reading its own row put 32 rows'
-// cache lines behind every load.)
+// Row norms, a warp per 32 rows (warp_row_sums, common.cuh): each row's double sum of squares walks its columns in
+// order, the CPU twin's order and bits.
 constexpr int kNormThreads = 128;
 __global__ void row_norms_kernel(double* __restrict__ norms, const float* __restrict__ y, int64_t S, int64_t C) {
   constexpr int kWarps = kNormThreads / kWarp;
-  __shared__ float tiles[kWarps][kWarp][kWarp + 1];  // + 1: lane l's row l falls in bank l + c
+  __shared__ float tiles[kWarps][kWarp][kWarp + 1];
   const int lane = threadIdx.x % kWarp;
-  float(*tile)[kWarp + 1] = tiles[threadIdx.x / kWarp];
   const int64_t warps = (int64_t)gridDim.x * kWarps;
   for (int64_t r0 = ((int64_t)blockIdx.x * kWarps + threadIdx.x / kWarp) * kWarp; r0 < S; r0 += warps * kWarp) {
     const int rows = (int)(S - r0 < kWarp ? S - r0 : kWarp);
-    double ss = 0.0;
-    for (int64_t c0 = 0; c0 < C; c0 += kWarp) {
-      const int cols = (int)(C - c0 < kWarp ? C - c0 : kWarp);
-      if (lane < cols)
-        for (int r = 0; r < rows; ++r) tile[r][lane] = y[(r0 + r) * C + c0 + lane];
-      __syncwarp();
-      if (lane < rows)
-        for (int c = 0; c < cols; ++c) {
-          const double v = tile[lane][c];
-          ss += v * v;
-        }
-      __syncwarp();  // the tile is read before the next one is written
-    }
+    const double ss = warp_row_sums(y, r0, rows, C, tiles[threadIdx.x / kWarp], [](float x) {
+      const double v = x;
+      return v * v;  // exact: a float squared in double
+    });
     if (lane < rows) norms[r0 + lane] = sqrt(ss);
   }
 }

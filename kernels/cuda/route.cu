@@ -640,28 +640,17 @@ __global__ void __launch_bounds__(kThreads)
   if (q < C) w[k * C + q] = 1.0 / (mad / (double)n + 1e-4);
 }
 
-// rows[k] = the sum of w[k, :] over q in q order (0 for an unlabelled k), a warp per 32 rows: the warp reads each
-// 32 x 32 tile of its rows a row at a time (32 consecutive doubles per load) into shared memory, then lane l adds
-// row l's from it in column order (a thread per row read its own row: 32 rows' cache lines behind every load).
+// rows[k] = the sum of w[k, :] over q in q order (0 for an unlabelled k), a warp per 32 rows (warp_row_sums,
+// common.cuh).
 constexpr int kAcRowWarps = 4;
 __global__ void ac_rows_kernel(double* __restrict__ rows, const double* __restrict__ w,
                                const int64_t* __restrict__ offsets, int64_t N, int64_t C) {
   __shared__ double tiles[kAcRowWarps][kWarp][kWarp + 1];
   const int lane = threadIdx.x % kWarp;
-  double(*tile)[kWarp + 1] = tiles[threadIdx.x / kWarp];
   const int64_t warps = (int64_t)gridDim.x * kAcRowWarps;
   for (int64_t r0 = ((int64_t)blockIdx.x * kAcRowWarps + threadIdx.x / kWarp) * kWarp; r0 < N; r0 += warps * kWarp) {
     const int nr = (int)(N - r0 < kWarp ? N - r0 : kWarp);
-    double row = 0.0;
-    for (int64_t c0 = 0; c0 < C; c0 += kWarp) {
-      const int cols = (int)(C - c0 < kWarp ? C - c0 : kWarp);
-      if (lane < cols)
-        for (int r = 0; r < nr; ++r) tile[r][lane] = w[(r0 + r) * C + c0 + lane];
-      __syncwarp();
-      if (lane < nr)
-        for (int c = 0; c < cols; ++c) row += tile[lane][c];
-      __syncwarp();  // the tile is read before the next one is written
-    }
+    const double row = warp_row_sums(w, r0, nr, C, tiles[threadIdx.x / kWarp], [](double x) { return x; });
     if (lane < nr) rows[r0 + lane] = offsets[r0 + lane + 1] != offsets[r0 + lane] ? row : 0.0;
   }
 }
