@@ -24,6 +24,9 @@ namespace cm::cuda {
 namespace {
 
 constexpr int kMaxBuckets = 12288;  // per-warp shared counters: 4 warps x 3072 or 1 warp x 12288 ints (48 KB)
+// The chunk kernels' dynamic shared memory (wpb * NB <= kMaxBuckets ints, and no static shared memory) within the
+// 48 KB a launch may ask for without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+static_assert(kMaxBuckets * sizeof(int32_t) <= 48 * 1024, "the counting sort's counters outgrow 48 KB");
 
 // ---------------------------------------------------------------- counting-sort kernels
 

@@ -117,6 +117,7 @@ __device__ bool locate_unit(const int64_t* __restrict__ offsets, int64_t G, int6
   __shared__ int64_t found[2];  // group, first row
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (threadIdx.x == 0) found[0] = -1;
+  __syncthreads();   // seen by every thread, also when G == 0 and the loop's barrier never runs
   int64_t base = 0;  // units of the groups before this step's 256
   for (int64_t g0 = 0; g0 < G; g0 += kThreads) {
     const int64_t g = g0 + threadIdx.x;

@@ -288,6 +288,7 @@ __global__ void lb_backward_kernel(float* __restrict__ dprobs, const float* __re
 
 
 constexpr int64_t kLbMaxGE = 4096;  // stage 1's shared memory: 8 bytes per (g, e) + 4 per g, under 48 KB
+static_assert(kLbMaxGE * 12 <= 48 * 1024, "stage 1's dynamic shared memory (G <= G * E) outgrows 48 KB");
 constexpr int64_t kLbMaxScratch = int64_t(1) << 22;  // (g, e) partials in global scratch above kLbMaxGE
 
 // The target shares of log_bias [G, E] into inv_share [G, E] and on [1] (both in the caller's scratch); nothing when
