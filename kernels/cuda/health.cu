@@ -1,8 +1,8 @@
 // CUDA twin of the experts' fault guard and health update (contract in kernels/health.h). Row norms: a warp per 32
 // rows reads them in coalesced tiles, and each lane walks its row in column order, so the double sum has the CPU's
-// order and bits. The classification and the counters: one warp per expert, 32 rows at a time, its sums in row
-// order (deterministic, as on the CPU), small next to the GEMMs that made y. The health update is one thread's loop
-// over the experts, as on the CPU.
+// order and bits. The classification and the counters: one warp per expert, 256 rows' loads at a time, its sums in
+// row order (deterministic, as on the CPU), small next to the GEMMs that made y. The health update is one
+// thread's loop over the experts, as on the CPU.
 #include <algorithm>
 
 #include "kernels/health.h"
@@ -32,11 +32,14 @@ __global__ void row_norms_kernel(double* __restrict__ norms, const float* __rest
   }
 }
 
-// One block; warp w classifies experts w, w + 8, ... (bad rows get norm -1), its lanes 32 rows at a time: each lane
-// judges its row, the warp counts by ballot, and every lane adds the good rows' norms in row order (each taken from
-// its lane by a shuffle): the CPU twin's serial double sum, its bits. Lane 0 of each warp writes its experts' flags
-// and counters; thread 0 adds the warps' row counts in warp order. (One thread per expert walked a dense layer's
-// every row alone: thousands of loads one after another.)
+// A warp per expert (block b's warp w: expert 8 b + w) classifies its rows (bad rows get norm -1), 256 at a time:
+// each lane loads its 8 rows of the 256 at once (the loads in flight together, where one row's load a step left
+// the warp waiting on each), then for each 32 in order each lane judges its row, the warp counts by ballot, and
+// every lane adds the good rows' norms in row order (each taken from its lane by a shuffle): the CPU twin's
+// serial double sum, its bits. Lane 0 writes the expert's flag and counters; thread 0 adds its block's row
+// counts into counts (integer atomics: exact in any order; zeroed by the launcher). (One block of 8 warps for
+// every expert made a dense layer's rows one warp's walk, a load at a time.)
+constexpr int kClassifyBatch = 8;
 __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ counts, double* __restrict__ pend,
                                 double* __restrict__ norms, const int64_t* __restrict__ offsets, int64_t N, int64_t S,
                                 const float* __restrict__ state, float factor, bool count, bool count_traffic) {
@@ -44,26 +47,36 @@ __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ 
   __shared__ int64_t inf_rows[kWarps], far_rows[kWarps];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   int64_t nonfinite = 0, outlier = 0;
-  for (int64_t e = warp; e < N; e += kWarps) {
+  const int64_t e = (int64_t)blockIdx.x * kWarps + warp;
+  if (e < N) {  // the same for the whole warp
     const int64_t a = offsets ? offsets[e] : 0, z = offsets ? offsets[e + 1] : S;
     const float ema = state[N + e];
     int64_t bad = 0, good = 0;
     double norm_sum = 0.0;
-    for (int64_t i0 = a; i0 < z; i0 += kWarp) {
-      const int64_t i = i0 + lane;
-      const bool in = i < z;
-      const double nm = in ? norms[i] : 0.0;
-      const bool inf = in && shared::guard_nonfinite(nm), far = in && shared::guard_outlier(nm, ema, factor);
-      if (inf || far) norms[i] = -1.0;
-      const unsigned inf_m = __ballot_sync(0xffffffffu, inf), far_m = __ballot_sync(0xffffffffu, far),
-                     good_m = __ballot_sync(0xffffffffu, in && !inf && !far);
-      bad += __popc(inf_m | far_m);
-      nonfinite += __popc(inf_m);
-      outlier += __popc(far_m);
-      good += __popc(good_m);
-      for (int l = 0; l < kWarp; ++l) {
-        const double v = __shfl_sync(0xffffffffu, nm, l);
-        if (good_m >> l & 1u) norm_sum += v;
+    for (int64_t i0 = a; i0 < z; i0 += kClassifyBatch * kWarp) {
+      double nm[kClassifyBatch];
+#pragma unroll
+      for (int j = 0; j < kClassifyBatch; ++j) {
+        const int64_t i = i0 + j * kWarp + lane;
+        nm[j] = i < z ? norms[i] : 0.0;
+      }
+#pragma unroll
+      for (int j = 0; j < kClassifyBatch; ++j) {
+        if (i0 + j * kWarp >= z) break;  // the same for the whole warp
+        const int64_t i = i0 + j * kWarp + lane;
+        const bool in = i < z;
+        const bool inf = in && shared::guard_nonfinite(nm[j]), far = in && shared::guard_outlier(nm[j], ema, factor);
+        if (inf || far) norms[i] = -1.0;
+        const unsigned inf_m = __ballot_sync(0xffffffffu, inf), far_m = __ballot_sync(0xffffffffu, far),
+                       good_m = __ballot_sync(0xffffffffu, in && !inf && !far);
+        bad += __popc(inf_m | far_m);
+        nonfinite += __popc(inf_m);
+        outlier += __popc(far_m);
+        good += __popc(good_m);
+        for (int l = 0; l < kWarp; ++l) {
+          const double v = __shfl_sync(0xffffffffu, nm[j], l);
+          if (good_m >> l & 1u) norm_sum += v;
+        }
       }
     }
     if (lane == 0) shared::guard_record(ok, pend, e, N, z - a, bad, good, norm_sum, count, count_traffic);
@@ -79,8 +92,8 @@ __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ 
       a += inf_rows[w];
       b += far_rows[w];
     }
-    counts[0] = (int32_t)a;
-    counts[1] = (int32_t)b;
+    if (a) atomicAdd(counts, (int32_t)a);
+    if (b) atomicAdd(counts + 1, (int32_t)b);
   }
 }
 
@@ -184,8 +197,9 @@ void expert_guard_forward(float* out, int32_t* ok, int32_t* counts, double* pend
                                                                                                       C);
     cudaCheckLaunch("row_norms_kernel");
   }
-  classify_kernel<<<1, kThreads, 0, stream()>>>(ok, counts, pend, norms, offsets, N, S, state, factor, count,
-                                                count_traffic);
+  if (counts) cudaCheck(cudaMemsetAsync(counts, 0, 2 * sizeof(int32_t), stream()));
+  classify_kernel<<<(unsigned)ceil_div(N, kThreads / kWarp), kThreads, 0, stream()>>>(
+      ok, counts, pend, norms, offsets, N, S, state, factor, count, count_traffic);
   cudaCheckLaunch("classify_kernel");
   if (out && S > 0 && (zero_bad || out != y)) {
     guard_copy_kernel<<<grid_for(S * C, kThreads), kThreads, 0, stream()>>>(out, y, norms, S, C, zero_bad);
