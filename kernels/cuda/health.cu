@@ -62,7 +62,8 @@ __global__ void classify_kernel(int32_t* __restrict__ ok, int32_t* __restrict__ 
       }
 #pragma unroll
       for (int j = 0; j < kClassifyBatch; ++j) {
-        if (i0 + j * kWarp >= z) break;  // the same for the whole warp
+        // Past z for the whole warp in a last batch's tail: nothing counted. (An early break there made ptxas fail
+        // to allocate this kernel's registers, nvcc 13.0.)
         const int64_t i = i0 + j * kWarp + lane;
         const bool in = i < z;
         const bool inf = in && shared::guard_nonfinite(nm[j]), far = in && shared::guard_outlier(nm[j], ema, factor);
