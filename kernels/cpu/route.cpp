@@ -388,21 +388,43 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
       for (int l = 0; l < 16; ++l) e[j][l] = x[l * B + j];
   int32_t at[K][16];
   bool nan;
+  const bool scored = abias || any_pruned;  // selection scores other than the probabilities themselves
 #if defined(__AVX512F__)
   // The steps below, each written as the vector operation the portable loops mean (GCC left the k = 1 top-k and
-  // the lane sums as scalar code, a cmov chain per lane: 3x the time of k = 2 at 32 children).
+  // the lane sums as scalar code, a cmov chain per lane: 3x the time of k = 2 at 32 children). The loops over the
+  // columns are unrolled: the lane sums stay in registers (a loop kept them on the stack, a store and a load per
+  // column), the exponentials are added as they are made, and the probabilities are scaled in the top k's pass
+  // when they are the scores. The same operations on the same values as the portable code.
+  __m512 inv;
   {
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int j = 0; j < B; ++j) m = _mm512_max_ps(_mm512_loadu_ps(e[j]), m);  // e > m ? e : m, as below
-    for (int j = 0; j < B; ++j) _mm512_storeu_ps(e[j], fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(e[j]), m)));
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;  // two chains: the max is exact in any order
+#pragma GCC unroll 64
+    for (int j = 0; j < B; j += 2) {  // (B is even)
+      m0 = _mm512_max_ps(_mm512_loadu_ps(e[j]), m0);  // e > m ? e : m, as below
+      m1 = _mm512_max_ps(_mm512_loadu_ps(e[j + 1]), m1);
+    }
+    const __m512 m = _mm512_max_ps(m1, m0);
     __m512 acc[16];
+#pragma GCC unroll 16
     for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
-    for (int j = 0; j < B; ++j) acc[j % 16] = _mm512_add_ps(acc[j % 16], _mm512_loadu_ps(e[j]));
+#pragma GCC unroll 64
+    for (int j = 0; j < B; ++j) {
+      const __m512 v = fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(e[j]), m));
+      _mm512_storeu_ps(e[j], v);
+      // 0 + v is v (v >= +0, or NaN), so a lane sum's first term is taken as it is.
+      acc[j % 16] = j < 16 ? v : _mm512_add_ps(acc[j % 16], v);
+    }
+    // The tree fold; lane sums q >= B are 0, and adding them changes nothing.
+#pragma GCC unroll 4
     for (int w = 8; w >= 1; w /= 2)
-      for (int q = 0; q < w; ++q) acc[q] = _mm512_add_ps(acc[q], acc[q + w]);
-    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), acc[0]);
-    for (int j = 0; j < B; ++j) _mm512_storeu_ps(e[j], _mm512_mul_ps(_mm512_loadu_ps(e[j]), inv));
+#pragma GCC unroll 8
+      for (int q = 0; q < w; ++q)
+        if (q + w < B) acc[q] = _mm512_add_ps(acc[q], acc[q + w]);
+    inv = _mm512_div_ps(_mm512_set1_ps(1.0f), acc[0]);
   }
+  if (scored)  // the scores are made from the probabilities: scale them first
+#pragma GCC unroll 64
+    for (int j = 0; j < B; ++j) _mm512_storeu_ps(e[j], _mm512_mul_ps(_mm512_loadu_ps(e[j]), inv));
 #else
   float m[16];
   for (int l = 0; l < 16; ++l) m[l] = -INFINITY;
@@ -424,7 +446,6 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
   // The selection scores (the probabilities themselves unless a bias or a pruned child is involved), a NaN
   // among them, then the top K per lane: loops over the lanes without branches, so that they vectorise.
   float biased_sc[B][16];
-  const bool scored = abias || any_pruned;
   if (scored)
     for (int j = 0; j < B; ++j)
       for (int l = 0; l < 16; ++l) {
@@ -434,19 +455,16 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
       }
   const float(*sc)[16] = scored ? biased_sc : e;
 #if defined(__AVX512F__)
-  {
-    __mmask16 nan_lanes = 0;
-    for (int j = 0; j < B; ++j) {
-      const __m512 v = _mm512_loadu_ps(sc[j]);
-      nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    }
-    nan = nan_lanes != 0;
+  // Column j's scores: the biased ones, or the probabilities, scaled here and stored.
+  auto top_k = [&](auto score) {
     constexpr __mmask16 all = 0xFFFF;  // (the masked forms, as in kernels/cpu/fastmath.h)
     // up = v > best (false against a NaN, as the scalar compare); best, at = up ? (v, j) : (best, at).
-    __m512 b0 = _mm512_loadu_ps(sc[0]), b1 = b0;
+    __m512 b0 = score(0), b1 = b0;
+    __mmask16 nan_lanes = _mm512_cmp_ps_mask(b0, b0, _CMP_UNORD_Q);
     __m512i a0 = _mm512_setzero_si512(), a1 = a0;
     if (K == 2) {
-      const __m512 v = _mm512_loadu_ps(sc[1]);
+      const __m512 v = score(1);
+      nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       const __mmask16 up = _mm512_cmp_ps_mask(v, b0, _CMP_GT_OQ);
       b1 = _mm512_mask_blend_ps(up, v, b0);
       a1 = _mm512_mask_blend_epi32(up, _mm512_set1_epi32(1), a0);
@@ -456,8 +474,10 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
     // The best values by max and min (max(v, b) is v > b ? v : b, min(v, b) is v < b ? v : b), so that a column's
     // compare is off the chain from one column's best to the next: the same values (up to the sign of an equal
     // zero, which no compare sees) and the same masks.
+#pragma GCC unroll 64
     for (int j = K; j < B; ++j) {
-      const __m512 v = _mm512_loadu_ps(sc[j]);
+      const __m512 v = score(j);
+      nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       const __m512i jv = _mm512_set1_epi32(j);
       const __mmask16 up0 = _mm512_cmp_ps_mask(v, b0, _CMP_GT_OQ);
       if (K == 2) {
@@ -470,7 +490,16 @@ bool select_block16(float* __restrict probs, int32_t* __restrict ix, float* __re
     }
     _mm512_storeu_si512(at[0], a0);
     if (K == 2) _mm512_storeu_si512(at[K - 1], a1);
-  }
+    return nan_lanes != 0;
+  };
+  if (scored)
+    nan = top_k([&](int j) { return _mm512_loadu_ps(sc[j]); });
+  else
+    nan = top_k([&](int j) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(e[j]), inv);
+      _mm512_storeu_ps(e[j], v);
+      return v;
+    });
 #else
   float best[K][16];
   int32_t nan_lane[16] = {};
