@@ -124,8 +124,7 @@ void grouped_gemm_backward_weight(float* const* dW, float* const* dB, const floa
 // in chunk order, c = part + c. Deterministic; a group of at most `rows` rows keeps the CPU's bits, a longer one
 // gets the CPU's bits of that sequence of products (tests/test_grouped_gemm.cpp builds it from cpu::gemm calls).
 // `extra` = M / rows bounds the further chunks of one call (scratch: extra * (N * Kd + N) floats, at most 16 MB).
-// rows == 0: no chunks (dW[g] large enough to fill the GPU on its own, or no
-// group can be that long).
+// rows == 0: no chunks (dW[g] large enough to fill the GPU on its own, or no group can be that long).
 struct WgradChunks {
   int64_t rows = 0, extra = 0;
 };

@@ -753,9 +753,8 @@ void route_select_forward(float* probs, float* path, int32_t* child, int32_t* id
       probs, path, child, idx, entropy ? s.at<float>() : nullptr, logits, node, path_parent, lbias, abias, inv_temp, P,
       n, (int)b, (int)k, renorm);
   cudaCheckLaunch("route select_kernel");
-  if (entropy) {
-    sum_all(entropy, s.at<float>(), P, (float)(1.0 / (double)P));  // the mean: fixed blocks of rows, in double
-  }
+  if (entropy)  // the mean: fixed blocks of rows, in double
+    sum_all(entropy, s.at<float>(), P, (float)(1.0 / (double)P));
 }
 
 void route_select_backward(float* dprobs, float* dparent, const float* dpath, const float* probs,
